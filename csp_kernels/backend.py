@@ -1,0 +1,128 @@
+"""Backend selection: which implementation runs a fused op.
+
+Backends:
+  "auto"       default: CUDA tensors -> "triton" for GEMM-shaped work and CUDA C++ for the rest;
+               CPU tensors -> "cpu" (C++ kernels + ATen's oneDNN convolutions).
+  "triton"     Triton kernels for GEMM-shaped work (on CPU only under TRITON_INTERPRET=1),
+               the compiled extension for memory-bound work.
+  "cuda"       CUDA C++ kernels + cuDNN convolutions, no Triton.
+  "cpu"        C++ CPU kernels + ATen convolutions.
+  "reference"  the plain-PyTorch modules of `csp_kernels.reference`.
+
+Select with `use_backend("cpu")` (a context manager) or the environment variable
+CSP_KERNELS_BACKEND. Asking for a backend that cannot run raises `BackendUnavailable` with the
+reason; "auto" never raises: without the compiled extension it runs the reference and warns once.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import warnings
+
+import torch
+
+from . import extension
+
+BACKENDS = ("auto", "triton", "cuda", "cpu", "reference")
+ENV_VAR = "CSP_KERNELS_BACKEND"
+
+_state = threading.local()
+_warned_fallback = False
+
+
+class BackendUnavailable(RuntimeError):
+    """The requested backend cannot run on this machine or for this device."""
+
+
+def _check_name(name: str) -> str:
+    if not isinstance(name, str):
+        raise TypeError(f"backend must be a str, one of {BACKENDS}; got {type(name).__name__}")
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}; got {name!r}")
+    return name
+
+
+def requested_backend() -> str:
+    """The backend asked for: the innermost `use_backend`, else $CSP_KERNELS_BACKEND, else "auto"."""
+    stack = getattr(_state, "stack", None)
+    if stack:
+        return stack[-1]
+    return _check_name(os.environ.get(ENV_VAR, "auto"))
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Run the fused modules inside the block with backend `name`."""
+    _check_name(name)
+    stack = getattr(_state, "stack", None)
+    if stack is None:
+        stack = _state.stack = []
+    stack.append(name)
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
+def triton_usable(device: torch.device) -> tuple[bool, str]:
+    """Whether Triton kernels can run on tensors of `device`, and why not."""
+    try:
+        import triton  # noqa: F401
+    except ImportError as err:
+        return False, f"triton is not installed ({err})"
+    if device.type == "cuda":
+        return True, ""
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+        return True, ""
+    return False, (f"Triton kernels need a CUDA device or TRITON_INTERPRET=1 for {device.type} "
+                   "tensors (set it before triton is imported)")
+
+
+def why_unavailable(name: str, device: torch.device) -> str:
+    """Empty string when backend `name` can run ops on `device`, else the reason it cannot."""
+    _check_name(name)
+    if name == "reference":
+        return ""
+    if name == "auto":
+        return ""
+    ext_reason = extension.why_unavailable(device)
+    if name == "cpu":
+        if device.type != "cpu":
+            return f"the 'cpu' backend runs CPU tensors; these are on {device}"
+        return ext_reason
+    if name == "cuda":
+        if device.type != "cuda":
+            return f"the 'cuda' backend runs CUDA tensors; these are on {device}"
+        return ext_reason
+    ok, reason = triton_usable(device)
+    return ext_reason or reason
+
+
+def resolve_backend(device: torch.device) -> str:
+    """The concrete backend ("triton", "cuda", "cpu" or "reference") for tensors on `device`."""
+    global _warned_fallback
+    name = requested_backend()
+    if name == "auto":
+        if extension.why_unavailable(device):
+            if not _warned_fallback:
+                _warned_fallback = True
+                warnings.warn(
+                    "csp_kernels: compiled extension unusable "
+                    f"({extension.why_unavailable(device)}); running the plain-PyTorch reference "
+                    "(slow path). Rebuild with `pip install --no-build-isolation -e .`.",
+                    RuntimeWarning, stacklevel=3)
+            return "reference"
+        if device.type == "cuda":
+            return "triton" if triton_usable(device)[0] else "cuda"
+        return "cpu"
+    reason = why_unavailable(name, device)
+    if reason:
+        raise BackendUnavailable(f"backend {name!r} is unavailable: {reason}")
+    return name
+
+
+def available_backends(device: torch.device | str = "cpu") -> list[str]:
+    """The concrete backends that can run on `device` on this machine."""
+    device = torch.device(device)
+    return [b for b in BACKENDS if b != "auto" and not why_unavailable(b, device)]

@@ -1,0 +1,1 @@
+"""Triton kernels (GPU; tested on CPU through the Triton interpreter)."""

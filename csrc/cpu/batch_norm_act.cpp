@@ -1,0 +1,237 @@
+// CPU kernels of the BatchNorm + activation family: per-channel batch statistics, the
+// normalize+activation pass, and the two passes of its training backward. Parallel over
+// channels or planes; the inner loops run over one contiguous (H*W) plane so they vectorize.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <tuple>
+
+#include "batch_norm_act.h"
+#include "plane_layout.h"
+
+namespace csp_kernels {
+namespace {
+
+// Enough elements per task that at::parallel_for's overhead stays small.
+constexpr int64_t kGrainElements = 32768;
+
+int64_t channel_grain(const PlaneLayout& L) {
+  return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, L.batch * L.plane));
+}
+
+int64_t plane_grain(const PlaneLayout& L) {
+  return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, L.plane));
+}
+
+template <typename scalar_t>
+void channel_stats_kernel(const scalar_t* x, const PlaneLayout& L, stat_of<scalar_t>* mean, stat_of<scalar_t>* var) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t count = L.batch * L.plane;
+  at::parallel_for(0, L.channels, channel_grain(L), [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      // Sums of (x - pivot) with pivot one sample of the channel: no cancellation when
+      // |mean| >> std, and float sums per plane stay exact enough before the double total.
+      const acc_t pivot = static_cast<acc_t>(x[c * L.channel_stride]);
+      double sum = 0, sum_sq = 0;
+      for (int64_t n = 0; n < L.batch; ++n) {
+        const scalar_t* plane = x + n * L.batch_stride + c * L.channel_stride;
+        acc_t s = 0, ss = 0;
+#pragma omp simd reduction(+ : s, ss)
+        for (int64_t i = 0; i < L.plane; ++i) {
+          const acc_t d = static_cast<acc_t>(plane[i]) - pivot;
+          s += d;
+          ss += d * d;
+        }
+        sum += s;
+        sum_sq += ss;
+      }
+      const double shifted_mean = sum / count;
+      mean[c] = static_cast<stat_of<scalar_t>>(pivot + shifted_mean);
+      var[c] = static_cast<stat_of<scalar_t>>(std::max(sum_sq / count - shifted_mean * shifted_mean, 0.0));
+    }
+  });
+}
+
+template <typename scalar_t, Act A>
+void scale_shift_act_kernel(const scalar_t* x, const PlaneLayout& L, scalar_t* out, const PlaneLayout& O,
+                            const stat_of<scalar_t>* scale, const stat_of<scalar_t>* shift) {
+  using acc_t = at::opmath_type<scalar_t>;
+  at::parallel_for(0, L.batch * L.channels, plane_grain(L), [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t n = p / L.channels, c = p % L.channels;
+      const scalar_t* src = x + n * L.batch_stride + c * L.channel_stride;
+      scalar_t* dst = out + n * O.batch_stride + c * O.channel_stride;
+      const acc_t a = scale[c], b = shift[c];
+#pragma omp simd
+      for (int64_t i = 0; i < L.plane; ++i) {
+        dst[i] = static_cast<scalar_t>(act_forward<A>(static_cast<acc_t>(src[i]) * a + b));
+      }
+    }
+  });
+}
+
+// Per-channel pointers of a BN + activation backward.
+template <typename stat_t>
+struct BnActParams {
+  const stat_t *mean, *invstd, *weight, *bias;
+};
+
+template <typename scalar_t, Act A>
+void bn_act_backward_reduce_kernel(const scalar_t* grad_y, const PlaneLayout& G, const scalar_t* z,
+                                   const PlaneLayout& L, BnActParams<stat_of<scalar_t>> bn,
+                                   stat_of<scalar_t>* sum_dpre, stat_of<scalar_t>* sum_dpre_xhat) {
+  using acc_t = at::opmath_type<scalar_t>;
+  at::parallel_for(0, L.channels, channel_grain(L), [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const acc_t m = bn.mean[c], inv = bn.invstd[c], w = bn.weight[c], b = bn.bias[c];
+      double total = 0, total_xhat = 0;
+      for (int64_t n = 0; n < L.batch; ++n) {
+        const scalar_t* zp = z + n * L.batch_stride + c * L.channel_stride;
+        const scalar_t* gp = grad_y + n * G.batch_stride + c * G.channel_stride;
+        acc_t s = 0, sx = 0;
+#pragma omp simd reduction(+ : s, sx)
+        for (int64_t i = 0; i < L.plane; ++i) {
+          const acc_t xhat = (static_cast<acc_t>(zp[i]) - m) * inv;
+          const acc_t dpre = bn_act_grad_pre<A>(static_cast<acc_t>(gp[i]), xhat, w, b);
+          s += dpre;
+          sx += dpre * xhat;
+        }
+        total += s;
+        total_xhat += sx;
+      }
+      sum_dpre[c] = static_cast<stat_of<scalar_t>>(total);
+      sum_dpre_xhat[c] = static_cast<stat_of<scalar_t>>(total_xhat);
+    }
+  });
+}
+
+template <typename scalar_t, Act A>
+void bn_act_backward_apply_kernel(const scalar_t* grad_y, const PlaneLayout& G, const scalar_t* z,
+                                  const PlaneLayout& L, scalar_t* grad_z, BnActParams<stat_of<scalar_t>> bn,
+                                  const stat_of<scalar_t>* sum_dpre, const stat_of<scalar_t>* sum_dpre_xhat) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const acc_t inv_count = acc_t(1) / static_cast<acc_t>(L.batch * L.plane);
+  at::parallel_for(0, L.batch * L.channels, plane_grain(L), [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t n = p / L.channels, c = p % L.channels;
+      const scalar_t* zp = z + n * L.batch_stride + c * L.channel_stride;
+      const scalar_t* gp = grad_y + n * G.batch_stride + c * G.channel_stride;
+      scalar_t* out = grad_z + p * L.plane;
+      const acc_t m = bn.mean[c], inv = bn.invstd[c], w = bn.weight[c], b = bn.bias[c];
+      const acc_t mean_dpre = sum_dpre[c] * inv_count, mean_dpre_xhat = sum_dpre_xhat[c] * inv_count;
+#pragma omp simd
+      for (int64_t i = 0; i < L.plane; ++i) {
+        const acc_t xhat = (static_cast<acc_t>(zp[i]) - m) * inv;
+        const acc_t dpre = bn_act_grad_pre<A>(static_cast<acc_t>(gp[i]), xhat, w, b);
+        out[i] = static_cast<scalar_t>(bn_grad_input(dpre, xhat, w, inv, mean_dpre, mean_dpre_xhat));
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+BnActParams<stat_of<scalar_t>> bn_act_params(const at::Tensor& mean, const at::Tensor& invstd,
+                                             const at::Tensor& weight, const at::Tensor& bias) {
+  using stat_t = stat_of<scalar_t>;
+  return {mean.const_data_ptr<stat_t>(), invstd.const_data_ptr<stat_t>(), weight.const_data_ptr<stat_t>(),
+          bias.const_data_ptr<stat_t>()};
+}
+
+std::tuple<at::Tensor, at::Tensor> channel_stats_cpu(const at::Tensor& x) {
+  const PlaneLayout L = plane_layout(x, "x");
+  TORCH_CHECK_VALUE(L.batch * L.plane > 0, "x must have at least one element per channel; got shape ", x.sizes());
+  const auto opts = x.options().dtype(stats_dtype(x.scalar_type()));
+  at::Tensor mean = at::empty({L.channels}, opts), var = at::empty({L.channels}, opts);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "channel_stats_cpu", [&] {
+    channel_stats_kernel<scalar_t>(x.const_data_ptr<scalar_t>(), L, mean.mutable_data_ptr<stat_of<scalar_t>>(),
+                                   var.mutable_data_ptr<stat_of<scalar_t>>());
+  });
+  return {mean, var};
+}
+
+void scale_shift_act_out_cpu(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,
+                             c10::string_view act_name, const at::Tensor& out) {
+  const PlaneLayout L = plane_layout(x, "x");
+  const PlaneLayout O = plane_layout(out, "out");
+  check_same_shape(x, out, "x", "out");
+  check_per_channel_args(x, {{scale, "scale"}, {shift, "shift"}});
+  TORCH_CHECK_TYPE(out.scalar_type() == x.scalar_type(), "out must have x's dtype ", x.scalar_type(),
+                   "; got ", out.scalar_type());
+  const Act act = parse_act(std::string(act_name));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "scale_shift_act_cpu", [&] {
+    CSP_DISPATCH_ACT(act, [&] {
+      scale_shift_act_kernel<scalar_t, kAct>(x.const_data_ptr<scalar_t>(), L, out.mutable_data_ptr<scalar_t>(), O,
+                                             scale.const_data_ptr<stat_of<scalar_t>>(),
+                                             shift.const_data_ptr<stat_of<scalar_t>>());
+    });
+  });
+}
+
+at::Tensor scale_shift_act_cpu(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,
+                               c10::string_view act) {
+  at::Tensor out = at::empty(x.sizes(), x.options());
+  scale_shift_act_out_cpu(x, scale, shift, act, out);
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> bn_act_backward_reduce_cpu(
+    const at::Tensor& grad_y, const at::Tensor& z, const at::Tensor& mean, const at::Tensor& invstd,
+    const at::Tensor& weight, const at::Tensor& bias, c10::string_view act_name) {
+  const PlaneLayout L = plane_layout(z, "z");
+  const PlaneLayout G = plane_layout(grad_y, "grad_y");
+  check_same_shape(z, grad_y, "z", "grad_y");
+  check_per_channel_args(z, {{mean, "mean"}, {invstd, "invstd"}, {weight, "weight"}, {bias, "bias"}});
+  TORCH_CHECK_TYPE(grad_y.scalar_type() == z.scalar_type(), "grad_y must have z's dtype");
+  const Act act = parse_act(std::string(act_name));
+  at::Tensor sum_dpre = at::empty_like(mean), sum_dpre_xhat = at::empty_like(mean);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "bn_act_backward_reduce_cpu", [&] {
+    CSP_DISPATCH_ACT(act, [&] {
+      bn_act_backward_reduce_kernel<scalar_t, kAct>(
+          grad_y.const_data_ptr<scalar_t>(), G, z.const_data_ptr<scalar_t>(), L,
+          bn_act_params<scalar_t>(mean, invstd, weight, bias), sum_dpre.mutable_data_ptr<stat_of<scalar_t>>(),
+          sum_dpre_xhat.mutable_data_ptr<stat_of<scalar_t>>());
+    });
+  });
+  return {sum_dpre, sum_dpre_xhat};
+}
+
+at::Tensor bn_act_backward_apply_cpu(
+    const at::Tensor& grad_y, const at::Tensor& z, const at::Tensor& mean, const at::Tensor& invstd,
+    const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& sum_dpre,
+    const at::Tensor& sum_dpre_xhat, c10::string_view act_name) {
+  const PlaneLayout L = plane_layout(z, "z");
+  const PlaneLayout G = plane_layout(grad_y, "grad_y");
+  check_same_shape(z, grad_y, "z", "grad_y");
+  check_per_channel_args(z, {{mean, "mean"}, {invstd, "invstd"}, {weight, "weight"}, {bias, "bias"},
+                             {sum_dpre, "sum_dpre"}, {sum_dpre_xhat, "sum_dpre_xhat"}});
+  TORCH_CHECK_TYPE(grad_y.scalar_type() == z.scalar_type(), "grad_y must have z's dtype");
+  const Act act = parse_act(std::string(act_name));
+  at::Tensor grad_z = at::empty(z.sizes(), z.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "bn_act_backward_apply_cpu", [&] {
+    CSP_DISPATCH_ACT(act, [&] {
+      bn_act_backward_apply_kernel<scalar_t, kAct>(
+          grad_y.const_data_ptr<scalar_t>(), G, z.const_data_ptr<scalar_t>(), L, grad_z.mutable_data_ptr<scalar_t>(),
+          bn_act_params<scalar_t>(mean, invstd, weight, bias), sum_dpre.const_data_ptr<stat_of<scalar_t>>(),
+          sum_dpre_xhat.const_data_ptr<stat_of<scalar_t>>());
+    });
+  });
+  return grad_z;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(csp_kernels, CPU, m) {
+  m.impl("channel_stats", &channel_stats_cpu);
+  m.impl("scale_shift_act", &scale_shift_act_cpu);
+  m.impl("scale_shift_act_out", &scale_shift_act_out_cpu);
+  m.impl("bn_act_backward_reduce", &bn_act_backward_reduce_cpu);
+  m.impl("bn_act_backward_apply", &bn_act_backward_apply_cpu);
+}
+
+}  // namespace csp_kernels

@@ -1,0 +1,226 @@
+// CUDA kernels of the BatchNorm + activation family; the CPU twins are in cpu/batch_norm_act.cpp
+// and the per-element math is shared through batch_norm_act.h. Reductions: one block per
+// channel. Elementwise passes: one grid row per (n, c) plane, so index math stays per plane.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <tuple>
+
+#include "batch_norm_act.h"
+#include "block_reduce.cuh"
+#include "plane_layout.h"
+
+namespace csp_kernels {
+namespace {
+
+constexpr int kElementwiseThreads = 256;
+
+dim3 plane_grid(const PlaneLayout& L) {
+  const int64_t chunks = (L.plane + kElementwiseThreads * 4 - 1) / (kElementwiseThreads * 4);
+  return dim3(static_cast<unsigned>(L.batch * L.channels), static_cast<unsigned>(std::min<int64_t>(chunks, 65535)));
+}
+
+template <typename scalar_t>
+__global__ void channel_stats_kernel(const scalar_t* __restrict__ x, PlaneLayout L, stat_of<scalar_t>* mean,
+                                     stat_of<scalar_t>* var) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t c = blockIdx.x, count = L.batch * L.plane;
+  const scalar_t* base = x + c * L.channel_stride;
+  // Shifted sums (see the CPU twin): exact enough in acc_t per thread, totals in double.
+  const acc_t pivot = static_cast<acc_t>(base[0]);
+  acc_t s = 0, ss = 0;
+  for (int64_t i = threadIdx.x; i < count; i += blockDim.x) {
+    const int64_t n = i / L.plane;
+    const acc_t d = static_cast<acc_t>(base[n * L.batch_stride + (i - n * L.plane)]) - pivot;
+    s += d;
+    ss += d * d;
+  }
+  double sum = s, sum_sq = ss;
+  block_sum2(sum, sum_sq);
+  if (threadIdx.x == 0) {
+    const double shifted_mean = sum / count;
+    mean[c] = static_cast<stat_of<scalar_t>>(pivot + shifted_mean);
+    var[c] = static_cast<stat_of<scalar_t>>(fmax(sum_sq / count - shifted_mean * shifted_mean, 0.0));
+  }
+}
+
+template <typename scalar_t, Act A>
+__global__ void scale_shift_act_kernel(const scalar_t* __restrict__ x, PlaneLayout L, scalar_t* out, PlaneLayout O,
+                                       const stat_of<scalar_t>* __restrict__ scale,
+                                       const stat_of<scalar_t>* __restrict__ shift) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t n = blockIdx.x / L.channels, c = blockIdx.x % L.channels;
+  const scalar_t* src = x + n * L.batch_stride + c * L.channel_stride;
+  scalar_t* dst = out + n * O.batch_stride + c * O.channel_stride;
+  const acc_t a = scale[c], b = shift[c];
+  for (int64_t i = blockIdx.y * blockDim.x + threadIdx.x; i < L.plane; i += gridDim.y * blockDim.x) {
+    dst[i] = static_cast<scalar_t>(act_forward<A>(static_cast<acc_t>(src[i]) * a + b));
+  }
+}
+
+template <typename scalar_t, Act A>
+__global__ void bn_act_backward_reduce_kernel(const scalar_t* __restrict__ grad_y, PlaneLayout G,
+                                              const scalar_t* __restrict__ z, PlaneLayout L,
+                                              const stat_of<scalar_t>* mean, const stat_of<scalar_t>* invstd,
+                                              const stat_of<scalar_t>* weight, const stat_of<scalar_t>* bias,
+                                              stat_of<scalar_t>* sum_dpre, stat_of<scalar_t>* sum_dpre_xhat) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t c = blockIdx.x, count = L.batch * L.plane;
+  const acc_t m = mean[c], inv = invstd[c], w = weight[c], b = bias[c];
+  acc_t s = 0, sx = 0;
+  for (int64_t i = threadIdx.x; i < count; i += blockDim.x) {
+    const int64_t n = i / L.plane, p = i - n * L.plane;
+    const acc_t xhat = (static_cast<acc_t>(z[n * L.batch_stride + c * L.channel_stride + p]) - m) * inv;
+    const acc_t dpre =
+        bn_act_grad_pre<A>(static_cast<acc_t>(grad_y[n * G.batch_stride + c * G.channel_stride + p]), xhat, w, b);
+    s += dpre;
+    sx += dpre * xhat;
+  }
+  double total = s, total_xhat = sx;
+  block_sum2(total, total_xhat);
+  if (threadIdx.x == 0) {
+    sum_dpre[c] = static_cast<stat_of<scalar_t>>(total);
+    sum_dpre_xhat[c] = static_cast<stat_of<scalar_t>>(total_xhat);
+  }
+}
+
+template <typename scalar_t, Act A>
+__global__ void bn_act_backward_apply_kernel(const scalar_t* __restrict__ grad_y, PlaneLayout G,
+                                             const scalar_t* __restrict__ z, PlaneLayout L, scalar_t* grad_z,
+                                             const stat_of<scalar_t>* mean, const stat_of<scalar_t>* invstd,
+                                             const stat_of<scalar_t>* weight, const stat_of<scalar_t>* bias,
+                                             const stat_of<scalar_t>* sum_dpre,
+                                             const stat_of<scalar_t>* sum_dpre_xhat) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t n = blockIdx.x / L.channels, c = blockIdx.x % L.channels;
+  const scalar_t* zp = z + n * L.batch_stride + c * L.channel_stride;
+  const scalar_t* gp = grad_y + n * G.batch_stride + c * G.channel_stride;
+  scalar_t* out = grad_z + blockIdx.x * L.plane;
+  const acc_t inv_count = acc_t(1) / static_cast<acc_t>(L.batch * L.plane);
+  const acc_t m = mean[c], inv = invstd[c], w = weight[c], b = bias[c];
+  const acc_t mean_dpre = sum_dpre[c] * inv_count, mean_dpre_xhat = sum_dpre_xhat[c] * inv_count;
+  for (int64_t i = blockIdx.y * blockDim.x + threadIdx.x; i < L.plane; i += gridDim.y * blockDim.x) {
+    const acc_t xhat = (static_cast<acc_t>(zp[i]) - m) * inv;
+    const acc_t dpre = bn_act_grad_pre<A>(static_cast<acc_t>(gp[i]), xhat, w, b);
+    out[i] = static_cast<scalar_t>(bn_grad_input(dpre, xhat, w, inv, mean_dpre, mean_dpre_xhat));
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> channel_stats_cuda(const at::Tensor& x) {
+  const PlaneLayout L = plane_layout(x, "x");
+  TORCH_CHECK_VALUE(L.batch * L.plane > 0, "x must have at least one element per channel; got shape ", x.sizes());
+  const c10::cuda::CUDAGuard guard(x.device());
+  const auto opts = x.options().dtype(stats_dtype(x.scalar_type()));
+  at::Tensor mean = at::empty({L.channels}, opts), var = at::empty({L.channels}, opts);
+  if (L.channels == 0) return {mean, var};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "channel_stats_cuda", [&] {
+    channel_stats_kernel<scalar_t><<<L.channels, kReduceThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+        x.const_data_ptr<scalar_t>(), L, mean.mutable_data_ptr<stat_of<scalar_t>>(),
+        var.mutable_data_ptr<stat_of<scalar_t>>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {mean, var};
+}
+
+void scale_shift_act_out_cuda(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,
+                              c10::string_view act_name, const at::Tensor& out) {
+  const PlaneLayout L = plane_layout(x, "x");
+  const PlaneLayout O = plane_layout(out, "out");
+  check_same_shape(x, out, "x", "out");
+  check_per_channel_args(x, {{scale, "scale"}, {shift, "shift"}});
+  TORCH_CHECK_TYPE(out.scalar_type() == x.scalar_type(), "out must have x's dtype ", x.scalar_type());
+  const Act act = parse_act(std::string(act_name));
+  if (x.numel() == 0) return;
+  const c10::cuda::CUDAGuard guard(x.device());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "scale_shift_act_cuda", [&] {
+    CSP_DISPATCH_ACT(act, [&] {
+      scale_shift_act_kernel<scalar_t, kAct>
+          <<<plane_grid(L), kElementwiseThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+              x.const_data_ptr<scalar_t>(), L, out.mutable_data_ptr<scalar_t>(), O,
+              scale.const_data_ptr<stat_of<scalar_t>>(), shift.const_data_ptr<stat_of<scalar_t>>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+}
+
+at::Tensor scale_shift_act_cuda(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,
+                                c10::string_view act) {
+  at::Tensor out = at::empty(x.sizes(), x.options());
+  scale_shift_act_out_cuda(x, scale, shift, act, out);
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> bn_act_backward_reduce_cuda(
+    const at::Tensor& grad_y, const at::Tensor& z, const at::Tensor& mean, const at::Tensor& invstd,
+    const at::Tensor& weight, const at::Tensor& bias, c10::string_view act_name) {
+  const PlaneLayout L = plane_layout(z, "z");
+  const PlaneLayout G = plane_layout(grad_y, "grad_y");
+  check_same_shape(z, grad_y, "z", "grad_y");
+  check_per_channel_args(z, {{mean, "mean"}, {invstd, "invstd"}, {weight, "weight"}, {bias, "bias"}});
+  TORCH_CHECK_TYPE(grad_y.scalar_type() == z.scalar_type(), "grad_y must have z's dtype");
+  const Act act = parse_act(std::string(act_name));
+  const c10::cuda::CUDAGuard guard(z.device());
+  at::Tensor sum_dpre = at::empty_like(mean), sum_dpre_xhat = at::empty_like(mean);
+  if (L.channels == 0) return {sum_dpre, sum_dpre_xhat};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "bn_act_backward_reduce_cuda", [&] {
+    using stat_t = stat_of<scalar_t>;
+    CSP_DISPATCH_ACT(act, [&] {
+      bn_act_backward_reduce_kernel<scalar_t, kAct>
+          <<<L.channels, kReduceThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+              grad_y.const_data_ptr<scalar_t>(), G, z.const_data_ptr<scalar_t>(), L,
+              mean.const_data_ptr<stat_t>(), invstd.const_data_ptr<stat_t>(), weight.const_data_ptr<stat_t>(),
+              bias.const_data_ptr<stat_t>(), sum_dpre.mutable_data_ptr<stat_t>(),
+              sum_dpre_xhat.mutable_data_ptr<stat_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return {sum_dpre, sum_dpre_xhat};
+}
+
+at::Tensor bn_act_backward_apply_cuda(
+    const at::Tensor& grad_y, const at::Tensor& z, const at::Tensor& mean, const at::Tensor& invstd,
+    const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& sum_dpre,
+    const at::Tensor& sum_dpre_xhat, c10::string_view act_name) {
+  const PlaneLayout L = plane_layout(z, "z");
+  const PlaneLayout G = plane_layout(grad_y, "grad_y");
+  check_same_shape(z, grad_y, "z", "grad_y");
+  check_per_channel_args(z, {{mean, "mean"}, {invstd, "invstd"}, {weight, "weight"}, {bias, "bias"},
+                             {sum_dpre, "sum_dpre"}, {sum_dpre_xhat, "sum_dpre_xhat"}});
+  TORCH_CHECK_TYPE(grad_y.scalar_type() == z.scalar_type(), "grad_y must have z's dtype");
+  const Act act = parse_act(std::string(act_name));
+  const c10::cuda::CUDAGuard guard(z.device());
+  at::Tensor grad_z = at::empty(z.sizes(), z.options());
+  if (z.numel() == 0) return grad_z;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "bn_act_backward_apply_cuda", [&] {
+    using stat_t = stat_of<scalar_t>;
+    CSP_DISPATCH_ACT(act, [&] {
+      bn_act_backward_apply_kernel<scalar_t, kAct>
+          <<<plane_grid(L), kElementwiseThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+              grad_y.const_data_ptr<scalar_t>(), G, z.const_data_ptr<scalar_t>(), L,
+              grad_z.mutable_data_ptr<scalar_t>(), mean.const_data_ptr<stat_t>(), invstd.const_data_ptr<stat_t>(),
+              weight.const_data_ptr<stat_t>(), bias.const_data_ptr<stat_t>(), sum_dpre.const_data_ptr<stat_t>(),
+              sum_dpre_xhat.const_data_ptr<stat_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return grad_z;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(csp_kernels, CUDA, m) {
+  m.impl("channel_stats", &channel_stats_cuda);
+  m.impl("scale_shift_act", &scale_shift_act_cuda);
+  m.impl("scale_shift_act_out", &scale_shift_act_out_cuda);
+  m.impl("bn_act_backward_reduce", &bn_act_backward_reduce_cuda);
+  m.impl("bn_act_backward_apply", &bn_act_backward_apply_cuda);
+}
+
+}  // namespace csp_kernels

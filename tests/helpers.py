@@ -1,0 +1,41 @@
+"""Shared test helpers: devices and backends to parametrize over, and error measures."""
+import pytest
+import torch
+
+from csp_kernels import backend
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def fused_backends(device: str = "cpu") -> list[str]:
+    """The non-reference backends that can run on `device` here ("cpu" and, under the Triton
+    interpreter, "triton" on this machine; "cuda" and "triton" on a GPU)."""
+    return [b for b in backend.available_backends(device) if b != "reference"]
+
+
+def device_backend_params() -> list:
+    """(device, backend) pairs for every fused backend on every device present."""
+    return [pytest.param(d, b, id=f"{d}-{b}") for d in DEVICES for b in fused_backends(d)]
+
+
+def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in float64 (0 when both are zero)."""
+    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
+    denom = ref.norm().item()
+    diff = (out - ref).norm().item()
+    return diff / denom if denom > 0 else diff
+
+
+def assert_matches_reference(fused: torch.Tensor, ref64: torch.Tensor, plain: torch.Tensor | None = None,
+                             tol: float = 1e-5, name: str = "output") -> None:
+    """float32/float64: relative error against the float64 reference below `tol`.
+    float16/bfloat16 (flash-attention's rule): the fused error at most 2x the error of the plain
+    PyTorch module run in that same dtype (`plain`), both against the float64 reference."""
+    err = rel_error(fused, ref64)
+    if fused.dtype in (torch.float16, torch.bfloat16):
+        assert plain is not None, "low-precision comparisons need the plain-PyTorch result"
+        plain_err = rel_error(plain, ref64)
+        assert err <= 2 * plain_err + 1e-6, f"{name}: fused error {err:.3g} > 2x plain error {plain_err:.3g}"
+    else:
+        assert err <= tol, f"{name}: relative error {err:.3g} > {tol:.1g}"
