@@ -1,0 +1,163 @@
+"""The BatchNorm + activation kernels (csrc/*/batch_norm_act.*) against plain PyTorch."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from csp_kernels.checks import ACTIVATIONS, activation_module
+from csp_kernels.ops import batch_norm_act as bna
+from helpers import DEVICES, assert_matches_reference
+
+TOL = {torch.float32: 2e-6, torch.float64: 1e-12}
+
+
+def plain_bn_act(z, weight, bias, eps, act):
+    return activation_module(act)(F.batch_norm(z, None, None, weight, bias, training=True, eps=eps))
+
+
+def layouts(n, c, h, w, dtype, device):
+    """The same values as NCHW, as a channel slice of a wider buffer, and as channels_last."""
+    base = torch.randn(n, c, h, w, dtype=dtype, device=device) * 2 + 3
+    wide = torch.randn(n, c + 5, h, w, dtype=dtype, device=device)
+    wide[:, 2:2 + c] = base
+    return {"nchw": base, "slice": wide[:, 2:2 + c], "channels_last": base.to(memory_format=torch.channels_last)}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("layout", ["nchw", "slice", "channels_last"])
+def test_channel_stats(device, dtype, layout):
+    x = layouts(3, 7, 5, 9, dtype, device)[layout]
+    mean, var = bna.channel_stats(x)
+    ref = x.double()
+    assert mean.dtype == var.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert_matches_reference(mean, ref.mean((0, 2, 3)), tol=TOL[dtype])
+    assert_matches_reference(var, ref.var((0, 2, 3), unbiased=False), tol=TOL[dtype])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_channel_stats_large_mean_keeps_variance(device):
+    # |mean| >> std: a naive E[x^2] - E[x]^2 in float32 would lose every digit of the variance.
+    x = torch.randn(4, 3, 16, 16, device=device) * 1e-2 + 1e4
+    _, var = bna.channel_stats(x)
+    ref = x.double().var((0, 2, 3), unbiased=False)
+    assert_matches_reference(var, ref, tol=1e-3)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("act", ACTIVATIONS)
+@pytest.mark.parametrize("layout", ["nchw", "slice", "channels_last"])
+def test_scale_shift_act(device, dtype, act, layout):
+    x = layouts(2, 6, 4, 7, dtype, device)[layout]
+    sdtype = torch.float64 if dtype == torch.float64 else torch.float32
+    scale = torch.randn(6, dtype=sdtype, device=device)
+    shift = torch.randn(6, dtype=sdtype, device=device)
+    ref = activation_module(act)(x.double() * scale.double()[:, None, None] + shift.double()[:, None, None])
+    assert_matches_reference(bna.scale_shift_act(x, scale, shift, act), ref, tol=TOL[dtype])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_scale_shift_act_writes_into_a_channel_slice_only(device):
+    x = torch.randn(2, 3, 5, 5, device=device)
+    buf = torch.full((2, 8, 5, 5), 7.0, device=device)
+    scale, shift = torch.rand(3, device=device), torch.randn(3, device=device)
+    bna.scale_shift_act(x, scale, shift, "relu", out=buf[:, 4:7])
+    torch.testing.assert_close(buf[:, 4:7], torch.relu(x * scale[:, None, None] + shift[:, None, None]))
+    assert (buf[:, :4] == 7).all() and (buf[:, 7:] == 7).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_scale_shift_act_in_place(device):
+    x = torch.randn(2, 3, 4, 4, device=device)
+    expected = F.silu(x * 2 + 1)
+    bna.scale_shift_act(x, torch.full((3,), 2.0, device=device), torch.ones(3, device=device), "silu", out=x)
+    torch.testing.assert_close(x, expected)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("act", ACTIVATIONS)
+def test_batch_norm_act_forward_backward(device, dtype, act):
+    z = (torch.randn(3, 5, 6, 7, dtype=dtype, device=device) * 1.5 + 0.5).requires_grad_()
+    weight = (torch.rand(5, dtype=dtype, device=device) + 0.5).requires_grad_()
+    bias = torch.randn(5, dtype=dtype, device=device).requires_grad_()
+    grad = torch.randn(3, 5, 6, 7, dtype=dtype, device=device)
+    y, mean, var = bna.batch_norm_act(z, weight, bias, 1e-5, act)
+    y.backward(grad)
+
+    z64, w64, b64 = (t.detach().double().requires_grad_() for t in (z, weight, bias))
+    y64 = plain_bn_act(z64, w64, b64, 1e-5, act)
+    y64.backward(grad.double())
+    assert_matches_reference(y, y64, tol=TOL[dtype] * 10)
+    assert_matches_reference(mean, z64.detach().mean((0, 2, 3)), tol=TOL[dtype])
+    assert_matches_reference(var, z64.detach().var((0, 2, 3), unbiased=False), tol=TOL[dtype])
+    for got, want, name in [(z.grad, z64.grad, "grad z"), (weight.grad, w64.grad, "grad weight"),
+                            (bias.grad, b64.grad, "grad bias")]:
+        assert_matches_reference(got, want, tol=TOL[dtype] * 50, name=name)
+
+
+@pytest.mark.parametrize("act", ACTIVATIONS)
+def test_batch_norm_act_gradcheck(act):
+    z = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    weight = (torch.rand(3, dtype=torch.float64) + 0.5).requires_grad_()
+    bias = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda z, w, b: bna.batch_norm_act(z, w, b, 1e-5, act)[0], (z, weight, bias))
+
+
+def test_running_stats_update_matches_batchnorm():
+    z = torch.randn(4, 3, 5, 5, dtype=torch.float64)
+    bn = torch.nn.BatchNorm2d(3, momentum=0.3).double()
+    bn(z)
+    mean, var = bna.channel_stats(z)
+    running_mean, running_var = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    bna.update_running_stats(running_mean, running_var, mean, var, count=4 * 25, momentum=0.3)
+    torch.testing.assert_close(running_mean, bn.running_mean, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(running_var, bn.running_var, rtol=1e-12, atol=1e-14)
+
+
+def test_batch_norm_act_refuses_one_value_per_channel():
+    z = torch.randn(1, 3, 1, 1)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        bna.batch_norm_act(z, torch.ones(3), torch.zeros(3), 1e-5, "relu")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_compiled_ops(device):
+    z = torch.randn(2, 4, 3, 5, device=device)
+    grad = torch.randn_like(z)
+    mean, var = bna.channel_stats(z)
+    invstd = torch.rsqrt(var + 1e-5)
+    w, b = torch.rand(4, device=device) + 0.5, torch.randn(4, device=device)
+    s1, s2 = torch.ops.csp_kernels.bn_act_backward_reduce(grad, z, mean, invstd, w, b, "silu")
+    out = torch.empty(2, 4, 3, 5, device=device)
+    cases = [
+        (torch.ops.csp_kernels.channel_stats.default, (z,)),
+        (torch.ops.csp_kernels.scale_shift_act.default, (z, w, b, "mish")),
+        (torch.ops.csp_kernels.scale_shift_act_out.default, (z, w, b, "relu", out)),
+        (torch.ops.csp_kernels.bn_act_backward_reduce.default, (grad, z, mean, invstd, w, b, "silu")),
+        (torch.ops.csp_kernels.bn_act_backward_apply.default, (grad, z, mean, invstd, w, b, s1, s2, "silu")),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op, args)
+
+
+def test_opcheck_batch_norm_act():
+    z = torch.randn(2, 4, 3, 5, dtype=torch.float64, requires_grad=True)
+    w = (torch.rand(4, dtype=torch.float64) + 0.5).requires_grad_()
+    b = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    torch.library.opcheck(bna.batch_norm_act, (z, w, b, 1e-5, "hardswish"))
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: torch.ops.csp_kernels.channel_stats(torch.randn(3, 4)), "must be 4-D"),
+    (lambda: torch.ops.csp_kernels.channel_stats(torch.randn(2, 3, 4, 5).transpose(2, 3)), "contiguous"),
+    (lambda: torch.ops.csp_kernels.scale_shift_act(torch.randn(2, 3, 4, 4), torch.ones(4), torch.ones(3), "relu"),
+     "scale must be a contiguous 1-D tensor of 3"),
+    (lambda: torch.ops.csp_kernels.scale_shift_act(torch.randn(2, 3, 4, 4), torch.ones(3), torch.ones(3), "gelu"),
+     "act must be one of"),
+    (lambda: torch.ops.csp_kernels.scale_shift_act(torch.randn(2, 3, 4, 4, dtype=torch.float64), torch.ones(3),
+                                                   torch.ones(3), "relu"), "scale must be Double"),
+])
+def test_bad_arguments_raise_clear_errors(call, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        call()

@@ -1,0 +1,93 @@
+"""What the compiled extension contains, and backend selection."""
+import os
+import shutil
+import warnings
+
+import pytest
+import torch
+
+import csp_kernels
+from csp_kernels import backend
+
+
+def test_extension_is_loaded_with_cpu_kernels():
+    info = csp_kernels.build_info()
+    assert info["loaded"], info["import_error"]
+    assert info["cpu"] is True
+    assert info["torch_version"] == torch.__version__.split("+")[0]
+
+
+def test_cuda_build_matches_what_the_machine_allows():
+    info = csp_kernels.build_info()
+    if os.environ.get("CSP_KERNELS_REQUIRE_CUDA_BUILD") == "1":  # CI: CUDA torch + nvcc present
+        assert info["cuda"], f"CUDA sources were not compiled: {info['cuda_skipped_reason']}"
+    if info["cuda"]:
+        assert info["cuda_archs"] and info["cuda_version"], info
+        assert info["cuda_skipped_reason"] == ""
+    elif torch.version.cuda is None:
+        assert "without CUDA" in info["cuda_skipped_reason"]
+    elif shutil.which("nvcc") and os.environ.get("CSP_KERNELS_SKIP_CUDA") != "1":
+        pytest.fail(f"torch has CUDA and nvcc is on PATH, but CUDA was skipped: {info['cuda_skipped_reason']}")
+
+
+def test_cuda_backend_unavailable_without_gpu_says_why():
+    if torch.cuda.is_available():
+        assert "cuda" in csp_kernels.available_backends("cuda")
+        return
+    with csp_kernels.use_backend("cuda"), pytest.raises(csp_kernels.BackendUnavailable, match="cuda"):
+        backend.resolve_backend(torch.device("cpu"))
+    with csp_kernels.use_backend("cpu"), pytest.raises(csp_kernels.BackendUnavailable, match="CPU tensors"):
+        backend.resolve_backend(torch.device("cuda"))
+
+
+def test_auto_picks_the_compiled_cpu_backend_on_cpu():
+    assert backend.resolve_backend(torch.device("cpu")) == "cpu"
+
+
+def test_use_backend_nests_and_restores():
+    with csp_kernels.use_backend("reference"):
+        assert backend.requested_backend() == "reference"
+        with csp_kernels.use_backend("cpu"):
+            assert backend.resolve_backend(torch.device("cpu")) == "cpu"
+        assert backend.resolve_backend(torch.device("cpu")) == "reference"
+    assert backend.requested_backend() == "auto"
+
+
+def test_environment_variable_selects_backend(monkeypatch):
+    monkeypatch.setenv(backend.ENV_VAR, "reference")
+    assert backend.resolve_backend(torch.device("cpu")) == "reference"
+    monkeypatch.setenv(backend.ENV_VAR, "fastest")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        backend.resolve_backend(torch.device("cpu"))
+
+
+def test_triton_backend_needs_gpu_or_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU the triton backend runs CUDA tensors")  # covered by the GPU run
+    assert "TRITON_INTERPRET" in backend.why_unavailable("triton", torch.device("cpu"))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert backend.why_unavailable("triton", torch.device("cpu")) == ""
+
+
+def test_unknown_backend_name_raises():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        with csp_kernels.use_backend("tpu"):
+            pass
+    with pytest.raises(TypeError, match="backend must be a str"):
+        with csp_kernels.use_backend(3):
+            pass
+
+
+def test_auto_without_extension_warns_once_and_uses_reference(monkeypatch):
+    from csp_kernels import extension
+    monkeypatch.setattr(extension, "_C", None)
+    monkeypatch.setattr(extension, "_IMPORT_ERROR", "simulated")
+    monkeypatch.setattr(backend, "_warned_fallback", False)
+    with pytest.warns(RuntimeWarning, match="reference"):
+        assert backend.resolve_backend(torch.device("cpu")) == "reference"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert backend.resolve_backend(torch.device("cpu")) == "reference"
+    with csp_kernels.use_backend("cpu"), pytest.raises(csp_kernels.BackendUnavailable, match="simulated"):
+        backend.resolve_backend(torch.device("cpu"))
