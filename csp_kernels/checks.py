@@ -53,7 +53,8 @@ def check_positive_int(value, name: str) -> int:
 
 def partial_split(in_channels: int, part_ratio: float) -> tuple[int, int]:
     """Split `in_channels` into (part1, part2): part1 = round(in_channels * part_ratio) channels
-    bypass the stage, the other part2 go through it. Both parts must be non-empty."""
+    bypass the stage, the other part2 go through it. Both parts must be non-empty.
+    Python's round: halves go to the even integer (5 channels at 0.5 give part1 = 2)."""
     in_channels = check_positive_int(in_channels, "in_channels")
     if (
         isinstance(part_ratio, bool)
@@ -61,7 +62,7 @@ def partial_split(in_channels: int, part_ratio: float) -> tuple[int, int]:
         or not 0.0 < part_ratio < 1.0
     ):
         raise ValueError(f"part_ratio must be a float in the open interval (0, 1); got {part_ratio!r}")
-    part1 = round(in_channels * part_ratio)
+    part1 = int(round(in_channels * part_ratio))
     part2 = in_channels - part1
     if part1 == 0:
         raise ValueError(

@@ -198,7 +198,7 @@ def maxout(x: torch.Tensor, out_channels: int, grouping: str = "interleaved") ->
     if grouping == "interleaved":
         candidates = [x[:, j * out_channels : (j + 1) * out_channels] for j in range(group_size)]
     else:
-        candidates = [x[:, j * group_size : (j + 1) * group_size] for j in range(group_size)]
+        candidates = [x[:, j::group_size] for j in range(group_size)]
     # A running max with strict `>` and torch.where: amax would split the gradient among ties.
     best = candidates[0]
     for candidate in candidates[1:]:

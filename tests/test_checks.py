@@ -47,7 +47,7 @@ def test_check_positive_int():
 
 @pytest.mark.parametrize(
     "in_channels, part_ratio, parts",
-    [(8, 0.25, (2, 6)), (8, 0.5, (4, 4)), (8, 0.75, (6, 2)), (10, 0.3, (3, 7)), (7, 0.5, (4, 3)), (2, 0.5, (1, 1))],
+    [(8, 0.25, (2, 6)), (8, 0.5, (4, 4)), (8, 0.75, (6, 2)), (10, 0.3, (3, 7)), (7, 0.5, (4, 3)), (5, 0.5, (2, 3)), (8, np.float64(0.25), (2, 6)), (2, 0.5, (1, 1))],
 )
 def test_partial_split(in_channels, part_ratio, parts):
     assert checks.partial_split(in_channels, part_ratio) == parts

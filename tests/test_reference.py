@@ -14,11 +14,6 @@ FUSIONS = ("last", "first", "csp")
 GROUPINGS = ("interleaved", "contiguous")
 
 
-@pytest.fixture(autouse=True)
-def _seed():
-    torch.manual_seed(0)
-
-
 @pytest.fixture(autouse=True, scope="module")
 def _single_thread():
     # These shapes are tiny: with intra-op threads on a busy 2-core machine, OpenMP's waiting
@@ -92,6 +87,29 @@ def test_partial_dense_block_shapes(fusion, part_ratio, part1, out_channels):
     assert out.shape == (2, expected_out, 5, 4)
     if fusion == "last":
         assert torch.equal(out[:, :part1], x[:, :part1])  # part 1 bypasses the block untouched
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_partial_dense_block_wiring(fusion):
+    # part1 = 3 leading channels bypass; the other 5 feed the dense block
+    block = reference.PartialDenseBlock(8, 2, 2, part_ratio=0.375, fusion=fusion).double()
+    x = torch.randn(2, 8, 3, 3, dtype=torch.float64)
+    dense = block.dense(x[:, 3:])
+    if fusion == "last":
+        expected = torch.cat([x[:, :3], block.transition(dense)], 1)
+    elif fusion == "first":
+        expected = block.transition(torch.cat([x[:, :3], dense], 1))
+    else:
+        expected = block.transition2(torch.cat([x[:, :3], block.transition1(dense)], 1))
+    torch.testing.assert_close(block(x), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_partial_dense_block_act_reaches_every_transition(fusion):
+    block = reference.PartialDenseBlock(8, 1, 2, fusion=fusion, act="mish")
+    transitions = [m for m in block.modules() if isinstance(m, reference.ConvBNAct)]
+    assert len(transitions) == (2 if fusion == "csp" else 1)
+    assert all(isinstance(t.act, torch.nn.Mish) for t in transitions)
 
 
 @pytest.mark.parametrize("fusion", FUSIONS)
