@@ -62,6 +62,7 @@ def test_environment_variable_selects_backend(monkeypatch):
 
 
 def test_triton_backend_needs_gpu_or_interpreter(monkeypatch):
+    pytest.importorskip("triton")  # the CPU-only torch 2.13.0 job has no triton
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     if torch.cuda.is_available():
         pytest.skip("on a GPU the triton backend runs CUDA tensors")  # covered by the GPU run
