@@ -8,9 +8,6 @@ import torch
 
 from csp_kernels import profiling
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
 @dataclasses.dataclass(frozen=True)
 class Family:
     """A kind of module: the class name shared by `csp_kernels.reference` and `csp_kernels`."""

@@ -42,11 +42,12 @@ def format_bytes(n: float | None) -> str:
     """`n` bytes in binary units, e.g. '12.5 MiB'; '-' for None."""
     if n is None:
         return "-"
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+    units = ("B", "KiB", "MiB", "GiB", "TiB")
+    power = 0
+    while abs(n) >= 1024 and power < len(units) - 1:
         n /= 1024
-    raise AssertionError("unreachable")
+        power += 1
+    return f"{n:.0f} B" if power == 0 else f"{n:.1f} {units[power]}"
 
 
 def _tensors(value) -> Iterator[torch.Tensor]:
@@ -64,7 +65,7 @@ def _nbytes(value) -> int:
 
 
 def _is_view(func: torch._ops.OpOverload) -> bool:
-    if func.is_view or func._schema.name in _UNANNOTATED_VIEWS:
+    if getattr(func, "is_view", False) or func._schema.name in _UNANNOTATED_VIEWS:
         return True
     return any(r.alias_info is not None and not r.alias_info.is_write
                for r in func._schema.returns)

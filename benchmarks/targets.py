@@ -1,0 +1,77 @@
+"""The targets of shared/BENCHMARKS.md, and whether a run met them."""
+from __future__ import annotations
+
+import dataclasses
+
+from .records import by_label
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """`fused[metric] / baseline[metric]` (or `fused[metric]` itself when baseline is None)
+    compared with `threshold` by `op`, for every workload of configuration `config`."""
+    config: str
+    metric: str
+    baseline: str | None
+    op: str  # "<=" or ">="
+    threshold: float
+    floor: str = ""
+
+    @property
+    def figure(self) -> str:
+        return f"{self.metric} fused" + (f" / {self.baseline}" if self.baseline else "")
+
+
+TARGETS = (
+    Target("pdb-cpu", "saved_bytes", "eager", "<=", 0.20, "≈ 0.14 (concat buffer + output)"),
+    Target("pdb-cpu", "traffic_train_bytes", "eager", "<=", 0.50),
+    Target("pdb-cpu", "traffic_eval_bytes", "eager", "<=", 0.40),
+    Target("pdb-cpu", "time_train_s", "eager", "<=", 0.75, "≈ 0.6"),
+    Target("pdb-cpu", "time_train_s", "compile", "<=", 0.90),
+    Target("pdb-cpu", "time_eval_s", "eager", "<=", 0.75, "≈ 0.65"),
+    Target("trans-cpu", "time_train_s", "eager", "<=", 0.85, "≈ 0.75"),
+    Target("trans-cpu", "time_eval_s", "eager", "<=", 0.85, "≈ 0.75"),
+    Target("efm-cpu", "traffic_eval_bytes", "eager", "<=", 0.35,
+           "inputs read once + output written once"),
+    Target("efm-cpu", "time_eval_s", "eager", "<=", 0.50),
+    Target("pdb-gpu", "time_train_s", "eager", "<=", 0.50, "roofline"),
+    Target("pdb-gpu", "time_train_s", "compile-max-autotune", "<=", 0.75),
+    Target("pdb-gpu", "roofline_fraction", None, ">=", 0.70, "1.0"),
+    Target("trans-gpu", "roofline_fraction", None, ">=", 0.70, "1.0"),
+    Target("efm-gpu", "roofline_fraction", None, ">=", 0.70, "1.0"),
+    Target("efm-gpu", "bandwidth_fraction", None, ">=", 0.80, "1.0"),
+)
+
+
+def evaluate(rows: list[dict], targets=TARGETS) -> list[dict]:
+    """One verdict per (target, workload of its config present in `rows`): status "met",
+    "short", or "n/a" with the reason when a figure is missing."""
+    verdicts = []
+    for target in targets:
+        for label, variants in by_label(rows).items():
+            config = next(iter(variants.values()))["config"]
+            if config != target.config:
+                continue
+            value, reason = _value(target, variants)
+            if value is None:
+                status = "n/a"
+            elif (value <= target.threshold) if target.op == "<=" else (value >= target.threshold):
+                status = "met"
+            else:
+                status = "short"
+            verdicts.append({"label": label, "config": config, "figure": target.figure,
+                             "metric": target.metric, "baseline": target.baseline,
+                             "op": target.op, "threshold": target.threshold, "value": value,
+                             "status": status, "reason": reason, "floor": target.floor})
+    return verdicts
+
+
+def _value(target: Target, variants: dict[str, dict]) -> tuple[float | None, str]:
+    needed = ["fused"] + ([target.baseline] if target.baseline else [])
+    missing = [name for name in needed if variants.get(name, {}).get(target.metric) is None]
+    if missing:
+        return None, f"no {target.metric} for {', '.join(missing)}"
+    fused = variants["fused"][target.metric]
+    if target.baseline is None:
+        return fused, ""
+    return fused / variants[target.baseline][target.metric], ""
