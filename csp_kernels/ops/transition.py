@@ -1,0 +1,334 @@
+"""The CSP transition, conv -> BatchNorm -> activation, as torch.library custom ops.
+
+Training (`conv_bn_act_train`, autograd registered):
+  forward   z = conv(x, weight); per-channel batch statistics of z (the Triton 1x1 GEMM sums
+            them in its epilogue; otherwise one `channel_stats` pass); y = act(BN(z)) in one
+            `scale_shift_act` pass, written straight into `out` when one is given.
+  saved     x, weight and z, nothing else of activation size: BN's normalized output and the
+            activation's input are recomputed per element in backward.
+            Measured on trans-cpu (ConvBNAct(256, 256, 1), 8x256x56x56 float32, 2 threads):
+            recomputing z = conv(x) in backward instead of saving it made the op's forward +
+            backward 1.26x slower (median 67.9 -> 85.4 ms) to save 25.7 MB (one activation
+            of the 51.4 MB saved), so z is saved. The reference saves z and BN's output too.
+  backward  `bn_act_backward` (activation + BN backward, two passes), then the conv's input
+            and weight gradients.
+The op returns the batch mean and biased variance; the module updates the running statistics,
+which keeps the op functional.
+
+Eval (`conv_bias_act`): BatchNorm folded into the conv (`fold_batch_norm`) and the activation
+applied by the kernel that writes the output: the Triton GEMM's epilogue, oneDNN's fused
+convolution post-op (with a weight prepacked by `prepack_eval_weight`), or else
+`scale_shift_act` in place over the conv's output.
+
+Which conv runs:
+  engine "triton"  (an op argument, so that a compiled graph keeps it) the Triton 1x1 GEMM for
+                   `triton_eligible` convs; backward by ATen (cuDNN).
+  engine "aten"    on CPU, 1x1 stride-1 convs of NCHW-planed x as batched MKL GEMMs over
+                   (N, C, H*W) views, forward and backward (`_runs_as_gemm`); other convs
+                   by ATen (oneDNN on CPU, cuDNN on GPU).
+`*_out` variants write y into a caller's tensor (a (N, C, H, W) view with contiguous planes,
+e.g. a channel slice of a concat buffer; for the Triton eval epilogue any strides). They mutate
+`out`, so they have no autograd formula; `conv_bn_act_train_into` gives the training one its
+gradient.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .batch_norm_act import _stats_dtype as stats_dtype
+from .batch_norm_act import bn_act_backward, channel_stats, plane_contiguous, scale_shift_act
+
+# oneDNN post-ops (attr, scalars) of torch.ops.mkldnn._convolution_pointwise; it has no mish.
+_ONEDNN_POST_OPS = {
+    "identity": ("none", []), "relu": ("relu", []), "leaky_relu": ("leaky_relu", [0.1]),
+    "silu": ("swish", []), "hardswish": ("hardswish", []),
+}
+
+
+def onednn_usable(x: torch.Tensor) -> bool:
+    """Whether oneDNN's fused convolution runs `x`'s dtype and device (float32 CPU)."""
+    return x.device.type == "cpu" and x.dtype == torch.float32 and torch.backends.mkldnn.is_available()
+
+
+def triton_eligible(kernel_size, padding, groups: int) -> bool:
+    """Whether the Triton 1x1 GEMM computes this conv (any stride: it reads x[..., ::s, ::s])."""
+    return tuple(kernel_size) == (1, 1) and tuple(padding) == (0, 0) and groups == 1
+
+
+def conv_output_shape(x_shape, weight_shape, stride, padding, dilation) -> tuple[int, int, int, int]:
+    """(batch, out_channels, height', width') of conv2d(x, weight)."""
+    spatial = [(size + 2 * p - d * (k - 1) - 1) // s + 1
+               for size, k, s, p, d in zip(x_shape[2:], weight_shape[2:], stride, padding, dilation)]
+    return (x_shape[0], weight_shape[0], *spatial)
+
+
+def check_out(out, shape, dtype: torch.dtype, device: torch.device, any_strides: bool) -> None:
+    """Raise unless `out` is a (shape, dtype) tensor on `device` whose (height, width) planes
+    are contiguous (any strides at all if `any_strides`: the Triton GEMM's eval epilogue)."""
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"out must be a torch.Tensor; got {type(out).__name__}")
+    if tuple(out.shape) != tuple(shape) or out.dtype != dtype or out.device != device:
+        raise ValueError(f"out must be a {dtype} tensor of shape {tuple(shape)} on {device}; got "
+                         f"{out.dtype} {tuple(out.shape)} on {out.device}")
+    if not any_strides and not _planes_contiguous(out):
+        raise ValueError("out must have contiguous (height, width) planes (NCHW, or a channel slice of "
+                         f"an NCHW tensor); got strides {out.stride()}")
+
+
+def fold_batch_norm(conv_weight, bn_weight, bn_bias, running_mean, running_var, eps: float):
+    """Eval BatchNorm folded into the conv before it: (weight', bias') with
+    weight' = weight * s, bias' = bn_bias - running_mean * s, s = bn_weight / sqrt(running_var + eps).
+    Differentiable; weight' in conv_weight's dtype, bias' in the BN parameters'.
+
+    conv_weight: (out_channels, in_channels / groups, kh, kw); the others: (out_channels,)
+    """
+    scale = bn_weight * torch.rsqrt(running_var + eps)
+    weight = conv_weight * scale.to(conv_weight.dtype).reshape(-1, 1, 1, 1)
+    return weight, bn_bias - running_mean * scale
+
+
+def _planes_contiguous(t: torch.Tensor) -> bool:
+    _, _, h, w = t.shape
+    return (w == 1 or t.stride(3) == 1) and (h == 1 or t.stride(2) == w)
+
+
+def _runs_as_gemm(x, weight, stride, padding, groups) -> bool:
+    """CPU 1x1 stride-1 convs of plane-contiguous x run as batched MKL GEMMs on (N, C, H*W)
+    views: on trans-cpu, forward 0.8x and backward 0.7x the time of oneDNN's convolution,
+    which reorders NCHW into its blocked layout and back."""
+    return (x.device.type == "cpu" and tuple(weight.shape[2:]) == (1, 1) and tuple(stride) == (1, 1)
+            and tuple(padding) == (0, 0) and groups == 1 and _planes_contiguous(x))
+
+
+def _conv(x, weight, stride, padding, dilation, groups):
+    """conv2d(x, weight) without bias, NCHW output."""
+    if _runs_as_gemm(x, weight, stride, padding, groups):
+        batch, _, height, width = x.shape
+        return torch.bmm(weight.flatten(1).expand(batch, -1, -1), x.flatten(2)).view(batch, -1, height, width)
+    # NCHW once here rather than a copy in every later pass (channels_last x gives channels_last z).
+    return plane_contiguous(F.conv2d(x, weight, None, stride, padding, dilation, groups))
+
+
+def _conv_backward(grad_z, x, weight, stride, padding, dilation, groups, needs_x: bool, needs_weight: bool):
+    """(grad_x, grad_weight) of conv2d(x, weight), None where not needed."""
+    if not (needs_x or needs_weight):
+        return None, None
+    if _runs_as_gemm(x, weight, stride, padding, groups):
+        # bmm, not matmul: matmul folds the batch into a (N*H*W, C) GEMM through transposed copies.
+        grad_z = grad_z.flatten(2)
+        grad_x = torch.bmm(weight.flatten(1).t().expand(x.shape[0], -1, -1), grad_z).view(x.shape) \
+            if needs_x else None
+        # One small (N, out, in) partial per image, summed: a bmm beats a single GEMM over
+        # the (N*H*W)-long reduction, which would need x and grad_z transposed copies.
+        grad_weight = torch.bmm(grad_z, x.flatten(2).transpose(1, 2)).sum(0).view(weight.shape) \
+            if needs_weight else None
+        return grad_x, grad_weight
+    grad_x, grad_weight, _ = torch.ops.aten.convolution_backward(
+        grad_z, x, weight, None, stride, padding, dilation, False, [0, 0], groups, [needs_x, needs_weight, False])
+    return grad_x, grad_weight
+
+
+def _triton_conv1x1(x, weight, stride, **kwargs):
+    from ..triton.conv1x1 import conv1x1  # Triton is imported only when it runs
+    return conv1x1(x[:, :, ::stride[0], ::stride[1]], weight.flatten(1), **kwargs)
+
+
+def _batch_stats_conv(x, weight, stride, padding, dilation, groups, engine):
+    """z = conv(x, weight) and z's per-channel batch mean and biased variance."""
+    if engine == "triton":
+        z, total, total_sq = _triton_conv1x1(x, weight, stride, stats=True)
+        count = z.numel() // z.shape[1]
+        mean = total / count
+        # E[z^2] - E[z]^2 from the epilogue's float32 sums: exact enough unless |mean| is
+        # orders of magnitude above the std, which a conv output's is not.
+        return z, mean, (total_sq / count - mean * mean).clamp_min_(0)
+    z = _conv(x, weight, stride, padding, dilation, groups)
+    return (z, *channel_stats(z))
+
+
+def _train_forward(x, weight, bn_weight, bn_bias, stride, padding, dilation, groups, eps, act, engine, out):
+    z, mean, var = _batch_stats_conv(x, weight, stride, padding, dilation, groups, engine)
+    if z.numel() <= z.shape[1]:
+        raise ValueError("training BatchNorm needs more than 1 value per channel; the conv output has "
+                         f"shape {tuple(z.shape)}")
+    scale = bn_weight.to(var.dtype) * torch.rsqrt(var + eps)
+    y = scale_shift_act(z, scale, bn_bias.to(var.dtype) - mean * scale, act, out=out)
+    return y, z, mean, var
+
+
+@torch.library.custom_op("csp_kernels::conv_bn_act_train", mutates_args=())
+def conv_bn_act_train(x: torch.Tensor, weight: torch.Tensor, bn_weight: torch.Tensor, bn_bias: torch.Tensor,
+                      stride: list[int], padding: list[int], dilation: list[int], groups: int, eps: float,
+                      act: str, engine: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Training act(BatchNorm2d(conv2d(x, weight))) with batch statistics.
+
+    x: (batch, in_channels, height, width); weight: (out_channels, in_channels / groups, kh, kw)
+    bn_weight, bn_bias: (out_channels,). Returns (y, z, mean, var): y the output, z the conv
+    output (returned so autograd can save it), mean and biased var of z per channel.
+    """
+    return _train_forward(x, weight, bn_weight, bn_bias, stride, padding, dilation, groups, eps, act, engine, None)
+
+
+@torch.library.custom_op("csp_kernels::conv_bn_act_train_out", mutates_args=("out",))
+def conv_bn_act_train_out(x: torch.Tensor, weight: torch.Tensor, bn_weight: torch.Tensor, bn_bias: torch.Tensor,
+                          stride: list[int], padding: list[int], dilation: list[int], groups: int, eps: float,
+                          act: str, engine: str, out: torch.Tensor
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`conv_bn_act_train` writing y into `out`; returns (z, mean, var)."""
+    _, z, mean, var = _train_forward(x, weight, bn_weight, bn_bias, stride, padding, dilation, groups, eps, act,
+                                     engine, out)
+    return z, mean, var
+
+
+def _train_fakes(x, weight, stride, padding, dilation):
+    shape = conv_output_shape(x.shape, weight.shape, stride, padding, dilation)
+    stats = x.new_empty(shape[1], dtype=stats_dtype(x.dtype))
+    return torch.empty(shape, dtype=x.dtype, device=x.device), stats, torch.empty_like(stats)
+
+
+@conv_bn_act_train.register_fake
+def _(x, weight, bn_weight, bn_bias, stride, padding, dilation, groups, eps, act, engine):
+    z, mean, var = _train_fakes(x, weight, stride, padding, dilation)
+    return torch.empty_like(z), z, mean, var
+
+
+@conv_bn_act_train_out.register_fake
+def _(x, weight, bn_weight, bn_bias, stride, padding, dilation, groups, eps, act, engine, out):
+    return _train_fakes(x, weight, stride, padding, dilation)
+
+
+def _save_for_backward(ctx, x, weight, bn_weight, bn_bias, stride, padding, dilation, groups, eps, act, z, mean, var):
+    ctx.conv_args = (stride, padding, dilation, groups)
+    ctx.act = act
+    ctx.save_for_backward(x, weight, bn_weight, bn_bias, z, mean, torch.rsqrt(var + eps))
+
+
+def _train_backward(ctx, grad_y, needs_x: bool, needs_weight: bool):
+    """(grad_x, grad_weight, grad_bn_weight, grad_bn_bias) of the training forward."""
+    x, weight, bn_weight, bn_bias, z, mean, invstd = ctx.saved_tensors
+    stride, padding, dilation, groups = ctx.conv_args
+    grad_z, grad_bn_weight, grad_bn_bias = bn_act_backward(
+        grad_y, z, mean, invstd, bn_weight.to(mean.dtype), bn_bias.to(mean.dtype), ctx.act)
+    grad_x, grad_weight = _conv_backward(grad_z, x, weight, stride, padding, dilation, groups, needs_x, needs_weight)
+    return grad_x, grad_weight, grad_bn_weight.to(bn_weight.dtype), grad_bn_bias.to(bn_bias.dtype)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bn_weight, bn_bias, stride, padding, dilation, groups, eps, act, engine = inputs
+    _, z, mean, var = output
+    # Without these, autograd would fill a zero gradient the size of z for every backward.
+    ctx.mark_non_differentiable(z, mean, var)
+    ctx.set_materialize_grads(False)
+    _save_for_backward(ctx, x, weight, bn_weight, bn_bias, stride, padding, dilation, groups, eps, act, z, mean, var)
+
+
+def _backward(ctx, grad_y, _grad_z, _grad_mean, _grad_var):
+    if grad_y is None:
+        return (None,) * 11
+    grads = _train_backward(ctx, grad_y, *ctx.needs_input_grad[:2])
+    return (*grads, None, None, None, None, None, None, None)
+
+
+conv_bn_act_train.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _TrainInto(torch.autograd.Function):
+    """conv_bn_act_train_out with autograd: `out` is marked dirty, so a buffer that `out` is a
+    view of carries y's gradient back here (autograd's CopySlices), with no copy of y.
+    Autograd's rules for a Function that writes into a view: the view is its first input
+    (CopySlices rewires input 0) and its only output, so the batch statistics come back through
+    `stats` (2, out_channels), filled with (mean, var)."""
+
+    @staticmethod
+    def forward(ctx, out, x, weight, bn_weight, bn_bias, stride, padding, dilation, groups, eps, act, engine, stats):
+        z, mean, var = conv_bn_act_train_out(x, weight, bn_weight, bn_bias, stride, padding, dilation, groups, eps,
+                                             act, engine, out)
+        stats[0].copy_(mean)
+        stats[1].copy_(var)
+        ctx.mark_dirty(out)
+        ctx.set_materialize_grads(False)
+        _save_for_backward(ctx, x, weight, bn_weight, bn_bias, stride, padding, dilation, groups, eps, act, z,
+                           mean, var)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if grad_out is None:
+            return (None,) * 13
+        grads = _train_backward(ctx, grad_out, *ctx.needs_input_grad[1:3])
+        return (None, *grads, None, None, None, None, None, None, None, None)
+
+
+def conv_bn_act_train_into(x, weight, bn_weight, bn_bias, stride, padding, dilation, groups, eps, act, engine, out):
+    """Differentiable training forward writing y into `out`: (out, mean, var)."""
+    stats = x.new_empty(2, weight.shape[0], dtype=stats_dtype(x.dtype))
+    out = _TrainInto.apply(out, x, weight, bn_weight, bn_bias, stride, padding, dilation, groups, eps, act, engine,
+                           stats)
+    return out, stats[0], stats[1]
+
+
+def _runs_on_onednn(x, weight, stride, padding, groups, engine) -> bool:
+    """Eval convs that oneDNN runs with the activation as a post-op: float32 CPU ones that are
+    not GEMMs. Measured on CPU: a 3x3 conv + leaky_relu, 0.74x eager's time with a prepacked
+    weight, 0.85x as ATen conv + `scale_shift_act`; trans-cpu (1x1) 0.57x, while the GEMM +
+    in-place `scale_shift_act` path gives 0.53x."""
+    return engine == "aten" and onednn_usable(x) and not (
+        weight.layout == torch.strided and _runs_as_gemm(x, weight, stride, padding, groups))
+
+
+def prepack_eval_weight(x, weight, stride, padding, dilation, groups, engine):
+    """The weight `conv_bias_act` runs fastest with for inputs like `x`: oneDNN's blocked layout
+    where oneDNN runs the conv (saves a weight reorder per call), else `weight` itself."""
+    if not _runs_on_onednn(x, weight, stride, padding, groups, engine):
+        return weight
+    return torch._C._nn.mkldnn_reorder_conv2d_weight(weight.to_mkldnn(), padding, stride, dilation, groups,
+                                                     list(x.shape))
+
+
+def _eval_forward(x, weight, bias, stride, padding, dilation, groups, act, engine, out):
+    if engine == "triton":
+        return _triton_conv1x1(x, weight, stride, bias=bias, act=act, out=out)
+    if _runs_on_onednn(x, weight, stride, padding, groups, engine):
+        post_op = _ONEDNN_POST_OPS.get(act) if out is None else None
+        attr, scalars = post_op or ("none", [])
+        z = torch.ops.mkldnn._convolution_pointwise(x, weight, bias if post_op else None, padding, stride,
+                                                    dilation, groups, attr, scalars, None)
+        if post_op:
+            return z
+        z = plane_contiguous(z)
+    else:
+        z = _conv(x, weight, stride, padding, dilation, groups)
+    # The bias rides in the activation pass: y = act(z * 1 + bias), in place unless `out`.
+    return scale_shift_act(z, torch.ones_like(bias), bias, act, out=z if out is None else out)
+
+
+@torch.library.custom_op("csp_kernels::conv_bias_act", mutates_args=())
+def conv_bias_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, stride: list[int], padding: list[int],
+                  dilation: list[int], groups: int, act: str, engine: str) -> torch.Tensor:
+    """act(conv2d(x, weight) + bias): the eval transition with BatchNorm folded in.
+
+    x: (batch, in_channels, height, width); weight: (out_channels, in_channels / groups, kh, kw),
+    x's dtype (or, on CPU float32, a oneDNN-prepacked weight); bias: (out_channels,), float32
+    (float64 for float64 data).
+    """
+    return _eval_forward(x, weight, bias, stride, padding, dilation, groups, act, engine, None)
+
+
+@torch.library.custom_op("csp_kernels::conv_bias_act_out", mutates_args=("out",))
+def conv_bias_act_out(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, stride: list[int],
+                      padding: list[int], dilation: list[int], groups: int, act: str, engine: str,
+                      out: torch.Tensor) -> None:
+    """`conv_bias_act` writing into `out`."""
+    _eval_forward(x, weight, bias, stride, padding, dilation, groups, act, engine, out)
+
+
+@conv_bias_act.register_fake
+def _(x, weight, bias, stride, padding, dilation, groups, act, engine):
+    shape = conv_output_shape(x.shape, weight.shape, stride, padding, dilation)
+    return torch.empty(shape, dtype=x.dtype, device=x.device)
+
+
+@conv_bias_act_out.register_fake
+def _(x, weight, bias, stride, padding, dilation, groups, act, engine, out):
+    return None

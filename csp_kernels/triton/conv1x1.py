@@ -1,0 +1,171 @@
+"""1x1 convolution as a Triton GEMM with a normalize-on-load prologue and a fused epilogue.
+
+out[n, o, h, w] = act(bias[o] + sum_i weight[o, i] * a[n, i, h, w]),
+a[n, i, h, w]   = in_act(x[n, i, h, w] * in_scale[i] + in_shift[i])   (the prologue, optional)
+
+The pixels of all images form the GEMM's N dimension (M = batch * height * width), addressed
+through the tensors' strides, so x and out may be NCHW, channels_last, channel slices of larger
+buffers or spatially strided views (a strided 1x1 conv is a 1x1 conv of x[..., ::s, ::s]). The
+epilogue can also sum the pre-activation output and its square per output channel (atomic adds
+into float32 buffers, float64 for float64 data), which gives training BatchNorm its batch
+statistics without another pass over the output.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import checks
+from .activation import act_code, act_forward
+
+
+@triton.jit
+def _conv1x1_kernel(
+    x_ptr, w_ptr, out_ptr, bias_ptr, in_scale_ptr, in_shift_ptr, sum_ptr, sumsq_ptr,
+    pixels, plane, width, in_channels, out_channels,
+    sx_n, sx_c, sx_h, sx_w, sw_o, sw_i, so_n, so_c, so_h, so_w,
+    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_IN_AFFINE: tl.constexpr, IN_ACT: tl.constexpr,
+    STATS: tl.constexpr, ACC_FP64: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_O: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_p = tl.program_id(0)
+    pid_o = tl.program_id(1)
+    acc_dtype = tl.float64 if ACC_FP64 else tl.float32
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
+    mask_p = offs_p < pixels
+    mask_o = offs_o < out_channels
+    # (n, h, w) of each pixel; int64 so that offsets into large buffers cannot overflow.
+    n = (offs_p // plane).to(tl.int64)
+    hw = offs_p % plane
+    h = (hw // width).to(tl.int64)
+    w = (hw % width).to(tl.int64)
+    x_pixel = n * sx_n + h * sx_h + w * sx_w
+    out_pixel = n * so_n + h * so_h + w * so_w
+
+    acc = tl.zeros((BLOCK_O, BLOCK_P), dtype=acc_dtype)
+    for k0 in range(0, in_channels, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < in_channels
+        w_tile = tl.load(w_ptr + offs_o[:, None] * sw_o + offs_k[None, :] * sw_i,
+                         mask=mask_o[:, None] & mask_k[None, :], other=0.0)
+        x_mask = mask_k[:, None] & mask_p[None, :]
+        x_tile = tl.load(x_ptr + offs_k[:, None].to(tl.int64) * sx_c + x_pixel[None, :], mask=x_mask, other=0.0)
+        if HAS_IN_AFFINE or IN_ACT != 0:
+            a = x_tile.to(acc_dtype)
+            if HAS_IN_AFFINE:
+                scale = tl.load(in_scale_ptr + offs_k, mask=mask_k, other=0.0)
+                shift = tl.load(in_shift_ptr + offs_k, mask=mask_k, other=0.0)
+                a = a * scale[:, None] + shift[:, None]
+            # Padding lanes must stay 0 after the shift and the activation.
+            a = tl.where(x_mask, act_forward(a, IN_ACT), 0.0)
+            x_tile = a.to(x_ptr.dtype.element_ty)
+        acc = tl.dot(w_tile, x_tile, acc, input_precision=INPUT_PRECISION)
+
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_o, mask=mask_o, other=0.0).to(acc_dtype)[:, None]
+    out_mask = mask_o[:, None] & mask_p[None, :]
+    if STATS:
+        z = tl.where(out_mask, acc, 0.0)
+        tl.atomic_add(sum_ptr + offs_o, tl.sum(z, axis=1), mask=mask_o)
+        tl.atomic_add(sumsq_ptr + offs_o, tl.sum(z * z, axis=1), mask=mask_o)
+    y = act_forward(acc, ACT)
+    tl.store(out_ptr + offs_o[:, None].to(tl.int64) * so_c + out_pixel[None, :],
+             y.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+def _block_sizes(out_channels: int, in_channels: int, on_gpu: bool) -> tuple[int, int, int, int]:
+    """(BLOCK_O, BLOCK_P, BLOCK_K, num_warps). tl.dot needs every block dim >= 16; the
+    interpreter runs whole blocks as numpy arrays, so on CPU the smallest blocks that cover
+    the channels waste the least work."""
+    if not on_gpu:
+        fit = lambda c: max(16, min(64, triton.next_power_of_2(c)))  # noqa: E731
+        return fit(out_channels), 64, fit(in_channels), 4
+    block_o = 128 if out_channels >= 128 else 64
+    return block_o, 128, 32, 8 if block_o == 128 else 4
+
+
+def _input_precision(dtype: torch.dtype) -> str:
+    """tl.dot's input_precision: float32 follows torch's switch for convolutions (a drop-in
+    makes cuDNN's choice); float64 is exact; 16-bit types take Triton's default, which does
+    not change them."""
+    if dtype == torch.float64 or (dtype == torch.float32 and not torch.backends.cudnn.allow_tf32):
+        return "ieee"
+    return "tf32"
+
+
+def _check_vector(v: torch.Tensor | None, name: str, length: int, x: torch.Tensor) -> None:
+    if v is None:
+        return
+    if not isinstance(v, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor; got {type(v).__name__}")
+    if v.shape != (length,):
+        raise ValueError(f"{name} must have shape ({length},); got {tuple(v.shape)}")
+    if v.device != x.device:
+        raise ValueError(f"{name} must be on {x.device}; got {v.device}")
+
+
+def conv1x1(x: torch.Tensor, weight: torch.Tensor, *, in_scale: torch.Tensor | None = None,
+            in_shift: torch.Tensor | None = None, in_act: str = "identity",
+            bias: torch.Tensor | None = None, act: str = "identity", out: torch.Tensor | None = None,
+            stats: bool = False):
+    """act(conv1x1(in_act(x * in_scale + in_shift), weight) + bias), optionally into `out`.
+
+    x: (batch, in_channels, height, width), any strides; weight: (out_channels, in_channels)
+    in_scale, in_shift: (in_channels,) or None (1 and 0); bias: (out_channels,) or None
+    out: (batch, out_channels, height, width) of x's dtype, any strides (e.g. a channel slice
+    of a bigger buffer), or None for a new NCHW tensor.
+    Returns out, or with `stats=True` (out, sum, sumsq): per-output-channel sums over batch,
+    height and width of the pre-activation output and of its square, float32 (float64 for
+    float64 data).
+    """
+    checks.check_input(x)
+    checks.check_activation(act)
+    checks.check_activation(in_act)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] != x.shape[1]:
+        shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
+        raise ValueError(f"weight must be (out_channels, {x.shape[1]}) for x of shape {tuple(x.shape)}; got {shape}")
+    checks.check_same_device_dtype((x, weight), ("x", "weight"))
+    batch, in_channels, height, width = x.shape
+    out_channels = weight.shape[0]
+    for v, name, length in ((in_scale, "in_scale", in_channels), (in_shift, "in_shift", in_channels),
+                            (bias, "bias", out_channels)):
+        _check_vector(v, name, length, x)
+    out_shape = (batch, out_channels, height, width)
+    if out is None:
+        out = torch.empty(out_shape, dtype=x.dtype, device=x.device)
+    elif out.shape != out_shape or out.dtype != x.dtype or out.device != x.device:
+        raise ValueError(f"out must be a {x.dtype} tensor of shape {out_shape} on {x.device}; got "
+                         f"{out.dtype} {tuple(out.shape)} on {out.device}")
+    stat_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    sums = torch.zeros(2, out_channels if stats else 1, dtype=stat_dtype, device=x.device)
+    has_affine = in_scale is not None or in_shift is not None
+    if has_affine:
+        in_scale = torch.ones(in_channels, device=x.device) if in_scale is None else in_scale
+        in_shift = torch.zeros(in_channels, device=x.device) if in_shift is None else in_shift
+
+    def vector(v):  # read in the accumulator's type; an absent one gets a dummy pointer
+        return sums if v is None else v.to(stat_dtype).contiguous()
+
+    pixels = batch * height * width
+    if pixels > 0:
+        block_o, block_p, block_k, num_warps = _block_sizes(out_channels, in_channels, x.is_cuda)
+        grid = (triton.cdiv(pixels, block_p), triton.cdiv(out_channels, block_o))
+        with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+            _conv1x1_kernel[grid](
+                x, weight, out, vector(bias), vector(in_scale), vector(in_shift), sums[0], sums[1],
+                pixels, height * width, width, in_channels, out_channels,
+                *x.stride(), *weight.stride(), *out.stride(),
+                HAS_BIAS=bias is not None, ACT=act_code(act), HAS_IN_AFFINE=has_affine,
+                IN_ACT=act_code(in_act), STATS=stats, ACC_FP64=x.dtype == torch.float64,
+                INPUT_PRECISION=_input_precision(x.dtype),
+                BLOCK_O=block_o, BLOCK_P=block_p, BLOCK_K=block_k, num_warps=num_warps,
+                num_stages=3 if x.is_cuda else 1,
+            )
+    if stats:
+        return out, sums[0], sums[1]
+    return out
+

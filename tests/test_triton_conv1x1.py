@@ -1,0 +1,186 @@
+"""The Triton 1x1-conv GEMM (csp_kernels.triton.conv1x1) against plain PyTorch: prologue,
+epilogue, batch statistics, strided and sliced inputs, out= slices, and the activation helpers."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from csp_kernels import backend, checks
+from helpers import DEVICES, rel_error
+
+TRITON_DEVICES = [d for d in DEVICES if backend.triton_usable(torch.device(d))[0]]
+pytestmark = pytest.mark.skipif(not TRITON_DEVICES, reason="Triton is not usable (no GPU, TRITON_INTERPRET unset)")
+
+if TRITON_DEVICES:
+    import triton
+    import triton.language as tl
+
+    from csp_kernels.triton.activation import act_code, act_derivative, act_forward
+    from csp_kernels.triton.conv1x1 import conv1x1
+
+TOL = {torch.float64: 1e-12, torch.float32: 1e-5}
+ACTS = checks.ACTIVATIONS
+
+
+@pytest.fixture(autouse=True)
+def _full_float32_precision(monkeypatch):
+    """On a GPU, float32 convolutions and the Triton GEMM follow this switch (TF32 would miss
+    the float32 tolerance); no effect on CPU."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+
+
+def torch_act(u: torch.Tensor, act: str) -> torch.Tensor:
+    return checks.activation_module(act)(u)
+
+
+def expected(x, weight, in_scale=None, in_shift=None, in_act="identity", bias=None, act="identity"):
+    """(output, pre-activation output) in float64."""
+    a = x.double()
+    if in_scale is not None:
+        a = a * in_scale.double()[:, None, None]
+    if in_shift is not None:
+        a = a + in_shift.double()[:, None, None]
+    a = torch_act(a, in_act)
+    pre = F.conv2d(a, weight.double()[:, :, None, None], None if bias is None else bias.double())
+    return torch_act(pre, act), pre
+
+
+def assert_close(out, ref, name="out"):
+    err = rel_error(out, ref)
+    assert err <= TOL[out.dtype], f"{name}: relative error {err:.3g}"
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("act", ACTS)
+def test_bias_and_activation_epilogue(device, dtype, act):
+    x = torch.randn(2, 5, 4, 5, dtype=dtype, device=device)
+    weight = torch.randn(7, 5, dtype=dtype, device=device)
+    bias = torch.randn(7, dtype=dtype, device=device)
+    out = conv1x1(x, weight, bias=bias, act=act)
+    assert out.shape == (2, 7, 4, 5) and out.is_contiguous()
+    assert_close(out, expected(x, weight, bias=bias, act=act)[0])
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("in_act", ACTS)
+def test_normalize_on_load_prologue(device, dtype, in_act):
+    x = torch.randn(2, 19, 3, 5, dtype=dtype, device=device)
+    weight = torch.randn(6, 19, dtype=dtype, device=device)
+    in_scale = torch.rand(19, device=device) + 0.5
+    in_shift = torch.randn(19, device=device)
+    out = conv1x1(x, weight, in_scale=in_scale, in_shift=in_shift, in_act=in_act)
+    assert_close(out, expected(x, weight, in_scale, in_shift, in_act)[0])
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_prologue_parts_alone(device):
+    """Scale without shift, shift without scale, an activation alone: the missing parts are
+    1, 0 and identity, and padding lanes of the tiles stay zero."""
+    x = torch.randn(2, 5, 3, 3, dtype=torch.float64, device=device)
+    weight = torch.randn(4, 5, dtype=torch.float64, device=device)
+    scale, shift = torch.rand(5, dtype=torch.float64, device=device), torch.randn(5, dtype=torch.float64, device=device)
+    assert_close(conv1x1(x, weight, in_scale=scale), expected(x, weight, in_scale=scale)[0])
+    assert_close(conv1x1(x, weight, in_shift=shift), expected(x, weight, in_shift=shift)[0])
+    assert_close(conv1x1(x, weight, in_act="hardswish"), expected(x, weight, in_act="hardswish")[0])
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_statistics_epilogue(device, dtype):
+    x = torch.randn(3, 21, 5, 7, dtype=dtype, device=device)  # 105 pixels: a partial pixel block
+    weight = torch.randn(35, 21, dtype=dtype, device=device)  # a partial channel block
+    bias = torch.randn(35, dtype=dtype, device=device)
+    scale = torch.rand(21, device=device)
+    out, total, total_sq = conv1x1(x, weight, in_scale=scale, in_act="relu", bias=bias, act="silu", stats=True)
+    stat_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    assert total.dtype == total_sq.dtype == stat_dtype and total.shape == total_sq.shape == (35,)
+    ref, pre = expected(x, weight, scale, None, "relu", bias, "silu")
+    assert_close(out, ref)
+    assert_close(total, pre.sum((0, 2, 3)), "sum")
+    assert_close(total_sq, (pre * pre).sum((0, 2, 3)), "sum of squares")
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("layout", ["channel_slice", "channels_last", "spatial_stride", "transposed_weight"])
+def test_strided_inputs(device, layout):
+    kw = dict(dtype=torch.float64, device=device)
+    buf = torch.randn(2, 24, 6, 9, **kw)
+    weight = torch.randn(7, 11, **kw)
+    if layout == "channel_slice":
+        x = buf[:, 5:16]
+    elif layout == "channels_last":
+        x = buf[:, 5:16].contiguous(memory_format=torch.channels_last)
+    elif layout == "spatial_stride":
+        x = buf[:, 5:16, ::2, ::3]
+    else:
+        x = buf[:, 5:16]
+        weight = torch.randn(11, 7, **kw).t()
+    assert_close(conv1x1(x, weight, act="leaky_relu"), expected(x, weight, act="leaky_relu")[0])
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_out_channel_slice(device, channels_last):
+    kw = dict(dtype=torch.float64, device=device)
+    x = torch.randn(2, 6, 3, 4, **kw)
+    weight = torch.randn(5, 6, **kw)
+    buf = torch.full((2, 12, 3, 4), 7.0, **kw)
+    if channels_last:
+        buf = buf.contiguous(memory_format=torch.channels_last)
+    out, total, _ = conv1x1(x, weight, act="mish", out=buf[:, 4:9], stats=True)
+    assert out.data_ptr() == buf[:, 4:9].data_ptr()
+    ref, pre = expected(x, weight, act="mish")
+    assert_close(buf[:, 4:9], ref)
+    assert_close(total, pre.sum((0, 2, 3)), "sum")
+    assert torch.all(buf[:, :4] == 7.0) and torch.all(buf[:, 9:] == 7.0)
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_bad_arguments(device):
+    x = torch.randn(2, 6, 3, 4, device=device)
+    weight = torch.randn(5, 6, device=device)
+    with pytest.raises(ValueError, match=r"weight must be \(out_channels, 6\)"):
+        conv1x1(x, torch.randn(5, 7, device=device))
+    with pytest.raises(ValueError, match=r"weight must be \(out_channels, 6\)"):
+        conv1x1(x, torch.randn(5, 6, 1, 1, device=device))
+    with pytest.raises(ValueError, match="must have the same dtype"):
+        conv1x1(x, weight.double())
+    with pytest.raises(ValueError, match=r"in_scale must have shape \(6,\)"):
+        conv1x1(x, weight, in_scale=torch.ones(5, device=device))
+    with pytest.raises(ValueError, match=r"bias must have shape \(5,\)"):
+        conv1x1(x, weight, bias=torch.ones(6, device=device))
+    with pytest.raises(ValueError, match=r"out must be a torch.float32 tensor of shape \(2, 5, 3, 4\)"):
+        conv1x1(x, weight, out=torch.empty(2, 5, 3, 5, device=device))
+    with pytest.raises(ValueError, match="act must be one of"):
+        conv1x1(x, weight, act="gelu")
+    with pytest.raises(ValueError, match="x must be 4-D"):
+        conv1x1(x[0], weight)
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("act", ACTS)
+def test_activation_helpers_match_torch(device, dtype, act):
+    """act_forward / act_derivative against torch's modules and autograd, kinks included
+    (relu'(0) = 0, hardswish'(+-3)) and past mish's softplus threshold."""
+
+    @triton.jit
+    def kernel(u_ptr, y_ptr, d_ptr, n, ACT: tl.constexpr, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        mask = offs < n
+        u = tl.load(u_ptr + offs, mask=mask)
+        tl.store(y_ptr + offs, act_forward(u, ACT), mask=mask)
+        tl.store(d_ptr + offs, act_derivative(u, ACT), mask=mask)
+
+    special = torch.tensor([0.0, -3.0, 3.0, 20.0, 20.5, -20.5, -30.0, 30.0], dtype=dtype)
+    u = torch.cat([torch.linspace(-8, 8, 241, dtype=dtype), special]).to(device)
+    y, d = torch.empty_like(u), torch.empty_like(u)
+    kernel[(1,)](u, y, d, u.numel(), ACT=act_code(act), BLOCK=256)
+    u_ref = u.detach().clone().requires_grad_()
+    y_ref = torch_act(u_ref, act)
+    y_ref.backward(torch.ones_like(y_ref))
+    tol = TOL[dtype] * 10
+    assert_close_abs = lambda a, b, name: torch.testing.assert_close(a, b, rtol=tol, atol=tol, msg=name)  # noqa: E731
+    assert_close_abs(y, y_ref.detach(), "forward")
+    assert_close_abs(d, u_ref.grad, "derivative")
