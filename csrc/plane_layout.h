@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <initializer_list>
 #include <type_traits>
+#include <utility>
 
 namespace csp_kernels {
 
@@ -29,6 +30,16 @@ inline PlaneLayout plane_layout(const at::Tensor& x, const char* name) {
 inline void check_same_shape(const at::Tensor& a, const at::Tensor& b, const char* name_a, const char* name_b) {
   TORCH_CHECK_VALUE(a.sizes() == b.sizes(), name_a, " and ", name_b, " must have the same shape; got ",
                     a.sizes(), " and ", b.sizes());
+}
+
+// Two tensors read or written together (z and grad_y, x and out): same shape, same dtype.
+inline std::pair<PlaneLayout, PlaneLayout> paired_layouts(const at::Tensor& a, const char* name_a,
+                                                          const at::Tensor& b, const char* name_b) {
+  const PlaneLayout la = plane_layout(a, name_a), lb = plane_layout(b, name_b);
+  check_same_shape(a, b, name_a, name_b);
+  TORCH_CHECK_TYPE(a.scalar_type() == b.scalar_type(), name_b, " must have ", name_a, "'s dtype ", a.scalar_type(),
+                   "; got ", b.scalar_type());
+  return {la, lb};
 }
 
 // Per-channel statistics and BN parameters are float32, or float64 for float64 data.

@@ -131,11 +131,9 @@ std::tuple<at::Tensor, at::Tensor> channel_stats_cuda(const at::Tensor& x) {
 
 void scale_shift_act_out_cuda(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,
                               c10::string_view act_name, const at::Tensor& out) {
-  const PlaneLayout L = plane_layout(x, "x");
-  const PlaneLayout O = plane_layout(out, "out");
-  check_same_shape(x, out, "x", "out");
+  PlaneLayout L, O;
+  std::tie(L, O) = paired_layouts(x, "x", out, "out");
   check_per_channel_args(x, {{scale, "scale"}, {shift, "shift"}});
-  TORCH_CHECK_TYPE(out.scalar_type() == x.scalar_type(), "out must have x's dtype ", x.scalar_type());
   const Act act = parse_act(std::string(act_name));
   if (x.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(x.device());
@@ -160,11 +158,9 @@ at::Tensor scale_shift_act_cuda(const at::Tensor& x, const at::Tensor& scale, co
 std::tuple<at::Tensor, at::Tensor> bn_act_backward_reduce_cuda(
     const at::Tensor& grad_y, const at::Tensor& z, const at::Tensor& mean, const at::Tensor& invstd,
     const at::Tensor& weight, const at::Tensor& bias, c10::string_view act_name) {
-  const PlaneLayout L = plane_layout(z, "z");
-  const PlaneLayout G = plane_layout(grad_y, "grad_y");
-  check_same_shape(z, grad_y, "z", "grad_y");
+  PlaneLayout L, G;
+  std::tie(L, G) = paired_layouts(z, "z", grad_y, "grad_y");
   check_per_channel_args(z, {{mean, "mean"}, {invstd, "invstd"}, {weight, "weight"}, {bias, "bias"}});
-  TORCH_CHECK_TYPE(grad_y.scalar_type() == z.scalar_type(), "grad_y must have z's dtype");
   const Act act = parse_act(std::string(act_name));
   const c10::cuda::CUDAGuard guard(z.device());
   at::Tensor sum_dpre = at::empty_like(mean), sum_dpre_xhat = at::empty_like(mean);
@@ -188,12 +184,10 @@ at::Tensor bn_act_backward_apply_cuda(
     const at::Tensor& grad_y, const at::Tensor& z, const at::Tensor& mean, const at::Tensor& invstd,
     const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& sum_dpre,
     const at::Tensor& sum_dpre_xhat, c10::string_view act_name) {
-  const PlaneLayout L = plane_layout(z, "z");
-  const PlaneLayout G = plane_layout(grad_y, "grad_y");
-  check_same_shape(z, grad_y, "z", "grad_y");
+  PlaneLayout L, G;
+  std::tie(L, G) = paired_layouts(z, "z", grad_y, "grad_y");
   check_per_channel_args(z, {{mean, "mean"}, {invstd, "invstd"}, {weight, "weight"}, {bias, "bias"},
                              {sum_dpre, "sum_dpre"}, {sum_dpre_xhat, "sum_dpre_xhat"}});
-  TORCH_CHECK_TYPE(grad_y.scalar_type() == z.scalar_type(), "grad_y must have z's dtype");
   const Act act = parse_act(std::string(act_name));
   const c10::cuda::CUDAGuard guard(z.device());
   at::Tensor grad_z = at::empty(z.sizes(), z.options());
