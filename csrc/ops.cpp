@@ -19,6 +19,22 @@ TORCH_LIBRARY(csp_kernels, m) {
         "Tensor bias, str act) -> (Tensor sum_dpre, Tensor sum_dpre_xhat)");
   m.def("bn_act_backward_apply(Tensor grad_y, Tensor z, Tensor mean, Tensor invstd, Tensor weight, "
         "Tensor bias, Tensor sum_dpre, Tensor sum_dpre_xhat, str act) -> Tensor");
+
+  // Dense-block family (ops/dense.py): the backward of the dense layers' shared-statistics BN1.
+  // x is a channel prefix of the concat buffer; grad_acc, grad_x are views shaped like it.
+  m.def("bn_act_backward_accumulate(Tensor grad_a, Tensor x, Tensor mean, Tensor invstd, Tensor weight, "
+        "Tensor bias, str act, Tensor(a!) grad_acc) -> (Tensor sum_dpre, Tensor sum_dpre_xhat)");
+  m.def("bn_grad_correct(Tensor grad_acc, Tensor x, Tensor mean, Tensor invstd, Tensor sum_grad, "
+        "Tensor sum_grad_xhat, Tensor(a!) grad_x) -> ()");
+
+  // Maxout pyramid family (ops/maxout.py, the Exact Fusion Model). features[i]: (N, C_i, H_i, W_i)
+  // with contiguous planes, each resized to (out_h, out_w) by F.interpolate(mode="nearest")
+  // indexing, concatenated and Maxout-ed into out_channels (darknet order when interleaved).
+  // The backward recomputes the argmax; it returns contiguous gradients shaped like features.
+  m.def("maxout_pyramid_forward(Tensor[] features, int out_h, int out_w, int out_channels, "
+        "bool interleaved) -> Tensor");
+  m.def("maxout_pyramid_backward(Tensor grad_out, Tensor[] features, int out_channels, "
+        "bool interleaved) -> Tensor[]");
 }
 
 namespace {
