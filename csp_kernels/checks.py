@@ -125,6 +125,58 @@ def _check_same(tensors: Sequence[torch.Tensor], names: Sequence[str], attribute
         raise ValueError(f"{', '.join(names)} must have the same {attribute}; got {found}")
 
 
+def maxout_args(x, out_channels, grouping) -> tuple[int, str]:
+    """Validated (out_channels, grouping) of a Maxout of `x` (channels divisible by out_channels)."""
+    check_input(x)
+    out_channels = check_positive_int(out_channels, "out_channels")
+    grouping = check_grouping(grouping)
+    if x.shape[1] % out_channels != 0:
+        raise ValueError(
+            f"x channels ({x.shape[1]}) must be divisible by out_channels; got out_channels={out_channels}"
+        )
+    return out_channels, grouping
+
+
+def feature_list(features, num_levels: int | None = None) -> None:
+    """A non-empty list (or tuple) of feature maps, `num_levels` long when given."""
+    expected = "a non-empty list of tensors" if num_levels is None else f"a list of {num_levels} tensors"
+    if not isinstance(features, (list, tuple)):
+        raise TypeError(f"features must be {expected}; got {type(features).__name__}")
+    if len(features) == 0 or num_levels not in (None, len(features)):
+        raise ValueError(f"features must be {expected}; got {len(features)} of them")
+
+
+def spatial_size(size) -> tuple[int, int]:
+    """(height, width) from an int or a pair of positive ints."""
+    if not isinstance(size, (list, tuple, torch.Size)):
+        return (check_positive_int(size, "size"),) * 2
+    if len(size) != 2:
+        raise ValueError(f"size must be an int or a (height, width) pair; got {tuple(size)}")
+    return check_positive_int(size[0], "size[0]"), check_positive_int(size[1], "size[1]")
+
+
+def maxout_pyramid_args(features, size, out_channels, grouping) -> tuple[tuple[int, int], int, str]:
+    """Validated (size, out_channels, grouping) of a Maxout pyramid over `features`: 4-D maps of
+    one batch size, dtype and device whose total channels divide by out_channels."""
+    feature_list(features)
+    names = [f"features[{i}]" for i in range(len(features))]
+    for feature, name in zip(features, names):
+        check_input(feature, name=name)
+    check_same_device_dtype(features, names)
+    batches = [feature.shape[0] for feature in features]
+    if any(b != batches[0] for b in batches):
+        raise ValueError(f"features must all have the same batch size (dim 0); got {batches}")
+    size = spatial_size(size)
+    out_channels = check_positive_int(out_channels, "out_channels")
+    channels = [feature.shape[1] for feature in features]
+    if sum(channels) % out_channels != 0:
+        raise ValueError(
+            f"the features' total channels {' + '.join(map(str, channels))} = {sum(channels)} must "
+            f"be divisible by out_channels; got out_channels={out_channels}"
+        )
+    return size, out_channels, check_grouping(grouping)
+
+
 _ACTIVATION_MODULES = {
     "relu": nn.ReLU,
     "leaky_relu": lambda: nn.LeakyReLU(LEAKY_RELU_SLOPE),

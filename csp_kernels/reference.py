@@ -186,15 +186,8 @@ def maxout(x: torch.Tensor, out_channels: int, grouping: str = "interleaved") ->
 
     x: (batch, channels, height, width) -> (batch, out_channels, height, width)
     """
-    checks.check_input(x)
-    out_channels = checks.check_positive_int(out_channels, "out_channels")
-    grouping = checks.check_grouping(grouping)
-    channels = x.shape[1]
-    if channels % out_channels != 0:
-        raise ValueError(
-            f"x channels ({channels}) must be divisible by out_channels; got out_channels={out_channels}"
-        )
-    group_size = channels // out_channels
+    out_channels, grouping = checks.maxout_args(x, out_channels, grouping)
+    group_size = x.shape[1] // out_channels
     if grouping == "interleaved":
         candidates = [x[:, j * out_channels : (j + 1) * out_channels] for j in range(group_size)]
     else:
@@ -239,43 +232,12 @@ def maxout_pyramid(
     size: (height, width), or an int for a square
     -> (batch, out_channels, height, width); sum(channels_i) must be divisible by out_channels.
     """
-    _check_feature_list(features, num_levels=None)
-    names = [f"features[{i}]" for i in range(len(features))]
-    for feature, name in zip(features, names):
-        checks.check_input(feature, name=name)
-    checks.check_same_device_dtype(features, names)
-    batches = [feature.shape[0] for feature in features]
-    if any(b != batches[0] for b in batches):
-        raise ValueError(f"features must all have the same batch size (dim 0); got {batches}")
-    size = _check_size(size)
-    out_channels = checks.check_positive_int(out_channels, "out_channels")
-    channels = [feature.shape[1] for feature in features]
-    if sum(channels) % out_channels != 0:
-        raise ValueError(
-            f"the features' total channels {' + '.join(map(str, channels))} = {sum(channels)} must "
-            f"be divisible by out_channels; got out_channels={out_channels}"
-        )
+    size, out_channels, grouping = checks.maxout_pyramid_args(features, size, out_channels, grouping)
     resized = [
         feature if feature.shape[-2:] == size else F.interpolate(feature, size=size, mode="nearest")
         for feature in features
     ]
     return maxout(torch.cat(resized, 1), out_channels, grouping)
-
-
-def _check_feature_list(features, num_levels: int | None) -> None:
-    expected = "a non-empty list of tensors" if num_levels is None else f"a list of {num_levels} tensors"
-    if not isinstance(features, (list, tuple)):
-        raise TypeError(f"features must be {expected}; got {type(features).__name__}")
-    if len(features) == 0 or num_levels not in (None, len(features)):
-        raise ValueError(f"features must be {expected}; got {len(features)} of them")
-
-
-def _check_size(size) -> tuple[int, int]:
-    if not isinstance(size, (list, tuple, torch.Size)):
-        return (checks.check_positive_int(size, "size"),) * 2
-    if len(size) != 2:
-        raise ValueError(f"size must be an int or a (height, width) pair; got {tuple(size)}")
-    return checks.check_positive_int(size[0], "size[0]"), checks.check_positive_int(size[1], "size[1]")
 
 
 class ExactFusion(nn.Module):
@@ -289,6 +251,10 @@ class ExactFusion(nn.Module):
     features: list of (batch, in_channels[i], height_i, width_i), one per level
     -> list of (batch, out_channels, height_i, width_i)
     """
+
+    # The fused twin swaps in its own implementations of these two.
+    pyramid = staticmethod(maxout_pyramid)
+    conv_bn_act = ConvBNAct
 
     def __init__(
         self,
@@ -319,7 +285,7 @@ class ExactFusion(nn.Module):
         self.transitions = None
         if transition:
             self.transitions = nn.ModuleList(
-                ConvBNAct(self.out_channels, self.out_channels, act=act) for _ in self.in_channels
+                self.conv_bn_act(self.out_channels, self.out_channels, act=act) for _ in self.in_channels
             )
 
     def neighbours(self, level: int) -> slice:
@@ -327,11 +293,11 @@ class ExactFusion(nn.Module):
         return slice(max(level - 1, 0), min(level + 2, len(self.in_channels)))
 
     def forward(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        _check_feature_list(features, num_levels=len(self.in_channels))
+        checks.feature_list(features, num_levels=len(self.in_channels))
         for i, (feature, channels) in enumerate(zip(features, self.in_channels)):
             checks.check_input(feature, name=f"features[{i}]", channels=channels)
         outputs = [
-            maxout_pyramid(
+            self.pyramid(
                 features[self.neighbours(level)], features[level].shape[-2:], self.out_channels, self.grouping
             )
             for level in range(len(features))
