@@ -1,0 +1,531 @@
+"""The partial dense block as one op: a preallocated concat buffer, per-channel statistics
+computed once, and a backward that recomputes instead of saving (shared/DESIGN.md, "The dense
+layer, algebraically").
+
+Layout. One buffer `buf` (batch, part1 + t, height, width), t = part2 + num_layers * growth:
+x is copied in once (part 1 first, then part 2, as in x), dense layer j reads the channel prefix
+`buf[:, part1 : part1 + c_j]` (c_j = part2 + j * growth) in place and writes its growth channels
+right after it. With fusion "first" the transition reads `buf` whole, so the concat with part 1
+is free; "last" and "csp" read the dense part `buf[:, part1:]`.
+
+Training (`partial_dense_block`, a torch.library custom op with registered autograd):
+  forward   per layer: BN1+ReLU of the prefix into one reusable scratch (shared statistics),
+            conv1 (a GEMM), BN2+ReLU in place, conv2 3x3, copy of its growth channels into the
+            buffer, their statistics. Transitions: GEMM, statistics, BN+act written straight
+            into the output (or, for "csp", into the second transition's input).
+  saved     `buf`, the last transition's pre-BN output, the per-channel statistics. Nothing
+            per layer: the normalized prefix, conv1's output and BN2+ReLU are recomputed (one
+            extra 1x1 GEMM per layer), and so is the first transition of "csp".
+            Why (pdb-cpu, 8x128x56x56 float32): this saves 61 MiB, 0.13x eager's 478 MiB and
+            linear in num_layers (+6.1 MiB per layer, one growth slice of `buf`). Saving conv1's
+            outputs as well would add 12.25 MiB per layer (0.28x in all, over the 0.20 target)
+            to skip a recompute of +21% 1x1-GEMM FLOPs, about 9% of the fused training step.
+  backward  layers in reverse, one accumulator G shaped like the BN1-read part of the buffer:
+            each layer adds weight1 * dpre to G[:, :c_j] (`bn_act_backward_accumulate`, which
+            also returns the layer's BN1 weight/bias gradients), and the BN correction runs once
+            per channel (`bn_grad_correct`) when a layer's channels are final.
+Running statistics are returned (biased batch variance), and updated by the module, which keeps
+the op functional.
+
+Eval (`partial_dense_block_eval`): BN1 per layer applied into the scratch (normalize on load),
+BN2 folded into conv1, every transition's BN folded into its conv; see `fold_eval_params`.
+
+Engines: "aten" runs the 1x1 convolutions as batched GEMMs (torch.bmm: MKL on CPU, cuBLAS on
+GPU); "triton" runs the forward 1x1 convolutions as the Triton GEMM of `csp_kernels.triton.conv1x1`
+with BN1+ReLU as its normalize-on-load prologue (no scratch), conv1's BN2 statistics from its
+epilogue, and (eval) bias + activation epilogues writing straight into the output. The backward
+is the same for both (its GEMMs need the normalized prefix in memory for the weight gradient).
+
+Parameters travel as flat lists:
+  dense_params       per layer: norm1.weight, norm1.bias, conv1.weight, norm2.weight,
+                     norm2.bias, conv2.weight
+  transition_params  per transition (one, or two for "csp"): conv.weight, bn.weight, bn.bias
+Every BatchNorm of the block must share one `eps`.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+
+from .. import extension  # noqa: F401  (loads csp_kernels._C, which defines the C++ ops)
+from .batch_norm_act import _stats_dtype as stats_dtype
+from .batch_norm_act import bn_act_backward, channel_stats, scale_shift_act
+
+_ops = torch.ops.csp_kernels
+DENSE_PARAMS_PER_LAYER = 6
+TRANSITION_PARAMS = 3
+DENSE_ACT = "relu"  # DenseNet's layers always use ReLU; `act` is the transitions'.
+
+if extension._C is not None:
+    @torch.library.register_fake("csp_kernels::bn_act_backward_accumulate")
+    def _(grad_a, x, mean, invstd, weight, bias, act, grad_acc):
+        return torch.empty_like(mean), torch.empty_like(mean)
+
+    @torch.library.register_fake("csp_kernels::bn_grad_correct")
+    def _(grad_acc, x, mean, invstd, sum_grad, sum_grad_xhat, grad_x):
+        return None
+
+
+def bn_act_backward_accumulate(grad_a, x, mean, invstd, weight, bias, act, grad_acc):
+    """dpre = grad_a * act'(weight * xhat + bias); grad_acc += weight * dpre (in place).
+
+    grad_a, x, grad_acc: (batch, channels, height, width), planes contiguous (channel slices
+    allowed); mean, invstd, weight, bias: (channels,). Returns (sum dpre, sum dpre * xhat), the
+    BN's bias and weight gradients.
+    """
+    return _ops.bn_act_backward_accumulate(grad_a, x, mean, invstd, weight, bias, act, grad_acc)
+
+
+def bn_grad_correct(grad_acc, x, mean, invstd, sum_grad, sum_grad_xhat, grad_x) -> None:
+    """grad_x += invstd * (g - mean(g) - xhat * mean(g * xhat)) per channel, g = grad_acc, the
+    means given as sums over the channel's batch * height * width values (in place)."""
+    _ops.bn_grad_correct(grad_acc, x, mean, invstd, sum_grad, sum_grad_xhat, grad_x)
+
+
+# ----------------------------------------------------------------------------------------------
+# 1x1 convolutions as batched GEMMs over (channels, height * width) planes, one per sample with
+# the weight broadcast (stride-0 batch): they read channel slices of the buffer through strides
+# with no copy (oneDNN copies a strided input to its own layout first), and on this 2-core CPU
+# they are a little faster than ATen's oneDNN 1x1 convolution (8x56x56, 192 -> 128 channels:
+# 7.8 vs 8.4 ms forward, 14.5 vs 16.3 ms dgrad + wgrad; ~2x faster when the cores are shared).
+# torch.matmul(2-D, 3-D) would fold the batch into a transposed copy of both operands instead.
+
+def conv1x1(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x: (batch, in, height, width) with contiguous planes; weight: (out, in, 1, 1)
+    -> (batch, out, height, width), contiguous."""
+    n, _, h, w = x.shape
+    return torch.bmm(weight.flatten(1).expand(n, -1, -1), x.flatten(2)).view(n, weight.shape[0], h, w)
+
+
+def conv1x1_input_grad(grad_z: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """grad_z: (batch, out, height, width) -> (batch, in, height, width)."""
+    n, _, h, w = grad_z.shape
+    return torch.bmm(weight.flatten(1).t().expand(n, -1, -1), grad_z.flatten(2)).view(n, weight.shape[1], h, w)
+
+
+def conv1x1_weight_grad(grad_z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """grad_z: (batch, out, height, width), x: (batch, in, height, width) -> (out, in, 1, 1)."""
+    per_sample = torch.bmm(grad_z.flatten(2), x.flatten(2).transpose(1, 2))
+    return per_sample.sum(0)[:, :, None, None]
+
+
+def triton_conv1x1(*args, **kwargs):
+    """`csp_kernels.triton.conv1x1.conv1x1`, imported on first use: Triton is optional."""
+    from ..triton.conv1x1 import conv1x1 as kernel
+    return kernel(*args, **kwargs)
+
+
+def conv3x3(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return F.conv2d(x, weight, padding=1)
+
+
+def conv3x3_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor):
+    """(grad_x, grad_weight) of `conv3x3`."""
+    grad_x, grad_weight, _ = torch.ops.aten.convolution_backward(
+        grad_y, x, weight, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [True, True, False])
+    return grad_x, grad_weight
+
+
+# ----------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+    """Channel bookkeeping of one block, from x and the parameter lists."""
+    batch: int
+    height: int
+    width: int
+    part1: int
+    part2: int
+    growth: int
+    bottleneck: int
+    num_layers: int
+
+    @staticmethod
+    def of(x: torch.Tensor, part1: int, dense_params) -> Geometry:
+        n, c, h, w = x.shape
+        conv1_weight, conv2_weight = dense_params[2], dense_params[5]
+        return Geometry(n, h, w, part1, c - part1, conv2_weight.shape[0], conv1_weight.shape[0],
+                        len(dense_params) // DENSE_PARAMS_PER_LAYER)
+
+    @property
+    def dense_channels(self) -> int:
+        """t: part 2 and every layer's new channels."""
+        return self.part2 + self.num_layers * self.growth
+
+    @property
+    def count(self) -> int:
+        """Values per channel that batch statistics average over."""
+        return self.batch * self.height * self.width
+
+    def prefix(self, layer: int) -> int:
+        """c_j: the channels layer `layer` (0-based) reads."""
+        return self.part2 + layer * self.growth
+
+    def scratch(self, like: torch.Tensor, channels: int) -> torch.Tensor:
+        """Flat storage for a contiguous (batch, up to `channels`, height, width) tensor."""
+        return like.new_empty(self.batch * channels * self.height * self.width)
+
+    def view(self, scratch: torch.Tensor, channels: int) -> torch.Tensor:
+        """The contiguous (batch, channels, height, width) tensor at the start of `scratch`."""
+        return scratch[: self.batch * channels * self.height * self.width].view(
+            self.batch, channels, self.height, self.width)
+
+
+def layer_params(dense_params, layer: int):
+    """(norm1 weight, norm1 bias, conv1 weight, norm2 weight, norm2 bias, conv2 weight)."""
+    return dense_params[DENSE_PARAMS_PER_LAYER * layer: DENSE_PARAMS_PER_LAYER * (layer + 1)]
+
+
+def transition_params_of(transition_params, index: int):
+    """(conv weight, bn weight, bn bias) of transition `index`."""
+    return transition_params[TRANSITION_PARAMS * index: TRANSITION_PARAMS * (index + 1)]
+
+
+def _check_batch(g: Geometry) -> None:
+    if g.count <= 1:
+        raise ValueError(f"a training PartialDenseBlock needs more than 1 value per channel "
+                         f"(batch * height * width); got input shape "
+                         f"{(g.batch, g.part1 + g.part2, g.height, g.width)}")
+
+
+def _bn_scale_shift(mean, var, weight, bias, eps):
+    """Per-channel (scale, shift) of BN: y = x * scale + shift."""
+    scale = weight.to(var.dtype) * torch.rsqrt(var + eps)
+    return scale, bias.to(var.dtype) - mean * scale
+
+
+def _new_buffer(x: torch.Tensor, g: Geometry) -> torch.Tensor:
+    """The concat buffer with x copied in (this copy also converts channels_last to NCHW)."""
+    buf = x.new_empty(g.batch, g.part1 + g.dense_channels, g.height, g.width)
+    buf[:, : g.part1 + g.part2].copy_(x)
+    return buf
+
+
+def _stats_from_sums(total, total_sq, count):
+    """(mean, biased var) from per-channel sums of x and x**2 (the Triton GEMM's epilogue)."""
+    mean = total / count
+    return mean, (total_sq / count - mean * mean).clamp_min_(0)
+
+
+def _transition_train(inp, params, eps, act, out, engine):
+    """Training 1x1 ConvBNAct of `inp` written into `out`; returns (pre-BN z, mean, var)."""
+    weight, bn_weight, bn_bias = params
+    if engine == "triton":
+        z, total, total_sq = triton_conv1x1(inp, weight.flatten(1), stats=True)
+        mean, var = _stats_from_sums(total, total_sq, z.numel() // z.shape[1])
+    else:
+        z = conv1x1(inp, weight)
+        mean, var = channel_stats(z)
+    scale_shift_act(z, *_bn_scale_shift(mean, var, bn_weight, bn_bias, eps), act, out=out)
+    return z, mean, var
+
+
+def _dense_train(buf, dense_params, g: Geometry, eps, engine):
+    """Runs the dense layers into `buf`; returns (dense mean, dense var, bottleneck mean (L, 4k),
+    bottleneck var (L, 4k))."""
+    dense = buf[:, g.part1:]
+    sdtype = stats_dtype(buf.dtype)
+    mean = buf.new_empty(g.dense_channels, dtype=sdtype)
+    var = torch.empty_like(mean)
+    mean[: g.part2], var[: g.part2] = channel_stats(dense[:, : g.part2])
+    bottleneck_mean = buf.new_empty(g.num_layers, g.bottleneck, dtype=sdtype)
+    bottleneck_var = torch.empty_like(bottleneck_mean)
+    scratch = g.scratch(buf, g.prefix(g.num_layers - 1)) if engine == "aten" else None
+    for j in range(g.num_layers):
+        c = g.prefix(j)
+        norm1_w, norm1_b, conv1_w, norm2_w, norm2_b, conv2_w = layer_params(dense_params, j)
+        scale1, shift1 = _bn_scale_shift(mean[:c], var[:c], norm1_w, norm1_b, eps)
+        if engine == "triton":
+            z, total, total_sq = triton_conv1x1(dense[:, :c], conv1_w.flatten(1), in_scale=scale1, in_shift=shift1,
+                                                in_act=DENSE_ACT, stats=True)
+            bottleneck_mean[j], bottleneck_var[j] = _stats_from_sums(total, total_sq, g.count)
+        else:
+            a = g.view(scratch, c)
+            scale_shift_act(dense[:, :c], scale1, shift1, DENSE_ACT, out=a)
+            z = conv1x1(a, conv1_w)
+            bottleneck_mean[j], bottleneck_var[j] = channel_stats(z)
+        scale_shift_act(z, *_bn_scale_shift(bottleneck_mean[j], bottleneck_var[j], norm2_w, norm2_b, eps),
+                        DENSE_ACT, out=z)
+        new = conv3x3(z, conv2_w)
+        dense[:, c: c + g.growth].copy_(new)
+        mean[c: c + g.growth], var[c: c + g.growth] = channel_stats(new)
+    return mean, var, bottleneck_mean, bottleneck_var
+
+
+@torch.library.custom_op("csp_kernels::partial_dense_block", mutates_args=())
+def partial_dense_block(x: torch.Tensor, dense_params: list[torch.Tensor], transition_params: list[torch.Tensor],
+                        part1: int, fusion: str, act: str, eps: float, engine: str
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                   torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Training forward of a partial dense block (see the module docstring).
+
+    x: (batch, in_channels, height, width), any memory format.
+    Returns (out, buf, z_last, dense_mean, dense_var, bottleneck_mean, bottleneck_var,
+    transition_mean, transition_var):
+      out              (batch, out_channels, height, width), the block's output
+      buf, z_last      the concat buffer and the last transition's pre-BN output, saved for
+                       backward (outputs so that the op stays functional; not differentiable)
+      dense_mean/var   (t,) batch statistics of the buffer's dense channels (norm1's inputs)
+      bottleneck_*     (num_layers, bn_size * growth) statistics of conv1's outputs (norm2's)
+      transition_*     the transitions' statistics, concatenated in order
+    Variances are biased; the caller updates running statistics.
+    """
+    g = Geometry.of(x, part1, dense_params)
+    _check_batch(g)
+    buf = _new_buffer(x, g)
+    dense_stats = _dense_train(buf, dense_params, g, eps, engine)
+    dense = buf[:, part1:]
+    if fusion == "first":
+        first = transition_params_of(transition_params, 0)
+        out = x.new_empty(g.batch, first[0].shape[0], g.height, g.width)
+        z_last, t_mean, t_var = _transition_train(buf, first, eps, act, out, engine)
+    elif fusion == "last":
+        first = transition_params_of(transition_params, 0)
+        out = x.new_empty(g.batch, part1 + first[0].shape[0], g.height, g.width)
+        out[:, :part1].copy_(x[:, :part1])
+        z_last, t_mean, t_var = _transition_train(dense, first, eps, act, out[:, part1:], engine)
+    else:
+        cat = _csp_concat(buf, transition_params, g, eps, act, engine)
+        z_first, mean_first, var_first = cat.stats
+        second = transition_params_of(transition_params, 1)
+        out = x.new_empty(g.batch, second[0].shape[0], g.height, g.width)
+        z_last, t_mean, t_var = _transition_train(cat.tensor, second, eps, act, out, engine)
+        t_mean, t_var = torch.cat([mean_first, t_mean]), torch.cat([var_first, t_var])
+    return (out, buf, z_last, *dense_stats, t_mean, t_var)
+
+
+@dataclasses.dataclass
+class _CspConcat:
+    tensor: torch.Tensor  # (batch, part1 + t, height, width): part 1, then transition1's output
+    stats: tuple          # transition1's (pre-BN z, mean, var)
+
+
+def _csp_concat(buf, transition_params, g: Geometry, eps, act, engine) -> _CspConcat:
+    """The second transition's input of fusion "csp": part 1 copied from the buffer's head,
+    transition1(dense part) written after it. Run in forward, and again in backward."""
+    cat = buf.new_empty(g.batch, g.part1 + g.dense_channels, g.height, g.width)
+    cat[:, : g.part1].copy_(buf[:, : g.part1])
+    stats = _transition_train(buf[:, g.part1:], transition_params_of(transition_params, 0), eps, act,
+                              cat[:, g.part1:], engine)
+    return _CspConcat(cat, stats)
+
+
+@partial_dense_block.register_fake
+def _(x, dense_params, transition_params, part1, fusion, act, eps, engine):
+    g = Geometry.of(x, part1, dense_params)
+    sdtype = stats_dtype(x.dtype)
+    t = g.dense_channels
+    last_out = transition_params[-TRANSITION_PARAMS].shape[0]
+    out_channels = last_out + (part1 if fusion == "last" else 0)
+    transition_channels = sum(w.shape[0] for w in transition_params[::TRANSITION_PARAMS])
+    new = x.new_empty
+    return (new(g.batch, out_channels, g.height, g.width), new(g.batch, part1 + t, g.height, g.width),
+            new(g.batch, last_out, g.height, g.width), new(t, dtype=sdtype), new(t, dtype=sdtype),
+            new(g.num_layers, g.bottleneck, dtype=sdtype), new(g.num_layers, g.bottleneck, dtype=sdtype),
+            new(transition_channels, dtype=sdtype), new(transition_channels, dtype=sdtype))
+
+
+def _setup_context(ctx, inputs, output):
+    x, dense_params, transition_params, part1, fusion, act, eps, engine = inputs
+    _, buf, z_last, dense_mean, dense_var, bottleneck_mean, bottleneck_var, t_mean, t_var = output
+    ctx.geometry = Geometry.of(x, part1, dense_params)
+    ctx.fusion, ctx.act, ctx.eps, ctx.engine = fusion, act, eps, engine
+    ctx.num_dense = len(dense_params)
+    ctx.save_for_backward(buf, z_last, dense_mean, dense_var, bottleneck_mean, bottleneck_var, t_mean, t_var,
+                          *dense_params, *transition_params)
+
+
+def _backward(ctx, grad_out, *_grads_of_saved_outputs):
+    if torch.is_grad_enabled():
+        raise RuntimeError("csp_kernels.PartialDenseBlock does not support double backward "
+                           "(backward with create_graph=True); use csp_kernels.reference.PartialDenseBlock")
+    g: Geometry = ctx.geometry
+    buf, z_last, dense_mean, dense_var, bottleneck_mean, bottleneck_var, t_mean, t_var, *params = ctx.saved_tensors
+    dense_params, transition_params = params[: ctx.num_dense], params[ctx.num_dense:]
+    eps, act, part1 = ctx.eps, ctx.act, g.part1
+    grad_out = grad_out.contiguous()
+    dense = buf[:, part1:]
+    transition_grads = []
+
+    def transition_backward(grad_y, z, mean, var, inp, index):
+        """Backward of one transition; returns the gradient of its input."""
+        weight, bn_weight, bn_bias = transition_params_of(transition_params, index)
+        scale = torch.rsqrt(var + eps)
+        grad_z, grad_bn_w, grad_bn_b = bn_act_backward(grad_y, z, mean, scale, bn_weight.to(mean.dtype),
+                                                       bn_bias.to(mean.dtype), act)
+        transition_grads[:0] = [conv1x1_weight_grad(grad_z, inp), grad_bn_w, grad_bn_b]
+        return conv1x1_input_grad(grad_z, weight)
+
+    last_channels = z_last.shape[1]
+    last_mean, last_var = t_mean[-last_channels:], t_var[-last_channels:]
+    if ctx.fusion == "first":
+        grad_buf = transition_backward(grad_out, z_last, last_mean, last_var, buf, 0)
+        grad_dense, grad_part1 = grad_buf[:, part1:], grad_buf[:, :part1]
+    elif ctx.fusion == "last":
+        grad_dense = transition_backward(grad_out[:, part1:], z_last, last_mean, last_var, dense, 0)
+        grad_part1 = grad_out[:, :part1]
+    else:
+        cat = _csp_concat(buf, transition_params, g, eps, act, ctx.engine)
+        z_first, first_mean, first_var = cat.stats
+        grad_cat = transition_backward(grad_out, z_last, last_mean, last_var, cat.tensor, 1)
+        del cat
+        grad_part1 = grad_cat[:, :part1]
+        grad_dense = transition_backward(grad_cat[:, part1:], z_first, first_mean, first_var, dense, 0)
+
+    dense_grads = _dense_backward(grad_dense, buf, dense_params, g, eps, dense_mean, dense_var,
+                                  bottleneck_mean, bottleneck_var)
+    grad_x = None
+    if ctx.needs_input_grad[0]:
+        if ctx.fusion == "first":
+            grad_x = grad_buf[:, : part1 + g.part2]
+        else:
+            grad_x = torch.cat([grad_part1, grad_dense[:, : g.part2]], 1)
+    dense_grads = [grad.to(p.dtype) for grad, p in zip(dense_grads, dense_params)]
+    transition_grads = [grad.to(p.dtype) for grad, p in zip(transition_grads, transition_params)]
+    return grad_x, dense_grads, transition_grads, None, None, None, None, None
+
+
+def _dense_backward(grad_dense, buf, dense_params, g: Geometry, eps, mean, var, bottleneck_mean, bottleneck_var):
+    """Backward of the dense layers, in place on `grad_dense` (batch, t, height, width), which
+    holds the transitions' gradient of the dense channels on entry and their full gradient on
+    return. Returns the dense parameters' gradients in `dense_params` order."""
+    dense = buf[:, g.part1:]
+    invstd = torch.rsqrt(var + eps)
+    read = g.prefix(g.num_layers - 1)  # channels some layer's BN1 reads
+    grad_acc = buf.new_zeros(g.batch, read, g.height, g.width)
+    sum_grad = torch.zeros_like(mean[:read])
+    sum_grad_xhat = torch.zeros_like(sum_grad)
+    scratch_a = g.scratch(buf, read)
+    scratch_b = g.scratch(buf, g.bottleneck)
+    grads = [None] * len(dense_params)
+
+    def correct(lo, hi):
+        bn_grad_correct(grad_acc[:, lo:hi], dense[:, lo:hi], mean[lo:hi], invstd[lo:hi], sum_grad[lo:hi],
+                        sum_grad_xhat[lo:hi], grad_dense[:, lo:hi])
+
+    for j in reversed(range(g.num_layers)):
+        c = g.prefix(j)
+        norm1_w, norm1_b, conv1_w, norm2_w, norm2_b, conv2_w = layer_params(dense_params, j)
+        if j < g.num_layers - 1:  # layer j's channels are read by layers j+1.., now all done
+            correct(c, c + g.growth)
+        # Recompute the layer's activations from the buffer, as the forward computed them.
+        norm1_w, norm1_b = norm1_w.to(mean.dtype), norm1_b.to(mean.dtype)
+        norm2_w, norm2_b = norm2_w.to(mean.dtype), norm2_b.to(mean.dtype)
+        a = g.view(scratch_a, c)
+        scale_shift_act(dense[:, :c], *_bn_scale_shift(mean[:c], var[:c], norm1_w, norm1_b, eps), DENSE_ACT, out=a)
+        z = conv1x1(a, conv1_w)
+        b = g.view(scratch_b, g.bottleneck)
+        scale_shift_act(z, *_bn_scale_shift(bottleneck_mean[j], bottleneck_var[j], norm2_w, norm2_b, eps), DENSE_ACT,
+                        out=b)
+        invstd2 = torch.rsqrt(bottleneck_var[j] + eps)
+        # Backward through conv2, BN2 + ReLU, conv1, then BN1 + ReLU into the accumulator.
+        grad_b, grad_conv2 = conv3x3_backward(grad_dense[:, c: c + g.growth].contiguous(), b, conv2_w)
+        grad_z, grad_norm2_w, grad_norm2_b = bn_act_backward(grad_b, z, bottleneck_mean[j], invstd2, norm2_w,
+                                                             norm2_b, DENSE_ACT)
+        grad_conv1 = conv1x1_weight_grad(grad_z, a)
+        grad_a = conv1x1_input_grad(grad_z, conv1_w)
+        grad_norm1_b, grad_norm1_w = bn_act_backward_accumulate(
+            grad_a, dense[:, :c], mean[:c], invstd[:c], norm1_w, norm1_b, DENSE_ACT, grad_acc[:, :c])
+        sum_grad[:c] += norm1_w * grad_norm1_b
+        sum_grad_xhat[:c] += norm1_w * grad_norm1_w
+        grads[DENSE_PARAMS_PER_LAYER * j: DENSE_PARAMS_PER_LAYER * (j + 1)] = [
+            grad_norm1_w, grad_norm1_b, grad_conv1, grad_norm2_w, grad_norm2_b, grad_conv2]
+    correct(0, g.part2)
+    return grads
+
+
+partial_dense_block.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------
+# Eval
+
+@dataclasses.dataclass
+class EvalParams:
+    """Per layer: BN1 as (scale, shift), conv1 with BN2 folded in (weight, bias), conv2 weight;
+    per transition: conv with its BN folded in (weight, bias)."""
+    norm1: list[tuple[torch.Tensor, torch.Tensor]]
+    conv1: list[tuple[torch.Tensor, torch.Tensor]]
+    conv2: list[torch.Tensor]
+    transitions: list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def _fold(conv_weight, bn_weight, bn_bias, running_mean, running_var, eps):
+    """A bias-free conv followed by eval BN as one conv with a bias: (weight, bias)."""
+    scale, shift = _bn_scale_shift(running_mean.to(stats_dtype(conv_weight.dtype)),
+                                   running_var.to(stats_dtype(conv_weight.dtype)), bn_weight, bn_bias, eps)
+    return conv_weight * scale.to(conv_weight.dtype)[:, None, None, None], shift
+
+
+@torch.no_grad()
+def fold_eval_params(dense_params, dense_running, transition_params, transition_running, eps) -> EvalParams:
+    """dense_running: per layer (norm1 running mean, var, norm2 running mean, var);
+    transition_running: per transition (running mean, var)."""
+    norm1, conv1, conv2 = [], [], []
+    for j in range(len(dense_params) // DENSE_PARAMS_PER_LAYER):
+        norm1_w, norm1_b, conv1_w, norm2_w, norm2_b, conv2_w = layer_params(dense_params, j)
+        rm1, rv1, rm2, rv2 = dense_running[j]
+        sdtype = stats_dtype(conv1_w.dtype)
+        norm1.append(_bn_scale_shift(rm1.to(sdtype), rv1.to(sdtype), norm1_w, norm1_b, eps))
+        conv1.append(_fold(conv1_w, norm2_w, norm2_b, rm2, rv2, eps))
+        conv2.append(conv2_w.detach())
+    transitions = [_fold(*transition_params_of(transition_params, i), *running, eps)
+                   for i, running in enumerate(transition_running)]
+    return EvalParams(norm1, conv1, conv2, transitions)
+
+
+def _bias_act(z, bias, act, out):
+    """out = act(z + bias[c])."""
+    scale_shift_act(z, torch.ones_like(bias), bias, act, out=out)
+
+
+@torch.no_grad()
+def partial_dense_block_eval(x: torch.Tensor, params: EvalParams, part1: int, fusion: str, act: str,
+                             engine: str) -> torch.Tensor:
+    """Inference forward with folded parameters (`fold_eval_params`).
+
+    x: (batch, in_channels, height, width) -> (batch, out_channels, height, width)
+    """
+    n, _, h, w = x.shape
+    growth = params.conv2[0].shape[0]
+    g = Geometry(n, h, w, part1, x.shape[1] - part1, growth, params.conv1[0][0].shape[0], len(params.conv2))
+    buf = _new_buffer(x, g)
+    dense = buf[:, part1:]
+    scratch = g.scratch(buf, g.prefix(g.num_layers - 1)) if engine == "aten" else None
+    for j in range(g.num_layers):
+        c = g.prefix(j)
+        conv1_w, conv1_b = params.conv1[j]
+        if engine == "triton":
+            scale1, shift1 = params.norm1[j]
+            z = triton_conv1x1(dense[:, :c], conv1_w.flatten(1), in_scale=scale1, in_shift=shift1, in_act=DENSE_ACT,
+                               bias=conv1_b, act=DENSE_ACT)
+        else:
+            a = g.view(scratch, c)
+            scale_shift_act(dense[:, :c], *params.norm1[j], DENSE_ACT, out=a)
+            z = conv1x1(a, conv1_w)
+            _bias_act(z, conv1_b, DENSE_ACT, out=z)
+        dense[:, c: c + growth].copy_(conv3x3(z, params.conv2[j]))
+
+    def transition(inp, index, out):
+        weight, bias = params.transitions[index]
+        if engine == "triton":
+            triton_conv1x1(inp, weight.flatten(1), bias=bias, act=act, out=out)
+        else:
+            _bias_act(conv1x1(inp, weight), bias, act, out=out)
+
+    if fusion == "first":
+        out = x.new_empty(n, params.transitions[0][0].shape[0], h, w)
+        transition(buf, 0, out)
+    elif fusion == "last":
+        out = x.new_empty(n, part1 + params.transitions[0][0].shape[0], h, w)
+        out[:, :part1].copy_(x[:, :part1])
+        transition(dense, 0, out[:, part1:])
+    else:
+        cat = x.new_empty(n, part1 + g.dense_channels, h, w)
+        cat[:, :part1].copy_(x[:, :part1])
+        transition(dense, 0, cat[:, part1:])
+        out = x.new_empty(n, params.transitions[1][0].shape[0], h, w)
+        transition(cat, 1, out)
+    return out

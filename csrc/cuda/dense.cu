@@ -1,0 +1,132 @@
+// CUDA kernels of the dense-block backward; the CPU twins (and what they compute) are in
+// cpu/dense.cpp, the per-element math is shared through batch_norm_act.h. The accumulate pass
+// reduces per channel (one block per channel); the correction is elementwise (one grid row per
+// (n, c) plane).
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <tuple>
+
+#include "batch_norm_act.h"
+#include "block_reduce.cuh"
+#include "dense_args.h"
+#include "plane_layout.h"
+
+namespace csp_kernels {
+namespace {
+
+constexpr int kElementwiseThreads = 256;
+
+template <typename scalar_t, Act A>
+__global__ void bn_act_backward_accumulate_kernel(const scalar_t* __restrict__ grad_a, PlaneLayout GA,
+                                                  const scalar_t* __restrict__ x, PlaneLayout L, scalar_t* grad_acc,
+                                                  PlaneLayout ACC, const stat_of<scalar_t>* mean,
+                                                  const stat_of<scalar_t>* invstd, const stat_of<scalar_t>* weight,
+                                                  const stat_of<scalar_t>* bias, stat_of<scalar_t>* sum_dpre,
+                                                  stat_of<scalar_t>* sum_dpre_xhat) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t c = blockIdx.x, count = L.batch * L.plane;
+  const acc_t m = mean[c], inv = invstd[c], w = weight[c], b = bias[c];
+  acc_t s = 0, sx = 0;
+  for (int64_t i = threadIdx.x; i < count; i += blockDim.x) {
+    const int64_t n = i / L.plane, p = i - n * L.plane;
+    const acc_t xhat = (static_cast<acc_t>(x[n * L.batch_stride + c * L.channel_stride + p]) - m) * inv;
+    const acc_t dpre =
+        bn_act_grad_pre<A>(static_cast<acc_t>(grad_a[n * GA.batch_stride + c * GA.channel_stride + p]), xhat, w, b);
+    scalar_t* acc = grad_acc + n * ACC.batch_stride + c * ACC.channel_stride + p;
+    *acc = static_cast<scalar_t>(static_cast<acc_t>(*acc) + w * dpre);
+    s += dpre;
+    sx += dpre * xhat;
+  }
+  double total = s, total_xhat = sx;
+  block_sum2(total, total_xhat);
+  if (threadIdx.x == 0) {
+    sum_dpre[c] = static_cast<stat_of<scalar_t>>(total);
+    sum_dpre_xhat[c] = static_cast<stat_of<scalar_t>>(total_xhat);
+  }
+}
+
+template <typename scalar_t>
+__global__ void bn_grad_correct_kernel(const scalar_t* __restrict__ grad_acc, PlaneLayout ACC,
+                                       const scalar_t* __restrict__ x, PlaneLayout L, scalar_t* grad_x, PlaneLayout GX,
+                                       const stat_of<scalar_t>* mean, const stat_of<scalar_t>* invstd,
+                                       const stat_of<scalar_t>* sum_grad, const stat_of<scalar_t>* sum_grad_xhat) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t n = blockIdx.x / L.channels, c = blockIdx.x % L.channels;
+  const scalar_t* xp = x + n * L.batch_stride + c * L.channel_stride;
+  const scalar_t* gp = grad_acc + n * ACC.batch_stride + c * ACC.channel_stride;
+  scalar_t* out = grad_x + n * GX.batch_stride + c * GX.channel_stride;
+  const acc_t inv_count = acc_t(1) / static_cast<acc_t>(L.batch * L.plane);
+  const acc_t m = mean[c], inv = invstd[c];
+  const acc_t mean_g = sum_grad[c] * inv_count, mean_g_xhat = sum_grad_xhat[c] * inv_count;
+  for (int64_t i = blockIdx.y * blockDim.x + threadIdx.x; i < L.plane; i += gridDim.y * blockDim.x) {
+    const acc_t xhat = (static_cast<acc_t>(xp[i]) - m) * inv;
+    out[i] = static_cast<scalar_t>(static_cast<acc_t>(out[i]) +
+                                   bn_grad_input(static_cast<acc_t>(gp[i]), xhat, acc_t(1), inv, mean_g, mean_g_xhat));
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> bn_act_backward_accumulate_cuda(
+    const at::Tensor& grad_a, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& invstd,
+    const at::Tensor& weight, const at::Tensor& bias, c10::string_view act_name, const at::Tensor& grad_acc) {
+  const PlaneLayout L = plane_layout(x, "x");
+  const PlaneLayout GA = plane_layout(grad_a, "grad_a");
+  const PlaneLayout ACC = plane_layout(grad_acc, "grad_acc");
+  check_same_data(x, {{grad_a, "grad_a"}, {grad_acc, "grad_acc"}});
+  check_per_channel_args(x, {{mean, "mean"}, {invstd, "invstd"}, {weight, "weight"}, {bias, "bias"}});
+  const Act act = parse_act(std::string(act_name));
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor sum_dpre = at::empty_like(mean), sum_dpre_xhat = at::empty_like(mean);
+  if (L.channels == 0) return {sum_dpre, sum_dpre_xhat};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_act_backward_accumulate_cuda", [&] {
+    using stat_t = stat_of<scalar_t>;
+    CSP_DISPATCH_ACT(act, [&] {
+      bn_act_backward_accumulate_kernel<scalar_t, kAct>
+          <<<L.channels, kReduceThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+              grad_a.const_data_ptr<scalar_t>(), GA, x.const_data_ptr<scalar_t>(), L,
+              grad_acc.mutable_data_ptr<scalar_t>(), ACC, mean.const_data_ptr<stat_t>(),
+              invstd.const_data_ptr<stat_t>(), weight.const_data_ptr<stat_t>(), bias.const_data_ptr<stat_t>(),
+              sum_dpre.mutable_data_ptr<stat_t>(), sum_dpre_xhat.mutable_data_ptr<stat_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return {sum_dpre, sum_dpre_xhat};
+}
+
+void bn_grad_correct_cuda(const at::Tensor& grad_acc, const at::Tensor& x, const at::Tensor& mean,
+                          const at::Tensor& invstd, const at::Tensor& sum_grad, const at::Tensor& sum_grad_xhat,
+                          const at::Tensor& grad_x) {
+  const PlaneLayout L = plane_layout(x, "x");
+  const PlaneLayout ACC = plane_layout(grad_acc, "grad_acc");
+  const PlaneLayout GX = plane_layout(grad_x, "grad_x");
+  check_same_data(x, {{grad_acc, "grad_acc"}, {grad_x, "grad_x"}});
+  check_per_channel_args(x, {{mean, "mean"}, {invstd, "invstd"}, {sum_grad, "sum_grad"},
+                             {sum_grad_xhat, "sum_grad_xhat"}});
+  if (x.numel() == 0) return;
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t chunks = (L.plane + kElementwiseThreads * 4 - 1) / (kElementwiseThreads * 4);
+  const dim3 grid(static_cast<unsigned>(L.batch * L.channels), static_cast<unsigned>(std::min<int64_t>(chunks, 65535)));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_grad_correct_cuda", [&] {
+    using stat_t = stat_of<scalar_t>;
+    bn_grad_correct_kernel<scalar_t><<<grid, kElementwiseThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+        grad_acc.const_data_ptr<scalar_t>(), ACC, x.const_data_ptr<scalar_t>(), L, grad_x.mutable_data_ptr<scalar_t>(),
+        GX, mean.const_data_ptr<stat_t>(), invstd.const_data_ptr<stat_t>(), sum_grad.const_data_ptr<stat_t>(),
+        sum_grad_xhat.const_data_ptr<stat_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(csp_kernels, CUDA, m) {
+  m.impl("bn_act_backward_accumulate", &bn_act_backward_accumulate_cuda);
+  m.impl("bn_grad_correct", &bn_grad_correct_cuda);
+}
+
+}  // namespace csp_kernels

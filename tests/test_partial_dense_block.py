@@ -1,0 +1,418 @@
+"""The fused PartialDenseBlock (csp_kernels/nn/dense.py, csp_kernels/ops/dense.py) against the
+reference: forward, gradients, running statistics, eval, the custom ops, memory saved."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from csp_kernels import backend, reference
+from csp_kernels.nn import PartialDenseBlock
+from csp_kernels.ops import dense as dense_ops
+from csp_kernels.profiling import SavedTensorsMeter
+from helpers import (DEVICES, assert_matches_reference, device_backend_params, fused_backends, rel_error,
+                     requires_cuda)
+
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+FUSIONS = ["last", "first", "csp"]
+# (in_channels, part_ratio): part 1 of 2 / 4 / 6 of 8 channels, and 3 of 10 (ratio 0.3).
+SPLITS = [(8, 0.25), (8, 0.5), (8, 0.75), (10, 0.3)]
+
+
+def block_cases():
+    """(device, backend, fusion, in_channels, part_ratio, num_layers): every combination on the
+    compiled backends; the Triton interpreter (slow) gets the odd split with 1 and 3 layers."""
+    cases = []
+    for param in device_backend_params():
+        device, name = param.values
+        for fusion in FUSIONS:
+            for in_channels, part_ratio in SPLITS:
+                for num_layers in (1, 3):
+                    if name == "triton" and device == "cpu" and in_channels != 10:
+                        continue
+                    cases.append(pytest.param(device, name, fusion, in_channels, part_ratio, num_layers,
+                                              id=f"{param.id}-{fusion}-{in_channels}x{part_ratio}-L{num_layers}"))
+    return cases
+
+
+def randomize(module: nn.Module) -> nn.Module:
+    """BN affine parameters and running statistics away from their defaults, so that a wrong
+    scale, shift, statistic or fold cannot pass unnoticed."""
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    return module
+
+
+def make_pair(*args, dtype=torch.float64, device="cpu", **kwargs):
+    """(reference block, fused block) with the same randomized state."""
+    ref = randomize(reference.PartialDenseBlock(*args, **kwargs)).to(device, dtype)
+    fused = PartialDenseBlock(*args, **kwargs).to(device, dtype)
+    fused.load_state_dict(ref.state_dict())
+    return ref, fused
+
+
+def train_step(module, x, grad_y):
+    """Training forward + backward; returns (output, input grad, parameter grads)."""
+    module.train()
+    x = x.detach().clone().requires_grad_(x.requires_grad)
+    y = module(x)
+    y.backward(grad_y)
+    return y, x.grad, [p.grad for p in module.parameters()]
+
+
+def assert_train_matches(ref, fused, x, device, name, tol):
+    n, _, h, w = x.shape
+    grad_y = torch.randn(n, ref.out_channels, h, w, dtype=x.dtype, device=device)
+    y_ref, gx_ref, gp_ref = train_step(ref, x, grad_y)
+    with backend.use_backend(name):
+        y, gx, gp = train_step(fused, x, grad_y)
+    assert y.shape == y_ref.shape and y.is_contiguous()
+    assert_matches_reference(y, y_ref, tol=tol, name="output")
+    if x.requires_grad:
+        assert_matches_reference(gx, gx_ref, tol=tol, name="input grad")
+    for (pname, _), g, g_ref in zip(ref.named_parameters(), gp, gp_ref):
+        assert_matches_reference(g, g_ref, tol=tol, name=f"grad of {pname}")
+    for (bname, b_ref), b in zip(ref.named_buffers(), fused.buffers()):
+        if bname.endswith("num_batches_tracked"):
+            assert torch.equal(b, b_ref), bname
+        else:
+            assert_matches_reference(b, b_ref, tol=tol, name=bname)
+
+
+def assert_eval_matches(ref, fused, x, name, tol):
+    ref.eval()
+    fused.eval()
+    with torch.no_grad():
+        expected = ref(x.to(next(ref.parameters()).dtype))
+        with backend.use_backend(name):
+            out = fused(x)
+    assert_matches_reference(out, expected, tol=tol, name="eval output")
+
+
+@pytest.mark.parametrize("device,name,fusion,in_channels,part_ratio,num_layers", block_cases())
+def test_train_and_eval_match_reference_float64(device, name, fusion, in_channels, part_ratio, num_layers):
+    ref, fused = make_pair(in_channels, num_layers, 3, part_ratio, bn_size=2, fusion=fusion, device=device)
+    x = torch.randn(2, in_channels, 5, 7, dtype=torch.float64, device=device, requires_grad=True)
+    assert_train_matches(ref, fused, x, device, name, TOL[torch.float64])
+    assert_eval_matches(ref, fused, x, name, TOL[torch.float64])
+
+
+@pytest.fixture
+def no_tf32():
+    """float32 convolutions in full precision on a GPU (cuDNN and the Triton GEMM follow
+    cudnn.allow_tf32), so that 1e-5 against float64 is a fair bound."""
+    saved = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = saved
+
+
+@pytest.mark.parametrize("device,name", device_backend_params())
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_float32_matches_float64_reference(device, name, fusion, no_tf32):
+    size = (2, 8, 4, 4) if name == "triton" else (3, 12, 9, 11)
+    ref, fused = make_pair(size[1], 2 if name == "triton" else 4, 4, 0.5, fusion=fusion, device=device)
+    fused.float()
+    x = torch.randn(*size, dtype=torch.float64, device=device)
+    grad_y = torch.randn(size[0], ref.out_channels, *size[2:], dtype=torch.float64, device=device)
+    xr, xf = x.clone().requires_grad_(), x.float().requires_grad_()
+    y_ref = ref(xr)
+    y_ref.backward(grad_y)
+    with backend.use_backend(name):
+        y = fused(xf)
+        y.backward(grad_y.float())
+    assert y.dtype == torch.float32
+    assert_matches_reference(y, y_ref, tol=TOL[torch.float32])
+    assert_matches_reference(xf.grad, xr.grad, tol=TOL[torch.float32], name="input grad")
+    for (pname, p_ref), p in zip(ref.named_parameters(), fused.parameters()):
+        assert_matches_reference(p.grad, p_ref.grad, tol=TOL[torch.float32], name=f"grad of {pname}")
+    assert_eval_matches(ref, fused, x.float(), name, TOL[torch.float32])
+
+
+@pytest.mark.parametrize("device,name", device_backend_params())
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_out_channels_batch1_odd_size(device, name, fusion):
+    ref, fused = make_pair(6, 2, 3, 0.5, bn_size=2, fusion=fusion, out_channels=7, device=device)
+    x = torch.randn(1, 6, 3, 5, dtype=torch.float64, device=device, requires_grad=True)
+    assert_train_matches(ref, fused, x, device, name, TOL[torch.float64])
+    assert_eval_matches(ref, fused, x, name, TOL[torch.float64])
+
+
+@pytest.mark.parametrize("device,name", device_backend_params())
+def test_channels_last_input_and_activation(device, name):
+    ref, fused = make_pair(8, 2, 4, 0.5, fusion="csp", act="leaky_relu", device=device)
+    x = torch.randn(2, 8, 5, 6, dtype=torch.float64, device=device).to(memory_format=torch.channels_last)
+    assert_train_matches(ref, fused, x.requires_grad_(), device, name, TOL[torch.float64])
+    assert_eval_matches(ref, fused, x, name, TOL[torch.float64])
+
+
+def test_momentum_none_and_several_steps():
+    ref, fused = make_pair(8, 2, 4, 0.5, fusion="first")
+    for m in [*ref.modules(), *fused.modules()]:
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = None
+    for _ in range(3):
+        x = torch.randn(2, 8, 4, 5, dtype=torch.float64, requires_grad=True)
+        assert_train_matches(ref, fused, x, "cpu", "cpu", TOL[torch.float64])
+
+
+def test_eval_cache_follows_weight_and_stat_changes():
+    ref, fused = make_pair(8, 2, 4, 0.5, fusion="csp")
+    x = torch.randn(2, 8, 5, 5, dtype=torch.float64)
+    assert_eval_matches(ref, fused, x, "cpu", TOL[torch.float64])
+    for module in (ref, fused):  # in-place updates, as an optimizer step or a BN update makes
+        with torch.no_grad():
+            module.dense.denselayer2.conv1.weight.mul_(1.5)
+            module.dense.denselayer1.norm2.running_var.add_(0.5)
+            module.transition2.bn.bias.add_(0.25)
+    assert_eval_matches(ref, fused, x, "cpu", TOL[torch.float64])
+
+
+def test_eval_with_autograd_recording_is_differentiable():
+    ref, fused = make_pair(8, 2, 4, 0.5, fusion="last")
+    ref.eval()
+    fused.eval()
+    x = torch.randn(2, 8, 4, 4, dtype=torch.float64, requires_grad=True)
+    (gx_ref,) = torch.autograd.grad(ref(x).square().sum(), x)
+    (gx,) = torch.autograd.grad(fused(x).square().sum(), x)
+    assert_matches_reference(gx, gx_ref, tol=TOL[torch.float64])
+
+
+def test_training_under_no_grad_updates_running_stats():
+    ref, fused = make_pair(8, 3, 4, 0.5, fusion="csp")
+    x = torch.randn(2, 8, 4, 4, dtype=torch.float64)
+    with torch.no_grad():
+        y_ref, y = ref(x), fused(x)
+    assert not y.requires_grad
+    assert_matches_reference(y, y_ref, tol=TOL[torch.float64])
+    for (bname, b_ref), b in zip(ref.named_buffers(), fused.buffers()):
+        assert_matches_reference(b.double(), b_ref.double(), tol=TOL[torch.float64], name=bname)
+
+
+def test_input_without_grad_still_trains_parameters():
+    ref, fused = make_pair(8, 2, 4, 0.5, fusion="first")
+    x = torch.randn(2, 8, 4, 4, dtype=torch.float64)
+    assert_train_matches(ref, fused, x, "cpu", "cpu", TOL[torch.float64])
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_block_used_twice_in_one_graph(fusion):
+    ref, fused = make_pair(8, 2, 4, 0.5, fusion=fusion, out_channels=8)
+    x = torch.randn(2, 8, 4, 4, dtype=torch.float64, requires_grad=True)
+    grads = []
+    for module in (ref, fused):
+        xi = x.detach().clone().requires_grad_()
+        y = module(module(xi) * 0.5)
+        y.backward(torch.ones_like(y))
+        grads.append((y, xi.grad, [p.grad.clone() for p in module.parameters()]))
+    (y_ref, gx_ref, gp_ref), (y, gx, gp) = grads
+    assert_matches_reference(y, y_ref, tol=TOL[torch.float64])
+    assert_matches_reference(gx, gx_ref, tol=TOL[torch.float64], name="input grad")
+    for g, g_ref in zip(gp, gp_ref):
+        assert_matches_reference(g, g_ref, tol=TOL[torch.float64], name="parameter grad")
+
+
+def test_double_backward_is_refused():
+    _, fused = make_pair(8, 2, 4, 0.5)
+    x = torch.randn(2, 8, 4, 4, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(fused(x).square().sum(), x, create_graph=True)
+
+
+def test_unusual_batch_norms_run_the_reference_math():
+    ref, fused = make_pair(8, 2, 4, 0.5)
+    for module in (ref, fused):
+        module.dense.denselayer1.norm1.eps = 1e-3  # one eps differs: the shared-statistics op cannot
+    x = torch.randn(2, 8, 4, 4, dtype=torch.float64, requires_grad=True)
+    assert_train_matches(ref, fused, x, "cpu", "cpu", TOL[torch.float64])
+
+
+def test_bad_input_is_rejected():
+    _, fused = make_pair(8, 2, 4, 0.5)
+    with pytest.raises(ValueError, match="8 channels"):
+        fused(torch.randn(2, 6, 4, 4, dtype=torch.float64))
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        fused(torch.randn(1, 8, 1, 1, dtype=torch.float64))
+
+
+def test_torchvision_dense_block_weights_give_the_same_features():
+    densenet = pytest.importorskip("torchvision.models.densenet")
+    part1, part2, layers, growth, bn_size = 3, 5, 3, 4, 2
+    tv_block = randomize(densenet._DenseBlock(layers, part2, bn_size, growth, drop_rate=0.0)).double()
+    fused = PartialDenseBlock(part1 + part2, layers, growth, part1 / (part1 + part2), bn_size).double()
+    fused.dense.load_state_dict(tv_block.state_dict())
+    x = torch.randn(2, part1 + part2, 6, 5, dtype=torch.float64)
+    buf = dense_ops.partial_dense_block(x, fused.dense_params(), fused.transition_params(), part1, "last",
+                                        "relu", 1e-5, "aten")[1]
+    tv_block.train()
+    assert_matches_reference(buf[:, part1:], tv_block(x[:, part1:]), tol=TOL[torch.float64], name="dense features")
+    tv_block.eval()  # its training forward moved its running statistics: load them again
+    fused.dense.load_state_dict(tv_block.state_dict())
+    fused.eval()
+    ref = reference.PartialDenseBlock(part1 + part2, layers, growth, part1 / (part1 + part2), bn_size).double().eval()
+    ref.load_state_dict(fused.state_dict())
+    with torch.no_grad():
+        assert_matches_reference(fused(x), ref(x), tol=TOL[torch.float64], name="eval output")
+        assert_matches_reference(ref.dense(x[:, part1:]), tv_block(x[:, part1:]), tol=TOL[torch.float64])
+
+
+# -- the custom ops --------------------------------------------------------------------------
+
+def op_args(fusion, dtype=torch.float64, requires_grad=True):
+    _, fused = make_pair(5, 2, 2, 0.4, bn_size=2, fusion=fusion, dtype=dtype)
+    x = torch.randn(2, 5, 3, 3, dtype=dtype)
+    params = [p.detach().clone() for p in fused.dense_params()]
+    tparams = [p.detach().clone() for p in fused.transition_params()]
+    for t in [x, *params, *tparams]:
+        t.requires_grad_(requires_grad)
+    return x, params, tparams, fused.part1, fusion, "silu", 1e-5, "aten"
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_gradcheck_partial_dense_block(fusion):
+    x, params, tparams, *rest = op_args(fusion)
+
+    def block(x, *flat):
+        return dense_ops.partial_dense_block(x, list(flat[: len(params)]), list(flat[len(params):]), *rest)[0]
+
+    assert torch.autograd.gradcheck(block, (x, *params, *tparams), eps=1e-6, atol=1e-6, fast_mode=True)
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_opcheck_partial_dense_block(fusion):
+    # The backward refuses create_graph, so the double-backward-based autograd check is left out.
+    torch.library.opcheck(dense_ops.partial_dense_block, op_args(fusion),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bn_act_backward_accumulate_and_grad_correct_ops(device):
+    n, c, h, w = 2, 5, 3, 4
+    torch.set_default_device(device)
+    try:
+        check_accumulate_and_correct(n, c, h, w)
+    finally:
+        torch.set_default_device(None)
+
+
+def check_accumulate_and_correct(n, c, h, w):
+    buf = torch.randn(n, c + 3, h, w, dtype=torch.float64)
+    x = buf[:, 1: 1 + c]  # a channel slice, as the block passes the buffer's prefix
+    mean, var = x.mean((0, 2, 3)), x.var((0, 2, 3), unbiased=False)
+    invstd = torch.rsqrt(var + 1e-5)
+    weight, bias = torch.randn(c, dtype=torch.float64), torch.randn(c, dtype=torch.float64)
+    grad_a = torch.randn(n, c, h, w, dtype=torch.float64)
+    acc_buf = torch.randn(n, c + 2, h, w, dtype=torch.float64)
+    acc_before = acc_buf.clone()
+    sum_dpre, sum_dpre_xhat = dense_ops.bn_act_backward_accumulate(grad_a, x, mean, invstd, weight, bias, "relu",
+                                                                   acc_buf[:, :c])
+    xhat = (x - mean[:, None, None]) * invstd[:, None, None]
+    dpre = grad_a * ((weight[:, None, None] * xhat + bias[:, None, None]) > 0)
+    assert_matches_reference(acc_buf[:, :c], acc_before[:, :c] + weight[:, None, None] * dpre, tol=1e-14)
+    assert torch.equal(acc_buf[:, c:], acc_before[:, c:])
+    assert_matches_reference(sum_dpre, dpre.sum((0, 2, 3)), tol=1e-13)
+    assert_matches_reference(sum_dpre_xhat, (dpre * xhat).sum((0, 2, 3)), tol=1e-13)
+
+    # The correction turns the accumulated gradient of xhat into the gradient of x: compare
+    # with autograd through batch_norm (weight 1, bias 0), starting from a nonzero grad_x.
+    g = torch.randn(n, c, h, w, dtype=torch.float64)
+    grad_x = torch.randn(n, c, h, w, dtype=torch.float64)
+    expected = grad_x.clone()
+    xr = x.detach().clone().requires_grad_()
+    torch.nn.functional.batch_norm(xr, None, None, training=True, eps=1e-5).backward(g)
+    expected += xr.grad
+    dense_ops.bn_grad_correct(g, x, mean, invstd, g.sum((0, 2, 3)), (g * xhat).sum((0, 2, 3)), grad_x)
+    assert_matches_reference(grad_x, expected, tol=1e-12)
+    with pytest.raises(ValueError, match="same shape"):
+        dense_ops.bn_grad_correct(g, x[:, :2], mean[:2], invstd[:2], mean[:2], mean[:2], grad_x[:, :2].clone()[:1])
+
+
+def test_custom_ops_opcheck():
+    n, c = 2, 3
+    x = torch.randn(n, c + 1, 4, 4)[:, 1:]
+    vec = lambda: torch.rand(c) + 0.5  # noqa: E731
+    torch.library.opcheck(torch.ops.csp_kernels.bn_act_backward_accumulate.default,
+                          (torch.randn(n, c, 4, 4), x, vec(), vec(), vec(), vec(), "relu", torch.zeros(n, c, 4, 4)))
+    torch.library.opcheck(torch.ops.csp_kernels.bn_grad_correct.default,
+                          (torch.randn(n, c, 4, 4), x, vec(), vec(), vec(), vec(), torch.zeros(n, c, 4, 4)))
+
+
+# -- memory ----------------------------------------------------------------------------------
+
+def test_saved_bytes_at_most_a_fifth_of_eager():
+    ref, fused = make_pair(32, 4, 8, 0.5, fusion="csp", dtype=torch.float32)
+    x = torch.randn(2, 32, 12, 12, requires_grad=True)
+    saved = {}
+    for label, module in (("eager", ref), ("fused", fused)):
+        with SavedTensorsMeter() as meter:
+            module(x)
+        saved[label] = meter.bytes_excluding([*module.parameters(), *module.buffers()])
+    assert saved["fused"] <= 0.2 * saved["eager"], saved
+    # The floor the design aims at: the concat buffer plus the last transition's pre-BN output.
+    floor = 2 * 12 * 12 * 4 * ((16 + 16 + 4 * 8) + fused.out_channels)
+    assert saved["fused"] <= floor + 4096, (saved, floor)
+
+
+def test_reference_backend_runs_the_reference():
+    ref, fused = make_pair(8, 2, 4, 0.5)
+    x = torch.randn(2, 8, 4, 4, dtype=torch.float64, requires_grad=True)
+    with backend.use_backend("reference"):
+        y = fused(x)
+    assert rel_error(y, ref(x)) == 0.0
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_torch_compile_fullgraph(training):
+    # aot_eager traces the ops through their fake kernels and registered autograd, as inductor
+    # would, without its slow code generation.
+    ref, fused = make_pair(8, 2, 4, 0.5, fusion="csp")
+    ref.train(training)
+    fused.train(training)
+    compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 8, 5, 5, dtype=torch.float64, requires_grad=training)
+    with torch.set_grad_enabled(training):
+        y, y_ref = compiled(x), ref(x)
+    assert_matches_reference(y, y_ref, tol=TOL[torch.float64])
+    if training:
+        (gx,) = torch.autograd.grad(y.square().sum(), x)
+        (gx_ref,) = torch.autograd.grad(y_ref.square().sum(), x)
+        assert_matches_reference(gx, gx_ref, tol=TOL[torch.float64], name="input grad")
+        for (bname, b_ref), b in zip(ref.named_buffers(), fused.buffers()):
+            assert_matches_reference(b.double(), b_ref.double(), tol=TOL[torch.float64], name=bname)
+
+
+def test_autocast_runs_the_reference_math():
+    ref, fused = make_pair(8, 2, 4, 0.5, fusion="last", dtype=torch.float32)
+    x = torch.randn(2, 8, 4, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, y_ref = fused(x), ref(x)
+    assert y.dtype == y_ref.dtype
+    assert rel_error(y, y_ref) == 0.0
+
+
+@requires_cuda
+@pytest.mark.parametrize("name", fused_backends("cuda"))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_on_gpu(name, dtype):
+    ref64, fused = make_pair(32, 3, 16, 0.5, fusion="csp", device="cuda")
+    plain = copy.deepcopy(ref64).to(dtype)
+    fused.to(dtype)
+    x = torch.randn(4, 32, 14, 14, dtype=torch.float64, device="cuda")
+    grad_y = torch.randn(4, ref64.out_channels, 14, 14, dtype=torch.float64, device="cuda")
+    results = []
+    for module, dtype_in, backend_name in ((ref64, torch.float64, "reference"), (plain, dtype, "reference"),
+                                           (fused, dtype, name)):
+        xi = x.to(dtype_in).requires_grad_()
+        with backend.use_backend(backend_name):
+            y = module(xi)
+        y.backward(grad_y.to(dtype_in))
+        results.append((y, xi.grad))
+    (y64, gx64), (y_plain, gx_plain), (y_fused, gx_fused) = results
+    assert_matches_reference(y_fused, y64, plain=y_plain)
+    assert_matches_reference(gx_fused, gx64, plain=gx_plain, name="input grad")
