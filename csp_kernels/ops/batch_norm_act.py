@@ -21,7 +21,7 @@ from .. import extension  # noqa: F401  (loads csp_kernels._C, which defines the
 _ops = torch.ops.csp_kernels
 
 
-def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
+def stats_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -29,7 +29,7 @@ if extension._C is not None:
     @torch.library.register_fake("csp_kernels::channel_stats")
     def _(x):
         c = x.shape[1]
-        return x.new_empty(c, dtype=_stats_dtype(x.dtype)), x.new_empty(c, dtype=_stats_dtype(x.dtype))
+        return x.new_empty(c, dtype=stats_dtype(x.dtype)), x.new_empty(c, dtype=stats_dtype(x.dtype))
 
     @torch.library.register_fake("csp_kernels::scale_shift_act")
     def _(x, scale, shift, act):
@@ -122,7 +122,7 @@ def batch_norm_act(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ep
 @batch_norm_act.register_fake
 def _(z, weight, bias, eps, act):
     c = z.shape[1]
-    dtype = _stats_dtype(z.dtype)
+    dtype = stats_dtype(z.dtype)
     return torch.empty_like(z, memory_format=torch.contiguous_format), z.new_empty(c, dtype=dtype), z.new_empty(c, dtype=dtype)
 
 

@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import extension  # noqa: F401  (loads csp_kernels._C, which defines the C++ ops)
-from .batch_norm_act import _stats_dtype as stats_dtype
+from .batch_norm_act import stats_dtype
 from .batch_norm_act import bn_act_backward, channel_stats, scale_shift_act
 
 _ops = torch.ops.csp_kernels

@@ -36,7 +36,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .batch_norm_act import _stats_dtype as stats_dtype
+from .batch_norm_act import stats_dtype
 from .batch_norm_act import bn_act_backward, channel_stats, plane_contiguous, scale_shift_act
 
 # oneDNN post-ops (attr, scalars) of torch.ops.mkldnn._convolution_pointwise; it has no mish.
