@@ -13,6 +13,7 @@
 #include <tuple>
 
 #include "batch_norm_act.h"
+#include "dense_args.h"
 #include "plane_layout.h"
 
 namespace csp_kernels {
@@ -82,10 +83,14 @@ struct BnActParams {
   const stat_t *mean, *invstd, *weight, *bias;
 };
 
-template <typename scalar_t, Act A>
+// Per channel: dpre = grad_y * act'(weight * xhat + bias); returns sum(dpre) and sum(dpre * xhat)
+// (the BN bias and weight gradients). With kAccumulate it also adds weight * dpre into grad_acc:
+// the dense block's layers share one BN-input gradient buffer (ops/dense.py).
+template <typename scalar_t, Act A, bool kAccumulate>
 void bn_act_backward_reduce_kernel(const scalar_t* grad_y, const PlaneLayout& G, const scalar_t* z,
                                    const PlaneLayout& L, BnActParams<stat_of<scalar_t>> bn,
-                                   stat_of<scalar_t>* sum_dpre, stat_of<scalar_t>* sum_dpre_xhat) {
+                                   stat_of<scalar_t>* sum_dpre, stat_of<scalar_t>* sum_dpre_xhat,
+                                   scalar_t* grad_acc = nullptr, const PlaneLayout& ACC = {}) {
   using acc_t = at::opmath_type<scalar_t>;
   at::parallel_for(0, L.channels, channel_grain(L), [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
@@ -94,11 +99,13 @@ void bn_act_backward_reduce_kernel(const scalar_t* grad_y, const PlaneLayout& G,
       for (int64_t n = 0; n < L.batch; ++n) {
         const scalar_t* zp = z + n * L.batch_stride + c * L.channel_stride;
         const scalar_t* gp = grad_y + n * G.batch_stride + c * G.channel_stride;
+        scalar_t* accp = kAccumulate ? grad_acc + n * ACC.batch_stride + c * ACC.channel_stride : nullptr;
         acc_t s = 0, sx = 0;
 #pragma omp simd reduction(+ : s, sx)
         for (int64_t i = 0; i < L.plane; ++i) {
           const acc_t xhat = (static_cast<acc_t>(zp[i]) - m) * inv;
           const acc_t dpre = bn_act_grad_pre<A>(static_cast<acc_t>(gp[i]), xhat, w, b);
+          if constexpr (kAccumulate) accp[i] = static_cast<scalar_t>(static_cast<acc_t>(accp[i]) + w * dpre);
           s += dpre;
           sx += dpre * xhat;
         }
@@ -187,10 +194,31 @@ std::tuple<at::Tensor, at::Tensor> bn_act_backward_reduce_cpu(
   at::Tensor sum_dpre = at::empty_like(mean), sum_dpre_xhat = at::empty_like(mean);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "bn_act_backward_reduce_cpu", [&] {
     CSP_DISPATCH_ACT(act, [&] {
-      bn_act_backward_reduce_kernel<scalar_t, kAct>(
+      bn_act_backward_reduce_kernel<scalar_t, kAct, false>(
           grad_y.const_data_ptr<scalar_t>(), G, z.const_data_ptr<scalar_t>(), L,
           bn_act_params<scalar_t>(mean, invstd, weight, bias), sum_dpre.mutable_data_ptr<stat_of<scalar_t>>(),
           sum_dpre_xhat.mutable_data_ptr<stat_of<scalar_t>>());
+    });
+  });
+  return {sum_dpre, sum_dpre_xhat};
+}
+
+std::tuple<at::Tensor, at::Tensor> bn_act_backward_accumulate_cpu(
+    const at::Tensor& grad_a, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& invstd,
+    const at::Tensor& weight, const at::Tensor& bias, c10::string_view act_name, const at::Tensor& grad_acc) {
+  const PlaneLayout L = plane_layout(x, "x");
+  const PlaneLayout GA = plane_layout(grad_a, "grad_a");
+  const PlaneLayout ACC = plane_layout(grad_acc, "grad_acc");
+  check_same_data(x, {{grad_a, "grad_a"}, {grad_acc, "grad_acc"}});
+  check_per_channel_args(x, {{mean, "mean"}, {invstd, "invstd"}, {weight, "weight"}, {bias, "bias"}});
+  const Act act = parse_act(std::string(act_name));
+  at::Tensor sum_dpre = at::empty_like(mean), sum_dpre_xhat = at::empty_like(mean);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_act_backward_accumulate_cpu", [&] {
+    CSP_DISPATCH_ACT(act, [&] {
+      bn_act_backward_reduce_kernel<scalar_t, kAct, true>(
+          grad_a.const_data_ptr<scalar_t>(), GA, x.const_data_ptr<scalar_t>(), L,
+          bn_act_params<scalar_t>(mean, invstd, weight, bias), sum_dpre.mutable_data_ptr<stat_of<scalar_t>>(),
+          sum_dpre_xhat.mutable_data_ptr<stat_of<scalar_t>>(), grad_acc.mutable_data_ptr<scalar_t>(), ACC);
     });
   });
   return {sum_dpre, sum_dpre_xhat};
@@ -224,6 +252,7 @@ TORCH_LIBRARY_IMPL(csp_kernels, CPU, m) {
   m.impl("scale_shift_act", &scale_shift_act_cpu);
   m.impl("scale_shift_act_out", &scale_shift_act_out_cpu);
   m.impl("bn_act_backward_reduce", &bn_act_backward_reduce_cpu);
+  m.impl("bn_act_backward_accumulate", &bn_act_backward_accumulate_cpu);
   m.impl("bn_act_backward_apply", &bn_act_backward_apply_cpu);
 }
 

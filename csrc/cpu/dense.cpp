@@ -1,15 +1,13 @@
-// CPU kernels of the dense-block backward (csp_kernels.ops.dense): the dense layers' BN1 + act
-// backward accumulated into one gradient buffer, and the BN correction applied once per channel.
+// CPU kernel of the dense-block backward (csp_kernels.ops.dense): the BN correction applied once
+// per channel. The layers' accumulating BN1 + act backward is cpu/batch_norm_act.cpp's reduction.
 // CUDA twins in cuda/dense.cu; per-element math shared through batch_norm_act.h.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <tuple>
 
 #include "batch_norm_act.h"
 #include "dense_args.h"
@@ -20,43 +18,6 @@ namespace {
 
 // Enough elements per task that at::parallel_for's overhead stays small.
 constexpr int64_t kGrainElements = 32768;
-
-// Per channel c of x (a channel prefix of the concat buffer, batch stats mean/invstd):
-// dpre = grad_a * act'(weight * xhat + bias); grad_acc += weight * dpre; returns sum(dpre) and
-// sum(dpre * xhat), i.e. the layer's grad_bias and grad_weight.
-template <typename scalar_t, Act A>
-void bn_act_backward_accumulate_kernel(const scalar_t* grad_a, const PlaneLayout& GA, const scalar_t* x,
-                                       const PlaneLayout& L, scalar_t* grad_acc, const PlaneLayout& ACC,
-                                       const stat_of<scalar_t>* mean, const stat_of<scalar_t>* invstd,
-                                       const stat_of<scalar_t>* weight, const stat_of<scalar_t>* bias,
-                                       stat_of<scalar_t>* sum_dpre, stat_of<scalar_t>* sum_dpre_xhat) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, L.batch * L.plane));
-  at::parallel_for(0, L.channels, grain, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      const acc_t m = mean[c], inv = invstd[c], w = weight[c], b = bias[c];
-      double total = 0, total_xhat = 0;
-      for (int64_t n = 0; n < L.batch; ++n) {
-        const scalar_t* xp = x + n * L.batch_stride + c * L.channel_stride;
-        const scalar_t* gp = grad_a + n * GA.batch_stride + c * GA.channel_stride;
-        scalar_t* accp = grad_acc + n * ACC.batch_stride + c * ACC.channel_stride;
-        acc_t s = 0, sx = 0;
-#pragma omp simd reduction(+ : s, sx)
-        for (int64_t i = 0; i < L.plane; ++i) {
-          const acc_t xhat = (static_cast<acc_t>(xp[i]) - m) * inv;
-          const acc_t dpre = bn_act_grad_pre<A>(static_cast<acc_t>(gp[i]), xhat, w, b);
-          accp[i] = static_cast<scalar_t>(static_cast<acc_t>(accp[i]) + w * dpre);
-          s += dpre;
-          sx += dpre * xhat;
-        }
-        total += s;
-        total_xhat += sx;
-      }
-      sum_dpre[c] = static_cast<stat_of<scalar_t>>(total);
-      sum_dpre_xhat[c] = static_cast<stat_of<scalar_t>>(total_xhat);
-    }
-  });
-}
 
 // grad_x += invstd * (g - mean(g) - xhat * mean(g * xhat)) per channel, g = grad_acc: the BN
 // input gradient with weight 1, since grad_acc already carries every layer's weight.
@@ -86,28 +47,6 @@ void bn_grad_correct_kernel(const scalar_t* grad_acc, const PlaneLayout& ACC, co
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> bn_act_backward_accumulate_cpu(
-    const at::Tensor& grad_a, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& invstd,
-    const at::Tensor& weight, const at::Tensor& bias, c10::string_view act_name, const at::Tensor& grad_acc) {
-  const PlaneLayout L = plane_layout(x, "x");
-  const PlaneLayout GA = plane_layout(grad_a, "grad_a");
-  const PlaneLayout ACC = plane_layout(grad_acc, "grad_acc");
-  check_same_data(x, {{grad_a, "grad_a"}, {grad_acc, "grad_acc"}});
-  check_per_channel_args(x, {{mean, "mean"}, {invstd, "invstd"}, {weight, "weight"}, {bias, "bias"}});
-  const Act act = parse_act(std::string(act_name));
-  at::Tensor sum_dpre = at::empty_like(mean), sum_dpre_xhat = at::empty_like(mean);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_act_backward_accumulate_cpu", [&] {
-    using stat_t = stat_of<scalar_t>;
-    CSP_DISPATCH_ACT(act, [&] {
-      bn_act_backward_accumulate_kernel<scalar_t, kAct>(
-          grad_a.const_data_ptr<scalar_t>(), GA, x.const_data_ptr<scalar_t>(), L, grad_acc.mutable_data_ptr<scalar_t>(),
-          ACC, mean.const_data_ptr<stat_t>(), invstd.const_data_ptr<stat_t>(), weight.const_data_ptr<stat_t>(),
-          bias.const_data_ptr<stat_t>(), sum_dpre.mutable_data_ptr<stat_t>(), sum_dpre_xhat.mutable_data_ptr<stat_t>());
-    });
-  });
-  return {sum_dpre, sum_dpre_xhat};
-}
-
 void bn_grad_correct_cpu(const at::Tensor& grad_acc, const at::Tensor& x, const at::Tensor& mean,
                          const at::Tensor& invstd, const at::Tensor& sum_grad, const at::Tensor& sum_grad_xhat,
                          const at::Tensor& grad_x) {
@@ -129,7 +68,6 @@ void bn_grad_correct_cpu(const at::Tensor& grad_acc, const at::Tensor& x, const 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(csp_kernels, CPU, m) {
-  m.impl("bn_act_backward_accumulate", &bn_act_backward_accumulate_cpu);
   m.impl("bn_grad_correct", &bn_grad_correct_cpu);
 }
 

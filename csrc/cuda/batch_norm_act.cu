@@ -15,6 +15,7 @@
 
 #include "batch_norm_act.h"
 #include "block_reduce.cuh"
+#include "dense_args.h"
 #include "plane_layout.h"
 
 namespace csp_kernels {
@@ -65,12 +66,15 @@ __global__ void scale_shift_act_kernel(const scalar_t* __restrict__ x, PlaneLayo
   }
 }
 
-template <typename scalar_t, Act A>
+// See the CPU twin: sums of dpre and dpre * xhat per channel; with kAccumulate also
+// grad_acc += weight * dpre (the dense block's shared BN-input gradient buffer).
+template <typename scalar_t, Act A, bool kAccumulate>
 __global__ void bn_act_backward_reduce_kernel(const scalar_t* __restrict__ grad_y, PlaneLayout G,
                                               const scalar_t* __restrict__ z, PlaneLayout L,
                                               const stat_of<scalar_t>* mean, const stat_of<scalar_t>* invstd,
                                               const stat_of<scalar_t>* weight, const stat_of<scalar_t>* bias,
-                                              stat_of<scalar_t>* sum_dpre, stat_of<scalar_t>* sum_dpre_xhat) {
+                                              stat_of<scalar_t>* sum_dpre, stat_of<scalar_t>* sum_dpre_xhat,
+                                              scalar_t* grad_acc, PlaneLayout ACC) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t c = blockIdx.x, count = L.batch * L.plane;
   const acc_t m = mean[c], inv = invstd[c], w = weight[c], b = bias[c];
@@ -80,6 +84,10 @@ __global__ void bn_act_backward_reduce_kernel(const scalar_t* __restrict__ grad_
     const acc_t xhat = (static_cast<acc_t>(z[n * L.batch_stride + c * L.channel_stride + p]) - m) * inv;
     const acc_t dpre =
         bn_act_grad_pre<A>(static_cast<acc_t>(grad_y[n * G.batch_stride + c * G.channel_stride + p]), xhat, w, b);
+    if constexpr (kAccumulate) {
+      scalar_t* acc = grad_acc + n * ACC.batch_stride + c * ACC.channel_stride + p;
+      *acc = static_cast<scalar_t>(static_cast<acc_t>(*acc) + w * dpre);
+    }
     s += dpre;
     sx += dpre * xhat;
   }
@@ -168,12 +176,39 @@ std::tuple<at::Tensor, at::Tensor> bn_act_backward_reduce_cuda(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "bn_act_backward_reduce_cuda", [&] {
     using stat_t = stat_of<scalar_t>;
     CSP_DISPATCH_ACT(act, [&] {
-      bn_act_backward_reduce_kernel<scalar_t, kAct>
+      bn_act_backward_reduce_kernel<scalar_t, kAct, false>
           <<<L.channels, kReduceThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
               grad_y.const_data_ptr<scalar_t>(), G, z.const_data_ptr<scalar_t>(), L,
               mean.const_data_ptr<stat_t>(), invstd.const_data_ptr<stat_t>(), weight.const_data_ptr<stat_t>(),
               bias.const_data_ptr<stat_t>(), sum_dpre.mutable_data_ptr<stat_t>(),
-              sum_dpre_xhat.mutable_data_ptr<stat_t>());
+              sum_dpre_xhat.mutable_data_ptr<stat_t>(), nullptr, PlaneLayout{});
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return {sum_dpre, sum_dpre_xhat};
+}
+
+std::tuple<at::Tensor, at::Tensor> bn_act_backward_accumulate_cuda(
+    const at::Tensor& grad_a, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& invstd,
+    const at::Tensor& weight, const at::Tensor& bias, c10::string_view act_name, const at::Tensor& grad_acc) {
+  const PlaneLayout L = plane_layout(x, "x");
+  const PlaneLayout GA = plane_layout(grad_a, "grad_a");
+  const PlaneLayout ACC = plane_layout(grad_acc, "grad_acc");
+  check_same_data(x, {{grad_a, "grad_a"}, {grad_acc, "grad_acc"}});
+  check_per_channel_args(x, {{mean, "mean"}, {invstd, "invstd"}, {weight, "weight"}, {bias, "bias"}});
+  const Act act = parse_act(std::string(act_name));
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor sum_dpre = at::empty_like(mean), sum_dpre_xhat = at::empty_like(mean);
+  if (L.channels == 0) return {sum_dpre, sum_dpre_xhat};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_act_backward_accumulate_cuda", [&] {
+    using stat_t = stat_of<scalar_t>;
+    CSP_DISPATCH_ACT(act, [&] {
+      bn_act_backward_reduce_kernel<scalar_t, kAct, true>
+          <<<L.channels, kReduceThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+              grad_a.const_data_ptr<scalar_t>(), GA, x.const_data_ptr<scalar_t>(), L,
+              mean.const_data_ptr<stat_t>(), invstd.const_data_ptr<stat_t>(), weight.const_data_ptr<stat_t>(),
+              bias.const_data_ptr<stat_t>(), sum_dpre.mutable_data_ptr<stat_t>(),
+              sum_dpre_xhat.mutable_data_ptr<stat_t>(), grad_acc.mutable_data_ptr<scalar_t>(), ACC);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
@@ -214,6 +249,7 @@ TORCH_LIBRARY_IMPL(csp_kernels, CUDA, m) {
   m.impl("scale_shift_act", &scale_shift_act_cuda);
   m.impl("scale_shift_act_out", &scale_shift_act_out_cuda);
   m.impl("bn_act_backward_reduce", &bn_act_backward_reduce_cuda);
+  m.impl("bn_act_backward_accumulate", &bn_act_backward_accumulate_cuda);
   m.impl("bn_act_backward_apply", &bn_act_backward_apply_cuda);
 }
 

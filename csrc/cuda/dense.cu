@@ -1,20 +1,16 @@
-// CUDA kernels of the dense-block backward; the CPU twins (and what they compute) are in
-// cpu/dense.cpp, the per-element math is shared through batch_norm_act.h. The accumulate pass
-// reduces per channel (one block per channel); the correction is elementwise (one grid row per
-// (n, c) plane).
+// CUDA kernel of the dense-block backward's BN correction (elementwise, one grid row per (n, c)
+// plane); the CPU twin is in cpu/dense.cpp. The accumulating BN1 + act backward is
+// cuda/batch_norm_act.cu's reduction.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContext.h>
-#include <ATen/ops/empty_like.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <tuple>
 
 #include "batch_norm_act.h"
-#include "block_reduce.cuh"
 #include "dense_args.h"
 #include "plane_layout.h"
 
@@ -22,35 +18,6 @@ namespace csp_kernels {
 namespace {
 
 constexpr int kElementwiseThreads = 256;
-
-template <typename scalar_t, Act A>
-__global__ void bn_act_backward_accumulate_kernel(const scalar_t* __restrict__ grad_a, PlaneLayout GA,
-                                                  const scalar_t* __restrict__ x, PlaneLayout L, scalar_t* grad_acc,
-                                                  PlaneLayout ACC, const stat_of<scalar_t>* mean,
-                                                  const stat_of<scalar_t>* invstd, const stat_of<scalar_t>* weight,
-                                                  const stat_of<scalar_t>* bias, stat_of<scalar_t>* sum_dpre,
-                                                  stat_of<scalar_t>* sum_dpre_xhat) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t c = blockIdx.x, count = L.batch * L.plane;
-  const acc_t m = mean[c], inv = invstd[c], w = weight[c], b = bias[c];
-  acc_t s = 0, sx = 0;
-  for (int64_t i = threadIdx.x; i < count; i += blockDim.x) {
-    const int64_t n = i / L.plane, p = i - n * L.plane;
-    const acc_t xhat = (static_cast<acc_t>(x[n * L.batch_stride + c * L.channel_stride + p]) - m) * inv;
-    const acc_t dpre =
-        bn_act_grad_pre<A>(static_cast<acc_t>(grad_a[n * GA.batch_stride + c * GA.channel_stride + p]), xhat, w, b);
-    scalar_t* acc = grad_acc + n * ACC.batch_stride + c * ACC.channel_stride + p;
-    *acc = static_cast<scalar_t>(static_cast<acc_t>(*acc) + w * dpre);
-    s += dpre;
-    sx += dpre * xhat;
-  }
-  double total = s, total_xhat = sx;
-  block_sum2(total, total_xhat);
-  if (threadIdx.x == 0) {
-    sum_dpre[c] = static_cast<stat_of<scalar_t>>(total);
-    sum_dpre_xhat[c] = static_cast<stat_of<scalar_t>>(total_xhat);
-  }
-}
 
 template <typename scalar_t>
 __global__ void bn_grad_correct_kernel(const scalar_t* __restrict__ grad_acc, PlaneLayout ACC,
@@ -70,33 +37,6 @@ __global__ void bn_grad_correct_kernel(const scalar_t* __restrict__ grad_acc, Pl
     out[i] = static_cast<scalar_t>(static_cast<acc_t>(out[i]) +
                                    bn_grad_input(static_cast<acc_t>(gp[i]), xhat, acc_t(1), inv, mean_g, mean_g_xhat));
   }
-}
-
-std::tuple<at::Tensor, at::Tensor> bn_act_backward_accumulate_cuda(
-    const at::Tensor& grad_a, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& invstd,
-    const at::Tensor& weight, const at::Tensor& bias, c10::string_view act_name, const at::Tensor& grad_acc) {
-  const PlaneLayout L = plane_layout(x, "x");
-  const PlaneLayout GA = plane_layout(grad_a, "grad_a");
-  const PlaneLayout ACC = plane_layout(grad_acc, "grad_acc");
-  check_same_data(x, {{grad_a, "grad_a"}, {grad_acc, "grad_acc"}});
-  check_per_channel_args(x, {{mean, "mean"}, {invstd, "invstd"}, {weight, "weight"}, {bias, "bias"}});
-  const Act act = parse_act(std::string(act_name));
-  const c10::cuda::CUDAGuard guard(x.device());
-  at::Tensor sum_dpre = at::empty_like(mean), sum_dpre_xhat = at::empty_like(mean);
-  if (L.channels == 0) return {sum_dpre, sum_dpre_xhat};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_act_backward_accumulate_cuda", [&] {
-    using stat_t = stat_of<scalar_t>;
-    CSP_DISPATCH_ACT(act, [&] {
-      bn_act_backward_accumulate_kernel<scalar_t, kAct>
-          <<<L.channels, kReduceThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-              grad_a.const_data_ptr<scalar_t>(), GA, x.const_data_ptr<scalar_t>(), L,
-              grad_acc.mutable_data_ptr<scalar_t>(), ACC, mean.const_data_ptr<stat_t>(),
-              invstd.const_data_ptr<stat_t>(), weight.const_data_ptr<stat_t>(), bias.const_data_ptr<stat_t>(),
-              sum_dpre.mutable_data_ptr<stat_t>(), sum_dpre_xhat.mutable_data_ptr<stat_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-  });
-  return {sum_dpre, sum_dpre_xhat};
 }
 
 void bn_grad_correct_cuda(const at::Tensor& grad_acc, const at::Tensor& x, const at::Tensor& mean,
@@ -125,7 +65,6 @@ void bn_grad_correct_cuda(const at::Tensor& grad_acc, const at::Tensor& x, const
 }  // namespace
 
 TORCH_LIBRARY_IMPL(csp_kernels, CUDA, m) {
-  m.impl("bn_act_backward_accumulate", &bn_act_backward_accumulate_cuda);
   m.impl("bn_grad_correct", &bn_grad_correct_cuda);
 }
 
