@@ -18,4 +18,33 @@ inline void check_same_data(const at::Tensor& x, std::initializer_list<NamedTens
   }
 }
 
+// bn_act_backward_accumulate: grad_a and grad_acc shaped like x (the BN1-read channel prefix).
+struct AccumulateLayouts {
+  PlaneLayout x, grad_a, grad_acc;
+};
+
+inline AccumulateLayouts check_accumulate_args(const at::Tensor& grad_a, const at::Tensor& x, const at::Tensor& mean,
+                                               const at::Tensor& invstd, const at::Tensor& weight,
+                                               const at::Tensor& bias, const at::Tensor& grad_acc) {
+  AccumulateLayouts layouts{plane_layout(x, "x"), plane_layout(grad_a, "grad_a"), plane_layout(grad_acc, "grad_acc")};
+  check_same_data(x, {{grad_a, "grad_a"}, {grad_acc, "grad_acc"}});
+  check_per_channel_args(x, {{mean, "mean"}, {invstd, "invstd"}, {weight, "weight"}, {bias, "bias"}});
+  return layouts;
+}
+
+// bn_grad_correct: grad_acc and grad_x shaped like x.
+struct CorrectLayouts {
+  PlaneLayout x, grad_acc, grad_x;
+};
+
+inline CorrectLayouts check_correct_args(const at::Tensor& grad_acc, const at::Tensor& x, const at::Tensor& mean,
+                                         const at::Tensor& invstd, const at::Tensor& sum_grad,
+                                         const at::Tensor& sum_grad_xhat, const at::Tensor& grad_x) {
+  CorrectLayouts layouts{plane_layout(x, "x"), plane_layout(grad_acc, "grad_acc"), plane_layout(grad_x, "grad_x")};
+  check_same_data(x, {{grad_acc, "grad_acc"}, {grad_x, "grad_x"}});
+  check_per_channel_args(x, {{mean, "mean"}, {invstd, "invstd"}, {sum_grad, "sum_grad"},
+                             {sum_grad_xhat, "sum_grad_xhat"}});
+  return layouts;
+}
+
 }  // namespace csp_kernels

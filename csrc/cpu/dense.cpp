@@ -50,12 +50,8 @@ void bn_grad_correct_kernel(const scalar_t* grad_acc, const PlaneLayout& ACC, co
 void bn_grad_correct_cpu(const at::Tensor& grad_acc, const at::Tensor& x, const at::Tensor& mean,
                          const at::Tensor& invstd, const at::Tensor& sum_grad, const at::Tensor& sum_grad_xhat,
                          const at::Tensor& grad_x) {
-  const PlaneLayout L = plane_layout(x, "x");
-  const PlaneLayout ACC = plane_layout(grad_acc, "grad_acc");
-  const PlaneLayout GX = plane_layout(grad_x, "grad_x");
-  check_same_data(x, {{grad_acc, "grad_acc"}, {grad_x, "grad_x"}});
-  check_per_channel_args(x, {{mean, "mean"}, {invstd, "invstd"}, {sum_grad, "sum_grad"},
-                             {sum_grad_xhat, "sum_grad_xhat"}});
+  const CorrectLayouts layouts = check_correct_args(grad_acc, x, mean, invstd, sum_grad, sum_grad_xhat, grad_x);
+  const PlaneLayout &L = layouts.x, &ACC = layouts.grad_acc, &GX = layouts.grad_x;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_grad_correct_cpu", [&] {
     using stat_t = stat_of<scalar_t>;
     bn_grad_correct_kernel<scalar_t>(grad_acc.const_data_ptr<scalar_t>(), ACC, x.const_data_ptr<scalar_t>(), L,

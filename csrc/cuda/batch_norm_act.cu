@@ -191,11 +191,8 @@ std::tuple<at::Tensor, at::Tensor> bn_act_backward_reduce_cuda(
 std::tuple<at::Tensor, at::Tensor> bn_act_backward_accumulate_cuda(
     const at::Tensor& grad_a, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& invstd,
     const at::Tensor& weight, const at::Tensor& bias, c10::string_view act_name, const at::Tensor& grad_acc) {
-  const PlaneLayout L = plane_layout(x, "x");
-  const PlaneLayout GA = plane_layout(grad_a, "grad_a");
-  const PlaneLayout ACC = plane_layout(grad_acc, "grad_acc");
-  check_same_data(x, {{grad_a, "grad_a"}, {grad_acc, "grad_acc"}});
-  check_per_channel_args(x, {{mean, "mean"}, {invstd, "invstd"}, {weight, "weight"}, {bias, "bias"}});
+  const AccumulateLayouts layouts = check_accumulate_args(grad_a, x, mean, invstd, weight, bias, grad_acc);
+  const PlaneLayout &L = layouts.x, &GA = layouts.grad_a, &ACC = layouts.grad_acc;
   const Act act = parse_act(std::string(act_name));
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor sum_dpre = at::empty_like(mean), sum_dpre_xhat = at::empty_like(mean);

@@ -42,12 +42,8 @@ __global__ void bn_grad_correct_kernel(const scalar_t* __restrict__ grad_acc, Pl
 void bn_grad_correct_cuda(const at::Tensor& grad_acc, const at::Tensor& x, const at::Tensor& mean,
                           const at::Tensor& invstd, const at::Tensor& sum_grad, const at::Tensor& sum_grad_xhat,
                           const at::Tensor& grad_x) {
-  const PlaneLayout L = plane_layout(x, "x");
-  const PlaneLayout ACC = plane_layout(grad_acc, "grad_acc");
-  const PlaneLayout GX = plane_layout(grad_x, "grad_x");
-  check_same_data(x, {{grad_acc, "grad_acc"}, {grad_x, "grad_x"}});
-  check_per_channel_args(x, {{mean, "mean"}, {invstd, "invstd"}, {sum_grad, "sum_grad"},
-                             {sum_grad_xhat, "sum_grad_xhat"}});
+  const CorrectLayouts layouts = check_correct_args(grad_acc, x, mean, invstd, sum_grad, sum_grad_xhat, grad_x);
+  const PlaneLayout &L = layouts.x, &ACC = layouts.grad_acc, &GX = layouts.grad_x;
   if (x.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t chunks = (L.plane + kElementwiseThreads * 4 - 1) / (kElementwiseThreads * 4);
