@@ -92,6 +92,14 @@ def bn_act_backward(grad_y: torch.Tensor, z: torch.Tensor, mean: torch.Tensor, i
     return grad_z, grad_weight, grad_bias
 
 
+def bn_scale_shift(mean: torch.Tensor, var: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                   eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel (scale, shift) of BatchNorm with statistics (mean, var): y = x * scale + shift,
+    in var's dtype. Differentiable (the eval fold of a module with gradients goes through it)."""
+    scale = weight.to(var.dtype) * torch.rsqrt(var + eps)
+    return scale, bias.to(var.dtype) - mean * scale
+
+
 def update_running_stats(running_mean: torch.Tensor, running_var: torch.Tensor, mean: torch.Tensor,
                          var: torch.Tensor, count: int, momentum: float) -> None:
     """nn.BatchNorm2d's update: exponential average, with the unbiased variance."""
@@ -114,8 +122,7 @@ def batch_norm_act(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ep
         raise ValueError(f"batch_norm_act needs more than 1 value per channel when training; got input "
                          f"shape {tuple(z.shape)}")
     mean, var = channel_stats(z)
-    scale = weight.to(var.dtype) * torch.rsqrt(var + eps)
-    y = scale_shift_act(z, scale, bias.to(var.dtype) - mean * scale, act)
+    y = scale_shift_act(z, *bn_scale_shift(mean, var, weight, bias, eps), act)
     return y, mean, var
 
 

@@ -50,8 +50,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import extension  # noqa: F401  (loads csp_kernels._C, which defines the C++ ops)
-from .batch_norm_act import stats_dtype
-from .batch_norm_act import bn_act_backward, channel_stats, scale_shift_act
+from .batch_norm_act import bn_act_backward, bn_scale_shift, channel_stats, scale_shift_act, stats_dtype
+from .transition import fold_batch_norm
 
 _ops = torch.ops.csp_kernels
 DENSE_PARAMS_PER_LAYER = 6
@@ -190,12 +190,6 @@ def _check_batch(g: Geometry) -> None:
                          f"{(g.batch, g.part1 + g.part2, g.height, g.width)}")
 
 
-def _bn_scale_shift(mean, var, weight, bias, eps):
-    """Per-channel (scale, shift) of BN: y = x * scale + shift."""
-    scale = weight.to(var.dtype) * torch.rsqrt(var + eps)
-    return scale, bias.to(var.dtype) - mean * scale
-
-
 def _new_buffer(x: torch.Tensor, g: Geometry) -> torch.Tensor:
     """The concat buffer with x copied in (this copy also converts channels_last to NCHW)."""
     buf = x.new_empty(g.batch, g.part1 + g.dense_channels, g.height, g.width)
@@ -218,7 +212,7 @@ def _transition_train(inp, params, eps, act, out, engine):
     else:
         z = conv1x1(inp, weight)
         mean, var = channel_stats(z)
-    scale_shift_act(z, *_bn_scale_shift(mean, var, bn_weight, bn_bias, eps), act, out=out)
+    scale_shift_act(z, *bn_scale_shift(mean, var, bn_weight, bn_bias, eps), act, out=out)
     return z, mean, var
 
 
@@ -236,7 +230,7 @@ def _dense_train(buf, dense_params, g: Geometry, eps, engine):
     for j in range(g.num_layers):
         c = g.prefix(j)
         norm1_w, norm1_b, conv1_w, norm2_w, norm2_b, conv2_w = layer_params(dense_params, j)
-        scale1, shift1 = _bn_scale_shift(mean[:c], var[:c], norm1_w, norm1_b, eps)
+        scale1, shift1 = bn_scale_shift(mean[:c], var[:c], norm1_w, norm1_b, eps)
         if engine == "triton":
             z, total, total_sq = triton_conv1x1(dense[:, :c], conv1_w.flatten(1), in_scale=scale1, in_shift=shift1,
                                                 in_act=DENSE_ACT, stats=True)
@@ -246,7 +240,7 @@ def _dense_train(buf, dense_params, g: Geometry, eps, engine):
             scale_shift_act(dense[:, :c], scale1, shift1, DENSE_ACT, out=a)
             z = conv1x1(a, conv1_w)
             bottleneck_mean[j], bottleneck_var[j] = channel_stats(z)
-        scale_shift_act(z, *_bn_scale_shift(bottleneck_mean[j], bottleneck_var[j], norm2_w, norm2_b, eps),
+        scale_shift_act(z, *bn_scale_shift(bottleneck_mean[j], bottleneck_var[j], norm2_w, norm2_b, eps),
                         DENSE_ACT, out=z)
         new = conv3x3(z, conv2_w)
         dense[:, c: c + g.growth].copy_(new)
@@ -414,10 +408,10 @@ def _dense_backward(grad_dense, buf, dense_params, g: Geometry, eps, mean, var, 
         norm1_w, norm1_b = norm1_w.to(mean.dtype), norm1_b.to(mean.dtype)
         norm2_w, norm2_b = norm2_w.to(mean.dtype), norm2_b.to(mean.dtype)
         a = g.view(scratch_a, c)
-        scale_shift_act(dense[:, :c], *_bn_scale_shift(mean[:c], var[:c], norm1_w, norm1_b, eps), DENSE_ACT, out=a)
+        scale_shift_act(dense[:, :c], *bn_scale_shift(mean[:c], var[:c], norm1_w, norm1_b, eps), DENSE_ACT, out=a)
         z = conv1x1(a, conv1_w)
         b = g.view(scratch_b, g.bottleneck)
-        scale_shift_act(z, *_bn_scale_shift(bottleneck_mean[j], bottleneck_var[j], norm2_w, norm2_b, eps), DENSE_ACT,
+        scale_shift_act(z, *bn_scale_shift(bottleneck_mean[j], bottleneck_var[j], norm2_w, norm2_b, eps), DENSE_ACT,
                         out=b)
         invstd2 = torch.rsqrt(bottleneck_var[j] + eps)
         # Backward through conv2, BN2 + ReLU, conv1, then BN1 + ReLU into the accumulator.
@@ -453,10 +447,10 @@ class EvalParams:
 
 
 def _fold(conv_weight, bn_weight, bn_bias, running_mean, running_var, eps):
-    """A bias-free conv followed by eval BN as one conv with a bias: (weight, bias)."""
-    scale, shift = _bn_scale_shift(running_mean.to(stats_dtype(conv_weight.dtype)),
-                                   running_var.to(stats_dtype(conv_weight.dtype)), bn_weight, bn_bias, eps)
-    return conv_weight * scale.to(conv_weight.dtype)[:, None, None, None], shift
+    """A bias-free conv followed by eval BN as one conv with a bias, the shift in the statistics
+    dtype of the conv's data: (weight, bias)."""
+    sdtype = stats_dtype(conv_weight.dtype)
+    return fold_batch_norm(conv_weight, bn_weight, bn_bias, running_mean.to(sdtype), running_var.to(sdtype), eps)
 
 
 @torch.no_grad()
@@ -468,7 +462,7 @@ def fold_eval_params(dense_params, dense_running, transition_params, transition_
         norm1_w, norm1_b, conv1_w, norm2_w, norm2_b, conv2_w = layer_params(dense_params, j)
         rm1, rv1, rm2, rv2 = dense_running[j]
         sdtype = stats_dtype(conv1_w.dtype)
-        norm1.append(_bn_scale_shift(rm1.to(sdtype), rv1.to(sdtype), norm1_w, norm1_b, eps))
+        norm1.append(bn_scale_shift(rm1.to(sdtype), rv1.to(sdtype), norm1_w, norm1_b, eps))
         conv1.append(_fold(conv1_w, norm2_w, norm2_b, rm2, rv2, eps))
         conv2.append(conv2_w.detach())
     transitions = [_fold(*transition_params_of(transition_params, i), *running, eps)

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from .batch_norm_act import stats_dtype
-from .batch_norm_act import bn_act_backward, channel_stats, plane_contiguous, scale_shift_act
+from .batch_norm_act import bn_act_backward, bn_scale_shift, channel_stats, plane_contiguous, scale_shift_act
 
 # oneDNN post-ops (attr, scalars) of torch.ops.mkldnn._convolution_pointwise; it has no mish.
 _ONEDNN_POST_OPS = {
@@ -83,9 +83,8 @@ def fold_batch_norm(conv_weight, bn_weight, bn_bias, running_mean, running_var, 
 
     conv_weight: (out_channels, in_channels / groups, kh, kw); the others: (out_channels,)
     """
-    scale = bn_weight * torch.rsqrt(running_var + eps)
-    weight = conv_weight * scale.to(conv_weight.dtype).reshape(-1, 1, 1, 1)
-    return weight, bn_bias - running_mean * scale
+    scale, shift = bn_scale_shift(running_mean, running_var, bn_weight, bn_bias, eps)
+    return conv_weight * scale.to(conv_weight.dtype).reshape(-1, 1, 1, 1), shift
 
 
 def _planes_contiguous(t: torch.Tensor) -> bool:
@@ -152,8 +151,7 @@ def _train_forward(x, weight, bn_weight, bn_bias, stride, padding, dilation, gro
     if z.numel() <= z.shape[1]:
         raise ValueError("training BatchNorm needs more than 1 value per channel; the conv output has "
                          f"shape {tuple(z.shape)}")
-    scale = bn_weight.to(var.dtype) * torch.rsqrt(var + eps)
-    y = scale_shift_act(z, scale, bn_bias.to(var.dtype) - mean * scale, act, out=out)
+    y = scale_shift_act(z, *bn_scale_shift(mean, var, bn_weight, bn_bias, eps), act, out=out)
     return y, z, mean, var
 
 
