@@ -93,6 +93,7 @@ def assert_eval_matches(ref, fused, x, name, tol):
         with backend.use_backend(name):
             out = fused(x)
     assert_matches_reference(out, expected, tol=tol, name="eval output")
+    assert out.is_contiguous()
 
 
 @pytest.mark.parametrize("device,name,fusion,in_channels,part_ratio,num_layers", block_cases())
@@ -137,11 +138,16 @@ def test_float32_matches_float64_reference(device, name, fusion, no_tf32):
 
 @pytest.mark.parametrize("device,name", device_backend_params())
 @pytest.mark.parametrize("fusion", FUSIONS)
-def test_out_channels_batch1_odd_size(device, name, fusion):
-    ref, fused = make_pair(6, 2, 3, 0.5, bn_size=2, fusion=fusion, out_channels=7, device=device)
+@pytest.mark.parametrize("out_channels", [7, 19], ids=["narrower", "wider"])
+def test_out_channels_batch1_odd_size(device, name, fusion, out_channels):
+    """Outputs narrower and wider than the 12-channel concat buffer (eval writes a wider one
+    in place over the buffer)."""
+    ref, fused = make_pair(6, 2, 3, 0.5, bn_size=2, fusion=fusion, out_channels=out_channels, device=device)
     x = torch.randn(1, 6, 3, 5, dtype=torch.float64, device=device, requires_grad=True)
     assert_train_matches(ref, fused, x, device, name, TOL[torch.float64])
     assert_eval_matches(ref, fused, x, name, TOL[torch.float64])
+    assert_eval_matches(ref, fused, torch.randn(3, 6, 3, 5, dtype=torch.float64, device=device), name,
+                        TOL[torch.float64])
 
 
 @pytest.mark.parametrize("device,name", device_backend_params())
