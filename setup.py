@@ -94,7 +94,9 @@ def cuda_build_decision() -> tuple[bool, str, str | None]:
 def cpu_flags() -> list[str]:
     # -fno-trapping-math: without it GCC keeps the branches of `u > 0 ? u : slope * u` (the
     # multiply "might trap"), so leaky_relu and every act'(u) loop stay scalar (~15x slower).
-    flags = ["-O3", "-fopenmp-simd", "-fno-trapping-math"]
+    # -fopenmp: at::parallel_for is a header template that is parallel only where _OPENMP is
+    # defined in *this* build; without it every CPU kernel here ran on one core.
+    flags = ["-O3", "-fopenmp", "-fno-trapping-math"]
     # AVX2+FMA lets the compiler vectorize the per-element loops; every x86 machine this
     # library targets (GPU hosts, CI) has them, and CSP_KERNELS_NO_AVX2=1 opts out.
     if platform.machine() in ("x86_64", "AMD64") and os.environ.get("CSP_KERNELS_NO_AVX2") != "1":
@@ -128,6 +130,8 @@ def extension():
         include_dirs=include_dirs,
         define_macros=define_macros,
         extra_compile_args=extra,
+        # libgomp: the process already has torch's copy (same soname), so one OpenMP runtime.
+        extra_link_args=["-fopenmp"],
     )
 
 
