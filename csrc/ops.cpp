@@ -20,6 +20,13 @@ TORCH_LIBRARY(csp_kernels, m) {
   m.def("bn_act_backward_apply(Tensor grad_y, Tensor z, Tensor mean, Tensor invstd, Tensor weight, "
         "Tensor bias, Tensor sum_dpre, Tensor sum_dpre_xhat, str act) -> Tensor");
 
+  // 1x1 convolution with fused prologue and epilogue (CPU; the GPU twin is the Triton GEMM):
+  // out = act(conv1x1(in_act(x * in_scale + in_shift), weight) + bias), weight (O, C). With
+  // stats, returns out's per-channel batch (mean, biased var), else two empty tensors. out may
+  // overwrite x when sample n's output covers only sample n's input memory.
+  m.def("conv1x1_fused_out(Tensor x, Tensor weight, Tensor? in_scale, Tensor? in_shift, str in_act, "
+        "Tensor? bias, str act, bool stats, Tensor(a!) out) -> (Tensor mean, Tensor var)");
+
   // Dense-block family (ops/dense.py): the backward of the dense layers' shared-statistics BN1.
   // x is a channel prefix of the concat buffer; grad_acc, grad_x are views shaped like it.
   m.def("bn_act_backward_accumulate(Tensor grad_a, Tensor x, Tensor mean, Tensor invstd, Tensor weight, "

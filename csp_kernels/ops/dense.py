@@ -9,10 +9,11 @@ right after it. With fusion "first" the transition reads `buf` whole, so the con
 is free; "last" and "csp" read the dense part `buf[:, part1:]`.
 
 Training (`partial_dense_block`, a torch.library custom op with registered autograd):
-  forward   per layer: BN1+ReLU of the prefix into one reusable scratch (shared statistics),
-            conv1 (a GEMM), BN2+ReLU in place, conv2 3x3, copy of its growth channels into the
-            buffer, their statistics. Transitions: GEMM, statistics, BN+act written straight
-            into the output (or, for "csp", into the second transition's input).
+  forward   per layer: conv1 with BN1+ReLU of the prefix applied on load (shared statistics)
+            and BN2's statistics from its epilogue (`ops.conv1x1.conv1x1_fused`), BN2+ReLU in
+            place, conv2 3x3, copy of its growth channels into the buffer, their statistics.
+            Transitions: GEMM with statistics, BN+act written straight into the output (or, for
+            "csp", into the second transition's input).
   saved     `buf`, the last transition's pre-BN output, the per-channel statistics. Nothing
             per layer: the normalized prefix, conv1's output and BN2+ReLU are recomputed (one
             extra 1x1 GEMM per layer), and so is the first transition of "csp".
@@ -27,14 +28,14 @@ Training (`partial_dense_block`, a torch.library custom op with registered autog
 Running statistics are returned (biased batch variance), and updated by the module, which keeps
 the op functional.
 
-Eval (`partial_dense_block_eval`): BN1 per layer applied into the scratch (normalize on load),
-BN2 folded into conv1, every transition's BN folded into its conv; see `fold_eval_params`.
+Eval (`partial_dense_block_eval`): BN1 per layer applied on conv1's load, BN2 folded into
+conv1 (bias + ReLU epilogue), every transition's BN folded into its conv; see `fold_eval_params`.
 
-Engines: "aten" runs the 1x1 convolutions as batched GEMMs (torch.bmm: MKL on CPU, cuBLAS on
-GPU); "triton" runs the forward 1x1 convolutions as the Triton GEMM of `csp_kernels.triton.conv1x1`
-with BN1+ReLU as its normalize-on-load prologue (no scratch), conv1's BN2 statistics from its
-epilogue, and (eval) bias + activation epilogues writing straight into the output. The backward
-is the same for both (its GEMMs need the normalized prefix in memory for the weight gradient).
+Engines: "aten" runs the forward 1x1 convolutions as `conv1x1_fused`'s C++ tiled GEMM on the CPU
+(BLAS on cache-resident tiles, normalize-on-load prologue, epilogue with bias, act and
+statistics) and as passes around cuBLAS on a GPU; "triton" runs them as the Triton GEMM of
+`csp_kernels.triton.conv1x1`. The backward is the same for both: its GEMMs (batched, MKL or
+cuBLAS) need the normalized prefix in memory for the weight gradient.
 
 Parameters travel as flat lists:
   dense_params       per layer: norm1.weight, norm1.bias, conv1.weight, norm2.weight,
@@ -51,6 +52,7 @@ import torch.nn.functional as F
 
 from .. import extension  # noqa: F401  (loads csp_kernels._C, which defines the C++ ops)
 from .batch_norm_act import bn_act_backward, bn_scale_shift, channel_stats, scale_shift_act, stats_dtype
+from .conv1x1 import conv1x1_fused, conv1x1_input_grad, conv1x1_weight_grad, gemm_conv1x1
 from .transition import fold_batch_norm
 
 _ops = torch.ops.csp_kernels
@@ -85,37 +87,6 @@ def bn_grad_correct(grad_acc, x, mean, invstd, sum_grad, sum_grad_xhat, grad_x) 
 
 
 # ----------------------------------------------------------------------------------------------
-# 1x1 convolutions as batched GEMMs over (channels, height * width) planes, one per sample with
-# the weight broadcast (stride-0 batch): they read channel slices of the buffer through strides
-# with no copy (oneDNN copies a strided input to its own layout first), and on this 2-core CPU
-# they are a little faster than ATen's oneDNN 1x1 convolution (8x56x56, 192 -> 128 channels:
-# 7.8 vs 8.4 ms forward, 14.5 vs 16.3 ms dgrad + wgrad; ~2x faster when the cores are shared).
-# torch.matmul(2-D, 3-D) would fold the batch into a transposed copy of both operands instead.
-
-def conv1x1(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x: (batch, in, height, width) with contiguous planes; weight: (out, in, 1, 1)
-    -> (batch, out, height, width), contiguous."""
-    n, _, h, w = x.shape
-    return torch.bmm(weight.flatten(1).expand(n, -1, -1), x.flatten(2)).view(n, weight.shape[0], h, w)
-
-
-def conv1x1_input_grad(grad_z: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """grad_z: (batch, out, height, width) -> (batch, in, height, width)."""
-    n, _, h, w = grad_z.shape
-    return torch.bmm(weight.flatten(1).t().expand(n, -1, -1), grad_z.flatten(2)).view(n, weight.shape[1], h, w)
-
-
-def conv1x1_weight_grad(grad_z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """grad_z: (batch, out, height, width), x: (batch, in, height, width) -> (out, in, 1, 1)."""
-    per_sample = torch.bmm(grad_z.flatten(2), x.flatten(2).transpose(1, 2))
-    return per_sample.sum(0)[:, :, None, None]
-
-
-def triton_conv1x1(*args, **kwargs):
-    """`csp_kernels.triton.conv1x1.conv1x1`, imported on first use: Triton is optional."""
-    from ..triton.conv1x1 import conv1x1 as kernel
-    return kernel(*args, **kwargs)
-
 
 def conv3x3(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return F.conv2d(x, weight, padding=1)
@@ -197,21 +168,10 @@ def _new_buffer(x: torch.Tensor, g: Geometry) -> torch.Tensor:
     return buf
 
 
-def _stats_from_sums(total, total_sq, count):
-    """(mean, biased var) from per-channel sums of x and x**2 (the Triton GEMM's epilogue)."""
-    mean = total / count
-    return mean, (total_sq / count - mean * mean).clamp_min_(0)
-
-
 def _transition_train(inp, params, eps, act, out, engine):
     """Training 1x1 ConvBNAct of `inp` written into `out`; returns (pre-BN z, mean, var)."""
     weight, bn_weight, bn_bias = params
-    if engine == "triton":
-        z, total, total_sq = triton_conv1x1(inp, weight.flatten(1), stats=True)
-        mean, var = _stats_from_sums(total, total_sq, z.numel() // z.shape[1])
-    else:
-        z = conv1x1(inp, weight)
-        mean, var = channel_stats(z)
+    z, mean, var = conv1x1_fused(inp, weight, stats=True, engine=engine)
     scale_shift_act(z, *bn_scale_shift(mean, var, bn_weight, bn_bias, eps), act, out=out)
     return z, mean, var
 
@@ -226,20 +186,12 @@ def _dense_train(buf, dense_params, g: Geometry, eps, engine):
     mean[: g.part2], var[: g.part2] = channel_stats(dense[:, : g.part2])
     bottleneck_mean = buf.new_empty(g.num_layers, g.bottleneck, dtype=sdtype)
     bottleneck_var = torch.empty_like(bottleneck_mean)
-    scratch = g.scratch(buf, g.prefix(g.num_layers - 1)) if engine == "aten" else None
     for j in range(g.num_layers):
         c = g.prefix(j)
         norm1_w, norm1_b, conv1_w, norm2_w, norm2_b, conv2_w = layer_params(dense_params, j)
         scale1, shift1 = bn_scale_shift(mean[:c], var[:c], norm1_w, norm1_b, eps)
-        if engine == "triton":
-            z, total, total_sq = triton_conv1x1(dense[:, :c], conv1_w.flatten(1), in_scale=scale1, in_shift=shift1,
-                                                in_act=DENSE_ACT, stats=True)
-            bottleneck_mean[j], bottleneck_var[j] = _stats_from_sums(total, total_sq, g.count)
-        else:
-            a = g.view(scratch, c)
-            scale_shift_act(dense[:, :c], scale1, shift1, DENSE_ACT, out=a)
-            z = conv1x1(a, conv1_w)
-            bottleneck_mean[j], bottleneck_var[j] = channel_stats(z)
+        z, bottleneck_mean[j], bottleneck_var[j] = conv1x1_fused(
+            dense[:, :c], conv1_w, in_scale=scale1, in_shift=shift1, in_act=DENSE_ACT, stats=True, engine=engine)
         scale_shift_act(z, *bn_scale_shift(bottleneck_mean[j], bottleneck_var[j], norm2_w, norm2_b, eps),
                         DENSE_ACT, out=z)
         new = conv3x3(z, conv2_w)
@@ -409,7 +361,7 @@ def _dense_backward(grad_dense, buf, dense_params, g: Geometry, eps, mean, var, 
         norm2_w, norm2_b = norm2_w.to(mean.dtype), norm2_b.to(mean.dtype)
         a = g.view(scratch_a, c)
         scale_shift_act(dense[:, :c], *bn_scale_shift(mean[:c], var[:c], norm1_w, norm1_b, eps), DENSE_ACT, out=a)
-        z = conv1x1(a, conv1_w)
+        z = gemm_conv1x1(a, conv1_w)
         b = g.view(scratch_b, g.bottleneck)
         scale_shift_act(z, *bn_scale_shift(bottleneck_mean[j], bottleneck_var[j], norm2_w, norm2_b, eps), DENSE_ACT,
                         out=b)
@@ -470,31 +422,6 @@ def fold_eval_params(dense_params, dense_running, transition_params, transition_
     return EvalParams(norm1, conv1, conv2, transitions)
 
 
-def _bias_act(z, bias, act, out):
-    """out = act(z + bias[c])."""
-    scale_shift_act(z, torch.ones_like(bias), bias, act, out=out)
-
-
-def _conv_bias_act(inp, weight, bias, act, out, engine) -> None:
-    """out = act(conv1x1(inp, weight) + bias), the GEMM writing straight into `out` (a channel
-    slice is fine) and the bias + activation applied there in place."""
-    if engine == "triton":
-        triton_conv1x1(inp, weight.flatten(1), bias=bias, act=act, out=out)
-    else:
-        n, _, h, w = inp.shape
-        torch.bmm(weight.flatten(1).expand(n, -1, -1), inp.flatten(2), out=out.flatten(2))
-        _bias_act(out, bias, act, out=out)
-
-
-def _conv_bias_act_per_sample(inp, weight, bias, act, out, engine) -> None:
-    """`_conv_bias_act` one sample at a time through a one-sample temporary, so that `out` may
-    overlap `inp` as long as sample n's output only covers memory of input samples <= n."""
-    tmp = out.new_empty(1, *out.shape[1:])
-    for n in range(inp.shape[0]):
-        _conv_bias_act(inp[n: n + 1], weight, bias, act, tmp, engine)
-        out[n: n + 1].copy_(tmp)
-
-
 @torch.no_grad()
 def partial_dense_block_eval(x: torch.Tensor, params: EvalParams, part1: int, fusion: str, act: str,
                              engine: str) -> torch.Tensor:
@@ -521,30 +448,25 @@ def partial_dense_block_eval(x: torch.Tensor, params: EvalParams, part1: int, fu
     buf = store[:, :channels]
     buf[:, : part1 + g.part2].copy_(x)
     dense = buf[:, part1:]
-    scratch = g.scratch(buf, g.prefix(g.num_layers - 1)) if engine == "aten" else None
     for j in range(g.num_layers):
         c = g.prefix(j)
         conv1_w, conv1_b = params.conv1[j]
-        if engine == "triton":
-            scale1, shift1 = params.norm1[j]
-            z = triton_conv1x1(dense[:, :c], conv1_w.flatten(1), in_scale=scale1, in_shift=shift1, in_act=DENSE_ACT,
-                               bias=conv1_b, act=DENSE_ACT)
-        else:
-            a = g.view(scratch, c)
-            scale_shift_act(dense[:, :c], *params.norm1[j], DENSE_ACT, out=a)
-            z = conv1x1(a, conv1_w)
-            _bias_act(z, conv1_b, DENSE_ACT, out=z)
+        scale1, shift1 = params.norm1[j]
+        z = conv1x1_fused(dense[:, :c], conv1_w, in_scale=scale1, in_shift=shift1, in_act=DENSE_ACT, bias=conv1_b,
+                          act=DENSE_ACT, engine=engine)
         dense[:, c: c + growth].copy_(conv3x3(z, params.conv2[j]))
 
     if fusion == "csp":
-        _conv_bias_act_per_sample(dense, *params.transitions[0], act, dense, engine)
+        first_weight, first_bias = params.transitions[0]
+        conv1x1_fused(dense, first_weight, bias=first_bias, act=act, out=dense, engine=engine, in_place=True)
     inp = dense if fusion == "last" else buf
     if out_channels < channels:
         out = x.new_empty(n, out_channels, h, w)
         if fusion == "last":
             out[:, :part1].copy_(buf[:, :part1])
-        _conv_bias_act(inp, last_weight, last_bias, act, out[:, part1:] if fusion == "last" else out, engine)
+        conv1x1_fused(inp, last_weight, bias=last_bias, act=act, out=out[:, part1:] if fusion == "last" else out,
+                      engine=engine)
         return out
-    _conv_bias_act_per_sample(inp, last_weight, last_bias, act, store[:, part1:] if fusion == "last" else store,
-                              engine)
+    conv1x1_fused(inp, last_weight, bias=last_bias, act=act, out=store[:, part1:] if fusion == "last" else store,
+                  engine=engine, in_place=True)
     return store
