@@ -59,7 +59,9 @@ def conv1x1_input_grad(grad_z: torch.Tensor, weight: torch.Tensor) -> torch.Tens
 
 
 def conv1x1_weight_grad(grad_z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """grad_z: (batch, out, height, width), x: (batch, in, height, width) -> (out, in, 1, 1)."""
+    """grad_z: (batch, out, height, width), x: (batch, in, height, width) -> (out, in, 1, 1).
+    One small (out, in) partial per sample, summed: a bmm beats a single GEMM over the
+    (batch * height * width)-long reduction, which would need transposed copies of both."""
     per_sample = torch.bmm(grad_z.flatten(2), x.flatten(2).transpose(1, 2))
     return per_sample.sum(0)[:, :, None, None]
 
@@ -96,14 +98,8 @@ def conv1x1_fused(x: torch.Tensor, weight: torch.Tensor, *, in_scale: torch.Tens
 def _conv1x1_passes(x, weight, in_scale, in_shift, in_act, bias, act, out, stats, engine):
     if engine == "triton":
         from ..triton.conv1x1 import conv1x1 as triton_conv1x1
-        result = triton_conv1x1(x, weight.flatten(1), in_scale=in_scale, in_shift=in_shift, in_act=in_act,
-                                bias=bias, act=act, out=out, stats=stats)
-        if not stats:
-            return result
-        _, total, total_sq = result
-        count = out.numel() // out.shape[1]
-        mean = total / count
-        return out, mean, (total_sq / count - mean * mean).clamp_min_(0)
+        return triton_conv1x1(x, weight.flatten(1), in_scale=in_scale, in_shift=in_shift, in_act=in_act,
+                              bias=bias, act=act, out=out, stats=stats)
     if in_scale is not None:
         x = scale_shift_act(x, in_scale, in_shift, in_act)
     gemm_conv1x1(x, weight, out=out)

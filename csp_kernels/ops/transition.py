@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 from .batch_norm_act import stats_dtype
 from .batch_norm_act import bn_act_backward, bn_scale_shift, channel_stats, plane_contiguous, scale_shift_act
+from .conv1x1 import conv1x1_fused, conv1x1_input_grad, conv1x1_weight_grad, gemm_conv1x1
 
 # oneDNN post-ops (attr, scalars) of torch.ops.mkldnn._convolution_pointwise; it has no mish.
 _ONEDNN_POST_OPS = {
@@ -93,18 +94,18 @@ def _planes_contiguous(t: torch.Tensor) -> bool:
 
 
 def _runs_as_gemm(x, weight, stride, padding, groups) -> bool:
-    """CPU 1x1 stride-1 convs of plane-contiguous x run as batched MKL GEMMs on (N, C, H*W)
-    views: on trans-cpu, forward 0.8x and backward 0.7x the time of oneDNN's convolution,
-    which reorders NCHW into its blocked layout and back."""
-    return (x.device.type == "cpu" and tuple(weight.shape[2:]) == (1, 1) and tuple(stride) == (1, 1)
+    """CPU 1x1 stride-1 convs of plane-contiguous x run as GEMMs on (N, C, H*W) views
+    (`ops.conv1x1`): on trans-cpu, forward 0.8x and backward 0.7x the time of oneDNN's
+    convolution, which reorders NCHW into its blocked layout and back."""
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+            and tuple(weight.shape[2:]) == (1, 1) and tuple(stride) == (1, 1)
             and tuple(padding) == (0, 0) and groups == 1 and _planes_contiguous(x))
 
 
 def _conv(x, weight, stride, padding, dilation, groups):
     """conv2d(x, weight) without bias, NCHW output."""
     if _runs_as_gemm(x, weight, stride, padding, groups):
-        batch, _, height, width = x.shape
-        return torch.bmm(weight.flatten(1).expand(batch, -1, -1), x.flatten(2)).view(batch, -1, height, width)
+        return gemm_conv1x1(x, weight)
     # NCHW once here rather than a copy in every later pass (channels_last x gives channels_last z).
     return plane_contiguous(F.conv2d(x, weight, None, stride, padding, dilation, groups))
 
@@ -114,15 +115,9 @@ def _conv_backward(grad_z, x, weight, stride, padding, dilation, groups, needs_x
     if not (needs_x or needs_weight):
         return None, None
     if _runs_as_gemm(x, weight, stride, padding, groups):
-        # bmm, not matmul: matmul folds the batch into a (N*H*W, C) GEMM through transposed copies.
-        grad_z = grad_z.flatten(2)
-        grad_x = torch.bmm(weight.flatten(1).t().expand(x.shape[0], -1, -1), grad_z).view(x.shape) \
-            if needs_x else None
-        # One small (N, out, in) partial per image, summed: a bmm beats a single GEMM over
-        # the (N*H*W)-long reduction, which would need x and grad_z transposed copies.
-        grad_weight = torch.bmm(grad_z, x.flatten(2).transpose(1, 2)).sum(0).view(weight.shape) \
-            if needs_weight else None
-        return grad_x, grad_weight
+        grad_z = plane_contiguous(grad_z)
+        return (conv1x1_input_grad(grad_z, weight) if needs_x else None,
+                conv1x1_weight_grad(grad_z, x) if needs_weight else None)
     grad_x, grad_weight, _ = torch.ops.aten.convolution_backward(
         grad_z, x, weight, None, stride, padding, dilation, False, [0, 0], groups, [needs_x, needs_weight, False])
     return grad_x, grad_weight
@@ -136,12 +131,9 @@ def _triton_conv1x1(x, weight, stride, **kwargs):
 def _batch_stats_conv(x, weight, stride, padding, dilation, groups, engine):
     """z = conv(x, weight) and z's per-channel batch mean and biased variance."""
     if engine == "triton":
-        z, total, total_sq = _triton_conv1x1(x, weight, stride, stats=True)
-        count = z.numel() // z.shape[1]
-        mean = total / count
-        # E[z^2] - E[z]^2 from the epilogue's float32 sums: exact enough unless |mean| is
-        # orders of magnitude above the std, which a conv output's is not.
-        return z, mean, (total_sq / count - mean * mean).clamp_min_(0)
+        return _triton_conv1x1(x, weight, stride, stats=True)
+    if _runs_as_gemm(x, weight, stride, padding, groups):
+        return conv1x1_fused(x, weight, stats=True)  # the statistics from the GEMM's epilogue
     z = _conv(x, weight, stride, padding, dilation, groups)
     return (z, *channel_stats(z))
 

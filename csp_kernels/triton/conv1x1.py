@@ -6,9 +6,10 @@ a[n, i, h, w]   = in_act(x[n, i, h, w] * in_scale[i] + in_shift[i])   (the prolo
 The pixels of all images form the GEMM's N dimension (M = batch * height * width), addressed
 through the tensors' strides, so x and out may be NCHW, channels_last, channel slices of larger
 buffers or spatially strided views (a strided 1x1 conv is a 1x1 conv of x[..., ::s, ::s]). The
-epilogue can also sum the pre-activation output and its square per output channel (atomic adds
-into float32 buffers, float64 for float64 data), which gives training BatchNorm its batch
-statistics without another pass over the output.
+epilogue can also give each output channel's batch mean and variance, which gives training
+BatchNorm its statistics without another pass over the output: every program stores its tile's
+per-channel mean and sum of squared deviations (two passes over registers, no cancellation when
+|mean| >> std, no atomics, so deterministic), and the host merges the tiles in float64.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from .activation import act_code, act_forward
 
 @triton.jit
 def _conv1x1_kernel(
-    x_ptr, w_ptr, out_ptr, bias_ptr, in_scale_ptr, in_shift_ptr, sum_ptr, sumsq_ptr,
+    x_ptr, w_ptr, out_ptr, bias_ptr, in_scale_ptr, in_shift_ptr, moments_ptr,
     pixels, plane, width, in_channels, out_channels,
     sx_n, sx_c, sx_h, sx_w, sw_o, sw_i, so_n, so_c, so_h, so_w,
     HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_IN_AFFINE: tl.constexpr, IN_ACT: tl.constexpr,
@@ -68,11 +69,15 @@ def _conv1x1_kernel(
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_o, mask=mask_o, other=0.0).to(acc_dtype)[:, None]
     out_mask = mask_o[:, None] & mask_p[None, :]
-    if STATS:
-        z = tl.where(out_mask, acc, 0.0)
-        tl.atomic_add(sum_ptr + offs_o, tl.sum(z, axis=1), mask=mask_o)
-        tl.atomic_add(sumsq_ptr + offs_o, tl.sum(z * z, axis=1), mask=mask_o)
     y = act_forward(acc, ACT)
+    if STATS:  # moments_ptr: (2, programs along pixels, out_channels)
+        count = tl.minimum(pixels - pid_p * BLOCK_P, BLOCK_P).to(acc_dtype)
+        tile_mean = tl.sum(tl.where(out_mask, y, 0.0), axis=1) / count
+        deviation = tl.where(out_mask, y - tile_mean[:, None], 0.0)
+        row = pid_p * out_channels + offs_o
+        tl.store(moments_ptr + row, tile_mean, mask=mask_o)
+        tl.store(moments_ptr + tl.num_programs(0) * out_channels + row, tl.sum(deviation * deviation, axis=1),
+                 mask=mask_o)
     tl.store(out_ptr + offs_o[:, None].to(tl.int64) * so_c + out_pixel[None, :],
              y.to(out_ptr.dtype.element_ty), mask=out_mask)
 
@@ -118,9 +123,8 @@ def conv1x1(x: torch.Tensor, weight: torch.Tensor, *, in_scale: torch.Tensor | N
     in_scale, in_shift: (in_channels,) or None (1 and 0); bias: (out_channels,) or None
     out: (batch, out_channels, height, width) of x's dtype, any strides (e.g. a channel slice
     of a bigger buffer), or None for a new NCHW tensor.
-    Returns out, or with `stats=True` (out, sum, sumsq): per-output-channel sums over batch,
-    height and width of the pre-activation output and of its square, float32 (float64 for
-    float64 data).
+    Returns out, or with `stats=True` (out, mean, var): per-output-channel mean and biased
+    variance of out over batch, height and width, float32 (float64 for float64 data).
     """
     checks.check_input(x)
     checks.check_activation(act)
@@ -141,22 +145,23 @@ def conv1x1(x: torch.Tensor, weight: torch.Tensor, *, in_scale: torch.Tensor | N
         raise ValueError(f"out must be a {x.dtype} tensor of shape {out_shape} on {x.device}; got "
                          f"{out.dtype} {tuple(out.shape)} on {out.device}")
     stat_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    sums = torch.zeros(2, out_channels if stats else 1, dtype=stat_dtype, device=x.device)
+    pixels = batch * height * width
+    block_o, block_p, block_k, num_warps = _block_sizes(out_channels, in_channels, x.is_cuda)
+    tiles = triton.cdiv(pixels, block_p)
+    moments = torch.empty(2, tiles if stats else 1, out_channels if stats else 1, dtype=stat_dtype, device=x.device)
     has_affine = in_scale is not None or in_shift is not None
     if has_affine:
         in_scale = torch.ones(in_channels, device=x.device) if in_scale is None else in_scale
         in_shift = torch.zeros(in_channels, device=x.device) if in_shift is None else in_shift
 
     def vector(v):  # read in the accumulator's type; an absent one gets a dummy pointer
-        return sums if v is None else v.to(stat_dtype).contiguous()
+        return moments if v is None else v.to(stat_dtype).contiguous()
 
-    pixels = batch * height * width
     if pixels > 0:
-        block_o, block_p, block_k, num_warps = _block_sizes(out_channels, in_channels, x.is_cuda)
-        grid = (triton.cdiv(pixels, block_p), triton.cdiv(out_channels, block_o))
+        grid = (tiles, triton.cdiv(out_channels, block_o))
         with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
             _conv1x1_kernel[grid](
-                x, weight, out, vector(bias), vector(in_scale), vector(in_shift), sums[0], sums[1],
+                x, weight, out, vector(bias), vector(in_scale), vector(in_shift), moments,
                 pixels, height * width, width, in_channels, out_channels,
                 *x.stride(), *weight.stride(), *out.stride(),
                 HAS_BIAS=bias is not None, ACT=act_code(act), HAS_IN_AFFINE=has_affine,
@@ -166,6 +171,19 @@ def conv1x1(x: torch.Tensor, weight: torch.Tensor, *, in_scale: torch.Tensor | N
                 num_stages=3 if x.is_cuda else 1,
             )
     if stats:
-        return out, sums[0], sums[1]
+        return (out, *_merge_tile_moments(moments, pixels, block_p))
     return out
+
+
+def _merge_tile_moments(moments: torch.Tensor, pixels: int, block_p: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, biased var) per channel from the tiles' (mean, sum of squared deviations):
+    var * count = sum of the tiles' M2 + sum of count_i * (mean_i - mean)^2, in float64."""
+    tile_means, tile_m2 = moments.double()
+    counts = torch.full((tile_means.shape[0], 1), float(block_p), dtype=torch.float64, device=moments.device)
+    if pixels == 0:
+        return torch.zeros_like(moments[0, 0]), torch.zeros_like(moments[0, 0])
+    counts[-1] = pixels - (tile_means.shape[0] - 1) * block_p
+    mean = (counts * tile_means).sum(0) / pixels
+    var = (tile_m2.sum(0) + (counts * (tile_means - mean) ** 2).sum(0)) / pixels
+    return mean.to(moments.dtype), var.to(moments.dtype)
 

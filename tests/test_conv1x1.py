@@ -1,0 +1,126 @@
+"""The fused 1x1 convolution (csp_kernels.ops.conv1x1.conv1x1_fused) on every engine against
+plain PyTorch in float64: prologue, epilogue, batch statistics, several tiles per plane, channel
+slices, in-place runs, and the C++ op's argument checks and opcheck."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from csp_kernels import backend, checks
+from csp_kernels.ops.conv1x1 import conv1x1_fused
+from helpers import DEVICES, rel_error
+
+TOL = {torch.float64: 1e-12, torch.float32: 2e-6}
+
+
+def engines():
+    """(device, engine): the C++ CPU op, cuBLAS passes on a GPU, and Triton where usable
+    (through the interpreter here, so its shapes stay tiny)."""
+    params = [pytest.param(d, "aten", id=f"{d}-aten") for d in DEVICES]
+    return params + [pytest.param(d, "triton", id=f"{d}-triton") for d in DEVICES
+                     if backend.triton_usable(torch.device(d))[0]]
+
+
+def expected(x, weight, in_scale=None, in_shift=None, in_act="identity", bias=None, act="identity"):
+    a = x.double()
+    if in_scale is not None:
+        a = checks.activation_module(in_act)(a * in_scale.double()[:, None, None] + in_shift.double()[:, None, None])
+    pre = F.conv2d(a, weight.double(), None if bias is None else bias.double())
+    return checks.activation_module(act)(pre)
+
+
+def shape_for(engine):
+    """CPU: 300 channels make the tile narrower (208 pixels) than a 15x15 plane, so each plane
+    runs as a full and a partial tile."""
+    return (2, 5, 3, 4) if engine == "triton" else (3, 300, 15, 15)
+
+
+def stats_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@pytest.mark.parametrize("device,engine", engines())
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("act", checks.ACTIVATIONS)
+def test_prologue_and_epilogue(device, engine, dtype, act):
+    n, c, h, w = shape_for(engine)
+    x = torch.randn(n, c, h, w, dtype=dtype, device=device)
+    weight = torch.randn(7, c, 1, 1, dtype=dtype, device=device) / c ** 0.5
+    sd = stats_dtype(dtype)
+    scale, shift = torch.rand(c, dtype=sd, device=device) + 0.5, torch.randn(c, dtype=sd, device=device)
+    bias = torch.randn(7, dtype=sd, device=device)
+    out = conv1x1_fused(x, weight, in_scale=scale, in_shift=shift, in_act=act, bias=bias, act=act, engine=engine)
+    assert out.shape == (n, 7, h, w) and out.dtype == dtype
+    err = rel_error(out, expected(x, weight, scale, shift, act, bias, act))
+    assert err <= TOL[dtype], err
+
+
+@pytest.mark.parametrize("device,engine", engines())
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_statistics_of_the_output(device, engine, dtype):
+    n, c, h, w = shape_for(engine)
+    # |mean| >> std: the statistics must not come from a cancelling E[x^2] - E[x]^2 per tile.
+    x = torch.randn(n, c, h, w, dtype=dtype, device=device) * 0.1 + 30
+    weight = torch.randn(6, c, 1, 1, dtype=dtype, device=device) / c
+    out, mean, var = conv1x1_fused(x, weight, stats=True, engine=engine)
+    ref = expected(x, weight)
+    assert rel_error(out, ref) <= TOL[dtype]
+    assert rel_error(mean, ref.mean((0, 2, 3))) <= TOL[dtype]
+    # The variance is ~1e-3 of mean^2 here: float32 rounding of the outputs themselves costs
+    # ~1e3 ulps of it, in the float64 reference's inputs too.
+    assert rel_error(var, ref.var((0, 2, 3), unbiased=False)) <= 1e3 * TOL[dtype]
+
+
+@pytest.mark.parametrize("device,engine", engines())
+def test_reads_and_writes_channel_slices(device, engine):
+    n, c, h, w = shape_for(engine)
+    buf = torch.randn(n, c + 6, h, w, dtype=torch.float64, device=device)
+    dest = torch.randn(n, 12, h, w, dtype=torch.float64, device=device)
+    before = dest.clone()
+    x, out = buf[:, 2: 2 + c], dest[:, 3:8]
+    weight = torch.randn(5, c, 1, 1, dtype=torch.float64, device=device)
+    bias = torch.randn(5, dtype=torch.float64, device=device)
+    conv1x1_fused(x, weight, bias=bias, act="leaky_relu", out=out, engine=engine)
+    assert rel_error(out, expected(x, weight, bias=bias, act="leaky_relu")) <= TOL[torch.float64]
+    assert torch.equal(dest[:, :3], before[:, :3]) and torch.equal(dest[:, 8:], before[:, 8:])
+
+
+@pytest.mark.parametrize("device,engine", engines())
+@pytest.mark.parametrize("layout", ["same_channels", "wider_output_over_the_buffer"])
+def test_in_place(device, engine, layout):
+    """The dense block's two in-place uses: csp's first transition over the dense part, and the
+    last transition writing the output over the concat buffer it reads (wider per sample)."""
+    n, c, h, w = shape_for(engine)
+    out_channels = c if layout == "same_channels" else c + 4
+    store = torch.randn(n, out_channels, h, w, dtype=torch.float64, device=device)
+    x = store[:, :c]
+    weight = torch.randn(out_channels, c, 1, 1, dtype=torch.float64, device=device) / c ** 0.5
+    bias = torch.randn(out_channels, dtype=torch.float64, device=device)
+    ref = expected(x, weight, bias=bias, act="relu")
+    conv1x1_fused(x, weight, bias=bias, act="relu", out=store, engine=engine, in_place=True)
+    assert rel_error(store, ref) <= TOL[torch.float64]
+
+
+def test_cpu_op_rejects_what_it_cannot_run():
+    x = torch.randn(2, 4, 3, 3)
+    weight = torch.randn(5, 4, 1, 1)
+    with pytest.raises(TypeError, match="float32 and float64"):
+        conv1x1_fused(x.half(), weight.half())
+    with pytest.raises(ValueError, match="out must have shape"):
+        conv1x1_fused(x, weight, out=torch.empty(2, 6, 3, 3))
+    with pytest.raises(ValueError, match="in_act needs in_scale"):
+        conv1x1_fused(x, weight, in_act="relu")
+    with pytest.raises(ValueError, match="weight must be"):
+        torch.ops.csp_kernels.conv1x1_fused_out(x, torch.randn(5, 3), None, None, "identity", None, "identity", False,
+                                                torch.empty(2, 5, 3, 3))
+    with pytest.raises(ValueError, match="act must be one of"):
+        conv1x1_fused(x, weight, act="gelu")
+
+
+def test_cpu_op_opcheck():
+    x = torch.randn(2, 4, 3, 5)
+    weight = torch.randn(6, 4)
+    scale, shift, bias = torch.rand(4), torch.randn(4), torch.randn(6)
+    torch.library.opcheck(torch.ops.csp_kernels.conv1x1_fused_out.default,
+                          (x, weight, scale, shift, "relu", bias, "silu", True, torch.empty(2, 6, 3, 5)))
+    torch.library.opcheck(torch.ops.csp_kernels.conv1x1_fused_out.default,
+                          (x, weight, None, None, "identity", None, "identity", False, torch.empty(2, 6, 3, 5)))
