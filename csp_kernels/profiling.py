@@ -212,12 +212,14 @@ class SavedTensorsMeter:
         storage = tensor.untyped_storage()
         key = self._key(tensor)
         known = self._storages.get(key)
-        if known is not None and not known[1].expired():
-            return tensor
-        if known is not None:  # the old storage died and its memory was reused
-            self._retired_bytes += known[0]
-        self._storages[key] = (storage.nbytes(), StorageWeakRef(storage))
-        return tensor
+        if known is None or known[1].expired():
+            if known is not None:  # the old storage died and its memory was reused
+                self._retired_bytes += known[0]
+            self._storages[key] = (storage.nbytes(), StorageWeakRef(storage))
+        # Detached: a packed value that is the op's own output (a custom op saving what it
+        # returns) would hold its grad_fn, a cycle through C++ autograd nodes that leaked the
+        # whole graph when no backward ran; autograd re-attaches an output's grad_fn on unpack.
+        return tensor.detach()
 
     @staticmethod
     def _unpack(tensor: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,8 @@
 """The measuring instruments against counts done by hand."""
+import gc
 import pytest
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from csp_kernels.profiling import (PeakMemory, SavedTensorsMeter, TrafficCounter, cio_bytes,
                                    cio_dense_block, cio_partial_dense_block, format_bytes,
@@ -179,6 +181,40 @@ def test_saved_by_a_custom_autograd_function_is_metered():
     with SavedTensorsMeter() as meter:
         Square.apply(x)
     assert meter.bytes == 2 * NBYTES
+
+
+class ExpSavingItsOutput(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        out = x.exp()
+        ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (out,) = ctx.saved_tensors
+        return out * grad
+
+
+def test_an_op_saving_its_own_output_is_freed_without_backward():
+    """The dense block's op saves tensors it returns; a forward without backward under the
+    meter once leaked its whole graph (a cycle through the packed output's grad_fn)."""
+    x = torch.randn(SHAPE, requires_grad=True)
+    with SavedTensorsMeter() as meter:
+        out = ExpSavingItsOutput.apply(x)
+    storage = StorageWeakRef(out.untyped_storage())
+    assert meter.bytes == NBYTES
+    del out
+    gc.collect()
+    assert storage.expired()
+
+
+def test_backward_through_a_saved_output_after_metering():
+    x = torch.randn(SHAPE, dtype=torch.float64, requires_grad=True)
+    with SavedTensorsMeter():
+        out = ExpSavingItsOutput.apply(x)
+    out.sum().backward()
+    torch.testing.assert_close(x.grad, x.detach().exp())
 
 
 def test_nothing_is_saved_without_grad():
