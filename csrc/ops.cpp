@@ -26,6 +26,10 @@ TORCH_LIBRARY(csp_kernels, m) {
   // overwrite x when sample n's output covers only sample n's input memory.
   m.def("conv1x1_fused_out(Tensor x, Tensor weight, Tensor? in_scale, Tensor? in_shift, str in_act, "
         "Tensor? bias, str act, bool stats, Tensor(a!) out) -> (Tensor mean, Tensor var)");
+  // Its weight gradient with the same prologue: sum over pixels of grad_out x in_act(x * in_scale
+  // + in_shift), (O, C) in x's dtype.
+  m.def("conv1x1_weight_grad_fused(Tensor grad_out, Tensor x, Tensor? in_scale, Tensor? in_shift, "
+        "str in_act) -> Tensor");
 
   // Dense-block family (ops/dense.py): the backward of the dense layers' shared-statistics BN1.
   // x is a channel prefix of the concat buffer; grad_acc, grad_x are views shaped like it.

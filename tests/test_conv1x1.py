@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from csp_kernels import backend, checks
-from csp_kernels.ops.conv1x1 import conv1x1_fused
+from csp_kernels.ops.conv1x1 import conv1x1_fused, conv1x1_weight_grad
 from helpers import DEVICES, rel_error
 
 TOL = {torch.float64: 1e-12, torch.float32: 2e-6}
@@ -100,6 +100,26 @@ def test_in_place(device, engine, layout):
     assert rel_error(store, ref) <= TOL[torch.float64]
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("prologue", [False, True], ids=["plain", "normalize_on_load"])
+def test_weight_gradient(device, dtype, prologue):
+    n, c, h, w = shape_for("aten")
+    buf = torch.randn(n, c + 3, h, w, dtype=dtype, device=device)
+    x = buf[:, 1: 1 + c]  # a channel slice, as the dense block's prefix
+    grad = torch.randn(n, 9, h, w, dtype=dtype, device=device)
+    sd = stats_dtype(dtype)
+    kwargs = dict(in_scale=torch.randn(c, dtype=sd, device=device), in_shift=torch.randn(c, dtype=sd, device=device),
+                  in_act="relu") if prologue else {}
+    a = x.double()
+    if prologue:
+        a = torch.relu(a * kwargs["in_scale"].double()[:, None, None] + kwargs["in_shift"].double()[:, None, None])
+    ref = torch.einsum("nohw,nchw->oc", grad.double(), a)[:, :, None, None]
+    got = conv1x1_weight_grad(grad, x, **kwargs)
+    assert got.shape == (9, c, 1, 1) and got.dtype == dtype
+    assert rel_error(got, ref) <= 10 * TOL[dtype]  # a 675-pixel reduction
+
+
 def test_cpu_op_rejects_what_it_cannot_run():
     x = torch.randn(2, 4, 3, 3)
     weight = torch.randn(5, 4, 1, 1)
@@ -114,6 +134,8 @@ def test_cpu_op_rejects_what_it_cannot_run():
                                                 torch.empty(2, 5, 3, 3))
     with pytest.raises(ValueError, match="act must be one of"):
         conv1x1_fused(x, weight, act="gelu")
+    with pytest.raises(ValueError, match="grad_out must be"):
+        conv1x1_weight_grad(torch.randn(2, 5, 3, 4), x)
 
 
 def test_cpu_op_opcheck():
@@ -124,3 +146,5 @@ def test_cpu_op_opcheck():
                           (x, weight, scale, shift, "relu", bias, "silu", True, torch.empty(2, 6, 3, 5)))
     torch.library.opcheck(torch.ops.csp_kernels.conv1x1_fused_out.default,
                           (x, weight, None, None, "identity", None, "identity", False, torch.empty(2, 6, 3, 5)))
+    torch.library.opcheck(torch.ops.csp_kernels.conv1x1_weight_grad_fused.default,
+                          (torch.randn(2, 6, 3, 5), x, scale, shift, "relu"))

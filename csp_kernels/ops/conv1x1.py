@@ -33,6 +33,10 @@ if extension._C is not None:
         sdtype = stats_dtype(x.dtype)
         return x.new_empty(channels, dtype=sdtype), x.new_empty(channels, dtype=sdtype)
 
+    @torch.library.register_fake("csp_kernels::conv1x1_weight_grad_fused")
+    def _(grad_out, x, in_scale, in_shift, in_act):
+        return x.new_empty(grad_out.shape[1], x.shape[1])
+
 
 # The plain GEMMs: 1x1 convolutions as batched GEMMs over (channels, height * width) planes, one
 # per sample with the weight broadcast (stride-0 batch). They read channel slices of the buffer
@@ -58,10 +62,20 @@ def conv1x1_input_grad(grad_z: torch.Tensor, weight: torch.Tensor) -> torch.Tens
     return torch.bmm(weight.flatten(1).t().expand(n, -1, -1), grad_z.flatten(2)).view(n, weight.shape[1], h, w)
 
 
-def conv1x1_weight_grad(grad_z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """grad_z: (batch, out, height, width), x: (batch, in, height, width) -> (out, in, 1, 1).
-    One small (out, in) partial per sample, summed: a bmm beats a single GEMM over the
-    (batch * height * width)-long reduction, which would need transposed copies of both."""
+def conv1x1_weight_grad(grad_z: torch.Tensor, x: torch.Tensor, *, in_scale: torch.Tensor | None = None,
+                        in_shift: torch.Tensor | None = None, in_act: str = "identity") -> torch.Tensor:
+    """The weight gradient of `conv1x1_fused` with the same prologue:
+    grad_z: (batch, out, height, width), x: (batch, in, height, width) -> (out, in, 1, 1).
+
+    CPU float32/float64: `csp_kernels::conv1x1_weight_grad_fused`, which normalizes x tile by
+    tile in cache. Elsewhere the prologue is a pass into a temporary, then one small (out, in)
+    partial per sample, summed: a bmm beats a single GEMM over the (batch * height * width)-long
+    reduction, which would need transposed copies of both.
+    """
+    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
+        return _ops.conv1x1_weight_grad_fused(grad_z, x, in_scale, in_shift, in_act)[:, :, None, None]
+    if in_scale is not None:
+        x = scale_shift_act(x, in_scale, in_shift, in_act)
     per_sample = torch.bmm(grad_z.flatten(2), x.flatten(2).transpose(1, 2))
     return per_sample.sum(0)[:, :, None, None]
 

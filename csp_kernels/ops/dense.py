@@ -52,7 +52,7 @@ import torch.nn.functional as F
 
 from .. import extension  # noqa: F401  (loads csp_kernels._C, which defines the C++ ops)
 from .batch_norm_act import bn_act_backward, bn_scale_shift, channel_stats, scale_shift_act, stats_dtype
-from .conv1x1 import conv1x1_fused, conv1x1_input_grad, conv1x1_weight_grad, gemm_conv1x1
+from .conv1x1 import conv1x1_fused, conv1x1_input_grad, conv1x1_weight_grad
 from .transition import fold_batch_norm
 
 _ops = torch.ops.csp_kernels
@@ -343,7 +343,6 @@ def _dense_backward(grad_dense, buf, dense_params, g: Geometry, eps, mean, var, 
     grad_acc = buf.new_zeros(g.batch, read, g.height, g.width)
     sum_grad = torch.zeros_like(mean[:read])
     sum_grad_xhat = torch.zeros_like(sum_grad)
-    scratch_a = g.scratch(buf, read)
     scratch_b = g.scratch(buf, g.bottleneck)
     grads = [None] * len(dense_params)
 
@@ -359,9 +358,10 @@ def _dense_backward(grad_dense, buf, dense_params, g: Geometry, eps, mean, var, 
         # Recompute the layer's activations from the buffer, as the forward computed them.
         norm1_w, norm1_b = norm1_w.to(mean.dtype), norm1_b.to(mean.dtype)
         norm2_w, norm2_b = norm2_w.to(mean.dtype), norm2_b.to(mean.dtype)
-        a = g.view(scratch_a, c)
-        scale_shift_act(dense[:, :c], *bn_scale_shift(mean[:c], var[:c], norm1_w, norm1_b, eps), DENSE_ACT, out=a)
-        z = gemm_conv1x1(a, conv1_w)
+        # conv1's input, BN1+ReLU of the prefix, is normalized on load here and in the weight
+        # gradient below, never stored (CPU; a pass into a temporary on a GPU).
+        scale1, shift1 = bn_scale_shift(mean[:c], var[:c], norm1_w, norm1_b, eps)
+        z = conv1x1_fused(dense[:, :c], conv1_w, in_scale=scale1, in_shift=shift1, in_act=DENSE_ACT)
         b = g.view(scratch_b, g.bottleneck)
         scale_shift_act(z, *bn_scale_shift(bottleneck_mean[j], bottleneck_var[j], norm2_w, norm2_b, eps), DENSE_ACT,
                         out=b)
@@ -370,7 +370,7 @@ def _dense_backward(grad_dense, buf, dense_params, g: Geometry, eps, mean, var, 
         grad_b, grad_conv2 = conv3x3_backward(grad_dense[:, c: c + g.growth].contiguous(), b, conv2_w)
         grad_z, grad_norm2_w, grad_norm2_b = bn_act_backward(grad_b, z, bottleneck_mean[j], invstd2, norm2_w,
                                                              norm2_b, DENSE_ACT)
-        grad_conv1 = conv1x1_weight_grad(grad_z, a)
+        grad_conv1 = conv1x1_weight_grad(grad_z, dense[:, :c], in_scale=scale1, in_shift=shift1, in_act=DENSE_ACT)
         grad_a = conv1x1_input_grad(grad_z, conv1_w)
         grad_norm1_b, grad_norm1_w = bn_act_backward_accumulate(
             grad_a, dense[:, :c], mean[:c], invstd[:c], norm1_w, norm1_b, DENSE_ACT, grad_acc[:, :c])

@@ -10,6 +10,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -41,14 +42,17 @@ namespace {
 // the output tile stay in a core's L2 cache between the prologue, the GEMM and the epilogue.
 constexpr int64_t kScratchBytes = 256 * 1024;
 
-inline void gemm(int m, int n, int k, const float* a, int lda, const float* b, int ldb, float* c, int ldc) {
-  const float one = 1, zero = 0;
-  sgemm_("N", "N", &m, &n, &k, &one, a, &lda, b, &ldb, &zero, c, &ldc);
+// Column-major C = op(A) B + beta C, op(A) = A or A^T.
+inline void gemm(bool transpose_a, int m, int n, int k, const float* a, int lda, const float* b, int ldb, float beta,
+                 float* c, int ldc) {
+  const float one = 1;
+  sgemm_(transpose_a ? "T" : "N", "N", &m, &n, &k, &one, a, &lda, b, &ldb, &beta, c, &ldc);
 }
 
-inline void gemm(int m, int n, int k, const double* a, int lda, const double* b, int ldb, double* c, int ldc) {
-  const double one = 1, zero = 0;
-  dgemm_("N", "N", &m, &n, &k, &one, a, &lda, b, &ldb, &zero, c, &ldc);
+inline void gemm(bool transpose_a, int m, int n, int k, const double* a, int lda, const double* b, int ldb,
+                 double beta, double* c, int ldc) {
+  const double one = 1;
+  dgemm_(transpose_a ? "T" : "N", "N", &m, &n, &k, &one, a, &lda, b, &ldb, &beta, c, &ldc);
 }
 
 // Each at::parallel_for thread runs its own tiles' GEMMs: MKL must not start threads of its own
@@ -183,8 +187,9 @@ std::tuple<at::Tensor, at::Tensor> conv1x1_fused_out_cpu(
         load_tile(xp, X, t, scale, shift, in_act, scratch.data());
         // Row-major out_tile (O x w) = W (O x C) @ scratch (C x w), i.e. column-major
         // out_tile^T (w x O) = scratch^T (w x C) @ W^T (C x O).
-        gemm(static_cast<int>(t.width), static_cast<int>(O.channels), static_cast<int>(X.channels), scratch.data(),
-             static_cast<int>(t.width), wp, ldb, op + t.sample * O.batch_stride + t.begin, ldc);
+        gemm(false, static_cast<int>(t.width), static_cast<int>(O.channels), static_cast<int>(X.channels),
+             scratch.data(), static_cast<int>(t.width), wp, ldb, scalar_t(0), op + t.sample * O.batch_stride + t.begin,
+             ldc);
         finish_tile(op, O, t, bp, act, stats ? moments.data() + i * O.channels * 2 : nullptr);
       }
     });
@@ -211,10 +216,69 @@ std::tuple<at::Tensor, at::Tensor> conv1x1_fused_out_cpu(
   return {mean, var};
 }
 
+// The weight gradient of the same convolution, with the same prologue: grad_weight (O, C) =
+// sum over pixels of grad_out (O) x in_act(x * in_scale + in_shift) (C), so the dense block's
+// backward never materializes the normalized input. Each thread accumulates its tiles into its
+// own (O, C) partial, in a fixed tile order; the partials are summed in thread order.
+at::Tensor conv1x1_weight_grad_fused_cpu(const at::Tensor& grad_out, const at::Tensor& x,
+                                         const std::optional<at::Tensor>& in_scale,
+                                         const std::optional<at::Tensor>& in_shift, c10::string_view in_act_name) {
+  const PlaneLayout X = plane_layout(x, "x"), G = plane_layout(grad_out, "grad_out");
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+                   "conv1x1_weight_grad_fused runs float32 and float64 on the CPU; got ", x.scalar_type());
+  TORCH_CHECK_TYPE(grad_out.scalar_type() == x.scalar_type(), "grad_out must have x's dtype ", x.scalar_type(),
+                   "; got ", grad_out.scalar_type());
+  TORCH_CHECK_VALUE(grad_out.size(0) == X.batch && grad_out.size(2) == x.size(2) && grad_out.size(3) == x.size(3),
+                    "grad_out must be (", X.batch, ", out_channels, ", x.size(2), ", ", x.size(3), "); got ",
+                    grad_out.sizes());
+  TORCH_CHECK_VALUE(in_scale.has_value() == in_shift.has_value(), "in_scale and in_shift come together");
+  if (in_scale) check_per_channel_args(x, {{*in_scale, "in_scale"}, {*in_shift, "in_shift"}});
+  const Act in_act = parse_act(std::string(in_act_name));
+  TORCH_CHECK_VALUE(in_scale || in_act == Act::Identity, "in_act needs in_scale and in_shift");
+  check_blas_int(X.channels, "in_channels");
+  check_blas_int(G.channels, "out_channels");
+  check_blas_int(G.channel_stride, "grad_out's channel stride");
+
+  at::Tensor grad_weight = at::zeros({G.channels, X.channels}, x.options());
+  if (G.channels == 0 || X.channels == 0 || X.plane == 0 || X.batch == 0) return grad_weight;
+  const int64_t width = tile_width(X.channels, X.plane, x.element_size());
+  const int64_t tiles_per_sample = (X.plane + width - 1) / width;
+  const int64_t tiles = X.batch * tiles_per_sample;
+  const int threads = at::get_num_threads();
+  at::Tensor partials = at::zeros({threads, G.channels, X.channels}, x.options());
+
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv1x1_weight_grad_fused_cpu", [&] {
+    using stat_t = stat_of<scalar_t>;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* gp = grad_out.const_data_ptr<scalar_t>();
+    scalar_t* pp = partials.mutable_data_ptr<scalar_t>();
+    const stat_t* scale = in_scale ? in_scale->const_data_ptr<stat_t>() : nullptr;
+    const stat_t* shift = in_shift ? in_shift->const_data_ptr<stat_t>() : nullptr;
+    const int ldb = static_cast<int>(G.channels == 1 ? std::max(G.channel_stride, width) : G.channel_stride);
+    at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+      const SingleThreadedBlas blas_in_this_thread;
+      std::vector<scalar_t> scratch(X.channels * width);
+      scalar_t* partial = pp + at::get_thread_num() * G.channels * X.channels;
+      for (int64_t i = t0; i < t1; ++i) {
+        const int64_t begin = (i % tiles_per_sample) * width;
+        const Tile t{i / tiles_per_sample, begin, std::min(width, X.plane - begin)};
+        load_tile(xp, X, t, scale, shift, in_act, scratch.data());
+        // Row-major partial (O x C) += grad_tile (O x w) @ scratch^T (w x C), i.e. column-major
+        // partial^T (C x O) += scratch (C x w, given as its column-major transpose) @ grad_tile^T.
+        gemm(true, static_cast<int>(X.channels), static_cast<int>(G.channels), static_cast<int>(t.width),
+             scratch.data(), static_cast<int>(t.width), gp + t.sample * G.batch_stride + t.begin, ldb, scalar_t(1),
+             partial, static_cast<int>(X.channels));
+      }
+    });
+  });
+  return partials.sum(0);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(csp_kernels, CPU, m) {
   m.impl("conv1x1_fused_out", &conv1x1_fused_out_cpu);
+  m.impl("conv1x1_weight_grad_fused", &conv1x1_weight_grad_fused_cpu);
 }
 
 }  // namespace csp_kernels
