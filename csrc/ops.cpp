@@ -30,6 +30,10 @@ TORCH_LIBRARY(csp_kernels, m) {
   // + in_shift), (O, C) in x's dtype.
   m.def("conv1x1_weight_grad_fused(Tensor grad_out, Tensor x, Tensor? in_scale, Tensor? in_shift, "
         "str in_act) -> Tensor");
+  // Its input gradient weight^T grad_z fed straight into bn_act_backward_accumulate (below)
+  // with x, mean, ... describing the BN + act that produced conv1x1's input (CPU).
+  m.def("conv1x1_input_grad_accumulate(Tensor grad_z, Tensor weight, Tensor x, Tensor mean, Tensor invstd, "
+        "Tensor weight_bn, Tensor bias_bn, str act, Tensor(a!) grad_acc) -> (Tensor sum_dpre, Tensor sum_dpre_xhat)");
 
   // Dense-block family (ops/dense.py): the backward of the dense layers' shared-statistics BN1.
   // x is a channel prefix of the concat buffer; grad_acc, grad_x are views shaped like it.

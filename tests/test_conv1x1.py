@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from csp_kernels import backend, checks
-from csp_kernels.ops.conv1x1 import conv1x1_fused, conv1x1_weight_grad
+from csp_kernels.ops import dense
+from csp_kernels.ops.conv1x1 import conv1x1_fused, conv1x1_input_grad, conv1x1_weight_grad
 from helpers import DEVICES, rel_error
 
 TOL = {torch.float64: 1e-12, torch.float32: 2e-6}
@@ -120,6 +121,28 @@ def test_weight_gradient(device, dtype, prologue):
     assert rel_error(got, ref) <= 10 * TOL[dtype]  # a 675-pixel reduction
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("act", ["relu", "silu"])
+def test_input_gradient_fed_to_the_bn_accumulation(dtype, act):
+    """The CPU op against its two steps: the GEMM, then `bn_act_backward_accumulate`, on a
+    channel slice of a buffer and a slice of the accumulator, with a partial last tile."""
+    n, c, h, w = shape_for("aten")
+    grad_z = torch.randn(n, 9, h, w, dtype=dtype)
+    weight = torch.randn(9, c, 1, 1, dtype=dtype)
+    x = torch.randn(n, c + 2, h, w, dtype=dtype)[:, 2:]
+    sd = stats_dtype(dtype)
+    mean, invstd = torch.randn(c, dtype=sd), torch.rand(c, dtype=sd) + 0.5
+    bn_w, bn_b = torch.randn(c, dtype=sd), torch.randn(c, dtype=sd)
+    acc = torch.randn(n, c + 1, h, w, dtype=dtype)
+    expected_acc = acc.clone()
+    expected = dense.bn_act_backward_accumulate(conv1x1_input_grad(grad_z, weight), x, mean, invstd, bn_w, bn_b, act,
+                                                expected_acc[:, 1:])
+    sums = dense.conv1x1_input_grad_accumulate(grad_z, weight, x, mean, invstd, bn_w, bn_b, act, acc[:, 1:])
+    assert rel_error(acc, expected_acc) <= 10 * TOL[dtype]
+    for got, ref in zip(sums, expected):
+        assert rel_error(got, ref) <= 10 * TOL[dtype]
+
+
 def test_cpu_op_rejects_what_it_cannot_run():
     x = torch.randn(2, 4, 3, 3)
     weight = torch.randn(5, 4, 1, 1)
@@ -148,3 +171,6 @@ def test_cpu_op_opcheck():
                           (x, weight, None, None, "identity", None, "identity", False, torch.empty(2, 6, 3, 5)))
     torch.library.opcheck(torch.ops.csp_kernels.conv1x1_weight_grad_fused.default,
                           (torch.randn(2, 6, 3, 5), x, scale, shift, "relu"))
+    torch.library.opcheck(torch.ops.csp_kernels.conv1x1_input_grad_accumulate.default,
+                          (torch.randn(2, 6, 3, 5), weight, x, torch.randn(4), torch.rand(4) + 0.5, torch.randn(4),
+                           torch.randn(4), "relu", torch.zeros(2, 4, 3, 5)))

@@ -65,6 +65,10 @@ if extension._C is not None:
     def _(grad_a, x, mean, invstd, weight, bias, act, grad_acc):
         return torch.empty_like(mean), torch.empty_like(mean)
 
+    @torch.library.register_fake("csp_kernels::conv1x1_input_grad_accumulate")
+    def _(grad_z, weight, x, mean, invstd, weight_bn, bias_bn, act, grad_acc):
+        return torch.empty_like(mean), torch.empty_like(mean)
+
     @torch.library.register_fake("csp_kernels::bn_grad_correct")
     def _(grad_acc, x, mean, invstd, sum_grad, sum_grad_xhat, grad_x):
         return None
@@ -78,6 +82,21 @@ def bn_act_backward_accumulate(grad_a, x, mean, invstd, weight, bias, act, grad_
     BN's bias and weight gradients.
     """
     return _ops.bn_act_backward_accumulate(grad_a, x, mean, invstd, weight, bias, act, grad_acc)
+
+
+def conv1x1_input_grad_accumulate(grad_z, weight, x, mean, invstd, bn_weight, bn_bias, act, grad_acc):
+    """`bn_act_backward_accumulate(conv1x1_input_grad(grad_z, weight), x, ...)`: on the CPU
+    (float32/float64) one op that feeds the GEMM's cache-resident tiles to the accumulation,
+    so the input gradient is never stored; elsewhere the two steps.
+
+    grad_z: (batch, out, height, width); weight: (out, in, 1, 1); x, grad_acc: (batch, in,
+    height, width) with contiguous planes. Returns (sum dpre, sum dpre * xhat).
+    """
+    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
+        return _ops.conv1x1_input_grad_accumulate(grad_z, weight.flatten(1).contiguous(), x, mean, invstd, bn_weight,
+                                                  bn_bias, act, grad_acc)
+    return bn_act_backward_accumulate(conv1x1_input_grad(grad_z, weight), x, mean, invstd, bn_weight, bn_bias, act,
+                                      grad_acc)
 
 
 def bn_grad_correct(grad_acc, x, mean, invstd, sum_grad, sum_grad_xhat, grad_x) -> None:
@@ -371,9 +390,8 @@ def _dense_backward(grad_dense, buf, dense_params, g: Geometry, eps, mean, var, 
         grad_z, grad_norm2_w, grad_norm2_b = bn_act_backward(grad_b, z, bottleneck_mean[j], invstd2, norm2_w,
                                                              norm2_b, DENSE_ACT)
         grad_conv1 = conv1x1_weight_grad(grad_z, dense[:, :c], in_scale=scale1, in_shift=shift1, in_act=DENSE_ACT)
-        grad_a = conv1x1_input_grad(grad_z, conv1_w)
-        grad_norm1_b, grad_norm1_w = bn_act_backward_accumulate(
-            grad_a, dense[:, :c], mean[:c], invstd[:c], norm1_w, norm1_b, DENSE_ACT, grad_acc[:, :c])
+        grad_norm1_b, grad_norm1_w = conv1x1_input_grad_accumulate(
+            grad_z, conv1_w, dense[:, :c], mean[:c], invstd[:c], norm1_w, norm1_b, DENSE_ACT, grad_acc[:, :c])
         sum_grad[:c] += norm1_w * grad_norm1_b
         sum_grad_xhat[:c] += norm1_w * grad_norm1_w
         grads[DENSE_PARAMS_PER_LAYER * j: DENSE_PARAMS_PER_LAYER * (j + 1)] = [

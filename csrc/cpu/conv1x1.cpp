@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "activation.h"
+#include "batch_norm_act.h"
 #include "plane_layout.h"
 
 // Fortran BLAS as exported by libtorch_cpu (MKL, or OpenBLAS on some platforms): column-major,
@@ -42,17 +43,17 @@ namespace {
 // the output tile stay in a core's L2 cache between the prologue, the GEMM and the epilogue.
 constexpr int64_t kScratchBytes = 256 * 1024;
 
-// Column-major C = op(A) B + beta C, op(A) = A or A^T.
-inline void gemm(bool transpose_a, int m, int n, int k, const float* a, int lda, const float* b, int ldb, float beta,
-                 float* c, int ldc) {
+// Column-major C (m x n) = op(A) op(B) + beta C, op = transpose where asked ("N" or "T").
+inline void gemm(const char* op_a, const char* op_b, int m, int n, int k, const float* a, int lda, const float* b,
+                 int ldb, float beta, float* c, int ldc) {
   const float one = 1;
-  sgemm_(transpose_a ? "T" : "N", "N", &m, &n, &k, &one, a, &lda, b, &ldb, &beta, c, &ldc);
+  sgemm_(op_a, op_b, &m, &n, &k, &one, a, &lda, b, &ldb, &beta, c, &ldc);
 }
 
-inline void gemm(bool transpose_a, int m, int n, int k, const double* a, int lda, const double* b, int ldb,
-                 double beta, double* c, int ldc) {
+inline void gemm(const char* op_a, const char* op_b, int m, int n, int k, const double* a, int lda, const double* b,
+                 int ldb, double beta, double* c, int ldc) {
   const double one = 1;
-  dgemm_(transpose_a ? "T" : "N", "N", &m, &n, &k, &one, a, &lda, b, &ldb, &beta, c, &ldc);
+  dgemm_(op_a, op_b, &m, &n, &k, &one, a, &lda, b, &ldb, &beta, c, &ldc);
 }
 
 // Each at::parallel_for thread runs its own tiles' GEMMs: MKL must not start threads of its own
@@ -187,7 +188,7 @@ std::tuple<at::Tensor, at::Tensor> conv1x1_fused_out_cpu(
         load_tile(xp, X, t, scale, shift, in_act, scratch.data());
         // Row-major out_tile (O x w) = W (O x C) @ scratch (C x w), i.e. column-major
         // out_tile^T (w x O) = scratch^T (w x C) @ W^T (C x O).
-        gemm(false, static_cast<int>(t.width), static_cast<int>(O.channels), static_cast<int>(X.channels),
+        gemm("N", "N", static_cast<int>(t.width), static_cast<int>(O.channels), static_cast<int>(X.channels),
              scratch.data(), static_cast<int>(t.width), wp, ldb, scalar_t(0), op + t.sample * O.batch_stride + t.begin,
              ldc);
         finish_tile(op, O, t, bp, act, stats ? moments.data() + i * O.channels * 2 : nullptr);
@@ -265,7 +266,7 @@ at::Tensor conv1x1_weight_grad_fused_cpu(const at::Tensor& grad_out, const at::T
         load_tile(xp, X, t, scale, shift, in_act, scratch.data());
         // Row-major partial (O x C) += grad_tile (O x w) @ scratch^T (w x C), i.e. column-major
         // partial^T (C x O) += scratch (C x w, given as its column-major transpose) @ grad_tile^T.
-        gemm(true, static_cast<int>(X.channels), static_cast<int>(G.channels), static_cast<int>(t.width),
+        gemm("T", "N", static_cast<int>(X.channels), static_cast<int>(G.channels), static_cast<int>(t.width),
              scratch.data(), static_cast<int>(t.width), gp + t.sample * G.batch_stride + t.begin, ldb, scalar_t(1),
              partial, static_cast<int>(X.channels));
       }
@@ -274,9 +275,119 @@ at::Tensor conv1x1_weight_grad_fused_cpu(const at::Tensor& grad_out, const at::T
   return partials.sum(0);
 }
 
+// Epilogue of the dense block's conv1 input gradient, over one cache-resident row of grad_a:
+// dpre = grad_a * act'(weight * xhat + bias), grad_acc += weight * dpre, and the row's sums of
+// dpre and dpre * xhat (the BN1 bias and weight gradients).
+template <typename scalar_t, Act A>
+void accumulate_row(const scalar_t* grad_a, const scalar_t* x, scalar_t* grad_acc, int64_t width,
+                    at::opmath_type<scalar_t> mean, at::opmath_type<scalar_t> invstd, at::opmath_type<scalar_t> w,
+                    at::opmath_type<scalar_t> b, double* sums) {
+  using acc_t = at::opmath_type<scalar_t>;
+  acc_t s = 0, sx = 0;
+#pragma omp simd reduction(+ : s, sx)
+  for (int64_t i = 0; i < width; ++i) {
+    const acc_t xhat = (static_cast<acc_t>(x[i]) - mean) * invstd;
+    const acc_t dpre = bn_act_grad_pre<A>(static_cast<acc_t>(grad_a[i]), xhat, w, b);
+    grad_acc[i] = static_cast<scalar_t>(static_cast<acc_t>(grad_acc[i]) + w * dpre);
+    s += dpre;
+    sx += dpre * xhat;
+  }
+  sums[0] = s;
+  sums[1] = sx;
+}
+
+// conv1x1's input gradient grad_a = weight^T grad_z, fed tile by tile from cache into the BN +
+// act backward accumulation of `bn_act_backward_accumulate`: grad_a never goes to memory.
+std::tuple<at::Tensor, at::Tensor> conv1x1_input_grad_accumulate_cpu(
+    const at::Tensor& grad_z, const at::Tensor& weight, const at::Tensor& x, const at::Tensor& mean,
+    const at::Tensor& invstd, const at::Tensor& bn_weight, const at::Tensor& bn_bias, c10::string_view act_name,
+    const at::Tensor& grad_acc) {
+  const PlaneLayout G = plane_layout(grad_z, "grad_z");
+  const PlaneLayout X = plane_layout(x, "x"), ACC = plane_layout(grad_acc, "grad_acc");
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+                   "conv1x1_input_grad_accumulate runs float32 and float64 on the CPU; got ", x.scalar_type());
+  for (const at::Tensor* t : {&grad_z, &weight, &grad_acc}) {
+    TORCH_CHECK_TYPE(t->scalar_type() == x.scalar_type(), "grad_z, weight and grad_acc must have x's dtype ",
+                     x.scalar_type(), "; got ", t->scalar_type());
+  }
+  check_same_shape(x, grad_acc, "x", "grad_acc");
+  TORCH_CHECK_VALUE(grad_z.size(0) == X.batch && grad_z.size(2) == x.size(2) && grad_z.size(3) == x.size(3),
+                    "grad_z must be (", X.batch, ", out_channels, ", x.size(2), ", ", x.size(3), "); got ",
+                    grad_z.sizes());
+  TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(0) == G.channels && weight.size(1) == X.channels &&
+                        weight.is_contiguous(),
+                    "weight must be a contiguous (", G.channels, ", ", X.channels, ") matrix; got shape ",
+                    weight.sizes());
+  check_per_channel_args(x, {{mean, "mean"}, {invstd, "invstd"}, {bn_weight, "weight"}, {bn_bias, "bias"}});
+  const Act act = parse_act(std::string(act_name));
+  check_blas_int(X.channels, "in_channels");
+  check_blas_int(G.channels, "out_channels");
+  check_blas_int(G.channel_stride, "grad_z's channel stride");
+
+  const at::ScalarType sdtype = stats_dtype(x.scalar_type());
+  at::Tensor sum_dpre = at::zeros({X.channels}, x.options().dtype(sdtype));
+  at::Tensor sum_dpre_xhat = at::zeros({X.channels}, x.options().dtype(sdtype));
+  if (X.channels == 0 || X.plane == 0 || X.batch == 0) return {sum_dpre, sum_dpre_xhat};
+  const int64_t width = tile_width(X.channels, X.plane, x.element_size());
+  const int64_t tiles_per_sample = (X.plane + width - 1) / width;
+  const int64_t tiles = X.batch * tiles_per_sample;
+  std::vector<double> sums(tiles * X.channels * 2);
+
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv1x1_input_grad_accumulate_cpu", [&] {
+    using stat_t = stat_of<scalar_t>;
+    const scalar_t* gp = grad_z.const_data_ptr<scalar_t>();
+    const scalar_t* wp = weight.const_data_ptr<scalar_t>();
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    scalar_t* accp = grad_acc.mutable_data_ptr<scalar_t>();
+    const stat_t* mean_p = mean.const_data_ptr<stat_t>();
+    const stat_t* invstd_p = invstd.const_data_ptr<stat_t>();
+    const stat_t* w_p = bn_weight.const_data_ptr<stat_t>();
+    const stat_t* b_p = bn_bias.const_data_ptr<stat_t>();
+    const int ldb = static_cast<int>(G.channels == 1 ? std::max(G.channel_stride, width) : G.channel_stride);
+    at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+      const SingleThreadedBlas blas_in_this_thread;
+      std::vector<scalar_t> grad_a(X.channels * width);
+      for (int64_t i = t0; i < t1; ++i) {
+        const int64_t begin = (i % tiles_per_sample) * width;
+        const Tile t{i / tiles_per_sample, begin, std::min(width, X.plane - begin)};
+        // Row-major grad_a (C x w) = W^T (C x O) @ grad_z tile (O x w), i.e. column-major
+        // grad_a^T (w x C) = grad_z tile^T (w x O) @ W (O x C; row-major W is its column-major
+        // transpose, hence "T").
+        gemm("N", "T", static_cast<int>(t.width), static_cast<int>(X.channels), static_cast<int>(G.channels),
+             gp + t.sample * G.batch_stride + t.begin, ldb, wp, static_cast<int>(X.channels), scalar_t(0),
+             grad_a.data(), static_cast<int>(t.width));
+        for (int64_t c = 0; c < X.channels; ++c) {
+          const int64_t at_x = t.sample * X.batch_stride + c * X.channel_stride + t.begin;
+          const int64_t at_acc = t.sample * ACC.batch_stride + c * ACC.channel_stride + t.begin;
+          CSP_DISPATCH_ACT(act, [&] {
+            accumulate_row<scalar_t, kAct>(grad_a.data() + c * t.width, xp + at_x, accp + at_acc, t.width,
+                                           mean_p[c], invstd_p[c], w_p[c], b_p[c],
+                                           sums.data() + (i * X.channels + c) * 2);
+          });
+        }
+      }
+    });
+    stat_t* s = sum_dpre.mutable_data_ptr<stat_t>();
+    stat_t* sx = sum_dpre_xhat.mutable_data_ptr<stat_t>();
+    at::parallel_for(0, X.channels, 16, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        double total = 0, total_xhat = 0;
+        for (int64_t i = 0; i < tiles; ++i) {  // tile order: deterministic
+          total += sums[(i * X.channels + c) * 2];
+          total_xhat += sums[(i * X.channels + c) * 2 + 1];
+        }
+        s[c] = static_cast<stat_t>(total);
+        sx[c] = static_cast<stat_t>(total_xhat);
+      }
+    });
+  });
+  return {sum_dpre, sum_dpre_xhat};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(csp_kernels, CPU, m) {
+  m.impl("conv1x1_input_grad_accumulate", &conv1x1_input_grad_accumulate_cpu);
   m.impl("conv1x1_fused_out", &conv1x1_fused_out_cpu);
   m.impl("conv1x1_weight_grad_fused", &conv1x1_weight_grad_fused_cpu);
 }
