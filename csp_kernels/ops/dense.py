@@ -297,7 +297,11 @@ def _setup_context(ctx, inputs, output):
     _, buf, z_last, dense_mean, dense_var, bottleneck_mean, bottleneck_var, t_mean, t_var = output
     ctx.geometry = Geometry.of(x, part1, dense_params)
     ctx.fusion, ctx.act, ctx.eps, ctx.engine = fusion, act, eps, engine
-    ctx.num_dense = len(dense_params)
+    ctx.num_dense, ctx.num_transition = len(dense_params), len(transition_params)
+    # Only `out` carries a gradient; without these autograd would hand backward zero-filled
+    # gradients of buf and z_last (61 MiB of writes on pdb-cpu).
+    ctx.mark_non_differentiable(buf, z_last, dense_mean, dense_var, bottleneck_mean, bottleneck_var, t_mean, t_var)
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(buf, z_last, dense_mean, dense_var, bottleneck_mean, bottleneck_var, t_mean, t_var,
                           *dense_params, *transition_params)
 
@@ -306,6 +310,8 @@ def _backward(ctx, grad_out, *_grads_of_saved_outputs):
     if torch.is_grad_enabled():
         raise RuntimeError("csp_kernels.PartialDenseBlock does not support double backward "
                            "(backward with create_graph=True); use csp_kernels.reference.PartialDenseBlock")
+    if grad_out is None:  # no gradient reached `out` (grads are not materialized, see above)
+        return None, [None] * ctx.num_dense, [None] * ctx.num_transition, None, None, None, None, None
     g: Geometry = ctx.geometry
     buf, z_last, dense_mean, dense_var, bottleneck_mean, bottleneck_var, t_mean, t_var, *params = ctx.saved_tensors
     dense_params, transition_params = params[: ctx.num_dense], params[ctx.num_dense:]
