@@ -39,7 +39,7 @@ int mkl_set_num_threads_local_(const int* nth) __attribute__((weak));
 namespace csp_kernels {
 namespace {
 
-// Input tile: channels x tile_width scratch values of at most this many bytes, so that it and
+// Input tile: channels x tile-width scratch values of at most this many bytes, so that it and
 // the output tile stay in a core's L2 cache between the prologue, the GEMM and the epilogue.
 constexpr int64_t kScratchBytes = 256 * 1024;
 
@@ -72,14 +72,38 @@ class SingleThreadedBlas {
   int previous_ = 0;
 };
 
-int64_t tile_width(int64_t channels, int64_t plane, int64_t element_size) {
-  const int64_t fit = kScratchBytes / (channels * element_size) / 16 * 16;
-  return std::min(plane, std::clamp<int64_t>(fit, 16, 4096));
-}
-
 struct Tile {
   int64_t sample, begin, width;  // pixels [begin, begin + width) of one sample's planes
 };
+
+// The column tiles of x's planes: `count` tiles of `width` pixels (the last of each plane
+// narrower), sized so that x's channels of scratch fit kScratchBytes.
+struct Tiling {
+  int64_t width = 1, per_sample = 0, count = 0, plane = 0;
+
+  Tiling(const PlaneLayout& X, int64_t element_size) : plane(X.plane) {
+    const int64_t fit = kScratchBytes / (std::max<int64_t>(X.channels, 1) * element_size) / 16 * 16;
+    width = std::max<int64_t>(1, std::min(X.plane, std::clamp<int64_t>(fit, 16, 1024)));
+    per_sample = (X.plane + width - 1) / width;
+    count = X.batch * per_sample;
+  }
+
+  Tile operator[](int64_t i) const {
+    const int64_t begin = (i % per_sample) * width;
+    return {i / per_sample, begin, std::min(width, plane - begin)};
+  }
+};
+
+// f(tile index, tile, scratch of `scratch_size` values) for every tile, in parallel over the
+// tiles, each thread with its own scratch and a single-threaded BLAS.
+template <typename scalar_t, typename F>
+void for_each_tile(const Tiling& tiling, int64_t scratch_size, const F& f) {
+  at::parallel_for(0, tiling.count, 1, [&](int64_t t0, int64_t t1) {
+    const SingleThreadedBlas blas_in_this_thread;
+    std::vector<scalar_t> scratch(scratch_size);
+    for (int64_t i = t0; i < t1; ++i) f(i, tiling[i], scratch.data());
+  });
+}
 
 template <typename scalar_t, Act A>
 void scale_shift_act_row(const scalar_t* src, scalar_t* dst, int64_t width, at::opmath_type<scalar_t> a,
@@ -161,9 +185,8 @@ std::tuple<at::Tensor, at::Tensor> conv1x1_fused_out_cpu(
   const at::ScalarType sdtype = stats_dtype(x.scalar_type());
   if (O.channels == 0) return {at::empty({0}, x.options().dtype(sdtype)), at::empty({0}, x.options().dtype(sdtype))};
 
-  const int64_t width = tile_width(std::max<int64_t>(X.channels, 1), X.plane, x.element_size());
-  const int64_t tiles_per_sample = X.plane == 0 ? 0 : (X.plane + width - 1) / width;
-  const int64_t tiles = X.batch * tiles_per_sample;
+  const Tiling tiling(X, x.element_size());
+  const int64_t tiles = tiling.count, width = tiling.width;
   at::Tensor mean = at::empty({stats ? O.channels : 0}, x.options().dtype(sdtype));
   at::Tensor var = at::empty({stats ? O.channels : 0}, x.options().dtype(sdtype));
   std::vector<double> moments(stats ? tiles * O.channels * 2 : 0);
@@ -179,20 +202,13 @@ std::tuple<at::Tensor, at::Tensor> conv1x1_fused_out_cpu(
     // BLAS wants ldc >= m and ldb >= max(1, k) even where a size-1 or size-0 dim never uses them.
     const int ldc = static_cast<int>(O.channels == 1 ? std::max(O.channel_stride, width) : O.channel_stride);
     const int ldb = static_cast<int>(std::max<int64_t>(X.channels, 1));
-    at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
-      const SingleThreadedBlas blas_in_this_thread;
-      std::vector<scalar_t> scratch(X.channels * width);
-      for (int64_t i = t0; i < t1; ++i) {
-        const int64_t begin = (i % tiles_per_sample) * width;
-        const Tile t{i / tiles_per_sample, begin, std::min(width, X.plane - begin)};
-        load_tile(xp, X, t, scale, shift, in_act, scratch.data());
-        // Row-major out_tile (O x w) = W (O x C) @ scratch (C x w), i.e. column-major
-        // out_tile^T (w x O) = scratch^T (w x C) @ W^T (C x O).
-        gemm("N", "N", static_cast<int>(t.width), static_cast<int>(O.channels), static_cast<int>(X.channels),
-             scratch.data(), static_cast<int>(t.width), wp, ldb, scalar_t(0), op + t.sample * O.batch_stride + t.begin,
-             ldc);
-        finish_tile(op, O, t, bp, act, stats ? moments.data() + i * O.channels * 2 : nullptr);
-      }
+    for_each_tile<scalar_t>(tiling, X.channels * width, [&](int64_t i, const Tile& t, scalar_t* scratch) {
+      load_tile(xp, X, t, scale, shift, in_act, scratch);
+      // Row-major out_tile (O x w) = W (O x C) @ scratch (C x w), i.e. column-major
+      // out_tile^T (w x O) = scratch^T (w x C) @ W^T (C x O).
+      gemm("N", "N", static_cast<int>(t.width), static_cast<int>(O.channels), static_cast<int>(X.channels), scratch,
+           static_cast<int>(t.width), wp, ldb, scalar_t(0), op + t.sample * O.batch_stride + t.begin, ldc);
+      finish_tile(op, O, t, bp, act, stats ? moments.data() + i * O.channels * 2 : nullptr);
     });
     if (!stats) return;
     // Chan's merge of the tiles' (count, mean, M2), in tile order: deterministic.
@@ -202,7 +218,7 @@ std::tuple<at::Tensor, at::Tensor> conv1x1_fused_out_cpu(
       for (int64_t o = o0; o < o1; ++o) {
         double n = 0, m = 0, m2 = 0;
         for (int64_t i = 0; i < tiles; ++i) {
-          const double nb = static_cast<double>(std::min(width, X.plane - (i % tiles_per_sample) * width));
+          const double nb = static_cast<double>(tiling[i].width);
           const double mb = moments[(i * O.channels + o) * 2], m2b = moments[(i * O.channels + o) * 2 + 1];
           const double total = n + nb, delta = mb - m;
           m += delta * nb / total;
@@ -242,9 +258,8 @@ at::Tensor conv1x1_weight_grad_fused_cpu(const at::Tensor& grad_out, const at::T
 
   at::Tensor grad_weight = at::zeros({G.channels, X.channels}, x.options());
   if (G.channels == 0 || X.channels == 0 || X.plane == 0 || X.batch == 0) return grad_weight;
-  const int64_t width = tile_width(X.channels, X.plane, x.element_size());
-  const int64_t tiles_per_sample = (X.plane + width - 1) / width;
-  const int64_t tiles = X.batch * tiles_per_sample;
+  const Tiling tiling(X, x.element_size());
+  const int64_t width = tiling.width;
   const int threads = at::get_num_threads();
   at::Tensor partials = at::zeros({threads, G.channels, X.channels}, x.options());
 
@@ -256,20 +271,14 @@ at::Tensor conv1x1_weight_grad_fused_cpu(const at::Tensor& grad_out, const at::T
     const stat_t* scale = in_scale ? in_scale->const_data_ptr<stat_t>() : nullptr;
     const stat_t* shift = in_shift ? in_shift->const_data_ptr<stat_t>() : nullptr;
     const int ldb = static_cast<int>(G.channels == 1 ? std::max(G.channel_stride, width) : G.channel_stride);
-    at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
-      const SingleThreadedBlas blas_in_this_thread;
-      std::vector<scalar_t> scratch(X.channels * width);
+    for_each_tile<scalar_t>(tiling, X.channels * width, [&](int64_t, const Tile& t, scalar_t* scratch) {
       scalar_t* partial = pp + at::get_thread_num() * G.channels * X.channels;
-      for (int64_t i = t0; i < t1; ++i) {
-        const int64_t begin = (i % tiles_per_sample) * width;
-        const Tile t{i / tiles_per_sample, begin, std::min(width, X.plane - begin)};
-        load_tile(xp, X, t, scale, shift, in_act, scratch.data());
-        // Row-major partial (O x C) += grad_tile (O x w) @ scratch^T (w x C), i.e. column-major
-        // partial^T (C x O) += scratch (C x w, given as its column-major transpose) @ grad_tile^T.
-        gemm("T", "N", static_cast<int>(X.channels), static_cast<int>(G.channels), static_cast<int>(t.width),
-             scratch.data(), static_cast<int>(t.width), gp + t.sample * G.batch_stride + t.begin, ldb, scalar_t(1),
-             partial, static_cast<int>(X.channels));
-      }
+      load_tile(xp, X, t, scale, shift, in_act, scratch);
+      // Row-major partial (O x C) += grad_tile (O x w) @ scratch^T (w x C), i.e. column-major
+      // partial^T (C x O) += scratch (C x w, given as its column-major transpose) @ grad_tile^T.
+      gemm("T", "N", static_cast<int>(X.channels), static_cast<int>(G.channels), static_cast<int>(t.width), scratch,
+           static_cast<int>(t.width), gp + t.sample * G.batch_stride + t.begin, ldb, scalar_t(1), partial,
+           static_cast<int>(X.channels));
     });
   });
   return partials.sum(0);
@@ -328,9 +337,8 @@ std::tuple<at::Tensor, at::Tensor> conv1x1_input_grad_accumulate_cpu(
   at::Tensor sum_dpre = at::zeros({X.channels}, x.options().dtype(sdtype));
   at::Tensor sum_dpre_xhat = at::zeros({X.channels}, x.options().dtype(sdtype));
   if (X.channels == 0 || X.plane == 0 || X.batch == 0) return {sum_dpre, sum_dpre_xhat};
-  const int64_t width = tile_width(X.channels, X.plane, x.element_size());
-  const int64_t tiles_per_sample = (X.plane + width - 1) / width;
-  const int64_t tiles = X.batch * tiles_per_sample;
+  const Tiling tiling(X, x.element_size());
+  const int64_t tiles = tiling.count, width = tiling.width;
   std::vector<double> sums(tiles * X.channels * 2);
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv1x1_input_grad_accumulate_cpu", [&] {
@@ -344,27 +352,20 @@ std::tuple<at::Tensor, at::Tensor> conv1x1_input_grad_accumulate_cpu(
     const stat_t* w_p = bn_weight.const_data_ptr<stat_t>();
     const stat_t* b_p = bn_bias.const_data_ptr<stat_t>();
     const int ldb = static_cast<int>(G.channels == 1 ? std::max(G.channel_stride, width) : G.channel_stride);
-    at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
-      const SingleThreadedBlas blas_in_this_thread;
-      std::vector<scalar_t> grad_a(X.channels * width);
-      for (int64_t i = t0; i < t1; ++i) {
-        const int64_t begin = (i % tiles_per_sample) * width;
-        const Tile t{i / tiles_per_sample, begin, std::min(width, X.plane - begin)};
-        // Row-major grad_a (C x w) = W^T (C x O) @ grad_z tile (O x w), i.e. column-major
-        // grad_a^T (w x C) = grad_z tile^T (w x O) @ W (O x C; row-major W is its column-major
-        // transpose, hence "T").
-        gemm("N", "T", static_cast<int>(t.width), static_cast<int>(X.channels), static_cast<int>(G.channels),
-             gp + t.sample * G.batch_stride + t.begin, ldb, wp, static_cast<int>(X.channels), scalar_t(0),
-             grad_a.data(), static_cast<int>(t.width));
-        for (int64_t c = 0; c < X.channels; ++c) {
-          const int64_t at_x = t.sample * X.batch_stride + c * X.channel_stride + t.begin;
-          const int64_t at_acc = t.sample * ACC.batch_stride + c * ACC.channel_stride + t.begin;
-          CSP_DISPATCH_ACT(act, [&] {
-            accumulate_row<scalar_t, kAct>(grad_a.data() + c * t.width, xp + at_x, accp + at_acc, t.width,
-                                           mean_p[c], invstd_p[c], w_p[c], b_p[c],
-                                           sums.data() + (i * X.channels + c) * 2);
-          });
-        }
+    for_each_tile<scalar_t>(tiling, X.channels * width, [&](int64_t i, const Tile& t, scalar_t* grad_a) {
+      // Row-major grad_a (C x w) = W^T (C x O) @ grad_z tile (O x w), i.e. column-major
+      // grad_a^T (w x C) = grad_z tile^T (w x O) @ W (O x C; row-major W is its column-major
+      // transpose, hence "T").
+      gemm("N", "T", static_cast<int>(t.width), static_cast<int>(X.channels), static_cast<int>(G.channels),
+           gp + t.sample * G.batch_stride + t.begin, ldb, wp, static_cast<int>(X.channels), scalar_t(0), grad_a,
+           static_cast<int>(t.width));
+      for (int64_t c = 0; c < X.channels; ++c) {
+        const int64_t at_x = t.sample * X.batch_stride + c * X.channel_stride + t.begin;
+        const int64_t at_acc = t.sample * ACC.batch_stride + c * ACC.channel_stride + t.begin;
+        CSP_DISPATCH_ACT(act, [&] {
+          accumulate_row<scalar_t, kAct>(grad_a + c * t.width, xp + at_x, accp + at_acc, t.width, mean_p[c],
+                                         invstd_p[c], w_p[c], b_p[c], sums.data() + (i * X.channels + c) * 2);
+        });
       }
     });
     stat_t* s = sum_dpre.mutable_data_ptr<stat_t>();
