@@ -81,9 +81,10 @@ struct Tile {
 struct Tiling {
   int64_t width = 1, per_sample = 0, count = 0, plane = 0;
 
-  Tiling(const PlaneLayout& X, int64_t element_size) : plane(X.plane) {
-    const int64_t fit = kScratchBytes / (std::max<int64_t>(X.channels, 1) * element_size) / 16 * 16;
-    width = std::max<int64_t>(1, std::min(X.plane, std::clamp<int64_t>(fit, 16, 1024)));
+  Tiling(const PlaneLayout& X, int64_t element_size, int64_t scratch_bytes = kScratchBytes, int64_t max_width = 1024)
+      : plane(X.plane) {
+    const int64_t fit = scratch_bytes / (std::max<int64_t>(X.channels, 1) * element_size) / 16 * 16;
+    width = std::max<int64_t>(1, std::min(X.plane, std::clamp<int64_t>(fit, 16, max_width)));
     per_sample = (X.plane + width - 1) / width;
     count = X.batch * per_sample;
   }
@@ -258,7 +259,9 @@ at::Tensor conv1x1_weight_grad_fused_cpu(const at::Tensor& grad_out, const at::T
 
   at::Tensor grad_weight = at::zeros({G.channels, X.channels}, x.options());
   if (G.channels == 0 || X.channels == 0 || X.plane == 0 || X.batch == 0) return grad_weight;
-  const Tiling tiling(X, x.element_size());
+  // Longer tiles than the forward's: each tile's GEMM also re-reads and re-writes the (O, C)
+  // accumulator, so the reduction along the tile must be long to amortize it.
+  const Tiling tiling(X, x.element_size(), 4 * kScratchBytes, 4096);
   const int64_t width = tiling.width;
   const int threads = at::get_num_threads();
   at::Tensor partials = at::zeros({threads, G.channels, X.channels}, x.options());
