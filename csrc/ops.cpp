@@ -32,6 +32,11 @@ TORCH_LIBRARY(csp_kernels, m) {
         "str in_act) -> Tensor");
   // Its input gradient weight^T grad_z fed straight into bn_act_backward_accumulate (below)
   // with x, mean, ... describing the BN + act that produced conv1x1's input (CPU).
+  // The backward of act(BN(conv1x1(x, weight))) after bn_act_backward_reduce gave sum_dpre and
+  // sum_dpre_xhat: (grad_x, grad_weight (O, C)), an empty tensor for one not asked for (CPU).
+  m.def("conv1x1_bn_act_backward(Tensor grad_y, Tensor z, Tensor mean, Tensor invstd, Tensor weight_bn, "
+        "Tensor bias_bn, Tensor sum_dpre, Tensor sum_dpre_xhat, str act, Tensor x, Tensor weight, bool input_grad, "
+        "bool weight_grad) -> (Tensor grad_x, Tensor grad_weight)");
   m.def("conv1x1_input_grad_accumulate(Tensor grad_z, Tensor weight, Tensor x, Tensor mean, Tensor invstd, "
         "Tensor weight_bn, Tensor bias_bn, str act, Tensor(a!) grad_acc) -> (Tensor sum_dpre, Tensor sum_dpre_xhat)");
 

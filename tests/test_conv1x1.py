@@ -1,13 +1,16 @@
-"""The fused 1x1 convolution (csp_kernels.ops.conv1x1.conv1x1_fused) on every engine against
-plain PyTorch in float64: prologue, epilogue, batch statistics, several tiles per plane, channel
-slices, in-place runs, and the C++ op's argument checks and opcheck."""
+"""The fused 1x1 convolution (csp_kernels.ops.conv1x1) against plain PyTorch in float64: the
+forward on every engine (prologue, epilogue, batch statistics, several tiles per plane, channel
+slices, in-place runs), the CPU backward ops against their unfused passes, and the C++ ops'
+argument checks and opcheck."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 from csp_kernels import backend, checks
 from csp_kernels.ops import dense
-from csp_kernels.ops.conv1x1 import conv1x1_fused, conv1x1_input_grad, conv1x1_weight_grad
+from csp_kernels.ops.batch_norm_act import bn_act_backward
+from csp_kernels.ops.conv1x1 import (conv1x1_bn_act_backward, conv1x1_fused, conv1x1_input_grad,
+                                    conv1x1_weight_grad)
 from helpers import DEVICES, rel_error
 
 TOL = {torch.float64: 1e-12, torch.float32: 2e-6}
@@ -143,6 +146,31 @@ def test_input_gradient_fed_to_the_bn_accumulation(dtype, act):
         assert rel_error(got, ref) <= 10 * TOL[dtype]
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("act", ["leaky_relu", "mish"])
+@pytest.mark.parametrize("needs", [(True, True), (True, False), (False, True)], ids=["both", "input", "weight"])
+def test_conv_bn_act_backward(dtype, act, needs):
+    """The CPU op (grad_z only in cache) against the passes: `bn_act_backward`, then the
+    GEMMs, with x a channel slice and a partial last tile; what is not asked for is None."""
+    n, c, h, w = shape_for("aten")
+    x = torch.randn(n, c + 2, h, w, dtype=dtype)[:, :c]
+    weight = torch.randn(9, c, 1, 1, dtype=dtype) / c ** 0.5
+    z, grad_y = torch.randn(n, 9, h, w, dtype=dtype), torch.randn(n, 9, h, w, dtype=dtype)
+    sd = stats_dtype(dtype)
+    mean, invstd = torch.randn(9, dtype=sd), torch.rand(9, dtype=sd) + 0.5
+    bn_w, bn_b = torch.randn(9, dtype=sd), torch.randn(9, dtype=sd)
+    grad_z, grad_bn_w, grad_bn_b = bn_act_backward(grad_y, z, mean, invstd, bn_w, bn_b, act)
+    expected = (conv1x1_input_grad(grad_z, weight), conv1x1_weight_grad(grad_z, x), grad_bn_w, grad_bn_b)
+    got = conv1x1_bn_act_backward(grad_y, z, mean, invstd, bn_w, bn_b, act, x, weight, *needs)
+    for name, g, e, needed in zip(["grad_x", "grad_weight", "grad_bn_weight", "grad_bn_bias"], got, expected,
+                                  [*needs, True, True]):
+        if not needed:
+            assert g is None, name
+            continue
+        assert g.shape == e.shape, name
+        assert rel_error(g, e) <= 10 * TOL[dtype], name
+
+
 def test_cpu_op_rejects_what_it_cannot_run():
     x = torch.randn(2, 4, 3, 3)
     weight = torch.randn(5, 4, 1, 1)
@@ -171,6 +199,9 @@ def test_cpu_op_opcheck():
                           (x, weight, None, None, "identity", None, "identity", False, torch.empty(2, 6, 3, 5)))
     torch.library.opcheck(torch.ops.csp_kernels.conv1x1_weight_grad_fused.default,
                           (torch.randn(2, 6, 3, 5), x, scale, shift, "relu"))
+    stats = [torch.randn(6), torch.rand(6) + 0.5, torch.randn(6), torch.randn(6), torch.randn(6), torch.randn(6)]
+    torch.library.opcheck(torch.ops.csp_kernels.conv1x1_bn_act_backward.default,
+                          (torch.randn(2, 6, 3, 5), torch.randn(2, 6, 3, 5), *stats, "silu", x, weight, True, True))
     torch.library.opcheck(torch.ops.csp_kernels.conv1x1_input_grad_accumulate.default,
                           (torch.randn(2, 6, 3, 5), weight, x, torch.randn(4), torch.rand(4) + 0.5, torch.randn(4),
                            torch.randn(4), "relu", torch.zeros(2, 4, 3, 5)))

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from .. import extension  # noqa: F401  (loads csp_kernels._C, which defines the C++ ops)
-from .batch_norm_act import channel_stats, scale_shift_act, stats_dtype
+from .batch_norm_act import bn_act_backward, channel_stats, plane_contiguous, scale_shift_act, stats_dtype
 
 _ops = torch.ops.csp_kernels
 
@@ -32,6 +32,12 @@ if extension._C is not None:
         channels = out.shape[1] if stats else 0
         sdtype = stats_dtype(x.dtype)
         return x.new_empty(channels, dtype=sdtype), x.new_empty(channels, dtype=sdtype)
+
+    @torch.library.register_fake("csp_kernels::conv1x1_bn_act_backward")
+    def _(grad_y, z, mean, invstd, weight_bn, bias_bn, sum_dpre, sum_dpre_xhat, act, x, weight, input_grad,
+          weight_grad):
+        grad_x = torch.empty_like(x) if input_grad else x.new_empty(0)
+        return grad_x, x.new_empty(weight.shape if weight_grad else (0, *weight.shape[1:]))
 
     @torch.library.register_fake("csp_kernels::conv1x1_weight_grad_fused")
     def _(grad_out, x, in_scale, in_shift, in_act):
@@ -123,3 +129,28 @@ def _conv1x1_passes(x, weight, in_scale, in_shift, in_act, bias, act, out, stats
         shift = bias if bias is not None else out.new_zeros(out.shape[1], dtype=stats_dtype(out.dtype))
         scale_shift_act(out, torch.ones_like(shift), shift, act, out=out)
     return (out, *channel_stats(out)) if stats else out
+
+
+def conv1x1_bn_act_backward(grad_y, z, mean, invstd, bn_weight, bn_bias, act, x, weight, needs_x=True,
+                            needs_weight=True):
+    """The backward of y = act(BN(z)), z = conv1x1(x, weight), BN with batch statistics.
+
+    grad_y, z: (batch, out, height, width); x: (batch, in, height, width) with contiguous
+    planes; weight: (out, in, 1, 1); mean, invstd, bn_weight, bn_bias: (out,) in the statistics
+    dtype. Returns (grad_x, grad_weight, grad_bn_weight, grad_bn_bias), None where not needed.
+
+    CPU float32/float64: one reduction pass, then `csp_kernels::conv1x1_bn_act_backward`, which
+    computes grad_z tile by tile in cache for both GEMMs, so grad_z is never stored. Elsewhere:
+    `bn_act_backward` (two passes, grad_z stored) and the two GEMMs.
+    """
+    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
+        grad_y, z = plane_contiguous(grad_y), plane_contiguous(z)
+        grad_bn_bias, grad_bn_weight = _ops.bn_act_backward_reduce(grad_y, z, mean, invstd, bn_weight, bn_bias, act)
+        grad_x, grad_weight = _ops.conv1x1_bn_act_backward(grad_y, z, mean, invstd, bn_weight, bn_bias, grad_bn_bias,
+                                                           grad_bn_weight, act, x, weight.flatten(1).contiguous(),
+                                                           needs_x, needs_weight)
+        return (grad_x if needs_x else None, grad_weight.view(weight.shape) if needs_weight else None,
+                grad_bn_weight, grad_bn_bias)
+    grad_z, grad_bn_weight, grad_bn_bias = bn_act_backward(grad_y, z, mean, invstd, bn_weight, bn_bias, act)
+    return (conv1x1_input_grad(grad_z, weight) if needs_x else None,
+            conv1x1_weight_grad(grad_z, x) if needs_weight else None, grad_bn_weight, grad_bn_bias)

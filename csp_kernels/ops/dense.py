@@ -52,7 +52,7 @@ import torch.nn.functional as F
 
 from .. import extension  # noqa: F401  (loads csp_kernels._C, which defines the C++ ops)
 from .batch_norm_act import bn_act_backward, bn_scale_shift, channel_stats, scale_shift_act, stats_dtype
-from .conv1x1 import conv1x1_fused, conv1x1_input_grad, conv1x1_weight_grad
+from .conv1x1 import conv1x1_bn_act_backward, conv1x1_fused, conv1x1_input_grad, conv1x1_weight_grad
 from .transition import fold_batch_norm
 
 _ops = torch.ops.csp_kernels
@@ -323,11 +323,10 @@ def _backward(ctx, grad_out, *_grads_of_saved_outputs):
     def transition_backward(grad_y, z, mean, var, inp, index):
         """Backward of one transition; returns the gradient of its input."""
         weight, bn_weight, bn_bias = transition_params_of(transition_params, index)
-        scale = torch.rsqrt(var + eps)
-        grad_z, grad_bn_w, grad_bn_b = bn_act_backward(grad_y, z, mean, scale, bn_weight.to(mean.dtype),
-                                                       bn_bias.to(mean.dtype), act)
-        transition_grads[:0] = [conv1x1_weight_grad(grad_z, inp), grad_bn_w, grad_bn_b]
-        return conv1x1_input_grad(grad_z, weight)
+        grad_inp, grad_weight, grad_bn_w, grad_bn_b = conv1x1_bn_act_backward(
+            grad_y, z, mean, torch.rsqrt(var + eps), bn_weight.to(mean.dtype), bn_bias.to(mean.dtype), act, inp, weight)
+        transition_grads[:0] = [grad_weight, grad_bn_w, grad_bn_b]
+        return grad_inp
 
     last_channels = z_last.shape[1]
     last_mean, last_var = t_mean[-last_channels:], t_var[-last_channels:]

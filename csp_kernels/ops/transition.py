@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from .batch_norm_act import stats_dtype
 from .batch_norm_act import bn_act_backward, bn_scale_shift, channel_stats, plane_contiguous, scale_shift_act
-from .conv1x1 import conv1x1_fused, conv1x1_input_grad, conv1x1_weight_grad, gemm_conv1x1
+from .conv1x1 import conv1x1_bn_act_backward, conv1x1_fused, conv1x1_input_grad, conv1x1_weight_grad, gemm_conv1x1
 
 # oneDNN post-ops (attr, scalars) of torch.ops.mkldnn._convolution_pointwise; it has no mish.
 _ONEDNN_POST_OPS = {
@@ -198,9 +198,14 @@ def _train_backward(ctx, grad_y, needs_x: bool, needs_weight: bool):
     """(grad_x, grad_weight, grad_bn_weight, grad_bn_bias) of the training forward."""
     x, weight, bn_weight, bn_bias, z, mean, invstd = ctx.saved_tensors
     stride, padding, dilation, groups = ctx.conv_args
-    grad_z, grad_bn_weight, grad_bn_bias = bn_act_backward(
-        grad_y, z, mean, invstd, bn_weight.to(mean.dtype), bn_bias.to(mean.dtype), ctx.act)
-    grad_x, grad_weight = _conv_backward(grad_z, x, weight, stride, padding, dilation, groups, needs_x, needs_weight)
+    bn_params = (mean, invstd, bn_weight.to(mean.dtype), bn_bias.to(mean.dtype), ctx.act)
+    if _runs_as_gemm(x, weight, stride, padding, groups):
+        grad_x, grad_weight, grad_bn_weight, grad_bn_bias = conv1x1_bn_act_backward(
+            grad_y, z, *bn_params, x, weight, needs_x, needs_weight)
+    else:
+        grad_z, grad_bn_weight, grad_bn_bias = bn_act_backward(grad_y, z, *bn_params)
+        grad_x, grad_weight = _conv_backward(grad_z, x, weight, stride, padding, dilation, groups, needs_x,
+                                             needs_weight)
     return grad_x, grad_weight, grad_bn_weight.to(bn_weight.dtype), grad_bn_bias.to(bn_bias.dtype)
 
 

@@ -388,9 +388,109 @@ std::tuple<at::Tensor, at::Tensor> conv1x1_input_grad_accumulate_cpu(
   return {sum_dpre, sum_dpre_xhat};
 }
 
+// grad_z[o][i] of a BN + act backward, for one cache-resident row (the apply pass of
+// bn_act_backward, given the reduction's per-channel sums).
+template <typename scalar_t, Act A>
+void bn_act_grad_row(const scalar_t* grad_y, const scalar_t* z, scalar_t* grad_z, int64_t width,
+                     at::opmath_type<scalar_t> mean, at::opmath_type<scalar_t> invstd, at::opmath_type<scalar_t> w,
+                     at::opmath_type<scalar_t> b, at::opmath_type<scalar_t> mean_dpre,
+                     at::opmath_type<scalar_t> mean_dpre_xhat) {
+  using acc_t = at::opmath_type<scalar_t>;
+#pragma omp simd
+  for (int64_t i = 0; i < width; ++i) {
+    const acc_t xhat = (static_cast<acc_t>(z[i]) - mean) * invstd;
+    const acc_t dpre = bn_act_grad_pre<A>(static_cast<acc_t>(grad_y[i]), xhat, w, b);
+    grad_z[i] = static_cast<scalar_t>(bn_grad_input(dpre, xhat, w, invstd, mean_dpre, mean_dpre_xhat));
+  }
+}
+
+// The backward of out = act(BN(conv1x1(x, weight))) after the BN reduction: per tile, grad_z is
+// computed into cache from grad_y and z, then both GEMMs read it there (the input gradient,
+// written out, and the weight gradient, accumulated per thread as in the op above).
+std::tuple<at::Tensor, at::Tensor> conv1x1_bn_act_backward_cpu(
+    const at::Tensor& grad_y, const at::Tensor& z, const at::Tensor& mean, const at::Tensor& invstd,
+    const at::Tensor& bn_weight, const at::Tensor& bn_bias, const at::Tensor& sum_dpre,
+    const at::Tensor& sum_dpre_xhat, c10::string_view act_name, const at::Tensor& x, const at::Tensor& weight,
+    bool input_grad, bool weight_grad) {
+  PlaneLayout Z, G;
+  std::tie(Z, G) = paired_layouts(z, "z", grad_y, "grad_y");
+  const PlaneLayout X = plane_layout(x, "x");
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+                   "conv1x1_bn_act_backward runs float32 and float64 on the CPU; got ", x.scalar_type());
+  TORCH_CHECK_TYPE(z.scalar_type() == x.scalar_type() && weight.scalar_type() == x.scalar_type(),
+                   "z and weight must have x's dtype ", x.scalar_type(), "; got ", z.scalar_type(), " and ",
+                   weight.scalar_type());
+  TORCH_CHECK_VALUE(z.size(0) == X.batch && z.size(2) == x.size(2) && z.size(3) == x.size(3),
+                    "z must be (", X.batch, ", out_channels, ", x.size(2), ", ", x.size(3), "); got ", z.sizes());
+  TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(0) == Z.channels && weight.size(1) == X.channels &&
+                        weight.is_contiguous(),
+                    "weight must be a contiguous (", Z.channels, ", ", X.channels, ") matrix; got shape ",
+                    weight.sizes());
+  check_per_channel_args(z, {{mean, "mean"}, {invstd, "invstd"}, {bn_weight, "weight"}, {bn_bias, "bias"},
+                             {sum_dpre, "sum_dpre"}, {sum_dpre_xhat, "sum_dpre_xhat"}});
+  const Act act = parse_act(std::string(act_name));
+  check_blas_int(X.channels, "in_channels");
+  check_blas_int(Z.channels, "out_channels");
+  check_blas_int(X.channel_stride, "x's channel stride");
+
+  at::Tensor grad_x = input_grad ? at::empty(x.sizes(), x.options()) : at::empty({0}, x.options());
+  const int threads = at::get_num_threads();
+  at::Tensor partials = at::zeros({weight_grad ? threads : 0, Z.channels, X.channels}, x.options());
+  if (X.batch == 0 || X.plane == 0 || Z.channels == 0 || X.channels == 0) {
+    if (input_grad) grad_x.zero_();
+    return {grad_x, weight_grad ? at::zeros({Z.channels, X.channels}, x.options()) : partials};
+  }
+  const PlaneLayout GX = input_grad ? plane_layout(grad_x, "grad_x") : PlaneLayout{};
+  // Long tiles, for the weight gradient's per-tile accumulation (see the op above).
+  const Tiling tiling(Z, x.element_size(), 4 * kScratchBytes, 4096);
+  const int64_t width = tiling.width;
+
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv1x1_bn_act_backward_cpu", [&] {
+    using stat_t = stat_of<scalar_t>;
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* gyp = grad_y.const_data_ptr<scalar_t>();
+    const scalar_t* zp = z.const_data_ptr<scalar_t>();
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* wp = weight.const_data_ptr<scalar_t>();
+    scalar_t* gxp = input_grad ? grad_x.mutable_data_ptr<scalar_t>() : nullptr;
+    scalar_t* pp = weight_grad ? partials.mutable_data_ptr<scalar_t>() : nullptr;
+    const stat_t *mean_p = mean.const_data_ptr<stat_t>(), *invstd_p = invstd.const_data_ptr<stat_t>();
+    const stat_t *w_p = bn_weight.const_data_ptr<stat_t>(), *b_p = bn_bias.const_data_ptr<stat_t>();
+    const stat_t *s_p = sum_dpre.const_data_ptr<stat_t>(), *sx_p = sum_dpre_xhat.const_data_ptr<stat_t>();
+    const acc_t inv_count = acc_t(1) / static_cast<acc_t>(X.batch * X.plane);
+    const int O = static_cast<int>(Z.channels), C = static_cast<int>(X.channels);
+    for_each_tile<scalar_t>(tiling, Z.channels * width, [&](int64_t, const Tile& t, scalar_t* grad_z) {
+      const int w = static_cast<int>(t.width);
+      for (int64_t o = 0; o < Z.channels; ++o) {
+        const int64_t at_z = t.sample * Z.batch_stride + o * Z.channel_stride + t.begin;
+        const int64_t at_g = t.sample * G.batch_stride + o * G.channel_stride + t.begin;
+        CSP_DISPATCH_ACT(act, [&] {
+          bn_act_grad_row<scalar_t, kAct>(gyp + at_g, zp + at_z, grad_z + o * t.width, t.width, mean_p[o],
+                                          invstd_p[o], w_p[o], b_p[o], s_p[o] * inv_count, sx_p[o] * inv_count);
+        });
+      }
+      const scalar_t* x_tile = xp + t.sample * X.batch_stride + t.begin;
+      if (input_grad) {
+        // Row-major grad_x tile (C x w) = W^T (C x O) @ grad_z (O x w): column-major
+        // grad_x^T (w x C) = grad_z^T (w x O) @ W (O x C; "T" as in the accumulate op).
+        gemm("N", "T", w, C, O, grad_z, w, wp, C, scalar_t(0), gxp + t.sample * GX.batch_stride + t.begin,
+             static_cast<int>(C == 1 ? std::max(GX.channel_stride, width) : GX.channel_stride));
+      }
+      if (weight_grad) {
+        // Row-major partial (O x C) += grad_z (O x w) @ x_tile^T (w x C): column-major
+        // partial^T (C x O) += x_tile (C x w; its rows are x's planes, hence "T") @ grad_z^T.
+        gemm("T", "N", C, O, w, x_tile, static_cast<int>(C == 1 ? std::max(X.channel_stride, width) : X.channel_stride),
+             grad_z, w, scalar_t(1), pp + at::get_thread_num() * Z.channels * X.channels, C);
+      }
+    });
+  });
+  return {grad_x, weight_grad ? partials.sum(0) : partials};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(csp_kernels, CPU, m) {
+  m.impl("conv1x1_bn_act_backward", &conv1x1_bn_act_backward_cpu);
   m.impl("conv1x1_input_grad_accumulate", &conv1x1_input_grad_accumulate_cpu);
   m.impl("conv1x1_fused_out", &conv1x1_fused_out_cpu);
   m.impl("conv1x1_weight_grad_fused", &conv1x1_weight_grad_fused_cpu);
