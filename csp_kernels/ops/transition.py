@@ -1,31 +1,34 @@
 """The CSP transition, conv -> BatchNorm -> activation, as torch.library custom ops.
 
 Training (`conv_bn_act_train`, autograd registered):
-  forward   z = conv(x, weight); per-channel batch statistics of z (the Triton 1x1 GEMM sums
-            them in its epilogue; otherwise one `channel_stats` pass); y = act(BN(z)) in one
-            `scale_shift_act` pass, written straight into `out` when one is given.
+  forward   z = conv(x, weight); per-channel batch statistics of z (from the epilogue of the
+            1x1 GEMMs, Triton's or the CPU's tiled one; otherwise one `channel_stats` pass);
+            y = act(BN(z)) in one `scale_shift_act` pass, written straight into `out` when one
+            is given.
   saved     x, weight and z, nothing else of activation size: BN's normalized output and the
             activation's input are recomputed per element in backward.
             Measured on trans-cpu (ConvBNAct(256, 256, 1), 8x256x56x56 float32, 2 threads):
             recomputing z = conv(x) in backward instead of saving it made the op's forward +
             backward 1.26x slower (median 67.9 -> 85.4 ms) to save 25.7 MB (one activation
             of the 51.4 MB saved), so z is saved. The reference saves z and BN's output too.
-  backward  `bn_act_backward` (activation + BN backward, two passes), then the conv's input
-            and weight gradients.
+  backward  CPU 1x1 stride-1 convs: one reduction pass, then `conv1x1_bn_act_backward`, whose
+            GEMMs read the activation + BN backward's grad_z from cache; otherwise
+            `bn_act_backward` (two passes, grad_z stored), then the conv's input and weight
+            gradients.
 The op returns the batch mean and biased variance; the module updates the running statistics,
 which keeps the op functional.
 
 Eval (`conv_bias_act`): BatchNorm folded into the conv (`fold_batch_norm`) and the activation
-applied by the kernel that writes the output: the Triton GEMM's epilogue, oneDNN's fused
-convolution post-op (with a weight prepacked by `prepack_eval_weight`), or else
-`scale_shift_act` in place over the conv's output.
+applied by the kernel that writes the output: the Triton GEMM's or the CPU tiled GEMM's
+epilogue, oneDNN's fused convolution post-op (with a weight prepacked by
+`prepack_eval_weight`), or else `scale_shift_act` in place over the conv's output.
 
 Which conv runs:
   engine "triton"  (an op argument, so that a compiled graph keeps it) the Triton 1x1 GEMM for
                    `triton_eligible` convs; backward by ATen (cuDNN).
-  engine "aten"    on CPU, 1x1 stride-1 convs of NCHW-planed x as batched MKL GEMMs over
-                   (N, C, H*W) views, forward and backward (`_runs_as_gemm`); other convs
-                   by ATen (oneDNN on CPU, cuDNN on GPU).
+  engine "aten"    on CPU, float32/float64 1x1 stride-1 convs of NCHW-planed x as GEMMs over
+                   (N, C, H*W) views (`_runs_as_gemm`; `ops.conv1x1`), forward and backward;
+                   other convs by ATen (oneDNN on CPU, cuDNN on GPU).
 `*_out` variants write y into a caller's tensor (a (N, C, H, W) view with contiguous planes,
 e.g. a channel slice of a concat buffer; for the Triton eval epilogue any strides). They mutate
 `out`, so they have no autograd formula; `conv_bn_act_train_into` gives the training one its
@@ -38,7 +41,7 @@ import torch.nn.functional as F
 
 from .batch_norm_act import stats_dtype
 from .batch_norm_act import bn_act_backward, bn_scale_shift, channel_stats, plane_contiguous, scale_shift_act
-from .conv1x1 import conv1x1_bn_act_backward, conv1x1_fused, conv1x1_input_grad, conv1x1_weight_grad, gemm_conv1x1
+from .conv1x1 import conv1x1_bn_act_backward, conv1x1_fused, gemm_conv1x1
 
 # oneDNN post-ops (attr, scalars) of torch.ops.mkldnn._convolution_pointwise; it has no mish.
 _ONEDNN_POST_OPS = {
@@ -114,10 +117,6 @@ def _conv_backward(grad_z, x, weight, stride, padding, dilation, groups, needs_x
     """(grad_x, grad_weight) of conv2d(x, weight), None where not needed."""
     if not (needs_x or needs_weight):
         return None, None
-    if _runs_as_gemm(x, weight, stride, padding, groups):
-        grad_z = plane_contiguous(grad_z)
-        return (conv1x1_input_grad(grad_z, weight) if needs_x else None,
-                conv1x1_weight_grad(grad_z, x) if needs_weight else None)
     grad_x, grad_weight, _ = torch.ops.aten.convolution_backward(
         grad_z, x, weight, None, stride, padding, dilation, False, [0, 0], groups, [needs_x, needs_weight, False])
     return grad_x, grad_weight
