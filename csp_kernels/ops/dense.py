@@ -22,9 +22,12 @@ Training (`partial_dense_block`, a torch.library custom op with registered autog
             outputs as well would add 12.25 MiB per layer (0.28x in all, over the 0.20 target)
             to skip a recompute of +21% 1x1-GEMM FLOPs, about 9% of the fused training step.
   backward  layers in reverse, one accumulator G shaped like the BN1-read part of the buffer:
-            each layer adds weight1 * dpre to G[:, :c_j] (`bn_act_backward_accumulate`, which
-            also returns the layer's BN1 weight/bias gradients), and the BN correction runs once
-            per channel (`bn_grad_correct`) when a layer's channels are final.
+            each layer adds weight1 * dpre to G[:, :c_j] (`conv1x1_input_grad_accumulate`: on
+            the CPU conv1's input gradient goes tile by tile from the GEMM into this
+            accumulation; it also returns the layer's BN1 weight/bias gradients), and the BN
+            correction runs once per channel (`bn_grad_correct`) when a layer's channels are
+            final. conv1's recompute and weight gradient normalize the prefix on load; each
+            transition's backward is `conv1x1_bn_act_backward`.
 Running statistics are returned (biased batch variance), and updated by the module, which keeps
 the op functional.
 
@@ -34,8 +37,8 @@ conv1 (bias + ReLU epilogue), every transition's BN folded into its conv; see `f
 Engines: "aten" runs the forward 1x1 convolutions as `conv1x1_fused`'s C++ tiled GEMM on the CPU
 (BLAS on cache-resident tiles, normalize-on-load prologue, epilogue with bias, act and
 statistics) and as passes around cuBLAS on a GPU; "triton" runs them as the Triton GEMM of
-`csp_kernels.triton.conv1x1`. The backward is the same for both: its GEMMs (batched, MKL or
-cuBLAS) need the normalized prefix in memory for the weight gradient.
+`csp_kernels.triton.conv1x1`. The backward is the same for both: the CPU's tiled ops, or on a
+GPU passes around cuBLAS (which store the normalized prefix and the gradients between them).
 
 Parameters travel as flat lists:
   dense_params       per layer: norm1.weight, norm1.bias, conv1.weight, norm2.weight,
