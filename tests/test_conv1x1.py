@@ -171,11 +171,21 @@ def test_conv_bn_act_backward(dtype, act, needs):
         assert rel_error(g, e) <= 10 * TOL[dtype], name
 
 
+def test_cpu_bfloat16_runs_as_passes():
+    """The C++ op is float32/float64; other CPU dtypes take the unfused passes."""
+    x = torch.randn(2, 4, 3, 3, dtype=torch.bfloat16)
+    weight = torch.randn(5, 4, 1, 1, dtype=torch.bfloat16)
+    out = conv1x1_fused(x, weight, act="relu")
+    assert out.dtype == torch.bfloat16
+    assert rel_error(out, expected(x, weight, act="relu")) <= 1e-2
+
+
 def test_cpu_op_rejects_what_it_cannot_run():
     x = torch.randn(2, 4, 3, 3)
     weight = torch.randn(5, 4, 1, 1)
     with pytest.raises(TypeError, match="float32 and float64"):
-        conv1x1_fused(x.half(), weight.half())
+        torch.ops.csp_kernels.conv1x1_fused_out(x.half(), weight.half().flatten(1), None, None, "identity", None,
+                                                "identity", False, torch.empty(2, 5, 3, 3, dtype=torch.half))
     with pytest.raises(ValueError, match="out must have shape"):
         conv1x1_fused(x, weight, out=torch.empty(2, 6, 3, 3))
     with pytest.raises(ValueError, match="in_act needs in_scale"):

@@ -102,7 +102,7 @@ def conv1x1_fused(x: torch.Tensor, weight: torch.Tensor, *, in_scale: torch.Tens
     n, _, h, w = x.shape
     if out is None:
         out = x.new_empty(n, weight.shape[0], h, w)
-    if x.device.type == "cpu" and engine == "aten":
+    if x.device.type == "cpu" and engine == "aten" and x.dtype in (torch.float32, torch.float64):
         mean, var = _ops.conv1x1_fused_out(x, weight.flatten(1).contiguous(), in_scale, in_shift, in_act, bias, act,
                                            stats, out)
         return (out, mean, var) if stats else out
