@@ -30,20 +30,23 @@ TORCH_LIBRARY(csp_kernels, m) {
   // + in_shift), (O, C) in x's dtype.
   m.def("conv1x1_weight_grad_fused(Tensor grad_out, Tensor x, Tensor? in_scale, Tensor? in_shift, "
         "str in_act) -> Tensor");
-  // Its input gradient weight^T grad_z fed straight into bn_act_backward_accumulate (below)
-  // with x, mean, ... describing the BN + act that produced conv1x1's input (CPU).
   // The backward of act(BN(conv1x1(x, weight))) after bn_act_backward_reduce gave sum_dpre and
   // sum_dpre_xhat: (grad_x, grad_weight (O, C)), an empty tensor for one not asked for (CPU).
   m.def("conv1x1_bn_act_backward(Tensor grad_y, Tensor z, Tensor mean, Tensor invstd, Tensor weight_bn, "
         "Tensor bias_bn, Tensor sum_dpre, Tensor sum_dpre_xhat, str act, Tensor x, Tensor weight, bool input_grad, "
         "bool weight_grad) -> (Tensor grad_x, Tensor grad_weight)");
-  m.def("conv1x1_input_grad_accumulate(Tensor grad_z, Tensor weight, Tensor x, Tensor mean, Tensor invstd, "
-        "Tensor weight_bn, Tensor bias_bn, str act, Tensor(a!) grad_acc) -> (Tensor sum_dpre, Tensor sum_dpre_xhat)");
 
   // Dense-block family (ops/dense.py): the backward of the dense layers' shared-statistics BN1.
   // x is a channel prefix of the concat buffer; grad_acc, grad_x are views shaped like it.
   m.def("bn_act_backward_accumulate(Tensor grad_a, Tensor x, Tensor mean, Tensor invstd, Tensor weight, "
         "Tensor bias, str act, Tensor(a!) grad_acc) -> (Tensor sum_dpre, Tensor sum_dpre_xhat)");
+  // A dense layer's conv1 backward in one pass over tiles (CPU): grad_z from BN2 + act backward
+  // of grad_b, conv1's weight gradient against BN1 + act of the prefix x, and its input gradient
+  // accumulated into grad_acc as bn_act_backward_accumulate does. Returns (grad_weight (O, C),
+  // sum_dpre1, sum_dpre_xhat1).
+  m.def("dense_conv1_backward(Tensor grad_b, Tensor z, Tensor mean2, Tensor invstd2, Tensor weight2, Tensor bias2, "
+        "Tensor sum_dpre2, Tensor sum_dpre_xhat2, Tensor x, Tensor mean1, Tensor invstd1, Tensor weight1, "
+        "Tensor bias1, str act, Tensor weight, Tensor(a!) grad_acc) -> (Tensor, Tensor, Tensor)");
   m.def("bn_grad_correct(Tensor grad_acc, Tensor x, Tensor mean, Tensor invstd, Tensor sum_grad, "
         "Tensor sum_grad_xhat, Tensor(a!) grad_x) -> ()");
 

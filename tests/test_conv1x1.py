@@ -126,24 +126,38 @@ def test_weight_gradient(device, dtype, prologue):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("act", ["relu", "silu"])
-def test_input_gradient_fed_to_the_bn_accumulation(dtype, act):
-    """The CPU op against its two steps: the GEMM, then `bn_act_backward_accumulate`, on a
-    channel slice of a buffer and a slice of the accumulator, with a partial last tile."""
+def test_dense_layer_conv1_backward(dtype, act):
+    """The CPU op (grad_z, the normalized prefix and its gradient only in cache) against the
+    passes: BN2 backward, the weight gradient against BN1 + act of the prefix, the input
+    gradient into `bn_act_backward_accumulate`; the prefix and the accumulator are slices, and
+    the last tile of each plane is partial."""
     n, c, h, w = shape_for("aten")
-    grad_z = torch.randn(n, 9, h, w, dtype=dtype)
-    weight = torch.randn(9, c, 1, 1, dtype=dtype)
-    x = torch.randn(n, c + 2, h, w, dtype=dtype)[:, 2:]
     sd = stats_dtype(dtype)
-    mean, invstd = torch.randn(c, dtype=sd), torch.rand(c, dtype=sd) + 0.5
-    bn_w, bn_b = torch.randn(c, dtype=sd), torch.randn(c, dtype=sd)
+
+    def bn(channels):
+        return (torch.randn(channels, dtype=sd), torch.rand(channels, dtype=sd) + 0.5, torch.randn(channels, dtype=sd),
+                torch.randn(channels, dtype=sd))
+
+    bn1, bn2 = bn(c), bn(9)
+    grad_b, z = torch.randn(n, 9, h, w, dtype=dtype), torch.randn(n, 9, h, w, dtype=dtype)
+    x = torch.randn(n, c + 2, h, w, dtype=dtype)[:, 2:]
+    weight = torch.randn(9, c, 1, 1, dtype=dtype) / c ** 0.5
     acc = torch.randn(n, c + 1, h, w, dtype=dtype)
     expected_acc = acc.clone()
-    expected = dense.bn_act_backward_accumulate(conv1x1_input_grad(grad_z, weight), x, mean, invstd, bn_w, bn_b, act,
-                                                expected_acc[:, 1:])
-    sums = dense.conv1x1_input_grad_accumulate(grad_z, weight, x, mean, invstd, bn_w, bn_b, act, acc[:, 1:])
+
+    grad_z, grad_bn2_w, grad_bn2_b = bn_act_backward(grad_b, z, *bn2, act)
+    a = checks.activation_module(act)((x.double() - bn1[0].double()[:, None, None]) * (bn1[1] * bn1[2]).double()[
+        :, None, None] + bn1[3].double()[:, None, None])
+    grad_weight = torch.einsum("nohw,nchw->oc", grad_z.double(), a)[:, :, None, None]
+    sums1 = dense.bn_act_backward_accumulate(conv1x1_input_grad(grad_z, weight), x, *bn1, act, expected_acc[:, 1:])
+    expected = (grad_weight, grad_bn2_w, grad_bn2_b, *sums1)
+
+    got = dense.dense_conv1_backward(grad_b, z, bn2, x, bn1, act, weight, acc[:, 1:])
+    for name, g, e in zip(["grad_weight", "grad_bn2_weight", "grad_bn2_bias", "sum_dpre1", "sum_dpre_xhat1"], got,
+                          expected):
+        assert g.shape == e.shape, name
+        assert rel_error(g, e) <= 10 * TOL[dtype], name
     assert rel_error(acc, expected_acc) <= 10 * TOL[dtype]
-    for got, ref in zip(sums, expected):
-        assert rel_error(got, ref) <= 10 * TOL[dtype]
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -212,6 +226,6 @@ def test_cpu_op_opcheck():
     stats = [torch.randn(6), torch.rand(6) + 0.5, torch.randn(6), torch.randn(6), torch.randn(6), torch.randn(6)]
     torch.library.opcheck(torch.ops.csp_kernels.conv1x1_bn_act_backward.default,
                           (torch.randn(2, 6, 3, 5), torch.randn(2, 6, 3, 5), *stats, "silu", x, weight, True, True))
-    torch.library.opcheck(torch.ops.csp_kernels.conv1x1_input_grad_accumulate.default,
-                          (torch.randn(2, 6, 3, 5), weight, x, torch.randn(4), torch.rand(4) + 0.5, torch.randn(4),
-                           torch.randn(4), "relu", torch.zeros(2, 4, 3, 5)))
+    torch.library.opcheck(torch.ops.csp_kernels.dense_conv1_backward.default,
+                          (torch.randn(2, 6, 3, 5), torch.randn(2, 6, 3, 5), *stats, x, torch.randn(4),
+                           torch.rand(4) + 0.5, torch.randn(4), torch.randn(4), "relu", weight, torch.zeros(2, 4, 3, 5)))

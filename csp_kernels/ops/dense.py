@@ -22,7 +22,7 @@ Training (`partial_dense_block`, a torch.library custom op with registered autog
             outputs as well would add 12.25 MiB per layer (0.28x in all, over the 0.20 target)
             to skip a recompute of +21% 1x1-GEMM FLOPs, about 9% of the fused training step.
   backward  layers in reverse, one accumulator G shaped like the BN1-read part of the buffer:
-            each layer adds weight1 * dpre to G[:, :c_j] (`conv1x1_input_grad_accumulate`: on
+            each layer adds weight1 * dpre to G[:, :c_j] (`dense_conv1_backward`: on
             the CPU conv1's input gradient goes tile by tile from the GEMM into this
             accumulation; it also returns the layer's BN1 weight/bias gradients), and the BN
             correction runs once per channel (`bn_grad_correct`) when a layer's channels are
@@ -54,7 +54,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import extension  # noqa: F401  (loads csp_kernels._C, which defines the C++ ops)
-from .batch_norm_act import bn_act_backward, bn_scale_shift, channel_stats, scale_shift_act, stats_dtype
+from .batch_norm_act import (bn_act_backward, bn_scale_shift, channel_stats, plane_contiguous, scale_shift_act,
+                             stats_dtype)
 from .conv1x1 import conv1x1_bn_act_backward, conv1x1_fused, conv1x1_input_grad, conv1x1_weight_grad
 from .transition import fold_batch_norm
 
@@ -68,9 +69,10 @@ if extension._C is not None:
     def _(grad_a, x, mean, invstd, weight, bias, act, grad_acc):
         return torch.empty_like(mean), torch.empty_like(mean)
 
-    @torch.library.register_fake("csp_kernels::conv1x1_input_grad_accumulate")
-    def _(grad_z, weight, x, mean, invstd, weight_bn, bias_bn, act, grad_acc):
-        return torch.empty_like(mean), torch.empty_like(mean)
+    @torch.library.register_fake("csp_kernels::dense_conv1_backward")
+    def _(grad_b, z, mean2, invstd2, weight2, bias2, sum_dpre2, sum_dpre_xhat2, x, mean1, invstd1, weight1, bias1,
+          act, weight, grad_acc):
+        return weight.new_empty(weight.shape), torch.empty_like(mean1), torch.empty_like(mean1)
 
     @torch.library.register_fake("csp_kernels::bn_grad_correct")
     def _(grad_acc, x, mean, invstd, sum_grad, sum_grad_xhat, grad_x):
@@ -87,19 +89,32 @@ def bn_act_backward_accumulate(grad_a, x, mean, invstd, weight, bias, act, grad_
     return _ops.bn_act_backward_accumulate(grad_a, x, mean, invstd, weight, bias, act, grad_acc)
 
 
-def conv1x1_input_grad_accumulate(grad_z, weight, x, mean, invstd, bn_weight, bn_bias, act, grad_acc):
-    """`bn_act_backward_accumulate(conv1x1_input_grad(grad_z, weight), x, ...)`: on the CPU
-    (float32/float64) one op that feeds the GEMM's cache-resident tiles to the accumulation,
-    so the input gradient is never stored; elsewhere the two steps.
+def dense_conv1_backward(grad_b, z, bn2, x, bn1, act, weight, grad_acc):
+    """A dense layer's conv1 backward, from the gradient of BN2+act's output `grad_b`.
 
-    grad_z: (batch, out, height, width); weight: (out, in, 1, 1); x, grad_acc: (batch, in,
-    height, width) with contiguous planes. Returns (sum dpre, sum dpre * xhat).
+    grad_b, z: (batch, bottleneck, height, width), z conv1's output; x, grad_acc: (batch, c,
+    height, width), the layer's prefix of the buffer and of the BN1 accumulator; bn2, bn1:
+    (mean, invstd, weight, bias) in the statistics dtype; weight: (bottleneck, c, 1, 1).
+    Adds weight1 * dpre of BN1 + act into grad_acc; returns (conv1's weight gradient, BN2's
+    weight and bias gradients, sum dpre and sum dpre * xhat of BN1).
+
+    CPU float32/float64: BN2's reduction pass, then `csp_kernels::dense_conv1_backward`, one
+    pass over cache tiles in which grad_z, BN1 + act of the prefix and conv1's input gradient
+    never leave the cache. Elsewhere: `bn_act_backward`, the two GEMMs (the weight gradient
+    normalizing the prefix into a temporary) and `bn_act_backward_accumulate`.
     """
     if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
-        return _ops.conv1x1_input_grad_accumulate(grad_z, weight.flatten(1).contiguous(), x, mean, invstd, bn_weight,
-                                                  bn_bias, act, grad_acc)
-    return bn_act_backward_accumulate(conv1x1_input_grad(grad_z, weight), x, mean, invstd, bn_weight, bn_bias, act,
-                                      grad_acc)
+        grad_b, z = plane_contiguous(grad_b), plane_contiguous(z)
+        sum2, sum_xhat2 = _ops.bn_act_backward_reduce(grad_b, z, *bn2, act)
+        grad_weight, sum1, sum_xhat1 = _ops.dense_conv1_backward(grad_b, z, *bn2, sum2, sum_xhat2, x, *bn1, act,
+                                                                 weight.flatten(1).contiguous(), grad_acc)
+        return grad_weight.view(weight.shape), sum_xhat2, sum2, sum1, sum_xhat1
+    grad_z, grad_bn2_w, grad_bn2_b = bn_act_backward(grad_b, z, *bn2, act)
+    mean1, invstd1, weight1, bias1 = bn1
+    scale1 = weight1 * invstd1
+    grad_weight = conv1x1_weight_grad(grad_z, x, in_scale=scale1, in_shift=bias1 - mean1 * scale1, in_act=act)
+    sum1, sum_xhat1 = bn_act_backward_accumulate(conv1x1_input_grad(grad_z, weight), x, *bn1, act, grad_acc)
+    return grad_weight, grad_bn2_w, grad_bn2_b, sum1, sum_xhat1
 
 
 def bn_grad_correct(grad_acc, x, mean, invstd, sum_grad, sum_grad_xhat, grad_x) -> None:
@@ -395,11 +410,9 @@ def _dense_backward(grad_dense, buf, dense_params, g: Geometry, eps, mean, var, 
         invstd2 = torch.rsqrt(bottleneck_var[j] + eps)
         # Backward through conv2, BN2 + ReLU, conv1, then BN1 + ReLU into the accumulator.
         grad_b, grad_conv2 = conv3x3_backward(grad_dense[:, c: c + g.growth].contiguous(), b, conv2_w)
-        grad_z, grad_norm2_w, grad_norm2_b = bn_act_backward(grad_b, z, bottleneck_mean[j], invstd2, norm2_w,
-                                                             norm2_b, DENSE_ACT)
-        grad_conv1 = conv1x1_weight_grad(grad_z, dense[:, :c], in_scale=scale1, in_shift=shift1, in_act=DENSE_ACT)
-        grad_norm1_b, grad_norm1_w = conv1x1_input_grad_accumulate(
-            grad_z, conv1_w, dense[:, :c], mean[:c], invstd[:c], norm1_w, norm1_b, DENSE_ACT, grad_acc[:, :c])
+        grad_conv1, grad_norm2_w, grad_norm2_b, grad_norm1_b, grad_norm1_w = dense_conv1_backward(
+            grad_b, z, (bottleneck_mean[j], invstd2, norm2_w, norm2_b), dense[:, :c],
+            (mean[:c], invstd[:c], norm1_w, norm1_b), DENSE_ACT, conv1_w, grad_acc[:, :c])
         sum_grad[:c] += norm1_w * grad_norm1_b
         sum_grad_xhat[:c] += norm1_w * grad_norm1_w
         grads[DENSE_PARAMS_PER_LAYER * j: DENSE_PARAMS_PER_LAYER * (j + 1)] = [

@@ -287,7 +287,7 @@ at::Tensor conv1x1_weight_grad_fused_cpu(const at::Tensor& grad_out, const at::T
   return partials.sum(0);
 }
 
-// Epilogue of the dense block's conv1 input gradient, over one cache-resident row of grad_a:
+// Epilogue of the dense layer's conv1 input gradient, over one cache-resident row of grad_a:
 // dpre = grad_a * act'(weight * xhat + bias), grad_acc += weight * dpre, and the row's sums of
 // dpre and dpre * xhat (the BN1 bias and weight gradients).
 template <typename scalar_t, Act A>
@@ -306,86 +306,6 @@ void accumulate_row(const scalar_t* grad_a, const scalar_t* x, scalar_t* grad_ac
   }
   sums[0] = s;
   sums[1] = sx;
-}
-
-// conv1x1's input gradient grad_a = weight^T grad_z, fed tile by tile from cache into the BN +
-// act backward accumulation of `bn_act_backward_accumulate`: grad_a never goes to memory.
-std::tuple<at::Tensor, at::Tensor> conv1x1_input_grad_accumulate_cpu(
-    const at::Tensor& grad_z, const at::Tensor& weight, const at::Tensor& x, const at::Tensor& mean,
-    const at::Tensor& invstd, const at::Tensor& bn_weight, const at::Tensor& bn_bias, c10::string_view act_name,
-    const at::Tensor& grad_acc) {
-  const PlaneLayout G = plane_layout(grad_z, "grad_z");
-  const PlaneLayout X = plane_layout(x, "x"), ACC = plane_layout(grad_acc, "grad_acc");
-  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
-                   "conv1x1_input_grad_accumulate runs float32 and float64 on the CPU; got ", x.scalar_type());
-  for (const at::Tensor* t : {&grad_z, &weight, &grad_acc}) {
-    TORCH_CHECK_TYPE(t->scalar_type() == x.scalar_type(), "grad_z, weight and grad_acc must have x's dtype ",
-                     x.scalar_type(), "; got ", t->scalar_type());
-  }
-  check_same_shape(x, grad_acc, "x", "grad_acc");
-  TORCH_CHECK_VALUE(grad_z.size(0) == X.batch && grad_z.size(2) == x.size(2) && grad_z.size(3) == x.size(3),
-                    "grad_z must be (", X.batch, ", out_channels, ", x.size(2), ", ", x.size(3), "); got ",
-                    grad_z.sizes());
-  TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(0) == G.channels && weight.size(1) == X.channels &&
-                        weight.is_contiguous(),
-                    "weight must be a contiguous (", G.channels, ", ", X.channels, ") matrix; got shape ",
-                    weight.sizes());
-  check_per_channel_args(x, {{mean, "mean"}, {invstd, "invstd"}, {bn_weight, "weight"}, {bn_bias, "bias"}});
-  const Act act = parse_act(std::string(act_name));
-  check_blas_int(X.channels, "in_channels");
-  check_blas_int(G.channels, "out_channels");
-  check_blas_int(G.channel_stride, "grad_z's channel stride");
-
-  const at::ScalarType sdtype = stats_dtype(x.scalar_type());
-  at::Tensor sum_dpre = at::zeros({X.channels}, x.options().dtype(sdtype));
-  at::Tensor sum_dpre_xhat = at::zeros({X.channels}, x.options().dtype(sdtype));
-  if (X.channels == 0 || X.plane == 0 || X.batch == 0) return {sum_dpre, sum_dpre_xhat};
-  const Tiling tiling(X, x.element_size());
-  const int64_t tiles = tiling.count, width = tiling.width;
-  std::vector<double> sums(tiles * X.channels * 2);
-
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv1x1_input_grad_accumulate_cpu", [&] {
-    using stat_t = stat_of<scalar_t>;
-    const scalar_t* gp = grad_z.const_data_ptr<scalar_t>();
-    const scalar_t* wp = weight.const_data_ptr<scalar_t>();
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    scalar_t* accp = grad_acc.mutable_data_ptr<scalar_t>();
-    const stat_t* mean_p = mean.const_data_ptr<stat_t>();
-    const stat_t* invstd_p = invstd.const_data_ptr<stat_t>();
-    const stat_t* w_p = bn_weight.const_data_ptr<stat_t>();
-    const stat_t* b_p = bn_bias.const_data_ptr<stat_t>();
-    const int ldb = static_cast<int>(G.channels == 1 ? std::max(G.channel_stride, width) : G.channel_stride);
-    for_each_tile<scalar_t>(tiling, X.channels * width, [&](int64_t i, const Tile& t, scalar_t* grad_a) {
-      // Row-major grad_a (C x w) = W^T (C x O) @ grad_z tile (O x w), i.e. column-major
-      // grad_a^T (w x C) = grad_z tile^T (w x O) @ W (O x C; row-major W is its column-major
-      // transpose, hence "T").
-      gemm("N", "T", static_cast<int>(t.width), static_cast<int>(X.channels), static_cast<int>(G.channels),
-           gp + t.sample * G.batch_stride + t.begin, ldb, wp, static_cast<int>(X.channels), scalar_t(0), grad_a,
-           static_cast<int>(t.width));
-      for (int64_t c = 0; c < X.channels; ++c) {
-        const int64_t at_x = t.sample * X.batch_stride + c * X.channel_stride + t.begin;
-        const int64_t at_acc = t.sample * ACC.batch_stride + c * ACC.channel_stride + t.begin;
-        CSP_DISPATCH_ACT(act, [&] {
-          accumulate_row<scalar_t, kAct>(grad_a + c * t.width, xp + at_x, accp + at_acc, t.width, mean_p[c],
-                                         invstd_p[c], w_p[c], b_p[c], sums.data() + (i * X.channels + c) * 2);
-        });
-      }
-    });
-    stat_t* s = sum_dpre.mutable_data_ptr<stat_t>();
-    stat_t* sx = sum_dpre_xhat.mutable_data_ptr<stat_t>();
-    at::parallel_for(0, X.channels, 16, [&](int64_t c0, int64_t c1) {
-      for (int64_t c = c0; c < c1; ++c) {
-        double total = 0, total_xhat = 0;
-        for (int64_t i = 0; i < tiles; ++i) {  // tile order: deterministic
-          total += sums[(i * X.channels + c) * 2];
-          total_xhat += sums[(i * X.channels + c) * 2 + 1];
-        }
-        s[c] = static_cast<stat_t>(total);
-        sx[c] = static_cast<stat_t>(total_xhat);
-      }
-    });
-  });
-  return {sum_dpre, sum_dpre_xhat};
 }
 
 // grad_z[o][i] of a BN + act backward, for one cache-resident row (the apply pass of
@@ -487,11 +407,121 @@ std::tuple<at::Tensor, at::Tensor> conv1x1_bn_act_backward_cpu(
   return {grad_x, weight_grad ? partials.sum(0) : partials};
 }
 
+// The dense layer's whole conv1 backward, one tile at a time in cache: grad_z = BN2 + ReLU
+// backward of grad_b (given BN2's reduction), the weight gradient against the BN1 + ReLU of the
+// prefix x (normalized on load), and conv1's input gradient fed into the BN1 backward
+// accumulation. Only grad_acc and the (O, C) weight gradient are written.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_conv1_backward_cpu(
+    const at::Tensor& grad_b, const at::Tensor& z, const at::Tensor& mean2, const at::Tensor& invstd2,
+    const at::Tensor& weight2, const at::Tensor& bias2, const at::Tensor& sum_dpre2, const at::Tensor& sum_dpre_xhat2,
+    const at::Tensor& x, const at::Tensor& mean1, const at::Tensor& invstd1, const at::Tensor& weight1,
+    const at::Tensor& bias1, c10::string_view act_name, const at::Tensor& weight, const at::Tensor& grad_acc) {
+  PlaneLayout Z, G;
+  std::tie(Z, G) = paired_layouts(z, "z", grad_b, "grad_b");
+  const PlaneLayout X = plane_layout(x, "x"), ACC = plane_layout(grad_acc, "grad_acc");
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+                   "dense_conv1_backward runs float32 and float64 on the CPU; got ", x.scalar_type());
+  TORCH_CHECK_TYPE(z.scalar_type() == x.scalar_type() && weight.scalar_type() == x.scalar_type() &&
+                       grad_acc.scalar_type() == x.scalar_type(),
+                   "z, weight and grad_acc must have x's dtype ", x.scalar_type());
+  check_same_shape(x, grad_acc, "x", "grad_acc");
+  TORCH_CHECK_VALUE(z.size(0) == X.batch && z.size(2) == x.size(2) && z.size(3) == x.size(3),
+                    "z must be (", X.batch, ", out_channels, ", x.size(2), ", ", x.size(3), "); got ", z.sizes());
+  TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(0) == Z.channels && weight.size(1) == X.channels &&
+                        weight.is_contiguous(),
+                    "weight must be a contiguous (", Z.channels, ", ", X.channels, ") matrix; got shape ",
+                    weight.sizes());
+  check_per_channel_args(z, {{mean2, "mean2"}, {invstd2, "invstd2"}, {weight2, "weight2"}, {bias2, "bias2"},
+                             {sum_dpre2, "sum_dpre2"}, {sum_dpre_xhat2, "sum_dpre_xhat2"}});
+  check_per_channel_args(x, {{mean1, "mean1"}, {invstd1, "invstd1"}, {weight1, "weight1"}, {bias1, "bias1"}});
+  const Act act = parse_act(std::string(act_name));
+  check_blas_int(X.channels, "in_channels");
+  check_blas_int(Z.channels, "out_channels");
+
+  const at::ScalarType sdtype = stats_dtype(x.scalar_type());
+  at::Tensor sum_dpre1 = at::zeros({X.channels}, x.options().dtype(sdtype));
+  at::Tensor sum_dpre_xhat1 = at::zeros({X.channels}, x.options().dtype(sdtype));
+  const int threads = at::get_num_threads();
+  at::Tensor partials = at::zeros({threads, Z.channels, X.channels}, x.options());
+  if (X.batch == 0 || X.plane == 0 || Z.channels == 0 || X.channels == 0) {
+    return {partials.sum(0), sum_dpre1, sum_dpre_xhat1};
+  }
+  // Scratch: grad_z (O rows) then the normalized input, reused as its gradient (C rows); long
+  // tiles for the weight gradient's per-tile accumulation.
+  const PlaneLayout both{X.batch, X.channels + Z.channels, X.plane, 0, 0};
+  const Tiling tiling(both, x.element_size(), 4 * kScratchBytes, 4096);
+  const int64_t width = tiling.width;
+  std::vector<double> sums(tiling.count * X.channels * 2);
+
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dense_conv1_backward_cpu", [&] {
+    using stat_t = stat_of<scalar_t>;
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* gbp = grad_b.const_data_ptr<scalar_t>();
+    const scalar_t* zp = z.const_data_ptr<scalar_t>();
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* wp = weight.const_data_ptr<scalar_t>();
+    scalar_t* accp = grad_acc.mutable_data_ptr<scalar_t>();
+    scalar_t* pp = partials.mutable_data_ptr<scalar_t>();
+    const stat_t *m2 = mean2.const_data_ptr<stat_t>(), *i2 = invstd2.const_data_ptr<stat_t>();
+    const stat_t *w2 = weight2.const_data_ptr<stat_t>(), *b2 = bias2.const_data_ptr<stat_t>();
+    const stat_t *s2 = sum_dpre2.const_data_ptr<stat_t>(), *sx2 = sum_dpre_xhat2.const_data_ptr<stat_t>();
+    const stat_t *m1 = mean1.const_data_ptr<stat_t>(), *i1 = invstd1.const_data_ptr<stat_t>();
+    const stat_t *w1 = weight1.const_data_ptr<stat_t>(), *b1 = bias1.const_data_ptr<stat_t>();
+    // BN1 + act as the per-channel (scale, shift) that load_tile applies.
+    std::vector<stat_t> scale1(X.channels), shift1(X.channels);
+    for (int64_t c = 0; c < X.channels; ++c) {
+      scale1[c] = w1[c] * i1[c];
+      shift1[c] = b1[c] - m1[c] * scale1[c];
+    }
+    const acc_t inv_count = acc_t(1) / static_cast<acc_t>(X.batch * X.plane);
+    const int O = static_cast<int>(Z.channels), C = static_cast<int>(X.channels);
+    for_each_tile<scalar_t>(tiling, (Z.channels + X.channels) * width, [&](int64_t i, const Tile& t,
+                                                                           scalar_t* scratch) {
+      const int w = static_cast<int>(t.width);
+      scalar_t* grad_z = scratch;
+      scalar_t* a = scratch + Z.channels * t.width;
+      for (int64_t o = 0; o < Z.channels; ++o) {
+        const int64_t at_z = t.sample * Z.batch_stride + o * Z.channel_stride + t.begin;
+        const int64_t at_g = t.sample * G.batch_stride + o * G.channel_stride + t.begin;
+        CSP_DISPATCH_ACT(act, [&] {
+          bn_act_grad_row<scalar_t, kAct>(gbp + at_g, zp + at_z, grad_z + o * t.width, t.width, m2[o], i2[o], w2[o],
+                                          b2[o], s2[o] * inv_count, sx2[o] * inv_count);
+        });
+      }
+      load_tile(xp, X, t, scale1.data(), shift1.data(), act, a);
+      // Weight gradient: row-major partial (O x C) += grad_z (O x w) @ a^T (w x C).
+      gemm("T", "N", C, O, w, a, w, grad_z, w, scalar_t(1), pp + at::get_thread_num() * Z.channels * X.channels, C);
+      // Input gradient into `a`'s scratch: row-major grad_a (C x w) = W^T (C x O) @ grad_z.
+      gemm("N", "T", w, C, O, grad_z, w, wp, C, scalar_t(0), a, w);
+      for (int64_t c = 0; c < X.channels; ++c) {
+        const int64_t at_x = t.sample * X.batch_stride + c * X.channel_stride + t.begin;
+        const int64_t at_acc = t.sample * ACC.batch_stride + c * ACC.channel_stride + t.begin;
+        CSP_DISPATCH_ACT(act, [&] {
+          accumulate_row<scalar_t, kAct>(a + c * t.width, xp + at_x, accp + at_acc, t.width, m1[c], i1[c], w1[c],
+                                         b1[c], sums.data() + (i * X.channels + c) * 2);
+        });
+      }
+    });
+    stat_t* s = sum_dpre1.mutable_data_ptr<stat_t>();
+    stat_t* sx = sum_dpre_xhat1.mutable_data_ptr<stat_t>();
+    for (int64_t c = 0; c < X.channels; ++c) {
+      double total = 0, total_xhat = 0;
+      for (int64_t k = 0; k < tiling.count; ++k) {  // tile order: deterministic
+        total += sums[(k * X.channels + c) * 2];
+        total_xhat += sums[(k * X.channels + c) * 2 + 1];
+      }
+      s[c] = static_cast<stat_t>(total);
+      sx[c] = static_cast<stat_t>(total_xhat);
+    }
+  });
+  return {partials.sum(0), sum_dpre1, sum_dpre_xhat1};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(csp_kernels, CPU, m) {
+  m.impl("dense_conv1_backward", &dense_conv1_backward_cpu);
   m.impl("conv1x1_bn_act_backward", &conv1x1_bn_act_backward_cpu);
-  m.impl("conv1x1_input_grad_accumulate", &conv1x1_input_grad_accumulate_cpu);
   m.impl("conv1x1_fused_out", &conv1x1_fused_out_cpu);
   m.impl("conv1x1_weight_grad_fused", &conv1x1_weight_grad_fused_cpu);
 }
