@@ -308,6 +308,18 @@ void accumulate_row(const scalar_t* grad_a, const scalar_t* x, scalar_t* grad_ac
   sums[1] = sx;
 }
 
+// z = conv1x1(x, weight) in the backward ops: z shaped like x but for its channels, weight the
+// contiguous (z's channels, x's channels) matrix.
+void check_conv_output_and_weight(const at::Tensor& z, const PlaneLayout& Z, const at::Tensor& x, const PlaneLayout& X,
+                                  const at::Tensor& weight) {
+  TORCH_CHECK_VALUE(z.size(0) == X.batch && z.size(2) == x.size(2) && z.size(3) == x.size(3),
+                    "z must be (", X.batch, ", out_channels, ", x.size(2), ", ", x.size(3), "); got ", z.sizes());
+  TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(0) == Z.channels && weight.size(1) == X.channels &&
+                        weight.is_contiguous(),
+                    "weight must be a contiguous (", Z.channels, ", ", X.channels, ") matrix; got shape ",
+                    weight.sizes());
+}
+
 // grad_z[o][i] of a BN + act backward, for one cache-resident row (the apply pass of
 // bn_act_backward, given the reduction's per-channel sums).
 template <typename scalar_t, Act A>
@@ -340,12 +352,7 @@ std::tuple<at::Tensor, at::Tensor> conv1x1_bn_act_backward_cpu(
   TORCH_CHECK_TYPE(z.scalar_type() == x.scalar_type() && weight.scalar_type() == x.scalar_type(),
                    "z and weight must have x's dtype ", x.scalar_type(), "; got ", z.scalar_type(), " and ",
                    weight.scalar_type());
-  TORCH_CHECK_VALUE(z.size(0) == X.batch && z.size(2) == x.size(2) && z.size(3) == x.size(3),
-                    "z must be (", X.batch, ", out_channels, ", x.size(2), ", ", x.size(3), "); got ", z.sizes());
-  TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(0) == Z.channels && weight.size(1) == X.channels &&
-                        weight.is_contiguous(),
-                    "weight must be a contiguous (", Z.channels, ", ", X.channels, ") matrix; got shape ",
-                    weight.sizes());
+  check_conv_output_and_weight(z, Z, x, X, weight);
   check_per_channel_args(z, {{mean, "mean"}, {invstd, "invstd"}, {bn_weight, "weight"}, {bn_bias, "bias"},
                              {sum_dpre, "sum_dpre"}, {sum_dpre_xhat, "sum_dpre_xhat"}});
   const Act act = parse_act(std::string(act_name));
@@ -425,12 +432,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_conv1_backward_cpu(
                        grad_acc.scalar_type() == x.scalar_type(),
                    "z, weight and grad_acc must have x's dtype ", x.scalar_type());
   check_same_shape(x, grad_acc, "x", "grad_acc");
-  TORCH_CHECK_VALUE(z.size(0) == X.batch && z.size(2) == x.size(2) && z.size(3) == x.size(3),
-                    "z must be (", X.batch, ", out_channels, ", x.size(2), ", ", x.size(3), "); got ", z.sizes());
-  TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(0) == Z.channels && weight.size(1) == X.channels &&
-                        weight.is_contiguous(),
-                    "weight must be a contiguous (", Z.channels, ", ", X.channels, ") matrix; got shape ",
-                    weight.sizes());
+  check_conv_output_and_weight(z, Z, x, X, weight);
   check_per_channel_args(z, {{mean2, "mean2"}, {invstd2, "invstd2"}, {weight2, "weight2"}, {bias2, "bias2"},
                              {sum_dpre2, "sum_dpre2"}, {sum_dpre_xhat2, "sum_dpre_xhat2"}});
   check_per_channel_args(x, {{mean1, "mean1"}, {invstd1, "invstd1"}, {weight1, "weight1"}, {bias1, "bias1"}});
