@@ -26,10 +26,6 @@ TORCH_LIBRARY(csp_kernels, m) {
   // overwrite x when sample n's output covers only sample n's input memory.
   m.def("conv1x1_fused_out(Tensor x, Tensor weight, Tensor? in_scale, Tensor? in_shift, str in_act, "
         "Tensor? bias, str act, bool stats, Tensor(a!) out) -> (Tensor mean, Tensor var)");
-  // Its weight gradient with the same prologue: sum over pixels of grad_out x in_act(x * in_scale
-  // + in_shift), (O, C) in x's dtype.
-  m.def("conv1x1_weight_grad_fused(Tensor grad_out, Tensor x, Tensor? in_scale, Tensor? in_shift, "
-        "str in_act) -> Tensor");
   // The backward of act(BN(conv1x1(x, weight))) after bn_act_backward_reduce gave sum_dpre and
   // sum_dpre_xhat: (grad_x, grad_weight (O, C)), an empty tensor for one not asked for (CPU).
   m.def("conv1x1_bn_act_backward(Tensor grad_y, Tensor z, Tensor mean, Tensor invstd, Tensor weight_bn, "

@@ -209,8 +209,9 @@ def test_cpu_op_rejects_what_it_cannot_run():
                                                 torch.empty(2, 5, 3, 3))
     with pytest.raises(ValueError, match="act must be one of"):
         conv1x1_fused(x, weight, act="gelu")
-    with pytest.raises(ValueError, match="grad_out must be"):
-        torch.ops.csp_kernels.conv1x1_weight_grad_fused(torch.randn(2, 5, 3, 4), x, None, None, "identity")
+    with pytest.raises(ValueError, match="z must be"):
+        torch.ops.csp_kernels.conv1x1_bn_act_backward(torch.randn(2, 5, 3, 4), torch.randn(2, 5, 3, 4),
+                                                      *[torch.ones(5)] * 6, "relu", x, torch.randn(5, 4), True, True)
 
 
 def test_cpu_op_opcheck():
@@ -221,8 +222,6 @@ def test_cpu_op_opcheck():
                           (x, weight, scale, shift, "relu", bias, "silu", True, torch.empty(2, 6, 3, 5)))
     torch.library.opcheck(torch.ops.csp_kernels.conv1x1_fused_out.default,
                           (x, weight, None, None, "identity", None, "identity", False, torch.empty(2, 6, 3, 5)))
-    torch.library.opcheck(torch.ops.csp_kernels.conv1x1_weight_grad_fused.default,
-                          (torch.randn(2, 6, 3, 5), x, scale, shift, "relu"))
     stats = [torch.randn(6), torch.rand(6) + 0.5, torch.randn(6), torch.randn(6), torch.randn(6), torch.randn(6)]
     torch.library.opcheck(torch.ops.csp_kernels.conv1x1_bn_act_backward.default,
                           (torch.randn(2, 6, 3, 5), torch.randn(2, 6, 3, 5), *stats, "silu", x, weight, True, True))

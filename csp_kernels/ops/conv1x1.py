@@ -39,10 +39,6 @@ if extension._C is not None:
         grad_x = torch.empty_like(x) if input_grad else x.new_empty(0)
         return grad_x, x.new_empty(weight.shape if weight_grad else (0, *weight.shape[1:]))
 
-    @torch.library.register_fake("csp_kernels::conv1x1_weight_grad_fused")
-    def _(grad_out, x, in_scale, in_shift, in_act):
-        return x.new_empty(grad_out.shape[1], x.shape[1])
-
 
 # The plain GEMMs: 1x1 convolutions as batched GEMMs over (channels, height * width) planes, one
 # per sample with the weight broadcast (stride-0 batch). They read channel slices of the buffer
@@ -70,18 +66,15 @@ def conv1x1_input_grad(grad_z: torch.Tensor, weight: torch.Tensor) -> torch.Tens
 
 def conv1x1_weight_grad(grad_z: torch.Tensor, x: torch.Tensor, *, in_scale: torch.Tensor | None = None,
                         in_shift: torch.Tensor | None = None, in_act: str = "identity") -> torch.Tensor:
-    """The weight gradient of `conv1x1_fused` with the same prologue:
+    """The weight gradient of `conv1x1_fused` with the same prologue (a pass into a temporary):
     grad_z: (batch, out, height, width), x: (batch, in, height, width) -> (out, in, 1, 1).
 
-    With a prologue on the CPU (float32/float64): `csp_kernels::conv1x1_weight_grad_fused`,
-    which normalizes x tile by tile in cache. Otherwise the prologue is a pass into a temporary,
-    then one small (out, in) partial per sample, summed: a bmm beats a single GEMM over the
+    One small (out, in) partial per sample, summed: a bmm beats a single GEMM over the
     (batch * height * width)-long reduction, which would need transposed copies of both, and
-    without a prologue it also beats the tiled op, whose short per-tile reductions re-read the
-    (out, in) accumulator (trans-cpu: 89.5 vs 96.1 ms per training step).
+    also the CPU's tiled GEMM without a prologue, whose short per-tile reductions re-read the
+    (out, in) accumulator (trans-cpu: 89.5 vs 96.1 ms per training step). The CPU backward ops
+    that need it with a prologue normalize in cache themselves (`dense.dense_conv1_backward`).
     """
-    if in_scale is not None and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
-        return _ops.conv1x1_weight_grad_fused(grad_z, x, in_scale, in_shift, in_act)[:, :, None, None]
     if in_scale is not None:
         x = scale_shift_act(x, in_scale, in_shift, in_act)
     per_sample = torch.bmm(grad_z.flatten(2), x.flatten(2).transpose(1, 2))

@@ -234,59 +234,6 @@ std::tuple<at::Tensor, at::Tensor> conv1x1_fused_out_cpu(
   return {mean, var};
 }
 
-// The weight gradient of the same convolution, with the same prologue: grad_weight (O, C) =
-// sum over pixels of grad_out (O) x in_act(x * in_scale + in_shift) (C), so the dense block's
-// backward never materializes the normalized input. Each thread accumulates its tiles into its
-// own (O, C) partial, in a fixed tile order; the partials are summed in thread order.
-at::Tensor conv1x1_weight_grad_fused_cpu(const at::Tensor& grad_out, const at::Tensor& x,
-                                         const std::optional<at::Tensor>& in_scale,
-                                         const std::optional<at::Tensor>& in_shift, c10::string_view in_act_name) {
-  const PlaneLayout X = plane_layout(x, "x"), G = plane_layout(grad_out, "grad_out");
-  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
-                   "conv1x1_weight_grad_fused runs float32 and float64 on the CPU; got ", x.scalar_type());
-  TORCH_CHECK_TYPE(grad_out.scalar_type() == x.scalar_type(), "grad_out must have x's dtype ", x.scalar_type(),
-                   "; got ", grad_out.scalar_type());
-  TORCH_CHECK_VALUE(grad_out.size(0) == X.batch && grad_out.size(2) == x.size(2) && grad_out.size(3) == x.size(3),
-                    "grad_out must be (", X.batch, ", out_channels, ", x.size(2), ", ", x.size(3), "); got ",
-                    grad_out.sizes());
-  TORCH_CHECK_VALUE(in_scale.has_value() == in_shift.has_value(), "in_scale and in_shift come together");
-  if (in_scale) check_per_channel_args(x, {{*in_scale, "in_scale"}, {*in_shift, "in_shift"}});
-  const Act in_act = parse_act(std::string(in_act_name));
-  TORCH_CHECK_VALUE(in_scale || in_act == Act::Identity, "in_act needs in_scale and in_shift");
-  check_blas_int(X.channels, "in_channels");
-  check_blas_int(G.channels, "out_channels");
-  check_blas_int(G.channel_stride, "grad_out's channel stride");
-
-  at::Tensor grad_weight = at::zeros({G.channels, X.channels}, x.options());
-  if (G.channels == 0 || X.channels == 0 || X.plane == 0 || X.batch == 0) return grad_weight;
-  // Longer tiles than the forward's: each tile's GEMM also re-reads and re-writes the (O, C)
-  // accumulator, so the reduction along the tile must be long to amortize it.
-  const Tiling tiling(X, x.element_size(), 4 * kScratchBytes, 4096);
-  const int64_t width = tiling.width;
-  const int threads = at::get_num_threads();
-  at::Tensor partials = at::zeros({threads, G.channels, X.channels}, x.options());
-
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv1x1_weight_grad_fused_cpu", [&] {
-    using stat_t = stat_of<scalar_t>;
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    const scalar_t* gp = grad_out.const_data_ptr<scalar_t>();
-    scalar_t* pp = partials.mutable_data_ptr<scalar_t>();
-    const stat_t* scale = in_scale ? in_scale->const_data_ptr<stat_t>() : nullptr;
-    const stat_t* shift = in_shift ? in_shift->const_data_ptr<stat_t>() : nullptr;
-    const int ldb = static_cast<int>(G.channels == 1 ? std::max(G.channel_stride, width) : G.channel_stride);
-    for_each_tile<scalar_t>(tiling, X.channels * width, [&](int64_t, const Tile& t, scalar_t* scratch) {
-      scalar_t* partial = pp + at::get_thread_num() * G.channels * X.channels;
-      load_tile(xp, X, t, scale, shift, in_act, scratch);
-      // Row-major partial (O x C) += grad_tile (O x w) @ scratch^T (w x C), i.e. column-major
-      // partial^T (C x O) += scratch (C x w, given as its column-major transpose) @ grad_tile^T.
-      gemm("T", "N", static_cast<int>(X.channels), static_cast<int>(G.channels), static_cast<int>(t.width), scratch,
-           static_cast<int>(t.width), gp + t.sample * G.batch_stride + t.begin, ldb, scalar_t(1), partial,
-           static_cast<int>(X.channels));
-    });
-  });
-  return partials.sum(0);
-}
-
 // Epilogue of the dense layer's conv1 input gradient, over one cache-resident row of grad_a:
 // dpre = grad_a * act'(weight * xhat + bias), grad_acc += weight * dpre, and the row's sums of
 // dpre and dpre * xhat (the BN1 bias and weight gradients).
@@ -336,9 +283,41 @@ void bn_act_grad_row(const scalar_t* grad_y, const scalar_t* z, scalar_t* grad_z
   }
 }
 
+// A BN + act backward's per-channel inputs, after its reduction pass.
+template <typename stat_t>
+struct BnBackward {
+  const stat_t *mean, *invstd, *weight, *bias, *sum_dpre, *sum_dpre_xhat;
+};
+
+template <typename stat_t>
+BnBackward<stat_t> bn_backward_of(const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& weight,
+                                  const at::Tensor& bias, const at::Tensor& sum_dpre, const at::Tensor& sum_dpre_xhat) {
+  return {mean.const_data_ptr<stat_t>(),   invstd.const_data_ptr<stat_t>(),   weight.const_data_ptr<stat_t>(),
+          bias.const_data_ptr<stat_t>(),   sum_dpre.const_data_ptr<stat_t>(), sum_dpre_xhat.const_data_ptr<stat_t>()};
+}
+
+// grad_z (Z's channels x t.width, in cache) of tile t: the BN + act backward of grad_y, given
+// z, the BN's parameters and its reduction over `count` values per channel.
+template <typename scalar_t>
+void bn_act_grad_tile(const scalar_t* grad_y, const PlaneLayout& G, const scalar_t* z, const PlaneLayout& Z,
+                      const Tile& t, const BnBackward<stat_of<scalar_t>>& bn, int64_t count, Act act,
+                      scalar_t* grad_z) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const acc_t inv_count = acc_t(1) / static_cast<acc_t>(count);
+  for (int64_t o = 0; o < Z.channels; ++o) {
+    const scalar_t* zp = z + t.sample * Z.batch_stride + o * Z.channel_stride + t.begin;
+    const scalar_t* gp = grad_y + t.sample * G.batch_stride + o * G.channel_stride + t.begin;
+    CSP_DISPATCH_ACT(act, [&] {
+      bn_act_grad_row<scalar_t, kAct>(gp, zp, grad_z + o * t.width, t.width, bn.mean[o], bn.invstd[o], bn.weight[o],
+                                      bn.bias[o], bn.sum_dpre[o] * inv_count, bn.sum_dpre_xhat[o] * inv_count);
+    });
+  }
+}
+
 // The backward of out = act(BN(conv1x1(x, weight))) after the BN reduction: per tile, grad_z is
 // computed into cache from grad_y and z, then both GEMMs read it there (the input gradient,
-// written out, and the weight gradient, accumulated per thread as in the op above).
+// written out, and the weight gradient, accumulated into a per-thread (O, C) partial whose
+// per-tile re-read long tiles amortize; the partials are summed in thread order).
 std::tuple<at::Tensor, at::Tensor> conv1x1_bn_act_backward_cpu(
     const at::Tensor& grad_y, const at::Tensor& z, const at::Tensor& mean, const at::Tensor& invstd,
     const at::Tensor& bn_weight, const at::Tensor& bn_bias, const at::Tensor& sum_dpre,
@@ -368,38 +347,27 @@ std::tuple<at::Tensor, at::Tensor> conv1x1_bn_act_backward_cpu(
     return {grad_x, weight_grad ? at::zeros({Z.channels, X.channels}, x.options()) : partials};
   }
   const PlaneLayout GX = input_grad ? plane_layout(grad_x, "grad_x") : PlaneLayout{};
-  // Long tiles, for the weight gradient's per-tile accumulation (see the op above).
+  // Long tiles, for the weight gradient's per-tile accumulation.
   const Tiling tiling(Z, x.element_size(), 4 * kScratchBytes, 4096);
   const int64_t width = tiling.width;
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv1x1_bn_act_backward_cpu", [&] {
-    using stat_t = stat_of<scalar_t>;
-    using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* gyp = grad_y.const_data_ptr<scalar_t>();
     const scalar_t* zp = z.const_data_ptr<scalar_t>();
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* wp = weight.const_data_ptr<scalar_t>();
     scalar_t* gxp = input_grad ? grad_x.mutable_data_ptr<scalar_t>() : nullptr;
     scalar_t* pp = weight_grad ? partials.mutable_data_ptr<scalar_t>() : nullptr;
-    const stat_t *mean_p = mean.const_data_ptr<stat_t>(), *invstd_p = invstd.const_data_ptr<stat_t>();
-    const stat_t *w_p = bn_weight.const_data_ptr<stat_t>(), *b_p = bn_bias.const_data_ptr<stat_t>();
-    const stat_t *s_p = sum_dpre.const_data_ptr<stat_t>(), *sx_p = sum_dpre_xhat.const_data_ptr<stat_t>();
-    const acc_t inv_count = acc_t(1) / static_cast<acc_t>(X.batch * X.plane);
+    const auto bn = bn_backward_of<stat_of<scalar_t>>(mean, invstd, bn_weight, bn_bias, sum_dpre, sum_dpre_xhat);
     const int O = static_cast<int>(Z.channels), C = static_cast<int>(X.channels);
     for_each_tile<scalar_t>(tiling, Z.channels * width, [&](int64_t, const Tile& t, scalar_t* grad_z) {
       const int w = static_cast<int>(t.width);
-      for (int64_t o = 0; o < Z.channels; ++o) {
-        const int64_t at_z = t.sample * Z.batch_stride + o * Z.channel_stride + t.begin;
-        const int64_t at_g = t.sample * G.batch_stride + o * G.channel_stride + t.begin;
-        CSP_DISPATCH_ACT(act, [&] {
-          bn_act_grad_row<scalar_t, kAct>(gyp + at_g, zp + at_z, grad_z + o * t.width, t.width, mean_p[o],
-                                          invstd_p[o], w_p[o], b_p[o], s_p[o] * inv_count, sx_p[o] * inv_count);
-        });
-      }
+      bn_act_grad_tile(gyp, G, zp, Z, t, bn, X.batch * X.plane, act, grad_z);
       const scalar_t* x_tile = xp + t.sample * X.batch_stride + t.begin;
       if (input_grad) {
         // Row-major grad_x tile (C x w) = W^T (C x O) @ grad_z (O x w): column-major
-        // grad_x^T (w x C) = grad_z^T (w x O) @ W (O x C; "T" as in the accumulate op).
+        // grad_x^T (w x C) = grad_z^T (w x O) @ W (O x C; row-major W is its column-major
+        // transpose, hence "T").
         gemm("N", "T", w, C, O, grad_z, w, wp, C, scalar_t(0), gxp + t.sample * GX.batch_stride + t.begin,
              static_cast<int>(C == 1 ? std::max(GX.channel_stride, width) : GX.channel_stride));
       }
@@ -457,16 +425,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_conv1_backward_cpu(
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dense_conv1_backward_cpu", [&] {
     using stat_t = stat_of<scalar_t>;
-    using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* gbp = grad_b.const_data_ptr<scalar_t>();
     const scalar_t* zp = z.const_data_ptr<scalar_t>();
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* wp = weight.const_data_ptr<scalar_t>();
     scalar_t* accp = grad_acc.mutable_data_ptr<scalar_t>();
     scalar_t* pp = partials.mutable_data_ptr<scalar_t>();
-    const stat_t *m2 = mean2.const_data_ptr<stat_t>(), *i2 = invstd2.const_data_ptr<stat_t>();
-    const stat_t *w2 = weight2.const_data_ptr<stat_t>(), *b2 = bias2.const_data_ptr<stat_t>();
-    const stat_t *s2 = sum_dpre2.const_data_ptr<stat_t>(), *sx2 = sum_dpre_xhat2.const_data_ptr<stat_t>();
+    const auto bn2 = bn_backward_of<stat_t>(mean2, invstd2, weight2, bias2, sum_dpre2, sum_dpre_xhat2);
     const stat_t *m1 = mean1.const_data_ptr<stat_t>(), *i1 = invstd1.const_data_ptr<stat_t>();
     const stat_t *w1 = weight1.const_data_ptr<stat_t>(), *b1 = bias1.const_data_ptr<stat_t>();
     // BN1 + act as the per-channel (scale, shift) that load_tile applies.
@@ -475,21 +440,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_conv1_backward_cpu(
       scale1[c] = w1[c] * i1[c];
       shift1[c] = b1[c] - m1[c] * scale1[c];
     }
-    const acc_t inv_count = acc_t(1) / static_cast<acc_t>(X.batch * X.plane);
     const int O = static_cast<int>(Z.channels), C = static_cast<int>(X.channels);
     for_each_tile<scalar_t>(tiling, (Z.channels + X.channels) * width, [&](int64_t i, const Tile& t,
                                                                            scalar_t* scratch) {
       const int w = static_cast<int>(t.width);
       scalar_t* grad_z = scratch;
       scalar_t* a = scratch + Z.channels * t.width;
-      for (int64_t o = 0; o < Z.channels; ++o) {
-        const int64_t at_z = t.sample * Z.batch_stride + o * Z.channel_stride + t.begin;
-        const int64_t at_g = t.sample * G.batch_stride + o * G.channel_stride + t.begin;
-        CSP_DISPATCH_ACT(act, [&] {
-          bn_act_grad_row<scalar_t, kAct>(gbp + at_g, zp + at_z, grad_z + o * t.width, t.width, m2[o], i2[o], w2[o],
-                                          b2[o], s2[o] * inv_count, sx2[o] * inv_count);
-        });
-      }
+      bn_act_grad_tile(gbp, G, zp, Z, t, bn2, X.batch * X.plane, act, grad_z);
       load_tile(xp, X, t, scale1.data(), shift1.data(), act, a);
       // Weight gradient: row-major partial (O x C) += grad_z (O x w) @ a^T (w x C).
       gemm("T", "N", C, O, w, a, w, grad_z, w, scalar_t(1), pp + at::get_thread_num() * Z.channels * X.channels, C);
@@ -525,7 +482,6 @@ TORCH_LIBRARY_IMPL(csp_kernels, CPU, m) {
   m.impl("dense_conv1_backward", &dense_conv1_backward_cpu);
   m.impl("conv1x1_bn_act_backward", &conv1x1_bn_act_backward_cpu);
   m.impl("conv1x1_fused_out", &conv1x1_fused_out_cpu);
-  m.impl("conv1x1_weight_grad_fused", &conv1x1_weight_grad_fused_cpu);
 }
 
 }  // namespace csp_kernels
