@@ -198,9 +198,11 @@ def _check_batch(g: Geometry) -> None:
                          f"{(g.batch, g.part1 + g.part2, g.height, g.width)}")
 
 
-def _new_buffer(x: torch.Tensor, g: Geometry) -> torch.Tensor:
-    """The concat buffer with x copied in (this copy also converts channels_last to NCHW)."""
-    buf = x.new_empty(g.batch, g.part1 + g.dense_channels, g.height, g.width)
+def _new_buffer(x: torch.Tensor, g: Geometry, channels: int | None = None) -> torch.Tensor:
+    """The concat buffer with x copied in (this copy also converts channels_last to NCHW), with
+    `channels` per sample (default: exactly the concat's part1 + t) of which the concat uses the
+    first part1 + t."""
+    buf = x.new_empty(g.batch, channels or g.part1 + g.dense_channels, g.height, g.width)
     buf[:, : g.part1 + g.part2].copy_(x)
     return buf
 
@@ -483,9 +485,8 @@ def partial_dense_block_eval(x: torch.Tensor, params: EvalParams, part1: int, fu
     channels = part1 + g.dense_channels
     last_weight, last_bias = params.transitions[-1]
     out_channels = last_weight.shape[0] + (part1 if fusion == "last" else 0)
-    store = x.new_empty(n, max(channels, out_channels), h, w)
+    store = _new_buffer(x, g, max(channels, out_channels))
     buf = store[:, :channels]
-    buf[:, : part1 + g.part2].copy_(x)
     dense = buf[:, part1:]
     for j in range(g.num_layers):
         c = g.prefix(j)
