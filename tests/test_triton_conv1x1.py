@@ -113,6 +113,13 @@ def test_statistics_keep_the_variance_when_the_mean_dominates(device):
 
 
 @pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_statistics_of_an_empty_batch_are_zeros(device):
+    out, mean, var = conv1x1(torch.randn(0, 3, 4, 4, device=device), torch.randn(5, 3, device=device), stats=True)
+    assert out.shape == (0, 5, 4, 4)
+    assert torch.equal(mean, torch.zeros(5, device=device)) and torch.equal(var, torch.zeros(5, device=device))
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
 @pytest.mark.parametrize("layout", ["channel_slice", "channels_last", "spatial_stride", "transposed_weight"])
 def test_strided_inputs(device, layout):
     kw = dict(dtype=torch.float64, device=device)

@@ -178,10 +178,10 @@ def conv1x1(x: torch.Tensor, weight: torch.Tensor, *, in_scale: torch.Tensor | N
 def _merge_tile_moments(moments: torch.Tensor, pixels: int, block_p: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean, biased var) per channel from the tiles' (mean, sum of squared deviations):
     var * count = sum of the tiles' M2 + sum of count_i * (mean_i - mean)^2, in float64."""
+    if pixels == 0:  # no tiles: moments is (2, 0, out_channels)
+        return moments.new_zeros(moments.shape[2]), moments.new_zeros(moments.shape[2])
     tile_means, tile_m2 = moments.double()
     counts = torch.full((tile_means.shape[0], 1), float(block_p), dtype=torch.float64, device=moments.device)
-    if pixels == 0:
-        return torch.zeros_like(moments[0, 0]), torch.zeros_like(moments[0, 0])
     counts[-1] = pixels - (tile_means.shape[0] - 1) * block_p
     mean = (counts * tile_means).sum(0) / pixels
     var = (tile_m2.sum(0) + (counts * (tile_means - mean) ** 2).sum(0)) / pixels
