@@ -85,7 +85,7 @@ class PartialDenseBlock(reference.PartialDenseBlock):
 
     def _train_forward(self, x: torch.Tensor, engine: str) -> torch.Tensor:
         eps = self._norms()[0].eps
-        (out, _buf, _z_last, dense_mean, dense_var, bottleneck_mean, bottleneck_var, t_mean, t_var
+        (out, _buf, _z_first, _z_last, dense_mean, dense_var, bottleneck_mean, bottleneck_var, t_mean, t_var
          ) = dense_ops.partial_dense_block(x, self.dense_params(), self.transition_params(), self.part1,
                                            self.fusion, self.act_name, eps, engine)
         count = x.shape[0] * x.shape[2] * x.shape[3]

@@ -14,13 +14,14 @@ Training (`partial_dense_block`, a torch.library custom op with registered autog
             place, conv2 3x3, copy of its growth channels into the buffer, their statistics.
             Transitions: GEMM with statistics, BN+act written straight into the output (or, for
             "csp", into the second transition's input).
-  saved     `buf`, the last transition's pre-BN output, the per-channel statistics. Nothing
-            per layer: the normalized prefix, conv1's output and BN2+ReLU are recomputed (one
-            extra 1x1 GEMM per layer), and so is the first transition of "csp".
-            Why (pdb-cpu, 8x128x56x56 float32): this saves 61 MiB, 0.13x eager's 478 MiB and
-            linear in num_layers (+6.1 MiB per layer, one growth slice of `buf`). Saving conv1's
-            outputs as well would add 12.25 MiB per layer (0.28x in all, over the 0.20 target)
-            to skip a recompute of +21% 1x1-GEMM FLOPs, about 9% of the fused training step.
+  saved     `buf`, the transitions' pre-BN outputs, the per-channel statistics. Nothing per
+            layer: the normalized prefix, conv1's output and BN2+ReLU are recomputed (one extra
+            1x1 GEMM per layer).
+            Why (pdb-cpu, 8x128x56x56 float32): `buf` and the last transition's output are
+            61 MiB, 0.13x eager's 478 MiB, and grow linearly in num_layers (+6.1 MiB per layer,
+            one growth slice of `buf`). The first transition of "csp" costs 24.5 MiB more (0.18x)
+            and spares the backward its GEMM, 3.3 of the step's 84 GFLOP; conv1's outputs would
+            cost 12.25 MiB per layer (0.28x in all, over the 0.20 target) for 0.9 GFLOP each.
   backward  layers in reverse, one accumulator G shaped like the BN1-read part of the buffer:
             each layer adds weight1 * dpre to G[:, :c_j] (`dense_conv1_backward`: on
             the CPU conv1's input gradient goes tile by tile from the GEMM into this
@@ -243,15 +244,16 @@ def _dense_train(buf, dense_params, g: Geometry, eps, engine):
 def partial_dense_block(x: torch.Tensor, dense_params: list[torch.Tensor], transition_params: list[torch.Tensor],
                         part1: int, fusion: str, act: str, eps: float, engine: str
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                   torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                                   torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Training forward of a partial dense block (see the module docstring).
 
     x: (batch, in_channels, height, width), any memory format.
-    Returns (out, buf, z_last, dense_mean, dense_var, bottleneck_mean, bottleneck_var,
+    Returns (out, buf, z_first, z_last, dense_mean, dense_var, bottleneck_mean, bottleneck_var,
     transition_mean, transition_var):
       out              (batch, out_channels, height, width), the block's output
-      buf, z_last      the concat buffer and the last transition's pre-BN output, saved for
-                       backward (outputs so that the op stays functional; not differentiable)
+      buf, z_first, z_last  the concat buffer and the transitions' pre-BN outputs (z_first: the
+                       first of "csp", empty otherwise), saved for backward (outputs so that
+                       the op stays functional; not differentiable)
       dense_mean/var   (t,) batch statistics of the buffer's dense channels (norm1's inputs)
       bottleneck_*     (num_layers, bn_size * growth) statistics of conv1's outputs (norm2's)
       transition_*     the transitions' statistics, concatenated in order
@@ -262,6 +264,7 @@ def partial_dense_block(x: torch.Tensor, dense_params: list[torch.Tensor], trans
     buf = _new_buffer(x, g)
     dense_stats = _dense_train(buf, dense_params, g, eps, engine)
     dense = buf[:, part1:]
+    z_first = x.new_empty(0)
     if fusion == "first":
         first = transition_params_of(transition_params, 0)
         out = x.new_empty(g.batch, first[0].shape[0], g.height, g.width)
@@ -272,29 +275,22 @@ def partial_dense_block(x: torch.Tensor, dense_params: list[torch.Tensor], trans
         out[:, :part1].copy_(x[:, :part1])
         z_last, t_mean, t_var = _transition_train(dense, first, eps, act, out[:, part1:], engine)
     else:
-        cat = _csp_concat(buf, transition_params, g, eps, act, engine)
-        z_first, mean_first, var_first = cat.stats
+        cat = _csp_concat_head(buf, g, transition_params_of(transition_params, 0)[0].shape[0])
+        z_first, mean_first, var_first = _transition_train(
+            dense, transition_params_of(transition_params, 0), eps, act, cat[:, part1:], engine)
         second = transition_params_of(transition_params, 1)
         out = x.new_empty(g.batch, second[0].shape[0], g.height, g.width)
-        z_last, t_mean, t_var = _transition_train(cat.tensor, second, eps, act, out, engine)
+        z_last, t_mean, t_var = _transition_train(cat, second, eps, act, out, engine)
         t_mean, t_var = torch.cat([mean_first, t_mean]), torch.cat([var_first, t_var])
-    return (out, buf, z_last, *dense_stats, t_mean, t_var)
+    return (out, buf, z_first, z_last, *dense_stats, t_mean, t_var)
 
 
-@dataclasses.dataclass
-class _CspConcat:
-    tensor: torch.Tensor  # (batch, part1 + t, height, width): part 1, then transition1's output
-    stats: tuple          # transition1's (pre-BN z, mean, var)
-
-
-def _csp_concat(buf, transition_params, g: Geometry, eps, act, engine) -> _CspConcat:
-    """The second transition's input of fusion "csp": part 1 copied from the buffer's head,
-    transition1(dense part) written after it. Run in forward, and again in backward."""
-    cat = buf.new_empty(g.batch, g.part1 + g.dense_channels, g.height, g.width)
+def _csp_concat_head(buf, g: Geometry, first_channels: int) -> torch.Tensor:
+    """The second transition's input of fusion "csp", (batch, part1 + first_channels, height,
+    width), with part 1 copied in from the buffer's head; transition1's output goes after it."""
+    cat = buf.new_empty(g.batch, g.part1 + first_channels, g.height, g.width)
     cat[:, : g.part1].copy_(buf[:, : g.part1])
-    stats = _transition_train(buf[:, g.part1:], transition_params_of(transition_params, 0), eps, act,
-                              cat[:, g.part1:], engine)
-    return _CspConcat(cat, stats)
+    return cat
 
 
 @partial_dense_block.register_fake
@@ -306,7 +302,9 @@ def _(x, dense_params, transition_params, part1, fusion, act, eps, engine):
     out_channels = last_out + (part1 if fusion == "last" else 0)
     transition_channels = sum(w.shape[0] for w in transition_params[::TRANSITION_PARAMS])
     new = x.new_empty
+    first_out = transition_params[0].shape[0] if fusion == "csp" else 0
     return (new(g.batch, out_channels, g.height, g.width), new(g.batch, part1 + t, g.height, g.width),
+            new(g.batch, first_out, g.height, g.width) if first_out else new(0),
             new(g.batch, last_out, g.height, g.width), new(t, dtype=sdtype), new(t, dtype=sdtype),
             new(g.num_layers, g.bottleneck, dtype=sdtype), new(g.num_layers, g.bottleneck, dtype=sdtype),
             new(transition_channels, dtype=sdtype), new(transition_channels, dtype=sdtype))
@@ -314,15 +312,16 @@ def _(x, dense_params, transition_params, part1, fusion, act, eps, engine):
 
 def _setup_context(ctx, inputs, output):
     x, dense_params, transition_params, part1, fusion, act, eps, engine = inputs
-    _, buf, z_last, dense_mean, dense_var, bottleneck_mean, bottleneck_var, t_mean, t_var = output
+    _, buf, z_first, z_last, dense_mean, dense_var, bottleneck_mean, bottleneck_var, t_mean, t_var = output
     ctx.geometry = Geometry.of(x, part1, dense_params)
     ctx.fusion, ctx.act, ctx.eps, ctx.engine = fusion, act, eps, engine
     ctx.num_dense, ctx.num_transition = len(dense_params), len(transition_params)
     # Only `out` carries a gradient; without these autograd would hand backward zero-filled
-    # gradients of buf and z_last (61 MiB of writes on pdb-cpu).
-    ctx.mark_non_differentiable(buf, z_last, dense_mean, dense_var, bottleneck_mean, bottleneck_var, t_mean, t_var)
+    # gradients of buf, z_first and z_last (86 MiB of writes on pdb-cpu).
+    ctx.mark_non_differentiable(buf, z_first, z_last, dense_mean, dense_var, bottleneck_mean, bottleneck_var, t_mean,
+                                t_var)
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(buf, z_last, dense_mean, dense_var, bottleneck_mean, bottleneck_var, t_mean, t_var,
+    ctx.save_for_backward(buf, z_first, z_last, dense_mean, dense_var, bottleneck_mean, bottleneck_var, t_mean, t_var,
                           *dense_params, *transition_params)
 
 
@@ -333,7 +332,8 @@ def _backward(ctx, grad_out, *_grads_of_saved_outputs):
     if grad_out is None:  # no gradient reached `out` (grads are not materialized, see above)
         return None, [None] * ctx.num_dense, [None] * ctx.num_transition, None, None, None, None, None
     g: Geometry = ctx.geometry
-    buf, z_last, dense_mean, dense_var, bottleneck_mean, bottleneck_var, t_mean, t_var, *params = ctx.saved_tensors
+    buf, z_first, z_last, dense_mean, dense_var, bottleneck_mean, bottleneck_var, t_mean, t_var, *params = (
+        ctx.saved_tensors)
     dense_params, transition_params = params[: ctx.num_dense], params[ctx.num_dense:]
     eps, act, part1 = ctx.eps, ctx.act, g.part1
     grad_out = grad_out.contiguous()
@@ -357,9 +357,12 @@ def _backward(ctx, grad_out, *_grads_of_saved_outputs):
         grad_dense = transition_backward(grad_out[:, part1:], z_last, last_mean, last_var, dense, 0)
         grad_part1 = grad_out[:, :part1]
     else:
-        cat = _csp_concat(buf, transition_params, g, eps, act, ctx.engine)
-        z_first, first_mean, first_var = cat.stats
-        grad_cat = transition_backward(grad_out, z_last, last_mean, last_var, cat.tensor, 1)
+        first_channels = z_first.shape[1]
+        first_mean, first_var = t_mean[:first_channels], t_var[:first_channels]
+        first_bn = transition_params_of(transition_params, 0)[1:]
+        cat = _csp_concat_head(buf, g, first_channels)
+        scale_shift_act(z_first, *bn_scale_shift(first_mean, first_var, *first_bn, eps), act, out=cat[:, part1:])
+        grad_cat = transition_backward(grad_out, z_last, last_mean, last_var, cat, 1)
         del cat
         grad_part1 = grad_cat[:, :part1]
         grad_dense = transition_backward(grad_cat[:, part1:], z_first, first_mean, first_var, dense, 0)

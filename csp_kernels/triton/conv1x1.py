@@ -82,15 +82,27 @@ def _conv1x1_kernel(
              y.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
-def _block_sizes(out_channels: int, in_channels: int, on_gpu: bool) -> tuple[int, int, int, int]:
-    """(BLOCK_O, BLOCK_P, BLOCK_K, num_warps). tl.dot needs every block dim >= 16; the
-    interpreter runs whole blocks as numpy arrays, so on CPU the smallest blocks that cover
-    the channels waste the least work."""
+def launch_config(out_channels: int, in_channels: int, dtype: torch.dtype, input_precision: str,
+                  on_gpu: bool) -> tuple[int, int, int, int, int]:
+    """(BLOCK_O, BLOCK_P, BLOCK_K, num_warps, num_stages). tl.dot needs every block dim >= 16.
+
+    On a GPU, tensor-core dots (16-bit types, float32 as tf32) take 128x128 output tiles and a
+    64-byte K step (BLOCK_K 32 for 16-bit types, 16 for float32: with 32, float32 needs 255
+    registers and spills on sm_80). Dots on CUDA cores (float64, float32 "ieee") hold the
+    whole accumulator in registers: at 128x128 they spill 5-6 KiB of stack per thread, and at
+    64x64 with 4 warps still 8-16 bytes, so they take 64x64x16 tiles over 8 warps (128-146
+    registers). `benchmarks.triton_compile` compiles every choice for sm_80 and sm_90 and
+    reports registers and spills; tests/test_triton_compile.py refuses any spill.
+    The interpreter runs whole blocks as numpy arrays, so on CPU the smallest blocks that cover
+    the channels waste the least work.
+    """
     if not on_gpu:
         fit = lambda c: max(16, min(64, triton.next_power_of_2(c)))  # noqa: E731
-        return fit(out_channels), 64, fit(in_channels), 4
+        return fit(out_channels), 64, fit(in_channels), 4, 1
+    if dtype == torch.float64 or input_precision == "ieee":
+        return 64, 64, 16, 8, 3
     block_o = 128 if out_channels >= 128 else 64
-    return block_o, 128, 32, 8 if block_o == 128 else 4
+    return block_o, 128, 64 // dtype.itemsize, 8 if block_o == 128 else 4, 3
 
 
 def _input_precision(dtype: torch.dtype) -> str:
@@ -146,7 +158,9 @@ def conv1x1(x: torch.Tensor, weight: torch.Tensor, *, in_scale: torch.Tensor | N
                          f"{out.dtype} {tuple(out.shape)} on {out.device}")
     stat_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     pixels = batch * height * width
-    block_o, block_p, block_k, num_warps = _block_sizes(out_channels, in_channels, x.is_cuda)
+    input_precision = _input_precision(x.dtype)
+    block_o, block_p, block_k, num_warps, num_stages = launch_config(out_channels, in_channels, x.dtype,
+                                                                     input_precision, x.is_cuda)
     tiles = triton.cdiv(pixels, block_p)
     moments = torch.empty(2, tiles if stats else 1, out_channels if stats else 1, dtype=stat_dtype, device=x.device)
     has_affine = in_scale is not None or in_shift is not None
@@ -166,9 +180,9 @@ def conv1x1(x: torch.Tensor, weight: torch.Tensor, *, in_scale: torch.Tensor | N
                 *x.stride(), *weight.stride(), *out.stride(),
                 HAS_BIAS=bias is not None, ACT=act_code(act), HAS_IN_AFFINE=has_affine,
                 IN_ACT=act_code(in_act), STATS=stats, ACC_FP64=x.dtype == torch.float64,
-                INPUT_PRECISION=_input_precision(x.dtype),
+                INPUT_PRECISION=input_precision,
                 BLOCK_O=block_o, BLOCK_P=block_p, BLOCK_K=block_k, num_warps=num_warps,
-                num_stages=3 if x.is_cuda else 1,
+                num_stages=num_stages,
             )
     if stats:
         return (out, *_merge_tile_moments(moments, pixels, block_p))

@@ -1,0 +1,119 @@
+"""The Triton kernels compiled ahead of time for GPU targets, on any machine (no GPU needed):
+registers, spilled bytes and shared memory of every launch configuration the wrappers pick.
+
+    python -m benchmarks.triton_compile [--json]
+
+The Triton interpreter, which runs the kernels on the CPU in the tests, checks what they
+compute but not whether they compile, nor how: a kernel whose accumulator does not fit in
+registers still interprets correctly and runs many times slower on a GPU. Triton's own ptxas
+compiles for sm_80 and sm_90 here, so tests/test_triton_compile.py can refuse spills in CI.
+Needs the real Triton front end: run it without TRITON_INTERPRET=1.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+import subprocess
+import tempfile
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from csp_kernels.triton import conv1x1 as conv1x1_module
+
+TARGETS = (80, 90)  # the capabilities setup.py builds the CUDA kernels for
+_TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
+# (data dtype, tl.dot input precision): every path `conv1x1` can take on a GPU.
+PRECISIONS = ((torch.float32, "tf32"), (torch.float32, "ieee"), (torch.bfloat16, "tf32"), (torch.float16, "tf32"),
+              (torch.float64, "ieee"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Compiled:
+    kernel: str
+    variant: str
+    capability: int
+    registers: int
+    spill_bytes: int    # per thread: stack frame plus local memory, 0 when nothing spills
+    shared_bytes: int   # dynamic shared memory the launch asks for
+
+
+def _resources(cubin: bytes) -> tuple[int, int]:
+    """(registers, spilled bytes per thread) from cuobjdump, which Triton ships beside ptxas."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        usage = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True,
+                               check=True).stdout
+    match = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", usage)
+    if match is None:
+        raise RuntimeError(f"cuobjdump gave no resource usage:\n{usage}")
+    registers, stack, local = map(int, match.groups())
+    return registers, stack + local
+
+
+def compile_conv1x1(dtype: torch.dtype, input_precision: str, capability: int, *, stats: bool, prologue: bool,
+                    act: str = "silu", out_channels: int = 256, in_channels: int = 256) -> Compiled:
+    """Compiles `_conv1x1_kernel` as `conv1x1` would launch it for these channels on a GPU of
+    `capability` (80: sm_80), with bias + `act`, optionally the BN + ReLU prologue and the
+    statistics epilogue."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise RuntimeError("benchmarks.triton_compile needs Triton's compiler; unset TRITON_INTERPRET")
+    kernel = conv1x1_module._conv1x1_kernel
+    block_o, block_p, block_k, num_warps, num_stages = conv1x1_module.launch_config(
+        out_channels, in_channels, dtype, input_precision, on_gpu=True)
+    stat_type = "fp64" if dtype == torch.float64 else "fp32"
+    constants = dict(HAS_BIAS=True, ACT=conv1x1_module.act_code(act), HAS_IN_AFFINE=prologue,
+                     IN_ACT=conv1x1_module.act_code("relu" if prologue else "identity"), STATS=stats,
+                     ACC_FP64=dtype == torch.float64, INPUT_PRECISION=input_precision, BLOCK_O=block_o,
+                     BLOCK_P=block_p, BLOCK_K=block_k)
+    signature = {}
+    for name in kernel.arg_names:
+        if name in constants:
+            signature[name] = "constexpr"
+        elif name in ("x_ptr", "w_ptr", "out_ptr"):
+            signature[name] = "*" + _TRITON_TYPES[dtype]
+        elif name.endswith("_ptr"):
+            signature[name] = "*" + stat_type
+        else:
+            signature[name] = "i32"
+    source = ASTSource(fn=kernel, signature=signature,
+                       constexprs={(kernel.arg_names.index(k),): v for k, v in constants.items()})
+    compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32),
+                              options=dict(num_warps=num_warps, num_stages=num_stages))
+    registers, spill = _resources(compiled.asm["cubin"])
+    variant = (f"{_TRITON_TYPES[dtype]}/{input_precision} {block_o}x{block_p}x{block_k} w{num_warps}"
+               f"{' prologue' if prologue else ''}{' stats' if stats else ''}")
+    return Compiled("conv1x1", variant, capability, registers, spill, compiled.metadata.shared)
+
+
+def compile_all() -> list[Compiled]:
+    """Every GPU path of every Triton kernel, with and without prologue and statistics, on
+    every target."""
+    return [compile_conv1x1(dtype, precision, capability, stats=full, prologue=full)
+            for dtype, precision in PRECISIONS for full in (True, False) for capability in TARGETS]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = parser.parse_args(argv)
+    rows = compile_all()
+    if args.json:
+        print(json.dumps([dataclasses.asdict(r) for r in rows]))
+        return 0
+    print(f"{'kernel':<8} {'variant':<42} {'sm':>3} {'regs':>5} {'spill B':>8} {'smem B':>7}")
+    for r in rows:
+        print(f"{r.kernel:<8} {r.variant:<42} {r.capability:>3} {r.registers:>5} {r.spill_bytes:>8} "
+              f"{r.shared_bytes:>7}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
