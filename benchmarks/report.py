@@ -70,6 +70,11 @@ def format_report(record: dict) -> str:
     where = machine["gpu_name"] or f"{machine['cpu_model']} ({machine['cpu_count']} cores)"
     parts = [f"{where} · torch {machine['torch']} · triton {machine['triton']} · "
              f"commit {machine['git_commit'][:12]} · {machine['date']}"]
+    hardware = record.get("roofline")
+    if hardware:
+        peaks = ", ".join(f"{dtype} {flops / 1e9:.4g} GFLOP/s" for dtype, flops in hardware["matmul_peak"].items())
+        parts.append(f"roofline: matmul peak {peaks} ({hardware['matmul_size']}^3), copy "
+                     f"{hardware['copy_bandwidth'] / 1e9:.3g} GB/s; \"of roofline\" = that floor / eval time")
     for label, variants in by_label(record["rows"]).items():
         rows = list(variants.values())
         parts.append(_workload_header(rows[0]) + "\n" + _variant_table(rows))

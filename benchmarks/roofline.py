@@ -46,6 +46,9 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 8192) -> floa
 def eval_flops(module: torch.nn.Module, args: tuple) -> int:
     """FLOPs of one eval forward (matmuls and convolutions, as torch's FlopCounterMode counts)."""
     module.eval()
+    # Detached: the counter's module tracker hooks the gradient of every input that requires
+    # one, which fails for a view of such an input taken under no_grad (x[:, a:] in a block).
+    args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         module(*args)
     return counter.get_total_flops()

@@ -38,8 +38,9 @@ conv1 (bias + ReLU epilogue), every transition's BN folded into its conv; see `f
 Engines: "aten" runs the forward 1x1 convolutions as `conv1x1_fused`'s C++ tiled GEMM on the CPU
 (BLAS on cache-resident tiles, normalize-on-load prologue, epilogue with bias, act and
 statistics) and as passes around cuBLAS on a GPU; "triton" runs them as the Triton GEMM of
-`csp_kernels.triton.conv1x1`. The backward is the same for both: the CPU's tiled ops, or on a
-GPU passes around cuBLAS (which store the normalized prefix and the gradients between them).
+`csp_kernels.triton.conv1x1`, the backward's recompute of conv1 included. The rest of the
+backward is the same for both: the CPU's tiled ops, or on a GPU passes around cuBLAS (which
+store the normalized prefix of the weight gradient and the gradients between them).
 
 Parameters travel as flat lists:
   dense_params       per layer: norm1.weight, norm1.bias, conv1.weight, norm2.weight,
@@ -368,7 +369,7 @@ def _backward(ctx, grad_out, *_grads_of_saved_outputs):
         grad_dense = transition_backward(grad_cat[:, part1:], z_first, first_mean, first_var, dense, 0)
 
     dense_grads = _dense_backward(grad_dense, buf, dense_params, g, eps, dense_mean, dense_var,
-                                  bottleneck_mean, bottleneck_var)
+                                  bottleneck_mean, bottleneck_var, ctx.engine)
     grad_x = None
     if ctx.needs_input_grad[0]:
         if ctx.fusion == "first":
@@ -380,7 +381,8 @@ def _backward(ctx, grad_out, *_grads_of_saved_outputs):
     return grad_x, dense_grads, transition_grads, None, None, None, None, None
 
 
-def _dense_backward(grad_dense, buf, dense_params, g: Geometry, eps, mean, var, bottleneck_mean, bottleneck_var):
+def _dense_backward(grad_dense, buf, dense_params, g: Geometry, eps, mean, var, bottleneck_mean, bottleneck_var,
+                    engine):
     """Backward of the dense layers, in place on `grad_dense` (batch, t, height, width), which
     holds the transitions' gradient of the dense channels on entry and their full gradient on
     return. Returns the dense parameters' gradients in `dense_params` order."""
@@ -405,10 +407,10 @@ def _dense_backward(grad_dense, buf, dense_params, g: Geometry, eps, mean, var, 
         # Recompute the layer's activations from the buffer, as the forward computed them.
         norm1_w, norm1_b = norm1_w.to(mean.dtype), norm1_b.to(mean.dtype)
         norm2_w, norm2_b = norm2_w.to(mean.dtype), norm2_b.to(mean.dtype)
-        # conv1's input, BN1+ReLU of the prefix, is normalized on load here and in the weight
-        # gradient below, never stored (CPU; a pass into a temporary on a GPU).
+        # conv1's input, BN1+ReLU of the prefix, is normalized on load here (CPU, Triton) and in
+        # the weight gradient below (CPU), never stored.
         scale1, shift1 = bn_scale_shift(mean[:c], var[:c], norm1_w, norm1_b, eps)
-        z = conv1x1_fused(dense[:, :c], conv1_w, in_scale=scale1, in_shift=shift1, in_act=DENSE_ACT)
+        z = conv1x1_fused(dense[:, :c], conv1_w, in_scale=scale1, in_shift=shift1, in_act=DENSE_ACT, engine=engine)
         b = g.view(scratch_b, g.bottleneck)
         scale_shift_act(z, *bn_scale_shift(bottleneck_mean[j], bottleneck_var[j], norm2_w, norm2_b, eps), DENSE_ACT,
                         out=b)
