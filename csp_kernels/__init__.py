@@ -5,12 +5,13 @@ Drop-in modules (same signatures and state_dict as `csp_kernels.reference`):
 Backends: `use_backend("cpu" | "cuda" | "triton" | "reference" | "auto")` or $CSP_KERNELS_BACKEND.
 """
 from . import reference
-from .backend import BackendUnavailable, available_backends, use_backend
+from .backend import BackendUnavailable, ReferenceFallbackWarning, available_backends, use_backend
 from .extension import build_info
 from .nn import ConvBNAct, ExactFusion, Maxout, PartialDenseBlock, maxout, maxout_pyramid
 
 __all__ = [
     "ConvBNAct", "PartialDenseBlock", "Maxout", "ExactFusion", "maxout", "maxout_pyramid",
-    "reference", "use_backend", "available_backends", "BackendUnavailable", "build_info",
+    "reference", "use_backend", "available_backends", "BackendUnavailable", "ReferenceFallbackWarning",
+    "build_info",
 ]
 __version__ = "0.1.0"

@@ -35,6 +35,20 @@ class BackendUnavailable(RuntimeError):
     """The requested backend cannot run on this machine or for this device."""
 
 
+class ReferenceFallbackWarning(UserWarning):
+    """A fused module ran the plain-PyTorch reference (slower, more memory) for a configuration
+    or a mode its kernels do not cover. Filter it with `warnings.simplefilter("ignore",
+    csp_kernels.ReferenceFallbackWarning)` where that is intended."""
+
+
+def warn_reference_fallback(module: torch.nn.Module, reason: str) -> None:
+    """Warns that `module` runs the reference because of `reason` (Python shows each distinct
+    message once per call site). Silent under torch.compile, whose trace it would break."""
+    if not torch.compiler.is_compiling():
+        warnings.warn(f"csp_kernels.{type(module).__name__} runs the plain-PyTorch reference (slower, more "
+                      f"memory): {reason}", ReferenceFallbackWarning, stacklevel=3)
+
+
 def _check_name(name: str) -> str:
     if not isinstance(name, str):
         raise TypeError(f"backend must be a str, one of {BACKENDS}; got {type(name).__name__}")

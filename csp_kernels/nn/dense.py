@@ -10,10 +10,11 @@ Which path runs:
 - eval without autograd recording (torch.no_grad / inference_mode, or nothing requires grad):
   the folded inference forward; the folded parameters are cached and refolded when any
   parameter or buffer changes (version counters).
-- the reference math (`super().forward`) for what the fused op does not model: the
-  "reference" backend, eval while autograd records, autocast (which mixes dtypes per op), and
-  BatchNorms that differ from the defaults the op assumes (affine, tracking running
-  statistics, one shared eps).
+- the reference math (`super().forward`) for the "reference" backend, and, with a
+  `ReferenceFallbackWarning` naming the reason, for what the fused op does not model: eval
+  while autograd records (e.g. frozen BatchNorms under fine-tuning), autocast (which mixes
+  dtypes per op), and BatchNorms that differ from the defaults the op assumes (affine,
+  tracking running statistics, one shared eps).
 Input in any memory format (channels_last included) is copied once into the NCHW concat
 buffer; outputs are NCHW-contiguous.
 """
@@ -58,12 +59,24 @@ class PartialDenseBlock(reference.PartialDenseBlock):
         """The transitions' parameters in the order `ops.dense.partial_dense_block` takes them."""
         return [p for t in self._transitions() for p in (t.conv.weight, t.bn.weight, t.bn.bias)]
 
-    def _fusable(self) -> bool:
-        """Whether every BatchNorm is what the fused op models: affine, tracking running
-        statistics, all with one eps."""
+    def _unfusable_reason(self, x: torch.Tensor) -> str:
+        """Why this call runs the reference, or "" when the fused op covers it: every BatchNorm
+        affine, tracking running statistics, all with one eps; no autocast; eval only under
+        no_grad (the fused eval is inference-only)."""
         norms = self._norms()
-        return all(bn.affine and bn.track_running_stats and bn.running_mean is not None and bn.eps == norms[0].eps
-                   for bn in norms)
+        if not all(bn.affine for bn in norms):
+            return "a BatchNorm with affine=False"
+        if not all(bn.track_running_stats and bn.running_mean is not None for bn in norms):
+            return "a BatchNorm with track_running_stats=False"
+        if any(bn.eps != norms[0].eps for bn in norms):
+            return "BatchNorms with different eps"
+        if torch.is_autocast_enabled(x.device.type):
+            return "autocast is enabled (the fused block computes in its input's dtype; cast instead)"
+        if not self.training and torch.is_grad_enabled() and (
+                x.requires_grad or any(p.requires_grad for p in self.parameters())):
+            return ("eval mode with autograd recording (the fused eval is inference-only: run it under "
+                    "torch.no_grad(), or freeze the parameters and input)")
+        return ""
 
     # -- forward -------------------------------------------------------------------------------
 
@@ -71,15 +84,15 @@ class PartialDenseBlock(reference.PartialDenseBlock):
         checks.check_input(x, channels=self.in_channels)
         checks.check_module_input(x, self)
         name = backend.resolve_backend(x.device)
-        if name == "reference" or torch.is_autocast_enabled(x.device.type) or not self._fusable():
+        if name == "reference":
+            return super().forward(x)
+        reason = self._unfusable_reason(x)
+        if reason:
+            backend.warn_reference_fallback(self, reason)
             return super().forward(x)
         engine = "triton" if name == "triton" else "aten"
         if self.training:
             return self._train_forward(x, engine)
-        records_autograd = torch.is_grad_enabled() and (
-            x.requires_grad or any(p.requires_grad for p in self.parameters()))
-        if records_autograd:
-            return super().forward(x)
         return dense_ops.partial_dense_block_eval(x, self._eval_params(), self.part1, self.fusion, self.act_name,
                                                   engine)
 

@@ -30,7 +30,8 @@ class ConvBNAct(reference.ConvBNAct):
     grad while grad mode is on) folds through autograd instead of the cache.
 
     Configurations the fused kernels do not cover (a non-"zeros" padding_mode, string padding,
-    BatchNorm without affine parameters or running statistics) run the reference.
+    BatchNorm without affine parameters or running statistics) run the reference, with a
+    `ReferenceFallbackWarning` naming the reason.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 1, stride: int = 1,
@@ -51,7 +52,8 @@ class ConvBNAct(reference.ConvBNAct):
             x = x.to(torch.get_autocast_dtype(device_type))
         name = backend.resolve_backend(x.device)
         conv = self.conv
-        fused = name != "reference" and self._fusable()
+        unfusable = "" if name == "reference" else self._unfusable_reason()
+        fused = name != "reference" and not unfusable
         engine = "triton" if fused and name == "triton" and ops.triton_eligible(
             conv.kernel_size, conv.padding, conv.groups) else "aten"
         if out is not None and not isinstance(conv.padding, str):  # else the reference's copy_ checks
@@ -59,16 +61,26 @@ class ConvBNAct(reference.ConvBNAct):
             ops.check_out(out, shape, x.dtype, x.device,
                           any_strides=not fused or (engine == "triton" and not self.bn.training))
         if not fused:
+            if unfusable:
+                backend.warn_reference_fallback(self, unfusable)
             y = super().forward(x)
             return y if out is None else out.copy_(y)
         if self.bn.training:
             return self._forward_train(x, out, engine)
         return self._forward_eval(x, out, engine)
 
-    def _fusable(self) -> bool:
-        bn = self.bn
-        return (self.conv.padding_mode == "zeros" and not isinstance(self.conv.padding, str) and bn.affine
-                and bn.track_running_stats and bn.num_batches_tracked is not None)
+    def _unfusable_reason(self) -> str:
+        """What the fused kernels do not model here, or "" when they cover the module."""
+        conv, bn = self.conv, self.bn
+        if conv.padding_mode != "zeros":
+            return f"conv.padding_mode={conv.padding_mode!r} (the fused kernels pad with zeros)"
+        if isinstance(conv.padding, str):
+            return f"conv.padding={conv.padding!r} (a string; the fused kernels take explicit padding)"
+        if not bn.affine:
+            return "bn.affine=False"
+        if not bn.track_running_stats or bn.num_batches_tracked is None:
+            return "bn.track_running_stats=False"
+        return ""
 
     def _conv_args(self) -> tuple:
         conv = self.conv
