@@ -91,8 +91,8 @@ def launch_config(out_channels: int, in_channels: int, dtype: torch.dtype, input
     registers and spills on sm_80). Dots on CUDA cores (float64, float32 "ieee") hold the
     whole accumulator in registers: at 128x128 they spill 5-6 KiB of stack per thread, and at
     64x64 with 4 warps still 8-16 bytes, so they take 64x64x16 tiles over 8 warps (128-146
-    registers). `benchmarks.triton_compile` compiles every choice for sm_80 and sm_90 and
-    reports registers and spills; tests/test_triton_compile.py refuses any spill.
+    registers). `benchmarks.gpu_compile` compiles every choice for sm_80 and sm_90 and
+    reports registers and spills; tests/test_gpu_compile.py refuses any spill.
     The interpreter runs whole blocks as numpy arrays, so on CPU the smallest blocks that cover
     the channels waste the least work.
     """

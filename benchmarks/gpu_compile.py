@@ -1,13 +1,15 @@
-"""The Triton kernels compiled ahead of time for GPU targets, on any machine (no GPU needed):
-registers, spilled bytes and shared memory of every launch configuration the wrappers pick.
+"""The GPU code as compiled, inspected on any machine (no GPU needed): registers, spilled bytes
+and shared memory of every Triton launch configuration the wrappers pick (compiled ahead of
+time for sm_80 and sm_90) and of every kernel in the built CUDA extension.
 
-    python -m benchmarks.triton_compile [--json]
+    python -m benchmarks.gpu_compile [--json]
 
 The Triton interpreter, which runs the kernels on the CPU in the tests, checks what they
 compute but not whether they compile, nor how: a kernel whose accumulator does not fit in
 registers still interprets correctly and runs many times slower on a GPU. Triton's own ptxas
-compiles for sm_80 and sm_90 here, so tests/test_triton_compile.py can refuse spills in CI.
-Needs the real Triton front end: run it without TRITON_INTERPRET=1.
+compiles for sm_80 and sm_90 here, and its cuobjdump reads the extension's cubins, so
+tests/test_gpu_compile.py can refuse spills in CI. Needs the real Triton front end: run it
+without TRITON_INTERPRET=1.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 import subprocess
 import tempfile
 
@@ -35,27 +38,54 @@ PRECISIONS = ((torch.float32, "tf32"), (torch.float32, "ieee"), (torch.bfloat16,
 
 @dataclasses.dataclass(frozen=True)
 class Compiled:
-    kernel: str
-    variant: str
+    kernel: str         # "conv1x1" (Triton), or "cuda" for the extension's kernels
+    variant: str        # the launch configuration, or the CUDA kernel's mangled name
     capability: int
     registers: int
     spill_bytes: int    # per thread: stack frame plus local memory, 0 when nothing spills
-    shared_bytes: int   # dynamic shared memory the launch asks for
+    shared_bytes: int   # Triton: dynamic shared memory of the launch; CUDA: static
 
 
-def _resources(cubin: bytes) -> tuple[int, int]:
-    """(registers, spilled bytes per thread) from cuobjdump, which Triton ships beside ptxas."""
+_USAGE = re.compile(r"^ Function (\S+):\n\s+REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", re.MULTILINE)
+_ARCH = re.compile(r"^arch = sm_(\d+)", re.MULTILINE)
+
+
+def resource_usage(path: str) -> list[tuple[str, int | None, int, int, int]]:
+    """(function, capability, registers, spilled bytes per thread, static shared bytes) of every
+    kernel in a cubin (capability None: a bare cubin does not say) or in a binary with embedded
+    cubins, read by the cuobjdump that Triton ships beside ptxas."""
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    usage = subprocess.run([tool, "--dump-resource-usage", path], capture_output=True, text=True, check=True).stdout
+    kernels = []
+    # In a binary, each embedded cubin starts with its "arch = sm_XX" line.
+    sections = _ARCH.split(usage)
+    for capability, body in zip([None, *sections[1::2]], sections[::2]):
+        for name, registers, stack, shared, local in _USAGE.findall(body):
+            kernels.append((name, capability and int(capability), int(registers), int(stack) + int(local),
+                            int(shared)))
+    if not kernels:
+        raise RuntimeError(f"cuobjdump listed no kernels in {path}:\n{usage[:2000]}")
+    names = _demangle([k[0] for k in kernels])
+    return [(name, *rest) for name, (_, *rest) in zip(names, kernels)]
+
+
+def _demangle(names: list[str]) -> list[str]:
+    """C++ names as c++filt prints them (where binutils is installed), without the namespace,
+    return type and parameter list: `kernel<template arguments>`."""
+    if shutil.which("c++filt") is None:
+        return names
+    out = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True, text=True, check=True).stdout
+    return [line.replace("csp_kernels::(anonymous namespace)::", "").removeprefix("void ").split("(")[0]
+            for line in out.splitlines()]
+
+
+def _cubin_usage(cubin: bytes) -> tuple[int, int]:
+    """(registers, spilled bytes per thread) of the one kernel in `cubin`."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        usage = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True,
-                               check=True).stdout
-    match = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", usage)
-    if match is None:
-        raise RuntimeError(f"cuobjdump gave no resource usage:\n{usage}")
-    registers, stack, local = map(int, match.groups())
-    return registers, stack + local
+        ((_, _, registers, spill, _),) = resource_usage(f.name)
+    return registers, spill
 
 
 def compile_conv1x1(dtype: torch.dtype, input_precision: str, capability: int, *, stats: bool, prologue: bool,
@@ -64,7 +94,7 @@ def compile_conv1x1(dtype: torch.dtype, input_precision: str, capability: int, *
     `capability` (80: sm_80), with bias + `act`, optionally the BN + ReLU prologue and the
     statistics epilogue."""
     if os.environ.get("TRITON_INTERPRET") == "1":
-        raise RuntimeError("benchmarks.triton_compile needs Triton's compiler; unset TRITON_INTERPRET")
+        raise RuntimeError("benchmarks.gpu_compile needs Triton's compiler; unset TRITON_INTERPRET")
     kernel = conv1x1_module._conv1x1_kernel
     block_o, block_p, block_k, num_warps, num_stages = conv1x1_module.launch_config(
         out_channels, in_channels, dtype, input_precision, on_gpu=True)
@@ -87,7 +117,7 @@ def compile_conv1x1(dtype: torch.dtype, input_precision: str, capability: int, *
                        constexprs={(kernel.arg_names.index(k),): v for k, v in constants.items()})
     compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32),
                               options=dict(num_warps=num_warps, num_stages=num_stages))
-    registers, spill = _resources(compiled.asm["cubin"])
+    registers, spill = _cubin_usage(compiled.asm["cubin"])
     variant = (f"{_TRITON_TYPES[dtype]}/{input_precision} {block_o}x{block_p}x{block_k} w{num_warps}"
                f"{' prologue' if prologue else ''}{' stats' if stats else ''}")
     return Compiled("conv1x1", variant, capability, registers, spill, compiled.metadata.shared)
@@ -100,17 +130,26 @@ def compile_all() -> list[Compiled]:
             for dtype, precision in PRECISIONS for full in (True, False) for capability in TARGETS]
 
 
+def extension_kernels() -> list[Compiled]:
+    """Every kernel of the built CUDA extension, or [] when it was built without CUDA."""
+    from csp_kernels import extension
+    if extension._C is None or not extension._C.build_config()["cuda"]:
+        return []
+    return [Compiled("cuda", name, capability, registers, spill, shared)
+            for name, capability, registers, spill, shared in resource_usage(extension._C.__file__)]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
-    rows = compile_all()
+    rows = compile_all() + extension_kernels()
     if args.json:
         print(json.dumps([dataclasses.asdict(r) for r in rows]))
         return 0
-    print(f"{'kernel':<8} {'variant':<42} {'sm':>3} {'regs':>5} {'spill B':>8} {'smem B':>7}")
+    print(f"{'kernel':<8} {'variant':<60} {'sm':>3} {'regs':>5} {'spill B':>8} {'smem B':>7}")
     for r in rows:
-        print(f"{r.kernel:<8} {r.variant:<42} {r.capability:>3} {r.registers:>5} {r.spill_bytes:>8} "
+        print(f"{r.kernel:<8} {r.variant[:60]:<60} {r.capability:>3} {r.registers:>5} {r.spill_bytes:>8} "
               f"{r.shared_bytes:>7}")
     return 0
 
