@@ -75,8 +75,18 @@ def _demangle(names: list[str]) -> list[str]:
     if shutil.which("c++filt") is None:
         return names
     out = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True, text=True, check=True).stdout
-    return [line.replace("csp_kernels::(anonymous namespace)::", "").removeprefix("void ").split("(")[0]
+    return [_without_parameters(line.replace("csp_kernels::(anonymous namespace)::", "").removeprefix("void "))
             for line in out.splitlines()]
+
+
+def _without_parameters(name: str) -> str:
+    """`f<(Act)5>(float const*, int)` -> `f<(Act)5>`: the name up to its trailing parameter list."""
+    depth = 0
+    for i in range(len(name) - 1, -1, -1):
+        depth += {")": 1, "(": -1}.get(name[i], 0)
+        if depth == 0:
+            return name[:i]
+    return name
 
 
 def _cubin_usage(cubin: bytes) -> tuple[int, int]:
