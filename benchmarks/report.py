@@ -16,11 +16,15 @@ CSV_COLUMNS = (
     "time_train_s", "rel_error_eval", "rel_error_train", "eval_flops", "compulsory_bytes",
     "roofline_floor_s", "roofline_fraction", "bandwidth_fraction",
 )
-TARGET_COLUMNS = ("label", "figure", "op", "threshold", "value", "status", "floor", "reason")
+TARGET_COLUMNS = ("label", "figure", "op", "threshold", "value", "spread", "status", "floor", "reason")
 
 
 def _ms(seconds: float | None) -> str:
     return "-" if seconds is None else f"{seconds * 1e3:.3g} ms"
+
+
+def _spread(quartiles: list[float] | None) -> str:
+    return "-" if quartiles is None else f"{quartiles[1]:.2f} ({quartiles[0]:.2f}-{quartiles[2]:.2f})"
 
 
 def _fraction(value: float | None) -> str:
@@ -87,10 +91,11 @@ def format_report(record: dict) -> str:
         parts.append(f"== sweep {sweep} ({rows[0]['config']})\n" + _variant_table(rows, "point"))
     if record["targets"]:
         body = [[t["label"], t["figure"], f"{t['op']} {t['threshold']:g}",
-                 "-" if t["value"] is None else f"{t['value']:.3f}", t["status"],
+                 "-" if t["value"] is None else f"{t['value']:.3f}", _spread(t.get("spread")), t["status"],
                  t["floor"] or t["reason"]] for t in record["targets"]]
-        parts.append("== targets (shared/BENCHMARKS.md)\n" + text_table(
-            ["workload", "figure", "target", "value", "status", "floor / note"], body))
+        parts.append("== targets (shared/BENCHMARKS.md); per round: quartiles of the ratio of samples taken back "
+                     "to back\n" + text_table(
+                         ["workload", "figure", "target", "value", "per round", "status", "floor / note"], body))
     if record["notes"]:
         parts.append("notes:\n" + "\n".join(f"  - {note}" for note in record["notes"]))
     return "\n\n".join(parts)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import statistics
 
 from .records import by_label
 
@@ -53,6 +54,7 @@ def evaluate(rows: list[dict], targets=TARGETS) -> list[dict]:
             if config != target.config:
                 continue
             value, reason = _value(target, variants)
+            spread = _paired_spread(target, variants)
             if value is None:
                 status = "n/a"
             elif (value <= target.threshold) if target.op == "<=" else (value >= target.threshold):
@@ -62,8 +64,25 @@ def evaluate(rows: list[dict], targets=TARGETS) -> list[dict]:
             verdicts.append({"label": label, "config": config, "figure": target.figure,
                              "metric": target.metric, "baseline": target.baseline,
                              "op": target.op, "threshold": target.threshold, "value": value,
-                             "status": status, "reason": reason, "floor": target.floor})
+                             "status": status, "reason": reason, "floor": target.floor, "spread": spread})
     return verdicts
+
+
+def _paired_spread(target: Target, variants: dict[str, dict]) -> list[float] | None:
+    """[first quartile, median, third quartile] of a time ratio taken round by round: the
+    samples of one round run back to back, so their ratio cancels the machine's drift between
+    rounds, which moves whole runs by +-10% on a shared CPU. None for other metrics."""
+    if not target.metric.startswith("time_") or target.baseline is None:
+        return None
+    key = target.metric.removesuffix("_s") + "_samples"
+    fused, base = variants["fused"].get(key), variants.get(target.baseline, {}).get(key)
+    if not fused or not base or len(fused) != len(base):
+        return None
+    paired = [f / b for f, b in zip(fused, base)]
+    if len(paired) < 2:
+        return [paired[0]] * 3
+    q1, median, q3 = statistics.quantiles(paired, n=4)
+    return [q1, median, q3]
 
 
 def _value(target: Target, variants: dict[str, dict]) -> tuple[float | None, str]:

@@ -79,6 +79,21 @@ def test_targets_met_short_and_missing():
     assert targets.evaluate(rows, [target])[0]["status"] == "n/a"
 
 
+def test_time_targets_give_the_per_round_ratio_quartiles():
+    # The machine slows down 3x over the run: each round's pair still says fused = 0.8 eager.
+    target = targets.Target("pdb-cpu", "time_train_s", "eager", "<=", 0.75)
+    eager = [1.0, 1.0, 2.0, 3.0, 3.0]
+    rows = [{"label": "pdb-cpu", "config": "pdb-cpu", "variant": "eager", "time_train_s": 2.0,
+             "time_train_samples": eager},
+            {"label": "pdb-cpu", "config": "pdb-cpu", "variant": "fused", "time_train_s": 1.2,
+             "time_train_samples": [0.8 * t for t in eager[:2]] + [0.9 * t for t in eager[2:]]}]
+    (verdict,) = targets.evaluate(rows, [target])
+    assert verdict["value"] == pytest.approx(0.6) and verdict["status"] == "met"
+    assert verdict["spread"] == pytest.approx([0.8, 0.9, 0.9])
+    saved = targets.evaluate(rows, [targets.Target("pdb-cpu", "saved_bytes", "eager", "<=", 0.2)])
+    assert saved[0]["spread"] is None
+
+
 def test_cio_of_the_standard_partial_dense_block():
     (workload,) = configs.workloads("pdb-cpu", quick=False)
     assert workload.cio_channels() == (128 * 6 + (36 + 6) * 32) / 2
