@@ -44,6 +44,7 @@ class Compiled:
     registers: int
     spill_bytes: int    # per thread: stack frame plus local memory, 0 when nothing spills
     shared_bytes: int   # Triton: dynamic shared memory of the launch; CUDA: static
+    wide_accesses: int | None = None  # Triton: 16-byte global accesses in the PTX (see _wide_global_accesses)
 
 
 _USAGE = re.compile(r"^ Function (\S+):\n\s+REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", re.MULTILINE)
@@ -98,46 +99,79 @@ def _cubin_usage(cubin: bytes) -> tuple[int, int]:
     return registers, spill
 
 
-def compile_conv1x1(dtype: torch.dtype, input_precision: str, capability: int, *, stats: bool, prologue: bool,
-                    act: str = "silu", out_channels: int = 256, in_channels: int = 256) -> Compiled:
-    """Compiles `_conv1x1_kernel` as `conv1x1` would launch it for these channels on a GPU of
-    `capability` (80: sm_80), with bias + `act`, optionally the BN + ReLU prologue and the
-    statistics epilogue."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        raise RuntimeError("benchmarks.gpu_compile needs Triton's compiler; unset TRITON_INTERPRET")
-    kernel = conv1x1_module._conv1x1_kernel
-    block_o, block_p, block_k, num_warps, num_stages = conv1x1_module.launch_config(
-        out_channels, in_channels, dtype, input_precision, on_gpu=True)
-    stat_type = "fp64" if dtype == torch.float64 else "fp32"
-    constants = dict(HAS_BIAS=True, ACT=conv1x1_module.act_code(act), HAS_IN_AFFINE=prologue,
-                     IN_ACT=conv1x1_module.act_code("relu" if prologue else "identity"), STATS=stats,
-                     ACC_FP64=dtype == torch.float64, INPUT_PRECISION=input_precision, BLOCK_O=block_o,
-                     BLOCK_P=block_p, BLOCK_K=block_k)
-    signature = {}
+def _specialize(kernel, args: dict, constants: dict) -> ASTSource:
+    """The kernel as Triton's launcher specializes it for these argument values: integers equal
+    to 1 become constants, integers divisible by 16 and 16-byte aligned pointers (a fresh
+    allocation) carry that divisibility, which is what lets the compiler vectorize."""
+    signature, constexprs, attrs = {}, dict(constants), {}
     for name in kernel.arg_names:
         if name in constants:
             signature[name] = "constexpr"
-        elif name in ("x_ptr", "w_ptr", "out_ptr"):
-            signature[name] = "*" + _TRITON_TYPES[dtype]
-        elif name.endswith("_ptr"):
-            signature[name] = "*" + stat_type
+            continue
+        value = args[name]
+        if isinstance(value, str):  # a pointer, given as its element type
+            signature[name] = value
+            attrs[(kernel.arg_names.index(name),)] = [["tt.divisibility", 16]]
+        elif value == 1:
+            signature[name] = "constexpr"
+            constexprs[name] = 1
         else:
             signature[name] = "i32"
-    source = ASTSource(fn=kernel, signature=signature,
-                       constexprs={(kernel.arg_names.index(k),): v for k, v in constants.items()})
-    compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32),
+            if value % 16 == 0:
+                attrs[(kernel.arg_names.index(name),)] = [["tt.divisibility", 16]]
+    return ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+
+
+def compile_conv1x1(dtype: torch.dtype, input_precision: str, capability: int, *, stats: bool, prologue: bool,
+                    act: str = "silu", shape: tuple[int, int, int, int] = (64, 256, 56, 56), out_channels: int = 256,
+                    channels_last: bool = False) -> Compiled:
+    """Compiles `_conv1x1_kernel` as `conv1x1` would launch it on a GPU of `capability` (80:
+    sm_80) for a fresh x of `shape` (NCHW or channels_last) and a fresh NCHW output, with bias +
+    `act`, optionally the BN + ReLU prologue and the statistics epilogue."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise RuntimeError("benchmarks.gpu_compile needs Triton's compiler; unset TRITON_INTERPRET")
+    kernel = conv1x1_module._conv1x1_kernel
+    batch, in_channels, height, width = shape
+    x = torch.empty(shape, device="meta", memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    out = torch.empty(batch, out_channels, height, width, device="meta")
+    block_o, block_p, block_k, num_warps, num_stages = conv1x1_module.launch_config(
+        out_channels, in_channels, dtype, input_precision, on_gpu=True)
+    stat_type = "*fp64" if dtype == torch.float64 else "*fp32"
+    data_type = "*" + _TRITON_TYPES[dtype]
+    constants = dict(HAS_BIAS=True, ACT=conv1x1_module.act_code(act), HAS_IN_AFFINE=prologue,
+                     IN_ACT=conv1x1_module.act_code("relu" if prologue else "identity"), STATS=stats,
+                     ACC_FP64=dtype == torch.float64, INPUT_PRECISION=input_precision,
+                     X_PLANES=conv1x1_module.planes_contiguous(x), OUT_PLANES=conv1x1_module.planes_contiguous(out),
+                     BLOCK_O=block_o, BLOCK_P=block_p, BLOCK_K=block_k)
+    args = dict(x_ptr=data_type, w_ptr=data_type, out_ptr=data_type, bias_ptr=stat_type, in_scale_ptr=stat_type,
+                in_shift_ptr=stat_type, moments_ptr=stat_type, plane=height * width, width=width,
+                in_channels=in_channels, out_channels=out_channels,
+                **dict(zip(("sx_n", "sx_c", "sx_h", "sx_w"), x.stride())), sw_o=in_channels, sw_i=1,
+                **dict(zip(("so_n", "so_c", "so_h", "so_w"), out.stride())))
+    compiled = triton.compile(_specialize(kernel, args, constants), target=GPUTarget("cuda", capability, 32),
                               options=dict(num_warps=num_warps, num_stages=num_stages))
     registers, spill = _cubin_usage(compiled.asm["cubin"])
     variant = (f"{_TRITON_TYPES[dtype]}/{input_precision} {block_o}x{block_p}x{block_k} w{num_warps}"
-               f"{' prologue' if prologue else ''}{' stats' if stats else ''}")
-    return Compiled("conv1x1", variant, capability, registers, spill, compiled.metadata.shared)
+               f"{' channels_last' if channels_last else ''}{' prologue' if prologue else ''}"
+               f"{' stats' if stats else ''}")
+    return Compiled("conv1x1", variant, capability, registers, spill, compiled.metadata.shared,
+                    _wide_global_accesses(compiled.asm["ptx"]))
+
+
+def _wide_global_accesses(ptx: str) -> int:
+    """16-byte global loads, stores and async copies in the PTX: 0 means every access moves at
+    most one 8-byte word, i.e. the compiler could not see contiguous runs."""
+    wide = r"(?:ld|st)\.global(?:\.\w+)*\.(?:v4\.b32|v2\.b64)|cp\.async\.c[ag]\.shared\.global[^;]*, (?:16|0x10)\b"
+    return len(re.findall(wide, ptx))
 
 
 def compile_all() -> list[Compiled]:
     """Every GPU path of every Triton kernel, with and without prologue and statistics, on
     every target."""
     return [compile_conv1x1(dtype, precision, capability, stats=full, prologue=full)
-            for dtype, precision in PRECISIONS for full in (True, False) for capability in TARGETS]
+            for dtype, precision in PRECISIONS for full in (True, False) for capability in TARGETS] + [
+        compile_conv1x1(torch.bfloat16, "tf32", capability, stats=True, prologue=True, channels_last=True)
+        for capability in TARGETS]
 
 
 def extension_kernels() -> list[Compiled]:
@@ -157,10 +191,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps([dataclasses.asdict(r) for r in rows]))
         return 0
-    print(f"{'kernel':<8} {'variant':<60} {'sm':>3} {'regs':>5} {'spill B':>8} {'smem B':>7}")
+    print(f"{'kernel':<8} {'variant':<60} {'sm':>3} {'regs':>5} {'spill B':>8} {'smem B':>7} {'16B acc':>7}")
     for r in rows:
+        wide = "-" if r.wide_accesses is None else r.wide_accesses
         print(f"{r.kernel:<8} {r.variant[:60]:<60} {r.capability:>3} {r.registers:>5} {r.spill_bytes:>8} "
-              f"{r.shared_bytes:>7}")
+              f"{r.shared_bytes:>7} {wide:>7}")
     return 0
 
 

@@ -88,7 +88,9 @@ def test_prologue_parts_alone(device):
 @pytest.mark.parametrize("device", TRITON_DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_statistics_epilogue(device, dtype):
-    x = torch.randn(3, 21, 5, 7, dtype=dtype, device=device)  # 105 pixels: a partial pixel block
+    # 81 pixels per image: with 64-pixel blocks, a full and a partial block in each of 3 images.
+    x = torch.randn(3, 21, 9, 9, dtype=dtype, device=device) + torch.arange(3.0, dtype=dtype, device=device)[:, None,
+                                                                                                            None, None]
     weight = torch.randn(35, 21, dtype=dtype, device=device)  # a partial channel block
     bias = torch.randn(35, dtype=dtype, device=device)
     scale = torch.rand(21, device=device)

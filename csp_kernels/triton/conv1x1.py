@@ -3,9 +3,11 @@
 out[n, o, h, w] = act(bias[o] + sum_i weight[o, i] * a[n, i, h, w]),
 a[n, i, h, w]   = in_act(x[n, i, h, w] * in_scale[i] + in_shift[i])   (the prologue, optional)
 
-The pixels of all images form the GEMM's N dimension (M = batch * height * width), addressed
-through the tensors' strides, so x and out may be NCHW, channels_last, channel slices of larger
-buffers or spatially strided views (a strided 1x1 conv is a 1x1 conv of x[..., ::s, ::s]). The
+Each image's pixels form the GEMM's N dimension (one image per grid row, so that a pixel block
+of an NCHW plane is one contiguous run: 16-byte loads and stores, which the compiled PTX shows
+and tests/test_gpu_compile.py checks), addressed through the tensors' strides, so x and out may
+be NCHW, channels_last, channel slices of larger buffers or spatially strided views (a strided
+1x1 conv is a 1x1 conv of x[..., ::s, ::s]). The
 epilogue can also give each output channel's batch mean and variance, which gives training
 BatchNorm its statistics without another pass over the output: every program stores its tile's
 per-channel mean and sum of squared deviations (two passes over registers, no cancellation when
@@ -26,26 +28,36 @@ from .activation import act_code, act_forward
 @triton.jit
 def _conv1x1_kernel(
     x_ptr, w_ptr, out_ptr, bias_ptr, in_scale_ptr, in_shift_ptr, moments_ptr,
-    pixels, plane, width, in_channels, out_channels,
+    plane, width, in_channels, out_channels,
     sx_n, sx_c, sx_h, sx_w, sw_o, sw_i, so_n, so_c, so_h, so_w,
     HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_IN_AFFINE: tl.constexpr, IN_ACT: tl.constexpr,
     STATS: tl.constexpr, ACC_FP64: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    X_PLANES: tl.constexpr, OUT_PLANES: tl.constexpr,
     BLOCK_O: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    # Programs: (pixel block of one image, output channel block, image). A block never spans
+    # two images, so where an image's (height, width) plane is contiguous (X_PLANES, OUT_PLANES)
+    # a pixel block is one contiguous run that the compiler sees as such: vectorized,
+    # pipelined loads and stores. Elsewhere (channels_last, strided views) each pixel's (h, w)
+    # goes through the strides.
     pid_p = tl.program_id(0)
     pid_o = tl.program_id(1)
+    n = tl.program_id(2).to(tl.int64)
     acc_dtype = tl.float64 if ACC_FP64 else tl.float32
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
-    mask_p = offs_p < pixels
+    mask_p = offs_p < plane
     mask_o = offs_o < out_channels
-    # (n, h, w) of each pixel; int64 so that offsets into large buffers cannot overflow.
-    n = (offs_p // plane).to(tl.int64)
-    hw = offs_p % plane
-    h = (hw // width).to(tl.int64)
-    w = (hw % width).to(tl.int64)
-    x_pixel = n * sx_n + h * sx_h + w * sx_w
-    out_pixel = n * so_n + h * so_h + w * so_w
+    if X_PLANES and OUT_PLANES:
+        x_pixel = offs_p
+        out_pixel = offs_p
+    else:
+        h = (offs_p // width).to(tl.int64)
+        w = (offs_p % width).to(tl.int64)
+        x_pixel = offs_p if X_PLANES else h * sx_h + w * sx_w
+        out_pixel = offs_p if OUT_PLANES else h * so_h + w * so_w
+    x_ptr += n * sx_n
+    out_ptr += n * so_n
 
     acc = tl.zeros((BLOCK_O, BLOCK_P), dtype=acc_dtype)
     for k0 in range(0, in_channels, BLOCK_K):
@@ -54,6 +66,7 @@ def _conv1x1_kernel(
         w_tile = tl.load(w_ptr + offs_o[:, None] * sw_o + offs_k[None, :] * sw_i,
                          mask=mask_o[:, None] & mask_k[None, :], other=0.0)
         x_mask = mask_k[:, None] & mask_p[None, :]
+        # int64 channel offsets: a large buffer's channel stride times channels overflows int32.
         x_tile = tl.load(x_ptr + offs_k[:, None].to(tl.int64) * sx_c + x_pixel[None, :], mask=x_mask, other=0.0)
         if HAS_IN_AFFINE or IN_ACT != 0:
             a = x_tile.to(acc_dtype)
@@ -70,14 +83,14 @@ def _conv1x1_kernel(
         acc += tl.load(bias_ptr + offs_o, mask=mask_o, other=0.0).to(acc_dtype)[:, None]
     out_mask = mask_o[:, None] & mask_p[None, :]
     y = act_forward(acc, ACT)
-    if STATS:  # moments_ptr: (2, programs along pixels, out_channels)
-        count = tl.minimum(pixels - pid_p * BLOCK_P, BLOCK_P).to(acc_dtype)
+    if STATS:  # moments_ptr: (2, images, pixel blocks per image, out_channels)
+        count = tl.minimum(plane - pid_p * BLOCK_P, BLOCK_P).to(acc_dtype)
         tile_mean = tl.sum(tl.where(out_mask, y, 0.0), axis=1) / count
         deviation = tl.where(out_mask, y - tile_mean[:, None], 0.0)
-        row = pid_p * out_channels + offs_o
+        row = (n * tl.num_programs(0) + pid_p) * out_channels + offs_o
         tl.store(moments_ptr + row, tile_mean, mask=mask_o)
-        tl.store(moments_ptr + tl.num_programs(0) * out_channels + row, tl.sum(deviation * deviation, axis=1),
-                 mask=mask_o)
+        tl.store(moments_ptr + tl.num_programs(2) * tl.num_programs(0) * out_channels + row,
+                 tl.sum(deviation * deviation, axis=1), mask=mask_o)
     tl.store(out_ptr + offs_o[:, None].to(tl.int64) * so_c + out_pixel[None, :],
              y.to(out_ptr.dtype.element_ty), mask=out_mask)
 
@@ -157,12 +170,13 @@ def conv1x1(x: torch.Tensor, weight: torch.Tensor, *, in_scale: torch.Tensor | N
         raise ValueError(f"out must be a {x.dtype} tensor of shape {out_shape} on {x.device}; got "
                          f"{out.dtype} {tuple(out.shape)} on {out.device}")
     stat_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    pixels = batch * height * width
+    plane = height * width
     input_precision = _input_precision(x.dtype)
     block_o, block_p, block_k, num_warps, num_stages = launch_config(out_channels, in_channels, x.dtype,
                                                                      input_precision, x.is_cuda)
-    tiles = triton.cdiv(pixels, block_p)
-    moments = torch.empty(2, tiles if stats else 1, out_channels if stats else 1, dtype=stat_dtype, device=x.device)
+    blocks = triton.cdiv(plane, block_p)  # pixel blocks per image
+    moments = torch.empty(2, batch if stats else 1, blocks if stats else 1, out_channels if stats else 1,
+                          dtype=stat_dtype, device=x.device)
     has_affine = in_scale is not None or in_shift is not None
     if has_affine:
         in_scale = torch.ones(in_channels, device=x.device) if in_scale is None else in_scale
@@ -171,33 +185,42 @@ def conv1x1(x: torch.Tensor, weight: torch.Tensor, *, in_scale: torch.Tensor | N
     def vector(v):  # read in the accumulator's type; an absent one gets a dummy pointer
         return moments if v is None else v.to(stat_dtype).contiguous()
 
-    if pixels > 0:
-        grid = (tiles, triton.cdiv(out_channels, block_o))
+    if batch * plane > 0:
+        grid = (blocks, triton.cdiv(out_channels, block_o), batch)
         with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
             _conv1x1_kernel[grid](
                 x, weight, out, vector(bias), vector(in_scale), vector(in_shift), moments,
-                pixels, height * width, width, in_channels, out_channels,
+                plane, width, in_channels, out_channels,
                 *x.stride(), *weight.stride(), *out.stride(),
                 HAS_BIAS=bias is not None, ACT=act_code(act), HAS_IN_AFFINE=has_affine,
                 IN_ACT=act_code(in_act), STATS=stats, ACC_FP64=x.dtype == torch.float64,
-                INPUT_PRECISION=input_precision,
+                INPUT_PRECISION=input_precision, X_PLANES=planes_contiguous(x), OUT_PLANES=planes_contiguous(out),
                 BLOCK_O=block_o, BLOCK_P=block_p, BLOCK_K=block_k, num_warps=num_warps,
                 num_stages=num_stages,
             )
     if stats:
-        return (out, *_merge_tile_moments(moments, pixels, block_p))
+        return (out, *_merge_tile_moments(moments, plane, block_p))
     return out
 
 
-def _merge_tile_moments(moments: torch.Tensor, pixels: int, block_p: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean, biased var) per channel from the tiles' (mean, sum of squared deviations):
-    var * count = sum of the tiles' M2 + sum of count_i * (mean_i - mean)^2, in float64."""
-    if pixels == 0:  # no tiles: moments is (2, 0, out_channels)
-        return moments.new_zeros(moments.shape[2]), moments.new_zeros(moments.shape[2])
-    tile_means, tile_m2 = moments.double()
-    counts = torch.full((tile_means.shape[0], 1), float(block_p), dtype=torch.float64, device=moments.device)
-    counts[-1] = pixels - (tile_means.shape[0] - 1) * block_p
+def planes_contiguous(t: torch.Tensor) -> bool:
+    """Whether pixel (h, w) of every (height, width) plane of `t` sits at h * width + w."""
+    _, _, height, width = t.shape
+    return (width == 1 or t.stride(3) == 1) and (height == 1 or t.stride(2) == width)
+
+
+def _merge_tile_moments(moments: torch.Tensor, plane: int, block_p: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, biased var) per channel from the tiles' (mean, sum of squared deviations), moments
+    (2, images, pixel blocks per image, channels): var * count = sum of the tiles' M2 + sum of
+    count_i * (mean_i - mean)^2, in float64."""
+    _, batch, blocks, channels = moments.shape
+    if batch * plane == 0:  # no tiles
+        return moments.new_zeros(channels), moments.new_zeros(channels)
+    tile_means, tile_m2 = moments.double().flatten(1, 2)
+    counts = torch.full((blocks, 1), float(block_p), dtype=torch.float64, device=moments.device)
+    counts[-1] = plane - (blocks - 1) * block_p  # each image's last block
+    counts = counts.repeat(batch, 1)
+    pixels = batch * plane
     mean = (counts * tile_means).sum(0) / pixels
     var = (tile_m2.sum(0) + (counts * (tile_means - mean) ** 2).sum(0)) / pixels
     return mean.to(moments.dtype), var.to(moments.dtype)
-
