@@ -1,0 +1,137 @@
+"""Property tests: random configurations and inputs the fused modules accept, against the
+reference in float64 on every fused backend of the CPU (forward, input and parameter gradients, running
+statistics, train and eval). The other test files pin chosen shapes; these look for the
+combination nobody chose (odd channel splits, 1-pixel planes, groups, strided views)."""
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import csp_kernels
+from csp_kernels import checks, reference
+from helpers import assert_matches_reference, fused_backends
+
+TOL = 1e-10
+SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def randomized(module: torch.nn.Module, seed: int) -> torch.nn.Module:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator, dtype=p.dtype) * 0.5)
+        for bn in (m for m in module.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+            bn.weight.uniform_(0.5, 1.5, generator=generator)
+            bn.running_mean.normal_(generator=generator)
+            bn.running_var.uniform_(0.5, 2.0, generator=generator)
+    return module.double()
+
+
+def layout(x: torch.Tensor, kind: str) -> torch.Tensor:
+    """x as given (NCHW), as channels_last, or as a channel slice of a wider buffer (same values)."""
+    if kind == "channels_last":
+        return x.contiguous(memory_format=torch.channels_last)
+    if kind == "slice":
+        buf = torch.randn(x.shape[0], x.shape[1] + 3, *x.shape[2:], dtype=x.dtype)
+        buf[:, 2: 2 + x.shape[1]] = x
+        return buf[:, 2: 2 + x.shape[1]]
+    return x
+
+
+def compare(ref: torch.nn.Module, fused: torch.nn.Module, x: torch.Tensor, training: bool, seed: int,
+            backend_name: str) -> None:
+    ref.train(training)
+    fused.train(training)
+    grad_y = None
+    results = []
+    for module in (ref, fused):
+        xi = x.detach().clone().requires_grad_()
+        with csp_kernels.use_backend("reference" if module is ref else backend_name):
+            if training:
+                y = module(xi)
+            else:
+                with torch.no_grad():
+                    y = module(xi)
+        if grad_y is None:
+            grad_y = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed), dtype=y.dtype)
+        grads = []
+        if training:
+            y.backward(grad_y)
+            grads = [xi.grad] + [p.grad for p in module.parameters()]
+        results.append((y, grads))
+    (y_ref, g_ref), (y, g) = results
+    assert y.shape == y_ref.shape
+    assert_matches_reference(y, y_ref, tol=TOL)
+    for index, (a, b) in enumerate(zip(g, g_ref)):
+        # Relative to the gradient, or to 1e-4 of the upstream gradient for one that is zero
+        # analytically (e.g. a BatchNorm bias followed by another BatchNorm, which cancels it:
+        # both sides then hold float64 rounding noise of ~1e-16 * |grad_y|).
+        scale = max(b.norm().item(), 1e-4 * grad_y.norm().item())
+        assert (a - b).norm().item() <= TOL * scale, f"gradient {index}: {(a - b).norm().item():.3g} vs {scale:.3g}"
+    for (name, b), b_ref in zip(fused.named_buffers(), ref.buffers()):
+        assert_matches_reference(b.double(), b_ref.double(), tol=TOL, name=name)
+
+
+@st.composite
+def conv_bn_act_cases(draw):
+    groups = draw(st.sampled_from([1, 1, 2, 3]))
+    cin = groups * draw(st.integers(1, 4))
+    cout = groups * draw(st.integers(1, 4))
+    kernel = draw(st.sampled_from([1, 3, 5]))
+    stride = draw(st.sampled_from([1, 2]))
+    training = draw(st.booleans())
+    batch = draw(st.integers(2 if training else 1, 3))  # training BatchNorm needs 2+ values per channel
+    height, width = draw(st.integers(1, 7)), draw(st.integers(1, 7))
+    return dict(cin=cin, cout=cout, kernel=kernel, stride=stride, groups=groups, shape=(batch, cin, height, width),
+                act=draw(st.sampled_from(checks.ACTIVATIONS)), training=training,
+                layout=draw(st.sampled_from(["nchw", "channels_last", "slice"])), seed=draw(st.integers(0, 2 ** 16)))
+
+
+@pytest.mark.parametrize("backend_name", fused_backends("cpu"))
+@SETTINGS
+@given(case=conv_bn_act_cases())
+def test_conv_bn_act_matches_reference(backend_name, case):
+    args = (case["cin"], case["cout"], case["kernel"], case["stride"], None, case["groups"], case["act"])
+    ref = randomized(reference.ConvBNAct(*args), case["seed"])
+    fused = csp_kernels.ConvBNAct(*args).double()
+    fused.load_state_dict(ref.state_dict())
+    x = torch.randn(case["shape"], generator=torch.Generator().manual_seed(case["seed"]), dtype=torch.float64)
+    compare(ref, fused, layout(x, case["layout"]), case["training"], case["seed"], backend_name)
+
+
+@st.composite
+def dense_block_cases(draw):
+    in_channels = draw(st.integers(2, 9))
+    part1 = draw(st.integers(1, in_channels - 1))
+    training = draw(st.booleans())
+    batch = draw(st.integers(2 if training else 1, 3))
+    height, width = draw(st.integers(1, 5)), draw(st.integers(1, 5))
+    return dict(in_channels=in_channels, part_ratio=part1 / in_channels, num_layers=draw(st.integers(1, 3)),
+                growth=draw(st.integers(1, 4)), bn_size=draw(st.integers(1, 3)),
+                fusion=draw(st.sampled_from(["last", "first", "csp"])), act=draw(st.sampled_from(checks.ACTIVATIONS)),
+                shape=(batch, in_channels, height, width), training=training,
+                layout=draw(st.sampled_from(["nchw", "channels_last", "slice"])), seed=draw(st.integers(0, 2 ** 16)))
+
+
+@pytest.mark.parametrize("backend_name", fused_backends("cpu"))
+@SETTINGS
+@given(case=dense_block_cases())
+def test_partial_dense_block_matches_reference(backend_name, case):
+    args = (case["in_channels"], case["num_layers"], case["growth"], case["part_ratio"], case["bn_size"],
+            case["fusion"], case["act"])
+    ref = randomized(reference.PartialDenseBlock(*args), case["seed"])
+    fused = csp_kernels.PartialDenseBlock(*args).double()
+    fused.load_state_dict(ref.state_dict())
+    x = torch.randn(case["shape"], generator=torch.Generator().manual_seed(case["seed"]), dtype=torch.float64)
+    compare(ref, fused, layout(x, case["layout"]), case["training"], case["seed"], backend_name)
+
+
+def test_property_helpers_keep_the_values():
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64)
+    for kind in ("nchw", "channels_last", "slice"):
+        assert torch.equal(layout(x, kind), x)
+    assert not layout(x, "slice").is_contiguous() and layout(x, "channels_last").stride(1) == 1
+
+
+if __name__ == "__main__":
+    pytest.main([__file__, "-q"])
