@@ -28,6 +28,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from csp_kernels.triton import conv1x1 as conv1x1_module
+from csp_kernels.triton import conv1x1_backward as backward_module
 
 TARGETS = (80, 90)  # the capabilities setup.py builds the CUDA kernels for
 _TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
@@ -38,7 +39,7 @@ PRECISIONS = ((torch.float32, "tf32"), (torch.float32, "ieee"), (torch.bfloat16,
 
 @dataclasses.dataclass(frozen=True)
 class Compiled:
-    kernel: str         # "conv1x1" (Triton), or "cuda" for the extension's kernels
+    kernel: str         # "conv1x1", "wgrad", "dgrad" (Triton), or "cuda" for the extension's kernels
     variant: str        # the launch configuration, or the CUDA kernel's mangled name
     capability: int
     registers: int
@@ -122,40 +123,91 @@ def _specialize(kernel, args: dict, constants: dict) -> ASTSource:
     return ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
 
 
+def _compile(kernel_name: str, kernel, args: dict, constants: dict, config: tuple, capability: int,
+             variant: str) -> Compiled:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise RuntimeError("benchmarks.gpu_compile needs Triton's compiler; unset TRITON_INTERPRET")
+    *_, num_warps, num_stages = config
+    compiled = triton.compile(_specialize(kernel, args, constants), target=GPUTarget("cuda", capability, 32),
+                              options=dict(num_warps=num_warps, num_stages=num_stages))
+    registers, spill = _cubin_usage(compiled.asm["cubin"])
+    blocks = "x".join(map(str, config[:3]))
+    return Compiled(kernel_name, f"{variant} {blocks} w{num_warps}", capability, registers, spill,
+                    compiled.metadata.shared, _wide_global_accesses(compiled.asm["ptx"]))
+
+
+def _strides(prefix: str, t: torch.Tensor) -> dict:
+    """{prefix_n, prefix_c, prefix_h, prefix_w: t's strides}."""
+    return dict(zip((f"{prefix}_n", f"{prefix}_c", f"{prefix}_h", f"{prefix}_w"), t.stride()))
+
+
+def _types(dtype: torch.dtype) -> tuple[str, str]:
+    """(data pointer type, statistics pointer type) in Triton's signature notation."""
+    return "*" + _TRITON_TYPES[dtype], "*fp64" if dtype == torch.float64 else "*fp32"
+
+
 def compile_conv1x1(dtype: torch.dtype, input_precision: str, capability: int, *, stats: bool, prologue: bool,
                     act: str = "silu", shape: tuple[int, int, int, int] = (64, 256, 56, 56), out_channels: int = 256,
                     channels_last: bool = False) -> Compiled:
     """Compiles `_conv1x1_kernel` as `conv1x1` would launch it on a GPU of `capability` (80:
     sm_80) for a fresh x of `shape` (NCHW or channels_last) and a fresh NCHW output, with bias +
     `act`, optionally the BN + ReLU prologue and the statistics epilogue."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        raise RuntimeError("benchmarks.gpu_compile needs Triton's compiler; unset TRITON_INTERPRET")
-    kernel = conv1x1_module._conv1x1_kernel
     batch, in_channels, height, width = shape
     x = torch.empty(shape, device="meta", memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     out = torch.empty(batch, out_channels, height, width, device="meta")
-    block_o, block_p, block_k, num_warps, num_stages = conv1x1_module.launch_config(
-        out_channels, in_channels, dtype, input_precision, on_gpu=True)
-    stat_type = "*fp64" if dtype == torch.float64 else "*fp32"
-    data_type = "*" + _TRITON_TYPES[dtype]
+    config = conv1x1_module.launch_config(out_channels, in_channels, dtype, input_precision, on_gpu=True)
+    data, stat = _types(dtype)
     constants = dict(HAS_BIAS=True, ACT=conv1x1_module.act_code(act), HAS_IN_AFFINE=prologue,
                      IN_ACT=conv1x1_module.act_code("relu" if prologue else "identity"), STATS=stats,
                      ACC_FP64=dtype == torch.float64, INPUT_PRECISION=input_precision,
                      X_PLANES=conv1x1_module.planes_contiguous(x), OUT_PLANES=conv1x1_module.planes_contiguous(out),
-                     BLOCK_O=block_o, BLOCK_P=block_p, BLOCK_K=block_k)
-    args = dict(x_ptr=data_type, w_ptr=data_type, out_ptr=data_type, bias_ptr=stat_type, in_scale_ptr=stat_type,
-                in_shift_ptr=stat_type, moments_ptr=stat_type, plane=height * width, width=width,
-                in_channels=in_channels, out_channels=out_channels,
-                **dict(zip(("sx_n", "sx_c", "sx_h", "sx_w"), x.stride())), sw_o=in_channels, sw_i=1,
-                **dict(zip(("so_n", "so_c", "so_h", "so_w"), out.stride())))
-    compiled = triton.compile(_specialize(kernel, args, constants), target=GPUTarget("cuda", capability, 32),
-                              options=dict(num_warps=num_warps, num_stages=num_stages))
-    registers, spill = _cubin_usage(compiled.asm["cubin"])
-    variant = (f"{_TRITON_TYPES[dtype]}/{input_precision} {block_o}x{block_p}x{block_k} w{num_warps}"
-               f"{' channels_last' if channels_last else ''}{' prologue' if prologue else ''}"
-               f"{' stats' if stats else ''}")
-    return Compiled("conv1x1", variant, capability, registers, spill, compiled.metadata.shared,
-                    _wide_global_accesses(compiled.asm["ptx"]))
+                     BLOCK_O=config[0], BLOCK_P=config[1], BLOCK_K=config[2])
+    args = dict(x_ptr=data, w_ptr=data, out_ptr=data, bias_ptr=stat, in_scale_ptr=stat, in_shift_ptr=stat,
+                moments_ptr=stat, plane=height * width, width=width, in_channels=in_channels,
+                out_channels=out_channels, **_strides("sx", x), sw_o=in_channels, sw_i=1, **_strides("so", out))
+    variant = (f"{_TRITON_TYPES[dtype]}/{input_precision}{' channels_last' if channels_last else ''}"
+               f"{' prologue' if prologue else ''}{' stats' if stats else ''}")
+    return _compile("conv1x1", conv1x1_module._conv1x1_kernel, args, constants, config, capability, variant)
+
+
+def compile_weight_grad(dtype: torch.dtype, input_precision: str, capability: int,
+                        shape: tuple[int, int, int, int] = (64, 256, 56, 56), out_channels: int = 128) -> Compiled:
+    """`_weight_grad_kernel` as `weight_grad` launches it with the BN + ReLU prologue, for x of
+    `shape` (a dense layer's NCHW prefix) and grad_z of `out_channels`."""
+    batch, in_channels, height, width = shape
+    x = torch.empty(shape, device="meta")
+    grad_z = torch.empty(batch, out_channels, height, width, device="meta")
+    config = conv1x1_module.launch_config(out_channels, in_channels, dtype, input_precision, on_gpu=True)
+    data, stat = _types(dtype)
+    constants = dict(HAS_IN_AFFINE=True, IN_ACT=conv1x1_module.act_code("relu"), ACC_FP64=dtype == torch.float64,
+                     INPUT_PRECISION=input_precision, G_PLANES=True, X_PLANES=True,
+                     BLOCK_O=config[0], BLOCK_I=config[1], BLOCK_P=config[2])
+    args = dict(g_ptr=data, x_ptr=data, scale_ptr=stat, shift_ptr=stat, partial_ptr=stat, batch=batch,
+                plane=height * width, width=width, out_channels=out_channels, in_channels=in_channels,
+                **_strides("sg", grad_z), **_strides("sx", x))
+    return _compile("wgrad", backward_module._weight_grad_kernel, args, constants, config, capability,
+                    f"{_TRITON_TYPES[dtype]}/{input_precision} prologue")
+
+
+def compile_dgrad_bn_accumulate(dtype: torch.dtype, input_precision: str, capability: int,
+                                shape: tuple[int, int, int, int] = (64, 256, 56, 56),
+                                out_channels: int = 128) -> Compiled:
+    """`_dgrad_bn_accumulate_kernel` as `dgrad_bn_accumulate` launches it (ReLU) for a dense
+    layer's NCHW prefix of `shape` and grad_z of `out_channels`."""
+    batch, in_channels, height, width = shape
+    x = torch.empty(shape, device="meta")
+    grad_z = torch.empty(batch, out_channels, height, width, device="meta")
+    config = conv1x1_module.launch_config(in_channels, out_channels, dtype, input_precision, on_gpu=True)
+    data, stat = _types(dtype)
+    constants = dict(ACT=conv1x1_module.act_code("relu"), ACC_FP64=dtype == torch.float64,
+                     INPUT_PRECISION=input_precision, G_PLANES=True, X_PLANES=True, ACC_PLANES=True,
+                     BLOCK_I=config[0], BLOCK_P=config[1], BLOCK_O=config[2])
+    args = dict(g_ptr=data, w_ptr=data, x_ptr=data, acc_ptr=data, mean_ptr=stat, invstd_ptr=stat, bnw_ptr=stat,
+                bnb_ptr=stat, sums_ptr=stat, plane=height * width, width=width, out_channels=out_channels,
+                in_channels=in_channels, **_strides("sg", grad_z), sw_o=in_channels, sw_i=1, **_strides("sx", x),
+                **_strides("sa", x))
+    return _compile("dgrad", backward_module._dgrad_bn_accumulate_kernel, args, constants, config, capability,
+                    f"{_TRITON_TYPES[dtype]}/{input_precision} bn accumulate")
 
 
 def _wide_global_accesses(ptx: str) -> int:
@@ -171,7 +223,10 @@ def compile_all() -> list[Compiled]:
     return [compile_conv1x1(dtype, precision, capability, stats=full, prologue=full)
             for dtype, precision in PRECISIONS for full in (True, False) for capability in TARGETS] + [
         compile_conv1x1(torch.bfloat16, "tf32", capability, stats=True, prologue=True, channels_last=True)
-        for capability in TARGETS]
+        for capability in TARGETS] + [
+        compile_backward(dtype, precision, capability) for compile_backward in (compile_weight_grad,
+                                                                                compile_dgrad_bn_accumulate)
+        for dtype, precision in PRECISIONS for capability in TARGETS]
 
 
 def extension_kernels() -> list[Compiled]:

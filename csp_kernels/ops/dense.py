@@ -38,9 +38,12 @@ conv1 (bias + ReLU epilogue), every transition's BN folded into its conv; see `f
 Engines: "aten" runs the forward 1x1 convolutions as `conv1x1_fused`'s C++ tiled GEMM on the CPU
 (BLAS on cache-resident tiles, normalize-on-load prologue, epilogue with bias, act and
 statistics) and as passes around cuBLAS on a GPU; "triton" runs them as the Triton GEMM of
-`csp_kernels.triton.conv1x1`, the backward's recompute of conv1 included. The rest of the
-backward is the same for both: the CPU's tiled ops, or on a GPU passes around cuBLAS (which
-store the normalized prefix of the weight gradient and the gradients between them).
+`csp_kernels.triton.conv1x1`, the backward's recompute of conv1 included, and each dense layer's
+conv1 backward as the two GEMMs of `csp_kernels.triton.conv1x1_backward` (prefix normalized on
+load, input gradient consumed by the BN1 accumulation in the epilogue). "aten" runs the
+backward as the CPU's tiled ops, or on a GPU as passes around cuBLAS (which store the
+normalized prefix and the gradients between them); the transitions' backward is the same for
+both.
 
 Parameters travel as flat lists:
   dense_params       per layer: norm1.weight, norm1.bias, conv1.weight, norm2.weight,
@@ -91,7 +94,7 @@ def bn_act_backward_accumulate(grad_a, x, mean, invstd, weight, bias, act, grad_
     return _ops.bn_act_backward_accumulate(grad_a, x, mean, invstd, weight, bias, act, grad_acc)
 
 
-def dense_conv1_backward(grad_b, z, bn2, x, bn1, act, weight, grad_acc):
+def dense_conv1_backward(grad_b, z, bn2, x, bn1, act, weight, grad_acc, engine="aten"):
     """A dense layer's conv1 backward, from the gradient of BN2+act's output `grad_b`.
 
     grad_b, z: (batch, bottleneck, height, width), z conv1's output; x, grad_acc: (batch, c,
@@ -100,12 +103,14 @@ def dense_conv1_backward(grad_b, z, bn2, x, bn1, act, weight, grad_acc):
     Adds weight1 * dpre of BN1 + act into grad_acc; returns (conv1's weight gradient, BN2's
     weight and bias gradients, sum dpre and sum dpre * xhat of BN1).
 
-    CPU float32/float64: BN2's reduction pass, then `csp_kernels::dense_conv1_backward`, one
-    pass over cache tiles in which grad_z, BN1 + act of the prefix and conv1's input gradient
-    never leave the cache. Elsewhere: `bn_act_backward`, the two GEMMs (the weight gradient
+    CPU float32/float64 ("aten"): BN2's reduction pass, then `csp_kernels::dense_conv1_backward`,
+    one pass over cache tiles in which grad_z, BN1 + act of the prefix and conv1's input gradient
+    never leave the cache. "triton": `bn_act_backward`, then the two GEMMs of
+    `csp_kernels.triton.conv1x1_backward` (the prefix normalized on load; the input gradient
+    consumed by its epilogue). Elsewhere: `bn_act_backward`, the two GEMMs (the weight gradient
     normalizing the prefix into a temporary) and `bn_act_backward_accumulate`.
     """
-    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
+    if engine == "aten" and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
         grad_b, z = plane_contiguous(grad_b), plane_contiguous(z)
         sum2, sum_xhat2 = _ops.bn_act_backward_reduce(grad_b, z, *bn2, act)
         grad_weight, sum1, sum_xhat1 = _ops.dense_conv1_backward(grad_b, z, *bn2, sum2, sum_xhat2, x, *bn1, act,
@@ -114,6 +119,12 @@ def dense_conv1_backward(grad_b, z, bn2, x, bn1, act, weight, grad_acc):
     grad_z, grad_bn2_w, grad_bn2_b = bn_act_backward(grad_b, z, *bn2, act)
     mean1, invstd1, weight1, bias1 = bn1
     scale1 = weight1 * invstd1
+    if engine == "triton":
+        from ..triton import conv1x1_backward as triton_backward
+        grad_weight = triton_backward.weight_grad(grad_z, x, in_scale=scale1, in_shift=bias1 - mean1 * scale1,
+                                                  in_act=act)
+        sum1, sum_xhat1 = triton_backward.dgrad_bn_accumulate(grad_z, weight, x, *bn1, act, grad_acc)
+        return grad_weight, grad_bn2_w, grad_bn2_b, sum1, sum_xhat1
     grad_weight = conv1x1_weight_grad(grad_z, x, in_scale=scale1, in_shift=bias1 - mean1 * scale1, in_act=act)
     sum1, sum_xhat1 = bn_act_backward_accumulate(conv1x1_input_grad(grad_z, weight), x, *bn1, act, grad_acc)
     return grad_weight, grad_bn2_w, grad_bn2_b, sum1, sum_xhat1
@@ -419,7 +430,7 @@ def _dense_backward(grad_dense, buf, dense_params, g: Geometry, eps, mean, var, 
         grad_b, grad_conv2 = conv3x3_backward(grad_dense[:, c: c + g.growth].contiguous(), b, conv2_w)
         grad_conv1, grad_norm2_w, grad_norm2_b, grad_norm1_b, grad_norm1_w = dense_conv1_backward(
             grad_b, z, (bottleneck_mean[j], invstd2, norm2_w, norm2_b), dense[:, :c],
-            (mean[:c], invstd[:c], norm1_w, norm1_b), DENSE_ACT, conv1_w, grad_acc[:, :c])
+            (mean[:c], invstd[:c], norm1_w, norm1_b), DENSE_ACT, conv1_w, grad_acc[:, :c], engine)
         sum_grad[:c] += norm1_w * grad_norm1_b
         sum_grad_xhat[:c] += norm1_w * grad_norm1_w
         grads[DENSE_PARAMS_PER_LAYER * j: DENSE_PARAMS_PER_LAYER * (j + 1)] = [
