@@ -26,6 +26,17 @@ from .activation import act_code, act_forward
 
 
 @triton.jit
+def pixel_offsets(offs_p, width, s_h, s_w, PLANES: tl.constexpr):
+    """Offsets of pixels offs_p of a (height, width) plane with strides (s_h, s_w); offs_p
+    itself where the plane is contiguous (PLANES), so that the compiler sees contiguous runs."""
+    if PLANES:
+        offsets = offs_p
+    else:
+        offsets = (offs_p // width).to(tl.int64) * s_h + (offs_p % width).to(tl.int64) * s_w
+    return offsets
+
+
+@triton.jit
 def _conv1x1_kernel(
     x_ptr, w_ptr, out_ptr, bias_ptr, in_scale_ptr, in_shift_ptr, moments_ptr,
     plane, width, in_channels, out_channels,
@@ -48,14 +59,8 @@ def _conv1x1_kernel(
     offs_o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
     mask_p = offs_p < plane
     mask_o = offs_o < out_channels
-    if X_PLANES and OUT_PLANES:
-        x_pixel = offs_p
-        out_pixel = offs_p
-    else:
-        h = (offs_p // width).to(tl.int64)
-        w = (offs_p % width).to(tl.int64)
-        x_pixel = offs_p if X_PLANES else h * sx_h + w * sx_w
-        out_pixel = offs_p if OUT_PLANES else h * so_h + w * so_w
+    x_pixel = pixel_offsets(offs_p, width, sx_h, sx_w, X_PLANES)
+    out_pixel = pixel_offsets(offs_p, width, so_h, so_w, OUT_PLANES)
     x_ptr += n * sx_n
     out_ptr += n * so_n
 
@@ -118,7 +123,7 @@ def launch_config(out_channels: int, in_channels: int, dtype: torch.dtype, input
     return block_o, 128, 64 // dtype.itemsize, 8 if block_o == 128 else 4, 3
 
 
-def _input_precision(dtype: torch.dtype) -> str:
+def input_precision_of(dtype: torch.dtype) -> str:
     """tl.dot's input_precision: float32 follows torch's switch for convolutions (a drop-in
     makes cuDNN's choice); float64 is exact; 16-bit types take Triton's default, which does
     not change them."""
@@ -171,7 +176,7 @@ def conv1x1(x: torch.Tensor, weight: torch.Tensor, *, in_scale: torch.Tensor | N
                          f"{out.dtype} {tuple(out.shape)} on {out.device}")
     stat_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     plane = height * width
-    input_precision = _input_precision(x.dtype)
+    input_precision = input_precision_of(x.dtype)
     block_o, block_p, block_k, num_warps, num_stages = launch_config(out_channels, in_channels, x.dtype,
                                                                      input_precision, x.is_cuda)
     blocks = triton.cdiv(plane, block_p)  # pixel blocks per image

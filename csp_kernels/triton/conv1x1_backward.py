@@ -24,17 +24,7 @@ import triton
 import triton.language as tl
 
 from .activation import act_code, act_derivative, act_forward
-from .conv1x1 import _input_precision, launch_config, planes_contiguous
-
-
-@triton.jit
-def _pixel_offsets(offs_p, width, s_h, s_w, PLANES: tl.constexpr):
-    """Offsets of pixels offs_p of a (height, width) plane with strides (s_h, s_w)."""
-    if PLANES:
-        offsets = offs_p
-    else:
-        offsets = (offs_p // width).to(tl.int64) * s_h + (offs_p % width).to(tl.int64) * s_w
-    return offsets
+from .conv1x1 import input_precision_of, launch_config, pixel_offsets, planes_contiguous
 
 
 @triton.jit
@@ -67,11 +57,11 @@ def _weight_grad_kernel(
         offs_p = (block % blocks) * BLOCK_P + tl.arange(0, BLOCK_P)
         mask_p = offs_p < plane
         g_tile = tl.load(g_ptr + n * sg_n + offs_o[:, None].to(tl.int64) * sg_c
-                         + _pixel_offsets(offs_p, width, sg_h, sg_w, G_PLANES)[None, :],
+                         + pixel_offsets(offs_p, width, sg_h, sg_w, G_PLANES)[None, :],
                          mask=mask_o[:, None] & mask_p[None, :], other=0.0)
         x_mask = mask_i[:, None] & mask_p[None, :]
         x_tile = tl.load(x_ptr + n * sx_n + offs_i[:, None].to(tl.int64) * sx_c
-                         + _pixel_offsets(offs_p, width, sx_h, sx_w, X_PLANES)[None, :], mask=x_mask, other=0.0)
+                         + pixel_offsets(offs_p, width, sx_h, sx_w, X_PLANES)[None, :], mask=x_mask, other=0.0)
         if HAS_IN_AFFINE or IN_ACT != 0:
             a = x_tile.to(acc_dtype)
             if HAS_IN_AFFINE:
@@ -101,7 +91,7 @@ def _dgrad_bn_accumulate_kernel(
     offs_i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
     mask_p = offs_p < plane
     mask_i = offs_i < in_channels
-    g_pixel = _pixel_offsets(offs_p, width, sg_h, sg_w, G_PLANES)
+    g_pixel = pixel_offsets(offs_p, width, sg_h, sg_w, G_PLANES)
     grad_a = tl.zeros((BLOCK_I, BLOCK_P), dtype=acc_dtype)
     for o0 in range(0, out_channels, BLOCK_O):
         offs_o = o0 + tl.arange(0, BLOCK_O)
@@ -114,7 +104,7 @@ def _dgrad_bn_accumulate_kernel(
 
     tile_mask = mask_i[:, None] & mask_p[None, :]
     x = tl.load(x_ptr + n * sx_n + offs_i[:, None].to(tl.int64) * sx_c
-                + _pixel_offsets(offs_p, width, sx_h, sx_w, X_PLANES)[None, :], mask=tile_mask, other=0.0)
+                + pixel_offsets(offs_p, width, sx_h, sx_w, X_PLANES)[None, :], mask=tile_mask, other=0.0)
     mean = tl.load(mean_ptr + offs_i, mask=mask_i, other=0.0)
     invstd = tl.load(invstd_ptr + offs_i, mask=mask_i, other=0.0)
     bn_w = tl.load(bnw_ptr + offs_i, mask=mask_i, other=0.0)
@@ -122,7 +112,7 @@ def _dgrad_bn_accumulate_kernel(
     xhat = (x.to(acc_dtype) - mean[:, None]) * invstd[:, None]
     dpre = tl.where(tile_mask, grad_a * act_derivative(bn_w[:, None] * xhat + bn_b[:, None], ACT), 0.0)
     acc_ptrs = (acc_ptr + n * sa_n + offs_i[:, None].to(tl.int64) * sa_c
-                + _pixel_offsets(offs_p, width, sa_h, sa_w, ACC_PLANES)[None, :])
+                + pixel_offsets(offs_p, width, sa_h, sa_w, ACC_PLANES)[None, :])
     accumulated = tl.load(acc_ptrs, mask=tile_mask, other=0.0).to(acc_dtype) + bn_w[:, None] * dpre
     tl.store(acc_ptrs, accumulated.to(acc_ptr.dtype.element_ty), mask=tile_mask)
     # sums_ptr: (2, images, pixel blocks per image, in_channels)
@@ -149,7 +139,7 @@ def weight_grad(grad_z: torch.Tensor, x: torch.Tensor, *, in_scale: torch.Tensor
     batch, in_channels, height, width = x.shape
     out_channels = grad_z.shape[1]
     plane = height * width
-    precision = _input_precision(x.dtype)
+    precision = input_precision_of(x.dtype)
     # The GEMM (out, in) = grad_z (out, pixels) @ a^T (pixels, in): conv1x1's tiles with the
     # pixels as the reduction.
     block_o, block_i, block_p, num_warps, num_stages = launch_config(out_channels, in_channels, x.dtype, precision,
@@ -188,7 +178,7 @@ def dgrad_bn_accumulate(grad_z: torch.Tensor, weight: torch.Tensor, x: torch.Ten
     out_channels = grad_z.shape[1]
     plane = height * width
     stat_dtype = _stat_dtype(x.dtype)
-    precision = _input_precision(x.dtype)
+    precision = input_precision_of(x.dtype)
     block_i, block_p, block_o, num_warps, num_stages = launch_config(in_channels, out_channels, x.dtype, precision,
                                                                      x.is_cuda)
     blocks = triton.cdiv(plane, block_p)
