@@ -1,5 +1,5 @@
-"""Property tests: random configurations and inputs the fused modules accept, against the
-reference in float64 on every fused backend of the CPU (forward, input and parameter gradients, running
+"""Property tests: random configurations and inputs the fused modules and the Maxout pyramid
+accept, against the reference in float64 on every fused backend of the CPU (forward, input and parameter gradients, running
 statistics, train and eval). The other test files pin chosen shapes; these look for the
 combination nobody chose (odd channel splits, 1-pixel planes, groups, strided views)."""
 import pytest
@@ -124,6 +124,48 @@ def test_partial_dense_block_matches_reference(backend_name, case):
     fused.load_state_dict(ref.state_dict())
     x = torch.randn(case["shape"], generator=torch.Generator().manual_seed(case["seed"]), dtype=torch.float64)
     compare(ref, fused, layout(x, case["layout"]), case["training"], case["seed"], backend_name)
+
+
+@st.composite
+def maxout_pyramid_cases(draw):
+    out_channels = draw(st.integers(1, 4))
+    levels = draw(st.integers(1, 3))
+    group_size = draw(st.integers(1, 3))
+    # channels per level summing to out_channels * group_size, each level at least 1
+    total = out_channels * group_size
+    if total < levels:
+        levels = total
+    cuts = [] if levels == 1 else sorted(draw(st.lists(st.integers(1, total - 1), min_size=levels - 1,
+                                                       max_size=levels - 1, unique=True)))
+    channels = [b - a for a, b in zip([0, *cuts], [*cuts, total])]
+    sizes = [(draw(st.integers(1, 9)), draw(st.integers(1, 9))) for _ in range(levels)]
+    return dict(channels=channels, sizes=sizes, size=(draw(st.integers(1, 9)), draw(st.integers(1, 9))),
+                out_channels=out_channels, grouping=draw(st.sampled_from(["interleaved", "contiguous"])),
+                batch=draw(st.integers(1, 2)), ties=draw(st.booleans()), seed=draw(st.integers(0, 2 ** 16)))
+
+
+@SETTINGS
+@given(case=maxout_pyramid_cases())
+def test_maxout_pyramid_matches_reference(case):
+    # Any resize ratio, up or down, and (with `ties`) values drawn from a few integers so that
+    # groups tie: the winner, and the one member that gets the gradient, is the lowest channel.
+    generator = torch.Generator().manual_seed(case["seed"])
+    features = []
+    for c, (h, w) in zip(case["channels"], case["sizes"]):
+        f = torch.randn(case["batch"], c, h, w, generator=generator, dtype=torch.float64)
+        features.append((f * 2).round() if case["ties"] else f)
+    grad_y = torch.randn(case["batch"], case["out_channels"], *case["size"], generator=generator, dtype=torch.float64)
+    results = []
+    for fn, name in ((reference.maxout_pyramid, "reference"), (csp_kernels.maxout_pyramid, "cpu")):
+        inputs = [f.clone().requires_grad_() for f in features]
+        with csp_kernels.use_backend(name):
+            y = fn(inputs, case["size"], case["out_channels"], case["grouping"])
+        y.backward(grad_y)
+        results.append((y, [i.grad for i in inputs]))
+    (y_ref, g_ref), (y, g) = results
+    assert torch.equal(y, y_ref)
+    for a, b in zip(g, g_ref):
+        assert torch.equal(a, b)
 
 
 def test_property_helpers_keep_the_values():
