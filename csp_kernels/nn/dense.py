@@ -8,7 +8,7 @@ Which path runs:
   BatchNorm updated from the statistics it returns, exactly as nn.BatchNorm2d would (also under
   torch.no_grad).
 - eval without autograd recording (torch.no_grad / inference_mode, or nothing requires grad):
-  the folded inference forward; the folded parameters are cached and refolded when any
+  the folded inference forward (`ops.dense_eval`); the folded parameters are cached and refolded when any
   parameter or buffer changes (version counters).
 - the reference math (`super().forward`) for the "reference" backend, and, with a
   `ReferenceFallbackWarning` naming the reason, for what the fused op does not model: eval
@@ -25,6 +25,7 @@ import torch
 from .. import backend, checks, reference
 from ..ops import batch_norm_act as bna
 from ..ops import dense as dense_ops
+from ..ops import dense_eval
 
 
 class PartialDenseBlock(reference.PartialDenseBlock):
@@ -34,7 +35,7 @@ class PartialDenseBlock(reference.PartialDenseBlock):
                  bn_size: int = 4, fusion: str = "last", act: str = "relu", out_channels: int | None = None):
         super().__init__(in_channels, num_layers, growth_rate, part_ratio, bn_size, fusion, act, out_channels)
         self.act_name = checks.check_activation(act)
-        self._eval_cache: tuple[tuple, dense_ops.EvalParams] | None = None
+        self._eval_cache: tuple[tuple, dense_eval.EvalParams] | None = None
 
     # -- the module's parameters in the op's order ---------------------------------------------
 
@@ -93,7 +94,7 @@ class PartialDenseBlock(reference.PartialDenseBlock):
         engine = "triton" if name == "triton" else "aten"
         if self.training:
             return self._train_forward(x, engine)
-        return dense_ops.partial_dense_block_eval(x, self._eval_params(), self.part1, self.fusion, self.act_name,
+        return dense_eval.partial_dense_block_eval(x, self._eval_params(), self.part1, self.fusion, self.act_name,
                                                   engine)
 
     def _train_forward(self, x: torch.Tensor, engine: str) -> torch.Tensor:
@@ -113,14 +114,14 @@ class PartialDenseBlock(reference.PartialDenseBlock):
             start = stop
         return out
 
-    def _eval_params(self) -> dense_ops.EvalParams:
+    def _eval_params(self) -> dense_eval.EvalParams:
         tensors = [*self.parameters(), *self.buffers()]
         key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
         if self._eval_cache is None or self._eval_cache[0] != key:
             dense_running = [(layer.norm1.running_mean, layer.norm1.running_var, layer.norm2.running_mean,
                               layer.norm2.running_var) for layer in self._layers()]
             transition_running = [(t.bn.running_mean, t.bn.running_var) for t in self._transitions()]
-            folded = dense_ops.fold_eval_params(self.dense_params(), dense_running, self.transition_params(),
+            folded = dense_eval.fold_eval_params(self.dense_params(), dense_running, self.transition_params(),
                                                 transition_running, self._norms()[0].eps)
             self._eval_cache = (key, folded)
         return self._eval_cache[1]

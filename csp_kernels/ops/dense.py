@@ -32,8 +32,7 @@ Training (`partial_dense_block`, a torch.library custom op with registered autog
 Running statistics are returned (biased batch variance), and updated by the module, which keeps
 the op functional.
 
-Eval (`partial_dense_block_eval`): BN1 per layer applied on conv1's load, BN2 folded into
-conv1 (bias + ReLU epilogue), every transition's BN folded into its conv; see `fold_eval_params`.
+The eval forward, with BatchNorms folded, is `ops.dense_eval`.
 
 Engines: "aten" runs the forward 1x1 convolutions as `conv1x1_fused`'s C++ tiled GEMM on the CPU
 (BLAS on cache-resident tiles, normalize-on-load prologue, epilogue with bias, act and
@@ -62,7 +61,6 @@ from .. import extension  # noqa: F401  (loads csp_kernels._C, which defines the
 from .batch_norm_act import (bn_act_backward, bn_scale_shift, channel_stats, plane_contiguous, scale_shift_act,
                              stats_dtype)
 from .conv1x1 import conv1x1_bn_act_backward, conv1x1_fused, conv1x1_input_grad, conv1x1_weight_grad
-from .transition import fold_batch_norm
 
 _ops = torch.ops.csp_kernels
 DENSE_PARAMS_PER_LAYER = 6
@@ -211,7 +209,7 @@ def _check_batch(g: Geometry) -> None:
                          f"{(g.batch, g.part1 + g.part2, g.height, g.width)}")
 
 
-def _new_buffer(x: torch.Tensor, g: Geometry, channels: int | None = None) -> torch.Tensor:
+def new_buffer(x: torch.Tensor, g: Geometry, channels: int | None = None) -> torch.Tensor:
     """The concat buffer with x copied in (this copy also converts channels_last to NCHW), with
     `channels` per sample (default: exactly the concat's part1 + t) of which the concat uses the
     first part1 + t."""
@@ -273,7 +271,7 @@ def partial_dense_block(x: torch.Tensor, dense_params: list[torch.Tensor], trans
     """
     g = Geometry.of(x, part1, dense_params)
     _check_batch(g)
-    buf = _new_buffer(x, g)
+    buf = new_buffer(x, g)
     dense_stats = _dense_train(buf, dense_params, g, eps, engine)
     dense = buf[:, part1:]
     z_first = x.new_empty(0)
@@ -440,89 +438,3 @@ def _dense_backward(grad_dense, buf, dense_params, g: Geometry, eps, mean, var, 
 
 
 partial_dense_block.register_autograd(_backward, setup_context=_setup_context)
-
-
-# ----------------------------------------------------------------------------------------------
-# Eval
-
-@dataclasses.dataclass
-class EvalParams:
-    """Per layer: BN1 as (scale, shift), conv1 with BN2 folded in (weight, bias), conv2 weight;
-    per transition: conv with its BN folded in (weight, bias)."""
-    norm1: list[tuple[torch.Tensor, torch.Tensor]]
-    conv1: list[tuple[torch.Tensor, torch.Tensor]]
-    conv2: list[torch.Tensor]
-    transitions: list[tuple[torch.Tensor, torch.Tensor]]
-
-
-def _fold(conv_weight, bn_weight, bn_bias, running_mean, running_var, eps):
-    """A bias-free conv followed by eval BN as one conv with a bias, the shift in the statistics
-    dtype of the conv's data: (weight, bias)."""
-    sdtype = stats_dtype(conv_weight.dtype)
-    return fold_batch_norm(conv_weight, bn_weight, bn_bias, running_mean.to(sdtype), running_var.to(sdtype), eps)
-
-
-@torch.no_grad()
-def fold_eval_params(dense_params, dense_running, transition_params, transition_running, eps) -> EvalParams:
-    """dense_running: per layer (norm1 running mean, var, norm2 running mean, var);
-    transition_running: per transition (running mean, var)."""
-    norm1, conv1, conv2 = [], [], []
-    for j in range(len(dense_params) // DENSE_PARAMS_PER_LAYER):
-        norm1_w, norm1_b, conv1_w, norm2_w, norm2_b, conv2_w = layer_params(dense_params, j)
-        rm1, rv1, rm2, rv2 = dense_running[j]
-        sdtype = stats_dtype(conv1_w.dtype)
-        norm1.append(bn_scale_shift(rm1.to(sdtype), rv1.to(sdtype), norm1_w, norm1_b, eps))
-        conv1.append(_fold(conv1_w, norm2_w, norm2_b, rm2, rv2, eps))
-        conv2.append(conv2_w.detach())
-    transitions = [_fold(*transition_params_of(transition_params, i), *running, eps)
-                   for i, running in enumerate(transition_running)]
-    return EvalParams(norm1, conv1, conv2, transitions)
-
-
-@torch.no_grad()
-def partial_dense_block_eval(x: torch.Tensor, params: EvalParams, part1: int, fusion: str, act: str,
-                             engine: str) -> torch.Tensor:
-    """Inference forward with folded parameters (`fold_eval_params`).
-
-    x: (batch, in_channels, height, width) -> (batch, out_channels, height, width)
-
-    Buffers. When the output has at least as many channels as the concat buffer (the usual CSP
-    stage, where the last transition keeps the width), the concat buffer is allocated with the
-    output's channel count and becomes the output: the last transition runs one sample at a
-    time into it (sample n's output overwrites only sample n's inputs). With fusion "csp" the
-    first transition also runs in place, over the dense part, so that the buffer then holds the
-    second transition's input [part 1, transition1(dense)]. Why: besides the copies, every
-    large fresh allocation costs page faults on its first write (pdb-cpu: 32 MiB per buffer,
-    ~8k faults, ~8 ms here), which this saves for all but one buffer.
-    """
-    n, _, h, w = x.shape
-    growth = params.conv2[0].shape[0]
-    g = Geometry(n, h, w, part1, x.shape[1] - part1, growth, params.conv1[0][0].shape[0], len(params.conv2))
-    channels = part1 + g.dense_channels
-    last_weight, last_bias = params.transitions[-1]
-    out_channels = last_weight.shape[0] + (part1 if fusion == "last" else 0)
-    store = _new_buffer(x, g, max(channels, out_channels))
-    buf = store[:, :channels]
-    dense = buf[:, part1:]
-    for j in range(g.num_layers):
-        c = g.prefix(j)
-        conv1_w, conv1_b = params.conv1[j]
-        scale1, shift1 = params.norm1[j]
-        z = conv1x1_fused(dense[:, :c], conv1_w, in_scale=scale1, in_shift=shift1, in_act=DENSE_ACT, bias=conv1_b,
-                          act=DENSE_ACT, engine=engine)
-        dense[:, c: c + growth].copy_(conv3x3(z, params.conv2[j]))
-
-    if fusion == "csp":
-        first_weight, first_bias = params.transitions[0]
-        conv1x1_fused(dense, first_weight, bias=first_bias, act=act, out=dense, engine=engine, in_place=True)
-    inp = dense if fusion == "last" else buf
-    if out_channels < channels:
-        out = x.new_empty(n, out_channels, h, w)
-        if fusion == "last":
-            out[:, :part1].copy_(buf[:, :part1])
-        conv1x1_fused(inp, last_weight, bias=last_bias, act=act, out=out[:, part1:] if fusion == "last" else out,
-                      engine=engine)
-        return out
-    conv1x1_fused(inp, last_weight, bias=last_bias, act=act, out=store[:, part1:] if fusion == "last" else store,
-                  engine=engine, in_place=True)
-    return store
