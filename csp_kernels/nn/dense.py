@@ -8,8 +8,8 @@ Which path runs:
   BatchNorm updated from the statistics it returns, exactly as nn.BatchNorm2d would (also under
   torch.no_grad).
 - eval without autograd recording (torch.no_grad / inference_mode, or nothing requires grad):
-  the folded inference forward (`ops.dense_eval`); the folded parameters are cached and refolded when any
-  parameter or buffer changes (version counters).
+  the folded inference forward (`ops.dense_eval`); the folded parameters are cached and
+  refolded when any parameter or buffer changes (version counters).
 - the reference math (`super().forward`) for the "reference" backend, and, with a
   `ReferenceFallbackWarning` naming the reason, for what the fused op does not model: eval
   while autograd records (e.g. frozen BatchNorms under fine-tuning), autocast (which mixes
