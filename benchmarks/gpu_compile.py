@@ -153,7 +153,8 @@ def compile_conv1x1(dtype: torch.dtype, input_precision: str, capability: int, *
     sm_80) for a fresh x of `shape` (NCHW or channels_last) and a fresh NCHW output, with bias +
     `act`, optionally the BN + ReLU prologue and the statistics epilogue."""
     batch, in_channels, height, width = shape
-    x = torch.empty(shape, device="meta", memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.empty(shape, device="meta", memory_format=memory_format)
     out = torch.empty(batch, out_channels, height, width, device="meta")
     config = conv1x1_module.launch_config(out_channels, in_channels, dtype, input_precision, on_gpu=True)
     data, stat = _types(dtype)

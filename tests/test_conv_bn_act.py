@@ -73,7 +73,7 @@ def assert_grads_match(fused: nn.Module, ref: nn.Module, x: torch.Tensor, x_ref:
 @pytest.mark.parametrize("kernel_size,stride", CONVS)
 def test_train_matches_reference(device, backend_name, dtype, act, kernel_size, stride):
     ref, fused = make_pair(5, 7, kernel_size, stride, act, dtype, device)
-    for step in range(2):  # the second step checks the running-statistics average
+    for _ in range(2):  # the second step checks the running-statistics average
         x_ref = torch.randn(2, 5, 5, 7, dtype=torch.float64, device=device, requires_grad=True)
         x = leaf(x_ref, dtype)
         y_ref = ref(x_ref)

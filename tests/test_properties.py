@@ -1,7 +1,8 @@
-"""Property tests: random configurations and inputs the fused modules and the Maxout pyramid
-accept, against the reference in float64 on every fused backend of the CPU (forward, input and parameter gradients, running
-statistics, train and eval). The other test files pin chosen shapes; these look for the
-combination nobody chose (odd channel splits, 1-pixel planes, groups, strided views)."""
+"""Property tests: random configurations and inputs that the fused modules and the Maxout
+pyramid accept, against the reference in float64 on every fused backend of the CPU (forward,
+input and parameter gradients, running statistics, train and eval). The other test files pin
+chosen shapes; these look for the combination nobody chose (odd channel splits, 1-pixel planes,
+groups, strided views)."""
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings

@@ -130,7 +130,8 @@ def batch_norm_act(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ep
 def _(z, weight, bias, eps, act):
     c = z.shape[1]
     dtype = stats_dtype(z.dtype)
-    return torch.empty_like(z, memory_format=torch.contiguous_format), z.new_empty(c, dtype=dtype), z.new_empty(c, dtype=dtype)
+    return (torch.empty_like(z, memory_format=torch.contiguous_format), z.new_empty(c, dtype=dtype),
+            z.new_empty(c, dtype=dtype))
 
 
 def _setup_context(ctx, inputs, output):
