@@ -11,6 +11,8 @@
 #                as fallback), for this GPU's architecture only unless TORCH_CUDA_ARCH_LIST is set
 #   test         python -m pytest tests -q
 #   sanitize     compute-sanitizer --tool memcheck python -m pytest tests -q -k cuda (if found)
+#   compile      python -m benchmarks.gpu_compile: registers, spills, 16-byte accesses of the
+#                Triton kernels (sm_80, sm_90) and of the built CUDA kernels, into DIR/gpu_compile.txt
 #   roofline     python -m benchmarks.roofline
 #   bench        bench-pdb-gpu bench-trans-gpu bench-efm-gpu, then the merged results file
 #   bench-NAME   python -m benchmarks all --device cuda --config NAME  (one configuration)
@@ -26,7 +28,7 @@ cd "$(dirname "$0")/.."
 OUT_DIR="${OUT:-benchmarks/out/gpu-validate-$(date +%Y%m%d-%H%M%S)}"
 if [ "${1:-}" = "--out" ]; then OUT_DIR="$2"; shift 2; fi
 STEPS=("$@")
-[ ${#STEPS[@]} -eq 0 ] && STEPS=(build test sanitize roofline bench)
+[ ${#STEPS[@]} -eq 0 ] && STEPS=(build test sanitize compile roofline bench)
 mkdir -p "$OUT_DIR/logs"
 OUT_DIR="$(cd "$OUT_DIR" && pwd)"
 PYTHON="${PYTHON:-$(command -v python || command -v python3)}"
@@ -105,6 +107,8 @@ for step in "${STEPS[@]}"; do
         build) run_step build build ;;
         test) run_step test "$PYTHON" -m pytest tests -q ;;
         sanitize) run_step sanitize sanitize ;;
+        compile)
+            run_step compile bash -c '"$1" -m benchmarks.gpu_compile > "$2/gpu_compile.txt"' _ "$PYTHON" "$OUT_DIR" ;;
         roofline)
             run_step roofline "$PYTHON" -m benchmarks.roofline --out "$OUT_DIR/roofline.json" ;;
         bench)
@@ -114,7 +118,7 @@ for step in "${STEPS[@]}"; do
             run_step results merge_results ;;
         bench-*) run_step "$step" bench_config "${step#bench-}" ;;
         results) run_step results merge_results ;;
-        *) echo "unknown step $step (build, test, sanitize, roofline, bench, bench-NAME, results)"
+        *) echo "unknown step $step (build, test, sanitize, compile, roofline, bench, bench-NAME, results)"
            FAILED=1 ;;
     esac
 done
