@@ -106,3 +106,38 @@ def test_empty_batch(device):
     vectors = [torch.ones(4, device=device)] * 4
     sums = dgrad_bn_accumulate(grad_z, torch.randn(6, 4, 1, 1, device=device), x, *vectors, "relu", torch.zeros_like(x))
     assert all(torch.equal(s, torch.zeros(4, device=device)) for s in sums)
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_half_precision_within_twice_the_plain_error(device):
+    # flash-attention's rule against float64; "plain" is the same math in float32 from the
+    # 16-bit inputs, its result rounded to 16 bits (a 16-bit GEMM accumulating in float32).
+    # bfloat16 on a GPU only: the interpreter's tl.dot misreads it (test_triton_conv1x1.py).
+    dtypes = [torch.float16, torch.bfloat16] if device == "cuda" else [torch.float16]
+    x64 = torch.randn(2, 37, 9, 9, dtype=torch.float64, device=device)
+    grad_z64 = torch.randn(2, 35, 9, 9, dtype=torch.float64, device=device)
+    weight64 = torch.randn(35, 37, 1, 1, dtype=torch.float64, device=device) / 6
+    mean, invstd, bn_w, bn_b = bn_params(37, torch.float64, device)
+    scale = bn_w * invstd
+
+    def reference(x, grad_z, weight, dtype):
+        """(weight gradient, grad_acc, sum dpre) of the layer, computed in dtype."""
+        x, grad_z = x.to(dtype, copy=True).requires_grad_(), grad_z.to(dtype)
+        weight = weight.to(dtype, copy=True).requires_grad_()
+        xhat = (x - mean.to(dtype)[:, None, None]) * invstd.to(dtype)[:, None, None]
+        pre = bn_w.to(dtype)[:, None, None] * xhat + bn_b.to(dtype)[:, None, None]
+        pre.retain_grad()
+        F.conv2d(torch.relu(pre), weight).backward(grad_z)
+        return weight.grad, bn_w.to(dtype)[:, None, None] * pre.grad, pre.grad.sum((0, 2, 3))
+
+    ref = reference(x64, grad_z64, weight64, torch.float64)
+    for dtype in dtypes:
+        x, grad_z, weight = x64.to(dtype), grad_z64.to(dtype), weight64.to(dtype)
+        plain = [t.to(dtype) for t in reference(x.float(), grad_z.float(), weight.float(), torch.float32)]
+        got_w = weight_grad(grad_z, x, in_scale=scale, in_shift=bn_b - mean * scale, in_act="relu")
+        grad_acc = torch.zeros_like(x)
+        sum_dpre, _ = dgrad_bn_accumulate(grad_z, weight, x, mean, invstd, bn_w, bn_b, "relu", grad_acc)
+        for name, got, expected, plain_value in (("weight grad", got_w, ref[0], plain[0]),
+                                                 ("grad_acc", grad_acc, ref[1], plain[1]),
+                                                 ("sum dpre", sum_dpre, ref[2], plain[2])):
+            assert rel_error(got, expected) <= 2 * rel_error(plain_value, expected) + 1e-6, (dtype, name)
