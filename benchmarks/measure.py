@@ -9,7 +9,7 @@ from collections.abc import Callable
 import torch
 from tqdm import tqdm
 
-from csp_kernels.profiling import PeakMemory, SavedTensorsMeter, TrafficCounter, peak_cuda_memory
+from csp_kernels.profiling import PeakMemory, SavedTensorsMeter, TrafficCounter, peak_cpu_memory, peak_cuda_memory
 
 from .baselines import Variant
 
@@ -75,9 +75,11 @@ def traffic(step: Callable[[], object]) -> TrafficCounter:
 
 
 def peak_memory(step: Callable[[], object], device: torch.device) -> PeakMemory:
-    """Peak CUDA memory of one step after one unmeasured step; bytes None off CUDA."""
+    """Peak memory of one step after one unmeasured step: CUDA memory allocated on a GPU, the
+    process's resident set on a CPU."""
     step()
-    with peak_cuda_memory(device if device.type == "cuda" else None) as peak:
+    meter = peak_cuda_memory(device) if device.type == "cuda" else peak_cpu_memory()
+    with meter as peak:
         step()
     return peak
 

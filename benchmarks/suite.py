@@ -132,11 +132,9 @@ def measure_workload(workload: Workload, settings: Settings, device: torch.devic
         for variant in tqdm(variants, desc=f"{workload.label} memory", leave=False):
             row = rows[variant.name]
             row["saved_bytes"], row["saved_bytes_with_params"] = measure.saved_bytes(variant, args)
-            if device.type == "cuda":
-                for mode in ("train", "eval"):
-                    peak = measure.peak_memory(
-                        measure.step_function(variant, args, grads, mode == "train"), device)
-                    row[f"peak_{mode}_bytes"] = peak.increase
+            for mode in ("train", "eval"):
+                peak = measure.peak_memory(measure.step_function(variant, args, grads, mode == "train"), device)
+                row[f"peak_{mode}_bytes"] = peak.increase
     if settings.wants("traffic"):
         for variant in tqdm(variants, desc=f"{workload.label} traffic", leave=False):
             if variant.name.startswith("compile"):

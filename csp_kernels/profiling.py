@@ -4,6 +4,7 @@
   below autograd, backward ops included when backward runs inside it).
 - `SavedTensorsMeter`: bytes autograd keeps for backward (saved_tensors_hooks), each storage once.
 - `peak_cuda_memory`: `torch.cuda.max_memory_allocated` over a block.
+- `peak_cpu_memory`: the process's peak resident memory over a block (Linux).
 - `cio_dense_block`, `cio_partial_dense_block`, `cio_bytes`: the paper's CIO (arXiv 1911.11929).
 
 Bytes are logical: a tensor argument or result of `numel` elements costs `numel * element_size`,
@@ -13,7 +14,10 @@ storage.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import dataclasses
+import re
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -245,10 +249,11 @@ class SavedTensorsMeter:
 
 @dataclasses.dataclass
 class PeakMemory:
-    """What `peak_cuda_memory` measured; both None without CUDA.
+    """What `peak_cuda_memory` or `peak_cpu_memory` measured; both None where it cannot.
 
-    bytes: `torch.cuda.max_memory_allocated` over the block; increase: that peak minus the
-    memory allocated when the block began (what the block itself needed at its worst).
+    bytes: the peak over the block (CUDA: `torch.cuda.max_memory_allocated`; CPU: the process's
+    resident set); increase: that peak minus the memory in use when the block began (what the
+    block itself needed at its worst).
     """
     bytes: int | None = None
     increase: int | None = None
@@ -270,6 +275,42 @@ def peak_cuda_memory(device: torch.device | str | int | None = None) -> Iterator
         torch.cuda.synchronize(device)
         record.bytes = torch.cuda.max_memory_allocated(device)
         record.increase = record.bytes - start
+
+
+def _status_bytes(field: str) -> int:
+    """A memory field of /proc/self/status ("VmRSS", "VmHWM") in bytes."""
+    with open("/proc/self/status") as f:
+        return int(re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.MULTILINE).group(1)) * 1024
+
+
+def _release_free_heap() -> None:
+    """glibc's malloc_trim(0): hands freed heap memory back to the OS, so that the block's own
+    allocations raise the resident set instead of reusing what earlier work left cached."""
+    libc_name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(libc_name) if libc_name else None
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
+
+@contextlib.contextmanager
+def peak_cpu_memory() -> Iterator[PeakMemory]:
+    """`with peak_cpu_memory() as peak:` fills `peak.bytes` (the process's peak resident set
+    over the block, VmHWM after resetting it through /proc/self/clear_refs) and `peak.increase`
+    (that minus the resident set at entry, after freed heap memory went back to the OS). Linux
+    only; None elsewhere. The CPU allocator of PyTorch does not cache, so a step's activations,
+    temporaries and gradients are what raises it."""
+    record = PeakMemory()
+    try:
+        _release_free_heap()
+        start = _status_bytes("VmRSS")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets the peak resident set (VmHWM) to the current one
+    except (OSError, AttributeError):
+        yield record
+        return
+    yield record
+    record.bytes = _status_bytes("VmHWM")
+    record.increase = record.bytes - start
 
 
 def cio_dense_block(c: int, m: int, d: int) -> float:

@@ -6,7 +6,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 
 from csp_kernels.profiling import (PeakMemory, SavedTensorsMeter, TrafficCounter, cio_bytes,
                                    cio_dense_block, cio_partial_dense_block, format_bytes,
-                                   peak_cuda_memory)
+                                   peak_cpu_memory, peak_cuda_memory)
 
 SHAPE = (2, 3, 4, 5)  # 120 elements: 480 bytes in float32
 NBYTES = 480
@@ -238,6 +238,21 @@ def test_peak_cuda_memory_sees_a_temporary_allocation():
         del temporary
     assert peak.increase >= 1 << 20
     assert peak.bytes >= peak.increase
+
+
+def test_peak_cpu_memory_sees_a_temporary_allocation():
+    # The 32 MiB temporary inside the block is what it must report, within allocator noise,
+    # and a 64 MiB tensor freed before it must not count.
+    before = torch.ones(64 << 18)
+    del before
+    with peak_cpu_memory() as peak:
+        temporary = torch.ones(32 << 18)  # 32 MiB of float32, written so that it is resident
+        del temporary
+    assert 30 << 20 <= peak.increase <= 40 << 20, peak
+    assert peak.bytes >= peak.increase
+    with peak_cpu_memory() as idle:
+        pass
+    assert idle.increase < 4 << 20, idle
 
 
 def test_cio_formulas_on_small_numbers():
