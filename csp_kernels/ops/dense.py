@@ -374,8 +374,11 @@ def _backward(ctx, grad_out, *_grads_of_saved_outputs):
         scale_shift_act(z_first, *bn_scale_shift(first_mean, first_var, *first_bn, eps), act, out=cat[:, part1:])
         grad_cat = transition_backward(grad_out, z_last, last_mean, last_var, cat, 1)
         del cat
-        grad_part1 = grad_cat[:, :part1]
+        # A copy of part 1's gradient, so that grad_cat (part1 + t channels) is freed before the
+        # dense layers' backward, the step's peak (pdb-cpu: -30.6 MiB).
+        grad_part1 = grad_cat[:, :part1].clone()
         grad_dense = transition_backward(grad_cat[:, part1:], z_first, first_mean, first_var, dense, 0)
+        del grad_cat
 
     dense_grads = _dense_backward(grad_dense, buf, dense_params, g, eps, dense_mean, dense_var,
                                   bottleneck_mean, bottleneck_var, ctx.engine)
