@@ -74,14 +74,21 @@ def traffic(step: Callable[[], object]) -> TrafficCounter:
     return counter
 
 
-def peak_memory(step: Callable[[], object], device: torch.device) -> PeakMemory:
+def peak_memory(step: Callable[[], object], device: torch.device, cpu_repeats: int = 3) -> PeakMemory:
     """Peak memory of one step after one unmeasured step: CUDA memory allocated on a GPU, the
-    process's resident set on a CPU."""
+    process's resident set on a CPU. The resident set can only miss memory (freed heap that the
+    allocator kept and the step reused), so on a CPU the largest of `cpu_repeats` steps counts."""
     step()
-    meter = peak_cuda_memory(device) if device.type == "cuda" else peak_cpu_memory()
-    with meter as peak:
-        step()
-    return peak
+    if device.type == "cuda":
+        with peak_cuda_memory(device) as peak:
+            step()
+        return peak
+    peaks = []
+    for _ in range(cpu_repeats):
+        with peak_cpu_memory() as peak:
+            step()
+        peaks.append(peak)
+    return max(peaks, key=lambda p: -1 if p.increase is None else p.increase)
 
 
 def _sample(step: Callable[[], object], repeats: int, device: torch.device) -> float:
