@@ -1,5 +1,7 @@
 """The implementations measured side by side: eager reference, checkpointed reference,
-torch.compile(reference) and the fused csp_kernels modules, all with the same weights."""
+torch.compile(reference) and the fused csp_kernels modules (on a GPU also pinned to the "cuda"
+backend: CUDA kernels around cuBLAS/cuDNN instead of the Triton GEMMs), all with the same
+weights."""
 from __future__ import annotations
 
 import copy
@@ -14,7 +16,7 @@ from csp_kernels import reference
 
 from .configs import Workload
 
-VARIANTS = ("eager", "checkpoint", "compile", "compile-max-autotune", "fused")
+VARIANTS = ("eager", "checkpoint", "compile", "compile-max-autotune", "fused", "fused-cuda")
 
 
 @dataclasses.dataclass
@@ -47,6 +49,19 @@ class CheckpointedDenseBlock(nn.Module):
         return torch.cat(features, 1)
 
 
+class PinnedBackend(nn.Module):
+    """`module` run with csp_kernels backend `backend` (its backward follows: the fused ops
+    carry their engine from the forward)."""
+
+    def __init__(self, module: nn.Module, backend: str):
+        super().__init__()
+        self.module, self.backend = module, backend
+
+    def forward(self, *args):
+        with csp_kernels.use_backend(self.backend):
+            return self.module(*args)
+
+
 def _bottleneck(layer: reference.DenseLayer, *features: torch.Tensor) -> torch.Tensor:
     return layer.conv1(layer.relu1(layer.norm1(torch.cat(features, 1))))
 
@@ -58,7 +73,8 @@ def make_reference(workload: Workload, device: torch.device, seed: int = 0) -> n
 
 
 def available_variants(workload: Workload, device: torch.device) -> list[str]:
-    """The variants that apply: checkpoint only to dense blocks, max-autotune only on GPU."""
+    """The variants that apply: checkpoint only to dense blocks, max-autotune and the fused
+    module's "cuda" backend (against the default, Triton) only on GPU."""
     names = ["eager"]
     if workload.family.name == "pdb":
         names.append("checkpoint")
@@ -66,6 +82,8 @@ def available_variants(workload: Workload, device: torch.device) -> list[str]:
     if device.type == "cuda":
         names.append("compile-max-autotune")
     names.append("fused")
+    if device.type == "cuda":
+        names.append("fused-cuda")
     return names
 
 
@@ -82,11 +100,11 @@ def build_variant(name: str, ref: nn.Module, workload: Workload, device: torch.d
         module = copy.deepcopy(ref)
         mode = "max-autotune" if name == "compile-max-autotune" else None
         return Variant(name, torch.compile(module, mode=mode), module)
-    if name == "fused":
+    if name in ("fused", "fused-cuda"):
         cls = getattr(csp_kernels, workload.family.class_name, None)
         if cls is None:
             raise LookupError(f"csp_kernels has no {workload.family.class_name} yet")
         module = cls(**workload.kwargs).to(device=device, dtype=workload.dtype)
         module.load_state_dict(ref.state_dict())
-        return Variant(name, module, module)
+        return Variant(name, PinnedBackend(module, "cuda") if name == "fused-cuda" else module, module)
     raise ValueError(f"variant must be one of {VARIANTS}; got {name!r}")

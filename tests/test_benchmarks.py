@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+import csp_kernels
 from benchmarks import baselines, cli, configs, measure, report, roofline, suite, targets
 
 SHAPE = (2, 3, 4, 5)
@@ -178,3 +179,16 @@ def test_merge_records_concatenates_runs():
     assert merged["rows"] == [1, 4] and merged["targets"] == [3, 3]
     assert merged["settings"] == [{"configs": ["a"]}, {"configs": ["b"]}]
     assert merged["elapsed_s"] == 3.0 and merged["machine"] == {"gpu_name": "X"}
+
+
+def test_pinned_backend_variant_runs_its_module_on_that_backend():
+    ref = csp_kernels.reference.ConvBNAct(4, 6, 3)
+    fused = csp_kernels.ConvBNAct(4, 6, 3)
+    fused.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 4, 5, 5)
+    with csp_kernels.use_backend("cpu"):
+        pinned = baselines.PinnedBackend(fused, "reference")(x)
+        assert csp_kernels.backend.requested_backend() == "cpu"
+    assert torch.equal(pinned, ref(x))  # the reference's own ops, bit for bit
+    workload = configs.workloads("trans-cpu", quick=True)[0]
+    assert "fused-cuda" not in baselines.available_variants(workload, torch.device("cpu"))
