@@ -20,7 +20,7 @@ Training (`partial_dense_block`, a torch.library custom op with registered autog
             Why (pdb-cpu, 8x128x56x56 float32): `buf` and the last transition's output are
             61 MiB, 0.13x eager's 478 MiB, and grow linearly in num_layers (+6.1 MiB per layer,
             one growth slice of `buf`). The first transition of "csp" costs 24.5 MiB more (0.18x)
-            and spares the backward its GEMM, 3.3 of the step's 84 GFLOP; conv1's outputs would
+            and spares the backward its GEMM (84.1 -> 80.8 GFLOP per step); conv1's outputs would
             cost 12.25 MiB per layer (0.28x in all, over the 0.20 target) for 0.9 GFLOP each.
   backward  layers in reverse, one accumulator G shaped like the BN1-read part of the buffer:
             each layer adds weight1 * dpre to G[:, :c_j] (`dense_conv1_backward`: on
