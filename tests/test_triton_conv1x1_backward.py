@@ -67,11 +67,17 @@ def test_weight_grad_with_prologue(device, dtype, kind, act):
 
 
 @pytest.mark.parametrize("device", TRITON_DEVICES)
-def test_weight_grad_without_prologue_is_the_plain_gemm(device):
+def test_weight_grad_without_prologue_or_with_parts_of_it(device):
     x = torch.randn(3, 5, 4, 6, dtype=torch.float64, device=device)
     grad_z = torch.randn(3, 7, 4, 6, dtype=torch.float64, device=device)
     expected = torch.einsum("nohw,nihw->oi", grad_z, x)[:, :, None, None]
     assert rel_error(weight_grad(grad_z, x), expected) <= 1e-12
+    # a scale alone (shift 0) and a shift alone (scale 1)
+    scale, shift = torch.rand(5, dtype=torch.float64, device=device), torch.randn(5, dtype=torch.float64, device=device)
+    scaled = torch.einsum("nohw,nihw->oi", grad_z, x * scale[:, None, None])[:, :, None, None]
+    shifted = torch.einsum("nohw,nihw->oi", grad_z, x + shift[:, None, None])[:, :, None, None]
+    assert rel_error(weight_grad(grad_z, x, in_scale=scale), scaled) <= 1e-12
+    assert rel_error(weight_grad(grad_z, x, in_shift=shift), shifted) <= 1e-12
 
 
 @pytest.mark.parametrize("device", TRITON_DEVICES)

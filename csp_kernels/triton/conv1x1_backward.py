@@ -133,7 +133,7 @@ def _device_guard(t: torch.Tensor):
 def weight_grad(grad_z: torch.Tensor, x: torch.Tensor, *, in_scale: torch.Tensor | None = None,
                 in_shift: torch.Tensor | None = None, in_act: str = "identity") -> torch.Tensor:
     """grad_z: (batch, out, height, width); x: (batch, in, height, width), any strides (channel
-    slices of a buffer); in_scale, in_shift: (in,) or both None -> (out, in, 1, 1), the weight
+    slices of a buffer); in_scale, in_shift: (in,) or None (1 and 0) -> (out, in, 1, 1), the weight
     gradient of conv1x1(in_act(x * in_scale + in_shift)), in the accumulator's dtype (float32,
     float64 for float64 data)."""
     batch, in_channels, height, width = x.shape
@@ -152,10 +152,11 @@ def weight_grad(grad_z: torch.Tensor, x: torch.Tensor, *, in_scale: torch.Tensor
     wanted = 2 * torch.cuda.get_device_properties(x.device).multi_processor_count // grid_oi if x.is_cuda else 1
     splits = max(1, min(blocks, wanted))
     partial = torch.zeros(splits, out_channels, in_channels, dtype=_stat_dtype(x.dtype), device=x.device)
-    has_affine = in_scale is not None
+    has_affine = in_scale is not None or in_shift is not None
     if blocks > 0 and out_channels > 0 and in_channels > 0:
-        scale = in_scale.to(partial.dtype).contiguous() if has_affine else partial
-        shift = in_shift.to(partial.dtype).contiguous() if has_affine else partial
+        ones, zeros = partial.new_ones(in_channels), partial.new_zeros(in_channels)
+        scale = (ones if in_scale is None else in_scale.to(partial.dtype)).contiguous() if has_affine else partial
+        shift = (zeros if in_shift is None else in_shift.to(partial.dtype)).contiguous() if has_affine else partial
         grid = (triton.cdiv(out_channels, block_o), triton.cdiv(in_channels, block_i), splits)
         with _device_guard(x):
             _weight_grad_kernel[grid](
