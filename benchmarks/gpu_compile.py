@@ -120,6 +120,8 @@ def _specialize(kernel, args: dict, constants: dict) -> ASTSource:
             signature[name] = "i32"
             if value % 16 == 0:
                 attrs[(kernel.arg_names.index(name),)] = [["tt.divisibility", 16]]
+    # Keys as (argument index,) tuples: what every Triton 3.x ASTSource accepts.
+    constexprs = {(kernel.arg_names.index(name),): value for name, value in constexprs.items()}
     return ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
 
 
