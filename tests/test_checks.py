@@ -47,7 +47,8 @@ def test_check_positive_int():
 
 @pytest.mark.parametrize(
     "in_channels, part_ratio, parts",
-    [(8, 0.25, (2, 6)), (8, 0.5, (4, 4)), (8, 0.75, (6, 2)), (10, 0.3, (3, 7)), (7, 0.5, (4, 3)), (5, 0.5, (2, 3)), (8, np.float64(0.25), (2, 6)), (2, 0.5, (1, 1))],
+    [(8, 0.25, (2, 6)), (8, 0.5, (4, 4)), (8, 0.75, (6, 2)), (10, 0.3, (3, 7)), (7, 0.5, (4, 3)),
+     (5, 0.5, (2, 3)), (8, np.float64(0.25), (2, 6)), (2, 0.5, (1, 1))],
 )
 def test_partial_split(in_channels, part_ratio, parts):
     assert checks.partial_split(in_channels, part_ratio) == parts
@@ -83,7 +84,8 @@ def test_check_input():
         checks.check_input(torch.randn(3, 4, 5))
     with pytest.raises(ValueError, match=r"x must have 4 channels \(dim 1\); got shape \(2, 3, 4, 5\)"):
         checks.check_input(x, channels=4)
-    with pytest.raises(TypeError, match=r"x must have dtype in \(float16, bfloat16, float32, float64\); got torch.int32"):
+    with pytest.raises(TypeError,
+                       match=r"x must have dtype in \(float16, bfloat16, float32, float64\); got torch.int32"):
         checks.check_input(x.int())
     with pytest.raises(TypeError, match=r"x must have dtype in \(float32\); got torch.float64"):
         checks.check_input(x.double(), dtypes=(torch.float32,))

@@ -227,4 +227,5 @@ def test_cpu_op_opcheck():
                           (torch.randn(2, 6, 3, 5), torch.randn(2, 6, 3, 5), *stats, "silu", x, weight, True, True))
     torch.library.opcheck(torch.ops.csp_kernels.dense_conv1_backward.default,
                           (torch.randn(2, 6, 3, 5), torch.randn(2, 6, 3, 5), *stats, x, torch.randn(4),
-                           torch.rand(4) + 0.5, torch.randn(4), torch.randn(4), "relu", weight, torch.zeros(2, 4, 3, 5)))
+                           torch.rand(4) + 0.5, torch.randn(4), torch.randn(4), "relu", weight,
+                           torch.zeros(2, 4, 3, 5)))

@@ -160,7 +160,8 @@ def test_state_dict_keys():
     conv_keys = ["conv.weight", "bn.weight", "bn.bias", "bn.running_mean", "bn.running_var", "bn.num_batches_tracked"]
     assert list(reference.ConvBNAct(3, 4).state_dict()) == conv_keys
     assert list(reference.DenseLayer(4, 2, 3).state_dict()) == list(_DenseLayer(4, 2, 3, 0.0).state_dict())
-    for fusion, transitions in [("last", ["transition"]), ("first", ["transition"]), ("csp", ["transition1", "transition2"])]:
+    for fusion, transitions in [("last", ["transition"]), ("first", ["transition"]),
+                                ("csp", ["transition1", "transition2"])]:
         keys = list(reference.PartialDenseBlock(8, 2, 4, fusion=fusion).state_dict())
         expected = [f"dense.{k}" for k in _DenseBlock(2, 4, 4, 4, 0.0).state_dict()]
         expected += [f"{t}.{k}" for t in transitions for k in conv_keys]
@@ -437,7 +438,8 @@ def test_modules_reject_bad_input(make_module):
         module(torch.randn(6, 4, 4))
     with pytest.raises(ValueError, match=r"x must have 6 channels \(dim 1\); got shape \(1, 5, 4, 4\)"):
         module(torch.randn(1, 5, 4, 4))
-    with pytest.raises(TypeError, match=r"x must have dtype in \(float16, bfloat16, float32, float64\); got torch.int64"):
+    with pytest.raises(TypeError,
+                       match=r"x must have dtype in \(float16, bfloat16, float32, float64\); got torch.int64"):
         module(torch.ones(1, 6, 4, 4, dtype=torch.int64))
     with pytest.raises(TypeError, match=r"x must be a torch.Tensor; got list"):
         module([[1.0]])
@@ -479,7 +481,8 @@ def test_maxout_rejects_bad_input():
         (lambda: [torch.randn(1, 2, 4, 4), torch.ones(1, 2, 2, 2, dtype=torch.int64)], (4, 4), TypeError,
          r"features\[1\] must have dtype in"),
         (lambda: [], (4, 4), ValueError, r"features must be a non-empty list of tensors; got 0 of them"),
-        (lambda: torch.randn(1, 2, 4, 4), (4, 4), TypeError, r"features must be a non-empty list of tensors; got Tensor"),
+        (lambda: torch.randn(1, 2, 4, 4), (4, 4), TypeError,
+         r"features must be a non-empty list of tensors; got Tensor"),
         (lambda: [torch.randn(1, 2, 4, 4)], (4, 4, 4), ValueError, r"size must be an int or a \(height, width\) pair"),
         (lambda: [torch.randn(1, 2, 4, 4)], (4, 0), ValueError, r"size\[1\] must be a positive int; got 0"),
         (lambda: [torch.randn(1, 2, 4, 4)], 2.5, TypeError, r"size must be a positive int; got float"),
@@ -491,7 +494,8 @@ def test_maxout_pyramid_rejects_bad_input(features, size, error, match):
 
 
 def test_exact_fusion_rejects_bad_arguments():
-    with pytest.raises(ValueError, match=r"in_channels of level 1 and its neighbours, 2 \+ 4 \+ 3 = 9, must be divisible by out_channels; got 2"):
+    with pytest.raises(ValueError, match=r"in_channels of level 1 and its neighbours, 2 \+ 4 \+ 3 = 9, "
+                                         r"must be divisible by out_channels; got 2"):
         reference.ExactFusion([2, 4, 3, 5], 2)
     with pytest.raises(ValueError, match=r"in_channels must be a non-empty list of ints; got \[\]"):
         reference.ExactFusion([], 2)
