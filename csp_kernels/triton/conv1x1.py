@@ -123,6 +123,16 @@ def launch_config(out_channels: int, in_channels: int, dtype: torch.dtype, input
     return block_o, 128, 64 // dtype.itemsize, 8 if block_o == 128 else 4, 3
 
 
+def stat_dtype_of(dtype: torch.dtype) -> torch.dtype:
+    """The accumulators' and statistics' dtype for data of `dtype`."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def device_guard(t: torch.Tensor):
+    """Launches on t's GPU (Triton launches on the current device), nothing on the CPU."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def input_precision_of(dtype: torch.dtype) -> str:
     """tl.dot's input_precision: float32 follows torch's switch for convolutions (a drop-in
     makes cuDNN's choice); float64 is exact; 16-bit types take Triton's default, which does
@@ -174,7 +184,7 @@ def conv1x1(x: torch.Tensor, weight: torch.Tensor, *, in_scale: torch.Tensor | N
     elif out.shape != out_shape or out.dtype != x.dtype or out.device != x.device:
         raise ValueError(f"out must be a {x.dtype} tensor of shape {out_shape} on {x.device}; got "
                          f"{out.dtype} {tuple(out.shape)} on {out.device}")
-    stat_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    stat_dtype = stat_dtype_of(x.dtype)
     plane = height * width
     input_precision = input_precision_of(x.dtype)
     block_o, block_p, block_k, num_warps, num_stages = launch_config(out_channels, in_channels, x.dtype,
@@ -192,7 +202,7 @@ def conv1x1(x: torch.Tensor, weight: torch.Tensor, *, in_scale: torch.Tensor | N
 
     if batch * plane > 0:
         grid = (blocks, triton.cdiv(out_channels, block_o), batch)
-        with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+        with device_guard(x):
             _conv1x1_kernel[grid](
                 x, weight, out, vector(bias), vector(in_scale), vector(in_shift), moments,
                 plane, width, in_channels, out_channels,

@@ -17,14 +17,13 @@ and merged on the host in float64 (deterministic, no atomics).
 """
 from __future__ import annotations
 
-import contextlib
 
 import torch
 import triton
 import triton.language as tl
 
 from .activation import act_code, act_derivative, act_forward
-from .conv1x1 import input_precision_of, launch_config, pixel_offsets, planes_contiguous
+from .conv1x1 import device_guard, input_precision_of, launch_config, pixel_offsets, planes_contiguous, stat_dtype_of
 
 
 @triton.jit
@@ -122,14 +121,6 @@ def _dgrad_bn_accumulate_kernel(
              mask=mask_i)
 
 
-def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _device_guard(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def weight_grad(grad_z: torch.Tensor, x: torch.Tensor, *, in_scale: torch.Tensor | None = None,
                 in_shift: torch.Tensor | None = None, in_act: str = "identity") -> torch.Tensor:
     """grad_z: (batch, out, height, width); x: (batch, in, height, width), any strides (channel
@@ -151,14 +142,15 @@ def weight_grad(grad_z: torch.Tensor, x: torch.Tensor, *, in_scale: torch.Tensor
     blocks = batch * triton.cdiv(plane, block_p)
     wanted = 2 * torch.cuda.get_device_properties(x.device).multi_processor_count // grid_oi if x.is_cuda else 1
     splits = max(1, min(blocks, wanted))
-    partial = torch.zeros(splits, out_channels, in_channels, dtype=_stat_dtype(x.dtype), device=x.device)
+    partial = torch.zeros(splits, out_channels, in_channels, dtype=stat_dtype_of(x.dtype), device=x.device)
     has_affine = in_scale is not None or in_shift is not None
     if blocks > 0 and out_channels > 0 and in_channels > 0:
-        ones, zeros = partial.new_ones(in_channels), partial.new_zeros(in_channels)
-        scale = (ones if in_scale is None else in_scale.to(partial.dtype)).contiguous() if has_affine else partial
-        shift = (zeros if in_shift is None else in_shift.to(partial.dtype)).contiguous() if has_affine else partial
+        scale = shift = partial  # dummy pointers without a prologue
+        if has_affine:
+            scale = (partial.new_ones(in_channels) if in_scale is None else in_scale.to(partial.dtype)).contiguous()
+            shift = (partial.new_zeros(in_channels) if in_shift is None else in_shift.to(partial.dtype)).contiguous()
         grid = (triton.cdiv(out_channels, block_o), triton.cdiv(in_channels, block_i), splits)
-        with _device_guard(x):
+        with device_guard(x):
             _weight_grad_kernel[grid](
                 grad_z, x, scale, shift, partial, batch, plane, width, out_channels, in_channels,
                 *grad_z.stride(), *x.stride(),
@@ -178,7 +170,7 @@ def dgrad_bn_accumulate(grad_z: torch.Tensor, weight: torch.Tensor, x: torch.Ten
     batch, in_channels, height, width = x.shape
     out_channels = grad_z.shape[1]
     plane = height * width
-    stat_dtype = _stat_dtype(x.dtype)
+    stat_dtype = stat_dtype_of(x.dtype)
     precision = input_precision_of(x.dtype)
     block_i, block_p, block_o, num_warps, num_stages = launch_config(in_channels, out_channels, x.dtype, precision,
                                                                      x.is_cuda)
@@ -188,7 +180,7 @@ def dgrad_bn_accumulate(grad_z: torch.Tensor, weight: torch.Tensor, x: torch.Ten
         w = weight.flatten(1)
         vectors = [v.to(stat_dtype).contiguous() for v in (mean, invstd, bn_weight, bn_bias)]
         grid = (blocks, triton.cdiv(in_channels, block_i), batch)
-        with _device_guard(x):
+        with device_guard(x):
             _dgrad_bn_accumulate_kernel[grid](
                 grad_z, w, x, grad_acc, *vectors, sums, plane, width, out_channels, in_channels,
                 *grad_z.stride(), *w.stride(), *x.stride(), *grad_acc.stride(),
