@@ -17,7 +17,6 @@ and merged on the host in float64 (deterministic, no atomics).
 """
 from __future__ import annotations
 
-
 import torch
 import triton
 import triton.language as tl
