@@ -1,6 +1,7 @@
 """The GPU code as compiled, inspected on any machine (no GPU needed): registers, spilled bytes
 and shared memory of every Triton launch configuration the wrappers pick (compiled ahead of
-time for sm_80 and sm_90) and of every kernel in the built CUDA extension.
+time for sm_80 and sm_90, with the 16-byte global accesses of its PTX) and of every kernel in
+the built CUDA extension.
 
     python -m benchmarks.gpu_compile [--json]
 
@@ -40,7 +41,7 @@ PRECISIONS = ((torch.float32, "tf32"), (torch.float32, "ieee"), (torch.bfloat16,
 @dataclasses.dataclass(frozen=True)
 class Compiled:
     kernel: str         # "conv1x1", "wgrad", "dgrad" (Triton), or "cuda" for the extension's kernels
-    variant: str        # the launch configuration, or the CUDA kernel's mangled name
+    variant: str        # the launch configuration, or the CUDA kernel's name
     capability: int
     registers: int
     spill_bytes: int    # per thread: stack frame plus local memory, 0 when nothing spills
