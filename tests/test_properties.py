@@ -40,19 +40,18 @@ def layout(x: torch.Tensor, kind: str) -> torch.Tensor:
 
 
 def compare(ref: torch.nn.Module, fused: torch.nn.Module, x: torch.Tensor, training: bool, seed: int,
-            backend_name: str) -> None:
+            backend_name: str, call_fused=None) -> None:
+    """call_fused(module, x): how the fused module is called (default: module(x))."""
     ref.train(training)
     fused.train(training)
     grad_y = None
     results = []
     for module in (ref, fused):
         xi = x.detach().clone().requires_grad_()
+        call = call_fused if module is fused and call_fused is not None else (lambda m, t: m(t))
         with csp_kernels.use_backend("reference" if module is ref else backend_name):
-            if training:
-                y = module(xi)
-            else:
-                with torch.no_grad():
-                    y = module(xi)
+            with torch.set_grad_enabled(training):
+                y = call(module, xi)
         if grad_y is None:
             grad_y = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed), dtype=y.dtype)
         grads = []
@@ -85,7 +84,21 @@ def conv_bn_act_cases(draw):
     height, width = draw(st.integers(1, 7)), draw(st.integers(1, 7))
     return dict(cin=cin, cout=cout, kernel=kernel, stride=stride, groups=groups, shape=(batch, cin, height, width),
                 act=draw(st.sampled_from(checks.ACTIVATIONS)), training=training,
-                layout=draw(st.sampled_from(["nchw", "channels_last", "slice"])), seed=draw(st.integers(0, 2 ** 16)))
+                layout=draw(st.sampled_from(["nchw", "channels_last", "slice"])), into_slice=draw(st.booleans()),
+                seed=draw(st.integers(0, 2 ** 16)))
+
+
+def into_buffer_slice(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """module(x, out=...) into channels [2, 2 + out_channels) of a wider NCHW buffer whose other
+    channels must stay untouched."""
+    n, _, h, w = x.shape
+    stride = module.conv.stride[0]
+    buf = torch.full((n, module.conv.out_channels + 3, (h - 1) // stride + 1, (w - 1) // stride + 1), 7.0,
+                     dtype=x.dtype)
+    y = module(x, out=buf[:, 2: 2 + module.conv.out_channels])
+    assert y.data_ptr() == buf[:, 2:].data_ptr()
+    assert torch.all(buf[:, :2] == 7.0) and torch.all(buf[:, 2 + module.conv.out_channels:] == 7.0)
+    return y
 
 
 @pytest.mark.parametrize("backend_name", fused_backends("cpu"))
@@ -97,7 +110,8 @@ def test_conv_bn_act_matches_reference(backend_name, case):
     fused = csp_kernels.ConvBNAct(*args).double()
     fused.load_state_dict(ref.state_dict())
     x = torch.randn(case["shape"], generator=torch.Generator().manual_seed(case["seed"]), dtype=torch.float64)
-    compare(ref, fused, layout(x, case["layout"]), case["training"], case["seed"], backend_name)
+    compare(ref, fused, layout(x, case["layout"]), case["training"], case["seed"], backend_name,
+            into_buffer_slice if case["into_slice"] else None)
 
 
 @st.composite
