@@ -115,16 +115,20 @@ class PartialDenseBlock(reference.PartialDenseBlock):
         return out
 
     def _eval_params(self) -> dense_eval.EvalParams:
+        if torch.compiler.is_compiling():
+            return self._fold()  # traced into the graph (torch.compile, torch.export), which folds it once
         tensors = [*self.parameters(), *self.buffers()]
         key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
         if self._eval_cache is None or self._eval_cache[0] != key:
-            dense_running = [(layer.norm1.running_mean, layer.norm1.running_var, layer.norm2.running_mean,
-                              layer.norm2.running_var) for layer in self._layers()]
-            transition_running = [(t.bn.running_mean, t.bn.running_var) for t in self._transitions()]
-            folded = dense_eval.fold_eval_params(self.dense_params(), dense_running, self.transition_params(),
-                                                transition_running, self._norms()[0].eps)
-            self._eval_cache = (key, folded)
+            self._eval_cache = (key, self._fold())
         return self._eval_cache[1]
+
+    def _fold(self) -> dense_eval.EvalParams:
+        dense_running = [(layer.norm1.running_mean, layer.norm1.running_var, layer.norm2.running_mean,
+                          layer.norm2.running_var) for layer in self._layers()]
+        transition_running = [(t.bn.running_mean, t.bn.running_var) for t in self._transitions()]
+        return dense_eval.fold_eval_params(self.dense_params(), dense_running, self.transition_params(),
+                                           transition_running, self._norms()[0].eps)
 
 
 def _track(bn: torch.nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
