@@ -41,6 +41,14 @@ class ReferenceFallbackWarning(UserWarning):
     csp_kernels.ReferenceFallbackWarning)` where that is intended."""
 
 
+def tracing_reason() -> str:
+    """Why a fused module must run the reference under torch.jit.trace, or "" when not tracing:
+    TorchScript cannot hold the fused ops' Python autograd, caches and prepacked weights."""
+    if torch.jit.is_tracing():
+        return "torch.jit.trace records plain PyTorch ops (torch.export keeps the fused kernels)"
+    return ""
+
+
 def warn_reference_fallback(module: torch.nn.Module, reason: str) -> None:
     """Warns that `module` runs the reference because of `reason` (Python shows each distinct
     message once per call site). Silent under torch.compile, whose trace it would break."""

@@ -1,5 +1,6 @@
-"""torch.export of every fused module, eval and train: the exported program runs and gives the
-module's own output (deployment goes through export; data-dependent caches must not break it)."""
+"""Deployment: torch.export of every fused module, eval and train, runs and gives the module's own
+output (data-dependent caches must not break it); torch.jit.trace records the reference ops and
+says so."""
 import pytest
 import torch
 
@@ -35,3 +36,14 @@ def test_export_runs_and_matches_the_module(name, training):
     assert len(got) == len(want)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["ConvBNAct", "PartialDenseBlock-csp"])
+def test_jit_trace_records_the_reference_and_says_so(name):
+    make_module, make_args = modules()[name]
+    module = make_module().eval()
+    args = make_args()
+    with torch.no_grad():
+        with pytest.warns(csp_kernels.ReferenceFallbackWarning, match="torch.jit.trace"):
+            traced = torch.jit.trace(module, args)
+        torch.testing.assert_close(traced(*args), module(*args), rtol=1e-5, atol=1e-5)
