@@ -38,6 +38,8 @@ def test_export_runs_and_matches_the_module(name, training):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit.trace is deprecated in favour of export
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # the input checks' Python bools
 @pytest.mark.parametrize("name", ["ConvBNAct", "PartialDenseBlock-csp"])
 def test_jit_trace_records_the_reference_and_says_so(name):
     make_module, make_args = modules()[name]
