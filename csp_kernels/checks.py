@@ -44,6 +44,9 @@ def check_grouping(grouping) -> str:
 
 def check_positive_int(value, name: str) -> int:
     """Return `value` as an int if it is an integer > 0 (bool is not accepted)."""
+    if (torch.jit.is_tracing() and isinstance(value, torch.Tensor) and value.dim() == 0
+            and not value.is_floating_point() and value.dtype != torch.bool):
+        value = int(value)  # torch.jit.trace hands sizes over as 0-dim tensors; the trace keeps them
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be a positive int; got {type(value).__name__} {value!r}")
     if value <= 0:
