@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import dataclasses
+import functools
 import re
 from collections.abc import Iterable, Iterator
 
@@ -283,13 +283,22 @@ def _status_bytes(field: str) -> int:
         return int(re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.MULTILINE).group(1)) * 1024
 
 
+@functools.cache
+def _malloc_trim():
+    """glibc's malloc_trim from the symbols already loaded in the process, or None where the C
+    library has none. Looked up once: ctypes.util.find_library runs external tools."""
+    try:
+        return getattr(ctypes.CDLL(None), "malloc_trim", None)
+    except (OSError, TypeError):
+        return None
+
+
 def _release_free_heap() -> None:
     """glibc's malloc_trim(0): hands freed heap memory back to the OS, so that the block's own
     allocations raise the resident set instead of reusing what earlier work left cached."""
-    libc_name = ctypes.util.find_library("c")
-    libc = ctypes.CDLL(libc_name) if libc_name else None
-    if libc is not None and hasattr(libc, "malloc_trim"):
-        libc.malloc_trim(0)
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 @contextlib.contextmanager

@@ -65,8 +65,8 @@ class PartialDenseBlock(reference.PartialDenseBlock):
         affine, tracking running statistics, all with one eps; no autocast; eval only under
         no_grad (the fused eval is inference-only)."""
         norms = self._norms()
-        if backend.tracing_reason():
-            return backend.tracing_reason()
+        if tracing := backend.tracing_reason():
+            return tracing
         if not all(bn.affine for bn in norms):
             return "a BatchNorm with affine=False"
         if not all(bn.track_running_stats and bn.running_mean is not None for bn in norms):

@@ -72,8 +72,8 @@ class ConvBNAct(reference.ConvBNAct):
     def _unfusable_reason(self) -> str:
         """What the fused kernels do not model here, or "" when they cover the module."""
         conv, bn = self.conv, self.bn
-        if backend.tracing_reason():
-            return backend.tracing_reason()
+        if tracing := backend.tracing_reason():
+            return tracing
         if conv.padding_mode != "zeros":
             return f"conv.padding_mode={conv.padding_mode!r} (the fused kernels pad with zeros)"
         if isinstance(conv.padding, str):
