@@ -16,7 +16,8 @@ def build_info() -> dict:
 
     Keys: "loaded" (bool), "import_error", "cpu" (bool), "cuda" (bool), "cuda_archs",
     "cuda_version" (toolkit it was compiled with), "torch_version" (torch it was compiled
-    against), "cuda_skipped_reason" (why CUDA sources were not compiled), and the runtime's
+    against), "cuda_skipped_reason" (why CUDA sources were not compiled), "cpu_sgemm" (the float32 GEMM of
+    the fused CPU 1x1 convs here: "avx512", ours, or "blas", torch's), and the runtime's
     "runtime_torch_version" / "runtime_cuda_available".
     """
     info = {
@@ -26,7 +27,7 @@ def build_info() -> dict:
         "runtime_cuda_available": torch.cuda.is_available(),
     }
     if _C is None:
-        info.update(cpu=False, cuda=False, cuda_archs="", cuda_version="", torch_version="",
+        info.update(cpu=False, cuda=False, cuda_archs="", cuda_version="", torch_version="", cpu_sgemm="",
                     cuda_skipped_reason="extension not loaded")
         return info
     info.update(_C.build_config())

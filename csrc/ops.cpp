@@ -4,6 +4,8 @@
 #include <torch/library.h>
 #include <torch/version.h>
 
+#include "cpu/sgemm_avx512.h"
+
 #ifndef CSP_KERNELS_CUDA_ARCHS
 #define CSP_KERNELS_CUDA_ARCHS ""
 #define CSP_KERNELS_CUDA_VERSION ""
@@ -69,6 +71,8 @@ pybind11::dict build_config() {
   info["cuda_version"] = CSP_KERNELS_CUDA_VERSION;
   info["cuda_archs"] = CSP_KERNELS_CUDA_ARCHS;
   info["cuda_skipped_reason"] = CSP_KERNELS_CUDA_SKIPPED_REASON;
+  // The float32 GEMM of the fused CPU 1x1 convolutions on this machine.
+  info["cpu_sgemm"] = csp_kernels::sgemm_avx512_supported() ? "avx512" : "blas";
   info["torch_version"] = std::to_string(TORCH_VERSION_MAJOR) + "." + std::to_string(TORCH_VERSION_MINOR) +
                           "." + std::to_string(TORCH_VERSION_PATCH);
   return info;

@@ -185,6 +185,27 @@ def test_conv_bn_act_backward(dtype, act, needs):
         assert rel_error(g, e) <= 10 * TOL[dtype], name
 
 
+@pytest.mark.parametrize("in_channels,out_channels,side", [(100, 130, 24), (300, 97, 7), (1, 1, 5)],
+                         ids=["wide_tile", "long_reduction", "single_channel"])
+def test_cpu_float32_gemm_block_edges(in_channels, out_channels, side):
+    """The CPU float32 tile GEMMs (`sgemm_avx512` where the CPU has AVX-512, else BLAS) across
+    their block edges: more output channels than a packed block of A (96) and not a multiple
+    of the micro-kernel's 6 rows, tiles wider than a packed block of B (512; 100 channels give
+    576-pixel tiles) and not a multiple of its 64 columns, reductions longer than a k-block
+    (256), in all three GEMM forms: forward, input gradient, weight gradient."""
+    x = torch.randn(2, in_channels, side, side)
+    weight = torch.randn(out_channels, in_channels, 1, 1) / in_channels ** 0.5
+    assert rel_error(conv1x1_fused(x, weight), expected(x, weight)) <= TOL[torch.float32]
+    z, grad_y = torch.randn(2, out_channels, side, side), torch.randn(2, out_channels, side, side)
+    mean, invstd = torch.randn(out_channels), torch.rand(out_channels) + 0.5
+    bn_w, bn_b = torch.randn(out_channels), torch.randn(out_channels)
+    grad_x, grad_weight, _, _ = conv1x1_bn_act_backward(grad_y, z, mean, invstd, bn_w, bn_b, "relu", x, weight)
+    grad_z, _, _ = bn_act_backward(grad_y.double(), z.double(), mean.double(), invstd.double(), bn_w.double(),
+                                   bn_b.double(), "relu")
+    assert rel_error(grad_x, conv1x1_input_grad(grad_z, weight.double())) <= 10 * TOL[torch.float32]
+    assert rel_error(grad_weight, conv1x1_weight_grad(grad_z, x.double())) <= 10 * TOL[torch.float32]
+
+
 def test_cpu_bfloat16_runs_as_passes():
     """The C++ op is float32/float64; other CPU dtypes take the unfused passes."""
     x = torch.randn(2, 4, 3, 3, dtype=torch.bfloat16)

@@ -1,0 +1,148 @@
+// The GEMM of sgemm_avx512.h: the classic packed design (Goto / BLIS). B is packed into
+// k-block x 64-column panels and A into k-block x 6-row panels, zero-padded at the edges, and a
+// 6 x 64 register-blocked micro-kernel (24 zmm accumulators, 4 loads of B and 6 broadcasts of
+// A per 24 FMAs) runs over them; only C's valid rows and columns are stored (masked).
+#include "sgemm_avx512.h"
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <vector>
+
+namespace csp_kernels {
+namespace {
+
+constexpr int kMR = 6;         // rows of C per micro-kernel call
+constexpr int kNR = 64;        // columns of C per micro-kernel call: 4 zmm
+constexpr int64_t kKC = 256;   // k-block: a B micro-panel of kKC x kNR floats is 64 KiB, in L2
+constexpr int64_t kMC = 96;    // rows of A packed at once: 96 KiB
+constexpr int64_t kNC = 512;   // columns of B packed at once: 512 KiB, in L2
+
+int64_t round_up(int64_t v, int64_t to) { return (v + to - 1) / to * to; }
+
+// Bp[panel][p][0..kNR) = B[p][j0 + panel * kNR + jj], zero past n.
+void pack_b(int64_t kc, int64_t nc, const float* b, int64_t b_row, int64_t b_col, float* bp) {
+  for (int64_t j0 = 0; j0 < nc; j0 += kNR) {
+    const int64_t width = std::min<int64_t>(kNR, nc - j0);
+    float* panel = bp + j0 * kc;
+    if (b_col == 1) {
+      for (int64_t p = 0; p < kc; ++p) {
+        const float* src = b + p * b_row + j0;
+        float* dst = panel + p * kNR;
+        std::copy(src, src + width, dst);
+        std::fill(dst + width, dst + kNR, 0.0f);
+      }
+    } else {
+      for (int64_t jj = 0; jj < width; ++jj) {
+        const float* src = b + (j0 + jj) * b_col;
+        for (int64_t p = 0; p < kc; ++p) panel[p * kNR + jj] = src[p * b_row];
+      }
+      for (int64_t p = 0; p < kc; ++p) std::fill(panel + p * kNR + width, panel + (p + 1) * kNR, 0.0f);
+    }
+  }
+}
+
+// Ap[panel][p][0..kMR) = A[i0 + panel * kMR + ii][p], zero past m.
+void pack_a(int64_t mc, int64_t kc, const float* a, int64_t a_row, int64_t a_col, float* ap) {
+  for (int64_t i0 = 0; i0 < mc; i0 += kMR) {
+    const int64_t rows = std::min<int64_t>(kMR, mc - i0);
+    float* panel = ap + i0 * kc;
+    for (int64_t p = 0; p < kc; ++p) {
+      for (int64_t ii = 0; ii < kMR; ++ii) panel[p * kMR + ii] = ii < rows ? a[(i0 + ii) * a_row + p * a_col] : 0.0f;
+    }
+  }
+}
+
+__attribute__((target("avx512f"))) inline __mmask16 column_mask(int64_t valid, int v) {
+  const int64_t left = valid - 16 * v;
+  return left >= 16 ? __mmask16(0xFFFF) : left <= 0 ? __mmask16(0) : __mmask16((1u << left) - 1);
+}
+
+// C (rows x cols, rows <= kMR, cols <= kNR) (+)= Ap panel (kc x kMR) @ Bp panel (kc x kNR).
+__attribute__((target("avx512f"))) void micro_kernel(int64_t kc, const float* ap, const float* bp, float* c,
+                                                     int64_t ldc, int64_t rows, int64_t cols, bool accumulate) {
+  __m512 acc[kMR][4];
+#pragma GCC unroll 6
+  for (int i = 0; i < kMR; ++i) {
+#pragma GCC unroll 4
+    for (int v = 0; v < 4; ++v) acc[i][v] = _mm512_setzero_ps();
+  }
+  for (int64_t p = 0; p < kc; ++p) {
+    const __m512 b0 = _mm512_load_ps(bp), b1 = _mm512_load_ps(bp + 16), b2 = _mm512_load_ps(bp + 32),
+                 b3 = _mm512_load_ps(bp + 48);
+#pragma GCC unroll 6
+    for (int i = 0; i < kMR; ++i) {
+      const __m512 a = _mm512_set1_ps(ap[i]);
+      acc[i][0] = _mm512_fmadd_ps(a, b0, acc[i][0]);
+      acc[i][1] = _mm512_fmadd_ps(a, b1, acc[i][1]);
+      acc[i][2] = _mm512_fmadd_ps(a, b2, acc[i][2]);
+      acc[i][3] = _mm512_fmadd_ps(a, b3, acc[i][3]);
+    }
+    ap += kMR;
+    bp += kNR;
+  }
+  const __mmask16 masks[4] = {column_mask(cols, 0), column_mask(cols, 1), column_mask(cols, 2), column_mask(cols, 3)};
+#pragma GCC unroll 6
+  for (int i = 0; i < kMR; ++i) {
+    if (i >= rows) break;
+    float* row = c + i * ldc;
+#pragma GCC unroll 4
+    for (int v = 0; v < 4; ++v) {
+      if (masks[v] == 0) break;
+      __m512 r = acc[i][v];
+      if (accumulate) r = _mm512_add_ps(r, _mm512_maskz_loadu_ps(masks[v], row + 16 * v));
+      _mm512_mask_storeu_ps(row + 16 * v, masks[v], r);
+    }
+  }
+}
+
+// Per-thread packing buffers, 64-byte aligned for the kernel's aligned loads of B.
+struct PackBuffers {
+  std::vector<float> a, b;
+  static float* aligned(std::vector<float>& v, int64_t size) {
+    if (static_cast<int64_t>(v.size()) < size + 16) v.resize(size + 16);
+    const auto address = reinterpret_cast<uintptr_t>(v.data());
+    return v.data() + ((64 - address % 64) % 64) / sizeof(float);
+  }
+};
+
+}  // namespace
+
+bool sgemm_avx512_supported() {
+  static const bool supported = __builtin_cpu_supports("avx512f");
+  return supported;
+}
+
+void sgemm_avx512(int64_t m, int64_t n, int64_t k, const float* a, int64_t a_row, int64_t a_col, const float* b,
+                  int64_t b_row, int64_t b_col, float* c, int64_t ldc, bool accumulate) {
+  if (m <= 0 || n <= 0) return;
+  if (k <= 0) {
+    if (!accumulate) {
+      for (int64_t i = 0; i < m; ++i) std::fill(c + i * ldc, c + i * ldc + n, 0.0f);
+    }
+    return;
+  }
+  thread_local PackBuffers buffers;
+  float* bp = PackBuffers::aligned(buffers.b, kKC * round_up(std::min(n, kNC), kNR));
+  float* ap = PackBuffers::aligned(buffers.a, kKC * round_up(std::min(m, kMC), kMR));
+  for (int64_t j0 = 0; j0 < n; j0 += kNC) {
+    const int64_t nc = std::min(kNC, n - j0);
+    for (int64_t p0 = 0; p0 < k; p0 += kKC) {
+      const int64_t kc = std::min(kKC, k - p0);
+      const bool add = accumulate || p0 > 0;
+      pack_b(kc, nc, b + p0 * b_row + j0 * b_col, b_row, b_col, bp);
+      for (int64_t i0 = 0; i0 < m; i0 += kMC) {
+        const int64_t mc = std::min(kMC, m - i0);
+        pack_a(mc, kc, a + i0 * a_row + p0 * a_col, a_row, a_col, ap);
+        for (int64_t jr = 0; jr < nc; jr += kNR) {
+          for (int64_t ir = 0; ir < mc; ir += kMR) {
+            micro_kernel(kc, ap + ir * kc, bp + jr * kc, c + (i0 + ir) * ldc + j0 + jr, ldc,
+                         std::min<int64_t>(kMR, mc - ir), std::min<int64_t>(kNR, nc - jr), add);
+          }
+        }
+      }
+    }
+  }
+}
+
+}  // namespace csp_kernels
