@@ -40,7 +40,8 @@ int mkl_set_num_threads_local_(const int* nth) __attribute__((weak));
 namespace csp_kernels {
 namespace {
 
-// Input tile: channels x tile-width scratch values of at most this many bytes, so that it and
+// Input tile: channels x tile-width scratch values of at most this many bytes (tiles are at
+// least 64 pixels wide, the AVX-512 GEMM's panel width, for very wide inputs), so that it and
 // the output tile stay in a core's L2 cache between the prologue, the GEMM and the epilogue.
 constexpr int64_t kScratchBytes = 256 * 1024;
 
@@ -93,7 +94,7 @@ struct Tiling {
   Tiling(const PlaneLayout& X, int64_t element_size, int64_t scratch_bytes = kScratchBytes, int64_t max_width = 1024)
       : plane(X.plane) {
     const int64_t fit = scratch_bytes / (std::max<int64_t>(X.channels, 1) * element_size) / 16 * 16;
-    width = std::max<int64_t>(1, std::min(X.plane, std::clamp<int64_t>(fit, 16, max_width)));
+    width = std::max<int64_t>(1, std::min(X.plane, std::clamp<int64_t>(fit, 64, max_width)));
     per_sample = (X.plane + width - 1) / width;
     count = X.batch * per_sample;
   }
