@@ -20,12 +20,57 @@ constexpr int64_t kNC = 512;   // columns of B packed at once: 512 KiB, in L2
 
 int64_t round_up(int64_t v, int64_t to) { return (v + to - 1) / to * to; }
 
+// In-register transpose of 16 rows of 16 floats (unpack, then 128-bit lane shuffles).
+__attribute__((target("avx512f"))) inline void transpose16(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    r[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int h = 0; h < 16; h += 8) {
+    for (int i = 0; i < 4; ++i) {
+      t[h + i] = _mm512_shuffle_f32x4(r[h + i], r[h + i + 4], 0x88);
+      t[h + i + 4] = _mm512_shuffle_f32x4(r[h + i], r[h + i + 4], 0xdd);
+    }
+  }
+  for (int i = 0; i < 8; ++i) {
+    r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xdd);
+  }
+}
+
+// The panel of a B whose k runs contiguously (b_row == 1, e.g. x's planes in the weight
+// gradient): 16 x 16 blocks transposed in registers, zero past `width` columns.
+__attribute__((target("avx512f"))) void pack_b_transposed(int64_t kc, int64_t width, const float* b, int64_t b_col,
+                                                          float* panel) {
+  for (int64_t p = 0; p < kc; p += 16) {
+    const int64_t rows = std::min<int64_t>(16, kc - p);
+    const __mmask16 mask = rows == 16 ? __mmask16(0xFFFF) : __mmask16((1u << rows) - 1);
+    for (int64_t jj = 0; jj < kNR; jj += 16) {
+      __m512 r[16];
+      for (int64_t i = 0; i < 16; ++i) {
+        r[i] = jj + i < width ? _mm512_maskz_loadu_ps(mask, b + (jj + i) * b_col + p) : _mm512_setzero_ps();
+      }
+      transpose16(r);
+      for (int64_t i = 0; i < rows; ++i) _mm512_store_ps(panel + (p + i) * kNR + jj, r[i]);
+    }
+  }
+}
+
 // Bp[panel][p][0..kNR) = B[p][j0 + panel * kNR + jj], zero past n.
 void pack_b(int64_t kc, int64_t nc, const float* b, int64_t b_row, int64_t b_col, float* bp) {
   for (int64_t j0 = 0; j0 < nc; j0 += kNR) {
     const int64_t width = std::min<int64_t>(kNR, nc - j0);
     float* panel = bp + j0 * kc;
-    if (b_col == 1) {
+    if (b_row == 1 && b_col != 1) {
+      pack_b_transposed(kc, width, b + j0 * b_col, b_col, panel);
+    } else if (b_col == 1) {
       for (int64_t p = 0; p < kc; ++p) {
         const float* src = b + p * b_row + j0;
         float* dst = panel + p * kNR;
