@@ -4,9 +4,12 @@
 // A per 24 FMAs) runs over them; only C's valid rows and columns are stored (masked).
 #include "sgemm_avx512.h"
 
+#if defined(__x86_64__)
+
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <vector>
 
 namespace csp_kernels {
@@ -191,3 +194,20 @@ void sgemm_avx512(int64_t m, int64_t n, int64_t k, const float* a, int64_t a_row
 }
 
 }  // namespace csp_kernels
+
+#else  // not x86-64: torch's BLAS runs every GEMM
+
+#include <c10/util/Exception.h>
+
+namespace csp_kernels {
+
+bool sgemm_avx512_supported() { return false; }
+
+void sgemm_avx512(int64_t, int64_t, int64_t, const float*, int64_t, int64_t, const float*, int64_t, int64_t, float*,
+                  int64_t, bool) {
+  TORCH_CHECK(false, "sgemm_avx512 needs an x86-64 CPU with AVX-512");
+}
+
+}  // namespace csp_kernels
+
+#endif
