@@ -26,6 +26,8 @@ TORCH_LIBRARY(csp_kernels, m) {
   // out = act(conv1x1(in_act(x * in_scale + in_shift), weight) + bias), weight (O, C). With
   // stats, returns out's per-channel batch (mean, biased var), else two empty tensors. out may
   // overwrite x when sample n's output covers only sample n's input memory.
+  // 3x3, stride 1, padding 1, by Winograd F(2x2, 3x3); weight: the (16, out, in) transform.
+  m.def("conv3x3_winograd_out(Tensor x, Tensor weight, Tensor(a!) out) -> ()");
   m.def("conv1x1_fused_out(Tensor x, Tensor weight, Tensor? in_scale, Tensor? in_shift, str in_act, "
         "Tensor? bias, str act, bool stats, Tensor(a!) out) -> (Tensor mean, Tensor var)");
   // The backward of act(BN(conv1x1(x, weight))) after bn_act_backward_reduce gave sum_dpre and

@@ -11,7 +11,7 @@ is free; "last" and "csp" read the dense part `buf[:, part1:]`.
 Training (`partial_dense_block`, a torch.library custom op with registered autograd):
   forward   per layer: conv1 with BN1+ReLU of the prefix applied on load (shared statistics)
             and BN2's statistics from its epilogue (`ops.conv1x1.conv1x1_fused`), BN2+ReLU in
-            place, conv2 3x3, copy of its growth channels into the buffer, their statistics.
+            place, conv2 3x3 into its growth channels of the buffer (`ops.conv3x3`), their statistics.
             Transitions: GEMM with statistics, BN+act written straight into the output (or, for
             "csp", into the second transition's input).
   saved     `buf`, the transitions' pre-BN outputs, the per-channel statistics. Nothing per
@@ -55,12 +55,12 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-import torch.nn.functional as F
 
 from .. import extension  # noqa: F401  (loads csp_kernels._C, which defines the C++ ops)
 from .batch_norm_act import (bn_act_backward, bn_scale_shift, channel_stats, plane_contiguous, scale_shift_act,
                              stats_dtype)
 from .conv1x1 import conv1x1_bn_act_backward, conv1x1_fused, conv1x1_input_grad, conv1x1_weight_grad
+from .conv3x3 import conv3x3, conv3x3_backward
 
 _ops = torch.ops.csp_kernels
 DENSE_PARAMS_PER_LAYER = 6
@@ -135,17 +135,6 @@ def bn_grad_correct(grad_acc, x, mean, invstd, sum_grad, sum_grad_xhat, grad_x) 
 
 
 # ----------------------------------------------------------------------------------------------
-
-def conv3x3(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    return F.conv2d(x, weight, padding=1)
-
-
-def conv3x3_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor):
-    """(grad_x, grad_weight) of `conv3x3`."""
-    grad_x, grad_weight, _ = torch.ops.aten.convolution_backward(
-        grad_y, x, weight, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [True, True, False])
-    return grad_x, grad_weight
-
 
 # ----------------------------------------------------------------------------------------------
 
@@ -244,8 +233,7 @@ def _dense_train(buf, dense_params, g: Geometry, eps, engine):
             dense[:, :c], conv1_w, in_scale=scale1, in_shift=shift1, in_act=DENSE_ACT, stats=True, engine=engine)
         scale_shift_act(z, *bn_scale_shift(bottleneck_mean[j], bottleneck_var[j], norm2_w, norm2_b, eps),
                         DENSE_ACT, out=z)
-        new = conv3x3(z, conv2_w)
-        dense[:, c: c + g.growth].copy_(new)
+        new = conv3x3(z, conv2_w, out=dense[:, c: c + g.growth])
         mean[c: c + g.growth], var[c: c + g.growth] = channel_stats(new)
     return mean, var, bottleneck_mean, bottleneck_var
 
@@ -428,7 +416,7 @@ def _dense_backward(grad_dense, buf, dense_params, g: Geometry, eps, mean, var, 
                         out=b)
         invstd2 = torch.rsqrt(bottleneck_var[j] + eps)
         # Backward through conv2, BN2 + ReLU, conv1, then BN1 + ReLU into the accumulator.
-        grad_b, grad_conv2 = conv3x3_backward(grad_dense[:, c: c + g.growth].contiguous(), b, conv2_w)
+        grad_b, grad_conv2 = conv3x3_backward(grad_dense[:, c: c + g.growth], b, conv2_w)
         grad_conv1, grad_norm2_w, grad_norm2_b, grad_norm1_b, grad_norm1_w = dense_conv1_backward(
             grad_b, z, (bottleneck_mean[j], invstd2, norm2_w, norm2_b), dense[:, :c],
             (mean[:c], invstd[:c], norm1_w, norm1_b), DENSE_ACT, conv1_w, grad_acc[:, :c], engine)

@@ -10,8 +10,8 @@ import torch
 
 from .batch_norm_act import bn_scale_shift, stats_dtype
 from .conv1x1 import conv1x1_fused
-from .dense import (DENSE_ACT, DENSE_PARAMS_PER_LAYER, Geometry, conv3x3, layer_params, new_buffer,
-                    transition_params_of)
+from .conv3x3 import conv3x3
+from .dense import DENSE_ACT, DENSE_PARAMS_PER_LAYER, Geometry, layer_params, new_buffer, transition_params_of
 from .transition import fold_batch_norm
 
 @dataclasses.dataclass
@@ -79,7 +79,7 @@ def partial_dense_block_eval(x: torch.Tensor, params: EvalParams, part1: int, fu
         scale1, shift1 = params.norm1[j]
         z = conv1x1_fused(dense[:, :c], conv1_w, in_scale=scale1, in_shift=shift1, in_act=DENSE_ACT, bias=conv1_b,
                           act=DENSE_ACT, engine=engine)
-        dense[:, c: c + growth].copy_(conv3x3(z, params.conv2[j]))
+        conv3x3(z, params.conv2[j], out=dense[:, c: c + growth])
 
     if fusion == "csp":
         first_weight, first_bias = params.transitions[0]

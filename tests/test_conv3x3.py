@@ -1,0 +1,107 @@
+"""The dense layer's 3x3 convolution (csp_kernels.ops.conv3x3): the Winograd F(2x2, 3x3) C++ op
+against float64 conv2d on odd and tiny planes, channel slices and empty shapes, within 2.5x the
+error of ATen's float32 convolution; the backward against autograd; argument checks; opcheck."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from csp_kernels.ops.conv3x3 import conv3x3, conv3x3_backward, conv3x3_winograd, winograd_usable, winograd_weight
+from helpers import rel_error
+
+needs_winograd = pytest.mark.skipif(not winograd_usable(torch.empty(0)),
+                                    reason="Winograd runs where csp_kernels' AVX-512 GEMM does (x86-64 AVX-512 CPUs)")
+
+
+def errors_against_float64(x, weight):
+    """(Winograd's, ATen float32's) relative errors against float64 conv2d."""
+    ref = F.conv2d(x.double(), weight.double(), padding=1)
+    return rel_error(conv3x3_winograd(x, weight), ref), rel_error(F.conv2d(x, weight, padding=1), ref)
+
+
+@needs_winograd
+@pytest.mark.parametrize("shape,out_channels", [
+    ((8, 128, 14, 14), 32),   # the dense layer's shape, smaller plane
+    ((2, 5, 7, 9), 3),        # odd height and width: partial last tiles
+    ((1, 3, 1, 1), 2),        # one pixel: a single tile, mostly padding
+    ((3, 17, 1, 13), 6),      # one row
+    ((2, 7, 11, 1), 70),      # one column; more output channels than a GEMM row block
+    ((1, 300, 6, 150), 9),    # a reduction longer than a GEMM k-block; tile rows wider than a block
+])
+def test_winograd_matches_float64(shape, out_channels):
+    """2.5x, not flash-attention's 2x: the input and output transforms add a rounding of their
+    own on each side of the GEMMs, which is F(2x2, 3x3)'s known cost; measured 1.1-2.1x here,
+    the most with the 300-channel reduction. Plus two float32 epsilons: on a one-pixel plane
+    the reduction is three products, whose error is a rounding or two either way."""
+    x = torch.randn(shape)
+    weight = torch.randn(out_channels, shape[1], 3, 3) / (9 * shape[1]) ** 0.5
+    err, plain_err = errors_against_float64(x, weight)
+    assert err <= 2.5 * plain_err + 2 * torch.finfo(torch.float32).eps, (err, plain_err)
+
+
+@needs_winograd
+def test_winograd_reads_and_writes_channel_slices():
+    buf = torch.randn(2, 12, 9, 8)
+    weight = torch.randn(4, 5, 3, 3)
+    out = torch.full((2, 10, 9, 8), float("nan"))
+    torch.ops.csp_kernels.conv3x3_winograd_out(buf[:, 3:8], winograd_weight(weight), out[:, 2:6])
+    ref = F.conv2d(buf[:, 3:8].double(), weight.double(), padding=1)
+    assert rel_error(out[:, 2:6], ref) <= 1e-6
+    assert out[:, :2].isnan().all() and out[:, 6:].isnan().all(), "wrote outside its channel slice"
+
+
+@needs_winograd
+def test_winograd_empty_shapes():
+    assert conv3x3_winograd(torch.randn(0, 4, 5, 5), torch.randn(3, 4, 3, 3)).shape == (0, 3, 5, 5)
+    assert conv3x3_winograd(torch.randn(2, 4, 5, 5), torch.randn(0, 4, 3, 3)).shape == (2, 0, 5, 5)
+    zeros = conv3x3_winograd(torch.randn(2, 0, 5, 5), torch.randn(3, 0, 3, 3))
+    assert zeros.shape == (2, 3, 5, 5) and (zeros == 0).all()
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-6)])
+def test_backward_matches_autograd(dtype, tol):
+    """Winograd's input gradient in float32 where usable; ATen's in float64."""
+    x = torch.randn(2, 16, 11, 10, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(4, 16, 3, 3, dtype=torch.float64, requires_grad=True)
+    grad_y = torch.randn(2, 4, 11, 10, dtype=torch.float64)
+    F.conv2d(x, weight, padding=1).backward(grad_y)
+    grad_x, grad_weight = conv3x3_backward(grad_y.to(dtype), x.detach().to(dtype), weight.detach().to(dtype))
+    assert grad_x.shape == x.shape and grad_weight.shape == weight.shape
+    assert rel_error(grad_x, x.grad) <= tol
+    assert rel_error(grad_weight, weight.grad) <= tol
+
+
+def test_forward_into_a_slice():
+    x, weight = torch.randn(2, 6, 5, 7), torch.randn(3, 6, 3, 3)
+    out = torch.zeros(2, 8, 5, 7)
+    conv3x3(x, weight, out=out[:, 4:7])
+    assert rel_error(out[:, 4:7], F.conv2d(x.double(), weight.double(), padding=1)) <= 1e-6
+    assert (out[:, :4] == 0).all() and (out[:, 7:] == 0).all()
+
+
+def test_winograd_weight_is_g_g_gt():
+    weight = torch.randn(2, 3, 3, 3, dtype=torch.float64)
+    g = torch.tensor([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], dtype=torch.float64)
+    u = winograd_weight(weight)
+    assert u.shape == (16, 2, 3) and u.is_contiguous()
+    expected = torch.stack([g @ weight[o, c] @ g.T for o in range(2) for c in range(3)]).view(2, 3, 16)
+    assert torch.allclose(u, expected.permute(2, 0, 1), rtol=0, atol=1e-14)
+
+
+@needs_winograd
+def test_op_rejects_what_it_cannot_run():
+    x = torch.randn(2, 4, 5, 5)
+    u = winograd_weight(torch.randn(3, 4, 3, 3))
+    with pytest.raises(TypeError, match="runs float32"):
+        torch.ops.csp_kernels.conv3x3_winograd_out(x.double(), u.double(), torch.empty(2, 3, 5, 5, dtype=torch.double))
+    with pytest.raises(ValueError, match="Winograd transform"):
+        torch.ops.csp_kernels.conv3x3_winograd_out(x, u[:, :, :3], torch.empty(2, 3, 5, 5))
+    with pytest.raises(ValueError, match="out must have shape"):
+        torch.ops.csp_kernels.conv3x3_winograd_out(x, u, torch.empty(2, 3, 5, 4))
+    with pytest.raises(ValueError, match="contiguous"):
+        torch.ops.csp_kernels.conv3x3_winograd_out(x[..., ::2], u, torch.empty(2, 3, 5, 3))
+
+
+@needs_winograd
+def test_op_opcheck():
+    torch.library.opcheck(torch.ops.csp_kernels.conv3x3_winograd_out.default,
+                          (torch.randn(2, 4, 5, 6), winograd_weight(torch.randn(3, 4, 3, 3)), torch.empty(2, 3, 5, 6)))
