@@ -4,16 +4,18 @@
 // AVX-512 CPUs, through `sgemm_avx512`; the weight comes transformed, U = G g G^T, from Python
 // (csp_kernels.ops.conv3x3.winograd_weight).
 //
-// Work goes in blocks of one sample's band of tile rows (about 64 tiles, so that the block's
-// 16 transformed inputs and outputs stay in L2): input transform into scratch, the 16 GEMMs,
-// output transform straight into `out`, which may be a channel slice (the dense block's
-// concat buffer). The transforms run along image rows split into even and odd columns, so
-// that every inner loop is contiguous.
+// Work goes in blocks of one sample's band of tile rows (at most 64 tiles where the image is
+// at most 128 wide, so that the block's 16 transformed inputs and outputs stay in L2): input
+// transform into scratch laid out as the GEMM's packed panels (read in place), the 16 GEMMs
+// with the U matrices packed once, output transform straight into `out`, which may be a
+// channel slice. The transforms run along image rows split into even and odd columns, so that
+// every inner loop is contiguous.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <vector>
 
 #include "plane_layout.h"
@@ -55,10 +57,11 @@ void split_row(const float* row, const Geometry& g, float* even, float* odd) {
   std::fill(odd + n_odd, odd + n, 0.0f);
 }
 
-// V[xi][c][t] = (B^T d B)[xi] of channel c's patches, for the block's tile rows [ty0, ty1).
+// V[xi][c][t] = (B^T d B)[xi] of channel c's patches, for the block's tile rows [ty0, ty1),
+// rows `ldv` floats apart.
 // Scratch: split, (2 * (ty1 - ty0) + 2) rows x 2 x (tile_cols + 1); u, 8 x (tile_cols + 1).
 void transform_input(const float* plane, const Geometry& g, int64_t ty0, int64_t ty1, int64_t c, int64_t channels,
-                     int64_t tiles, float* split, float* u, float* v) {
+                     int64_t ldv, float* split, float* u, float* v) {
   const int64_t n = g.tile_cols + 1, rows = 2 * (ty1 - ty0) + 2;
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t y = 2 * ty0 - 1 + r;
@@ -81,10 +84,10 @@ void transform_input(const float* plane, const Geometry& g, int64_t ty0, int64_t
     const int64_t t0 = (ty - ty0) * g.tile_cols;
     for (int64_t i = 0; i < 4; ++i) {
       const float *e = u + 2 * i * n, *o = e + n;
-      float* v0 = v + ((4 * i) * channels + c) * tiles + t0;
-      float* v1 = v0 + channels * tiles;
-      float* v2 = v1 + channels * tiles;
-      float* v3 = v2 + channels * tiles;
+      float* v0 = v + ((4 * i) * channels + c) * ldv + t0;
+      float* v1 = v0 + channels * ldv;
+      float* v2 = v1 + channels * ldv;
+      float* v3 = v2 + channels * ldv;
 #pragma omp simd
       for (int64_t tx = 0; tx < g.tile_cols; ++tx) {
         v0[tx] = e[tx] - e[tx + 1];
@@ -154,21 +157,30 @@ void conv3x3_winograd_out_cpu(const at::Tensor& x, const at::Tensor& weight, con
   const float* xp = x.const_data_ptr<float>();
   const float* up = weight.const_data_ptr<float>();
   float* op = out.mutable_data_ptr<float>();
+  // V's rows are one packed GEMM panel (64 floats, 64-byte aligned) where a block has at most
+  // 64 tiles, so that `sgemm_avx512` reads it in place.
+  const int64_t max_tiles = g.band_rows * g.tile_cols, ldv = std::max<int64_t>(max_tiles, kTilesPerBlock);
+  // The 16 U matrices packed once for all blocks' GEMMs.
+  const int64_t packed_size = sgemm_avx512_packed_a_size(K, C);
+  std::vector<float> u_packed(16 * packed_size);
+  for (int64_t xi = 0; xi < 16; ++xi) {
+    sgemm_avx512_pack_a(K, C, up + xi * K * C, C, 1, u_packed.data() + xi * packed_size);
+  }
   at::parallel_for(0, X.batch * g.bands, 1, [&](int64_t b0, int64_t b1) {
-    const int64_t max_tiles = g.band_rows * g.tile_cols;
-    std::vector<float> v(16 * C * max_tiles), m(16 * K * max_tiles);
+    std::vector<float> v_storage(16 * C * ldv + 16), m(16 * K * max_tiles);
+    float* v = v_storage.data() + (64 - reinterpret_cast<uintptr_t>(v_storage.data()) % 64) % 64 / sizeof(float);
     std::vector<float> split(2 * (2 * g.band_rows + 2) * (g.tile_cols + 1)), u(8 * (g.tile_cols + 1));
     std::vector<float> s(8 * g.tile_cols);
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t n = b / g.bands, ty0 = (b % g.bands) * g.band_rows;
       const int64_t ty1 = std::min(g.tile_rows, ty0 + g.band_rows), tiles = (ty1 - ty0) * g.tile_cols;
       for (int64_t c = 0; c < C; ++c) {
-        transform_input(xp + n * X.batch_stride + c * X.channel_stride, g, ty0, ty1, c, C, tiles, split.data(),
-                        u.data(), v.data());
+        transform_input(xp + n * X.batch_stride + c * X.channel_stride, g, ty0, ty1, c, C, ldv, split.data(),
+                        u.data(), v);
       }
       for (int64_t xi = 0; xi < 16; ++xi) {
-        sgemm_avx512(K, tiles, C, up + xi * K * C, C, 1, v.data() + xi * C * tiles, tiles, 1,
-                     m.data() + xi * K * tiles, tiles, false);
+        sgemm_avx512(K, tiles, C, up + xi * K * C, C, 1, v + xi * C * ldv, ldv, 1, m.data() + xi * K * tiles, tiles,
+                     false, u_packed.data() + xi * packed_size);
       }
       for (int64_t k = 0; k < K; ++k) {
         transform_output(m.data(), g, ty0, ty1, k, K, tiles, s.data(),

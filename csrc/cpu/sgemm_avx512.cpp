@@ -161,8 +161,18 @@ bool sgemm_avx512_supported() {
   return supported;
 }
 
+// Packed A: per k-block (kKC), every kMR-row panel of the whole of A; a block of rows i0 and
+// k-block p0 starts at p0 * round_up(m, kMR) + i0 * kc.
+int64_t sgemm_avx512_packed_a_size(int64_t m, int64_t k) { return round_up(m, kMR) * k; }
+
+void sgemm_avx512_pack_a(int64_t m, int64_t k, const float* a, int64_t a_row, int64_t a_col, float* packed) {
+  for (int64_t p0 = 0; p0 < k; p0 += kKC) {
+    pack_a(m, std::min(kKC, k - p0), a + p0 * a_col, a_row, a_col, packed + p0 * round_up(m, kMR));
+  }
+}
+
 void sgemm_avx512(int64_t m, int64_t n, int64_t k, const float* a, int64_t a_row, int64_t a_col, const float* b,
-                  int64_t b_row, int64_t b_col, float* c, int64_t ldc, bool accumulate) {
+                  int64_t b_row, int64_t b_col, float* c, int64_t ldc, bool accumulate, const float* a_packed) {
   if (m <= 0 || n <= 0) return;
   if (k <= 0) {
     if (!accumulate) {
@@ -170,6 +180,10 @@ void sgemm_avx512(int64_t m, int64_t n, int64_t k, const float* a, int64_t a_row
     }
     return;
   }
+  // A B that already is one packed panel (row-major, kNR floats a row, 64-byte aligned, as the
+  // Winograd convolution lays out its transformed input) is read in place; its columns past n
+  // only feed columns of C that are not stored.
+  const bool b_is_panel = b_col == 1 && b_row == kNR && n <= kNR && reinterpret_cast<uintptr_t>(b) % 64 == 0;
   thread_local PackBuffers buffers;
   float* bp = PackBuffers::aligned(buffers.b, kKC * round_up(std::min(n, kNC), kNR));
   float* ap = PackBuffers::aligned(buffers.a, kKC * round_up(std::min(m, kMC), kMR));
@@ -178,13 +192,15 @@ void sgemm_avx512(int64_t m, int64_t n, int64_t k, const float* a, int64_t a_row
     for (int64_t p0 = 0; p0 < k; p0 += kKC) {
       const int64_t kc = std::min(kKC, k - p0);
       const bool add = accumulate || p0 > 0;
-      pack_b(kc, nc, b + p0 * b_row + j0 * b_col, b_row, b_col, bp);
+      const float* panels = b_is_panel ? b + p0 * kNR : bp;
+      if (!b_is_panel) pack_b(kc, nc, b + p0 * b_row + j0 * b_col, b_row, b_col, bp);
       for (int64_t i0 = 0; i0 < m; i0 += kMC) {
         const int64_t mc = std::min(kMC, m - i0);
-        pack_a(mc, kc, a + i0 * a_row + p0 * a_col, a_row, a_col, ap);
+        const float* panels_a = a_packed != nullptr ? a_packed + p0 * round_up(m, kMR) + i0 * kc : ap;
+        if (a_packed == nullptr) pack_a(mc, kc, a + i0 * a_row + p0 * a_col, a_row, a_col, ap);
         for (int64_t jr = 0; jr < nc; jr += kNR) {
           for (int64_t ir = 0; ir < mc; ir += kMR) {
-            micro_kernel(kc, ap + ir * kc, bp + jr * kc, c + (i0 + ir) * ldc + j0 + jr, ldc,
+            micro_kernel(kc, panels_a + ir * kc, panels + jr * kc, c + (i0 + ir) * ldc + j0 + jr, ldc,
                          std::min<int64_t>(kMR, mc - ir), std::min<int64_t>(kNR, nc - jr), add);
           }
         }
@@ -204,7 +220,13 @@ namespace csp_kernels {
 bool sgemm_avx512_supported() { return false; }
 
 void sgemm_avx512(int64_t, int64_t, int64_t, const float*, int64_t, int64_t, const float*, int64_t, int64_t, float*,
-                  int64_t, bool) {
+                  int64_t, bool, const float*) {
+  TORCH_CHECK(false, "sgemm_avx512 needs an x86-64 CPU with AVX-512");
+}
+
+int64_t sgemm_avx512_packed_a_size(int64_t m, int64_t k) { return m * k; }
+
+void sgemm_avx512_pack_a(int64_t, int64_t, const float*, int64_t, int64_t, float*) {
   TORCH_CHECK(false, "sgemm_avx512 needs an x86-64 CPU with AVX-512");
 }
 

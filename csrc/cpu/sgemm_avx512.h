@@ -14,8 +14,18 @@ bool sgemm_avx512_supported();
 
 // Row-major C (m x n) = A (m x k) @ B (k x n), plus C's old values if `accumulate`:
 //   C[i * ldc + j] (+)= sum_p A[i * a_row + p * a_col] * B[p * b_row + j * b_col].
-// A and B through any strides (both are packed into cache-sized panels); C's rows contiguous.
+// A and B through any strides (both are packed into cache-sized panels, except a B that is
+// one already: n <= 64, rows of 64 floats (b_row == 64, b_col == 1), 64-byte aligned, whose
+// padding columns may hold any values); C's rows contiguous.
+// With `a_packed` (from `sgemm_avx512_pack_a` of the same m, k), A is read from it instead:
+// for callers that multiply one A with many Bs.
 void sgemm_avx512(int64_t m, int64_t n, int64_t k, const float* a, int64_t a_row, int64_t a_col, const float* b,
-                  int64_t b_row, int64_t b_col, float* c, int64_t ldc, bool accumulate);
+                  int64_t b_row, int64_t b_col, float* c, int64_t ldc, bool accumulate,
+                  const float* a_packed = nullptr);
+
+// A (m x k, any strides) packed as `sgemm_avx512` packs it, into `sgemm_avx512_packed_a_size(m, k)`
+// floats.
+int64_t sgemm_avx512_packed_a_size(int64_t m, int64_t k);
+void sgemm_avx512_pack_a(int64_t m, int64_t k, const float* a, int64_t a_row, int64_t a_col, float* packed);
 
 }  // namespace csp_kernels
