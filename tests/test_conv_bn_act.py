@@ -10,6 +10,7 @@ from torch import nn
 import csp_kernels
 from csp_kernels import checks, reference
 from csp_kernels.ops import transition as ops
+from csp_kernels.ops.conv3x3 import winograd_usable
 from helpers import DEVICES, assert_matches_reference, device_backend_params, fused_backends, requires_cuda
 
 ACTS = checks.ACTIVATIONS
@@ -403,13 +404,24 @@ def _op_samples(device, engine):
     train_args = (x, weight, *bn, [1, 1], pad, [1, 1], 1, 1e-5, "mish", engine)
     eval_args = (x, weight, bn[1], [1, 1], pad, [1, 1], 1, "hardswish", engine)
     out = torch.empty(2, 6, 4, 5, **kw)[:, 1:5]
-    return [
+    samples = [
         (ops.conv_bn_act_train, train_args),
         (ops.conv_bn_act_train, (leaf(x), leaf(weight), leaf(bn[0]), leaf(bn[1]), *train_args[4:])),
         (ops.conv_bn_act_train_out, (*train_args, out)),
         (ops.conv_bias_act, eval_args),
         (ops.conv_bias_act_out, (*eval_args, out)),
     ]
+    x32, weight32 = x.float(), weight.float()
+    if engine == "aten" and winograd_usable(x32):  # float32 3x3: Winograd, with a cached transform in eval
+        transform = ops.eval_winograd_transform(x32, weight32, [1, 1], pad, [1, 1], 1, engine)
+        eval32 = (x32, weight32, bn[1].float(), *eval_args[3:])
+        samples += [
+            (ops.conv_bn_act_train, (leaf(x32), leaf(weight32), leaf(bn[0].float()), leaf(bn[1].float()),
+                                     *train_args[4:])),
+            (ops.conv_bias_act, (*eval32, transform)),
+            (ops.conv_bias_act_out, (*eval32, out.float(), transform)),
+        ]
+    return samples
 
 
 @pytest.mark.parametrize("device,backend_name", device_backend_params())

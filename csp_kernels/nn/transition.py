@@ -38,7 +38,7 @@ class ConvBNAct(reference.ConvBNAct):
                  padding: int | None = None, groups: int = 1, act: str = "relu"):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, groups, act)
         self.act_name = act
-        self._folded = None  # (key, weight, bias) of the eval fold; see _folded_params
+        self._folded = None  # (key, weight, bias, transform) of the eval fold; see _folded_params
 
     def __getstate__(self):
         # The eval cache is derived data, and a oneDNN-prepacked weight cannot be pickled.
@@ -123,13 +123,13 @@ class ConvBNAct(reference.ConvBNAct):
             return y if out is None else out.copy_(y)
         if torch.compiler.is_compiling():
             weight, bias = self._fold()  # traced into the graph, which folds it once
-            weight, bias = weight.to(x.dtype), bias.to(ops.stats_dtype(x.dtype))
+            weight, bias, transform = weight.to(x.dtype), bias.to(ops.stats_dtype(x.dtype)), None
         else:
-            weight, bias = self._folded_params(x, engine)
+            weight, bias, transform = self._folded_params(x, engine)
         args = (x, weight, bias, *self._conv_args(), self.act_name, engine)
         if out is None:
-            return ops.conv_bias_act(*args)
-        ops.conv_bias_act_out(*args, out)
+            return ops.conv_bias_act(*args, transform)
+        ops.conv_bias_act_out(*args, out, transform)
         return out
 
     def _fold(self):
@@ -137,15 +137,17 @@ class ConvBNAct(reference.ConvBNAct):
         return ops.fold_batch_norm(self.conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps)
 
     def _folded_params(self, x: torch.Tensor, engine: str):
-        """The cached eval fold for x's dtype and `engine`: (weight, bias), the weight prepacked
-        for the kernel that will run it (ops.prepack_eval_weight, for the shape of the x that
-        filled the cache)."""
+        """The cached eval fold for x's dtype and `engine`: (weight, bias, Winograd transform or
+        None), the weight prepacked for the kernel that will run it (ops.prepack_eval_weight,
+        ops.eval_winograd_transform, for the shape of the x that filled the cache)."""
         bn = self.bn
         sources = (self.conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var)
         key = (tuple((t._version, t.data_ptr()) for t in sources), bn.eps, x.dtype, x.device, engine)
         if self._folded is None or self._folded[0] != key:
             with torch.no_grad():
                 weight, bias = self._fold()
-                weight = ops.prepack_eval_weight(x, weight.to(x.dtype), *self._conv_args(), engine)
-            self._folded = (key, weight, bias.to(ops.stats_dtype(x.dtype)))
+                weight = weight.to(x.dtype)
+                transform = ops.eval_winograd_transform(x, weight, *self._conv_args(), engine)
+                weight = ops.prepack_eval_weight(x, weight, *self._conv_args(), engine)
+            self._folded = (key, weight, bias.to(ops.stats_dtype(x.dtype)), transform)
         return self._folded[1:]

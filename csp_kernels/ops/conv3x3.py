@@ -51,15 +51,23 @@ def conv3x3(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = No
     return y if out is None else out.copy_(y)
 
 
-def conv3x3_winograd(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def conv3x3_winograd(x: torch.Tensor, weight: torch.Tensor, transform: torch.Tensor | None = None) -> torch.Tensor:
     """conv2d(x, weight, padding=1) by Winograd F(2x2, 3x3), where `winograd_usable(x)`.
 
     x: (batch, in_channels, height, width) with contiguous planes (a channel slice is fine);
-    weight: (out_channels, in_channels, 3, 3) -> (batch, out_channels, height, width)
+    weight: (out_channels, in_channels, 3, 3); transform: None, or `winograd_weight(weight)`
+    computed beforehand -> (batch, out_channels, height, width)
     """
     out = x.new_empty(x.shape[0], weight.shape[0], x.shape[2], x.shape[3])
-    torch.ops.csp_kernels.conv3x3_winograd_out(x, winograd_weight(weight), out)
+    torch.ops.csp_kernels.conv3x3_winograd_out(x, winograd_weight(weight) if transform is None else transform, out)
     return out
+
+
+def conv3x3_input_grad_winograd(grad_y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The input gradient of conv2d(x, weight, padding=1) by Winograd, where
+    `winograd_usable(grad_y)`: the same convolution of grad_y with the flipped, transposed
+    weight. grad_y: (batch, out_channels, height, width) with contiguous planes."""
+    return conv3x3_winograd(grad_y, weight.flip(2, 3).transpose(0, 1))
 
 
 def conv3x3_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor):
@@ -69,5 +77,5 @@ def conv3x3_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor
     grad_x, grad_weight, _ = torch.ops.aten.convolution_backward(
         grad_y, x, weight, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [not winograd, True, False])
     if winograd:
-        grad_x = conv3x3_winograd(grad_y, weight.flip(2, 3).transpose(0, 1))
+        grad_x = conv3x3_input_grad_winograd(grad_y, weight)
     return grad_x, grad_weight

@@ -28,6 +28,8 @@ Which conv runs:
                    `triton_eligible` convs; backward by ATen (cuDNN).
   engine "aten"    on CPU, float32/float64 1x1 stride-1 convs of NCHW-planed x as GEMMs over
                    (N, C, H*W) views (`_runs_as_gemm`; `ops.conv1x1`), forward and backward;
+                   in training, float32 3x3 stride-1 convs by Winograd on AVX-512 CPUs
+                   (`_runs_as_winograd`; `ops.conv3x3`), forward and input gradient;
                    other convs by ATen (oneDNN on CPU, cuDNN on GPU).
 `*_out` variants write y into a caller's tensor (a (N, C, H, W) view with contiguous planes,
 e.g. a channel slice of a concat buffer; for the Triton eval epilogue any strides). They mutate
@@ -42,6 +44,7 @@ import torch.nn.functional as F
 from .batch_norm_act import stats_dtype
 from .batch_norm_act import bn_act_backward, bn_scale_shift, channel_stats, plane_contiguous, scale_shift_act
 from .conv1x1 import conv1x1_bn_act_backward, conv1x1_fused, gemm_conv1x1
+from .conv3x3 import conv3x3_input_grad_winograd, conv3x3_winograd, winograd_usable, winograd_weight
 
 # oneDNN post-ops (attr, scalars) of torch.ops.mkldnn._convolution_pointwise; it has no mish.
 _ONEDNN_POST_OPS = {
@@ -105,10 +108,21 @@ def _runs_as_gemm(x, weight, stride, padding, groups) -> bool:
             and tuple(padding) == (0, 0) and groups == 1 and _planes_contiguous(x))
 
 
+def _runs_as_winograd(x, weight, stride, padding, dilation, groups) -> bool:
+    """Training's CPU float32 3x3 stride-1 "same" convs of plane-contiguous x run by Winograd
+    F(2x2, 3x3) (`ops.conv3x3`), forward and input gradient. Measured (8x56x56, 128 -> 128
+    channels, float32, 2 cores): forward 11.0 vs oneDNN's 15.4 ms, input gradient 11.2 vs 26.0;
+    64 -> 64: 3.0 vs 3.8 and 3.0 vs 3.9."""
+    return (winograd_usable(x) and tuple(weight.shape[2:]) == (3, 3) and tuple(stride) == (1, 1)
+            and tuple(padding) == (1, 1) and tuple(dilation) == (1, 1) and groups == 1 and _planes_contiguous(x))
+
+
 def _conv(x, weight, stride, padding, dilation, groups):
     """conv2d(x, weight) without bias, NCHW output."""
     if _runs_as_gemm(x, weight, stride, padding, groups):
         return gemm_conv1x1(x, weight)
+    if _runs_as_winograd(x, weight, stride, padding, dilation, groups):
+        return conv3x3_winograd(x, weight)
     # NCHW once here rather than a copy in every later pass (channels_last x gives channels_last z).
     return plane_contiguous(F.conv2d(x, weight, None, stride, padding, dilation, groups))
 
@@ -117,8 +131,12 @@ def _conv_backward(grad_z, x, weight, stride, padding, dilation, groups, needs_x
     """(grad_x, grad_weight) of conv2d(x, weight), None where not needed."""
     if not (needs_x or needs_weight):
         return None, None
+    winograd = needs_x and _runs_as_winograd(x, weight, stride, padding, dilation, groups)
     grad_x, grad_weight, _ = torch.ops.aten.convolution_backward(
-        grad_z, x, weight, None, stride, padding, dilation, False, [0, 0], groups, [needs_x, needs_weight, False])
+        grad_z, x, weight, None, stride, padding, dilation, False, [0, 0], groups,
+        [needs_x and not winograd, needs_weight, False])
+    if winograd:
+        grad_x = conv3x3_input_grad_winograd(plane_contiguous(grad_z), weight)
     return grad_x, grad_weight
 
 
@@ -262,30 +280,43 @@ def conv_bn_act_train_into(x, weight, bn_weight, bn_bias, stride, padding, dilat
     return out, stats[0], stats[1]
 
 
-def _runs_on_onednn(x, weight, stride, padding, groups, engine) -> bool:
-    """Eval convs that oneDNN runs with the activation as a post-op: float32 CPU ones that are
-    not GEMMs. Measured on CPU: a 3x3 conv + leaky_relu, 0.74x eager's time with a prepacked
-    weight, 0.85x as ATen conv + `scale_shift_act`. 1x1 stride-1 convs run as `conv1x1_fused`
-    (bias + act in its cache-resident epilogue, straight into `out`): trans-cpu 20.9 vs 21.8 ms
-    for the prepacked oneDNN conv + post-op, which needs a second pass to write into `out`."""
-    return engine == "aten" and onednn_usable(x) and not _runs_as_gemm(x, weight, stride, padding, groups)
+def _runs_on_onednn(x, weight, stride, padding, dilation, groups, engine) -> bool:
+    """Eval convs that oneDNN runs with the activation as a post-op: float32 CPU ones that run
+    neither as GEMMs nor by Winograd. Measured on CPU: a 3x3 conv + leaky_relu, 0.74x eager's
+    time with a prepacked weight, 0.85x as ATen conv + `scale_shift_act`. 1x1 stride-1 convs run
+    as `conv1x1_fused` (bias + act in its cache-resident epilogue, straight into `out`):
+    trans-cpu 20.9 vs 21.8 ms for the prepacked oneDNN conv + post-op, which needs a second pass
+    to write into `out`."""
+    return (engine == "aten" and onednn_usable(x) and not _runs_as_gemm(x, weight, stride, padding, groups)
+            and not _runs_as_winograd(x, weight, stride, padding, dilation, groups))
 
 
 def prepack_eval_weight(x, weight, stride, padding, dilation, groups, engine):
     """The weight `conv_bias_act` runs fastest with for inputs like `x`: oneDNN's blocked layout
     where oneDNN runs the conv (saves a weight reorder per call), else `weight` itself."""
-    if not _runs_on_onednn(x, weight, stride, padding, groups, engine):
+    if not _runs_on_onednn(x, weight, stride, padding, dilation, groups, engine):
         return weight
     return torch._C._nn.mkldnn_reorder_conv2d_weight(weight.to_mkldnn(), padding, stride, dilation, groups,
                                                      list(x.shape))
 
 
-def _eval_forward(x, weight, bias, stride, padding, dilation, groups, act, engine, out):
+def eval_winograd_transform(x, weight, stride, padding, dilation, groups, engine):
+    """For eval convs of inputs like `x` that run by Winograd (3x3 stride 1, CPU float32 with
+    AVX-512): the weight's transform, for `conv_bias_act`'s `transform` (a cache spares its
+    cost per call: 2 ms for 256 x 256 channels); else None. Measured eval ConvBNAct(3x3,
+    leaky_relu) on 8x56x56, 128 -> 128 channels: 11.9 ms by Winograd, 23.0 ms by oneDNN with a
+    prepacked weight (eager 27.8); 64 -> 64: 3.3 vs 4.4; 256 -> 256 on 28x28: 13.5 vs 14.6."""
+    if engine != "aten" or not _runs_as_winograd(x, weight, stride, padding, dilation, groups):
+        return None
+    return winograd_weight(weight)
+
+
+def _eval_forward(x, weight, bias, stride, padding, dilation, groups, act, engine, out, transform=None):
     if engine == "triton":
         return _triton_conv1x1(x, weight, stride, bias=bias, act=act, out=out)
     if _runs_as_gemm(x, weight, stride, padding, groups):
         return conv1x1_fused(x, weight, bias=bias, act=act, out=out)
-    if _runs_on_onednn(x, weight, stride, padding, groups, engine):
+    if _runs_on_onednn(x, weight, stride, padding, dilation, groups, engine):
         post_op = _ONEDNN_POST_OPS.get(act) if out is None else None
         attr, scalars = post_op or ("none", [])
         z = torch.ops.mkldnn._convolution_pointwise(x, weight, bias if post_op else None, padding, stride,
@@ -293,6 +324,8 @@ def _eval_forward(x, weight, bias, stride, padding, dilation, groups, act, engin
         if post_op:
             return z
         z = plane_contiguous(z)
+    elif engine == "aten" and _runs_as_winograd(x, weight, stride, padding, dilation, groups):
+        z = conv3x3_winograd(x, weight, transform)
     else:
         z = _conv(x, weight, stride, padding, dilation, groups)
     # The bias rides in the activation pass: y = act(z * 1 + bias), in place unless `out`.
@@ -301,30 +334,31 @@ def _eval_forward(x, weight, bias, stride, padding, dilation, groups, act, engin
 
 @torch.library.custom_op("csp_kernels::conv_bias_act", mutates_args=())
 def conv_bias_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, stride: list[int], padding: list[int],
-                  dilation: list[int], groups: int, act: str, engine: str) -> torch.Tensor:
+                  dilation: list[int], groups: int, act: str, engine: str,
+                  transform: torch.Tensor | None = None) -> torch.Tensor:
     """act(conv2d(x, weight) + bias): the eval transition with BatchNorm folded in.
 
     x: (batch, in_channels, height, width); weight: (out_channels, in_channels / groups, kh, kw),
     x's dtype (or, on CPU float32, a oneDNN-prepacked weight); bias: (out_channels,), float32
-    (float64 for float64 data).
+    (float64 for float64 data); transform: None, or weight's `eval_winograd_transform`.
     """
-    return _eval_forward(x, weight, bias, stride, padding, dilation, groups, act, engine, None)
+    return _eval_forward(x, weight, bias, stride, padding, dilation, groups, act, engine, None, transform)
 
 
 @torch.library.custom_op("csp_kernels::conv_bias_act_out", mutates_args=("out",))
 def conv_bias_act_out(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, stride: list[int],
                       padding: list[int], dilation: list[int], groups: int, act: str, engine: str,
-                      out: torch.Tensor) -> None:
+                      out: torch.Tensor, transform: torch.Tensor | None = None) -> None:
     """`conv_bias_act` writing into `out`."""
-    _eval_forward(x, weight, bias, stride, padding, dilation, groups, act, engine, out)
+    _eval_forward(x, weight, bias, stride, padding, dilation, groups, act, engine, out, transform)
 
 
 @conv_bias_act.register_fake
-def _(x, weight, bias, stride, padding, dilation, groups, act, engine):
+def _(x, weight, bias, stride, padding, dilation, groups, act, engine, transform=None):
     shape = conv_output_shape(x.shape, weight.shape, stride, padding, dilation)
     return torch.empty(shape, dtype=x.dtype, device=x.device)
 
 
 @conv_bias_act_out.register_fake
-def _(x, weight, bias, stride, padding, dilation, groups, act, engine, out):
+def _(x, weight, bias, stride, padding, dilation, groups, act, engine, out, transform=None):
     return None
