@@ -225,12 +225,16 @@ def _dense_train(buf, dense_params, g: Geometry, eps, engine):
     mean[: g.part2], var[: g.part2] = channel_stats(dense[:, : g.part2])
     bottleneck_mean = buf.new_empty(g.num_layers, g.bottleneck, dtype=sdtype)
     bottleneck_var = torch.empty_like(bottleneck_mean)
+    # One bottleneck for all layers: a fresh allocation per layer costs page faults on its first
+    # write (12.25 MiB each on pdb-cpu).
+    bottleneck = g.view(g.scratch(buf, g.bottleneck), g.bottleneck)
     for j in range(g.num_layers):
         c = g.prefix(j)
         norm1_w, norm1_b, conv1_w, norm2_w, norm2_b, conv2_w = layer_params(dense_params, j)
         scale1, shift1 = bn_scale_shift(mean[:c], var[:c], norm1_w, norm1_b, eps)
         z, bottleneck_mean[j], bottleneck_var[j] = conv1x1_fused(
-            dense[:, :c], conv1_w, in_scale=scale1, in_shift=shift1, in_act=DENSE_ACT, stats=True, engine=engine)
+            dense[:, :c], conv1_w, in_scale=scale1, in_shift=shift1, in_act=DENSE_ACT, out=bottleneck, stats=True,
+            engine=engine)
         scale_shift_act(z, *bn_scale_shift(bottleneck_mean[j], bottleneck_var[j], norm2_w, norm2_b, eps),
                         DENSE_ACT, out=z)
         new = conv3x3(z, conv2_w, out=dense[:, c: c + g.growth])
@@ -392,7 +396,7 @@ def _dense_backward(grad_dense, buf, dense_params, g: Geometry, eps, mean, var, 
     grad_acc = buf.new_zeros(g.batch, read, g.height, g.width)
     sum_grad = torch.zeros_like(mean[:read])
     sum_grad_xhat = torch.zeros_like(sum_grad)
-    scratch_b = g.scratch(buf, g.bottleneck)
+    scratch_b, scratch_z = g.scratch(buf, g.bottleneck), g.scratch(buf, g.bottleneck)
     grads = [None] * len(dense_params)
 
     def correct(lo, hi):
@@ -410,7 +414,8 @@ def _dense_backward(grad_dense, buf, dense_params, g: Geometry, eps, mean, var, 
         # conv1's input, BN1+ReLU of the prefix, is normalized on load here (CPU, Triton) and in
         # the weight gradient below (CPU), never stored.
         scale1, shift1 = bn_scale_shift(mean[:c], var[:c], norm1_w, norm1_b, eps)
-        z = conv1x1_fused(dense[:, :c], conv1_w, in_scale=scale1, in_shift=shift1, in_act=DENSE_ACT, engine=engine)
+        z = conv1x1_fused(dense[:, :c], conv1_w, in_scale=scale1, in_shift=shift1, in_act=DENSE_ACT,
+                          out=g.view(scratch_z, g.bottleneck), engine=engine)
         b = g.view(scratch_b, g.bottleneck)
         scale_shift_act(z, *bn_scale_shift(bottleneck_mean[j], bottleneck_var[j], norm2_w, norm2_b, eps), DENSE_ACT,
                         out=b)

@@ -73,12 +73,13 @@ def partial_dense_block_eval(x: torch.Tensor, params: EvalParams, part1: int, fu
     store = new_buffer(x, g, max(channels, out_channels))
     buf = store[:, :channels]
     dense = buf[:, part1:]
+    bottleneck = g.view(g.scratch(x, g.bottleneck), g.bottleneck)  # one for all layers: fewer page faults
     for j in range(g.num_layers):
         c = g.prefix(j)
         conv1_w, conv1_b = params.conv1[j]
         scale1, shift1 = params.norm1[j]
         z = conv1x1_fused(dense[:, :c], conv1_w, in_scale=scale1, in_shift=shift1, in_act=DENSE_ACT, bias=conv1_b,
-                          act=DENSE_ACT, engine=engine)
+                          act=DENSE_ACT, out=bottleneck, engine=engine)
         conv3x3(z, params.conv2[j], out=dense[:, c: c + growth])
 
     if fusion == "csp":
