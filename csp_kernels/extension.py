@@ -1,7 +1,17 @@
 """The compiled extension `csp_kernels._C`: loading it and reporting what was built."""
 from __future__ import annotations
 
+import os
+import warnings
+
 import torch
+
+# CSP_KERNELS_CPU_SGEMM: which float32 GEMM the CPU kernels use (csrc/cpu/sgemm_avx512.h);
+# unset picks ours on AVX-512 CPUs other than Intel's, torch's BLAS elsewhere.
+CPU_SGEMM_CHOICES = ("avx512", "blas")
+if os.environ.get("CSP_KERNELS_CPU_SGEMM", CPU_SGEMM_CHOICES[0]) not in CPU_SGEMM_CHOICES:
+    warnings.warn(f"CSP_KERNELS_CPU_SGEMM must be one of {CPU_SGEMM_CHOICES}; got "
+                  f"{os.environ['CSP_KERNELS_CPU_SGEMM']!r}, which is ignored", stacklevel=2)
 
 try:
     from . import _C  # registers the torch.ops.csp_kernels.* C++ ops
@@ -17,7 +27,8 @@ def build_info() -> dict:
     Keys: "loaded" (bool), "import_error", "cpu" (bool), "cuda" (bool), "cuda_archs",
     "cuda_version" (toolkit it was compiled with), "torch_version" (torch it was compiled
     against), "cuda_skipped_reason" (why CUDA sources were not compiled), "cpu_sgemm" (the float32 GEMM of
-    the fused CPU 1x1 convs here: "avx512", ours, or "blas", torch's), and the runtime's
+    the CPU kernels here: "avx512", ours, which also enables Winograd 3x3 convolutions, or
+    "blas", torch's; CSP_KERNELS_CPU_SGEMM chooses), and the runtime's
     "runtime_torch_version" / "runtime_cuda_available".
     """
     info = {

@@ -74,7 +74,7 @@ pybind11::dict build_config() {
   info["cuda_archs"] = CSP_KERNELS_CUDA_ARCHS;
   info["cuda_skipped_reason"] = CSP_KERNELS_CUDA_SKIPPED_REASON;
   // The float32 GEMM of the fused CPU 1x1 convolutions on this machine.
-  info["cpu_sgemm"] = csp_kernels::sgemm_avx512_supported() ? "avx512" : "blas";
+  info["cpu_sgemm"] = csp_kernels::sgemm_avx512_preferred() ? "avx512" : "blas";
   info["torch_version"] = std::to_string(TORCH_VERSION_MAJOR) + "." + std::to_string(TORCH_VERSION_MINOR) +
                           "." + std::to_string(TORCH_VERSION_PATCH);
   return info;

@@ -2,6 +2,10 @@
 forward on every engine (prologue, epilogue, batch statistics, several tiles per plane, channel
 slices, in-place runs), the CPU backward ops against their unfused passes, and the C++ ops'
 argument checks and opcheck."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -204,6 +208,23 @@ def test_cpu_float32_gemm_block_edges(in_channels, out_channels, side):
                                    bn_b.double(), "relu")
     assert rel_error(grad_x, conv1x1_input_grad(grad_z, weight.double())) <= 10 * TOL[torch.float32]
     assert rel_error(grad_weight, conv1x1_weight_grad(grad_z, x.double())) <= 10 * TOL[torch.float32]
+
+
+def test_cpu_float32_gemm_on_torchs_blas():
+    """CSP_KERNELS_CPU_SGEMM=blas (read once, hence a subprocess): the float32 GEMMs on torch's
+    BLAS and the 3x3 convolutions on oneDNN, through the block-edge and backward tests; an
+    unknown value warns."""
+    env = {**os.environ, "CSP_KERNELS_CPU_SGEMM": "blas"}
+    check = "import csp_kernels; assert csp_kernels.build_info()['cpu_sgemm'] == 'blas'"
+    subprocess.run([sys.executable, "-c", check], env=env, check=True)
+    tests = [f"{__file__}::test_cpu_float32_gemm_block_edges", f"{__file__}::test_conv_bn_act_backward",
+             os.path.join(os.path.dirname(__file__), "test_conv3x3.py")]
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests], env=env,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-3000:]
+    warned = subprocess.run([sys.executable, "-W", "error", "-c", "import csp_kernels"],
+                            env={**os.environ, "CSP_KERNELS_CPU_SGEMM": "fast"}, capture_output=True, text=True)
+    assert warned.returncode != 0 and "CSP_KERNELS_CPU_SGEMM must be one of" in warned.stderr
 
 
 def test_cpu_bfloat16_runs_as_passes():

@@ -46,11 +46,11 @@ namespace {
 constexpr int64_t kScratchBytes = 256 * 1024;
 
 // Column-major C (m x n) = op(A) op(B) + beta C, op = transpose where asked ("N" or "T").
-// beta is 0 or 1. float32 runs `sgemm_avx512` where the CPU has AVX-512 (trans-cpu eval, the
+// beta is 0 or 1. float32 runs `sgemm_avx512` where it is preferred (trans-cpu eval, the
 // 256 x 256 x 256 tile GEMMs: 2.1x MKL's speed on the AMD EPYC we measure on).
 inline void gemm(const char* op_a, const char* op_b, int m, int n, int k, const float* a, int lda, const float* b,
                  int ldb, float beta, float* c, int ldc) {
-  if (sgemm_avx512_supported()) {
+  if (sgemm_avx512_preferred()) {
     // Column-major C (m x n) is row-major C^T (n x m) = op(B)^T (n x k) @ op(A)^T (k x m).
     const bool a_t = *op_a == 'T', b_t = *op_b == 'T';
     sgemm_avx512(n, m, k, b, b_t ? 1 : ldb, b_t ? ldb : 1, a, a_t ? 1 : lda, a_t ? lda : 1, c, ldc, beta != 0);

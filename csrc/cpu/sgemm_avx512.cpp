@@ -10,6 +10,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <vector>
 
 namespace csp_kernels {
@@ -161,6 +163,15 @@ bool sgemm_avx512_supported() {
   return supported;
 }
 
+bool sgemm_avx512_preferred() {
+  static const bool preferred = [] {
+    const char* choice = std::getenv("CSP_KERNELS_CPU_SGEMM");
+    if (!sgemm_avx512_supported() || (choice != nullptr && std::strcmp(choice, "blas") == 0)) return false;
+    return (choice != nullptr && std::strcmp(choice, "avx512") == 0) || !__builtin_cpu_is("intel");
+  }();
+  return preferred;
+}
+
 // Packed A: per k-block (kKC), every kMR-row panel of the whole of A; a block of rows i0 and
 // k-block p0 starts at p0 * round_up(m, kMR) + i0 * kc.
 int64_t sgemm_avx512_packed_a_size(int64_t m, int64_t k) { return round_up(m, kMR) * k; }
@@ -218,6 +229,8 @@ void sgemm_avx512(int64_t m, int64_t n, int64_t k, const float* a, int64_t a_row
 namespace csp_kernels {
 
 bool sgemm_avx512_supported() { return false; }
+
+bool sgemm_avx512_preferred() { return false; }
 
 void sgemm_avx512(int64_t, int64_t, int64_t, const float*, int64_t, int64_t, const float*, int64_t, int64_t, float*,
                   int64_t, bool, const float*) {

@@ -12,6 +12,11 @@ namespace csp_kernels {
 // Whether this CPU runs `sgemm_avx512` (it has AVX-512F).
 bool sgemm_avx512_supported();
 
+// Whether csp_kernels' float32 CPU GEMMs use `sgemm_avx512` rather than torch's BLAS: where it
+// is supported, on CPUs other than Intel's (MKL, torch's BLAS, is fast on Intel's), unless the
+// environment variable CSP_KERNELS_CPU_SGEMM says "blas" (or "avx512"), read once.
+bool sgemm_avx512_preferred();
+
 // Row-major C (m x n) = A (m x k) @ B (k x n), plus C's old values if `accumulate`:
 //   C[i * ldc + j] (+)= sum_p A[i * a_row + p * a_col] * B[p * b_row + j * b_col].
 // A and B through any strides (both are packed into cache-sized panels, except a B that is
