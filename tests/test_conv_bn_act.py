@@ -273,6 +273,24 @@ def test_eval_fold_cache_follows_parameter_changes(device, backend_name):
 
 
 @pytest.mark.parametrize("device,backend_name", device_backend_params())
+@pytest.mark.parametrize("kernel_size", [1, 3])
+def test_eval_fold_cache_follows_the_input_layout(device, backend_name, kernel_size):
+    """One module, NCHW and channels_last inputs in turn (float32: on the CPU the 1x1 GEMM or
+    Winograd for NCHW, oneDNN with a prepacked weight for channels_last), each way round: the
+    cached weight is the one the input's kernel takes. It crashed when a prepacked weight
+    cached for channels_last met an NCHW input."""
+    ref, fused = make_pair(8, 6, kernel_size, 1, "silu", torch.float32, device)
+    ref.eval(), fused.eval()
+    x = torch.randn(2, 8, 9, 9, device=device)
+    layouts = [x, x.contiguous(memory_format=torch.channels_last)]
+    with torch.no_grad(), csp_kernels.use_backend(backend_name):
+        for first, second in (layouts, layouts[::-1]):
+            fused._folded = None
+            for xi in (first, second, first):
+                assert_close(fused(xi), ref(xi.double()), "y")
+
+
+@pytest.mark.parametrize("device,backend_name", device_backend_params())
 def test_pickle_after_eval_forward(device, backend_name):
     """The eval cache (on float32 CPU a oneDNN-prepacked weight, which cannot be pickled) is
     left out of the pickle and rebuilt."""

@@ -142,7 +142,8 @@ class ConvBNAct(reference.ConvBNAct):
         ops.eval_winograd_transform, for the shape of the x that filled the cache)."""
         bn = self.bn
         sources = (self.conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var)
-        key = (tuple((t._version, t.data_ptr()) for t in sources), bn.eps, x.dtype, x.device, engine)
+        kind = ops.eval_weight_kind(x, self.conv.weight, *self._conv_args(), engine)
+        key = (tuple((t._version, t.data_ptr()) for t in sources), bn.eps, x.dtype, x.device, engine, kind)
         if self._folded is None or self._folded[0] != key:
             with torch.no_grad():
                 weight, bias = self._fold()

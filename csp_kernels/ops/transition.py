@@ -291,6 +291,16 @@ def _runs_on_onednn(x, weight, stride, padding, dilation, groups, engine) -> boo
             and not _runs_as_winograd(x, weight, stride, padding, dilation, groups))
 
 
+def eval_weight_kind(x, weight, stride, padding, dilation, groups, engine) -> str:
+    """What the eval weight for inputs like `x` is: "onednn" (prepacked by
+    `prepack_eval_weight`), "winograd" (plain, with `eval_winograd_transform`) or "plain". A
+    cache of them must be keyed on it: the same module meets NCHW and channels_last inputs."""
+    if _runs_on_onednn(x, weight, stride, padding, dilation, groups, engine):
+        return "onednn"
+    return "winograd" if engine == "aten" and _runs_as_winograd(x, weight, stride, padding, dilation, groups) \
+        else "plain"
+
+
 def prepack_eval_weight(x, weight, stride, padding, dilation, groups, engine):
     """The weight `conv_bias_act` runs fastest with for inputs like `x`: oneDNN's blocked layout
     where oneDNN runs the conv (saves a weight reorder per call), else `weight` itself."""
