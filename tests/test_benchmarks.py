@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import csp_kernels
-from benchmarks import baselines, cli, configs, measure, report, roofline, suite, targets
+from benchmarks import baselines, cli, configs, kernels, measure, report, roofline, suite, targets
 
 SHAPE = (2, 3, 4, 5)
 NBYTES = 2 * 3 * 4 * 5 * 4  # float32
@@ -192,3 +192,18 @@ def test_pinned_backend_variant_runs_its_module_on_that_backend():
     assert torch.equal(pinned, ref(x))  # the reference's own ops, bit for bit
     workload = configs.workloads("trans-cpu", quick=True)[0]
     assert "fused-cuda" not in baselines.available_variants(workload, torch.device("cpu"))
+
+
+def test_kernel_microbenchmarks_write_every_row(tmp_path):
+    """`python -m benchmarks.kernels --quick`: every row with each variant's rate, ours among them
+    where our kernels run (Winograd where the AVX-512 GEMM does)."""
+    out = tmp_path / "kernels.json"
+    assert kernels.main(["--quick", "--rounds", "1", "--out", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert [row["name"] for row in record["rows"]] == list(kernels.QUICK_SHAPES)
+    winograd = csp_kernels.build_info()["cpu_sgemm"] == "avx512"
+    for row in record["rows"]:
+        assert all(rate > 0 for rate in row["gflops"].values()), row
+        ours = [v for v in row["gflops"] if v.startswith("ours")]
+        assert len(ours) == (1 if row["name"] == "conv1x1" or winograd else 0), row
+    assert kernels.report(record["rows"]).count("GFLOP/s") == len(record["rows"])

@@ -5,10 +5,11 @@ in float32 where csp_kernels' AVX-512 GEMM runs, is Winograd's F(2x2, 3x3):
 `csp_kernels::conv3x3_winograd_out` (csrc/cpu/conv3x3_winograd.cpp) of grad_y with the
 flipped, transposed weight, 2.25x fewer multiplications than direct convolution.
 
-Measured on pdb-cpu's layer (8x128x56x56 -> 32 channels, float32, 2 cores): the input
-gradient 12.4 ms by oneDNN on NCHW, 3.3 ms by Winograd. The forward stays oneDNN's: Winograd
-runs it in about the same time (4.2 vs 4.3 ms; the whole block's eval 67.6 vs 68.4 ms) with up
-to twice the rounding error.
+Measured by `python -m benchmarks.kernels` (2-core AMD EPYC, float32, in a warmed process): the
+pdb-cpu layer's input gradient (8x32x56x56 -> 128 channels) 446 GFLOP/s by oneDNN on NCHW, 567
+by Winograd (4.2 -> 3.3 ms). The forward stays oneDNN's: Winograd is only 7% faster there (430
+vs 459 GFLOP/s, its input transform over 128 channels costing as much as its GEMMs) for up to
+twice the rounding error.
 """
 from __future__ import annotations
 

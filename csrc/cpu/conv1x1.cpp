@@ -47,7 +47,7 @@ constexpr int64_t kScratchBytes = 256 * 1024;
 
 // Column-major C (m x n) = op(A) op(B) + beta C, op = transpose where asked ("N" or "T").
 // beta is 0 or 1. float32 runs `sgemm_avx512` where it is preferred (trans-cpu eval, the
-// 256 x 256 x 256 tile GEMMs: 2.1x MKL's speed on the AMD EPYC we measure on).
+// 256 x 256 x 256 tile GEMMs: 2x MKL's speed on the AMD EPYC we measure on).
 inline void gemm(const char* op_a, const char* op_b, int m, int n, int k, const float* a, int lda, const float* b,
                  int ldb, float beta, float* c, int ldc) {
   if (sgemm_avx512_preferred()) {
