@@ -20,6 +20,7 @@
 
 #include "activation.h"
 #include "batch_norm_act.h"
+#include "moments.h"
 #include "plane_layout.h"
 #include "sgemm_avx512.h"
 
@@ -139,11 +140,11 @@ void load_tile(const scalar_t* x, const PlaneLayout& X, const Tile& t, const sta
   }
 }
 
-// out[o][i] = act(out[o][i] + bias[o]) in place; with `moments`, each channel's tile mean and
-// sum of squared deviations (two passes over the cache-resident row: no cancellation).
+// out[o][i] = act(out[o][i] + bias[o]) in place; with `moments`, each channel's moments over
+// the cache-resident tile row.
 template <typename scalar_t>
 void finish_tile(scalar_t* out, const PlaneLayout& O, const Tile& t, const stat_of<scalar_t>* bias, Act act,
-                 double* moments) {
+                 Moments* moments) {
   using acc_t = at::opmath_type<scalar_t>;
   scalar_t* base = out + t.sample * O.batch_stride + t.begin;
   for (int64_t o = 0; o < O.channels; ++o) {
@@ -152,16 +153,7 @@ void finish_tile(scalar_t* out, const PlaneLayout& O, const Tile& t, const stat_
       const acc_t b = bias == nullptr ? acc_t(0) : acc_t(bias[o]);
       CSP_DISPATCH_ACT(act, [&] { scale_shift_act_row<scalar_t, kAct>(row, row, t.width, acc_t(1), b); });
     }
-    if (moments == nullptr) continue;
-    acc_t sum = 0;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t i = 0; i < t.width; ++i) sum += row[i];
-    const acc_t mean = sum / t.width;
-    acc_t m2 = 0;
-#pragma omp simd reduction(+ : m2)
-    for (int64_t i = 0; i < t.width; ++i) m2 += (row[i] - mean) * (row[i] - mean);
-    moments[2 * o] = mean;
-    moments[2 * o + 1] = m2;
+    if (moments != nullptr) moments[o] = moments_of(row, t.width);
   }
 }
 
@@ -200,7 +192,7 @@ std::tuple<at::Tensor, at::Tensor> conv1x1_fused_out_cpu(
   const int64_t tiles = tiling.count, width = tiling.width;
   at::Tensor mean = at::empty({stats ? O.channels : 0}, x.options().dtype(sdtype));
   at::Tensor var = at::empty({stats ? O.channels : 0}, x.options().dtype(sdtype));
-  std::vector<double> moments(stats ? tiles * O.channels * 2 : 0);
+  std::vector<Moments> moments(stats ? tiles * O.channels : 0);
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv1x1_fused_out_cpu", [&] {
     using stat_t = stat_of<scalar_t>;
@@ -219,25 +211,18 @@ std::tuple<at::Tensor, at::Tensor> conv1x1_fused_out_cpu(
       // out_tile^T (w x O) = scratch^T (w x C) @ W^T (C x O).
       gemm("N", "N", static_cast<int>(t.width), static_cast<int>(O.channels), static_cast<int>(X.channels), scratch,
            static_cast<int>(t.width), wp, ldb, scalar_t(0), op + t.sample * O.batch_stride + t.begin, ldc);
-      finish_tile(op, O, t, bp, act, stats ? moments.data() + i * O.channels * 2 : nullptr);
+      finish_tile(op, O, t, bp, act, stats ? moments.data() + i * O.channels : nullptr);
     });
     if (!stats) return;
-    // Chan's merge of the tiles' (count, mean, M2), in tile order: deterministic.
+    // The tiles' moments merged in tile order: deterministic.
     stat_t* mean_p = mean.mutable_data_ptr<stat_t>();
     stat_t* var_p = var.mutable_data_ptr<stat_t>();
     at::parallel_for(0, O.channels, 16, [&](int64_t o0, int64_t o1) {
       for (int64_t o = o0; o < o1; ++o) {
-        double n = 0, m = 0, m2 = 0;
-        for (int64_t i = 0; i < tiles; ++i) {
-          const double nb = static_cast<double>(tiling[i].width);
-          const double mb = moments[(i * O.channels + o) * 2], m2b = moments[(i * O.channels + o) * 2 + 1];
-          const double total = n + nb, delta = mb - m;
-          m += delta * nb / total;
-          m2 += m2b + delta * delta * n * nb / total;
-          n = total;
-        }
-        mean_p[o] = static_cast<stat_t>(m);
-        var_p[o] = static_cast<stat_t>(n > 0 ? m2 / n : 0.0);
+        Moments total;
+        for (int64_t i = 0; i < tiles; ++i) total.add(moments[i * O.channels + o]);
+        mean_p[o] = static_cast<stat_t>(total.mean);
+        var_p[o] = static_cast<stat_t>(total.biased_variance());
       }
     });
   });
