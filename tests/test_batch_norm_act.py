@@ -5,6 +5,7 @@ import torch.nn.functional as F
 
 from csp_kernels.checks import ACTIVATIONS, activation_module
 from csp_kernels.ops import batch_norm_act as bna
+from csp_kernels.ops.conv1x1 import conv1x1_fused
 from helpers import DEVICES, assert_matches_reference
 
 TOL = {torch.float32: 2e-6, torch.float64: 1e-12}
@@ -41,6 +42,21 @@ def test_channel_stats_large_mean_keeps_variance(device):
     _, var = bna.channel_stats(x)
     ref = x.double().var((0, 2, 3), unbiased=False)
     assert_matches_reference(var, ref, tol=1e-3)
+
+
+def test_cpu_float32_statistics_round_once():
+    """The CPU statistics (`channel_stats`, and the 1x1 GEMM's epilogue) accumulate in double:
+    against the float64 moments of the same float32 values, mean and variance are off by one
+    float32 rounding at most. Sums shifted by one sample in float32 were 5.6e-7 off here."""
+    x = (torch.randn(2, 3, 6, 12, dtype=torch.float64) * 3 + 5).float()
+    mean, var = bna.channel_stats(x)
+    eps = torch.finfo(torch.float32).eps
+    assert ((mean.double() - x.double().mean((0, 2, 3))).abs() <= eps * mean.double().abs()).all()
+    exact_var = x.double().var((0, 2, 3), unbiased=False)
+    assert ((var.double() - exact_var).abs() <= eps * exact_var).all()
+    out, mean, var = conv1x1_fused(x, torch.eye(3).view(3, 3, 1, 1) * 2, stats=True)
+    exact_var = out.double().var((0, 2, 3), unbiased=False)
+    assert ((var.double() - exact_var).abs() <= eps * exact_var).all()
 
 
 @pytest.mark.parametrize("device", DEVICES)
