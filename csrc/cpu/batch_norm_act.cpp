@@ -90,14 +90,15 @@ void bn_act_backward_reduce_kernel(const scalar_t* grad_y, const PlaneLayout& G,
         const scalar_t* zp = z + n * L.batch_stride + c * L.channel_stride;
         const scalar_t* gp = grad_y + n * G.batch_stride + c * G.channel_stride;
         scalar_t* accp = kAccumulate ? grad_acc + n * ACC.batch_stride + c * ACC.channel_stride : nullptr;
-        acc_t s = 0, sx = 0;
+        // Sums in double, as ATen's BatchNorm backward: the weight gradient's can cancel.
+        double s = 0, sx = 0;
 #pragma omp simd reduction(+ : s, sx)
         for (int64_t i = 0; i < L.plane; ++i) {
           const acc_t xhat = (static_cast<acc_t>(zp[i]) - m) * inv;
           const acc_t dpre = bn_act_grad_pre<A>(static_cast<acc_t>(gp[i]), xhat, w, b);
           if constexpr (kAccumulate) accp[i] = static_cast<scalar_t>(static_cast<acc_t>(accp[i]) + w * dpre);
           s += dpre;
-          sx += dpre * xhat;
+          sx += static_cast<double>(dpre) * xhat;
         }
         total += s;
         total_xhat += sx;

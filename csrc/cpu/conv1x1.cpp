@@ -237,14 +237,14 @@ void accumulate_row(const scalar_t* grad_a, const scalar_t* x, scalar_t* grad_ac
                     at::opmath_type<scalar_t> mean, at::opmath_type<scalar_t> invstd, at::opmath_type<scalar_t> w,
                     at::opmath_type<scalar_t> b, double* sums) {
   using acc_t = at::opmath_type<scalar_t>;
-  acc_t s = 0, sx = 0;
+  double s = 0, sx = 0;  // in double: the weight gradient's sum can cancel
 #pragma omp simd reduction(+ : s, sx)
   for (int64_t i = 0; i < width; ++i) {
     const acc_t xhat = (static_cast<acc_t>(x[i]) - mean) * invstd;
     const acc_t dpre = bn_act_grad_pre<A>(static_cast<acc_t>(grad_a[i]), xhat, w, b);
     grad_acc[i] = static_cast<scalar_t>(static_cast<acc_t>(grad_acc[i]) + w * dpre);
     s += dpre;
-    sx += dpre * xhat;
+    sx += static_cast<double>(dpre) * xhat;
   }
   sums[0] = s;
   sums[1] = sx;
