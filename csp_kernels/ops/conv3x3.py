@@ -1,15 +1,18 @@
 """The dense layer's 3x3 convolution (stride 1, padding 1, no bias), forward and backward.
 
-The forward and the weight gradient are ATen's (oneDNN, cuDNN). The input gradient, on CPUs
-in float32 where csp_kernels' AVX-512 GEMM runs, is Winograd's F(2x2, 3x3):
+The training forward and the weight gradient are ATen's (oneDNN, cuDNN). The input gradient,
+on CPUs in float32 where csp_kernels' AVX-512 GEMM runs, is Winograd's F(2x2, 3x3):
 `csp_kernels::conv3x3_winograd_out` (csrc/cpu/conv3x3_winograd.cpp) of grad_y with the
 flipped, transposed weight, 2.25x fewer multiplications than direct convolution.
 
 Measured by `python -m benchmarks.kernels` (2-core AMD EPYC, float32, in a warmed process): the
 pdb-cpu layer's input gradient (8x32x56x56 -> 128 channels) 446 GFLOP/s by oneDNN on NCHW, 567
-by Winograd (4.2 -> 3.3 ms). The forward stays oneDNN's: Winograd is only 7% faster there (430
-vs 459 GFLOP/s, its input transform over 128 channels costing as much as its GEMMs) for up to
-twice the rounding error.
+by Winograd (4.2 -> 3.3 ms). The dense layer's training forward stays oneDNN's: Winograd is only
+7% faster alone there (430 vs 459 GFLOP/s, its input transform over 128 channels costing as much
+as its GEMMs), no faster in the training step (322 vs 319 ms), for up to twice the rounding
+error. In eval (`ops.dense_eval`) the layer runs Winograd with the transforms folded once,
+straight into the concat buffer: pdb-cpu eval 74.4 -> 62.0 ms side by side (no output copy, no
+fresh output and reorder buffers per layer).
 """
 from __future__ import annotations
 

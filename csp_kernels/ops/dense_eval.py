@@ -10,18 +10,20 @@ import torch
 
 from .batch_norm_act import bn_scale_shift, stats_dtype
 from .conv1x1 import conv1x1_fused
-from .conv3x3 import conv3x3
+from .conv3x3 import conv3x3, winograd_usable, winograd_weight
 from .dense import DENSE_ACT, DENSE_PARAMS_PER_LAYER, Geometry, layer_params, new_buffer, transition_params_of
 from .transition import fold_batch_norm
 
 @dataclasses.dataclass
 class EvalParams:
-    """Per layer: BN1 as (scale, shift), conv1 with BN2 folded in (weight, bias), conv2 weight;
-    per transition: conv with its BN folded in (weight, bias)."""
+    """Per layer: BN1 as (scale, shift), conv1 with BN2 folded in (weight, bias), conv2 weight
+    and, where conv2 runs by Winograd, its transform; per transition: conv with its BN folded in
+    (weight, bias)."""
     norm1: list[tuple[torch.Tensor, torch.Tensor]]
     conv1: list[tuple[torch.Tensor, torch.Tensor]]
     conv2: list[torch.Tensor]
     transitions: list[tuple[torch.Tensor, torch.Tensor]]
+    conv2_winograd: list[torch.Tensor | None]
 
 
 def _fold(conv_weight, bn_weight, bn_bias, running_mean, running_var, eps):
@@ -45,7 +47,8 @@ def fold_eval_params(dense_params, dense_running, transition_params, transition_
         conv2.append(conv2_w.detach())
     transitions = [_fold(*transition_params_of(transition_params, i), *running, eps)
                    for i, running in enumerate(transition_running)]
-    return EvalParams(norm1, conv1, conv2, transitions)
+    conv2_winograd = [winograd_weight(w) if winograd_usable(w) else None for w in conv2]
+    return EvalParams(norm1, conv1, conv2, transitions, conv2_winograd)
 
 
 @torch.no_grad()
@@ -80,7 +83,10 @@ def partial_dense_block_eval(x: torch.Tensor, params: EvalParams, part1: int, fu
         scale1, shift1 = params.norm1[j]
         z = conv1x1_fused(dense[:, :c], conv1_w, in_scale=scale1, in_shift=shift1, in_act=DENSE_ACT, bias=conv1_b,
                           act=DENSE_ACT, out=bottleneck, engine=engine)
-        conv3x3(z, params.conv2[j], out=dense[:, c: c + growth])
+        if params.conv2_winograd[j] is not None and winograd_usable(z):
+            torch.ops.csp_kernels.conv3x3_winograd_out(z, params.conv2_winograd[j], dense[:, c: c + growth])
+        else:
+            conv3x3(z, params.conv2[j], out=dense[:, c: c + growth])
 
     if fusion == "csp":
         first_weight, first_bias = params.transitions[0]
