@@ -16,6 +16,8 @@ fresh output and reorder buffers per layer).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -30,11 +32,15 @@ if extension._C is not None:
         return None
 
 
+@functools.cache
+def _avx512_gemm_runs() -> bool:
+    """The extension's GEMM choice, fixed for the process (asked once, off the hot path)."""
+    return extension._C is not None and extension.build_info()["cpu_sgemm"] == "avx512"
+
+
 def winograd_usable(x: torch.Tensor) -> bool:
-    """Whether `conv3x3` runs `x` by Winograd: float32 on a CPU where csp_kernels' AVX-512
-    GEMM runs."""
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and extension._C is not None
-            and extension.build_info()["cpu_sgemm"] == "avx512")
+    """Whether x runs by Winograd here: float32 on a CPU where csp_kernels' AVX-512 GEMM runs."""
+    return x.device.type == "cpu" and x.dtype == torch.float32 and _avx512_gemm_runs()
 
 
 def winograd_weight(weight: torch.Tensor) -> torch.Tensor:
