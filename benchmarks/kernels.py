@@ -24,7 +24,8 @@ import torch.nn.functional as F
 
 from csp_kernels import build_info
 from csp_kernels.ops.conv1x1 import conv1x1_fused
-from csp_kernels.ops.conv3x3 import conv3x3_input_grad_winograd, conv3x3_winograd, winograd_usable
+from csp_kernels.ops.conv3x3 import conv3x3_winograd, winograd_usable
+from csp_kernels.ops.transition import conv_backward
 
 from .machine import machine_info
 from .measure import time_interleaved
@@ -58,7 +59,7 @@ def _input_grad_variants(grad_y, weight):
     variants = {"oneDNN NCHW": lambda: torch.ops.aten.convolution_backward(
         grad_y, x, weight, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [True, False, False])}
     if winograd_usable(grad_y):
-        variants["ours (Winograd)"] = lambda: conv3x3_input_grad_winograd(grad_y, weight)
+        variants["ours (Winograd)"] = lambda: conv_backward(grad_y, x, weight, [1, 1], [1, 1], [1, 1], 1, True, False)
     return variants
 
 

@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from csp_kernels.ops.conv3x3 import conv3x3, conv3x3_backward, conv3x3_winograd, winograd_usable, winograd_weight
+from csp_kernels.ops.conv3x3 import conv3x3, conv3x3_winograd, winograd_usable, winograd_weight
+from csp_kernels.ops.transition import conv_backward
 from helpers import rel_error
 
 needs_winograd = pytest.mark.skipif(not winograd_usable(torch.empty(0)),
@@ -64,7 +65,8 @@ def test_backward_matches_autograd(dtype, tol):
     weight = torch.randn(4, 16, 3, 3, dtype=torch.float64, requires_grad=True)
     grad_y = torch.randn(2, 4, 11, 10, dtype=torch.float64)
     F.conv2d(x, weight, padding=1).backward(grad_y)
-    grad_x, grad_weight = conv3x3_backward(grad_y.to(dtype), x.detach().to(dtype), weight.detach().to(dtype))
+    grad_x, grad_weight = conv_backward(grad_y.to(dtype), x.detach().to(dtype), weight.detach().to(dtype), [1, 1],
+                                        [1, 1], [1, 1], 1, True, True)
     assert grad_x.shape == x.shape and grad_weight.shape == weight.shape
     assert rel_error(grad_x, x.grad) <= tol
     assert rel_error(grad_weight, weight.grad) <= tol

@@ -138,8 +138,8 @@ class ConvBNAct(reference.ConvBNAct):
 
     def _folded_params(self, x: torch.Tensor, engine: str):
         """The cached eval fold for x's dtype and `engine`: (weight, bias, Winograd transform or
-        None), the weight prepacked for the kernel that will run it (ops.prepack_eval_weight,
-        ops.eval_winograd_transform, for the shape of the x that filled the cache)."""
+        None), prepared for the kernel that will run inputs like x (ops.prepare_eval_weight, for
+        the shape of the x that filled the cache)."""
         bn = self.bn
         sources = (self.conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var)
         kind = ops.eval_weight_kind(x, self.conv.weight, *self._conv_args(), engine)
@@ -147,8 +147,6 @@ class ConvBNAct(reference.ConvBNAct):
         if self._folded is None or self._folded[0] != key:
             with torch.no_grad():
                 weight, bias = self._fold()
-                weight = weight.to(x.dtype)
-                transform = ops.eval_winograd_transform(x, weight, *self._conv_args(), engine)
-                weight = ops.prepack_eval_weight(x, weight, *self._conv_args(), engine)
+                weight, transform = ops.prepare_eval_weight(x, weight.to(x.dtype), *self._conv_args(), engine, kind)
             self._folded = (key, weight, bias.to(ops.stats_dtype(x.dtype)), transform)
         return self._folded[1:]

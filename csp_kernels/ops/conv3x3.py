@@ -1,9 +1,10 @@
 """The dense layer's 3x3 convolution (stride 1, padding 1, no bias), forward and backward.
 
-The training forward and the weight gradient are ATen's (oneDNN, cuDNN). The input gradient,
-on CPUs in float32 where csp_kernels' AVX-512 GEMM runs, is Winograd's F(2x2, 3x3):
-`csp_kernels::conv3x3_winograd_out` (csrc/cpu/conv3x3_winograd.cpp) of grad_y with the
-flipped, transposed weight, 2.25x fewer multiplications than direct convolution.
+Winograd's F(2x2, 3x3) on CPUs in float32 where csp_kernels' AVX-512 GEMM runs:
+`csp_kernels::conv3x3_winograd_out` (csrc/cpu/conv3x3_winograd.cpp), 2.25x fewer
+multiplications than direct convolution; `ops.transition.conv_backward` runs the input gradient
+with it (the same convolution of grad_y with the flipped, transposed weight). The dense layer's
+training forward and the weight gradient are ATen's (oneDNN, cuDNN).
 
 Measured by `python -m benchmarks.kernels` (2-core AMD EPYC, float32, in a warmed process): the
 pdb-cpu layer's input gradient (8x32x56x56 -> 128 channels) 446 GFLOP/s by oneDNN on NCHW, 567
@@ -61,31 +62,16 @@ def conv3x3(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = No
     return y if out is None else out.copy_(y)
 
 
-def conv3x3_winograd(x: torch.Tensor, weight: torch.Tensor, transform: torch.Tensor | None = None) -> torch.Tensor:
+def conv3x3_winograd(x: torch.Tensor, weight: torch.Tensor, transform: torch.Tensor | None = None,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
     """conv2d(x, weight, padding=1) by Winograd F(2x2, 3x3), where `winograd_usable(x)`.
 
     x: (batch, in_channels, height, width) with contiguous planes (a channel slice is fine);
     weight: (out_channels, in_channels, 3, 3); transform: None, or `winograd_weight(weight)`
-    computed beforehand -> (batch, out_channels, height, width)
+    computed beforehand; out: None, or a (batch, out_channels, height, width) tensor with
+    contiguous planes to write into. Returns the output.
     """
-    out = x.new_empty(x.shape[0], weight.shape[0], x.shape[2], x.shape[3])
+    if out is None:
+        out = x.new_empty(x.shape[0], weight.shape[0], x.shape[2], x.shape[3])
     torch.ops.csp_kernels.conv3x3_winograd_out(x, winograd_weight(weight) if transform is None else transform, out)
     return out
-
-
-def conv3x3_input_grad_winograd(grad_y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """The input gradient of conv2d(x, weight, padding=1) by Winograd, where
-    `winograd_usable(grad_y)`: the same convolution of grad_y with the flipped, transposed
-    weight. grad_y: (batch, out_channels, height, width) with contiguous planes."""
-    return conv3x3_winograd(grad_y, weight.flip(2, 3).transpose(0, 1))
-
-
-def conv3x3_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor):
-    """(grad_x, grad_weight) of `conv3x3`; grad_y: (batch, out_channels, height, width)."""
-    grad_y = grad_y.contiguous()
-    winograd = winograd_usable(x)
-    grad_x, grad_weight, _ = torch.ops.aten.convolution_backward(
-        grad_y, x, weight, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [not winograd, True, False])
-    if winograd:
-        grad_x = conv3x3_input_grad_winograd(grad_y, weight)
-    return grad_x, grad_weight

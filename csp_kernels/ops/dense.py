@@ -60,7 +60,8 @@ from .. import extension  # noqa: F401  (loads csp_kernels._C, which defines the
 from .batch_norm_act import (bn_act_backward, bn_scale_shift, channel_stats, plane_contiguous, scale_shift_act,
                              stats_dtype)
 from .conv1x1 import conv1x1_bn_act_backward, conv1x1_fused, conv1x1_input_grad, conv1x1_weight_grad
-from .conv3x3 import conv3x3, conv3x3_backward
+from .conv3x3 import conv3x3
+from .transition import conv_backward
 
 _ops = torch.ops.csp_kernels
 DENSE_PARAMS_PER_LAYER = 6
@@ -133,8 +134,6 @@ def bn_grad_correct(grad_acc, x, mean, invstd, sum_grad, sum_grad_xhat, grad_x) 
     means given as sums over the channel's batch * height * width values (in place)."""
     _ops.bn_grad_correct(grad_acc, x, mean, invstd, sum_grad, sum_grad_xhat, grad_x)
 
-
-# ----------------------------------------------------------------------------------------------
 
 # ----------------------------------------------------------------------------------------------
 
@@ -421,7 +420,8 @@ def _dense_backward(grad_dense, buf, dense_params, g: Geometry, eps, mean, var, 
                         out=b)
         invstd2 = torch.rsqrt(bottleneck_var[j] + eps)
         # Backward through conv2, BN2 + ReLU, conv1, then BN1 + ReLU into the accumulator.
-        grad_b, grad_conv2 = conv3x3_backward(grad_dense[:, c: c + g.growth], b, conv2_w)
+        grad_b, grad_conv2 = conv_backward(grad_dense[:, c: c + g.growth].contiguous(), b, conv2_w, [1, 1], [1, 1],
+                                           [1, 1], 1, True, True)
         grad_conv1, grad_norm2_w, grad_norm2_b, grad_norm1_b, grad_norm1_w = dense_conv1_backward(
             grad_b, z, (bottleneck_mean[j], invstd2, norm2_w, norm2_b), dense[:, :c],
             (mean[:c], invstd[:c], norm1_w, norm1_b), DENSE_ACT, conv1_w, grad_acc[:, :c], engine)

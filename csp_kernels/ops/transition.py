@@ -21,7 +21,7 @@ which keeps the op functional.
 Eval (`conv_bias_act`): BatchNorm folded into the conv (`fold_batch_norm`) and the activation
 applied by the kernel that writes the output: the Triton GEMM's or the CPU tiled GEMM's
 epilogue, oneDNN's fused convolution post-op (with a weight prepacked by
-`prepack_eval_weight`), or else `scale_shift_act` in place over the conv's output.
+`prepare_eval_weight`), or else `scale_shift_act` in place over the conv's output.
 
 Which conv runs:
   engine "triton"  (an op argument, so that a compiled graph keeps it) the Triton 1x1 GEMM for
@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from .batch_norm_act import stats_dtype
 from .batch_norm_act import bn_act_backward, bn_scale_shift, channel_stats, plane_contiguous, scale_shift_act
 from .conv1x1 import conv1x1_bn_act_backward, conv1x1_fused, gemm_conv1x1
-from .conv3x3 import conv3x3_input_grad_winograd, conv3x3_winograd, winograd_usable, winograd_weight
+from .conv3x3 import conv3x3_winograd, winograd_usable, winograd_weight
 
 # oneDNN post-ops (attr, scalars) of torch.ops.mkldnn._convolution_pointwise; it has no mish.
 _ONEDNN_POST_OPS = {
@@ -127,7 +127,7 @@ def _conv(x, weight, stride, padding, dilation, groups):
     return plane_contiguous(F.conv2d(x, weight, None, stride, padding, dilation, groups))
 
 
-def _conv_backward(grad_z, x, weight, stride, padding, dilation, groups, needs_x: bool, needs_weight: bool):
+def conv_backward(grad_z, x, weight, stride, padding, dilation, groups, needs_x: bool, needs_weight: bool):
     """(grad_x, grad_weight) of conv2d(x, weight), None where not needed."""
     if not (needs_x or needs_weight):
         return None, None
@@ -136,7 +136,8 @@ def _conv_backward(grad_z, x, weight, stride, padding, dilation, groups, needs_x
         grad_z, x, weight, None, stride, padding, dilation, False, [0, 0], groups,
         [needs_x and not winograd, needs_weight, False])
     if winograd:
-        grad_x = conv3x3_input_grad_winograd(plane_contiguous(grad_z), weight)
+        # The input gradient is the same convolution of grad_z with the flipped, transposed weight.
+        grad_x = conv3x3_winograd(plane_contiguous(grad_z), weight.flip(2, 3).transpose(0, 1))
     return grad_x, grad_weight
 
 
@@ -221,7 +222,7 @@ def _train_backward(ctx, grad_y, needs_x: bool, needs_weight: bool):
             grad_y, z, *bn_params, x, weight, needs_x, needs_weight)
     else:
         grad_z, grad_bn_weight, grad_bn_bias = bn_act_backward(grad_y, z, *bn_params)
-        grad_x, grad_weight = _conv_backward(grad_z, x, weight, stride, padding, dilation, groups, needs_x,
+        grad_x, grad_weight = conv_backward(grad_z, x, weight, stride, padding, dilation, groups, needs_x,
                                              needs_weight)
     return grad_x, grad_weight, grad_bn_weight.to(bn_weight.dtype), grad_bn_bias.to(bn_bias.dtype)
 
@@ -292,33 +293,26 @@ def _runs_on_onednn(x, weight, stride, padding, dilation, groups, engine) -> boo
 
 
 def eval_weight_kind(x, weight, stride, padding, dilation, groups, engine) -> str:
-    """What the eval weight for inputs like `x` is: "onednn" (prepacked by
-    `prepack_eval_weight`), "winograd" (plain, with `eval_winograd_transform`) or "plain". A
-    cache of them must be keyed on it: the same module meets NCHW and channels_last inputs."""
+    """What `prepare_eval_weight` makes of the eval weight for inputs like `x`: "onednn"
+    (prepacked), "winograd" (plain, with its transform) or "plain". A cache of prepared weights
+    must be keyed on it: the same module meets NCHW and channels_last inputs."""
     if _runs_on_onednn(x, weight, stride, padding, dilation, groups, engine):
         return "onednn"
     return "winograd" if engine == "aten" and _runs_as_winograd(x, weight, stride, padding, dilation, groups) \
         else "plain"
 
 
-def prepack_eval_weight(x, weight, stride, padding, dilation, groups, engine):
-    """The weight `conv_bias_act` runs fastest with for inputs like `x`: oneDNN's blocked layout
-    where oneDNN runs the conv (saves a weight reorder per call), else `weight` itself."""
-    if not _runs_on_onednn(x, weight, stride, padding, dilation, groups, engine):
-        return weight
-    return torch._C._nn.mkldnn_reorder_conv2d_weight(weight.to_mkldnn(), padding, stride, dilation, groups,
-                                                     list(x.shape))
-
-
-def eval_winograd_transform(x, weight, stride, padding, dilation, groups, engine):
-    """For eval convs of inputs like `x` that run by Winograd (3x3 stride 1, CPU float32 with
-    AVX-512): the weight's transform, for `conv_bias_act`'s `transform` (a cache spares its
-    cost per call: 2 ms for 256 x 256 channels); else None. Measured eval ConvBNAct(3x3,
-    leaky_relu) on 8x56x56, 128 -> 128 channels: 11.9 ms by Winograd, 23.0 ms by oneDNN with a
-    prepacked weight (eager 27.8); 64 -> 64: 3.3 vs 4.4; 256 -> 256 on 28x28: 13.5 vs 14.6."""
-    if engine != "aten" or not _runs_as_winograd(x, weight, stride, padding, dilation, groups):
-        return None
-    return winograd_weight(weight)
+def prepare_eval_weight(x, weight, stride, padding, dilation, groups, engine, kind: str):
+    """(weight, transform) that `conv_bias_act` runs fastest with for inputs like `x`, given
+    their `eval_weight_kind`: oneDNN's blocked layout where oneDNN runs the conv (saves a weight
+    reorder per call); the Winograd transform where Winograd does (a cache spares its cost per
+    call: 2 ms for 256 x 256 channels). Measured eval ConvBNAct(3x3, leaky_relu) on 8x56x56,
+    128 -> 128 channels: 11.9 ms by Winograd, 23.0 ms by oneDNN with a prepacked weight (eager
+    27.8); 64 -> 64: 3.3 vs 4.4; 256 -> 256 on 28x28: 13.5 vs 14.6."""
+    if kind == "onednn":
+        return torch._C._nn.mkldnn_reorder_conv2d_weight(weight.to_mkldnn(), padding, stride, dilation, groups,
+                                                         list(x.shape)), None
+    return weight, winograd_weight(weight) if kind == "winograd" else None
 
 
 def _eval_forward(x, weight, bias, stride, padding, dilation, groups, act, engine, out, transform=None):
@@ -350,7 +344,7 @@ def conv_bias_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, str
 
     x: (batch, in_channels, height, width); weight: (out_channels, in_channels / groups, kh, kw),
     x's dtype (or, on CPU float32, a oneDNN-prepacked weight); bias: (out_channels,), float32
-    (float64 for float64 data); transform: None, or weight's `eval_winograd_transform`.
+    (float64 for float64 data); transform: None, or the Winograd transform of `prepare_eval_weight`.
     """
     return _eval_forward(x, weight, bias, stride, padding, dilation, groups, act, engine, None, transform)
 
