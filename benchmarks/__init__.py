@@ -2,5 +2,5 @@
 
 Files: configs (what is measured), baselines (eager / checkpoint / compile / fused variants),
 measure (one metric of one variant), roofline (GPU floors), suite (a whole run), targets
-(BENCHMARKS.md's goals), records, report (table, JSON, CSV), plots (PNG), cli.
+(docs/benchmarks.md's goals), records, report (table, JSON, CSV), plots (PNG), cli.
 """

@@ -1,4 +1,4 @@
-"""What is benchmarked: the standard configurations of shared/BENCHMARKS.md, their --quick
+"""What is benchmarked: the standard configurations of docs/benchmarks.md, their --quick
 shrinks and the sweeps behind the plots."""
 from __future__ import annotations
 
@@ -125,7 +125,7 @@ def workloads(name: str, quick: bool) -> list[Workload]:
     return [dataclasses.replace(w, label=f"{w.name}/{w.dtype_name}") for w in chosen]
 
 
-# sweep name -> (values at full size, values for --quick); BENCHMARKS.md's ranges
+# sweep name -> (values at full size, values for --quick); docs/benchmarks.md's ranges
 SWEEPS = {
     "num_layers": ((2, 4, 6, 8, 10, 12, 14, 16), (2, 3, 4, 6)),
     "part_ratio": ((0.25, 0.5, 0.75), (0.25, 0.5, 0.75)),

@@ -92,8 +92,8 @@ def format_report(record: dict) -> str:
     if record["targets"]:
         body = [[t["label"], t["figure"], f"{t['op']} {t['threshold']:g}",
                  "-" if t["value"] is None else f"{t['value']:.3f}", _spread(t.get("spread")), t["status"],
-                 t["floor"] or t["reason"]] for t in record["targets"]]
-        parts.append("== targets (shared/BENCHMARKS.md); per round: quartiles of the ratio of samples taken back "
+                 t["reason"] or t["floor"]] for t in record["targets"]]
+        parts.append("== targets (docs/benchmarks.md); per round: quartiles of the ratio of samples taken back "
                      "to back\n" + text_table(
                          ["workload", "figure", "target", "value", "per round", "status", "floor / note"], body))
     if record["notes"]:

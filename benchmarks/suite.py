@@ -85,7 +85,7 @@ def run(settings: Settings) -> dict:
         "rows": rows,
         "sweep_rows": sweep_rows,
         "ratios": ratios(rows),
-        "targets": targets.evaluate(rows),
+        "targets": targets.evaluate(rows, quick=settings.quick),
         "notes": notes,
     }
 

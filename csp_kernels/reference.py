@@ -1,7 +1,7 @@
 """The specification: CSPNet building blocks in plain PyTorch, written to be read.
 
 Every fused module of csp_kernels must match these in forward, backward, running-statistics
-updates and state_dict keys (see shared/DESIGN.md, "Semantics"). Names follow the ecosystem so
+updates and state_dict keys (docs/semantics.md, "Semantics"). Names follow the ecosystem so
 that real weights load unchanged: ConvBNAct has timm's ConvNormAct / ultralytics' Conv keys,
 DenseLayer and DenseBlock have torchvision DenseNet's keys.
 

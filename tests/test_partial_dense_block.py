@@ -356,7 +356,7 @@ def test_custom_ops_opcheck():
 
 @pytest.mark.parametrize("fusion", FUSIONS)
 def test_saved_bytes_at_most_a_fifth_of_eager(fusion):
-    # pdb-cpu's block (shared/BENCHMARKS.md) at 8x8: every saved tensor of both is (batch,
+    # pdb-cpu's block (docs/benchmarks.md) at 8x8: every saved tensor of both is (batch,
     # channels, height, width), so the ratio is pdb-cpu's at any resolution.
     ref, fused = make_pair(128, 6, 32, 0.5, fusion=fusion, dtype=torch.float32)
     x = torch.randn(2, 128, 8, 8, requires_grad=True)

@@ -2,7 +2,7 @@
 one-pass Maxout pyramid op (ops/maxout.py) on the "cpu", "cuda" and "triton" backends.
 
 Maxout is memory-bound, so it has no Triton kernel: the "triton" backend runs the compiled
-extension's kernel for it, by design (DESIGN.md, "Layers of the code").
+extension's kernel for it, by design (docs/semantics.md).
 """
 from __future__ import annotations
 

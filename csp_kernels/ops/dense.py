@@ -1,5 +1,5 @@
 """The partial dense block as one op: a preallocated concat buffer, per-channel statistics
-computed once, and a backward that recomputes instead of saving (shared/DESIGN.md, "The dense
+computed once, and a backward that recomputes instead of saving (docs/semantics.md, "The dense
 layer, algebraically").
 
 Layout. One buffer `buf` (batch, part1 + t, height, width), t = part2 + num_layers * growth:
