@@ -82,8 +82,8 @@ def _pdb(name, channels, batch, size, dtype, num_layers=6, growth_rate=32):
     return Workload(name, FAMILIES["pdb"], kwargs, ((batch, channels, size, size),), dtype)
 
 
-def _trans(name, channels, batch, size, dtype, act):
-    kwargs = dict(in_channels=channels, out_channels=channels, kernel_size=1, act=act)
+def _trans(name, channels, batch, size, dtype, act, kernel_size=1):
+    kwargs = dict(in_channels=channels, out_channels=channels, kernel_size=kernel_size, act=act)
     return Workload(name, FAMILIES["trans"], kwargs, ((batch, channels, size, size),), dtype)
 
 
@@ -104,6 +104,10 @@ CONFIGS: dict[str, tuple[list[Workload], list[Workload]]] = {
                 [_pdb("pdb-gpu", 16, 2, 8, bf16, 3, 8), _pdb("pdb-gpu", 16, 2, 8, f32, 3, 8)]),
     "trans-cpu": ([_trans("trans-cpu", 256, 8, 56, f32, "leaky_relu")],
                   [_trans("trans-cpu", 16, 2, 8, f32, "leaky_relu")]),
+    # cspdarknet53's stage-5 3x3 at 224 px input: a small map, where Winograd's tiles and
+    # per-call weight transform do not pay (the kernel choice must fall back to oneDNN).
+    "small-cpu": ([_trans("small-cpu", 512, 8, 7, f32, "leaky_relu", kernel_size=3)],
+                  [_trans("small-cpu", 32, 2, 2, f32, "leaky_relu", kernel_size=3)]),
     "trans-gpu": ([_trans("trans-gpu", 256, 64, 80, bf16, "silu")],
                   [_trans("trans-gpu", 16, 2, 8, bf16, "silu")]),
     "efm-cpu": ([_efm("efm-cpu", 128, 8, (80, 40, 20), f32)],
@@ -111,7 +115,7 @@ CONFIGS: dict[str, tuple[list[Workload], list[Workload]]] = {
     "efm-gpu": ([_efm("efm-gpu", 256, 32, (80, 40, 20), bf16)],
                 [_efm("efm-gpu", 8, 2, (8, 4, 2), bf16)]),
 }
-DEFAULT_CONFIGS = {"cpu": ["pdb-cpu", "trans-cpu", "efm-cpu"],
+DEFAULT_CONFIGS = {"cpu": ["pdb-cpu", "trans-cpu", "efm-cpu", "small-cpu"],
                    "cuda": ["pdb-gpu", "trans-gpu", "efm-gpu"]}
 
 

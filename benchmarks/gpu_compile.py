@@ -161,8 +161,8 @@ def compile_conv1x1(dtype: torch.dtype, input_precision: str, capability: int, *
     out = torch.empty(batch, out_channels, height, width, device="meta")
     config = conv1x1_module.launch_config(out_channels, in_channels, dtype, input_precision, on_gpu=True)
     data, stat = _types(dtype)
-    constants = dict(HAS_BIAS=True, ACT=conv1x1_module.act_code(act), HAS_IN_AFFINE=prologue,
-                     IN_ACT=conv1x1_module.act_code("relu" if prologue else "identity"), STATS=stats,
+    constants = dict(HAS_BIAS=True, **conv1x1_module.act_constexprs(act), HAS_IN_AFFINE=prologue,
+                     **conv1x1_module.act_constexprs("relu" if prologue else "identity", "IN_"), STATS=stats,
                      ACC_FP64=dtype == torch.float64, INPUT_PRECISION=input_precision,
                      X_PLANES=conv1x1_module.planes_contiguous(x), OUT_PLANES=conv1x1_module.planes_contiguous(out),
                      BLOCK_O=config[0], BLOCK_P=config[1], BLOCK_K=config[2])
@@ -183,8 +183,8 @@ def compile_weight_grad(dtype: torch.dtype, input_precision: str, capability: in
     grad_z = torch.empty(batch, out_channels, height, width, device="meta")
     config = conv1x1_module.launch_config(out_channels, in_channels, dtype, input_precision, on_gpu=True)
     data, stat = _types(dtype)
-    constants = dict(HAS_IN_AFFINE=True, IN_ACT=conv1x1_module.act_code("relu"), ACC_FP64=dtype == torch.float64,
-                     INPUT_PRECISION=input_precision, G_PLANES=True, X_PLANES=True,
+    constants = dict(HAS_IN_AFFINE=True, **conv1x1_module.act_constexprs("relu", "IN_"),
+                     ACC_FP64=dtype == torch.float64, INPUT_PRECISION=input_precision, G_PLANES=True, X_PLANES=True,
                      BLOCK_O=config[0], BLOCK_I=config[1], BLOCK_P=config[2])
     args = dict(g_ptr=data, x_ptr=data, scale_ptr=stat, shift_ptr=stat, partial_ptr=stat, batch=batch,
                 plane=height * width, width=width, out_channels=out_channels, in_channels=in_channels,
@@ -203,7 +203,7 @@ def compile_dgrad_bn_accumulate(dtype: torch.dtype, input_precision: str, capabi
     grad_z = torch.empty(batch, out_channels, height, width, device="meta")
     config = conv1x1_module.launch_config(in_channels, out_channels, dtype, input_precision, on_gpu=True)
     data, stat = _types(dtype)
-    constants = dict(ACT=conv1x1_module.act_code("relu"), ACC_FP64=dtype == torch.float64,
+    constants = dict(**conv1x1_module.act_constexprs("relu"), ACC_FP64=dtype == torch.float64,
                      INPUT_PRECISION=input_precision, G_PLANES=True, X_PLANES=True, ACC_PLANES=True,
                      BLOCK_I=config[0], BLOCK_P=config[1], BLOCK_O=config[2])
     args = dict(g_ptr=data, w_ptr=data, x_ptr=data, acc_ptr=data, mean_ptr=stat, invstd_ptr=stat, bnw_ptr=stat,

@@ -32,6 +32,8 @@ TARGETS = (
     Target("pdb-cpu", "time_eval_s", "eager", "<=", 0.75, "≈ 0.65 at eager's conv speed"),
     Target("trans-cpu", "time_train_s", "eager", "<=", 0.85, "≈ 0.75 at eager's conv speed"),
     Target("trans-cpu", "time_eval_s", "eager", "<=", 0.85, "≈ 0.75 at eager's conv speed"),
+    Target("small-cpu", "time_train_s", "eager", "<=", 1.0, "no shape slower than eager"),
+    Target("small-cpu", "time_eval_s", "eager", "<=", 1.0, "no shape slower than eager"),
     Target("efm-cpu", "traffic_eval_bytes", "eager", "<=", 0.35,
            "inputs read once + output written once"),
     Target("efm-cpu", "time_eval_s", "eager", "<=", 0.50),

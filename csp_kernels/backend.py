@@ -42,10 +42,14 @@ class ReferenceFallbackWarning(UserWarning):
 
 
 def tracing_reason() -> str:
-    """Why a fused module must run the reference under torch.jit.trace, or "" when not tracing:
-    TorchScript cannot hold the fused ops' Python autograd, caches and prepacked weights."""
+    """Why a fused module must run the reference under torch.jit.trace or a torch.func
+    transform, or "" when neither is active: TorchScript cannot hold the fused ops' Python
+    autograd, caches and prepacked weights, and the fused ops have no functorch rules (vmap's
+    batching, grad's autograd.Function setup)."""
     if torch.jit.is_tracing():
         return "torch.jit.trace records plain PyTorch ops (torch.export keeps the fused kernels)"
+    if not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None:
+        return "a torch.func transform (grad, vmap, jacrev, ...) is active; the fused ops have no functorch rules"
     return ""
 
 
@@ -126,6 +130,12 @@ def resolve_backend(device: torch.device) -> str:
     global _warned_fallback
     name = requested_backend()
     if name == "auto":
+        if device.type == "meta":
+            # Shapes only (deferred init, shape inference): the reference computes them, and the
+            # extension is not at fault, whatever extension.why_unavailable would say.
+            warnings.warn("csp_kernels: tensors on the meta device run the plain-PyTorch reference (shapes "
+                          "only; no kernels run there)", ReferenceFallbackWarning, stacklevel=3)
+            return "reference"
         if extension.why_unavailable(device):
             if not _warned_fallback:
                 _warned_fallback = True

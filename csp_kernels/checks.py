@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 ACTIVATIONS = ("relu", "leaky_relu", "silu", "mish", "hardswish", "identity")
-LEAKY_RELU_SLOPE = 0.1  # darknet's leaky ReLU
+LEAKY_RELU_SLOPE = 0.1  # darknet's leaky ReLU; the default `negative_slope`
 FUSIONS = ("last", "first", "csp")
 GROUPINGS = ("interleaved", "contiguous")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -30,6 +30,13 @@ def _check_choice(value, name: str, choices: tuple[str, ...]) -> str:
 def check_activation(act) -> str:
     """Return `act` if it names a supported activation (see ACTIVATIONS)."""
     return _check_choice(act, "act", ACTIVATIONS)
+
+
+def check_negative_slope(value) -> float:
+    """Return `value` as a float if it is a real number (LeakyReLU's negative slope)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"negative_slope must be a float; got {type(value).__name__} {value!r}")
+    return float(value)
 
 
 def check_fusion(fusion) -> str:
@@ -52,6 +59,20 @@ def check_positive_int(value, name: str) -> int:
     if value <= 0:
         raise ValueError(f"{name} must be a positive int; got {value}")
     return int(value)
+
+
+def check_padding(padding):
+    """Return a conv's `padding` if nn.Conv2d would run it: None (the caller's default), a
+    non-negative int, a (height, width) pair of them, or nn.Conv2d's "same" / "valid"."""
+    if padding is None or isinstance(padding, str):  # nn.Conv2d checks the strings
+        return padding
+    values = tuple(padding) if isinstance(padding, (tuple, list)) else (padding,)
+    if len(values) not in (1, 2) or any(isinstance(v, bool) or not isinstance(v, numbers.Integral) for v in values):
+        raise TypeError(f"padding must be None, a non-negative int or a pair of them, or 'same'/'valid'; got "
+                        f"{padding!r}")
+    if any(v < 0 for v in values):
+        raise ValueError(f"padding must be non-negative; got {padding!r}")
+    return padding
 
 
 def partial_split(in_channels: int, part_ratio: float) -> tuple[int, int]:
@@ -190,6 +211,51 @@ _ACTIVATION_MODULES = {
 }
 
 
-def activation_module(act: str) -> nn.Module:
-    """A new nn.Module computing activation `act` (see ACTIVATIONS)."""
-    return _ACTIVATION_MODULES[check_activation(act)]()
+def activation_module(act: str, negative_slope: float = LEAKY_RELU_SLOPE) -> nn.Module:
+    """A new nn.Module computing activation `act` (see ACTIVATIONS); `negative_slope` is
+    leaky_relu's."""
+    if check_activation(act) == "leaky_relu":
+        return nn.LeakyReLU(check_negative_slope(negative_slope))
+    return _ACTIVATION_MODULES[act]()
+
+
+# The modules the kernels compute exactly, by exact type: a subclass may compute something else.
+_KERNEL_ACTIVATIONS = {nn.ReLU: "relu", nn.LeakyReLU: "leaky_relu", nn.SiLU: "silu", nn.Mish: "mish",
+                       nn.Hardswish: "hardswish", nn.Identity: "identity"}
+
+
+def _kernel_act(module: nn.Module) -> str:
+    name = _KERNEL_ACTIVATIONS.get(type(module), "")
+    if module._forward_hooks or module._forward_pre_hooks:
+        return ""  # the kernels would skip the hooks
+    if name == "leaky_relu" and module.negative_slope != LEAKY_RELU_SLOPE:
+        return f"leaky_relu:{float(module.negative_slope)!r}"
+    return name
+
+
+def kernel_activation(*modules: nn.Module) -> tuple[str, str]:
+    """(the kernels' name for what `modules` compute, "") when every one of them computes the
+    same activation the kernels can, else ("", the reason). The kernels' names are ACTIVATIONS
+    and "leaky_relu:<slope>" (repr of the float, exact) for a slope other than LEAKY_RELU_SLOPE
+    (csrc/activation.h parse_act, triton/activation.py act_constexprs read it back). Read at
+    forward time, so a module whose `act` was replaced after construction runs what it holds."""
+    names = [_kernel_act(m) for m in modules]
+    for m, name in zip(modules, names):
+        if not name:
+            return "", (f"activation {m!r} (the fused kernels compute nn.ReLU, nn.LeakyReLU, nn.SiLU, nn.Mish, "
+                        "nn.Hardswish and nn.Identity, without forward hooks)")
+    if any(name != names[0] for name in names):
+        return "", f"different activations {', '.join(map(repr, modules))} (the fused op applies one)"
+    return names[0], ""
+
+
+def parse_activation(act: str) -> tuple[str, float]:
+    """(name, negative slope) of a kernels' activation name (see kernel_activation)."""
+    name, _, slope = act.partition(":")
+    check_activation(name)
+    if slope and name != "leaky_relu":
+        raise ValueError(f"act: only leaky_relu takes a slope ('leaky_relu:<slope>'); got {act!r}")
+    try:
+        return name, float(slope) if slope else LEAKY_RELU_SLOPE
+    except ValueError:
+        raise ValueError(f"act 'leaky_relu:<slope>' needs a number as slope; got {act!r}") from None

@@ -7,7 +7,7 @@ import warnings
 import torch
 
 # CSP_KERNELS_CPU_SGEMM: which float32 GEMM the CPU kernels use (csrc/cpu/sgemm_avx512.h);
-# unset picks ours on AVX-512 CPUs other than Intel's, torch's BLAS elsewhere.
+# unset, the faster of ours (AVX-512 CPUs only) and torch's BLAS, measured once per process.
 CPU_SGEMM_CHOICES = ("avx512", "blas")
 if os.environ.get("CSP_KERNELS_CPU_SGEMM", CPU_SGEMM_CHOICES[0]) not in CPU_SGEMM_CHOICES:
     warnings.warn(f"CSP_KERNELS_CPU_SGEMM must be one of {CPU_SGEMM_CHOICES}; got "
@@ -27,8 +27,9 @@ def build_info() -> dict:
     Keys: "loaded" (bool), "import_error", "cpu" (bool), "cuda" (bool), "cuda_archs",
     "cuda_version" (toolkit it was compiled with), "torch_version" (torch it was compiled
     against), "cuda_skipped_reason" (why CUDA sources were not compiled), "cpu_sgemm" (the float32 GEMM of
-    the CPU kernels here: "avx512", ours, which also enables Winograd 3x3 convolutions, or
-    "blas", torch's; CSP_KERNELS_CPU_SGEMM chooses), and the runtime's
+    the CPU 1x1 kernels here: "avx512", ours, or "blas", torch's), "cpu_sgemm_reason" (how that was
+    decided: CSP_KERNELS_CPU_SGEMM, or both measured on this CPU), "cpu_avx512" (whether the AVX-512
+    kernels, our GEMM and the Winograd 3x3 convolutions, can run here), and the runtime's
     "runtime_torch_version" / "runtime_cuda_available".
     """
     info = {
@@ -39,7 +40,7 @@ def build_info() -> dict:
     }
     if _C is None:
         info.update(cpu=False, cuda=False, cuda_archs="", cuda_version="", torch_version="", cpu_sgemm="",
-                    cuda_skipped_reason="extension not loaded")
+                    cpu_sgemm_reason="", cpu_avx512=False, cuda_skipped_reason="extension not loaded")
         return info
     info.update(_C.build_config())
     return info

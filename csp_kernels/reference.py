@@ -24,6 +24,7 @@ class ConvBNAct(nn.Module):
     x: (batch, in_channels, height, width) -> (batch, out_channels, height', width'),
     height' = (height + 2 * padding - kernel_size) // stride + 1 (width' likewise).
     `padding=None` means kernel_size // 2 ("same" for odd kernels at stride 1).
+    `negative_slope` is leaky_relu's (timm's and PyTorch's default is 0.01, darknet's 0.1).
     """
 
     def __init__(
@@ -35,6 +36,7 @@ class ConvBNAct(nn.Module):
         padding: int | None = None,
         groups: int = 1,
         act: str = "relu",
+        negative_slope: float = checks.LEAKY_RELU_SLOPE,
     ):
         super().__init__()
         self.in_channels = checks.check_positive_int(in_channels, "in_channels")
@@ -45,12 +47,12 @@ class ConvBNAct(nn.Module):
             self.out_channels,
             kernel_size,
             stride=checks.check_positive_int(stride, "stride"),
-            padding=kernel_size // 2 if padding is None else padding,
+            padding=kernel_size // 2 if padding is None else checks.check_padding(padding),
             groups=checks.check_positive_int(groups, "groups"),
             bias=False,
         )
         self.bn = nn.BatchNorm2d(self.out_channels)
-        self.act = checks.activation_module(act)
+        self.act = checks.activation_module(act, negative_slope)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         checks.check_input(x, channels=self.in_channels)

@@ -27,7 +27,9 @@ TORCH_LIBRARY(csp_kernels, m) {
   // stats, returns out's per-channel batch (mean, biased var), else two empty tensors. out may
   // overwrite x when sample n's output covers only sample n's input memory.
   // 3x3, stride 1, padding 1, by Winograd F(2x2, 3x3); weight: the (16, out, in) transform.
-  m.def("conv3x3_winograd_out(Tensor x, Tensor weight, Tensor(a!) out) -> ()");
+  // With conv_weight (the 3x3 weight), an x holding inf or NaN runs as ATen's direct
+  // convolution instead: Winograd's transforms would turn one inf into NaNs around it.
+  m.def("conv3x3_winograd_out(Tensor x, Tensor weight, Tensor(a!) out, Tensor? conv_weight=None) -> ()");
   m.def("conv1x1_fused_out(Tensor x, Tensor weight, Tensor? in_scale, Tensor? in_shift, str in_act, "
         "Tensor? bias, str act, bool stats, Tensor(a!) out) -> (Tensor mean, Tensor var)");
   // The backward of act(BN(conv1x1(x, weight))) after bn_act_backward_reduce gave sum_dpre and
@@ -74,7 +76,10 @@ pybind11::dict build_config() {
   info["cuda_archs"] = CSP_KERNELS_CUDA_ARCHS;
   info["cuda_skipped_reason"] = CSP_KERNELS_CUDA_SKIPPED_REASON;
   // The float32 GEMM of the fused CPU 1x1 convolutions on this machine.
-  info["cpu_sgemm"] = csp_kernels::sgemm_avx512_preferred() ? "avx512" : "blas";
+  info["cpu_sgemm"] = csp_kernels::sgemm_choice().avx512 ? "avx512" : "blas";
+  info["cpu_sgemm_reason"] = csp_kernels::sgemm_choice().reason;
+  // Whether the AVX-512 kernels (the GEMM, Winograd 3x3 convolutions) can run on this CPU.
+  info["cpu_avx512"] = csp_kernels::sgemm_avx512_supported();
   info["torch_version"] = std::to_string(TORCH_VERSION_MAJOR) + "." + std::to_string(TORCH_VERSION_MINOR) +
                           "." + std::to_string(TORCH_VERSION_PATCH);
   return info;

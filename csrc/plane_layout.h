@@ -1,7 +1,10 @@
 // The memory layout the elementwise and reduction kernels accept: a 4-D (N, C, H, W) tensor,
 // possibly a channel slice of a larger buffer, whose every (n, c) plane is H*W contiguous
-// elements. Batch and channel strides are free, which is what lets the dense block read and
-// write channel ranges of its concat buffer in place.
+// elements, the planes of one sample at least H*W apart (the GEMMs' leading dimension; an expand
+// over channels, stride 0, is refused). Batch strides are free, which with the channel stride is
+// what lets the dense block read and write channel ranges of its concat buffer in place. The
+// Python side (csp_kernels.ops.batch_norm_act.planes_contiguous) makes the same judgement and
+// copies what fails it; a written tensor's samples must not overlap either, which it checks.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -21,9 +24,10 @@ struct PlaneLayout {
 inline PlaneLayout plane_layout(const at::Tensor& x, const char* name) {
   TORCH_CHECK_VALUE(x.dim() == 4, name, " must be 4-D (batch, channels, height, width); got ", x.dim(), "-D");
   const int64_t H = x.size(2), W = x.size(3);
-  const bool planes_contiguous = (W == 1 || x.stride(3) == 1) && (H == 1 || x.stride(2) == W);
-  TORCH_CHECK_VALUE(planes_contiguous, name, " must have contiguous (height, width) planes "
-                    "(NCHW or a channel slice of an NCHW tensor); got strides ", x.strides());
+  const bool planes_contiguous = (W == 1 || x.stride(3) == 1) && (H == 1 || x.stride(2) == W) &&
+                                 (x.size(1) <= 1 || x.stride(1) >= H * W);
+  TORCH_CHECK_VALUE(planes_contiguous, name, " must have contiguous (height, width) planes, each channel's "
+                    "apart (NCHW or a channel slice of an NCHW tensor); got strides ", x.strides());
   return {x.size(0), x.size(1), H * W, x.stride(0), x.stride(1)};
 }
 

@@ -1,6 +1,7 @@
 """Shared test helpers: devices and backends to parametrize over, and error measures."""
 import pytest
 import torch
+from torch import nn
 
 from csp_kernels import backend
 
@@ -39,3 +40,14 @@ def assert_matches_reference(fused: torch.Tensor, ref64: torch.Tensor, plain: to
         assert err <= 2 * plain_err + 1e-6, f"{name}: fused error {err:.3g} > 2x plain error {plain_err:.3g}"
     else:
         assert err <= tol, f"{name}: relative error {err:.3g} > {tol:.1g}"
+
+
+def randomize_(module: nn.Module) -> nn.Module:
+    """Non-trivial BN affine parameters and running statistics (defaults would hide bugs)."""
+    with torch.no_grad():
+        for bn in (m for m in module.modules() if isinstance(m, nn.BatchNorm2d)):
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.normal_()
+            bn.running_mean.normal_()
+            bn.running_var.uniform_(0.5, 2.0)
+    return module

@@ -11,7 +11,8 @@ import csp_kernels
 from csp_kernels import checks, reference
 from csp_kernels.ops import transition as ops
 from csp_kernels.ops.conv3x3 import winograd_usable
-from helpers import DEVICES, assert_matches_reference, device_backend_params, fused_backends, requires_cuda
+from helpers import (DEVICES, assert_matches_reference, device_backend_params, fused_backends, randomize_,
+                     requires_cuda)
 
 ACTS = checks.ACTIVATIONS
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
@@ -25,17 +26,6 @@ def _full_float32_precision(monkeypatch):
     """On a GPU, float32 convolutions and the Triton GEMM follow this switch (TF32 would miss
     the float32 tolerance); no effect on CPU."""
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-
-
-def randomize_(module: nn.Module) -> nn.Module:
-    """Non-trivial BN affine parameters and running statistics (defaults would hide bugs)."""
-    with torch.no_grad():
-        for bn in (m for m in module.modules() if isinstance(m, nn.BatchNorm2d)):
-            bn.weight.uniform_(0.5, 1.5)
-            bn.bias.normal_()
-            bn.running_mean.normal_()
-            bn.running_var.uniform_(0.5, 2.0)
-    return module
 
 
 def make_pair(cin, cout, kernel_size=1, stride=1, act="relu", dtype=torch.float64, device="cpu"):

@@ -11,11 +11,8 @@ TRITON_DEVICES = [d for d in DEVICES if backend.triton_usable(torch.device(d))[0
 pytestmark = pytest.mark.skipif(not TRITON_DEVICES, reason="Triton is not usable (no GPU, TRITON_INTERPRET unset)")
 
 if TRITON_DEVICES:
-    import triton
-    import triton.language as tl
-
-    from csp_kernels.triton.activation import act_code, act_derivative, act_forward
     from csp_kernels.triton.conv1x1 import conv1x1
+    from triton_helpers import triton_act
 
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5}
 ACTS = checks.ACTIVATIONS
@@ -211,18 +208,9 @@ def test_activation_helpers_match_torch(device, dtype, act):
     """act_forward / act_derivative against torch's modules and autograd, kinks included
     (relu'(0) = 0, hardswish'(+-3)) and past mish's softplus threshold."""
 
-    @triton.jit
-    def kernel(u_ptr, y_ptr, d_ptr, n, ACT: tl.constexpr, BLOCK: tl.constexpr):
-        offs = tl.arange(0, BLOCK)
-        mask = offs < n
-        u = tl.load(u_ptr + offs, mask=mask)
-        tl.store(y_ptr + offs, act_forward(u, ACT), mask=mask)
-        tl.store(d_ptr + offs, act_derivative(u, ACT), mask=mask)
-
     special = torch.tensor([0.0, -3.0, 3.0, 20.0, 20.5, -20.5, -30.0, 30.0], dtype=dtype)
     u = torch.cat([torch.linspace(-8, 8, 241, dtype=dtype), special]).to(device)
-    y, d = torch.empty_like(u), torch.empty_like(u)
-    kernel[(1,)](u, y, d, u.numel(), ACT=act_code(act), BLOCK=256)
+    y, d = triton_act(u, act)
     u_ref = u.detach().clone().requires_grad_()
     y_ref = torch_act(u_ref, act)
     y_ref.backward(torch.ones_like(y_ref))

@@ -3,18 +3,22 @@ signature, state_dict, forward, backward and running-statistics updates), comput
 `csp_kernels.ops.dense` (one concat buffer, statistics once per channel, a recomputing
 backward; see that module's docstring).
 
-Which path runs:
-- training: the `csp_kernels::partial_dense_block` op, then the running statistics of every
-  BatchNorm updated from the statistics it returns, exactly as nn.BatchNorm2d would (also under
-  torch.no_grad).
-- eval without autograd recording (torch.no_grad / inference_mode, or nothing requires grad):
-  the folded inference forward (`ops.dense_eval`); the folded parameters are cached and
-  refolded when any parameter or buffer changes (version counters).
+Which path runs follows the BatchNorms' own `training` flags, as the reference's numbers do
+(the block's mode matters only through them):
+- all training: the `csp_kernels::partial_dense_block` op, then the running statistics of
+  every BatchNorm updated from the statistics it returns, exactly as nn.BatchNorm2d would (also
+  under torch.no_grad).
+- all in eval, without autograd recording (torch.no_grad / inference_mode, or nothing requires
+  grad): the folded inference forward (`ops.dense_eval`); the folded parameters are cached and
+  refolded when eps or the value of any tensor the fold reads changes (compared with a copy
+  at each call, so edits through `.data` count too).
 - the reference math (`super().forward`) for the "reference" backend, and, with a
   `ReferenceFallbackWarning` naming the reason, for what the fused op does not model: eval
-  while autograd records (e.g. frozen BatchNorms under fine-tuning), autocast (which mixes
-  dtypes per op), and BatchNorms that differ from the defaults the op assumes (affine,
-  tracking running statistics, one shared eps).
+  while autograd records (e.g. frozen BatchNorms under fine-tuning), some BatchNorms frozen
+  and others training, autocast (which mixes dtypes per op), BatchNorms that differ from the
+  defaults the op assumes (affine, tracking running statistics, one shared eps, not a training
+  SyncBatchNorm under torch.distributed), and convolutions or BatchNorms replaced or changed
+  (a bias, another geometry or padding_mode, another module type, forward hooks).
 Input in any memory format (channels_last included) is copied once into the NCHW concat
 buffer; outputs are NCHW-contiguous.
 """
@@ -26,6 +30,11 @@ from .. import backend, checks, reference
 from ..ops import batch_norm_act as bna
 from ..ops import dense as dense_ops
 from ..ops import dense_eval
+from .transition import batch_norm_reason, conv_reason, fold_cache_hit, fold_key, snapshot
+
+# (kernel_size, stride, padding, dilation, groups) the fused op computes each conv with.
+_CONV1X1 = ((1, 1), (1, 1), (0, 0), (1, 1), 1)
+_CONV3X3 = ((3, 3), (1, 1), (1, 1), (1, 1), 1)
 
 
 class PartialDenseBlock(reference.PartialDenseBlock):
@@ -34,8 +43,22 @@ class PartialDenseBlock(reference.PartialDenseBlock):
     def __init__(self, in_channels: int, num_layers: int, growth_rate: int, part_ratio: float = 0.5,
                  bn_size: int = 4, fusion: str = "last", act: str = "relu", out_channels: int | None = None):
         super().__init__(in_channels, num_layers, growth_rate, part_ratio, bn_size, fusion, act, out_channels)
-        self.act_name = checks.check_activation(act)
-        self._eval_cache: tuple[tuple, dense_eval.EvalParams] | None = None
+        self._eval_cache: tuple[tuple, tuple, dense_eval.EvalParams] | None = None  # (key, snapshot, params)
+
+    @property
+    def act_name(self) -> str:
+        """The kernels' name for what the transitions' `act` modules compute now ("" if none)."""
+        return checks.kernel_activation(*(t.act for t in self._transitions()))[0]
+
+    def _act_reason(self) -> str:
+        """Why the fused op cannot compute the activations the block holds now, or "": the
+        transitions' `act` modules must compute one activation the kernels have, the dense
+        layers' relu1 and relu2 ReLU (the op's DENSE_ACT)."""
+        dense_act, reason = checks.kernel_activation(*(r for layer in self._layers() for r in (layer.relu1,
+                                                                                                layer.relu2)))
+        if not reason and dense_act != dense_ops.DENSE_ACT:
+            reason = f"dense layers' activation {dense_act} (the fused op's are {dense_ops.DENSE_ACT})"
+        return reason or checks.kernel_activation(*(t.act for t in self._transitions()))[1]
 
     # -- the module's parameters in the op's order ---------------------------------------------
 
@@ -60,25 +83,43 @@ class PartialDenseBlock(reference.PartialDenseBlock):
         """The transitions' parameters in the order `ops.dense.partial_dense_block` takes them."""
         return [p for t in self._transitions() for p in (t.conv.weight, t.bn.weight, t.bn.bias)]
 
+    def _module_reason(self) -> str:
+        """Why the fused op cannot compute the convolutions and BatchNorms the block holds now
+        (each as transition.conv_reason / batch_norm_reason, with the op's fixed geometry), or ""."""
+        for name, layer in self.dense.named_children():
+            for part in ("norm1", "norm2"):
+                if reason := batch_norm_reason(getattr(layer, part), f"dense.{name}.{part}"):
+                    return reason
+            for part, geometry in (("conv1", _CONV1X1), ("conv2", _CONV3X3)):
+                if reason := conv_reason(getattr(layer, part), f"dense.{name}.{part}", geometry):
+                    return reason
+        for name in ("transition1", "transition2") if self.fusion == "csp" else ("transition",):
+            t = getattr(self, name)
+            if reason := conv_reason(t.conv, f"{name}.conv", _CONV1X1) or batch_norm_reason(t.bn, f"{name}.bn"):
+                return reason
+        return ""
+
     def _unfusable_reason(self, x: torch.Tensor) -> str:
-        """Why this call runs the reference, or "" when the fused op covers it: every BatchNorm
-        affine, tracking running statistics, all with one eps; no autocast; eval only under
-        no_grad (the fused eval is inference-only)."""
-        norms = self._norms()
+        """Why this call runs the reference, or "" when the fused op covers it: the modules it
+        models (_module_reason), all BatchNorms in one mode (batch statistics for all: the
+        training op; running statistics for all: the eval op, inference-only, so only while
+        autograd does not record) with one eps; no autocast."""
         if tracing := backend.tracing_reason():
             return tracing
-        if not all(bn.affine for bn in norms):
-            return "a BatchNorm with affine=False"
-        if not all(bn.track_running_stats and bn.running_mean is not None for bn in norms):
-            return "a BatchNorm with track_running_stats=False"
+        if reason := self._module_reason():
+            return reason
+        norms = self._norms()
+        if any(bn.training != norms[0].training for bn in norms):
+            return ("BatchNorms in both train and eval mode (frozen BatchNorms in a training block; the fused op "
+                    "normalizes all with batch statistics or all with running statistics)")
         if any(bn.eps != norms[0].eps for bn in norms):
             return "BatchNorms with different eps"
         if torch.is_autocast_enabled(x.device.type):
             return "autocast is enabled (the fused block computes in its input's dtype; cast instead)"
-        if not self.training and torch.is_grad_enabled() and (
+        if not norms[0].training and torch.is_grad_enabled() and (
                 x.requires_grad or any(p.requires_grad for p in self.parameters())):
-            return ("eval mode with autograd recording (the fused eval is inference-only: run it under "
-                    "torch.no_grad(), or freeze the parameters and input)")
+            return ("BatchNorms in eval mode with autograd recording (the fused eval is inference-only: run it "
+                    "under torch.no_grad(), or freeze the parameters and input)")
         return ""
 
     # -- forward -------------------------------------------------------------------------------
@@ -89,12 +130,12 @@ class PartialDenseBlock(reference.PartialDenseBlock):
         name = backend.resolve_backend(x.device)
         if name == "reference":
             return super().forward(x)
-        reason = self._unfusable_reason(x)
+        reason = self._unfusable_reason(x) or self._act_reason()
         if reason:
             backend.warn_reference_fallback(self, reason)
             return super().forward(x)
         engine = "triton" if name == "triton" else "aten"
-        if self.training:
+        if self._norms()[0].training:  # all BatchNorms alike (_unfusable_reason); the block's own mode is moot
             return self._train_forward(x, engine)
         return dense_eval.partial_dense_block_eval(x, self._eval_params(), self.part1, self.fusion, self.act_name,
                                                   engine)
@@ -119,11 +160,18 @@ class PartialDenseBlock(reference.PartialDenseBlock):
     def _eval_params(self) -> dense_eval.EvalParams:
         if torch.compiler.is_compiling():
             return self._fold()  # traced into the graph (torch.compile, torch.export), which folds it once
-        tensors = [*self.parameters(), *self.buffers()]
-        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
-        if self._eval_cache is None or self._eval_cache[0] != key:
-            self._eval_cache = (key, self._fold())
-        return self._eval_cache[1]
+        sources = self._fold_sources()
+        key = (fold_key(sources), self._norms()[0].eps)
+        cache = self._eval_cache  # read once: another thread may replace it meanwhile
+        if not fold_cache_hit(cache, key, sources):
+            cache = (key, snapshot(sources), self._fold())
+            self._eval_cache = cache
+        return cache[2]
+
+    def _fold_sources(self) -> list[torch.Tensor]:
+        """Every tensor `_fold` reads."""
+        return [*self.dense_params(), *self.transition_params(),
+                *(t for bn in self._norms() for t in (bn.running_mean, bn.running_var))]
 
     def _fold(self) -> dense_eval.EvalParams:
         dense_running = [(layer.norm1.running_mean, layer.norm1.running_var, layer.norm2.running_mean,

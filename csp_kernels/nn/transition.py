@@ -2,8 +2,12 @@
 possible (ops/transition.py), with an `out=` that writes into a caller's buffer."""
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn
 
 from .. import backend, checks, reference
 from ..ops import transition as ops
@@ -22,23 +26,34 @@ class ConvBNAct(reference.ConvBNAct):
       training (gradients reach it through the buffer, as for any in-place write into a view)
       and in eval under no_grad.
 
-    Training: one custom op (batch statistics fused with the conv's output pass where the
-    backend can), saving only x, the weight and the conv output for backward. Eval: BatchNorm
-    folded into the conv weight and bias, cached until any of conv.weight, bn.weight, bn.bias,
-    bn.running_mean, bn.running_var changes (tensor version counter or storage), and the
-    activation fused into the conv's output. Eval with gradients (parameters or x requiring
-    grad while grad mode is on) folds through autograd instead of the cache.
+    Training (`bn.training`, which may differ from the module's own mode, as for a frozen
+    BatchNorm in a training model): one custom op (batch statistics fused with the conv's
+    output pass where the backend can), saving only x, the weight and the conv output for
+    backward. Eval: BatchNorm folded into the conv weight and bias, cached until bn.eps or the
+    value of any of conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var changes
+    (compared with a copy at each call), and the activation fused into the conv's output.
+    Eval with gradients (parameters or x requiring grad while grad mode is on) folds through
+    autograd instead of the cache.
 
-    Configurations the fused kernels do not cover (a non-"zeros" padding_mode, string padding,
-    BatchNorm without affine parameters or running statistics) run the reference, with a
-    `ReferenceFallbackWarning` naming the reason.
+    The activation computed is the `act` submodule's at each call (replace it and the kernels
+    follow): nn.ReLU, nn.LeakyReLU (any slope), nn.SiLU, nn.Mish, nn.Hardswish, nn.Identity.
+    Configurations the fused kernels do not cover (another `act`, a non-"zeros" padding_mode,
+    string padding, BatchNorm without affine parameters or running statistics, a conv bias,
+    conv or bn replaced by another module type, a training SyncBatchNorm under torch.distributed,
+    forward hooks on conv or bn) run the reference, with a `ReferenceFallbackWarning` naming
+    the reason.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 1, stride: int = 1,
-                 padding: int | None = None, groups: int = 1, act: str = "relu"):
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding, groups, act)
-        self.act_name = act
-        self._folded = None  # (key, weight, bias, transform) of the eval fold; see _folded_params
+                 padding: int | None = None, groups: int = 1, act: str = "relu",
+                 negative_slope: float = checks.LEAKY_RELU_SLOPE):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, groups, act, negative_slope)
+        self._folded = None  # (key, snapshot, weight, bias, transform) of the eval fold; see _folded_params
+
+    @property
+    def act_name(self) -> str:
+        """The kernels' name for what `self.act` computes now ("" if they cannot compute it)."""
+        return checks.kernel_activation(self.act)[0]
 
     def __getstate__(self):
         # The eval cache is derived data, and a oneDNN-prepacked weight cannot be pickled.
@@ -52,14 +67,16 @@ class ConvBNAct(reference.ConvBNAct):
             x = x.to(torch.get_autocast_dtype(device_type))
         name = backend.resolve_backend(x.device)
         conv = self.conv
-        unfusable = "" if name == "reference" else self._unfusable_reason()
+        unfusable = "" if name == "reference" else self._unfusable_reason() or checks.kernel_activation(self.act)[1]
         fused = name != "reference" and not unfusable
         engine = "triton" if fused and name == "triton" and ops.triton_eligible(
             conv.kernel_size, conv.padding, conv.groups) else "aten"
         if out is not None and not isinstance(conv.padding, str):  # else the reference's copy_ checks
             shape = ops.conv_output_shape(x.shape, conv.weight.shape, conv.stride, conv.padding, conv.dilation)
-            ops.check_out(out, shape, x.dtype, x.device,
-                          any_strides=not fused or (engine == "triton" and not self.bn.training))
+            if ops.check_out(out, shape, x.dtype, x.device,
+                             any_strides=not fused or (engine == "triton" and not self.bn.training), x=x,
+                             recording=torch.is_grad_enabled() and self._needs_grad(x, out)):
+                return out.copy_(self.forward(x))  # out overlaps x, which the kernels read while writing out
         if not fused:
             if unfusable:
                 backend.warn_reference_fallback(self, unfusable)
@@ -71,18 +88,7 @@ class ConvBNAct(reference.ConvBNAct):
 
     def _unfusable_reason(self) -> str:
         """What the fused kernels do not model here, or "" when they cover the module."""
-        conv, bn = self.conv, self.bn
-        if tracing := backend.tracing_reason():
-            return tracing
-        if conv.padding_mode != "zeros":
-            return f"conv.padding_mode={conv.padding_mode!r} (the fused kernels pad with zeros)"
-        if isinstance(conv.padding, str):
-            return f"conv.padding={conv.padding!r} (a string; the fused kernels take explicit padding)"
-        if not bn.affine:
-            return "bn.affine=False"
-        if not bn.track_running_stats or bn.num_batches_tracked is None:
-            return "bn.track_running_stats=False"
-        return ""
+        return backend.tracing_reason() or conv_reason(self.conv, "conv") or batch_norm_reason(self.bn, "bn")
 
     def _conv_args(self) -> tuple:
         conv = self.conv
@@ -94,12 +100,12 @@ class ConvBNAct(reference.ConvBNAct):
                 engine)
         if out is None:
             y, _, mean, var = ops.conv_bn_act_train(*args)
-        elif torch.is_grad_enabled() and self._needs_grad(x) and torch.compiler.is_compiling():
+        elif torch.is_grad_enabled() and self._needs_grad(x, out) and torch.compiler.is_compiling():
             # AOTAutograd's trace of an autograd.Function writing into a view trips an internal
             # autograd assert (torch 2.14), so a compiled graph writes y and copies it.
             y, _, mean, var = ops.conv_bn_act_train(*args)
             y = out.copy_(y)
-        elif torch.is_grad_enabled() and self._needs_grad(x):
+        elif torch.is_grad_enabled() and self._needs_grad(x, out):  # autograd sees out overwritten
             y, mean, var = ops.conv_bn_act_train_into(*args, out)
         else:
             _, mean, var = ops.conv_bn_act_train_out(*args, out)
@@ -113,11 +119,14 @@ class ConvBNAct(reference.ConvBNAct):
             update_running_stats(bn.running_mean, bn.running_var, mean, var, y.numel() // y.shape[1], momentum)
         return y
 
-    def _needs_grad(self, x: torch.Tensor) -> bool:
-        return x.requires_grad or any(p.requires_grad for p in self.parameters())
+    def _needs_grad(self, x: torch.Tensor, out: torch.Tensor | None = None) -> bool:
+        """Whether autograd must record this call (in grad mode): x, a parameter, or the `out`
+        it overwrites requires grad."""
+        return x.requires_grad or (isinstance(out, torch.Tensor) and out.requires_grad) or any(
+            p.requires_grad for p in self.parameters())
 
     def _forward_eval(self, x: torch.Tensor, out: torch.Tensor | None, engine: str) -> torch.Tensor:
-        if torch.is_grad_enabled() and self._needs_grad(x):
+        if torch.is_grad_enabled() and self._needs_grad(x, out):
             weight, bias = self._fold()
             y = self.act(F.conv2d(x, weight.to(x.dtype), bias.to(x.dtype), *self._conv_args()))
             return y if out is None else out.copy_(y)
@@ -143,10 +152,75 @@ class ConvBNAct(reference.ConvBNAct):
         bn = self.bn
         sources = (self.conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var)
         kind = ops.eval_weight_kind(x, self.conv.weight, *self._conv_args(), engine)
-        key = (tuple((t._version, t.data_ptr()) for t in sources), bn.eps, x.dtype, x.device, engine, kind)
-        if self._folded is None or self._folded[0] != key:
+        key = (fold_key(sources), bn.eps, x.dtype, x.device, engine, kind)
+        cache = self._folded  # read once: another thread may replace it meanwhile
+        if not fold_cache_hit(cache, key, sources):
             with torch.no_grad():
                 weight, bias = self._fold()
                 weight, transform = ops.prepare_eval_weight(x, weight.to(x.dtype), *self._conv_args(), engine, kind)
-            self._folded = (key, weight, bias.to(ops.stats_dtype(x.dtype)), transform)
-        return self._folded[1:]
+            cache = (key, snapshot(sources), weight, bias.to(ops.stats_dtype(x.dtype)), transform)
+            self._folded = cache
+        return cache[2:]
+
+
+def fold_key(sources: Sequence[torch.Tensor]) -> tuple:
+    """What `fold_cache_hit` compares besides the values: dtypes and devices (torch.equal sees
+    1.0 in float32 and float64 as equal, and cannot compare across devices)."""
+    return tuple((t.dtype, t.device) for t in sources)
+
+
+def snapshot(sources: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """Copies of an eval fold's source tensors, for `fold_cache_hit`."""
+    with torch.no_grad():
+        return tuple(t.detach().clone() for t in sources)
+
+
+def fold_cache_hit(cache: tuple | None, key: tuple, sources: Sequence[torch.Tensor]) -> bool:
+    """Whether an eval cache (key, snapshot(sources then), ...) still holds for `sources`: same
+    key, same values. Values, not version counters and storage pointers, because edits through
+    `.data` (EMA updates, `p.data.mul_()`, `.data =` assignments reusing memory) bump no version.
+    One comparison per parameter element, small next to the convolutions the fold serves (a NaN
+    in a parameter compares unequal and refolds every call, still correct)."""
+    return cache is not None and cache[0] == key and all(torch.equal(s, t) for s, t in zip(cache[1], sources))
+
+
+def conv_reason(conv: nn.Module, name: str, geometry: tuple | None = None) -> str:
+    """Why the fused kernels cannot compute `conv` (called `name` in the message) as the module
+    holds it now, or "": an nn.Conv2d without bias or forward hooks that pads with zeros by
+    explicit amounts and, where the fused op fixes it, has `geometry` (kernel_size, stride,
+    padding, dilation, groups)."""
+    if type(conv) is not nn.Conv2d:  # a subclass may compute something else
+        return f"{name} is {type(conv).__name__} (the fused kernels compute nn.Conv2d)"
+    if conv.bias is not None:
+        return f"{name}.bias is set (the fused kernels' convolution has none)"
+    if conv.padding_mode != "zeros":
+        return f"{name}.padding_mode={conv.padding_mode!r} (the fused kernels pad with zeros)"
+    if isinstance(conv.padding, str):
+        return f"{name}.padding={conv.padding!r} (a string; the fused kernels take explicit padding)"
+    if geometry is not None and (conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.groups) != geometry:
+        return (f"{name} is {conv!r} (the fused op computes kernel_size, stride, padding, dilation, groups = "
+                f"{geometry})")
+    if conv._forward_hooks or conv._forward_pre_hooks:
+        return f"a forward hook on {name} (the fused kernels would skip it)"
+    return ""
+
+
+def batch_norm_reason(bn: nn.Module, name: str) -> str:
+    """Why the fused kernels cannot compute `bn` (called `name`) as the module holds it now, or
+    "": an nn.BatchNorm2d (or a SyncBatchNorm that computes as one: in eval, or with no process
+    group) with affine parameters, tracked running statistics and no forward hooks. Whether it
+    normalizes by batch or running statistics is its own `training` flag, as in nn.BatchNorm2d."""
+    if type(bn) is nn.SyncBatchNorm:
+        if bn.training and dist.is_available() and dist.is_initialized():
+            return (f"{name} is a training SyncBatchNorm with a process group initialized (the fused kernels "
+                    "compute per-process batch statistics, not synchronized ones)")
+    elif type(bn) is not nn.BatchNorm2d:
+        return f"{name} is {type(bn).__name__} (the fused kernels compute nn.BatchNorm2d)"
+    if not bn.affine or bn.weight is None or bn.bias is None:
+        return f"{name}.affine=False"
+    if not bn.track_running_stats or bn.running_mean is None or bn.running_var is None \
+            or bn.num_batches_tracked is None:
+        return f"{name}.track_running_stats=False"
+    if bn._forward_hooks or bn._forward_pre_hooks:
+        return f"a forward hook on {name} (the fused kernels would skip it)"
+    return ""

@@ -21,6 +21,15 @@ from .. import extension  # noqa: F401  (loads csp_kernels._C, which defines the
 _ops = torch.ops.csp_kernels
 
 
+def refuse_double_backward(op: str) -> None:
+    """Raise from a backward that runs with create_graph=True: the fused backwards are
+    computed by kernels autograd cannot differentiate, which would give None or wrong second
+    derivatives."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"{op} does not support double backward (backward with create_graph=True, "
+                           "e.g. a gradient penalty); use the module of csp_kernels.reference")
+
+
 def stats_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -48,15 +57,69 @@ if extension._C is not None:
         return torch.empty(z.shape, dtype=z.dtype, device=z.device)
 
 
-def plane_contiguous(x: torch.Tensor) -> torch.Tensor:
-    """`x` itself when its (height, width) planes are contiguous, else an NCHW copy.
+def planes_contiguous(t: torch.Tensor, written: bool = False) -> bool:
+    """Whether the kernels take the (N, C, H, W) tensor `t` as it is (csrc/plane_layout.h checks
+    the same): every (n, c) plane is H*W contiguous elements, and the planes of one sample lie
+    apart (channel stride >= H*W: the GEMMs' leading dimension, which BLAS refuses below that;
+    an `expand` over channels has stride 0). A tensor the kernels write (`written`) must also
+    have no two elements in one place, across samples too. Batch strides of inputs are free: a
+    stride-0 batch is read as it is."""
+    n, c, h, w = t.shape
+    if not ((w == 1 or t.stride(3) == 1) and (h == 1 or t.stride(2) == w)):
+        return False
+    if not written:
+        return c <= 1 or t.stride(1) >= h * w
+    return not overlaps_itself(t)
 
-    channels_last tensors take the copy: the kernels walk whole planes.
+
+def overlaps_itself(t: torch.Tensor) -> bool:
+    """Whether two elements of `t` may share memory: False when its dims, sorted by stride, each
+    step over all the earlier ones (every dense layout, permuted or sliced with steps, passes);
+    True for an `expand` and for layouts interleaved too finely to tell."""
+    extent = 1
+    for stride, size in sorted((t.stride(d), t.size(d)) for d in range(t.dim()) if t.size(d) > 1):
+        if stride < extent:
+            return t.numel() > 0
+        extent = stride * size
+    return False
+
+
+def shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether an element of `a` and one of `b` lie in one place: exact where both have
+    `planes_contiguous` planes (a slice of a buffer that reads another slice of it does not
+    overlap it; only the planes' N*C starts are compared), else whether their spans meet."""
+    if a.numel() == 0 or b.numel() == 0 or a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+
+    def span(t):  # [first, last + 1) in bytes of the storage
+        first = t.storage_offset() * t.element_size()
+        return first, first + (sum((n - 1) * s for n, s in zip(t.shape, t.stride())) + 1) * t.element_size()
+
+    (a0, a1), (b0, b1) = span(a), span(b)
+    if a1 <= b0 or b1 <= a0:
+        return False
+    if not (planes_contiguous(a) and planes_contiguous(b)):
+        return True
+
+    def plane_starts(t):  # sorted byte offsets of the (n, c) planes, and a plane's length in bytes
+        n, c, h, w = t.shape
+        starts = (torch.arange(n).mul_(t.stride(0))[:, None] + torch.arange(c).mul_(t.stride(1))).flatten()
+        return (starts + t.storage_offset()).mul_(t.element_size()).sort().values, h * w * t.element_size()
+
+    (starts_a, length_a), (starts_b, length_b) = plane_starts(a), plane_starts(b)
+    # For each plane of a, the last plane of b starting before a's ends must end after a's starts.
+    before = torch.searchsorted(starts_b, starts_a + length_a) - 1
+    found = before >= 0
+    return bool((starts_b[before.clamp(min=0)][found] + length_b > starts_a[found]).any())
+
+
+def plane_contiguous(x: torch.Tensor) -> torch.Tensor:
+    """`x` itself when the kernels read it as it is (`planes_contiguous`), else an NCHW copy.
+
+    channels_last tensors take the copy: the kernels walk whole planes. (A clone, not
+    .contiguous(): torch calls every empty tensor contiguous, whatever its strides.)
     """
-    _, _, h, w = x.shape
-    if (w == 1 or x.stride(3) == 1) and (h == 1 or x.stride(2) == w):
-        return x
-    return x.contiguous()
+    return x if planes_contiguous(x) else x.clone(memory_format=torch.contiguous_format)
 
 
 def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,6 +205,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_y, _grad_mean, _grad_var):
+    refuse_double_backward("csp_kernels::batch_norm_act")
     z, weight, bias, mean, invstd = ctx.saved_tensors
     stats_dtype = mean.dtype
     grad_z, grad_weight, grad_bias = bn_act_backward(

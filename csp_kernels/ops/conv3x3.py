@@ -17,7 +17,6 @@ fresh output and reorder buffers per layer).
 """
 from __future__ import annotations
 
-import functools
 
 import torch
 import torch.nn.functional as F
@@ -29,19 +28,26 @@ _WINOGRAD_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.
 
 if extension._C is not None:
     @torch.library.register_fake("csp_kernels::conv3x3_winograd_out")
-    def _(x, weight, out):
+    def _(x, weight, out, conv_weight=None):
         return None
 
 
-@functools.cache
-def _avx512_gemm_runs() -> bool:
-    """The extension's GEMM choice, fixed for the process (asked once, off the hot path)."""
-    return extension._C is not None and extension.build_info()["cpu_sgemm"] == "avx512"
+_AVX512_RUNS: list[bool] = []  # filled on first use: build_info() may time the GEMMs, not at import
+
+
+@torch.compiler.assume_constant_result  # torch.compile calls it, as it cannot trace the pybind call
+def _avx512_runs() -> bool:
+    """Whether the extension's AVX-512 kernels run on this CPU, fixed for the process (asked
+    once, off the hot path)."""
+    if not _AVX512_RUNS:
+        _AVX512_RUNS.append(extension._C is not None and extension.build_info()["cpu_avx512"])
+    return _AVX512_RUNS[0]
 
 
 def winograd_usable(x: torch.Tensor) -> bool:
-    """Whether x runs by Winograd here: float32 on a CPU where csp_kernels' AVX-512 GEMM runs."""
-    return x.device.type == "cpu" and x.dtype == torch.float32 and _avx512_gemm_runs()
+    """Whether x can run by Winograd here: float32 on a CPU with AVX-512 (whether it should, for
+    its shape, is `conv3x3_choice.winograd_chosen`)."""
+    return x.device.type == "cpu" and x.dtype == torch.float32 and _avx512_runs()
 
 
 def winograd_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -69,9 +75,12 @@ def conv3x3_winograd(x: torch.Tensor, weight: torch.Tensor, transform: torch.Ten
     x: (batch, in_channels, height, width) with contiguous planes (a channel slice is fine);
     weight: (out_channels, in_channels, 3, 3); transform: None, or `winograd_weight(weight)`
     computed beforehand; out: None, or a (batch, out_channels, height, width) tensor with
-    contiguous planes to write into. Returns the output.
+    contiguous planes to write into. Returns the output. An x holding inf or NaN runs as
+    ATen's direct convolution (the op finds them in its input transform): Winograd's transforms
+    would spread one inf into NaNs where the direct convolution gives +-inf.
     """
     if out is None:
         out = x.new_empty(x.shape[0], weight.shape[0], x.shape[2], x.shape[3])
-    torch.ops.csp_kernels.conv3x3_winograd_out(x, winograd_weight(weight) if transform is None else transform, out)
+    torch.ops.csp_kernels.conv3x3_winograd_out(x, winograd_weight(weight) if transform is None else transform, out,
+                                               weight)
     return out

@@ -11,6 +11,7 @@ import torch
 from .batch_norm_act import bn_scale_shift, stats_dtype
 from .conv1x1 import conv1x1_fused
 from .conv3x3 import conv3x3, conv3x3_winograd, winograd_usable, winograd_weight
+from .conv3x3_choice import winograd_chosen
 from .dense import DENSE_ACT, DENSE_PARAMS_PER_LAYER, Geometry, layer_params, new_buffer, transition_params_of
 from .transition import fold_batch_norm
 
@@ -83,7 +84,8 @@ def partial_dense_block_eval(x: torch.Tensor, params: EvalParams, part1: int, fu
         scale1, shift1 = params.norm1[j]
         z = conv1x1_fused(dense[:, :c], conv1_w, in_scale=scale1, in_shift=shift1, in_act=DENSE_ACT, bias=conv1_b,
                           act=DENSE_ACT, out=bottleneck, engine=engine)
-        if params.conv2_winograd[j] is not None and winograd_usable(z):
+        if params.conv2_winograd[j] is not None and winograd_usable(z) and winograd_chosen(
+                z.shape, params.conv2[j].shape, transform_cached=True):
             conv3x3_winograd(z, params.conv2[j], params.conv2_winograd[j], out=dense[:, c: c + growth])
         else:
             conv3x3(z, params.conv2[j], out=dense[:, c: c + growth])

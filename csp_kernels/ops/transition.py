@@ -41,16 +41,25 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .. import checks
 from .batch_norm_act import stats_dtype
-from .batch_norm_act import bn_act_backward, bn_scale_shift, channel_stats, plane_contiguous, scale_shift_act
+from .batch_norm_act import (bn_act_backward, bn_scale_shift, channel_stats, overlaps_itself, plane_contiguous,
+                             planes_contiguous, refuse_double_backward, scale_shift_act, shares_memory)
 from .conv1x1 import conv1x1_bn_act_backward, conv1x1_fused, gemm_conv1x1
 from .conv3x3 import conv3x3_winograd, winograd_usable, winograd_weight
+from .conv3x3_choice import winograd_chosen
 
-# oneDNN post-ops (attr, scalars) of torch.ops.mkldnn._convolution_pointwise; it has no mish.
+# oneDNN post-ops (attrs) of torch.ops.mkldnn._convolution_pointwise; it has no mish.
 _ONEDNN_POST_OPS = {
-    "identity": ("none", []), "relu": ("relu", []), "leaky_relu": ("leaky_relu", [0.1]),
-    "silu": ("swish", []), "hardswish": ("hardswish", []),
+    "identity": "none", "relu": "relu", "leaky_relu": "leaky_relu", "silu": "swish", "hardswish": "hardswish",
 }
+
+
+def _onednn_post_op(act: str) -> tuple[str, list] | None:
+    """(attr, scalars) of activation `act` as a oneDNN post-op, or None where it has none."""
+    name, slope = checks.parse_activation(act)
+    attr = _ONEDNN_POST_OPS.get(name)
+    return None if attr is None else (attr, [slope] if name == "leaky_relu" else [])
 
 
 def onednn_usable(x: torch.Tensor) -> bool:
@@ -70,17 +79,31 @@ def conv_output_shape(x_shape, weight_shape, stride, padding, dilation) -> tuple
     return (x_shape[0], weight_shape[0], *spatial)
 
 
-def check_out(out, shape, dtype: torch.dtype, device: torch.device, any_strides: bool) -> None:
-    """Raise unless `out` is a (shape, dtype) tensor on `device` whose (height, width) planes
-    are contiguous (any strides at all if `any_strides`: the Triton GEMM's eval epilogue)."""
+def check_out(out, shape, dtype: torch.dtype, device: torch.device, any_strides: bool, x: torch.Tensor,
+              recording: bool) -> bool:
+    """Raise, as ATen's out= does, unless `out` is a (shape, dtype) tensor on `device` with no
+    two elements in one place and (unless `any_strides`: the Triton GEMM's eval epilogue, the
+    reference's copy) contiguous (height, width) planes, and, while autograd records
+    (`recording`), shares no memory with `x`, which the backward reads. Returns whether `out`
+    overlaps `x` (then the caller computes into a new tensor and copies). Under torch.compile
+    the overlap with `x` is not checked (storage pointers do not trace)."""
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"out must be a torch.Tensor; got {type(out).__name__}")
     if tuple(out.shape) != tuple(shape) or out.dtype != dtype or out.device != device:
         raise ValueError(f"out must be a {dtype} tensor of shape {tuple(shape)} on {device}; got "
                          f"{out.dtype} {tuple(out.shape)} on {out.device}")
-    if not any_strides and not _planes_contiguous(out):
+    if overlaps_itself(out):
+        raise ValueError("out must not have two elements in one place (as an expand() has); got strides "
+                         f"{out.stride()}")
+    if not any_strides and not planes_contiguous(out, written=True):
         raise ValueError("out must have contiguous (height, width) planes (NCHW, or a channel slice of "
                          f"an NCHW tensor); got strides {out.stride()}")
+    if torch.compiler.is_compiling() or not shares_memory(out, x):
+        return False
+    if recording:
+        raise ValueError("out must not overlap x while autograd records (the backward reads x); write into "
+                         "another buffer, or run under torch.no_grad()")
+    return True
 
 
 def fold_batch_norm(conv_weight, bn_weight, bn_bias, running_mean, running_var, eps: float):
@@ -94,27 +117,23 @@ def fold_batch_norm(conv_weight, bn_weight, bn_bias, running_mean, running_var, 
     return conv_weight * scale.to(conv_weight.dtype).reshape(-1, 1, 1, 1), shift
 
 
-def _planes_contiguous(t: torch.Tensor) -> bool:
-    _, _, h, w = t.shape
-    return (w == 1 or t.stride(3) == 1) and (h == 1 or t.stride(2) == w)
-
-
 def _runs_as_gemm(x, weight, stride, padding, groups) -> bool:
     """CPU 1x1 stride-1 convs of plane-contiguous x run as GEMMs on (N, C, H*W) views
     (`ops.conv1x1`): on trans-cpu, forward 0.8x and backward 0.7x the time of oneDNN's
     convolution, which reorders NCHW into its blocked layout and back."""
     return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
             and tuple(weight.shape[2:]) == (1, 1) and tuple(stride) == (1, 1)
-            and tuple(padding) == (0, 0) and groups == 1 and _planes_contiguous(x))
+            and tuple(padding) == (0, 0) and groups == 1 and planes_contiguous(x))
 
 
-def _runs_as_winograd(x, weight, stride, padding, dilation, groups) -> bool:
-    """Training's CPU float32 3x3 stride-1 "same" convs of plane-contiguous x run by Winograd
-    F(2x2, 3x3) (`ops.conv3x3`), forward and input gradient. Measured by `python -m
-    benchmarks.kernels` (float32, 2 cores): 8x56x56, 128 -> 128 channels, forward 641 vs
-    oneDNN's 462 GFLOP/s, input gradient 634 vs 453; 8x28x28, 256 -> 256, forward 561 vs 488."""
+def _runs_as_winograd(x, weight, stride, padding, dilation, groups, transform_cached: bool = False) -> bool:
+    """CPU float32 3x3 stride-1 "same" convs of plane-contiguous x run by Winograd F(2x2, 3x3)
+    (`ops.conv3x3`) where it was measured faster than oneDNN for their shapes
+    (`conv3x3_choice`): the training forward and input gradient, and eval with the weight's
+    transform cached (`transform_cached`)."""
     return (winograd_usable(x) and tuple(weight.shape[2:]) == (3, 3) and tuple(stride) == (1, 1)
-            and tuple(padding) == (1, 1) and tuple(dilation) == (1, 1) and groups == 1 and _planes_contiguous(x))
+            and tuple(padding) == (1, 1) and tuple(dilation) == (1, 1) and groups == 1 and planes_contiguous(x)
+            and winograd_chosen(x.shape, weight.shape, transform_cached))
 
 
 def _conv(x, weight, stride, padding, dilation, groups):
@@ -131,13 +150,14 @@ def conv_backward(grad_z, x, weight, stride, padding, dilation, groups, needs_x:
     """(grad_x, grad_weight) of conv2d(x, weight), None where not needed."""
     if not (needs_x or needs_weight):
         return None, None
-    winograd = needs_x and _runs_as_winograd(x, weight, stride, padding, dilation, groups)
+    # The input gradient is the same convolution of grad_z with the flipped, transposed weight.
+    weight_t = weight.transpose(0, 1)
+    winograd = needs_x and _runs_as_winograd(grad_z, weight_t, stride, padding, dilation, groups)
     grad_x, grad_weight, _ = torch.ops.aten.convolution_backward(
         grad_z, x, weight, None, stride, padding, dilation, False, [0, 0], groups,
         [needs_x and not winograd, needs_weight, False])
     if winograd:
-        # The input gradient is the same convolution of grad_z with the flipped, transposed weight.
-        grad_x = conv3x3_winograd(plane_contiguous(grad_z), weight.flip(2, 3).transpose(0, 1))
+        grad_x = conv3x3_winograd(grad_z, weight_t.flip(2, 3))
     return grad_x, grad_weight
 
 
@@ -237,6 +257,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_y, _grad_z, _grad_mean, _grad_var):
+    refuse_double_backward("csp_kernels::conv_bn_act_train (a training csp_kernels.ConvBNAct)")
     if grad_y is None:
         return (None,) * 11
     grads = _train_backward(ctx, grad_y, *ctx.needs_input_grad[:2])
@@ -267,10 +288,15 @@ class _TrainInto(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        refuse_double_backward("csp_kernels::conv_bn_act_train_out (a training csp_kernels.ConvBNAct with out=)")
         if grad_out is None:
             return (None,) * 13
         grads = _train_backward(ctx, grad_out, *ctx.needs_input_grad[1:3])
-        return (None, *grads, None, None, None, None, None, None, None, None)
+        # The old contents of `out` were overwritten: their gradient is zero, and must be a
+        # tensor. Autograd's CopySlices, which routes the buffer's gradient through here,
+        # drops the whole buffer's gradient (an earlier writer's included) for a None.
+        overwritten = grad_out.new_zeros(()).expand_as(grad_out) if ctx.needs_input_grad[0] else None
+        return (overwritten, *grads, None, None, None, None, None, None, None, None)
 
 
 def conv_bn_act_train_into(x, weight, bn_weight, bn_bias, stride, padding, dilation, groups, eps, act, engine, out):
@@ -289,7 +315,7 @@ def _runs_on_onednn(x, weight, stride, padding, dilation, groups, engine) -> boo
     trans-cpu 20.9 vs 21.8 ms for the prepacked oneDNN conv + post-op, which needs a second pass
     to write into `out`."""
     return (engine == "aten" and onednn_usable(x) and not _runs_as_gemm(x, weight, stride, padding, groups)
-            and not _runs_as_winograd(x, weight, stride, padding, dilation, groups))
+            and not _runs_as_winograd(x, weight, stride, padding, dilation, groups, transform_cached=True))
 
 
 def eval_weight_kind(x, weight, stride, padding, dilation, groups, engine) -> str:
@@ -298,7 +324,8 @@ def eval_weight_kind(x, weight, stride, padding, dilation, groups, engine) -> st
     must be keyed on it: the same module meets NCHW and channels_last inputs."""
     if _runs_on_onednn(x, weight, stride, padding, dilation, groups, engine):
         return "onednn"
-    return "winograd" if engine == "aten" and _runs_as_winograd(x, weight, stride, padding, dilation, groups) \
+    return "winograd" if engine == "aten" and _runs_as_winograd(x, weight, stride, padding, dilation, groups,
+                                                                 transform_cached=True) \
         else "plain"
 
 
@@ -321,14 +348,16 @@ def _eval_forward(x, weight, bias, stride, padding, dilation, groups, act, engin
     if _runs_as_gemm(x, weight, stride, padding, groups):
         return conv1x1_fused(x, weight, bias=bias, act=act, out=out)
     if _runs_on_onednn(x, weight, stride, padding, dilation, groups, engine):
-        post_op = _ONEDNN_POST_OPS.get(act) if out is None else None
+        post_op = _onednn_post_op(act) if out is None else None
         attr, scalars = post_op or ("none", [])
         z = torch.ops.mkldnn._convolution_pointwise(x, weight, bias if post_op else None, padding, stride,
                                                     dilation, groups, attr, scalars, None)
         if post_op:
-            return z
+            # oneDNN hands back its channels_last output; the op's result is NCHW, as its fake
+            # kernel says and as every other engine writes it.
+            return z.contiguous()
         z = plane_contiguous(z)
-    elif engine == "aten" and _runs_as_winograd(x, weight, stride, padding, dilation, groups):
+    elif engine == "aten" and _runs_as_winograd(x, weight, stride, padding, dilation, groups, transform_cached=True):
         z = conv3x3_winograd(x, weight, transform)
     else:
         z = _conv(x, weight, stride, padding, dilation, groups)

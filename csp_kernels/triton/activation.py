@@ -1,20 +1,24 @@
 """Activation math for Triton kernels, the twin of csrc/activation.h.
 
-`ACT_CODES` maps an activation name to the constexpr code the kernels take; the codes are the
-values of `enum class Act` in csrc/activation.h. Compute in float32 (float64 for float64 data).
+`act_constexprs` turns an activation name (csp_kernels.checks.kernel_activation's, a slope
+included) into the constexprs the kernels take: the code, the value of `enum class Act` in
+csrc/activation.h, and LeakyReLU's negative slope. Compute in float32 (float64 for float64
+data). NaN and +-inf give what ATen's activations give (see csrc/activation.h).
 """
 import triton
 import triton.language as tl
 
+from .. import checks
+
 ACT_CODES = {"identity": 0, "relu": 1, "leaky_relu": 2, "silu": 3, "mish": 4, "hardswish": 5}
-LEAKY_SLOPE = tl.constexpr(0.1)  # darknet's slope, csrc/activation.h kLeakySlope
 # Past this, PyTorch's softplus returns its input, so mish(u) = u * tanh(u) = u in float.
 SOFTPLUS_THRESHOLD = tl.constexpr(20.0)
 
 
-def act_code(act: str) -> int:
-    """The kernels' constexpr code of activation `act`."""
-    return ACT_CODES[act]
+def act_constexprs(act: str, prefix: str = "") -> dict:
+    """{prefix}ACT and {prefix}SLOPE, the kernels' constexprs for activation `act`."""
+    name, slope = checks.parse_activation(act)
+    return {f"{prefix}ACT": ACT_CODES[name], f"{prefix}SLOPE": slope}
 
 
 @triton.jit
@@ -28,12 +32,12 @@ def _tanh_softplus(u):
 
 
 @triton.jit
-def act_forward(u, ACT: tl.constexpr):
-    """act(u) for the activation with code ACT."""
+def act_forward(u, ACT: tl.constexpr, SLOPE: tl.constexpr):
+    """act(u) for the activation with code ACT; SLOPE is LeakyReLU's."""
     if ACT == 1:
-        y = tl.where(u > 0, u, 0.0)
+        y = tl.where(u < 0, 0.0, u)  # ATen's: NaN passes through
     elif ACT == 2:
-        y = tl.where(u > 0, u, u * LEAKY_SLOPE)
+        y = tl.where(u > 0, u, u * SLOPE)
     elif ACT == 3:
         y = u / (1.0 + tl.exp(-u))
     elif ACT == 4:
@@ -46,15 +50,16 @@ def act_forward(u, ACT: tl.constexpr):
 
 
 @triton.jit
-def act_derivative(u, ACT: tl.constexpr):
+def act_derivative(u, ACT: tl.constexpr, SLOPE: tl.constexpr):
     """d act(u) / du, with PyTorch's values at the kinks: relu'(0) = 0, leaky_relu'(0) = slope,
-    hardswish'(-3) = 0, hardswish'(3) = 1."""
+    hardswish'(-3) = 0, hardswish'(3) = 1, and at NaN ATen's CPU values: relu'(NaN) = 1,
+    hardswish'(NaN) = NaN."""
     one = tl.full(u.shape, 1.0, u.dtype)
     if ACT == 1:
-        d = tl.where(u > 0, one, 0.0)
+        d = tl.where(u <= 0, 0.0, one)
     elif ACT == 2:
         # A full tensor, not a literal: a float32 0.1 would be off by 1.5e-9 for float64 data.
-        d = tl.where(u > 0, one, tl.full(u.shape, LEAKY_SLOPE, u.dtype))
+        d = tl.where(u > 0, one, tl.full(u.shape, SLOPE, u.dtype))
     elif ACT == 3:
         s = 1.0 / (1.0 + tl.exp(-u))
         d = s * (1.0 + u * (1.0 - s))
@@ -63,7 +68,7 @@ def act_derivative(u, ACT: tl.constexpr):
         s = 1.0 / (1.0 + tl.exp(-u))
         d = t + u * s * (1.0 - t * t)
     elif ACT == 5:
-        d = tl.where(u <= -3.0, 0.0, tl.where(u < 3.0, u / 3.0 + 0.5, one))
+        d = tl.where(u >= 3.0, one, tl.where(u <= -3.0, 0.0, u / 3.0 + 0.5))
     else:
         d = one
     return d

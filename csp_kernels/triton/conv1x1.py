@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from .. import checks
-from .activation import act_code, act_forward
+from .activation import act_constexprs, act_forward
 
 
 @triton.jit
@@ -41,7 +41,8 @@ def _conv1x1_kernel(
     x_ptr, w_ptr, out_ptr, bias_ptr, in_scale_ptr, in_shift_ptr, moments_ptr,
     plane, width, in_channels, out_channels,
     sx_n, sx_c, sx_h, sx_w, sw_o, sw_i, so_n, so_c, so_h, so_w,
-    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_IN_AFFINE: tl.constexpr, IN_ACT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, SLOPE: tl.constexpr, HAS_IN_AFFINE: tl.constexpr,
+    IN_ACT: tl.constexpr, IN_SLOPE: tl.constexpr,
     STATS: tl.constexpr, ACC_FP64: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     X_PLANES: tl.constexpr, OUT_PLANES: tl.constexpr,
     BLOCK_O: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -80,14 +81,14 @@ def _conv1x1_kernel(
                 shift = tl.load(in_shift_ptr + offs_k, mask=mask_k, other=0.0)
                 a = a * scale[:, None] + shift[:, None]
             # Padding lanes must stay 0 after the shift and the activation.
-            a = tl.where(x_mask, act_forward(a, IN_ACT), 0.0)
+            a = tl.where(x_mask, act_forward(a, IN_ACT, IN_SLOPE), 0.0)
             x_tile = a.to(x_ptr.dtype.element_ty)
         acc = tl.dot(w_tile, x_tile, acc, input_precision=INPUT_PRECISION)
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_o, mask=mask_o, other=0.0).to(acc_dtype)[:, None]
     out_mask = mask_o[:, None] & mask_p[None, :]
-    y = act_forward(acc, ACT)
+    y = act_forward(acc, ACT, SLOPE)
     if STATS:  # moments_ptr: (2, images, pixel blocks per image, out_channels)
         count = tl.minimum(plane - pid_p * BLOCK_P, BLOCK_P).to(acc_dtype)
         tile_mean = tl.sum(tl.where(out_mask, y, 0.0), axis=1) / count
@@ -167,8 +168,6 @@ def conv1x1(x: torch.Tensor, weight: torch.Tensor, *, in_scale: torch.Tensor | N
     variance of out over batch, height and width, float32 (float64 for float64 data).
     """
     checks.check_input(x)
-    checks.check_activation(act)
-    checks.check_activation(in_act)
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] != x.shape[1]:
         shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
         raise ValueError(f"weight must be (out_channels, {x.shape[1]}) for x of shape {tuple(x.shape)}; got {shape}")
@@ -207,8 +206,8 @@ def conv1x1(x: torch.Tensor, weight: torch.Tensor, *, in_scale: torch.Tensor | N
                 x, weight, out, vector(bias), vector(in_scale), vector(in_shift), moments,
                 plane, width, in_channels, out_channels,
                 *x.stride(), *weight.stride(), *out.stride(),
-                HAS_BIAS=bias is not None, ACT=act_code(act), HAS_IN_AFFINE=has_affine,
-                IN_ACT=act_code(in_act), STATS=stats, ACC_FP64=x.dtype == torch.float64,
+                HAS_BIAS=bias is not None, **act_constexprs(act), HAS_IN_AFFINE=has_affine,
+                **act_constexprs(in_act, "IN_"), STATS=stats, ACC_FP64=x.dtype == torch.float64,
                 INPUT_PRECISION=input_precision, X_PLANES=planes_contiguous(x), OUT_PLANES=planes_contiguous(out),
                 BLOCK_O=block_o, BLOCK_P=block_p, BLOCK_K=block_k, num_warps=num_warps,
                 num_stages=num_stages,

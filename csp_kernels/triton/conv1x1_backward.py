@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .activation import act_code, act_derivative, act_forward
+from .activation import act_constexprs, act_derivative, act_forward
 from .conv1x1 import device_guard, input_precision_of, launch_config, pixel_offsets, planes_contiguous, stat_dtype_of
 
 
@@ -30,7 +30,8 @@ def _weight_grad_kernel(
     g_ptr, x_ptr, scale_ptr, shift_ptr, partial_ptr,
     batch, plane, width, out_channels, in_channels,
     sg_n, sg_c, sg_h, sg_w, sx_n, sx_c, sx_h, sx_w,
-    HAS_IN_AFFINE: tl.constexpr, IN_ACT: tl.constexpr, ACC_FP64: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    HAS_IN_AFFINE: tl.constexpr, IN_ACT: tl.constexpr, IN_SLOPE: tl.constexpr, ACC_FP64: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
     G_PLANES: tl.constexpr, X_PLANES: tl.constexpr,
     BLOCK_O: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_I: tl.constexpr,
 ):
@@ -64,7 +65,7 @@ def _weight_grad_kernel(
             a = x_tile.to(acc_dtype)
             if HAS_IN_AFFINE:
                 a = a * scale[:, None] + shift[:, None]
-            x_tile = tl.where(x_mask, act_forward(a, IN_ACT), 0.0).to(x_ptr.dtype.element_ty)
+            x_tile = tl.where(x_mask, act_forward(a, IN_ACT, IN_SLOPE), 0.0).to(x_ptr.dtype.element_ty)
         acc = tl.dot(g_tile, tl.trans(x_tile), acc, input_precision=INPUT_PRECISION)
     tl.store(partial_ptr + (split * out_channels + offs_o[:, None]) * in_channels + offs_i[None, :], acc,
              mask=mask_o[:, None] & mask_i[None, :])
@@ -75,7 +76,7 @@ def _dgrad_bn_accumulate_kernel(
     g_ptr, w_ptr, x_ptr, acc_ptr, mean_ptr, invstd_ptr, bnw_ptr, bnb_ptr, sums_ptr,
     plane, width, out_channels, in_channels,
     sg_n, sg_c, sg_h, sg_w, sw_o, sw_i, sx_n, sx_c, sx_h, sx_w, sa_n, sa_c, sa_h, sa_w,
-    ACT: tl.constexpr, ACC_FP64: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    ACT: tl.constexpr, SLOPE: tl.constexpr, ACC_FP64: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     G_PLANES: tl.constexpr, X_PLANES: tl.constexpr, ACC_PLANES: tl.constexpr,
     BLOCK_I: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr,
 ):
@@ -108,7 +109,7 @@ def _dgrad_bn_accumulate_kernel(
     bn_w = tl.load(bnw_ptr + offs_i, mask=mask_i, other=0.0)
     bn_b = tl.load(bnb_ptr + offs_i, mask=mask_i, other=0.0)
     xhat = (x.to(acc_dtype) - mean[:, None]) * invstd[:, None]
-    dpre = tl.where(tile_mask, grad_a * act_derivative(bn_w[:, None] * xhat + bn_b[:, None], ACT), 0.0)
+    dpre = tl.where(tile_mask, grad_a * act_derivative(bn_w[:, None] * xhat + bn_b[:, None], ACT, SLOPE), 0.0)
     acc_ptrs = (acc_ptr + n * sa_n + offs_i[:, None].to(tl.int64) * sa_c
                 + pixel_offsets(offs_p, width, sa_h, sa_w, ACC_PLANES)[None, :])
     accumulated = tl.load(acc_ptrs, mask=tile_mask, other=0.0).to(acc_dtype) + bn_w[:, None] * dpre
@@ -153,7 +154,7 @@ def weight_grad(grad_z: torch.Tensor, x: torch.Tensor, *, in_scale: torch.Tensor
             _weight_grad_kernel[grid](
                 grad_z, x, scale, shift, partial, batch, plane, width, out_channels, in_channels,
                 *grad_z.stride(), *x.stride(),
-                HAS_IN_AFFINE=has_affine, IN_ACT=act_code(in_act), ACC_FP64=x.dtype == torch.float64,
+                HAS_IN_AFFINE=has_affine, **act_constexprs(in_act, "IN_"), ACC_FP64=x.dtype == torch.float64,
                 INPUT_PRECISION=precision, G_PLANES=planes_contiguous(grad_z), X_PLANES=planes_contiguous(x),
                 BLOCK_O=block_o, BLOCK_P=block_p, BLOCK_I=block_i, num_warps=num_warps, num_stages=num_stages)
     return partial.sum(0)[:, :, None, None]
@@ -183,7 +184,7 @@ def dgrad_bn_accumulate(grad_z: torch.Tensor, weight: torch.Tensor, x: torch.Ten
             _dgrad_bn_accumulate_kernel[grid](
                 grad_z, w, x, grad_acc, *vectors, sums, plane, width, out_channels, in_channels,
                 *grad_z.stride(), *w.stride(), *x.stride(), *grad_acc.stride(),
-                ACT=act_code(act), ACC_FP64=x.dtype == torch.float64, INPUT_PRECISION=precision,
+                **act_constexprs(act), ACC_FP64=x.dtype == torch.float64, INPUT_PRECISION=precision,
                 G_PLANES=planes_contiguous(grad_z), X_PLANES=planes_contiguous(x),
                 ACC_PLANES=planes_contiguous(grad_acc),
                 BLOCK_I=block_i, BLOCK_P=block_p, BLOCK_O=block_o, num_warps=num_warps, num_stages=num_stages)

@@ -51,8 +51,9 @@ void channel_stats_kernel(const scalar_t* x, const PlaneLayout& L, stat_of<scala
 
 template <typename scalar_t, Act A>
 void scale_shift_act_kernel(const scalar_t* x, const PlaneLayout& L, scalar_t* out, const PlaneLayout& O,
-                            const stat_of<scalar_t>* scale, const stat_of<scalar_t>* shift) {
+                            const stat_of<scalar_t>* scale, const stat_of<scalar_t>* shift, double slope_) {
   using acc_t = at::opmath_type<scalar_t>;
+  const acc_t slope = static_cast<acc_t>(slope_);
   at::parallel_for(0, L.batch * L.channels, plane_grain(L), [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t n = p / L.channels, c = p % L.channels;
@@ -61,7 +62,7 @@ void scale_shift_act_kernel(const scalar_t* x, const PlaneLayout& L, scalar_t* o
       const acc_t a = scale[c], b = shift[c];
 #pragma omp simd
       for (int64_t i = 0; i < L.plane; ++i) {
-        dst[i] = static_cast<scalar_t>(act_forward<A>(static_cast<acc_t>(src[i]) * a + b));
+        dst[i] = static_cast<scalar_t>(act_forward<A>(static_cast<acc_t>(src[i]) * a + b, slope));
       }
     }
   });
@@ -71,6 +72,7 @@ void scale_shift_act_kernel(const scalar_t* x, const PlaneLayout& L, scalar_t* o
 template <typename stat_t>
 struct BnActParams {
   const stat_t *mean, *invstd, *weight, *bias;
+  double slope;  // the activation's (ActSpec::slope)
 };
 
 // Per channel: dpre = grad_y * act'(weight * xhat + bias); returns sum(dpre) and sum(dpre * xhat)
@@ -85,6 +87,7 @@ void bn_act_backward_reduce_kernel(const scalar_t* grad_y, const PlaneLayout& G,
   at::parallel_for(0, L.channels, channel_grain(L), [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       const acc_t m = bn.mean[c], inv = bn.invstd[c], w = bn.weight[c], b = bn.bias[c];
+      const acc_t slope = static_cast<acc_t>(bn.slope);
       double total = 0, total_xhat = 0;
       for (int64_t n = 0; n < L.batch; ++n) {
         const scalar_t* zp = z + n * L.batch_stride + c * L.channel_stride;
@@ -95,7 +98,7 @@ void bn_act_backward_reduce_kernel(const scalar_t* grad_y, const PlaneLayout& G,
 #pragma omp simd reduction(+ : s, sx)
         for (int64_t i = 0; i < L.plane; ++i) {
           const acc_t xhat = (static_cast<acc_t>(zp[i]) - m) * inv;
-          const acc_t dpre = bn_act_grad_pre<A>(static_cast<acc_t>(gp[i]), xhat, w, b);
+          const acc_t dpre = bn_act_grad_pre<A>(static_cast<acc_t>(gp[i]), xhat, w, b, slope);
           if constexpr (kAccumulate) accp[i] = static_cast<scalar_t>(static_cast<acc_t>(accp[i]) + w * dpre);
           s += dpre;
           sx += static_cast<double>(dpre) * xhat;
@@ -115,6 +118,7 @@ void bn_act_backward_apply_kernel(const scalar_t* grad_y, const PlaneLayout& G, 
                                   const stat_of<scalar_t>* sum_dpre, const stat_of<scalar_t>* sum_dpre_xhat) {
   using acc_t = at::opmath_type<scalar_t>;
   const acc_t inv_count = acc_t(1) / static_cast<acc_t>(L.batch * L.plane);
+  const acc_t slope = static_cast<acc_t>(bn.slope);
   at::parallel_for(0, L.batch * L.channels, plane_grain(L), [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t n = p / L.channels, c = p % L.channels;
@@ -126,7 +130,7 @@ void bn_act_backward_apply_kernel(const scalar_t* grad_y, const PlaneLayout& G, 
 #pragma omp simd
       for (int64_t i = 0; i < L.plane; ++i) {
         const acc_t xhat = (static_cast<acc_t>(zp[i]) - m) * inv;
-        const acc_t dpre = bn_act_grad_pre<A>(static_cast<acc_t>(gp[i]), xhat, w, b);
+        const acc_t dpre = bn_act_grad_pre<A>(static_cast<acc_t>(gp[i]), xhat, w, b, slope);
         out[i] = static_cast<scalar_t>(bn_grad_input(dpre, xhat, w, inv, mean_dpre, mean_dpre_xhat));
       }
     }
@@ -135,10 +139,10 @@ void bn_act_backward_apply_kernel(const scalar_t* grad_y, const PlaneLayout& G, 
 
 template <typename scalar_t>
 BnActParams<stat_of<scalar_t>> bn_act_params(const at::Tensor& mean, const at::Tensor& invstd,
-                                             const at::Tensor& weight, const at::Tensor& bias) {
+                                             const at::Tensor& weight, const at::Tensor& bias, const ActSpec& act) {
   using stat_t = stat_of<scalar_t>;
   return {mean.const_data_ptr<stat_t>(), invstd.const_data_ptr<stat_t>(), weight.const_data_ptr<stat_t>(),
-          bias.const_data_ptr<stat_t>()};
+          bias.const_data_ptr<stat_t>(), act.slope};
 }
 
 std::tuple<at::Tensor, at::Tensor> channel_stats_cpu(const at::Tensor& x) {
@@ -158,12 +162,12 @@ void scale_shift_act_out_cpu(const at::Tensor& x, const at::Tensor& scale, const
   PlaneLayout L, O;
   std::tie(L, O) = paired_layouts(x, "x", out, "out");
   check_per_channel_args(x, {{scale, "scale"}, {shift, "shift"}});
-  const Act act = parse_act(std::string(act_name));
+  const ActSpec act = parse_act(std::string(act_name));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "scale_shift_act_cpu", [&] {
     CSP_DISPATCH_ACT(act, [&] {
       scale_shift_act_kernel<scalar_t, kAct>(x.const_data_ptr<scalar_t>(), L, out.mutable_data_ptr<scalar_t>(), O,
                                              scale.const_data_ptr<stat_of<scalar_t>>(),
-                                             shift.const_data_ptr<stat_of<scalar_t>>());
+                                             shift.const_data_ptr<stat_of<scalar_t>>(), act.slope);
     });
   });
 }
@@ -181,13 +185,13 @@ std::tuple<at::Tensor, at::Tensor> bn_act_backward_reduce_cpu(
   PlaneLayout L, G;
   std::tie(L, G) = paired_layouts(z, "z", grad_y, "grad_y");
   check_per_channel_args(z, {{mean, "mean"}, {invstd, "invstd"}, {weight, "weight"}, {bias, "bias"}});
-  const Act act = parse_act(std::string(act_name));
+  const ActSpec act = parse_act(std::string(act_name));
   at::Tensor sum_dpre = at::empty_like(mean), sum_dpre_xhat = at::empty_like(mean);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "bn_act_backward_reduce_cpu", [&] {
     CSP_DISPATCH_ACT(act, [&] {
       bn_act_backward_reduce_kernel<scalar_t, kAct, false>(
           grad_y.const_data_ptr<scalar_t>(), G, z.const_data_ptr<scalar_t>(), L,
-          bn_act_params<scalar_t>(mean, invstd, weight, bias), sum_dpre.mutable_data_ptr<stat_of<scalar_t>>(),
+          bn_act_params<scalar_t>(mean, invstd, weight, bias, act), sum_dpre.mutable_data_ptr<stat_of<scalar_t>>(),
           sum_dpre_xhat.mutable_data_ptr<stat_of<scalar_t>>());
     });
   });
@@ -199,13 +203,13 @@ std::tuple<at::Tensor, at::Tensor> bn_act_backward_accumulate_cpu(
     const at::Tensor& weight, const at::Tensor& bias, c10::string_view act_name, const at::Tensor& grad_acc) {
   const AccumulateLayouts layouts = check_accumulate_args(grad_a, x, mean, invstd, weight, bias, grad_acc);
   const PlaneLayout &L = layouts.x, &GA = layouts.grad_a, &ACC = layouts.grad_acc;
-  const Act act = parse_act(std::string(act_name));
+  const ActSpec act = parse_act(std::string(act_name));
   at::Tensor sum_dpre = at::empty_like(mean), sum_dpre_xhat = at::empty_like(mean);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_act_backward_accumulate_cpu", [&] {
     CSP_DISPATCH_ACT(act, [&] {
       bn_act_backward_reduce_kernel<scalar_t, kAct, true>(
           grad_a.const_data_ptr<scalar_t>(), GA, x.const_data_ptr<scalar_t>(), L,
-          bn_act_params<scalar_t>(mean, invstd, weight, bias), sum_dpre.mutable_data_ptr<stat_of<scalar_t>>(),
+          bn_act_params<scalar_t>(mean, invstd, weight, bias, act), sum_dpre.mutable_data_ptr<stat_of<scalar_t>>(),
           sum_dpre_xhat.mutable_data_ptr<stat_of<scalar_t>>(), grad_acc.mutable_data_ptr<scalar_t>(), ACC);
     });
   });
@@ -220,13 +224,13 @@ at::Tensor bn_act_backward_apply_cpu(
   std::tie(L, G) = paired_layouts(z, "z", grad_y, "grad_y");
   check_per_channel_args(z, {{mean, "mean"}, {invstd, "invstd"}, {weight, "weight"}, {bias, "bias"},
                              {sum_dpre, "sum_dpre"}, {sum_dpre_xhat, "sum_dpre_xhat"}});
-  const Act act = parse_act(std::string(act_name));
+  const ActSpec act = parse_act(std::string(act_name));
   at::Tensor grad_z = at::empty(z.sizes(), z.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "bn_act_backward_apply_cpu", [&] {
     CSP_DISPATCH_ACT(act, [&] {
       bn_act_backward_apply_kernel<scalar_t, kAct>(
           grad_y.const_data_ptr<scalar_t>(), G, z.const_data_ptr<scalar_t>(), L, grad_z.mutable_data_ptr<scalar_t>(),
-          bn_act_params<scalar_t>(mean, invstd, weight, bias), sum_dpre.const_data_ptr<stat_of<scalar_t>>(),
+          bn_act_params<scalar_t>(mean, invstd, weight, bias, act), sum_dpre.const_data_ptr<stat_of<scalar_t>>(),
           sum_dpre_xhat.const_data_ptr<stat_of<scalar_t>>());
     });
   });

@@ -20,23 +20,10 @@
 
 #include "activation.h"
 #include "batch_norm_act.h"
+#include "blas.h"
 #include "moments.h"
 #include "plane_layout.h"
 #include "sgemm_avx512.h"
-
-// Fortran BLAS as exported by libtorch_cpu (MKL, or OpenBLAS on some platforms): column-major,
-// 32-bit integers. Inside at::parallel_for's threads it runs single-threaded.
-extern "C" {
-void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
-            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
-            const int* ldc);
-void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
-            const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
-            const int* ldc);
-// MKL's per-thread thread count, Fortran interface (libtorch_cpu exports the C name as an
-// alias of it); weak: absent where torch's BLAS is not MKL.
-int mkl_set_num_threads_local_(const int* nth) __attribute__((weak));
-}
 
 namespace csp_kernels {
 namespace {
@@ -47,8 +34,8 @@ namespace {
 constexpr int64_t kScratchBytes = 256 * 1024;
 
 // Column-major C (m x n) = op(A) op(B) + beta C, op = transpose where asked ("N" or "T").
-// beta is 0 or 1. float32 runs `sgemm_avx512` where it is preferred (trans-cpu eval, the
-// 256 x 256 x 256 tile GEMMs: 2x MKL's speed on the AMD EPYC we measure on).
+// beta is 0 or 1. float32 runs `sgemm_avx512` where it is preferred (measured faster than the
+// BLAS on this CPU, sgemm_avx512.h).
 inline void gemm(const char* op_a, const char* op_b, int m, int n, int k, const float* a, int lda, const float* b,
                  int ldb, float beta, float* c, int ldc) {
   if (sgemm_avx512_preferred()) {
@@ -66,22 +53,6 @@ inline void gemm(const char* op_a, const char* op_b, int m, int n, int k, const 
   const double one = 1;
   dgemm_(op_a, op_b, &m, &n, &k, &one, a, &lda, b, &ldb, &beta, c, &ldc);
 }
-
-// Each at::parallel_for thread runs its own tiles' GEMMs: MKL must not start threads of its own
-// inside them (measured: 2 threads x 2 MKL threads on 2 cores ran the tiles ~1.4x slower).
-class SingleThreadedBlas {
- public:
-  SingleThreadedBlas() {
-    const int one = 1;
-    previous_ = mkl_set_num_threads_local_ ? mkl_set_num_threads_local_(&one) : 0;
-  }
-  ~SingleThreadedBlas() {
-    if (mkl_set_num_threads_local_) mkl_set_num_threads_local_(&previous_);
-  }
-
- private:
-  int previous_ = 0;
-};
 
 struct Tile {
   int64_t sample, begin, width;  // pixels [begin, begin + width) of one sample's planes
@@ -119,15 +90,15 @@ void for_each_tile(const Tiling& tiling, int64_t scratch_size, const F& f) {
 
 template <typename scalar_t, Act A>
 void scale_shift_act_row(const scalar_t* src, scalar_t* dst, int64_t width, at::opmath_type<scalar_t> a,
-                         at::opmath_type<scalar_t> b) {
+                         at::opmath_type<scalar_t> b, at::opmath_type<scalar_t> slope) {
 #pragma omp simd
-  for (int64_t i = 0; i < width; ++i) dst[i] = static_cast<scalar_t>(act_forward<A>(src[i] * a + b));
+  for (int64_t i = 0; i < width; ++i) dst[i] = static_cast<scalar_t>(act_forward<A>(src[i] * a + b, slope));
 }
 
 // scratch[c][i] = in_act(x[c][begin + i] * scale[c] + shift[c]), or a copy without scale.
 template <typename scalar_t>
 void load_tile(const scalar_t* x, const PlaneLayout& X, const Tile& t, const stat_of<scalar_t>* scale,
-               const stat_of<scalar_t>* shift, Act in_act, scalar_t* scratch) {
+               const stat_of<scalar_t>* shift, const ActSpec& in_act, scalar_t* scratch) {
   const scalar_t* base = x + t.sample * X.batch_stride + t.begin;
   for (int64_t c = 0; c < X.channels; ++c) {
     const scalar_t* src = base + c * X.channel_stride;
@@ -135,7 +106,9 @@ void load_tile(const scalar_t* x, const PlaneLayout& X, const Tile& t, const sta
     if (scale == nullptr) {
       std::copy(src, src + t.width, dst);
     } else {
-      CSP_DISPATCH_ACT(in_act, [&] { scale_shift_act_row<scalar_t, kAct>(src, dst, t.width, scale[c], shift[c]); });
+      CSP_DISPATCH_ACT(in_act, [&] {
+        scale_shift_act_row<scalar_t, kAct>(src, dst, t.width, scale[c], shift[c], scalar_t(in_act.slope));
+      });
     }
   }
 }
@@ -143,15 +116,15 @@ void load_tile(const scalar_t* x, const PlaneLayout& X, const Tile& t, const sta
 // out[o][i] = act(out[o][i] + bias[o]) in place; with `moments`, each channel's moments over
 // the cache-resident tile row.
 template <typename scalar_t>
-void finish_tile(scalar_t* out, const PlaneLayout& O, const Tile& t, const stat_of<scalar_t>* bias, Act act,
+void finish_tile(scalar_t* out, const PlaneLayout& O, const Tile& t, const stat_of<scalar_t>* bias, const ActSpec& act,
                  Moments* moments) {
   using acc_t = at::opmath_type<scalar_t>;
   scalar_t* base = out + t.sample * O.batch_stride + t.begin;
   for (int64_t o = 0; o < O.channels; ++o) {
     scalar_t* row = base + o * O.channel_stride;
-    if (bias != nullptr || act != Act::Identity) {
+    if (bias != nullptr || act.kind != Act::Identity) {
       const acc_t b = bias == nullptr ? acc_t(0) : acc_t(bias[o]);
-      CSP_DISPATCH_ACT(act, [&] { scale_shift_act_row<scalar_t, kAct>(row, row, t.width, acc_t(1), b); });
+      CSP_DISPATCH_ACT(act, [&] { scale_shift_act_row<scalar_t, kAct>(row, row, t.width, acc_t(1), b, acc_t(act.slope)); });
     }
     if (moments != nullptr) moments[o] = moments_of(row, t.width);
   }
@@ -180,8 +153,8 @@ std::tuple<at::Tensor, at::Tensor> conv1x1_fused_out_cpu(
   TORCH_CHECK_VALUE(in_scale.has_value() == in_shift.has_value(), "in_scale and in_shift come together");
   if (in_scale) check_per_channel_args(x, {{*in_scale, "in_scale"}, {*in_shift, "in_shift"}});
   if (bias) check_per_channel_args(out, {{*bias, "bias"}});
-  const Act in_act = parse_act(std::string(in_act_name)), act = parse_act(std::string(act_name));
-  TORCH_CHECK_VALUE(in_scale || in_act == Act::Identity, "in_act needs in_scale and in_shift");
+  const ActSpec in_act = parse_act(std::string(in_act_name)), act = parse_act(std::string(act_name));
+  TORCH_CHECK_VALUE(in_scale || in_act.kind == Act::Identity, "in_act needs in_scale and in_shift");
   check_blas_int(X.channels, "in_channels");
   check_blas_int(O.channels, "out_channels");
   check_blas_int(O.channel_stride, "out's channel stride");
@@ -235,13 +208,13 @@ std::tuple<at::Tensor, at::Tensor> conv1x1_fused_out_cpu(
 template <typename scalar_t, Act A>
 void accumulate_row(const scalar_t* grad_a, const scalar_t* x, scalar_t* grad_acc, int64_t width,
                     at::opmath_type<scalar_t> mean, at::opmath_type<scalar_t> invstd, at::opmath_type<scalar_t> w,
-                    at::opmath_type<scalar_t> b, double* sums) {
+                    at::opmath_type<scalar_t> b, at::opmath_type<scalar_t> slope, double* sums) {
   using acc_t = at::opmath_type<scalar_t>;
   double s = 0, sx = 0;  // in double: the weight gradient's sum can cancel
 #pragma omp simd reduction(+ : s, sx)
   for (int64_t i = 0; i < width; ++i) {
     const acc_t xhat = (static_cast<acc_t>(x[i]) - mean) * invstd;
-    const acc_t dpre = bn_act_grad_pre<A>(static_cast<acc_t>(grad_a[i]), xhat, w, b);
+    const acc_t dpre = bn_act_grad_pre<A>(static_cast<acc_t>(grad_a[i]), xhat, w, b, slope);
     grad_acc[i] = static_cast<scalar_t>(static_cast<acc_t>(grad_acc[i]) + w * dpre);
     s += dpre;
     sx += static_cast<double>(dpre) * xhat;
@@ -268,12 +241,12 @@ template <typename scalar_t, Act A>
 void bn_act_grad_row(const scalar_t* grad_y, const scalar_t* z, scalar_t* grad_z, int64_t width,
                      at::opmath_type<scalar_t> mean, at::opmath_type<scalar_t> invstd, at::opmath_type<scalar_t> w,
                      at::opmath_type<scalar_t> b, at::opmath_type<scalar_t> mean_dpre,
-                     at::opmath_type<scalar_t> mean_dpre_xhat) {
+                     at::opmath_type<scalar_t> mean_dpre_xhat, at::opmath_type<scalar_t> slope) {
   using acc_t = at::opmath_type<scalar_t>;
 #pragma omp simd
   for (int64_t i = 0; i < width; ++i) {
     const acc_t xhat = (static_cast<acc_t>(z[i]) - mean) * invstd;
-    const acc_t dpre = bn_act_grad_pre<A>(static_cast<acc_t>(grad_y[i]), xhat, w, b);
+    const acc_t dpre = bn_act_grad_pre<A>(static_cast<acc_t>(grad_y[i]), xhat, w, b, slope);
     grad_z[i] = static_cast<scalar_t>(bn_grad_input(dpre, xhat, w, invstd, mean_dpre, mean_dpre_xhat));
   }
 }
@@ -295,7 +268,7 @@ BnBackward<stat_t> bn_backward_of(const at::Tensor& mean, const at::Tensor& invs
 // z, the BN's parameters and its reduction over `count` values per channel.
 template <typename scalar_t>
 void bn_act_grad_tile(const scalar_t* grad_y, const PlaneLayout& G, const scalar_t* z, const PlaneLayout& Z,
-                      const Tile& t, const BnBackward<stat_of<scalar_t>>& bn, int64_t count, Act act,
+                      const Tile& t, const BnBackward<stat_of<scalar_t>>& bn, int64_t count, const ActSpec& act,
                       scalar_t* grad_z) {
   using acc_t = at::opmath_type<scalar_t>;
   const acc_t inv_count = acc_t(1) / static_cast<acc_t>(count);
@@ -304,7 +277,8 @@ void bn_act_grad_tile(const scalar_t* grad_y, const PlaneLayout& G, const scalar
     const scalar_t* gp = grad_y + t.sample * G.batch_stride + o * G.channel_stride + t.begin;
     CSP_DISPATCH_ACT(act, [&] {
       bn_act_grad_row<scalar_t, kAct>(gp, zp, grad_z + o * t.width, t.width, bn.mean[o], bn.invstd[o], bn.weight[o],
-                                      bn.bias[o], bn.sum_dpre[o] * inv_count, bn.sum_dpre_xhat[o] * inv_count);
+                                      bn.bias[o], bn.sum_dpre[o] * inv_count, bn.sum_dpre_xhat[o] * inv_count,
+                                      acc_t(act.slope));
     });
   }
 }
@@ -329,7 +303,7 @@ std::tuple<at::Tensor, at::Tensor> conv1x1_bn_act_backward_cpu(
   check_conv_output_and_weight(z, Z, x, X, weight);
   check_per_channel_args(z, {{mean, "mean"}, {invstd, "invstd"}, {bn_weight, "weight"}, {bn_bias, "bias"},
                              {sum_dpre, "sum_dpre"}, {sum_dpre_xhat, "sum_dpre_xhat"}});
-  const Act act = parse_act(std::string(act_name));
+  const ActSpec act = parse_act(std::string(act_name));
   check_blas_int(X.channels, "in_channels");
   check_blas_int(Z.channels, "out_channels");
   check_blas_int(X.channel_stride, "x's channel stride");
@@ -399,7 +373,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_conv1_backward_cpu(
   check_per_channel_args(z, {{mean2, "mean2"}, {invstd2, "invstd2"}, {weight2, "weight2"}, {bias2, "bias2"},
                              {sum_dpre2, "sum_dpre2"}, {sum_dpre_xhat2, "sum_dpre_xhat2"}});
   check_per_channel_args(x, {{mean1, "mean1"}, {invstd1, "invstd1"}, {weight1, "weight1"}, {bias1, "bias1"}});
-  const Act act = parse_act(std::string(act_name));
+  const ActSpec act = parse_act(std::string(act_name));
   check_blas_int(X.channels, "in_channels");
   check_blas_int(Z.channels, "out_channels");
 
@@ -452,7 +426,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_conv1_backward_cpu(
         const int64_t at_acc = t.sample * ACC.batch_stride + c * ACC.channel_stride + t.begin;
         CSP_DISPATCH_ACT(act, [&] {
           accumulate_row<scalar_t, kAct>(a + c * t.width, xp + at_x, accp + at_acc, t.width, m1[c], i1[c], w1[c],
-                                         b1[c], sums.data() + (i * X.channels + c) * 2);
+                                         b1[c], scalar_t(act.slope), sums.data() + (i * X.channels + c) * 2);
         });
       }
     });

@@ -12,10 +12,13 @@
 // every inner loop is contiguous.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/conv2d.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
+#include <optional>
 #include <vector>
 
 #include "plane_layout.h"
@@ -38,34 +41,45 @@ Geometry geometry_of(int64_t height, int64_t width) {
 }
 
 // even[k] = row[2k - 1], odd[k] = row[2k] for k in [0, tile_cols], zero outside the image
-// (nullptr: a padding row).
-void split_row(const float* row, const Geometry& g, float* even, float* odd) {
+// (nullptr: a padding row). Returns 0, or NaN when the row holds an inf or a NaN (the sum of
+// x * 0 over it: no branch, no extra pass).
+float split_row(const float* row, const Geometry& g, float* even, float* odd) {
   const int64_t n = g.tile_cols + 1;
   if (row == nullptr) {
     std::fill(even, even + n, 0.0f);
     std::fill(odd, odd + n, 0.0f);
-    return;
+    return 0.0f;
   }
   // Inside the image: even[k] for 2k - 1 < width, odd[k] for 2k < width.
   const int64_t n_even = std::min(n, (g.width + 2) / 2), n_odd = std::min(n, (g.width + 1) / 2);
   even[0] = 0.0f;
-#pragma omp simd
-  for (int64_t k = 1; k < n_even; ++k) even[k] = row[2 * k - 1];
-#pragma omp simd
-  for (int64_t k = 0; k < n_odd; ++k) odd[k] = row[2 * k];
+  float probe = 0.0f;
+#pragma omp simd reduction(+ : probe)
+  for (int64_t k = 1; k < n_even; ++k) {
+    even[k] = row[2 * k - 1];
+    probe += even[k] * 0.0f;
+  }
+#pragma omp simd reduction(+ : probe)
+  for (int64_t k = 0; k < n_odd; ++k) {
+    odd[k] = row[2 * k];
+    probe += odd[k] * 0.0f;
+  }
   std::fill(even + n_even, even + n, 0.0f);
   std::fill(odd + n_odd, odd + n, 0.0f);
+  return probe;
 }
 
 // V[xi][c][t] = (B^T d B)[xi] of channel c's patches, for the block's tile rows [ty0, ty1),
-// rows `ldv` floats apart.
+// rows `ldv` floats apart. Returns false when the patches hold an inf or a NaN.
 // Scratch: split, (2 * (ty1 - ty0) + 2) rows x 2 x (tile_cols + 1); u, 8 x (tile_cols + 1).
-void transform_input(const float* plane, const Geometry& g, int64_t ty0, int64_t ty1, int64_t c, int64_t channels,
+bool transform_input(const float* plane, const Geometry& g, int64_t ty0, int64_t ty1, int64_t c, int64_t channels,
                      int64_t ldv, float* split, float* u, float* v) {
   const int64_t n = g.tile_cols + 1, rows = 2 * (ty1 - ty0) + 2;
+  float probe = 0.0f;
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t y = 2 * ty0 - 1 + r;
-    split_row(y >= 0 && y < g.height ? plane + y * g.width : nullptr, g, split + 2 * r * n, split + (2 * r + 1) * n);
+    probe += split_row(y >= 0 && y < g.height ? plane + y * g.width : nullptr, g, split + 2 * r * n,
+                       split + (2 * r + 1) * n);
   }
   // u: u_i = (B^T d)_i, i = 0..3, each even then odd columns
   for (int64_t ty = ty0; ty < ty1; ++ty) {
@@ -97,6 +111,7 @@ void transform_input(const float* plane, const Geometry& g, int64_t ty0, int64_t
       }
     }
   }
+  return probe == 0.0f;
 }
 
 // out's channel k over the block's tile rows: Y = A^T M A from M[xi][k][t]. Scratch s,
@@ -133,7 +148,8 @@ void transform_output(const float* m, const Geometry& g, int64_t ty0, int64_t ty
   }
 }
 
-void conv3x3_winograd_out_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& out) {
+void conv3x3_winograd_out_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& out,
+                              const std::optional<at::Tensor>& conv_weight) {
   const PlaneLayout X = plane_layout(x, "x"), O = plane_layout(out, "out");
   TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat &&
                        out.scalar_type() == at::kFloat,
@@ -166,18 +182,22 @@ void conv3x3_winograd_out_cpu(const at::Tensor& x, const at::Tensor& weight, con
   for (int64_t xi = 0; xi < 16; ++xi) {
     sgemm_avx512_pack_a(K, C, up + xi * K * C, C, 1, u_packed.data() + xi * packed_size);
   }
+  std::atomic<bool> finite{true};
   at::parallel_for(0, X.batch * g.bands, 1, [&](int64_t b0, int64_t b1) {
     std::vector<float> v_storage(16 * C * ldv + 16), m(16 * K * max_tiles);
     float* v = v_storage.data() + (64 - reinterpret_cast<uintptr_t>(v_storage.data()) % 64) % 64 / sizeof(float);
     std::vector<float> split(2 * (2 * g.band_rows + 2) * (g.tile_cols + 1)), u(8 * (g.tile_cols + 1));
     std::vector<float> s(8 * g.tile_cols);
     for (int64_t b = b0; b < b1; ++b) {
+      if (conv_weight && !finite.load(std::memory_order_relaxed)) return;  // redone below
       const int64_t n = b / g.bands, ty0 = (b % g.bands) * g.band_rows;
       const int64_t ty1 = std::min(g.tile_rows, ty0 + g.band_rows), tiles = (ty1 - ty0) * g.tile_cols;
+      bool block_finite = true;
       for (int64_t c = 0; c < C; ++c) {
-        transform_input(xp + n * X.batch_stride + c * X.channel_stride, g, ty0, ty1, c, C, ldv, split.data(),
-                        u.data(), v);
+        block_finite &= transform_input(xp + n * X.batch_stride + c * X.channel_stride, g, ty0, ty1, c, C, ldv,
+                                        split.data(), u.data(), v);
       }
+      if (!block_finite) finite.store(false, std::memory_order_relaxed);
       for (int64_t xi = 0; xi < 16; ++xi) {
         sgemm_avx512(K, tiles, C, up + xi * K * C, C, 1, v + xi * C * ldv, ldv, 1, m.data() + xi * K * tiles, tiles,
                      false, u_packed.data() + xi * packed_size);
@@ -188,6 +208,7 @@ void conv3x3_winograd_out_cpu(const at::Tensor& x, const at::Tensor& weight, con
       }
     }
   });
+  if (conv_weight && !finite.load()) out.copy_(at::conv2d(x, *conv_weight, {}, 1, 1));
 }
 
 }  // namespace

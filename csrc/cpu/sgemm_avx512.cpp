@@ -4,15 +4,21 @@
 // A per 24 FMAs) runs over them; only C's valid rows and columns are stored (masked).
 #include "sgemm_avx512.h"
 
+#include <algorithm>
+#include <chrono>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "blas.h"
+
 #if defined(__x86_64__)
 
 #include <immintrin.h>
 
-#include <algorithm>
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
-#include <vector>
 
 namespace csp_kernels {
 namespace {
@@ -163,14 +169,7 @@ bool sgemm_avx512_supported() {
   return supported;
 }
 
-bool sgemm_avx512_preferred() {
-  static const bool preferred = [] {
-    const char* choice = std::getenv("CSP_KERNELS_CPU_SGEMM");
-    if (!sgemm_avx512_supported() || (choice != nullptr && std::strcmp(choice, "blas") == 0)) return false;
-    return (choice != nullptr && std::strcmp(choice, "avx512") == 0) || !__builtin_cpu_is("intel");
-  }();
-  return preferred;
-}
+bool sgemm_avx512_preferred() { return sgemm_choice().avx512; }
 
 // Packed A: per k-block (kKC), every kMR-row panel of the whole of A; a block of rows i0 and
 // k-block p0 starts at p0 * round_up(m, kMR) + i0 * kc.
@@ -230,8 +229,6 @@ namespace csp_kernels {
 
 bool sgemm_avx512_supported() { return false; }
 
-bool sgemm_avx512_preferred() { return false; }
-
 void sgemm_avx512(int64_t, int64_t, int64_t, const float*, int64_t, int64_t, const float*, int64_t, int64_t, float*,
                   int64_t, bool, const float*) {
   TORCH_CHECK(false, "sgemm_avx512 needs an x86-64 CPU with AVX-512");
@@ -246,3 +243,64 @@ void sgemm_avx512_pack_a(int64_t, int64_t, const float*, int64_t, int64_t, float
 }  // namespace csp_kernels
 
 #endif
+
+namespace csp_kernels {
+namespace {
+
+template <typename F>
+double seconds(const F& f) {
+  const auto start = std::chrono::steady_clock::now();
+  f();
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+}
+
+// GFLOP/s of (ours, the BLAS) on the tile GEMMs of the fused 1x1 convolutions: 256 output
+// channels of a 256-pixel tile, with the long reduction of a transition (k = 256) and the short
+// one of a dense layer's conv1 (k = 96), each GEMM timed alternately, the fastest of several
+// runs kept (a shared machine's other load only slows a run down).
+std::pair<double, double> measure_tile_gemms() {
+  const int m = 256, n = 256, shapes_k[2] = {256, 96}, reps = 7;
+  std::vector<float> a(static_cast<size_t>(m) * 256, 0.5f), b(static_cast<size_t>(256) * n, 0.25f),
+      c(static_cast<size_t>(m) * n);
+  const SingleThreadedBlas blas_on_this_thread;
+  double ours = 0, blas = 0, flops = 0;
+  for (const int k : shapes_k) {
+    const float one = 1, zero = 0;
+    // Column-major C (n x m) = B^T-shaped (n x k) @ A (k x m), the tiles' call (conv1x1.cpp's gemm).
+    const auto run_blas = [&] { sgemm_("N", "N", &n, &m, &k, &one, b.data(), &n, a.data(), &k, &zero, c.data(), &n); };
+    const auto run_ours = [&] { sgemm_avx512(m, n, k, a.data(), k, 1, b.data(), n, 1, c.data(), n, false); };
+    run_blas();
+    run_ours();
+    double best_ours = 1e30, best_blas = 1e30;
+    for (int r = 0; r < reps; ++r) {
+      best_ours = std::min(best_ours, seconds(run_ours));
+      best_blas = std::min(best_blas, seconds(run_blas));
+    }
+    ours += best_ours;
+    blas += best_blas;
+    flops += 2.0 * m * n * k;
+  }
+  return {flops / ours / 1e9, flops / blas / 1e9};
+}
+
+SgemmChoice decide_sgemm() {
+  const char* env = std::getenv("CSP_KERNELS_CPU_SGEMM");
+  const bool asked_blas = env != nullptr && std::strcmp(env, "blas") == 0;
+  const bool asked_avx512 = env != nullptr && std::strcmp(env, "avx512") == 0;
+  if (asked_blas) return {false, "CSP_KERNELS_CPU_SGEMM=blas"};
+  if (!sgemm_avx512_supported()) return {false, "this CPU has no AVX-512"};
+  if (asked_avx512) return {true, "CSP_KERNELS_CPU_SGEMM=avx512"};
+  const auto [ours, blas] = measure_tile_gemms();
+  const auto rate = [](double gflops) { return std::to_string(static_cast<int>(gflops + 0.5)); };
+  return {ours > blas, "measured on the tile GEMMs: avx512 " + rate(ours) + " vs blas " + rate(blas) +
+                           " GFLOP/s (one thread)"};
+}
+
+}  // namespace
+
+const SgemmChoice& sgemm_choice() {
+  static const SgemmChoice choice = decide_sgemm();
+  return choice;
+}
+
+}  // namespace csp_kernels

@@ -1,20 +1,28 @@
 // A single-threaded float32 GEMM for AVX-512 CPUs, used for the tile GEMMs of the fused CPU
-// 1x1 convolutions in place of the BLAS that torch links. Why: torch's BLAS is MKL, which on
-// AMD CPUs takes a code path that on the 2-core AMD EPYC (Zen 5) we measure on reaches 213
-// GFLOP/s on a 2048^3 sgemm, while oneDNN's AVX-512 convolution reaches 462 GFLOP/s on the
-// same cores (1x1, channels_last, 8x56x56x256).
+// 1x1 convolutions in place of the BLAS that torch links where it is faster: torch's BLAS is
+// MKL, whose speed depends on the CPU's vendor and generation (on AMD CPUs it takes a slow code
+// path), so the choice is made by measuring both on the machine.
 #pragma once
 
 #include <cstdint>
+#include <string>
 
 namespace csp_kernels {
 
 // Whether this CPU runs `sgemm_avx512` (it has AVX-512F).
 bool sgemm_avx512_supported();
 
-// Whether csp_kernels' float32 CPU GEMMs use `sgemm_avx512` rather than torch's BLAS: where it
-// is supported, on CPUs other than Intel's (MKL, torch's BLAS, is fast on Intel's), unless the
-// environment variable CSP_KERNELS_CPU_SGEMM says "blas" (or "avx512"), read once.
+// Which float32 GEMM csp_kernels' CPU kernels use, decided once per process: the environment
+// variable CSP_KERNELS_CPU_SGEMM ("avx512" or "blas") if set, else whichever of `sgemm_avx512`
+// and torch's BLAS (single-threaded, as the tiles run it) multiplies the tile GEMMs of a 1x1
+// convolution faster here. `reason` says how it was decided (with the measured rates).
+struct SgemmChoice {
+  bool avx512;
+  std::string reason;
+};
+const SgemmChoice& sgemm_choice();
+
+// sgemm_choice().avx512.
 bool sgemm_avx512_preferred();
 
 // Row-major C (m x n) = A (m x k) @ B (k x n), plus C's old values if `accumulate`:

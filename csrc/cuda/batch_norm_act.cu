@@ -55,14 +55,15 @@ __global__ void channel_stats_kernel(const scalar_t* __restrict__ x, PlaneLayout
 template <typename scalar_t, Act A>
 __global__ void scale_shift_act_kernel(const scalar_t* __restrict__ x, PlaneLayout L, scalar_t* out, PlaneLayout O,
                                        const stat_of<scalar_t>* __restrict__ scale,
-                                       const stat_of<scalar_t>* __restrict__ shift) {
+                                       const stat_of<scalar_t>* __restrict__ shift, double slope_) {
   using acc_t = at::opmath_type<scalar_t>;
+  const acc_t slope = static_cast<acc_t>(slope_);
   const int64_t n = blockIdx.x / L.channels, c = blockIdx.x % L.channels;
   const scalar_t* src = x + n * L.batch_stride + c * L.channel_stride;
   scalar_t* dst = out + n * O.batch_stride + c * O.channel_stride;
   const acc_t a = scale[c], b = shift[c];
   for (int64_t i = blockIdx.y * blockDim.x + threadIdx.x; i < L.plane; i += gridDim.y * blockDim.x) {
-    dst[i] = static_cast<scalar_t>(act_forward<A>(static_cast<acc_t>(src[i]) * a + b));
+    dst[i] = static_cast<scalar_t>(act_forward<A>(static_cast<acc_t>(src[i]) * a + b, slope));
   }
 }
 
@@ -74,16 +75,17 @@ __global__ void bn_act_backward_reduce_kernel(const scalar_t* __restrict__ grad_
                                               const stat_of<scalar_t>* mean, const stat_of<scalar_t>* invstd,
                                               const stat_of<scalar_t>* weight, const stat_of<scalar_t>* bias,
                                               stat_of<scalar_t>* sum_dpre, stat_of<scalar_t>* sum_dpre_xhat,
-                                              scalar_t* grad_acc, PlaneLayout ACC) {
+                                              scalar_t* grad_acc, PlaneLayout ACC, double slope_) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t c = blockIdx.x, count = L.batch * L.plane;
-  const acc_t m = mean[c], inv = invstd[c], w = weight[c], b = bias[c];
+  const acc_t m = mean[c], inv = invstd[c], w = weight[c], b = bias[c], slope = static_cast<acc_t>(slope_);
   acc_t s = 0, sx = 0;
   for (int64_t i = threadIdx.x; i < count; i += blockDim.x) {
     const int64_t n = i / L.plane, p = i - n * L.plane;
     const acc_t xhat = (static_cast<acc_t>(z[n * L.batch_stride + c * L.channel_stride + p]) - m) * inv;
     const acc_t dpre =
-        bn_act_grad_pre<A>(static_cast<acc_t>(grad_y[n * G.batch_stride + c * G.channel_stride + p]), xhat, w, b);
+        bn_act_grad_pre<A>(static_cast<acc_t>(grad_y[n * G.batch_stride + c * G.channel_stride + p]), xhat, w, b,
+                           slope);
     if constexpr (kAccumulate) {
       scalar_t* acc = grad_acc + n * ACC.batch_stride + c * ACC.channel_stride + p;
       *acc = static_cast<scalar_t>(static_cast<acc_t>(*acc) + w * dpre);
@@ -105,8 +107,9 @@ __global__ void bn_act_backward_apply_kernel(const scalar_t* __restrict__ grad_y
                                              const stat_of<scalar_t>* mean, const stat_of<scalar_t>* invstd,
                                              const stat_of<scalar_t>* weight, const stat_of<scalar_t>* bias,
                                              const stat_of<scalar_t>* sum_dpre,
-                                             const stat_of<scalar_t>* sum_dpre_xhat) {
+                                             const stat_of<scalar_t>* sum_dpre_xhat, double slope_) {
   using acc_t = at::opmath_type<scalar_t>;
+  const acc_t slope = static_cast<acc_t>(slope_);
   const int64_t n = blockIdx.x / L.channels, c = blockIdx.x % L.channels;
   const scalar_t* zp = z + n * L.batch_stride + c * L.channel_stride;
   const scalar_t* gp = grad_y + n * G.batch_stride + c * G.channel_stride;
@@ -116,7 +119,7 @@ __global__ void bn_act_backward_apply_kernel(const scalar_t* __restrict__ grad_y
   const acc_t mean_dpre = sum_dpre[c] * inv_count, mean_dpre_xhat = sum_dpre_xhat[c] * inv_count;
   for (int64_t i = blockIdx.y * blockDim.x + threadIdx.x; i < L.plane; i += gridDim.y * blockDim.x) {
     const acc_t xhat = (static_cast<acc_t>(zp[i]) - m) * inv;
-    const acc_t dpre = bn_act_grad_pre<A>(static_cast<acc_t>(gp[i]), xhat, w, b);
+    const acc_t dpre = bn_act_grad_pre<A>(static_cast<acc_t>(gp[i]), xhat, w, b, slope);
     out[i] = static_cast<scalar_t>(bn_grad_input(dpre, xhat, w, inv, mean_dpre, mean_dpre_xhat));
   }
 }
@@ -142,7 +145,7 @@ void scale_shift_act_out_cuda(const at::Tensor& x, const at::Tensor& scale, cons
   PlaneLayout L, O;
   std::tie(L, O) = paired_layouts(x, "x", out, "out");
   check_per_channel_args(x, {{scale, "scale"}, {shift, "shift"}});
-  const Act act = parse_act(std::string(act_name));
+  const ActSpec act = parse_act(std::string(act_name));
   if (x.numel() == 0) return;
   const c10::cuda::CUDAGuard guard(x.device());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "scale_shift_act_cuda", [&] {
@@ -150,7 +153,7 @@ void scale_shift_act_out_cuda(const at::Tensor& x, const at::Tensor& scale, cons
       scale_shift_act_kernel<scalar_t, kAct>
           <<<plane_grid(L), kElementwiseThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
               x.const_data_ptr<scalar_t>(), L, out.mutable_data_ptr<scalar_t>(), O,
-              scale.const_data_ptr<stat_of<scalar_t>>(), shift.const_data_ptr<stat_of<scalar_t>>());
+              scale.const_data_ptr<stat_of<scalar_t>>(), shift.const_data_ptr<stat_of<scalar_t>>(), act.slope);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
@@ -169,7 +172,7 @@ std::tuple<at::Tensor, at::Tensor> bn_act_backward_reduce_cuda(
   PlaneLayout L, G;
   std::tie(L, G) = paired_layouts(z, "z", grad_y, "grad_y");
   check_per_channel_args(z, {{mean, "mean"}, {invstd, "invstd"}, {weight, "weight"}, {bias, "bias"}});
-  const Act act = parse_act(std::string(act_name));
+  const ActSpec act = parse_act(std::string(act_name));
   const c10::cuda::CUDAGuard guard(z.device());
   at::Tensor sum_dpre = at::empty_like(mean), sum_dpre_xhat = at::empty_like(mean);
   if (L.channels == 0) return {sum_dpre, sum_dpre_xhat};
@@ -181,7 +184,7 @@ std::tuple<at::Tensor, at::Tensor> bn_act_backward_reduce_cuda(
               grad_y.const_data_ptr<scalar_t>(), G, z.const_data_ptr<scalar_t>(), L,
               mean.const_data_ptr<stat_t>(), invstd.const_data_ptr<stat_t>(), weight.const_data_ptr<stat_t>(),
               bias.const_data_ptr<stat_t>(), sum_dpre.mutable_data_ptr<stat_t>(),
-              sum_dpre_xhat.mutable_data_ptr<stat_t>(), nullptr, PlaneLayout{});
+              sum_dpre_xhat.mutable_data_ptr<stat_t>(), nullptr, PlaneLayout{}, act.slope);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
@@ -193,7 +196,7 @@ std::tuple<at::Tensor, at::Tensor> bn_act_backward_accumulate_cuda(
     const at::Tensor& weight, const at::Tensor& bias, c10::string_view act_name, const at::Tensor& grad_acc) {
   const AccumulateLayouts layouts = check_accumulate_args(grad_a, x, mean, invstd, weight, bias, grad_acc);
   const PlaneLayout &L = layouts.x, &GA = layouts.grad_a, &ACC = layouts.grad_acc;
-  const Act act = parse_act(std::string(act_name));
+  const ActSpec act = parse_act(std::string(act_name));
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor sum_dpre = at::empty_like(mean), sum_dpre_xhat = at::empty_like(mean);
   if (L.channels == 0) return {sum_dpre, sum_dpre_xhat};
@@ -205,7 +208,7 @@ std::tuple<at::Tensor, at::Tensor> bn_act_backward_accumulate_cuda(
               grad_a.const_data_ptr<scalar_t>(), GA, x.const_data_ptr<scalar_t>(), L,
               mean.const_data_ptr<stat_t>(), invstd.const_data_ptr<stat_t>(), weight.const_data_ptr<stat_t>(),
               bias.const_data_ptr<stat_t>(), sum_dpre.mutable_data_ptr<stat_t>(),
-              sum_dpre_xhat.mutable_data_ptr<stat_t>(), grad_acc.mutable_data_ptr<scalar_t>(), ACC);
+              sum_dpre_xhat.mutable_data_ptr<stat_t>(), grad_acc.mutable_data_ptr<scalar_t>(), ACC, act.slope);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
@@ -220,7 +223,7 @@ at::Tensor bn_act_backward_apply_cuda(
   std::tie(L, G) = paired_layouts(z, "z", grad_y, "grad_y");
   check_per_channel_args(z, {{mean, "mean"}, {invstd, "invstd"}, {weight, "weight"}, {bias, "bias"},
                              {sum_dpre, "sum_dpre"}, {sum_dpre_xhat, "sum_dpre_xhat"}});
-  const Act act = parse_act(std::string(act_name));
+  const ActSpec act = parse_act(std::string(act_name));
   const c10::cuda::CUDAGuard guard(z.device());
   at::Tensor grad_z = at::empty(z.sizes(), z.options());
   if (z.numel() == 0) return grad_z;
@@ -232,7 +235,7 @@ at::Tensor bn_act_backward_apply_cuda(
               grad_y.const_data_ptr<scalar_t>(), G, z.const_data_ptr<scalar_t>(), L,
               grad_z.mutable_data_ptr<scalar_t>(), mean.const_data_ptr<stat_t>(), invstd.const_data_ptr<stat_t>(),
               weight.const_data_ptr<stat_t>(), bias.const_data_ptr<stat_t>(), sum_dpre.const_data_ptr<stat_t>(),
-              sum_dpre_xhat.const_data_ptr<stat_t>());
+              sum_dpre_xhat.const_data_ptr<stat_t>(), act.slope);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });

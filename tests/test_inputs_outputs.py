@@ -1,0 +1,403 @@
+"""Inputs and outputs of the fused ops: `out=` buffers shared by several writers, inputs with
+zero or odd strides, refused `out`s, double backward and torch.func, torch.compile of the eval
+block, empty batches, padding validation and the meta device."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import csp_kernels
+from csp_kernels import reference
+from csp_kernels.ops.batch_norm_act import planes_contiguous, shares_memory
+
+from helpers import assert_matches_reference, fused_backends, rel_error
+
+H = W = 5  # tiny: the Triton backend runs through the interpreter
+
+
+def _pair(cin, cout, k, dtype=torch.float64, stride=1, **kwargs):
+    """A fused ConvBNAct and its float64 reference with the same (randomized) parameters."""
+    fused = csp_kernels.ConvBNAct(cin, cout, k, stride=stride, **kwargs)
+    with torch.no_grad():
+        fused.bn.weight.uniform_(0.5, 1.5)
+        fused.bn.bias.uniform_(-0.5, 0.5)
+        fused.bn.running_mean.uniform_(-0.2, 0.2)
+        fused.bn.running_var.uniform_(0.5, 1.5)
+    ref = reference.ConvBNAct(cin, cout, k, stride=stride, **kwargs).double()
+    ref.load_state_dict(fused.state_dict())
+    return fused.to(dtype), ref
+
+
+def _grads(module):
+    return [p.grad for p in module.parameters()]
+
+
+def _assert_grads_match(fused_modules, ref_modules, tol):
+    for f, r in zip(fused_modules, ref_modules):
+        for name, (gf, gr) in zip(("conv.weight", "bn.weight", "bn.bias"), zip(_grads(f), _grads(r))):
+            assert gf is not None, f"{name}.grad is None"
+            assert_matches_reference(gf, gr, tol=tol, name=name)
+
+
+# -- item 9: several ConvBNActs writing one buffer -----------------------------------------------
+
+# (kernel size, output channel range) of each writer, in the order they write.
+WRITERS = {
+    "readme": [(1, (0, 4)), (3, (4, 8))],
+    "reversed": [(3, (4, 8)), (1, (0, 4))],
+    "three": [(1, (2, 5)), (3, (5, 8)), (1, (0, 2))],
+    "overwrite": [(1, (0, 5)), (3, (3, 8))],  # the second overwrites channels 3, 4 of the first
+}
+
+
+def _write_all(modules, spans, x, buf):
+    for m, (lo, hi) in zip(modules, spans):
+        m(x, out=buf[:, lo:hi])
+    return buf
+
+
+def _reference_buffer(refs, spans, x, channels):
+    """The reference's meaning of out=: each output copied into its channels, in order."""
+    buf = torch.zeros(x.shape[0], channels, H, W, dtype=torch.float64)
+    for r, (lo, hi) in zip(refs, spans):
+        buf[:, lo:hi] = r(x)
+    return buf
+
+
+@pytest.mark.parametrize("backend", fused_backends())
+@pytest.mark.parametrize("case", sorted(WRITERS))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_writers_into_one_buffer_get_their_gradients(backend, case, dtype):
+    spans = [span for _, span in WRITERS[case]]
+    pairs = [_pair(6, hi - lo, k, dtype) for k, (lo, hi) in WRITERS[case]]
+    x64 = torch.randn(2, 6, H, W, dtype=torch.float64)
+    weight = torch.randn(2, 8, H, W, dtype=torch.float64)
+    x = x64.to(dtype, copy=True).requires_grad_()
+    buf = torch.zeros(2, 8, H, W, dtype=dtype)
+    with csp_kernels.use_backend(backend):
+        _write_all([f for f, _ in pairs], spans, x, buf)
+    (buf * weight.to(dtype)).sum().backward()
+    x_ref = x64.clone().requires_grad_()
+    ref_buf = _reference_buffer([r for _, r in pairs], spans, x_ref, 8)
+    (ref_buf * weight).sum().backward()
+    tol = 1e-10 if dtype == torch.float64 else 1e-4
+    assert_matches_reference(buf, ref_buf, tol=tol)
+    assert x.grad is not None
+    assert_matches_reference(x.grad, x_ref.grad, tol=tol, name="x.grad")
+    _assert_grads_match([f for f, _ in pairs], [r for _, r in pairs], tol)
+
+
+@pytest.mark.parametrize("backend", fused_backends())
+def test_buffer_read_by_a_later_module(backend):
+    (left, ref_left), (right, ref_right) = _pair(6, 4, 1), _pair(6, 4, 3)
+    after, ref_after = _pair(8, 3, 1)
+    x64 = torch.randn(2, 6, H, W, dtype=torch.float64)
+    x, x_ref = x64.clone().requires_grad_(), x64.clone().requires_grad_()
+    with csp_kernels.use_backend(backend):
+        buf = torch.empty(2, 8, H, W, dtype=torch.float64)
+        left(x, out=buf[:, :4])
+        right(x, out=buf[:, 4:])
+        y = after(buf)
+    y.square().sum().backward()
+    ref_after(torch.cat([ref_left(x_ref), ref_right(x_ref)], 1)).square().sum().backward()
+    assert_matches_reference(y, ref_after(torch.cat([ref_left(x_ref), ref_right(x_ref)], 1)), tol=1e-10)
+    assert_matches_reference(x.grad, x_ref.grad, tol=1e-10, name="x.grad")
+    _assert_grads_match([left, right, after], [ref_left, ref_right, ref_after], 1e-10)
+
+
+def test_chain_through_one_buffer_is_refused_by_autograd():
+    """A chain reading one slice of the buffer and writing the next overwrites (the version of)
+    what an earlier module saved for backward: autograd refuses it, as it refuses the
+    reference's meaning of out= (copy_ into the slice), instead of a wrong gradient."""
+    pairs = [_pair(4, 4, 1), _pair(4, 4, 3)]
+    for module in (0, 1):
+        x = torch.randn(2, 4, H, W, dtype=torch.float64, requires_grad=True)
+        buf = torch.empty(2, 12, H, W, dtype=torch.float64)
+        buf[:, :4] = x
+        for i, pair in enumerate(pairs):
+            if module == 0:
+                pair[0](buf[:, 4 * i: 4 * i + 4], out=buf[:, 4 * i + 4: 4 * i + 8])
+            else:
+                buf[:, 4 * i + 4: 4 * i + 8] = pair[1](buf[:, 4 * i: 4 * i + 4])
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            buf.sum().backward()
+
+
+def test_out_with_history_overwritten_by_a_frozen_module():
+    """The old contents of `out` get no gradient, also when nothing else requires grad."""
+    fused, ref = _pair(6, 4, 1)
+    fused.requires_grad_(False)
+    a = torch.randn(2, 8, H, W, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 6, H, W, dtype=torch.float64)
+    buf = a * 2
+    fused(x, out=buf[:, 2:6])
+    buf.sum().backward()
+    expected = torch.full_like(a, 2.0)
+    expected[:, 2:6] = 0
+    assert torch.equal(a.grad, expected)
+    assert_matches_reference(buf[:, 2:6], ref(x), tol=1e-10)
+
+
+@pytest.mark.parametrize("backend", fused_backends())
+@pytest.mark.parametrize("mode", ["train_no_grad", "eval", "eval_no_grad"])
+def test_writers_into_one_buffer_without_gradients(backend, mode):
+    pairs = [_pair(6, 4, 1), _pair(6, 4, 3)]
+    for f, r in pairs:
+        f.train(mode.startswith("train"))
+        r.train(mode.startswith("train"))
+    x = torch.randn(2, 6, H, W, dtype=torch.float64)
+    buf = torch.empty(2, 8, H, W, dtype=torch.float64)
+    with csp_kernels.use_backend(backend), torch.set_grad_enabled(not mode.endswith("no_grad")):
+        _write_all([f for f, _ in pairs], [(0, 4), (4, 8)], x, buf)
+    with torch.no_grad():
+        assert_matches_reference(buf, torch.cat([r(x) for _, r in pairs], 1), tol=1e-10)
+    for f, r in pairs:
+        assert_matches_reference(f.bn.running_mean, r.bn.running_mean, tol=1e-10, name="running_mean")
+
+
+# -- item 2: inputs with zero or odd strides ---------------------------------------------------
+
+def _layouts(n, c, dtype):
+    """Inputs of shape (n, c, H, W) whose strides the kernels cannot take as they are (or can)."""
+    return {
+        "expand_channels": lambda: torch.randn(n, 1, H, W, dtype=dtype).expand(n, c, H, W),
+        "expand_batch": lambda: torch.randn(1, c, H, W, dtype=dtype).expand(n, c, H, W),
+        "expand_planes": lambda: torch.randn(n, c, 1, 1, dtype=dtype).expand(n, c, H, W),
+        "transposed": lambda: torch.randn(n, c, W, H, dtype=dtype).transpose(2, 3),
+        "channel_step": lambda: torch.randn(n, 2 * c, H, 2 * W, dtype=dtype)[:, ::2, :, ::2],
+        "channels_last": lambda: torch.randn(n, c, H, W, dtype=dtype).to(memory_format=torch.channels_last),
+        "channel_slice": lambda: torch.randn(n, c + 3, H, W, dtype=dtype)[:, 2: 2 + c],
+        "overlapping_channels": lambda: torch.randn(n * c * H * W, dtype=dtype).as_strided(
+            (n, c, H, W), (c * H * W, W, W, 1)),
+    }
+
+
+LAYOUTS = sorted(_layouts(1, 1, torch.float64))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("kernel_size", [1, 3])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_conv_bn_act_on_odd_strides(layout, kernel_size, training, dtype, capfd):
+    fused, ref = _pair(6, 4, kernel_size, dtype)
+    fused.train(training)
+    ref.train(training)
+    x = _layouts(2, 6, dtype)[layout]().requires_grad_(False)
+    x_fused = x.detach().requires_grad_()
+    x_ref = x.detach().double().requires_grad_()
+    grad = torch.randn(2, 4, H, W, dtype=torch.float64)
+    y = fused(x_fused)
+    y_ref = ref(x_ref)
+    (y * grad.to(dtype)).sum().backward()
+    (y_ref * grad).sum().backward()
+    assert "Parameter" not in capfd.readouterr().err  # BLAS's complaint about a leading dimension
+    if dtype == torch.float64:
+        assert_matches_reference(y, y_ref, tol=1e-10)
+        assert_matches_reference(x_fused.grad, x_ref.grad, tol=1e-10, name="x.grad")
+        _assert_grads_match([fused], [ref], 1e-10)
+        return
+    # float32: behind BatchNorm the gradients cancel (an input constant over channels, over
+    # planes), so they are held to 4x plain float32 PyTorch's error, itself up to 2.4e-4 here
+    # (the lost weight gradient of a channel-expanded input had error 1).
+    plain = reference.ConvBNAct(6, 4, kernel_size).float().train(training)
+    plain.load_state_dict(ref.state_dict())
+    x_plain = x.detach().requires_grad_()
+    (plain(x_plain) * grad.float()).sum().backward()
+    assert_matches_reference(y, y_ref, tol=1e-5)
+    for name, got, want, base in [("x.grad", x_fused.grad, x_ref.grad, x_plain.grad)] + [
+            (name, p.grad, r.grad, q.grad) for (name, p), r, q in zip(
+                fused.named_parameters(), ref.parameters(), plain.parameters())]:
+        assert got is not None, f"{name} is None"
+        assert rel_error(got, want) <= max(1e-5, 4 * rel_error(base, want)), name
+
+
+@pytest.mark.parametrize("kernel_size", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_conv_bn_act_with_upstream_gradient_of_zero_strides(kernel_size, dtype):
+    """A loss like (y * per_pixel_weight).sum() hands backward a gradient expanded over batch
+    and channels."""
+    fused, ref = _pair(6, 4, kernel_size, dtype)
+    x64 = torch.randn(2, 6, H, W, dtype=torch.float64)
+    x, x_ref = x64.to(dtype, copy=True).requires_grad_(), x64.clone().requires_grad_()
+    pixel_weight = torch.randn(H, W, dtype=torch.float64)
+    (fused(x) * pixel_weight.to(dtype)).sum().backward()
+    (ref(x_ref) * pixel_weight).sum().backward()
+    tol = 1e-10 if dtype == torch.float64 else 1e-4
+    assert_matches_reference(x.grad, x_ref.grad, tol=tol, name="x.grad")
+    _assert_grads_match([fused], [ref], tol)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_partial_dense_block_on_odd_strides(layout, dtype):
+    fused = csp_kernels.PartialDenseBlock(6, num_layers=2, growth_rate=2, fusion="csp").to(dtype)
+    ref = reference.PartialDenseBlock(6, num_layers=2, growth_rate=2, fusion="csp").double()
+    ref.load_state_dict(fused.state_dict())
+    x = _layouts(2, 6, dtype)[layout]()
+    x_fused, x_ref = x.detach().requires_grad_(), x.detach().double().requires_grad_()
+    y, y_ref = fused(x_fused), ref(x_ref)
+    grad = torch.randn_like(y_ref)
+    (y * grad.to(dtype)).sum().backward()
+    (y_ref * grad).sum().backward()
+    tol = 1e-9 if dtype == torch.float64 else 1e-4
+    assert_matches_reference(y, y_ref, tol=tol)
+    assert_matches_reference(x_fused.grad, x_ref.grad, tol=tol, name="x.grad")
+    fused.eval()
+    ref.eval()
+    with torch.no_grad():
+        assert_matches_reference(fused(x), ref(x.double()), tol=tol, name="eval output")
+
+
+def test_planes_contiguous_judgement():
+    buf = torch.empty(2, 8, H, W)
+    assert planes_contiguous(buf[:, 2:5]) and planes_contiguous(buf[:, 2:5], written=True)
+    assert planes_contiguous(buf[:1].expand(3, 8, H, W))  # read: a stride-0 batch is fine
+    assert not planes_contiguous(buf[:1].expand(3, 8, H, W), written=True)
+    assert not planes_contiguous(buf[:, :1].expand(2, 4, H, W))  # channel stride 0: a bad leading dimension
+    assert not planes_contiguous(buf.to(memory_format=torch.channels_last))
+    assert planes_contiguous(buf[:, ::2], written=True)
+    assert not shares_memory(buf[:, :4], buf[:, 4:]) and shares_memory(buf[:, :5], buf[:, 4:])
+    assert not shares_memory(buf[:, ::2], buf[:, 1::2]) and shares_memory(buf[:, ::2], buf[:, 2:4])
+
+
+# -- item 5: out= refused as ATen refuses it ---------------------------------------------------
+
+@pytest.mark.parametrize("training", [True, False])
+def test_out_refused(training):
+    fused, _ = _pair(6, 4, 3)
+    fused.train(training)
+    x = torch.randn(2, 6, H, W, dtype=torch.float64)
+    cases = [
+        (torch.empty(2, 1, H, W, dtype=torch.float64).expand(2, 4, H, W), "out must not have two elements"),
+        (torch.empty(1, 4, H, W, dtype=torch.float64).expand(2, 4, H, W), "out must not have two elements"),
+        (torch.empty(2, 4, H, W + 1, dtype=torch.float64), "out must be a torch.float64 tensor of shape"),
+        (torch.empty(2, 4, H, W, dtype=torch.float32), "out must be a torch.float64 tensor of shape"),
+        (torch.empty(2, 4, H, W, dtype=torch.float64, device="meta"), "out must be a torch.float64 tensor"),
+    ]
+    for out, match in cases:
+        with pytest.raises(ValueError, match=match):
+            fused(x, out=out)
+    with pytest.raises(TypeError, match="out must be a torch.Tensor"):
+        fused(x, out=[0.0])
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_out_overlapping_x(training):
+    """While autograd records, an out over x is refused (the backward reads x); without it,
+    the result is the reference's (the kernels would read what they already wrote)."""
+    fused, ref = _pair(4, 4, 3)
+    fused.train(training)
+    ref.train(training)
+    buf = torch.randn(2, 8, H, W, dtype=torch.float64)
+    with pytest.raises(ValueError, match="out must not overlap x while autograd records"):
+        fused(buf[:, 2:6], out=buf[:, :4])
+    with pytest.raises(ValueError, match="out must not overlap x while autograd records"):
+        fused(buf[:, :4], out=buf[:, :4])
+    expected = torch.cat([buf[:, :4], buf[:, 4:]], 1)
+    with torch.no_grad():
+        expected[:, :4] = ref(buf[:, 2:6])
+        fused(buf[:, 2:6], out=buf[:, :4])
+    assert_matches_reference(buf, expected, tol=1e-10)
+
+
+# -- item 6: double backward and torch.func ----------------------------------------------------
+
+@pytest.mark.parametrize("with_out", [False, True])
+def test_conv_bn_act_double_backward_refused(with_out):
+    fused, _ = _pair(4, 4, 1)
+    x = torch.randn(2, 4, H, W, dtype=torch.float64, requires_grad=True)
+    y = fused(x, out=torch.empty(2, 4, H, W, dtype=torch.float64)) if with_out else fused(x)
+    with pytest.raises(RuntimeError, match="csp_kernels::conv_bn_act_train.* does not support double backward"):
+        torch.autograd.grad(y.square().sum(), x, create_graph=True)
+
+
+def test_partial_dense_block_double_backward_refused():
+    block = csp_kernels.PartialDenseBlock(6, num_layers=1, growth_rate=2).double()
+    x = torch.randn(2, 6, H, W, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(RuntimeError, match="PartialDenseBlock does not support double backward"):
+        torch.autograd.grad(block(x).square().sum(), x, create_graph=True)
+
+
+def test_torch_func_grad_runs_the_reference():
+    """In eval: training BatchNorm's running-statistics update is itself refused by torch.func."""
+    fused, ref = _pair(6, 4, 3)
+    block = csp_kernels.PartialDenseBlock(6, num_layers=1, growth_rate=2).double()
+    block_ref = reference.PartialDenseBlock(6, num_layers=1, growth_rate=2).double()
+    block_ref.load_state_dict(block.state_dict())
+    x = torch.randn(2, 6, H, W, dtype=torch.float64)
+    for module, module_ref in ((fused, ref), (block, block_ref)):
+        module.eval()
+        module_ref.eval()
+        with pytest.warns(csp_kernels.ReferenceFallbackWarning, match="torch.func transform"):
+            grad = torch.func.grad(lambda t, m=module: m(t).square().sum())(x)
+        expected = torch.func.grad(lambda t, m=module_ref: m(t).square().sum())(x)
+        assert_matches_reference(grad, expected, tol=1e-10, name=type(module).__name__)
+
+
+# -- item 8: torch.compile, empty batches, padding, the meta device -----------------------------
+
+def test_compile_eval_block_with_our_gemm():
+    """fullgraph=True over the eval block where Winograd's choice asks the extension (set
+    before the extension loads, hence a fresh process)."""
+    code = (
+        "import torch, csp_kernels\n"
+        "b = csp_kernels.PartialDenseBlock(8, num_layers=2, growth_rate=4, fusion='csp').eval()\n"
+        "x = torch.randn(2, 8, 6, 6)\n"
+        "with torch.no_grad():\n"
+        "    y = torch.compile(b, fullgraph=True, backend='eager')(x)\n"
+        "    err = ((y.double() - b(x).double()).norm() / b(x).double().norm()).item()\n"
+        "assert err < 1e-5, err\n"
+    )
+    env = {**os.environ, "CSP_KERNELS_CPU_SGEMM": "avx512"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("backend", fused_backends())
+@pytest.mark.parametrize("kernel_size, stride", [(3, 2), (1, 2), (3, 1), (1, 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_empty_batch_in_eval(backend, kernel_size, stride, dtype):
+    fused, ref = _pair(4, 4, kernel_size, dtype, stride=stride)
+    fused.eval()
+    ref.eval()
+    x = torch.randn(0, 4, 8, 8, dtype=dtype)
+    with csp_kernels.use_backend(backend), torch.no_grad():
+        fused(torch.randn(2, 4, 8, 8, dtype=dtype))  # the eval cache filled for a non-empty batch
+        y = fused(x)
+        out = torch.empty(0, 4, *y.shape[2:], dtype=dtype)
+        assert fused(x, out=out) is out
+    assert y.shape == ref(x.double()).shape
+
+
+def test_padding_validated():
+    for module in (reference.ConvBNAct, csp_kernels.ConvBNAct):
+        with pytest.raises(ValueError, match="padding must be non-negative"):
+            module(4, 4, 3, padding=-1)
+        with pytest.raises(ValueError, match="padding must be non-negative"):
+            module(4, 4, 3, padding=(1, -1))
+        with pytest.raises(TypeError, match="padding must be None"):
+            module(4, 4, 3, padding=1.5)
+        assert module(4, 4, 3, padding=(1, 0)).conv.padding == (1, 0)
+        assert module(4, 4, 3, padding=0).conv.padding == (0, 0)
+
+
+def test_padding_pair_matches_reference():
+    fused, ref = _pair(4, 4, 3, padding=(1, 0))
+    x = torch.randn(2, 4, H, W, dtype=torch.float64)
+    assert_matches_reference(fused(x), ref(x), tol=1e-10)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_meta_device_runs_the_reference_shapes(training):
+    pairs = [(csp_kernels.ConvBNAct(4, 6, 3, stride=2), reference.ConvBNAct(4, 6, 3, stride=2)),
+             (csp_kernels.PartialDenseBlock(4, 2, 2, fusion="csp"), reference.PartialDenseBlock(4, 2, 2, fusion="csp"))]
+    x = torch.randn(2, 4, 8, 8, device="meta")
+    for module, ref in pairs:
+        module.to("meta").train(training)
+        ref.to("meta").train(training)
+        with pytest.warns(csp_kernels.ReferenceFallbackWarning, match="meta device"):
+            y = module(x)
+        assert y.device.type == "meta" and y.shape == ref(x).shape

@@ -1,0 +1,347 @@
+"""Module state the fused ConvBNAct and PartialDenseBlock must honour as the reference does:
+edits their eval caches cannot see by version counters, module surgery (frozen BatchNorms, an
+added conv bias, replaced submodules), SyncBatchNorm, and threads sharing one module. Each case
+either matches the reference or runs it with a ReferenceFallbackWarning naming the reason."""
+import contextlib
+import sys
+import threading
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import csp_kernels
+from csp_kernels import reference
+from helpers import DEVICES, assert_matches_reference, randomize_
+
+TOL = 1e-10  # float64 throughout
+
+
+def conv_bn_act(device):
+    ref = randomize_(reference.ConvBNAct(4, 6, 3, act="leaky_relu")).to(device, torch.float64)
+    fused = csp_kernels.ConvBNAct(4, 6, 3, act="leaky_relu").to(device, torch.float64)
+    fused.load_state_dict(ref.state_dict())
+    return ref, fused
+
+
+def dense_block(device):
+    ref = randomize_(reference.PartialDenseBlock(8, 2, 4, fusion="csp")).to(device, torch.float64)
+    fused = csp_kernels.PartialDenseBlock(8, 2, 4, fusion="csp").to(device, torch.float64)
+    fused.load_state_dict(ref.state_dict())
+    return ref, fused
+
+
+MODULES = {"ConvBNAct": conv_bn_act, "PartialDenseBlock": dense_block}
+
+
+def norms(module: nn.Module) -> list[nn.BatchNorm2d]:
+    return [m for m in module.modules() if isinstance(m, nn.BatchNorm2d)]
+
+
+def run(module, x, fallback: str | None):
+    """module(x), warning of the reference fallback with a message matching `fallback` if set
+    (else with no such warning: conftest makes it an error)."""
+    ctx = pytest.warns(csp_kernels.ReferenceFallbackWarning, match=fallback) if fallback else contextlib.nullcontext()
+    with ctx:
+        return module(x)
+
+
+def assert_same_state(fused: nn.Module, ref: nn.Module) -> None:
+    fused_state, ref_state = fused.state_dict(), ref.state_dict()
+    assert fused_state.keys() == ref_state.keys()
+    for name, r in ref_state.items():
+        if name.endswith("num_batches_tracked"):
+            assert torch.equal(fused_state[name], r), name
+        else:
+            assert_matches_reference(fused_state[name], r, tol=TOL, name=name)
+
+
+def check_step(ref, fused, device, fallback: str | None = None, grad: bool = True) -> None:
+    """One forward (and backward when `grad`) on both: outputs, gradients, state."""
+    x = torch.randn(3, ref.in_channels, 6, 7, dtype=torch.float64, device=device)
+    x_ref, x_fused = x.clone().requires_grad_(grad), x.clone().requires_grad_(grad)
+    with torch.set_grad_enabled(grad):
+        y_ref, y = ref(x_ref), run(fused, x_fused, fallback)
+    assert_matches_reference(y, y_ref, tol=TOL, name="y")
+    if grad:
+        g = torch.randn_like(y_ref)
+        y_ref.backward(g)
+        y.backward(g)
+        assert_matches_reference(x_fused.grad, x_ref.grad, tol=TOL, name="x.grad")
+        for (name, p), (_, p_ref) in zip(fused.named_parameters(), ref.named_parameters()):
+            assert (p.grad is None) == (p_ref.grad is None), name
+            if p_ref.grad is not None:
+                assert_matches_reference(p.grad, p_ref.grad, tol=TOL, name=f"{name}.grad")
+    assert_same_state(fused, ref)
+
+
+# -- 1. eval caches: edits that bump no version counter ------------------------------------------
+
+def _ema_(t: torch.Tensor) -> None:
+    # An EMA of the weights, as timm's ModelEmaV2 and ultralytics' ModelEMA write it.
+    t.data.mul_(0.5).add_(torch.randn_like(t), alpha=0.5)
+
+
+CACHE_EDITS = {
+    "weight.data.mul_": lambda m: [p.data.mul_(2) for p in m.parameters() if p.dim() == 4],
+    "running_var.data.copy_": lambda m: [bn.running_var.data.copy_(torch.rand_like(bn.running_var) + 0.5)
+                                         for bn in norms(m)],
+    "data=same memory": lambda m: [setattr(bn.bias, "data", bn.bias.data.add_(1.0)) for bn in norms(m)],
+    "ema through .data": lambda m: [_ema_(t) for t in [*m.parameters(), *(bn.running_mean for bn in norms(m))]],
+    "bn.eps": lambda m: [setattr(bn, "eps", 0.25) for bn in norms(m)],
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("module", MODULES)
+@pytest.mark.parametrize("edit", CACHE_EDITS)
+def test_eval_cache_sees_edits_that_bump_no_version(device, module, edit):
+    ref, fused = MODULES[module](device)
+    ref.eval(), fused.eval()
+    x = torch.randn(2, ref.in_channels, 5, 6, dtype=torch.float64, device=device)
+    with torch.no_grad():
+        before = fused(x)  # fills the cache
+        CACHE_EDITS[edit](fused)
+        ref.load_state_dict(fused.state_dict())
+        for ref_bn, bn in zip(norms(ref), norms(fused)):
+            ref_bn.eps = bn.eps
+        after = fused(x)
+        assert not torch.allclose(after, before)
+        assert_matches_reference(after, ref(x), tol=TOL, name="y after the edit")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_eval_cache_is_safe_across_threads(device):
+    """Threads share one eval module, with inputs whose cached fold differs (on the float32 CPU
+    an NCHW and a channels_last input take different weight layouts): each must get its own
+    input's fold, never another thread's (the cache is read once per call)."""
+    ref = randomize_(reference.ConvBNAct(8, 8, 3, act="relu")).to(device).eval()
+    fused = csp_kernels.ConvBNAct(8, 8, 3, act="relu").to(device).eval()
+    fused.load_state_dict(ref.state_dict())
+    x = torch.randn(1, 8, 6, 6, device=device)
+    inputs = [x, x.contiguous(memory_format=torch.channels_last)]
+    expected = ref.double()(x.double())
+    errors = []
+
+    def worker(xi):
+        try:
+            with torch.no_grad():
+                for _ in range(150):
+                    assert_matches_reference(fused(xi), expected, tol=1e-5, name="y")
+        except Exception as e:  # noqa: BLE001 (reported below, with its thread's input)
+            errors.append(f"{'channels_last' if xi.is_contiguous(memory_format=torch.channels_last) else 'NCHW'}: "
+                          f"{type(e).__name__}: {e}")
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads often, inside the cache's read-check-use
+    try:
+        threads = [threading.Thread(target=worker, args=(inputs[i % 2],)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert not errors, errors[:3]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("module,attribute", [("ConvBNAct", "_folded"), ("PartialDenseBlock", "_eval_cache")])
+def test_eval_cache_is_read_once_per_call(device, module, attribute):
+    """A cache checked by one read and used by another hands a thread the fold another thread
+    stored in between (for another input layout: the wrong weight format). Under the GIL that
+    window is a few bytecodes, too narrow for the threaded test to hit reliably, so this counts
+    the reads: one per call, into a local."""
+    ref, fused = MODULES[module](device)
+    reads = []
+
+    class Counting(type(fused)):
+        def __getattribute__(self, name):
+            if name == attribute:
+                reads.append(name)
+            return super().__getattribute__(name)
+
+    fused.__class__ = Counting
+    fused.eval(), ref.eval()
+    x = torch.randn(2, ref.in_channels, 5, 6, dtype=torch.float64, device=device)
+    with torch.no_grad():
+        for _ in range(3):  # a miss, then hits
+            reads.clear()
+            assert_matches_reference(fused(x), ref(x), tol=TOL, name="y")
+            assert len(reads) == 1
+
+
+# -- 2. module surgery in train mode -------------------------------------------------------------
+
+def _freeze_all(m):
+    for bn in norms(m):
+        bn.eval()
+
+
+def _freeze_first(m):
+    norms(m)[0].eval()
+
+
+def _untrack(m):
+    for bn in norms(m):
+        bn.track_running_stats = False
+
+
+def _cumulative(m):
+    for bn in norms(m):
+        bn.momentum = None
+
+
+# (module, surgery on both, fallback reason or None when the fused path must match, grad)
+TRAIN_STATE = {
+    "ConvBNAct-frozen-bn": ("ConvBNAct", _freeze_all, None, True),
+    "ConvBNAct-frozen-bn-no-grad": ("ConvBNAct", _freeze_all, None, False),
+    "ConvBNAct-momentum-None": ("ConvBNAct", _cumulative, None, True),
+    "ConvBNAct-untracked": ("ConvBNAct", _untrack, "track_running_stats=False", True),
+    "block-frozen-bns": ("PartialDenseBlock", _freeze_all, "eval mode with autograd recording", True),
+    "block-frozen-bns-no-grad": ("PartialDenseBlock", _freeze_all, None, False),
+    "block-one-frozen-bn": ("PartialDenseBlock", _freeze_first, "BatchNorms in both train and eval mode", True),
+    "block-one-frozen-bn-no-grad": ("PartialDenseBlock", _freeze_first, "BatchNorms in both train and eval mode",
+                                    False),
+    "block-momentum-None": ("PartialDenseBlock", _cumulative, None, True),
+    "block-untracked": ("PartialDenseBlock", _untrack, "track_running_stats=False", True),
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", TRAIN_STATE)
+def test_batch_norm_state_in_train_mode(device, case):
+    """The module trains (.train()) while its BatchNorms are frozen (detection fine-tuning),
+    untracked or cumulative: two steps, each matching the reference's output, gradients and
+    running statistics (frozen ones unchanged)."""
+    module, surgery, fallback, grad = TRAIN_STATE[case]
+    ref, fused = MODULES[module](device)
+    for m in (ref, fused):
+        m.train()
+        surgery(m)
+    for _ in range(2):
+        check_step(ref, fused, device, fallback, grad)
+
+
+def _add_conv_bias(m, conv_name):
+    conv = m.get_submodule(conv_name)
+    torch.manual_seed(1)  # the same bias on both modules
+    conv.bias = nn.Parameter(torch.randn(conv.out_channels, dtype=conv.weight.dtype, device=conv.weight.device))
+
+
+def _replace_conv(m, conv_name, **kwargs):
+    """`conv_name` replaced by a new nn.Conv2d of the same channels (and the same weights where
+    the shape allows), with `kwargs` changed."""
+    old = m.get_submodule(conv_name)
+    args = dict(kernel_size=old.kernel_size, stride=old.stride, padding=old.padding, dilation=old.dilation,
+                groups=old.groups, bias=old.bias is not None, padding_mode=old.padding_mode)
+    torch.manual_seed(1)
+    new = nn.Conv2d(old.in_channels, old.out_channels, **{**args, **kwargs}).to(old.weight)
+    parent, _, name = conv_name.rpartition(".")
+    setattr(m.get_submodule(parent) if parent else m, name, new)
+
+
+def _fuse_bn_into_conv(m):
+    m.eval()
+    m.conv = torch.nn.utils.fusion.fuse_conv_bn_eval(m.conv, m.bn)
+    m.bn = nn.Identity()
+
+
+def _set_dilation(m):
+    m.conv.dilation, m.conv.padding = (2, 2), (2, 2)
+
+
+LAYER = "dense.denselayer1"
+# (module, surgery on both, fallback reason or None when the fused path must match)
+SURGERY = {
+    "ConvBNAct-conv-bias": ("ConvBNAct", lambda m: _add_conv_bias(m, "conv"), "conv.bias"),
+    "ConvBNAct-conv-built-with-bias": ("ConvBNAct", lambda m: _replace_conv(m, "conv", bias=True), "conv.bias"),
+    "ConvBNAct-circular-padding": ("ConvBNAct", lambda m: setattr(m.conv, "padding_mode", "circular"),
+                                   "padding_mode='circular'"),
+    "ConvBNAct-dilation": ("ConvBNAct", _set_dilation, None),
+    "ConvBNAct-bn-fused-into-conv": ("ConvBNAct", _fuse_bn_into_conv, "conv.bias"),
+    "ConvBNAct-bn-identity": ("ConvBNAct", lambda m: setattr(m, "bn", nn.Identity()), "bn is Identity"),
+    "ConvBNAct-conv-hook": ("ConvBNAct", lambda m: m.conv.register_forward_hook(lambda mod, i, o: o * 2),
+                            "forward hook on conv"),
+    "block-conv2-with-bias": ("PartialDenseBlock", lambda m: _replace_conv(m, f"{LAYER}.conv2", bias=True),
+                              f"{LAYER}.conv2.bias"),
+    "block-conv2-5x5": ("PartialDenseBlock",
+                        lambda m: _replace_conv(m, f"{LAYER}.conv2", kernel_size=5, padding=2),
+                        rf"{LAYER}.conv2 is Conv2d\(.*kernel_size=\(5, 5\)"),
+    "block-conv1-dilated": ("PartialDenseBlock",
+                            lambda m: setattr(m.get_submodule(f"{LAYER}.conv1"), "dilation", (2, 2)),
+                            rf"{LAYER}.conv1 is Conv2d\(.*dilation=\(2, 2\)"),
+    "block-conv2-reflect": ("PartialDenseBlock",
+                            lambda m: setattr(m.get_submodule(f"{LAYER}.conv2"), "padding_mode", "reflect"),
+                            f"{LAYER}.conv2.padding_mode='reflect'"),
+    "block-norm1-identity": ("PartialDenseBlock", lambda m: setattr(m.get_submodule(LAYER), "norm1", nn.Identity()),
+                             f"{LAYER}.norm1 is Identity"),
+    "block-transition-bias": ("PartialDenseBlock", lambda m: _add_conv_bias(m, "transition1.conv"),
+                              "transition1.conv.bias"),
+    "block-transition-bn-fused": ("PartialDenseBlock", lambda m: _fuse_bn_into_conv(m.transition2),
+                                  "transition2.conv.bias"),
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", SURGERY)
+@pytest.mark.parametrize("mode", ["train", "eval", "eval-no-grad"])
+def test_conv_surgery(device, case, mode):
+    """Convolutions given a bias, another geometry or padding mode, BatchNorms fused away or
+    replaced: in train and eval (with and without autograd), the fused module computes what the
+    reference does or runs it with the reason named."""
+    module, surgery, fallback = SURGERY[case]
+    ref, fused = MODULES[module](device)
+    for m in (ref, fused):
+        surgery(m)
+        m.train(mode == "train")
+    check_step(ref, fused, device, fallback, grad=mode != "eval-no-grad")
+
+
+# -- 3. SyncBatchNorm ----------------------------------------------------------------------------
+
+@pytest.fixture
+def process_group(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def sync_pair(module, device):
+    ref, fused = MODULES[module](device)
+    return nn.SyncBatchNorm.convert_sync_batchnorm(ref), nn.SyncBatchNorm.convert_sync_batchnorm(fused)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("module", MODULES)
+def test_sync_batch_norm_with_a_process_group_is_not_computed_per_process(device, module, process_group):
+    """Training SyncBatchNorm synchronizes its statistics across the process group: the fused
+    kernels would compute per-process ones, so the module runs the reference (torch's
+    SyncBatchNorm, which on the CPU raises)."""
+    ref, fused = sync_pair(module, device)
+    assert any(isinstance(m, nn.SyncBatchNorm) for m in fused.modules())
+    x = torch.randn(3, ref.in_channels, 5, 6, dtype=torch.float64, device=device)
+    if device == "cpu":
+        with pytest.raises(ValueError, match="SyncBatchNorm expected input tensor to be on GPU"):
+            ref(x)
+        with pytest.warns(csp_kernels.ReferenceFallbackWarning, match="SyncBatchNorm"), \
+                pytest.raises(ValueError, match="SyncBatchNorm expected input tensor to be on GPU"):
+            fused(x)
+    else:
+        check_step(ref, fused, device, fallback="SyncBatchNorm")
+    ref.eval(), fused.eval()  # eval SyncBatchNorm is BatchNorm: fused
+    check_step(ref, fused, device, grad=False)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("module", MODULES)
+@pytest.mark.parametrize("training", [True, False])
+def test_sync_batch_norm_without_a_process_group_is_batch_norm(device, module, training):
+    assert not dist.is_initialized()
+    ref, fused = sync_pair(module, device)
+    ref.train(training), fused.train(training)
+    check_step(ref, fused, device, grad=training)
+    check_step(ref, fused, device, grad=False)
