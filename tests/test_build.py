@@ -1,6 +1,10 @@
 """What the compiled extension contains, and backend selection."""
+import json
 import os
+import re
 import shutil
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -92,3 +96,22 @@ def test_auto_without_extension_warns_once_and_uses_reference(monkeypatch):
         assert backend.resolve_backend(torch.device("cpu")) == "reference"
     with csp_kernels.use_backend("cpu"), pytest.raises(csp_kernels.BackendUnavailable, match="simulated"):
         backend.resolve_backend(torch.device("cpu"))
+
+
+def test_cpu_gemm_is_chosen_by_measurement():
+    """Unpinned, the float32 CPU GEMM is the faster of ours and the BLAS as timed in this process
+    (read once, hence a subprocess without CSP_KERNELS_CPU_SGEMM)."""
+    env = {k: v for k, v in os.environ.items() if k != "CSP_KERNELS_CPU_SGEMM"}
+    code = "import csp_kernels, json; i = csp_kernels.build_info(); print(json.dumps([i['cpu_sgemm'], " \
+           "i['cpu_sgemm_reason'], i['cpu_avx512']]))"
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    choice, reason, avx512 = json.loads(run.stdout.strip().splitlines()[-1])
+    if not avx512:
+        assert (choice, reason) == ("blas", "this CPU has no AVX-512")
+        return
+    rates = re.fullmatch(r"measured on the tile GEMMs: avx512 (\d+) vs blas (\d+) GFLOP/s \(one thread\)", reason)
+    assert rates, reason
+    ours, blas = map(int, rates.groups())
+    assert min(ours, blas) > 0
+    assert choice == ("avx512" if ours > blas else "blas") or ours == blas
