@@ -27,10 +27,9 @@ from __future__ import annotations
 import torch
 
 from .. import backend, checks, reference
-from ..ops import batch_norm_act as bna
 from ..ops import dense as dense_ops
 from ..ops import dense_eval
-from .transition import batch_norm_reason, conv_reason, fold_cache_hit, fold_key, snapshot
+from .transition import batch_norm_reason, conv_reason, fold_cache_hit, fold_key, snapshot, track_batch_stats
 
 # (kernel_size, stride, padding, dilation, groups) the fused op computes each conv with.
 _CONV1X1 = ((1, 1), (1, 1), (0, 0), (1, 1), 1)
@@ -148,12 +147,12 @@ class PartialDenseBlock(reference.PartialDenseBlock):
         count = x.shape[0] * x.shape[2] * x.shape[3]
         for j, layer in enumerate(self._layers()):
             c = self.part2 + j * self.dense.growth_rate
-            _track(layer.norm1, dense_mean[:c], dense_var[:c], count)
-            _track(layer.norm2, bottleneck_mean[j], bottleneck_var[j], count)
+            track_batch_stats(layer.norm1, dense_mean[:c], dense_var[:c], count)
+            track_batch_stats(layer.norm2, bottleneck_mean[j], bottleneck_var[j], count)
         start = 0
         for t in self._transitions():
             stop = start + t.bn.num_features
-            _track(t.bn, t_mean[start:stop], t_var[start:stop], count)
+            track_batch_stats(t.bn, t_mean[start:stop], t_var[start:stop], count)
             start = stop
         return out
 
@@ -179,11 +178,3 @@ class PartialDenseBlock(reference.PartialDenseBlock):
         transition_running = [(t.bn.running_mean, t.bn.running_var) for t in self._transitions()]
         return dense_eval.fold_eval_params(self.dense_params(), dense_running, self.transition_params(),
                                            transition_running, self._norms()[0].eps)
-
-
-def _track(bn: torch.nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
-    """nn.BatchNorm2d's training-time bookkeeping, from batch statistics computed elsewhere."""
-    with torch.no_grad():
-        bn.num_batches_tracked.add_(1)
-        momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-        bna.update_running_stats(bn.running_mean, bn.running_var, mean, var, count, momentum)

@@ -110,13 +110,7 @@ class ConvBNAct(reference.ConvBNAct):
         else:
             _, mean, var = ops.conv_bn_act_train_out(*args, out)
             y = out
-        with torch.no_grad():
-            bn.num_batches_tracked.add_(1)
-            # momentum=None is nn.BatchNorm2d's cumulative average; a tensor keeps a compiled
-            # graph whole.
-            momentum = bn.momentum if bn.momentum is not None else \
-                bn.num_batches_tracked.to(bn.running_mean.dtype).reciprocal()
-            update_running_stats(bn.running_mean, bn.running_var, mean, var, y.numel() // y.shape[1], momentum)
+        track_batch_stats(bn, mean, var, y.numel() // y.shape[1])
         return y
 
     def _needs_grad(self, x: torch.Tensor, out: torch.Tensor | None = None) -> bool:
@@ -161,6 +155,16 @@ class ConvBNAct(reference.ConvBNAct):
             cache = (key, snapshot(sources), weight, bias.to(ops.stats_dtype(x.dtype)), transform)
             self._folded = cache
         return cache[2:]
+
+
+def track_batch_stats(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
+    """nn.BatchNorm2d's training-time bookkeeping from batch statistics the fused op computed
+    (mean and biased var over `count` values per channel)."""
+    bn.num_batches_tracked.add_(1)
+    # momentum=None is nn.BatchNorm2d's cumulative average; a tensor keeps a compiled graph whole.
+    momentum = bn.momentum if bn.momentum is not None else \
+        bn.num_batches_tracked.to(bn.running_mean.dtype).reciprocal()
+    update_running_stats(bn.running_mean, bn.running_var, mean, var, count, momentum)
 
 
 def fold_key(sources: Sequence[torch.Tensor]) -> tuple:

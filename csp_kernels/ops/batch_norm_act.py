@@ -165,10 +165,11 @@ def bn_scale_shift(mean: torch.Tensor, var: torch.Tensor, weight: torch.Tensor, 
 
 def update_running_stats(running_mean: torch.Tensor, running_var: torch.Tensor, mean: torch.Tensor,
                          var: torch.Tensor, count: int, momentum: float) -> None:
-    """nn.BatchNorm2d's update: exponential average, with the unbiased variance."""
-    with torch.no_grad():
-        running_mean.lerp_(mean.to(running_mean.dtype), momentum)
-        running_var.lerp_((var * (count / (count - 1))).to(running_var.dtype), momentum)
+    """nn.BatchNorm2d's update: exponential average, with the unbiased variance. The statistics
+    are detached rather than updated under no_grad: a no_grad region in an exported training
+    graph does not load back (torch.export.load: "wrap_with_set_grad_enabled is missing val")."""
+    running_mean.lerp_(mean.detach().to(running_mean.dtype), momentum)
+    running_var.lerp_((var.detach() * (count / (count - 1))).to(running_var.dtype), momentum)
 
 
 @torch.library.custom_op("csp_kernels::batch_norm_act", mutates_args=())
