@@ -1,126 +1,146 @@
 #!/usr/bin/env bash
-# Validate csp_kernels on a GPU machine with no network (torch + CUDA toolkit + Triton already
-# installed): build the extension against the torch there, run the test suite on CUDA, run the
-# CUDA tests under compute-sanitizer memcheck, measure copy bandwidth and matmul peaks, run the
-# GPU benchmarks, and write everything under one folder.
+# Validate csp_kernels on the GPU machine in one command of at most ~9 minutes (no network, no
+# package registry: its own python3, torch, Triton and CUDA toolkit). Steps, in order, each
+# under its own timeout and within one overall deadline, each logging as it goes:
+#   probe      GPU, driver, python3 / torch / Triton / nvcc versions, which tools are present
+#   build      the extension for this GPU's architecture only (MAX_JOBS=16)
+#   smoke      benchmarks.gpu_smoke: every CUDA and Triton kernel once in bf16/fp32/fp64
+#              against float64 on the CPU
+#   memcheck   the smoke run under compute-sanitizer memcheck (where compute-sanitizer works)
+#   racecheck  the reductions' smoke run (float32) under compute-sanitizer racecheck
+#   tests      python3 -m pytest tests -k cuda (with pytest-xdist where installed)
+#   kernels    benchmarks.gpu_kernels: GB/s of each kernel against a measured copy
+#   bench      the standard GPU configurations (pdb-gpu, trans-gpu, efm-gpu) with eager,
+#              fused and fused-cuda, few rounds, merged into results/<date>-<gpu>.json
+# torch.compile, max-autotune and the ahead-of-time compile (benchmarks.gpu_compile) stay off
+# the GPU: CI runs the last, and the others take minutes the lease does not have.
 #
-#   benchmarks/gpu_validate.sh [--out DIR] [STEP ...]
+#   bash benchmarks/gpu_validate.sh [STEP ...]      (default: all, in the order above)
 #
-# DIR defaults to $OUT, else benchmarks/out/gpu-validate-<date>. STEPs run in order (default: all):
-#   build        pip install --no-build-isolation --no-deps -e . (setup.py build_ext --inplace
-#                as fallback), for this GPU's architecture only unless TORCH_CUDA_ARCH_LIST is set
-#   test         python -m pytest tests -q
-#   sanitize     compute-sanitizer --tool memcheck python -m pytest tests -q -k cuda (if found)
-#   compile      python -m benchmarks.gpu_compile: registers, spills, 16-byte accesses of the
-#                Triton kernels (sm_80, sm_90) and of the built CUDA kernels, into DIR/gpu_compile.txt
-#   roofline     python -m benchmarks.roofline
-#   bench        bench-pdb-gpu bench-trans-gpu bench-efm-gpu, then the merged results file
-#   bench-NAME   python -m benchmarks all --device cuda --config NAME  (one configuration)
-#   results      merge DIR/bench/*/results.json into DIR/results/<date>-<gpu>.json and
-#                benchmarks/results/<date>-<gpu>.json
-# Each step runs under `timeout $STEP_TIMEOUT` (default 570 s, below a 10-minute command limit)
-# and logs to DIR/logs/<step>.log; the script goes on after a failure, writes DIR/summary.txt
-# and exits non-zero if any step failed. Extra benchmark flags: $BENCH_ARGS (e.g.
-# "--variants eager,compile,fused" to leave out max-autotune).
+# Everything lands in $WORK (benchmarks/out/gpu-validate-<time>) and, after every step, in
+# $OUT/gpu_validate.tar.gz plus $OUT/summary.txt (2 files, under the device tool's 8), so a
+# run cut short still returns what it did. DEADLINE (seconds, default 530) bounds the whole
+# run; the exit status is non-zero if any step failed or was skipped for lack of time.
 set -u
 
 cd "$(dirname "$0")/.."
-OUT_DIR="${OUT:-benchmarks/out/gpu-validate-$(date +%Y%m%d-%H%M%S)}"
-if [ "${1:-}" = "--out" ]; then OUT_DIR="$2"; shift 2; fi
-STEPS=("$@")
-[ ${#STEPS[@]} -eq 0 ] && STEPS=(build test sanitize compile roofline bench)
-mkdir -p "$OUT_DIR/logs"
-OUT_DIR="$(cd "$OUT_DIR" && pwd)"
-PYTHON="${PYTHON:-$(command -v python || command -v python3)}"
-STEP_TIMEOUT="${STEP_TIMEOUT:-570}"
-SUMMARY="$OUT_DIR/summary.txt"
+START=$SECONDS
+DEADLINE="${DEADLINE:-530}"
+STAMP="$(date +%Y%m%d-%H%M%S)"
+WORK="${WORK:-benchmarks/out/gpu-validate-$STAMP}"
+mkdir -p "$WORK/logs"
+WORK="$(cd "$WORK" && pwd)"
+OUT="${OUT:-$WORK}"
+mkdir -p "$OUT"
+SUMMARY="$WORK/summary.txt"
+PYTHON=python3
 FAILED=0
+export PYTHONUNBUFFERED=1
 
-run_step() {  # run_step NAME COMMAND...: time it, log it, record its exit status
-    local name="$1"; shift
-    local start=$SECONDS
-    echo "== $name: $*" | tee -a "$SUMMARY"
-    timeout "$STEP_TIMEOUT" bash -c '"$@"' _ "$@" > "$OUT_DIR/logs/$name.log" 2>&1
+pack() {  # the results so far, into $OUT
+    [ "$OUT" = "$WORK" ] && return 0
+    tar czf "$OUT/gpu_validate.tar.gz" -C "$(dirname "$WORK")" "$(basename "$WORK")" 2>/dev/null
+    cp "$SUMMARY" "$OUT/summary.txt"
+}
+
+run_step() {  # run_step NAME BUDGET COMMAND...: at most BUDGET seconds, and never past the deadline
+    local name="$1" budget="$2"; shift 2
+    local left=$((DEADLINE - (SECONDS - START) - 10))
+    [ "$left" -lt "$budget" ] && budget=$left
+    if [ "$budget" -lt 10 ]; then
+        echo "-- $name: skipped, ${left}s left before the deadline" | tee -a "$SUMMARY"
+        FAILED=1
+        pack
+        return 1
+    fi
+    local t0=$SECONDS
+    echo "== $name (timeout ${budget}s)" | tee -a "$SUMMARY"
+    timeout -k 5 "$budget" "$@" > "$WORK/logs/$name.log" 2>&1
     local rc=$?
-    tail -n 5 "$OUT_DIR/logs/$name.log"
-    echo "   $name: exit $rc after $((SECONDS - start)) s" | tee -a "$SUMMARY"
+    tail -n 15 "$WORK/logs/$name.log" | sed 's/^/   /'
+    echo "   $name: exit $rc after $((SECONDS - t0)) s$([ $rc -eq 124 ] && echo ' (timed out)')" | tee -a "$SUMMARY"
     [ $rc -ne 0 ] && FAILED=1
+    pack
     return $rc
 }
 
-build() {
-    export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
-    export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$("$PYTHON" -c \
-        'import torch; print("%d.%d" % torch.cuda.get_device_capability())')}"
-    "$PYTHON" -m pip install --no-build-isolation --no-deps --no-index -e . \
-        || "$PYTHON" setup.py build_ext --inplace
-    "$PYTHON" -c 'import csp_kernels, pprint; pprint.pprint(csp_kernels.build_info())'
+probe() {
+    echo "csp_kernels GPU validation, $(date -u +%FT%TZ), commit $(git rev-parse HEAD 2>/dev/null || echo unknown)"
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv,noheader
+    "$PYTHON" -c 'import sys, torch, triton; print("python", sys.version.split()[0], "torch", torch.__version__,
+"cuda", torch.version.cuda, "triton", triton.__version__, "gpu", torch.cuda.get_device_name(),
+"capability", torch.cuda.get_device_capability())'
+    command -v nvcc > /dev/null && nvcc --version | tail -n 2
+    for tool in compute-sanitizer ncu; do echo "$tool: $(command -v $tool || echo absent)"; done
+    "$PYTHON" -c 'import xdist' 2> /dev/null && echo "pytest-xdist: present" || echo "pytest-xdist: absent"
 }
 
-sanitize() {
+build() {
+    local arch
+    arch="$("$PYTHON" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')" || return 1
+    rm -rf build csp_kernels/_C*.so
+    MAX_JOBS=16 TORCH_CUDA_ARCH_LIST="$arch" "$PYTHON" -m pip install --no-build-isolation --no-deps --no-index -e . \
+        || MAX_JOBS=16 TORCH_CUDA_ARCH_LIST="$arch" "$PYTHON" setup.py build_ext --inplace || return 1
+    "$PYTHON" -c 'import csp_kernels, json, sys; info = csp_kernels.build_info(); print(json.dumps(info, indent=1))
+sys.exit(0 if info["cuda"] else 1)'
+}
+
+sanitizer() {  # sanitizer TOOL SMOKE-ARGS...: the smoke run under compute-sanitizer, where it works
+    local tool="$1"; shift
     if ! command -v compute-sanitizer > /dev/null; then
-        echo "compute-sanitizer not found: skipped"
+        echo "compute-sanitizer absent: skipped"
         return 0
     fi
-    # the caching allocator would hide out-of-bounds accesses inside its blocks
-    PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 1 \
-        "$PYTHON" -m pytest tests -q -x -k cuda
+    # The caching allocator would hide out-of-bounds accesses inside its blocks.
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool "$tool" --error-exitcode 3 \
+        "$PYTHON" -m benchmarks.gpu_smoke "$@"
 }
 
-bench_config() {  # bench_config NAME
-    # shellcheck disable=SC2086  # BENCH_ARGS is a list of flags
-    "$PYTHON" -m benchmarks all --device cuda --config "$1" --out "$OUT_DIR/bench/$1" \
-        ${BENCH_ARGS:-}
+cuda_tests() {
+    local parallel=()
+    "$PYTHON" -c 'import xdist' 2> /dev/null && parallel=(-n 8)
+    "$PYTHON" -m pytest tests -q -p no:cacheprovider -k cuda "${parallel[@]}" --junitxml="$WORK/cuda_tests.xml"
 }
 
-merge_results() {
-    local gpu
+bench() {
+    local config rc=0 gpu
+    for config in pdb-gpu trans-gpu efm-gpu; do
+        echo "-- $config"
+        "$PYTHON" -m benchmarks all --device cuda --config "$config" --variants eager,fused,fused-cuda \
+            --rounds 3 --warmup 1 --out "$WORK/bench/$config" || rc=1
+    done
     gpu="$("$PYTHON" -c 'import torch; print(torch.cuda.get_device_name().replace(" ", "-"))')"
-    local name
-    name="$(date +%Y-%m-%d)-$gpu.json"
-    mkdir -p "$OUT_DIR/results" benchmarks/results
-    "$PYTHON" - "$OUT_DIR/results/$name" "$OUT_DIR"/bench/*/results.json <<'EOF'
+    mkdir -p "$WORK/results"
+    "$PYTHON" - "$WORK/results/$(date +%Y-%m-%d)-$gpu.json" "$WORK"/bench/*/results.json <<'PY' || rc=1
 import json, sys
 from pathlib import Path
 from benchmarks.report import merge_records, write_json
-records = [json.loads(Path(p).read_text()) for p in sys.argv[2:]]
+records = [json.loads(Path(p).read_text()) for p in sys.argv[2:] if Path(p).exists()]
 write_json(merge_records(records), Path(sys.argv[1]))
-print(f"merged {len(records)} runs into {sys.argv[1]}")
-EOF
-    cp "$OUT_DIR/results/$name" "benchmarks/results/$name"
+print(f"merged {len(records)} runs into {sys.argv[1]} (commit it under benchmarks/results/)")
+PY
+    return $rc
 }
 
-# steps run as `timeout ... bash -c`, which sees exported functions and variables only
-export -f build sanitize bench_config merge_results
-export PYTHON OUT_DIR BENCH_ARGS="${BENCH_ARGS:-}"
-
-{
-    echo "csp_kernels GPU validation, $(date -u +%FT%TZ), commit $(git rev-parse HEAD 2>/dev/null)"
-    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1
-    "$PYTHON" -c 'import sys, torch, triton; print("python", sys.version.split()[0], "torch",
-torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__)' 2>&1
-    command -v nvcc > /dev/null && nvcc --version | tail -n 2
-} | tee "$SUMMARY"
-
+STEPS=("$@")
+[ ${#STEPS[@]} -eq 0 ] && STEPS=(probe build smoke memcheck racecheck tests kernels bench)
+: > "$SUMMARY"
 for step in "${STEPS[@]}"; do
     case "$step" in
-        build) run_step build build ;;
-        test) run_step test "$PYTHON" -m pytest tests -q ;;
-        sanitize) run_step sanitize sanitize ;;
-        compile)
-            run_step compile bash -c '"$1" -m benchmarks.gpu_compile > "$2/gpu_compile.txt"' _ "$PYTHON" "$OUT_DIR" ;;
-        roofline)
-            run_step roofline "$PYTHON" -m benchmarks.roofline --out "$OUT_DIR/roofline.json" ;;
-        bench)
-            for config in pdb-gpu trans-gpu efm-gpu; do
-                run_step "bench-$config" bench_config "$config"
-            done
-            run_step results merge_results ;;
-        bench-*) run_step "$step" bench_config "${step#bench-}" ;;
-        results) run_step results merge_results ;;
-        *) echo "unknown step $step (build, test, sanitize, compile, roofline, bench, bench-NAME, results)"
+        probe) run_step probe 30 bash -c "$(declare -f probe); PYTHON=$PYTHON probe" ;;
+        build) run_step build 200 bash -c "$(declare -f build); PYTHON=$PYTHON build" ;;
+        smoke) run_step smoke 60 "$PYTHON" -m benchmarks.gpu_smoke ;;
+        memcheck) run_step memcheck 75 bash -c "$(declare -f sanitizer); PYTHON=$PYTHON sanitizer memcheck" ;;
+        racecheck) run_step racecheck 45 bash -c \
+            "$(declare -f sanitizer); PYTHON=$PYTHON sanitizer racecheck --only reductions --dtypes fp32" ;;
+        tests) run_step tests 120 bash -c "$(declare -f cuda_tests); PYTHON=$PYTHON WORK=$WORK cuda_tests" ;;
+        kernels) run_step kernels 45 "$PYTHON" -m benchmarks.gpu_kernels --out "$WORK/gpu_kernels.json" ;;
+        bench) run_step bench 240 bash -c "$(declare -f bench); PYTHON=$PYTHON WORK=$WORK bench" ;;
+        *) echo "unknown step $step (probe build smoke memcheck racecheck tests kernels bench)" | tee -a "$SUMMARY"
            FAILED=1 ;;
     esac
 done
-echo "summary: $SUMMARY"
+echo "total $((SECONDS - START)) s; results in $WORK$([ "$OUT" != "$WORK" ] && echo " and $OUT/gpu_validate.tar.gz")" \
+    | tee -a "$SUMMARY"
+pack
 exit $FAILED

@@ -128,6 +128,19 @@ def check_same_device_dtype(tensors: Sequence[torch.Tensor], names: Sequence[str
     _check_same(tensors, names, "dtype")
 
 
+# Found once, outside any trace: torch.amp.is_autocast_available is untraceable by Dynamo
+# (torch 2.11), and torch.is_autocast_enabled raises for device types without autocast (meta).
+_AUTOCAST_DEVICE_TYPES = frozenset(
+    d for d in ("cpu", "cuda", "xpu", "mps", "hpu", "xla", "mtia", "maia", "ipu",
+                torch._C._get_privateuse1_backend_name())
+    if torch.amp.is_autocast_available(d))
+
+
+def autocast_enabled(device_type: str) -> bool:
+    """Whether autocast is on for `device_type` (False for a device type without autocast)."""
+    return device_type in _AUTOCAST_DEVICE_TYPES and torch.is_autocast_enabled(device_type)
+
+
 def check_module_input(x: torch.Tensor, module: nn.Module, name: str = "x") -> None:
     """Raise ValueError if `x` is not on the device of `module`'s parameters, or (outside
     autocast, which legitimately mixes them) does not have their dtype."""
@@ -135,8 +148,7 @@ def check_module_input(x: torch.Tensor, module: nn.Module, name: str = "x") -> N
     if param is None:
         return
     tensors, names = (x, param), (name, f"{type(module).__name__} parameters")
-    device_type = x.device.type
-    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+    if autocast_enabled(x.device.type):
         _check_same(tensors, names, "device")
     else:
         check_same_device_dtype(tensors, names)

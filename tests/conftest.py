@@ -17,6 +17,19 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def full_float32_precision():
+    """float32 convolutions and matmuls without TF32, which cuDNN convolutions (and the Triton
+    GEMM, which follows them) use by default on a GPU and which would miss float32 tolerances
+    against float64; no effect on the CPU. Restored by hand: monkeypatch cannot undo the
+    attributes that torch.backends.cuda.matmul serves through __getattr__."""
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    saved = cudnn.allow_tf32, matmul.allow_tf32
+    cudnn.allow_tf32 = matmul.allow_tf32 = False
+    yield
+    cudnn.allow_tf32, matmul.allow_tf32 = saved
+
+
 def pytest_configure(config):
     # A fused path that quietly runs the reference would pass every comparison with it: a test
     # that means to reach the fallback says so with pytest.warns.

@@ -18,6 +18,7 @@ from csp_kernels.ops.conv1x1 import (conv1x1_bn_act_backward, conv1x1_fused, con
 from helpers import DEVICES, rel_error
 
 TOL = {torch.float64: 1e-12, torch.float32: 2e-6}
+pytestmark = pytest.mark.usefixtures("full_float32_precision")
 
 
 def engines():
@@ -126,6 +127,23 @@ def test_weight_gradient(device, dtype, prologue):
     got = conv1x1_weight_grad(grad, x, **kwargs)
     assert got.shape == (9, c, 1, 1) and got.dtype == dtype
     assert rel_error(got, ref) <= 10 * TOL[dtype]  # a 675-pixel reduction
+
+
+@pytest.mark.parametrize("device", [d for d in DEVICES if d == "cuda"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_weight_gradient_rounds_once(device, dtype):
+    """Two samples whose (out, in) products nearly cancel: rounding each to 16 bits before the
+    sum would leave an error of their size, not the sum's; cuDNN's 16-bit weight gradient
+    (plain PyTorch) accumulates in float32 and rounds once."""
+    x1 = torch.randn(1, 16, 8, 8, device=device)
+    grad1 = torch.randn(1, 12, 8, 8, device=device)
+    x = torch.cat([x1, x1]).to(dtype)
+    grad = torch.cat([grad1, -grad1 + 0.01 * torch.randn_like(grad1)]).to(dtype)
+    ref = torch.einsum("nohw,nchw->oc", grad.double(), x.double())[:, :, None, None]
+    plain = torch.nn.grad.conv2d_weight(x, (12, 16, 1, 1), grad)
+    got = conv1x1_weight_grad(grad, x)
+    assert got.dtype == dtype
+    assert rel_error(got, ref) <= 2 * rel_error(plain, ref)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])

@@ -8,21 +8,15 @@ from csp_kernels import backend, checks
 from helpers import DEVICES, rel_error
 
 TRITON_DEVICES = [d for d in DEVICES if backend.triton_usable(torch.device(d))[0]]
-pytestmark = pytest.mark.skipif(not TRITON_DEVICES, reason="Triton is not usable (no GPU, TRITON_INTERPRET unset)")
+pytestmark = [pytest.mark.skipif(not TRITON_DEVICES, reason="Triton is not usable (no GPU, TRITON_INTERPRET unset)"),
+              pytest.mark.usefixtures("full_float32_precision")]
 
 if TRITON_DEVICES:
-    from csp_kernels.triton.conv1x1 import conv1x1
+    from csp_kernels.triton.conv1x1 import conv1x1, input_precision_of
     from triton_helpers import triton_act
 
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5}
 ACTS = checks.ACTIVATIONS
-
-
-@pytest.fixture(autouse=True)
-def _full_float32_precision(monkeypatch):
-    """On a GPU, float32 convolutions and the Triton GEMM follow this switch (TF32 would miss
-    the float32 tolerance); no effect on CPU."""
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
 
 
 def torch_act(u: torch.Tensor, act: str) -> torch.Tensor:
@@ -177,6 +171,27 @@ def test_out_channel_slice(device, channels_last):
     assert_close(buf[:, 4:9], ref)
     assert_close(mean, ref.mean((0, 2, 3)), "mean")
     assert torch.all(buf[:, :4] == 7.0) and torch.all(buf[:, 9:] == 7.0)
+
+
+@pytest.mark.parametrize("settings,precision", [
+    (dict(conv="ieee"), "ieee"), (dict(conv="tf32"), "tf32"), (dict(conv="none", cudnn="tf32"), "tf32"),
+    (dict(conv="none", cudnn="none", generic="tf32"), "tf32"),
+    (dict(conv="none", cudnn="none", generic="none"), "ieee"),
+])
+def test_float32_dot_precision_follows_torchs_new_tf32_switches(settings, precision):
+    """Convolutions' fp32_precision, else cuDNN's, else the global one, as torch resolves
+    them; the legacy torch.backends.cudnn.allow_tf32 raises once conv and RNN differ."""
+    # Set and restored by hand, as conftest.full_float32_precision says why.
+    switches = dict(conv=torch.backends.cudnn.conv, cudnn=torch.backends.cudnn, generic=torch.backends)
+    saved = {name: switch.fp32_precision for name, switch in switches.items()}
+    try:
+        for name, value in settings.items():
+            switches[name].fp32_precision = value
+        assert input_precision_of(torch.float32) == precision
+        assert input_precision_of(torch.float64) == "ieee"
+    finally:
+        for name, value in saved.items():
+            switches[name].fp32_precision = value
 
 
 @pytest.mark.parametrize("device", TRITON_DEVICES)

@@ -9,17 +9,13 @@ from csp_kernels import backend, checks
 from helpers import DEVICES, rel_error
 
 TRITON_DEVICES = [d for d in DEVICES if backend.triton_usable(torch.device(d))[0]]
-pytestmark = pytest.mark.skipif(not TRITON_DEVICES, reason="Triton is not usable (no GPU, TRITON_INTERPRET unset)")
+pytestmark = [pytest.mark.skipif(not TRITON_DEVICES, reason="Triton is not usable (no GPU, TRITON_INTERPRET unset)"),
+              pytest.mark.usefixtures("full_float32_precision")]
 
 if TRITON_DEVICES:
     from csp_kernels.triton.conv1x1_backward import dgrad_bn_accumulate, weight_grad
 
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5}
-
-
-@pytest.fixture(autouse=True)
-def _full_float32_precision(monkeypatch):
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
 
 
 def layout(x: torch.Tensor, kind: str) -> torch.Tensor:
@@ -112,6 +108,27 @@ def test_empty_batch(device):
     vectors = [torch.ones(4, device=device)] * 4
     sums = dgrad_bn_accumulate(grad_z, torch.randn(6, 4, 1, 1, device=device), x, *vectors, "relu", torch.zeros_like(x))
     assert all(torch.equal(s, torch.zeros(4, device=device)) for s in sums)
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("batch", [2, 0])
+def test_unwritten_buffers_never_reach_the_result(device, batch, monkeypatch):
+    """The weight gradient's partials and the per-block sums start as torch.empty: poisoned
+    with NaN here, every element must be written (or, with no pixels, zeros)."""
+    real_empty = torch.empty
+
+    def poisoned(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    x = torch.randn(batch, 21, 9, 9, dtype=torch.float64, device=device)
+    grad_z = torch.randn(batch, 35, 9, 9, dtype=torch.float64, device=device)
+    vectors = [torch.rand(21, dtype=torch.float64, device=device) + 0.5 for _ in range(4)]
+    monkeypatch.setattr(torch, "empty", poisoned)
+    assert torch.isfinite(weight_grad(grad_z, x, in_scale=vectors[0], in_act="relu")).all()
+    sums = dgrad_bn_accumulate(grad_z, torch.randn(35, 21, 1, 1, dtype=torch.float64, device=device), x, *vectors,
+                               "relu", torch.zeros_like(x))
+    assert all(torch.isfinite(s).all() for s in sums)
 
 
 @pytest.mark.parametrize("device", TRITON_DEVICES)

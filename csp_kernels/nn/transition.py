@@ -63,7 +63,7 @@ class ConvBNAct(reference.ConvBNAct):
         checks.check_input(x, channels=self.in_channels)
         checks.check_module_input(x, self)
         device_type = x.device.type
-        if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        if checks.autocast_enabled(device_type):
             x = x.to(torch.get_autocast_dtype(device_type))
         name = backend.resolve_backend(x.device)
         conv = self.conv
@@ -125,24 +125,36 @@ class ConvBNAct(reference.ConvBNAct):
             y = self.act(F.conv2d(x, weight.to(x.dtype), bias.to(x.dtype), *self._conv_args()))
             return y if out is None else out.copy_(y)
         if torch.compiler.is_compiling():
-            weight, bias = self._fold()  # traced into the graph, which folds it once
-            weight, bias, transform = weight.to(x.dtype), bias.to(ops.stats_dtype(x.dtype)), None
+            weight, bias, scale = self._eval_fold(x.dtype)  # traced into the graph, which folds it once
+            transform = None
         else:
-            weight, bias, transform = self._folded_params(x, engine)
+            weight, bias, transform, scale = self._folded_params(x, engine)
         args = (x, weight, bias, *self._conv_args(), self.act_name, engine)
         if out is None:
-            return ops.conv_bias_act(*args, transform)
-        ops.conv_bias_act_out(*args, out, transform)
+            return ops.conv_bias_act(*args, transform, scale)
+        ops.conv_bias_act_out(*args, out, transform, scale)
         return out
 
     def _fold(self):
         bn = self.bn
         return ops.fold_batch_norm(self.conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps)
 
+    def _eval_fold(self, dtype: torch.dtype):
+        """(weight in `dtype`, bias, scale) for `ops.conv_bias_act`: BN folded into the weight
+        and scale None, or in float16/bfloat16 the weight as it is and BN's float32 scale
+        (ops.folds_into_weight)."""
+        if ops.folds_into_weight(dtype):
+            weight, bias = self._fold()
+            return weight.to(dtype), bias.to(ops.stats_dtype(dtype)), None
+        bn, sdtype = self.bn, ops.stats_dtype(dtype)
+        scale, shift = ops.bn_scale_shift(bn.running_mean.to(sdtype), bn.running_var.to(sdtype), bn.weight, bn.bias,
+                                          bn.eps)
+        return self.conv.weight.to(dtype), shift, scale
+
     def _folded_params(self, x: torch.Tensor, engine: str):
         """The cached eval fold for x's dtype and `engine`: (weight, bias, Winograd transform or
-        None), prepared for the kernel that will run inputs like x (ops.prepare_eval_weight, for
-        the shape of the x that filled the cache)."""
+        None, scale or None; see `_eval_fold`), prepared for the kernel that will run inputs like x
+        (ops.prepare_eval_weight, for the shape of the x that filled the cache)."""
         bn = self.bn
         sources = (self.conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var)
         kind = ops.eval_weight_kind(x, self.conv.weight, *self._conv_args(), engine)
@@ -150,9 +162,9 @@ class ConvBNAct(reference.ConvBNAct):
         cache = self._folded  # read once: another thread may replace it meanwhile
         if not fold_cache_hit(cache, key, sources):
             with torch.no_grad():
-                weight, bias = self._fold()
-                weight, transform = ops.prepare_eval_weight(x, weight.to(x.dtype), *self._conv_args(), engine, kind)
-            cache = (key, snapshot(sources), weight, bias.to(ops.stats_dtype(x.dtype)), transform)
+                weight, bias, scale = self._eval_fold(x.dtype)
+                weight, transform = ops.prepare_eval_weight(x, weight, *self._conv_args(), engine, kind)
+            cache = (key, snapshot(sources), weight, bias, transform, scale)
             self._folded = cache
         return cache[2:]
 

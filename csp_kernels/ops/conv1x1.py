@@ -77,8 +77,12 @@ def conv1x1_weight_grad(grad_z: torch.Tensor, x: torch.Tensor, *, in_scale: torc
     """
     if in_scale is not None:
         x = scale_shift_act(x, in_scale, in_shift, in_act)
-    per_sample = torch.bmm(grad_z.flatten(2), x.flatten(2).transpose(1, 2))
-    return per_sample.sum(0)[:, :, None, None]
+    g, a = grad_z.flatten(2), x.flatten(2).transpose(1, 2)
+    # 16-bit partials stay float32 until summed over the batch (one rounding, not one per
+    # sample); bmm's out_dtype exists on CUDA alone.
+    if grad_z.is_cuda and grad_z.dtype in (torch.float16, torch.bfloat16):
+        return torch.bmm(g, a, out_dtype=torch.float32).sum(0).to(grad_z.dtype)[:, :, None, None]
+    return torch.bmm(g, a).sum(0)[:, :, None, None]
 
 
 def conv1x1_fused(x: torch.Tensor, weight: torch.Tensor, *, in_scale: torch.Tensor | None = None,
@@ -110,9 +114,19 @@ def conv1x1_fused(x: torch.Tensor, weight: torch.Tensor, *, in_scale: torch.Tens
     return _conv1x1_passes(x, weight, in_scale, in_shift, in_act, bias, act, out, stats, engine)
 
 
+def check_triton_dtype(x: torch.Tensor) -> None:
+    """Refuses bfloat16 for Triton on a CPU: there Triton runs through its interpreter, whose
+    tl.dot misreads bfloat16 (a 16x16 product off by 2e10), so the kernels would return garbage."""
+    if x.dtype == torch.bfloat16 and x.device.type == "cpu":
+        raise TypeError("the 'triton' backend cannot run bfloat16 on the CPU: Triton's interpreter "
+                        "(TRITON_INTERPRET=1) misreads bfloat16 in tl.dot; use float16, float32 or the "
+                        "'cpu' backend")
+
+
 def _conv1x1_passes(x, weight, in_scale, in_shift, in_act, bias, act, out, stats, engine):
     if engine == "triton":
         from ..triton.conv1x1 import conv1x1 as triton_conv1x1
+        check_triton_dtype(x)
         return triton_conv1x1(x, weight.flatten(1), in_scale=in_scale, in_shift=in_shift, in_act=in_act,
                               bias=bias, act=act, out=out, stats=stats)
     if in_scale is not None:

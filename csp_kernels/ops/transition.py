@@ -45,7 +45,7 @@ from .. import checks
 from .batch_norm_act import stats_dtype
 from .batch_norm_act import (bn_act_backward, bn_scale_shift, channel_stats, overlaps_itself, plane_contiguous,
                              planes_contiguous, refuse_double_backward, scale_shift_act, shares_memory)
-from .conv1x1 import conv1x1_bn_act_backward, conv1x1_fused, gemm_conv1x1
+from .conv1x1 import check_triton_dtype, conv1x1_bn_act_backward, conv1x1_fused, gemm_conv1x1
 from .conv3x3 import conv3x3_winograd, winograd_usable, winograd_weight
 from .conv3x3_choice import winograd_chosen
 
@@ -117,6 +117,15 @@ def fold_batch_norm(conv_weight, bn_weight, bn_bias, running_mean, running_var, 
     return conv_weight * scale.to(conv_weight.dtype).reshape(-1, 1, 1, 1), shift
 
 
+def folds_into_weight(dtype: torch.dtype) -> bool:
+    """Whether the eval BatchNorm of `dtype` data is folded into the conv's weight. Not in
+    float16/bfloat16: the folded weight would be rounded to 16 bits (errors up to 2x the plain
+    module's, which rounds only the conv's output); there `conv_bias_act` gets BN's float32
+    scale and applies it, with the shift, to the conv's output before it is rounded again (the
+    same passes as the folded bias: those dtypes never run a fused epilogue on the CPU)."""
+    return dtype not in (torch.float16, torch.bfloat16)
+
+
 def _runs_as_gemm(x, weight, stride, padding, groups) -> bool:
     """CPU 1x1 stride-1 convs of plane-contiguous x run as GEMMs on (N, C, H*W) views
     (`ops.conv1x1`): on trans-cpu, forward 0.8x and backward 0.7x the time of oneDNN's
@@ -163,6 +172,7 @@ def conv_backward(grad_z, x, weight, stride, padding, dilation, groups, needs_x:
 
 def _triton_conv1x1(x, weight, stride, **kwargs):
     from ..triton.conv1x1 import conv1x1  # Triton is imported only when it runs
+    check_triton_dtype(x)
     return conv1x1(x[:, :, ::stride[0], ::stride[1]], weight.flatten(1), **kwargs)
 
 
@@ -342,7 +352,11 @@ def prepare_eval_weight(x, weight, stride, padding, dilation, groups, engine, ki
     return weight, winograd_weight(weight) if kind == "winograd" else None
 
 
-def _eval_forward(x, weight, bias, stride, padding, dilation, groups, act, engine, out, transform=None):
+def _eval_forward(x, weight, bias, stride, padding, dilation, groups, act, engine, out, transform=None, scale=None):
+    if scale is not None:  # float16/bfloat16, BN not folded (folds_into_weight)
+        z = _triton_conv1x1(x, weight, stride) if engine == "triton" else _conv(x, weight, stride, padding, dilation,
+                                                                                   groups)
+        return scale_shift_act(z, scale, bias, act, out=z if out is None else out)
     if engine == "triton":
         return _triton_conv1x1(x, weight, stride, bias=bias, act=act, out=out)
     if _runs_as_gemm(x, weight, stride, padding, groups):
@@ -368,30 +382,33 @@ def _eval_forward(x, weight, bias, stride, padding, dilation, groups, act, engin
 @torch.library.custom_op("csp_kernels::conv_bias_act", mutates_args=())
 def conv_bias_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, stride: list[int], padding: list[int],
                   dilation: list[int], groups: int, act: str, engine: str,
-                  transform: torch.Tensor | None = None) -> torch.Tensor:
+                  transform: torch.Tensor | None = None, scale: torch.Tensor | None = None) -> torch.Tensor:
     """act(conv2d(x, weight) + bias): the eval transition with BatchNorm folded in.
 
     x: (batch, in_channels, height, width); weight: (out_channels, in_channels / groups, kh, kw),
     x's dtype (or, on CPU float32, a oneDNN-prepacked weight); bias: (out_channels,), float32
-    (float64 for float64 data); transform: None, or the Winograd transform of `prepare_eval_weight`.
+    (float64 for float64 data); transform: None, or the Winograd transform of `prepare_eval_weight`;
+    scale: None, or (out_channels,) float32, BN's scale for an unfolded weight: act(conv2d(x,
+    weight) * scale + bias) (`folds_into_weight`).
     """
-    return _eval_forward(x, weight, bias, stride, padding, dilation, groups, act, engine, None, transform)
+    return _eval_forward(x, weight, bias, stride, padding, dilation, groups, act, engine, None, transform, scale)
 
 
 @torch.library.custom_op("csp_kernels::conv_bias_act_out", mutates_args=("out",))
 def conv_bias_act_out(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, stride: list[int],
                       padding: list[int], dilation: list[int], groups: int, act: str, engine: str,
-                      out: torch.Tensor, transform: torch.Tensor | None = None) -> None:
+                      out: torch.Tensor, transform: torch.Tensor | None = None,
+                      scale: torch.Tensor | None = None) -> None:
     """`conv_bias_act` writing into `out`."""
-    _eval_forward(x, weight, bias, stride, padding, dilation, groups, act, engine, out, transform)
+    _eval_forward(x, weight, bias, stride, padding, dilation, groups, act, engine, out, transform, scale)
 
 
 @conv_bias_act.register_fake
-def _(x, weight, bias, stride, padding, dilation, groups, act, engine, transform=None):
+def _(x, weight, bias, stride, padding, dilation, groups, act, engine, transform=None, scale=None):
     shape = conv_output_shape(x.shape, weight.shape, stride, padding, dilation)
     return torch.empty(shape, dtype=x.dtype, device=x.device)
 
 
 @conv_bias_act_out.register_fake
-def _(x, weight, bias, stride, padding, dilation, groups, act, engine, out, transform=None):
+def _(x, weight, bias, stride, padding, dilation, groups, act, engine, out, transform=None, scale=None):
     return None

@@ -83,7 +83,9 @@ def _conv1x1_kernel(
             # Padding lanes must stay 0 after the shift and the activation.
             a = tl.where(x_mask, act_forward(a, IN_ACT, IN_SLOPE), 0.0)
             x_tile = a.to(x_ptr.dtype.element_ty)
-        acc = tl.dot(w_tile, x_tile, acc, input_precision=INPUT_PRECISION)
+        # out_dtype named (here and in conv1x1_backward): before Triton 3.8 it defaults to
+        # float32 whatever the accumulator, and a float64 accumulator fails to compile.
+        acc = tl.dot(w_tile, x_tile, acc, input_precision=INPUT_PRECISION, out_dtype=acc_dtype)
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_o, mask=mask_o, other=0.0).to(acc_dtype)[:, None]
@@ -134,11 +136,25 @@ def device_guard(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
+def convolutions_use_tf32() -> bool:
+    """Whether torch lets cuDNN run float32 convolutions as TF32. The new API's setting where
+    torch has it (conv, else all of cuDNN, else the global default; "none" defers to the next,
+    and none set means IEEE): the legacy `torch.backends.cudnn.allow_tf32` raises once a user
+    has set conv and RNN apart through the new one."""
+    cudnn = torch.backends.cudnn
+    if not hasattr(cudnn, "conv"):
+        return cudnn.allow_tf32
+    for precision in (cudnn.conv.fp32_precision, cudnn.fp32_precision, torch.backends.fp32_precision):
+        if precision != "none":
+            return precision == "tf32"
+    return False
+
+
 def input_precision_of(dtype: torch.dtype) -> str:
     """tl.dot's input_precision: float32 follows torch's switch for convolutions (a drop-in
     makes cuDNN's choice); float64 is exact; 16-bit types take Triton's default, which does
     not change them."""
-    if dtype == torch.float64 or (dtype == torch.float32 and not torch.backends.cudnn.allow_tf32):
+    if dtype == torch.float64 or (dtype == torch.float32 and not convolutions_use_tf32()):
         return "ieee"
     return "tf32"
 

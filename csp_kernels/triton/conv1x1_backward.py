@@ -66,7 +66,7 @@ def _weight_grad_kernel(
             if HAS_IN_AFFINE:
                 a = a * scale[:, None] + shift[:, None]
             x_tile = tl.where(x_mask, act_forward(a, IN_ACT, IN_SLOPE), 0.0).to(x_ptr.dtype.element_ty)
-        acc = tl.dot(g_tile, tl.trans(x_tile), acc, input_precision=INPUT_PRECISION)
+        acc = tl.dot(g_tile, tl.trans(x_tile), acc, input_precision=INPUT_PRECISION, out_dtype=acc_dtype)
     tl.store(partial_ptr + (split * out_channels + offs_o[:, None]) * in_channels + offs_i[None, :], acc,
              mask=mask_o[:, None] & mask_i[None, :])
 
@@ -99,7 +99,7 @@ def _dgrad_bn_accumulate_kernel(
                          mask=mask_i[:, None] & mask_o[None, :], other=0.0)
         g_tile = tl.load(g_ptr + n * sg_n + offs_o[:, None].to(tl.int64) * sg_c + g_pixel[None, :],
                          mask=mask_o[:, None] & mask_p[None, :], other=0.0)
-        grad_a = tl.dot(w_tile, g_tile, grad_a, input_precision=INPUT_PRECISION)
+        grad_a = tl.dot(w_tile, g_tile, grad_a, input_precision=INPUT_PRECISION, out_dtype=acc_dtype)
 
     tile_mask = mask_i[:, None] & mask_p[None, :]
     x = tl.load(x_ptr + n * sx_n + offs_i[:, None].to(tl.int64) * sx_c
@@ -142,7 +142,10 @@ def weight_grad(grad_z: torch.Tensor, x: torch.Tensor, *, in_scale: torch.Tensor
     blocks = batch * triton.cdiv(plane, block_p)
     wanted = 2 * torch.cuda.get_device_properties(x.device).multi_processor_count // grid_oi if x.is_cuda else 1
     splits = max(1, min(blocks, wanted))
-    partial = torch.zeros(splits, out_channels, in_channels, dtype=stat_dtype_of(x.dtype), device=x.device)
+    # Every split stores its whole partial (zeros where it got no pixels), so only a batch
+    # without pixels, which launches nothing, needs zeros.
+    partial = (torch.empty if blocks > 0 else torch.zeros)(splits, out_channels, in_channels,
+                                                           dtype=stat_dtype_of(x.dtype), device=x.device)
     has_affine = in_scale is not None or in_shift is not None
     if blocks > 0 and out_channels > 0 and in_channels > 0:
         scale = shift = partial  # dummy pointers without a prologue
@@ -175,7 +178,7 @@ def dgrad_bn_accumulate(grad_z: torch.Tensor, weight: torch.Tensor, x: torch.Ten
     block_i, block_p, block_o, num_warps, num_stages = launch_config(in_channels, out_channels, x.dtype, precision,
                                                                      x.is_cuda)
     blocks = triton.cdiv(plane, block_p)
-    sums = torch.zeros(2, batch, blocks, in_channels, dtype=stat_dtype, device=x.device)
+    sums = torch.empty(2, batch, blocks, in_channels, dtype=stat_dtype, device=x.device)  # every row is stored
     if batch * plane > 0 and in_channels > 0:
         w = weight.flatten(1)
         vectors = [v.to(stat_dtype).contiguous() for v in (mean, invstd, bn_weight, bn_bias)]

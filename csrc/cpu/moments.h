@@ -4,6 +4,7 @@
 // the result.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 namespace csp_kernels {
@@ -14,7 +15,9 @@ struct Moments {
   void add(const Moments& other) {
     if (other.count == 0) return;
     const double total = count + other.count, delta = other.mean - mean;
-    mean += delta * other.count / total;
+    // With an infinite mean delta is inf - inf: the weighted sum gives what ATen's sum-based mean
+    // does (inf stays inf, inf and -inf give NaN).
+    mean = std::isfinite(delta) ? mean + delta * other.count / total : (mean * count + other.mean * other.count) / total;
     m2 += other.m2 + delta * delta * count * other.count / total;
     count = total;
   }
