@@ -97,26 +97,28 @@ C10_HOST_DEVICE inline T act_forward(T u, T slope) {
   }
 }
 
-// d act(u) / du, with PyTorch's conventions at the kinks (relu'(0) = 0, leaky'(0) = slope,
-// hardswish'(-3) = 0, hardswish'(3) = 1).
+// The gradient reaching u, dy * act'(u), as ATen's backward computes it: with PyTorch's values
+// at the kinks (relu'(0) = 0, leaky'(0) = slope, hardswish'(-3) = 0, hardswish'(3) = 1), and
+// where act' is 0 the gradient is selected, not multiplied (ATen's threshold_backward and
+// hardswish_backward), so a NaN or inf dy there gives 0, not NaN.
 template <Act A, typename T>
-C10_HOST_DEVICE inline T act_derivative(T u, T slope) {
+C10_HOST_DEVICE inline T act_grad(T dy, T u, T slope) {
   if constexpr (A == Act::Identity) {
-    return T(1);
+    return dy;
   } else if constexpr (A == Act::Relu) {
-    return u <= T(0) ? T(0) : T(1);
+    return u <= T(0) ? T(0) : dy;
   } else if constexpr (A == Act::LeakyRelu) {
-    return u > T(0) ? T(1) : slope;
+    return u > T(0) ? dy : dy * slope;
   } else if constexpr (A == Act::Silu) {
     const T s = T(1) / (T(1) + exp_(-u));
-    return s * (T(1) + u * (T(1) - s));
+    return dy * (s * (T(1) + u * (T(1) - s)));
   } else if constexpr (A == Act::Mish) {
     // Past the threshold t = 1 and the formula gives 1, or NaN at +inf as ATen's.
     const T t = u > T(20) ? T(1) : tanh_softplus(u);
     const T sigmoid = T(1) / (T(1) + exp_(-u));
-    return t + u * sigmoid * (T(1) - t * t);
+    return dy * (t + u * sigmoid * (T(1) - t * t));
   } else {  // Hardswish; NaN reaches u / 3 + 0.5, as in ATen's vectorized CPU backward
-    return u >= T(3) ? T(1) : (u <= T(-3) ? T(0) : u / T(3) + T(0.5));
+    return u >= T(3) ? dy : (u <= T(-3) ? T(0) : dy * (u / T(3) + T(0.5)));
   }
 }
 

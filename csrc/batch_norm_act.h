@@ -9,7 +9,7 @@ namespace csp_kernels {
 // Gradient reaching the BN output (before the activation): dy * act'(weight * xhat + bias).
 template <Act A, typename T>
 C10_HOST_DEVICE inline T bn_act_grad_pre(T dy, T xhat, T weight, T bias, T slope) {
-  return dy * act_derivative<A>(weight * xhat + bias, slope);
+  return act_grad<A>(dy, weight * xhat + bias, slope);
 }
 
 // Gradient w.r.t. the BN input z, given the per-channel means over the M = N*H*W elements of

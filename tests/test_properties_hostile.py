@@ -49,10 +49,10 @@ def run(module, make_input, base, backend_name, training, grad_seed):
     return y, grads, [b.clone() for b in module.buffers()], grad_y
 
 
-def assert_runs_match(got, want) -> None:
+def assert_runs_match(got, want, gradients: bool = True) -> None:
     (y, g, b, _), (y_ref, g_ref, b_ref, grad_y) = got, want
     assert_same_values(y, y_ref, "output")
-    for index, (a, r) in enumerate(zip(g, g_ref)):
+    for index, (a, r) in enumerate(zip(g, g_ref) if gradients else ()):
         # 1e-4 of the upstream gradient for one that is zero analytically (as test_properties:
         # a BatchNorm bias behind another BatchNorm, or any gradient through a BatchNorm of a
         # channel whose values are all equal, e.g. an input expanded over the batch).
@@ -100,12 +100,10 @@ def base_input(case, shape=None):
 
 # -- 1. NaN and inf inputs ---------------------------------------------------------------------
 
-# NaN alone (must match), and NaN with +-inf: known open bug, reached depending on the examples
-# drawn: a training channel holding +inf can give a NaN BN bias gradient where the reference's is
-# finite (the fused BN backward's per-channel sums).
+# NaN alone, and NaN with +-inf: a gradient is selected, not multiplied, where the activation's
+# derivative is 0 (ATen's threshold_backward), so an inf upstream stays out of the BN sums.
 NONFINITE = [pytest.param((float("nan"),), id="nan"),
-             pytest.param((float("nan"), float("inf"), float("-inf")), id="nan-inf", marks=pytest.mark.xfail(
-                 strict=False, reason="open: BN backward sums NaN where the reference's stay finite, with +inf input"))]
+             pytest.param((float("nan"), float("inf"), float("-inf")), id="nan-inf")]
 
 
 @pytest.mark.parametrize("values", NONFINITE)
@@ -120,7 +118,11 @@ def test_nonfinite_inputs_match_reference(backend_name, values, case, data):
     for p in positions:
         flat[p] = data.draw(st.sampled_from(values))
     want = run(ref, lambda t: t, x, "reference", case["training"], case["seed"])
-    assert_runs_match(run(fused, lambda t: t, x, backend_name, case["training"], case["seed"]), want)
+    # ATen's hardswish'(NaN) depends on the element's position: NaN in the vectorized body of its
+    # loop, 1 in the scalar tail (docs/semantics.md); the kernels give NaN, so a NaN reaching a
+    # hardswish leaves the reference's gradients undefined.
+    gradients = case["args"][6] != "hardswish"
+    assert_runs_match(run(fused, lambda t: t, x, backend_name, case["training"], case["seed"]), want, gradients)
 
 
 # -- 2. expanded, transposed and sliced inputs -------------------------------------------------

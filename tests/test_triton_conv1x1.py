@@ -220,16 +220,19 @@ def test_bad_arguments(device):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("act", ACTS)
 def test_activation_helpers_match_torch(device, dtype, act):
-    """act_forward / act_derivative against torch's modules and autograd, kinks included
-    (relu'(0) = 0, hardswish'(+-3)) and past mish's softplus threshold."""
+    """act_forward / act_grad against torch's modules and autograd, kinks included (relu'(0) = 0,
+    hardswish'(+-3)), past mish's softplus threshold, and NaN / inf upstream gradients (selected
+    to 0 where ATen's backward selects, not multiplied into NaN)."""
 
     special = torch.tensor([0.0, -3.0, 3.0, 20.0, 20.5, -20.5, -30.0, 30.0], dtype=dtype)
-    u = torch.cat([torch.linspace(-8, 8, 241, dtype=dtype), special]).to(device)
-    y, d = triton_act(u, act)
+    u = torch.cat([torch.linspace(-8, 8, 241, dtype=dtype), special, special]).to(device)
+    dy = torch.randn(u.shape, dtype=dtype, generator=torch.Generator().manual_seed(0)).to(device)
+    dy[-len(special):] = torch.tensor([float("nan"), float("inf"), float("-inf")] * 3, dtype=dtype)[:len(special)]
+    y, d = triton_act(u, act, dy)
     u_ref = u.detach().clone().requires_grad_()
     y_ref = torch_act(u_ref, act)
-    y_ref.backward(torch.ones_like(y_ref))
+    y_ref.backward(dy)
     tol = TOL[dtype] * 10
-    assert_close_abs = lambda a, b, name: torch.testing.assert_close(a, b, rtol=tol, atol=tol, msg=name)  # noqa: E731
+    assert_close_abs = lambda a, b, name: torch.testing.assert_close(a, b, rtol=tol, atol=tol, equal_nan=True, msg=name)  # noqa: E731
     assert_close_abs(y, y_ref.detach(), "forward")
-    assert_close_abs(d, u_ref.grad, "derivative")
+    assert_close_abs(d, u_ref.grad, "gradient")

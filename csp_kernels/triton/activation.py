@@ -50,25 +50,26 @@ def act_forward(u, ACT: tl.constexpr, SLOPE: tl.constexpr):
 
 
 @triton.jit
-def act_derivative(u, ACT: tl.constexpr, SLOPE: tl.constexpr):
-    """d act(u) / du, with PyTorch's values at the kinks: relu'(0) = 0, leaky_relu'(0) = slope,
-    hardswish'(-3) = 0, hardswish'(3) = 1, and at NaN ATen's CPU values: relu'(NaN) = 1,
-    hardswish'(NaN) = NaN."""
-    one = tl.full(u.shape, 1.0, u.dtype)
+def act_grad(dy, u, ACT: tl.constexpr, SLOPE: tl.constexpr):
+    """The gradient reaching u, dy * act'(u), as ATen's backward computes it: PyTorch's values at
+    the kinks (relu'(0) = 0, leaky_relu'(0) = slope, hardswish'(-3) = 0, hardswish'(3) = 1), and
+    where act' is 0 the gradient is selected, not multiplied (ATen's threshold_backward and
+    hardswish_backward), so a NaN or inf dy there gives 0, not NaN."""
+    zero = tl.zeros(dy.shape, dy.dtype)
     if ACT == 1:
-        d = tl.where(u <= 0, 0.0, one)
+        g = tl.where(u <= 0, zero, dy)
     elif ACT == 2:
         # A full tensor, not a literal: a float32 0.1 would be off by 1.5e-9 for float64 data.
-        d = tl.where(u > 0, one, tl.full(u.shape, SLOPE, u.dtype))
+        g = tl.where(u > 0, dy, dy * tl.full(u.shape, SLOPE, u.dtype))
     elif ACT == 3:
         s = 1.0 / (1.0 + tl.exp(-u))
-        d = s * (1.0 + u * (1.0 - s))
+        g = dy * (s * (1.0 + u * (1.0 - s)))
     elif ACT == 4:
-        t = tl.where(u > SOFTPLUS_THRESHOLD, one, _tanh_softplus(u))
+        t = tl.where(u > SOFTPLUS_THRESHOLD, 1.0, _tanh_softplus(u))
         s = 1.0 / (1.0 + tl.exp(-u))
-        d = t + u * s * (1.0 - t * t)
+        g = dy * (t + u * s * (1.0 - t * t))
     elif ACT == 5:
-        d = tl.where(u >= 3.0, one, tl.where(u <= -3.0, 0.0, u / 3.0 + 0.5))
+        g = tl.where(u >= 3.0, dy, tl.where(u <= -3.0, zero, dy * (u / 3.0 + 0.5)))
     else:
-        d = one
-    return d
+        g = dy
+    return g

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .activation import act_constexprs, act_derivative, act_forward
+from .activation import act_constexprs, act_forward, act_grad
 from .conv1x1 import device_guard, input_precision_of, launch_config, pixel_offsets, planes_contiguous, stat_dtype_of
 
 
@@ -109,7 +109,7 @@ def _dgrad_bn_accumulate_kernel(
     bn_w = tl.load(bnw_ptr + offs_i, mask=mask_i, other=0.0)
     bn_b = tl.load(bnb_ptr + offs_i, mask=mask_i, other=0.0)
     xhat = (x.to(acc_dtype) - mean[:, None]) * invstd[:, None]
-    dpre = tl.where(tile_mask, grad_a * act_derivative(bn_w[:, None] * xhat + bn_b[:, None], ACT, SLOPE), 0.0)
+    dpre = tl.where(tile_mask, act_grad(grad_a, bn_w[:, None] * xhat + bn_b[:, None], ACT, SLOPE), 0.0)
     acc_ptrs = (acc_ptr + n * sa_n + offs_i[:, None].to(tl.int64) * sa_c
                 + pixel_offsets(offs_p, width, sa_h, sa_w, ACC_PLANES)[None, :])
     accumulated = tl.load(acc_ptrs, mask=tile_mask, other=0.0).to(acc_dtype) + bn_w[:, None] * dpre
