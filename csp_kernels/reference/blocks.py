@@ -1,9 +1,5 @@
-"""The specification: CSPNet building blocks in plain PyTorch, written to be read.
-
-Every fused module of csp_kernels must match these in forward, backward, running-statistics
-updates and state_dict keys (docs/semantics.md, "Semantics"). Names follow the ecosystem so
-that real weights load unchanged: ConvBNAct has timm's ConvNormAct / ultralytics' Conv keys,
-DenseLayer and DenseBlock have torchvision DenseNet's keys.
+"""The CSPNet building blocks of the specification (see the package docstring): ConvBNAct, the
+DenseNet layers and the partial dense block, Maxout and the Exact Fusion Model.
 
 Shapes are written (batch, channels, height, width).
 """
@@ -15,16 +11,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import checks
+from .. import checks
 
 
 class ConvBNAct(nn.Module):
     """Convolution (no bias) -> BatchNorm2d -> activation; a CSP transition when 1x1.
 
     x: (batch, in_channels, height, width) -> (batch, out_channels, height', width'),
-    height' = (height + 2 * padding - kernel_size) // stride + 1 (width' likewise).
-    `padding=None` means kernel_size // 2 ("same" for odd kernels at stride 1).
+    height' = (height + 2 * padding - dilation * (kernel_size - 1) - 1) // stride + 1 (width' likewise).
+    `padding=None` means (dilation * (kernel_size - 1) + 1) // 2, ultralytics' autopad ("same" for
+    odd kernels at stride 1).
     `negative_slope` is leaky_relu's (timm's and PyTorch's default is 0.01, darknet's 0.1).
+    `dilation` comes last: callers, the fused ConvBNAct among them, pass the others by position.
     """
 
     def __init__(
@@ -37,17 +35,20 @@ class ConvBNAct(nn.Module):
         groups: int = 1,
         act: str = "relu",
         negative_slope: float = checks.LEAKY_RELU_SLOPE,
+        dilation: int = 1,
     ):
         super().__init__()
         self.in_channels = checks.check_positive_int(in_channels, "in_channels")
         self.out_channels = checks.check_positive_int(out_channels, "out_channels")
         kernel_size = checks.check_positive_int(kernel_size, "kernel_size")
+        dilation = checks.check_positive_int(dilation, "dilation")
         self.conv = nn.Conv2d(
             self.in_channels,
             self.out_channels,
             kernel_size,
             stride=checks.check_positive_int(stride, "stride"),
-            padding=kernel_size // 2 if padding is None else checks.check_padding(padding),
+            padding=(dilation * (kernel_size - 1) + 1) // 2 if padding is None else checks.check_padding(padding),
+            dilation=dilation,
             groups=checks.check_positive_int(groups, "groups"),
             bias=False,
         )
