@@ -112,6 +112,25 @@ def test_eval_cache_sees_edits_that_bump_no_version(device, module, edit):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("module,attribute", [("ConvBNAct", "_folded"), ("PartialDenseBlock", "_eval_cache")])
+def test_eval_cache_holds_while_nothing_changes(device, module, attribute):
+    """The cache is kept while the parameters' bits stay the same, a NaN parameter included
+    (compared by value, NaN != NaN, it would refold at every call), and replaced after an edit."""
+    _, fused = MODULES[module](device)
+    fused.eval()
+    x = torch.randn(2, fused.in_channels, 5, 6, dtype=torch.float64, device=device)
+    with torch.no_grad():
+        next(p for p in fused.parameters() if p.dim() == 1)[0] = float("nan")
+        fused(x)
+        cache = getattr(fused, attribute)
+        fused(x)
+        assert getattr(fused, attribute) is cache
+        CACHE_EDITS["weight.data.mul_"](fused)
+        fused(x)
+        assert getattr(fused, attribute) is not cache
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_eval_cache_is_safe_across_threads(device):
     """Threads share one eval module, with inputs whose cached fold differs (on the float32 CPU
     an NCHW and a channels_last input take different weight layouts): each must get its own

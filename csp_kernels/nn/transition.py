@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -46,8 +47,9 @@ class ConvBNAct(reference.ConvBNAct):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 1, stride: int = 1,
                  padding: int | None = None, groups: int = 1, act: str = "relu",
-                 negative_slope: float = checks.LEAKY_RELU_SLOPE):
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding, groups, act, negative_slope)
+                 negative_slope: float = checks.LEAKY_RELU_SLOPE, dilation: int = 1):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, groups, act, negative_slope,
+                         dilation)
         self._folded = None  # (key, snapshot, weight, bias, transform) of the eval fold; see _folded_params
 
     @property
@@ -180,24 +182,39 @@ def track_batch_stats(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor,
 
 
 def fold_key(sources: Sequence[torch.Tensor]) -> tuple:
-    """What `fold_cache_hit` compares besides the values: dtypes and devices (torch.equal sees
-    1.0 in float32 and float64 as equal, and cannot compare across devices)."""
-    return tuple((t.dtype, t.device) for t in sources)
+    """What `fold_cache_hit` compares besides the bytes: dtypes, devices and shapes."""
+    return tuple((t.dtype, t.device, t.shape) for t in sources)
 
 
 def snapshot(sources: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-    """Copies of an eval fold's source tensors, for `fold_cache_hit`."""
+    """Contiguous copies of an eval fold's source tensors, for `fold_cache_hit`."""
     with torch.no_grad():
-        return tuple(t.detach().clone() for t in sources)
+        return tuple(t.detach().clone(memory_format=torch.contiguous_format) for t in sources)
+
+
+# Integer dtypes of each element size, to compare floating-point tensors bit by bit.
+_BITS_DTYPES = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}
+
+
+def same_bits(kept: torch.Tensor, source: torch.Tensor) -> bool:
+    """Whether `source` holds bit for bit the values of its contiguous copy `kept` (same dtype
+    and shape). Bits, not values: a NaN parameter equals its copy, so the fold is not redone at
+    every call. On the CPU through NumPy, single-threaded, because this runs at every eval call
+    and torch.equal's intra-op threads wait on each other whenever the machine is busy."""
+    bits = _BITS_DTYPES[kept.element_size()]
+    kept, source = kept.view(bits), source.detach().view(bits)
+    if source.device.type != "cpu":
+        return torch.equal(kept, source)
+    return bool(np.array_equal(kept.numpy(), source.numpy()))
 
 
 def fold_cache_hit(cache: tuple | None, key: tuple, sources: Sequence[torch.Tensor]) -> bool:
     """Whether an eval cache (key, snapshot(sources then), ...) still holds for `sources`: same
-    key, same values. Values, not version counters and storage pointers, because edits through
+    key, same bits. Bits, not version counters and storage pointers, because edits through
     `.data` (EMA updates, `p.data.mul_()`, `.data =` assignments reusing memory) bump no version.
-    One comparison per parameter element, small next to the convolutions the fold serves (a NaN
-    in a parameter compares unequal and refolds every call, still correct)."""
-    return cache is not None and cache[0] == key and all(torch.equal(s, t) for s, t in zip(cache[1], sources))
+    One read of each parameter and of its copy per call, small next to the convolutions the fold
+    serves."""
+    return cache is not None and cache[0] == key and all(same_bits(s, t) for s, t in zip(cache[1], sources))
 
 
 def conv_reason(conv: nn.Module, name: str, geometry: tuple | None = None) -> str:
