@@ -164,7 +164,7 @@ def compile_conv1x1(dtype: torch.dtype, input_precision: str, capability: int, *
     constants = dict(HAS_BIAS=True, **conv1x1_module.act_constexprs(act), HAS_IN_AFFINE=prologue,
                      **conv1x1_module.act_constexprs("relu" if prologue else "identity", "IN_"), STATS=stats,
                      ACC_FP64=dtype == torch.float64, INPUT_PRECISION=input_precision,
-                     X_PLANES=conv1x1_module.planes_contiguous(x), OUT_PLANES=conv1x1_module.planes_contiguous(out),
+                     X_PLANES=conv1x1_module.pixels_contiguous(x), OUT_PLANES=conv1x1_module.pixels_contiguous(out),
                      BLOCK_O=config[0], BLOCK_P=config[1], BLOCK_K=config[2])
     args = dict(x_ptr=data, w_ptr=data, out_ptr=data, bias_ptr=stat, in_scale_ptr=stat, in_shift_ptr=stat,
                 moments_ptr=stat, plane=height * width, width=width, in_channels=in_channels,

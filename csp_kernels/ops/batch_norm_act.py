@@ -57,6 +57,13 @@ if extension._C is not None:
         return torch.empty(z.shape, dtype=z.dtype, device=z.device)
 
 
+def pixels_contiguous(t: torch.Tensor) -> bool:
+    """Whether pixel (h, w) of every (height, width) plane of the (N, C, H, W) tensor `t` sits at
+    h * width + w from the plane's first (the planes themselves may lie anywhere)."""
+    _, _, h, w = t.shape
+    return (w == 1 or t.stride(3) == 1) and (h == 1 or t.stride(2) == w)
+
+
 def planes_contiguous(t: torch.Tensor, written: bool = False) -> bool:
     """Whether the kernels take the (N, C, H, W) tensor `t` as it is (csrc/plane_layout.h checks
     the same): every (n, c) plane is H*W contiguous elements, and the planes of one sample lie
@@ -65,7 +72,7 @@ def planes_contiguous(t: torch.Tensor, written: bool = False) -> bool:
     have no two elements in one place, across samples too. Batch strides of inputs are free: a
     stride-0 batch is read as it is."""
     n, c, h, w = t.shape
-    if not ((w == 1 or t.stride(3) == 1) and (h == 1 or t.stride(2) == w)):
+    if not pixels_contiguous(t):
         return False
     if not written:
         return c <= 1 or t.stride(1) >= h * w

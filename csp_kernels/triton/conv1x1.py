@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from .. import checks
+from ..ops.batch_norm_act import pixels_contiguous
 from .activation import act_constexprs, act_forward
 
 
@@ -224,19 +225,13 @@ def conv1x1(x: torch.Tensor, weight: torch.Tensor, *, in_scale: torch.Tensor | N
                 *x.stride(), *weight.stride(), *out.stride(),
                 HAS_BIAS=bias is not None, **act_constexprs(act), HAS_IN_AFFINE=has_affine,
                 **act_constexprs(in_act, "IN_"), STATS=stats, ACC_FP64=x.dtype == torch.float64,
-                INPUT_PRECISION=input_precision, X_PLANES=planes_contiguous(x), OUT_PLANES=planes_contiguous(out),
+                INPUT_PRECISION=input_precision, X_PLANES=pixels_contiguous(x), OUT_PLANES=pixels_contiguous(out),
                 BLOCK_O=block_o, BLOCK_P=block_p, BLOCK_K=block_k, num_warps=num_warps,
                 num_stages=num_stages,
             )
     if stats:
         return (out, *_merge_tile_moments(moments, plane, block_p))
     return out
-
-
-def planes_contiguous(t: torch.Tensor) -> bool:
-    """Whether pixel (h, w) of every (height, width) plane of `t` sits at h * width + w."""
-    _, _, height, width = t.shape
-    return (width == 1 or t.stride(3) == 1) and (height == 1 or t.stride(2) == width)
 
 
 def _merge_tile_moments(moments: torch.Tensor, plane: int, block_p: int) -> tuple[torch.Tensor, torch.Tensor]:

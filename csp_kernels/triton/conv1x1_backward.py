@@ -22,7 +22,8 @@ import triton
 import triton.language as tl
 
 from .activation import act_constexprs, act_forward, act_grad
-from .conv1x1 import device_guard, input_precision_of, launch_config, pixel_offsets, planes_contiguous, stat_dtype_of
+from ..ops.batch_norm_act import pixels_contiguous
+from .conv1x1 import device_guard, input_precision_of, launch_config, pixel_offsets, stat_dtype_of
 
 
 @triton.jit
@@ -158,7 +159,7 @@ def weight_grad(grad_z: torch.Tensor, x: torch.Tensor, *, in_scale: torch.Tensor
                 grad_z, x, scale, shift, partial, batch, plane, width, out_channels, in_channels,
                 *grad_z.stride(), *x.stride(),
                 HAS_IN_AFFINE=has_affine, **act_constexprs(in_act, "IN_"), ACC_FP64=x.dtype == torch.float64,
-                INPUT_PRECISION=precision, G_PLANES=planes_contiguous(grad_z), X_PLANES=planes_contiguous(x),
+                INPUT_PRECISION=precision, G_PLANES=pixels_contiguous(grad_z), X_PLANES=pixels_contiguous(x),
                 BLOCK_O=block_o, BLOCK_P=block_p, BLOCK_I=block_i, num_warps=num_warps, num_stages=num_stages)
     return partial.sum(0)[:, :, None, None]
 
@@ -188,8 +189,8 @@ def dgrad_bn_accumulate(grad_z: torch.Tensor, weight: torch.Tensor, x: torch.Ten
                 grad_z, w, x, grad_acc, *vectors, sums, plane, width, out_channels, in_channels,
                 *grad_z.stride(), *w.stride(), *x.stride(), *grad_acc.stride(),
                 **act_constexprs(act), ACC_FP64=x.dtype == torch.float64, INPUT_PRECISION=precision,
-                G_PLANES=planes_contiguous(grad_z), X_PLANES=planes_contiguous(x),
-                ACC_PLANES=planes_contiguous(grad_acc),
+                G_PLANES=pixels_contiguous(grad_z), X_PLANES=pixels_contiguous(x),
+                ACC_PLANES=pixels_contiguous(grad_acc),
                 BLOCK_I=block_i, BLOCK_P=block_p, BLOCK_O=block_o, num_warps=num_warps, num_stages=num_stages)
     totals = sums.double().sum((1, 2)).to(stat_dtype)
     return totals[0], totals[1]
