@@ -81,16 +81,22 @@ def test_within_twice_the_plain_error(ref_cls, fused_cls, kwargs, backend_name, 
     check_low_precision(ref_cls, fused_cls, kwargs, dtype, backend_name, (8, 16, 32, 32), training)
 
 
+EVAL_CASES = [pytest.param(*_conv_bn_act(k, "silu"), id=f"ConvBNAct-{k}x{k}") for k in (1, 3)]
+EVAL_CASES += [pytest.param(*_dense(fusion), id=f"PartialDenseBlock-{fusion}") for fusion in ("last", "first", "csp")]
+
+
 @pytest.mark.parametrize("dtype", LOW, ids=["fp16", "bf16"])
-@pytest.mark.parametrize("kernel_size", [1, 3])
+@pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("backend_name", CPU_BACKENDS)
-def test_eval_rounds_no_more_than_plain(backend_name, kernel_size, dtype):
-    """Eval ConvBNAct rounds the conv's output and its own output, a subset of the plain
-    module's roundings (conv, BN, act), so its error is no larger: a BN folded into a 16-bit
-    weight adds a rounding of every weight (1.4-2.05x the plain error over seeds)."""
-    torch.manual_seed(0)
-    ref64, plain, fused = _instances(*_conv_bn_act(kernel_size, "silu"), dtype)
-    x64 = torch.randn(8, 16, 32, 32, dtype=torch.float64)
+@pytest.mark.parametrize(("ref_cls", "fused_cls", "kwargs"), EVAL_CASES)
+def test_eval_rounds_no_more_than_plain(ref_cls, fused_cls, kwargs, backend_name, seed, dtype):
+    """Eval ConvBNAct and PartialDenseBlock round each conv's output and each BN + act output,
+    a subset of the plain module's roundings (conv, BN, act), so their error is no larger: a BN
+    folded into a 16-bit weight adds a rounding of every weight (1.4-2.05x the plain error over
+    seeds for ConvBNAct, up to 8x for small dense blocks)."""
+    torch.manual_seed(seed)
+    ref64, plain, fused = _instances(ref_cls, fused_cls, kwargs, dtype)
+    x64 = torch.randn(4, 16, 12, 12, dtype=torch.float64)
     for m in (ref64, plain, fused):
         m.eval()
     with torch.no_grad(), csp_kernels.use_backend(backend_name):

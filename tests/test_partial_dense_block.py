@@ -401,17 +401,6 @@ def test_torch_compile_fullgraph(training):
             assert_matches_reference(b.double(), b_ref.double(), tol=TOL[torch.float64], name=bname)
 
 
-def test_autocast_runs_the_reference_math():
-    ref, fused = make_pair(8, 2, 4, 0.5, fusion="last", dtype=torch.float32)
-    x = torch.randn(2, 8, 4, 4)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        with pytest.warns(backend.ReferenceFallbackWarning, match="autocast"):
-            y = fused(x)
-        y_ref = ref(x)
-    assert y.dtype == y_ref.dtype
-    assert rel_error(y, y_ref) == 0.0
-
-
 @requires_cuda
 @pytest.mark.parametrize("name", fused_backends("cuda"))
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -271,9 +271,6 @@ def test_edits_between_eval_calls_match_reference(backend_name, case, kinds, ind
 
 # -- 5. float16 and bfloat16 -------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=False, reason="drawn: PartialDenseBlock(2, 1, 1, 0.5, 2, 'csp', 'relu') in float16, "
-                   "eval, x of shape (1, 2, 1, 3), seed 2: output error 1.9e-3 vs plain 6.2e-4; the 16-bit "
-                   "paths are another task's (tests/test_low_precision.py)")
 @SETTINGS
 @given(case=module_cases(), dtype=st.sampled_from([torch.float16, torch.bfloat16]))
 def test_low_precision_within_twice_plain_error(case, dtype):

@@ -15,12 +15,20 @@ Which path runs follows the BatchNorms' own `training` flags, as the reference's
 - the reference math (`super().forward`) for the "reference" backend, and, with a
   `ReferenceFallbackWarning` naming the reason, for what the fused op does not model: eval
   while autograd records (e.g. frozen BatchNorms under fine-tuning), some BatchNorms frozen
-  and others training, autocast (which mixes dtypes per op), BatchNorms that differ from the
-  defaults the op assumes (affine, tracking running statistics, one shared eps, not a training
-  SyncBatchNorm under torch.distributed), and convolutions or BatchNorms replaced or changed
-  (a bias, another geometry or padding_mode, another module type, forward hooks).
+  and others training, BatchNorms that differ from the defaults the op assumes (affine,
+  tracking running statistics, one shared eps, not a training SyncBatchNorm under
+  torch.distributed), and convolutions or BatchNorms replaced or changed (a bias, another
+  geometry or padding_mode, another module type, forward hooks).
 Input in any memory format (channels_last included) is copied once into the NCHW concat
 buffer; outputs are NCHW-contiguous.
+
+Under autocast (`torch.autocast(device_type, dtype)`) the fused block runs in the autocast dtype,
+as autocast runs the reference's convolutions: x and the convolutions' weights cast to it at
+entry (one rounding each), BatchNorm parameters and statistics in float32 (eval folds them as
+for a float16/bfloat16 module, `ops.dense_eval`). It returns the dtype the reference returns
+under autocast: the autocast dtype, except for fusion "last", whose concat of the untouched
+part 1 with the transition's output promotes (float32 for a float32 x), part 1 passed through
+exactly.
 """
 from __future__ import annotations
 
@@ -102,7 +110,7 @@ class PartialDenseBlock(reference.PartialDenseBlock):
         """Why this call runs the reference, or "" when the fused op covers it: the modules it
         models (_module_reason), all BatchNorms in one mode (batch statistics for all: the
         training op; running statistics for all: the eval op, inference-only, so only while
-        autograd does not record) with one eps; no autocast."""
+        autograd does not record) with one eps."""
         if tracing := backend.tracing_reason():
             return tracing
         if reason := self._module_reason():
@@ -113,8 +121,6 @@ class PartialDenseBlock(reference.PartialDenseBlock):
                     "normalizes all with batch statistics or all with running statistics)")
         if any(bn.eps != norms[0].eps for bn in norms):
             return "BatchNorms with different eps"
-        if torch.is_autocast_enabled(x.device.type):
-            return "autocast is enabled (the fused block computes in its input's dtype; cast instead)"
         if not norms[0].training and torch.is_grad_enabled() and (
                 x.requires_grad or any(p.requires_grad for p in self.parameters())):
             return ("BatchNorms in eval mode with autograd recording (the fused eval is inference-only: run it "
@@ -134,16 +140,28 @@ class PartialDenseBlock(reference.PartialDenseBlock):
             backend.warn_reference_fallback(self, reason)
             return super().forward(x)
         engine = "triton" if name == "triton" else "aten"
+        data = x
+        if checks.autocast_enabled(x.device.type):
+            data = x.to(torch.get_autocast_dtype(x.device.type))
         if self._norms()[0].training:  # all BatchNorms alike (_unfusable_reason); the block's own mode is moot
-            return self._train_forward(x, engine)
-        return dense_eval.partial_dense_block_eval(x, self._eval_params(), self.part1, self.fusion, self.act_name,
-                                                  engine)
+            out = self._train_forward(data, engine)
+        else:
+            out = dense_eval.partial_dense_block_eval(data, self._eval_params(data.dtype), self.part1, self.fusion,
+                                                      self.act_name, engine)
+        if self.fusion == "last" and data.dtype != x.dtype:
+            # The reference's torch.cat promotes its exact part 1 and the autocast-dtype rest.
+            return torch.cat([x[:, :self.part1], out[:, self.part1:]], 1)
+        return out
 
     def _train_forward(self, x: torch.Tensor, engine: str) -> torch.Tensor:
+        """The training op on x in its compute dtype; the convolutions' weights cast to it
+        (differentiably, as autocast casts them), the BatchNorms' parameters as they are."""
         eps = self._norms()[0].eps
+        dense_params = [p.to(x.dtype) if p.dim() == 4 else p for p in self.dense_params()]
+        transition_params = [p.to(x.dtype) if p.dim() == 4 else p for p in self.transition_params()]
         (out, _buf, _z_first, _z_last, dense_mean, dense_var, bottleneck_mean, bottleneck_var, t_mean, t_var
-         ) = dense_ops.partial_dense_block(x, self.dense_params(), self.transition_params(), self.part1,
-                                           self.fusion, self.act_name, eps, engine)
+         ) = dense_ops.partial_dense_block(x, dense_params, transition_params, self.part1, self.fusion, self.act_name,
+                                           eps, engine)
         count = x.shape[0] * x.shape[2] * x.shape[3]
         for j, layer in enumerate(self._layers()):
             c = self.part2 + j * self.dense.growth_rate
@@ -156,14 +174,17 @@ class PartialDenseBlock(reference.PartialDenseBlock):
             start = stop
         return out
 
-    def _eval_params(self) -> dense_eval.EvalParams:
+    def _eval_params(self, dtype: torch.dtype) -> dense_eval.EvalParams:
+        """The folded parameters for data of `dtype` (the parameters' own, or autocast's)."""
         if torch.compiler.is_compiling():
-            return self._fold()  # traced into the graph (torch.compile, torch.export), which folds it once
+            # Traced into the graph (torch.compile, torch.export), whose inputs the parameters are:
+            # it refolds at every call, Winograd transforms included.
+            return self._fold(dtype)
         sources = self._fold_sources()
-        key = (fold_key(sources), self._norms()[0].eps)
+        key = (fold_key(sources), self._norms()[0].eps, dtype)
         cache = self._eval_cache  # read once: another thread may replace it meanwhile
         if not fold_cache_hit(cache, key, sources):
-            cache = (key, snapshot(sources), self._fold())
+            cache = (key, snapshot(sources), self._fold(dtype))
             self._eval_cache = cache
         return cache[2]
 
@@ -172,9 +193,9 @@ class PartialDenseBlock(reference.PartialDenseBlock):
         return [*self.dense_params(), *self.transition_params(),
                 *(t for bn in self._norms() for t in (bn.running_mean, bn.running_var))]
 
-    def _fold(self) -> dense_eval.EvalParams:
+    def _fold(self, dtype: torch.dtype) -> dense_eval.EvalParams:
         dense_running = [(layer.norm1.running_mean, layer.norm1.running_var, layer.norm2.running_mean,
                           layer.norm2.running_var) for layer in self._layers()]
         transition_running = [(t.bn.running_mean, t.bn.running_var) for t in self._transitions()]
         return dense_eval.fold_eval_params(self.dense_params(), dense_running, self.transition_params(),
-                                           transition_running, self._norms()[0].eps)
+                                           transition_running, self._norms()[0].eps, dtype)

@@ -1,6 +1,6 @@
 """The 1x1 convolution with its prologue and epilogue fused, on every engine:
 
-    out = act(conv1x1(in_act(x * in_scale + in_shift), weight) + bias)
+    out = act(conv1x1(in_act(x * in_scale + in_shift), weight) * scale + bias)
 
 and optionally out's per-channel batch statistics. It is the dense layer's BN1-ReLU-Conv1x1
 (normalize on load) and every transition's conv + bias + act (eval) or conv + statistics
@@ -87,19 +87,21 @@ def conv1x1_weight_grad(grad_z: torch.Tensor, x: torch.Tensor, *, in_scale: torc
 
 def conv1x1_fused(x: torch.Tensor, weight: torch.Tensor, *, in_scale: torch.Tensor | None = None,
                   in_shift: torch.Tensor | None = None, in_act: str = "identity", bias: torch.Tensor | None = None,
-                  act: str = "identity", out: torch.Tensor | None = None, stats: bool = False, engine: str = "aten",
-                  in_place: bool = False):
+                  scale: torch.Tensor | None = None, act: str = "identity", out: torch.Tensor | None = None,
+                  stats: bool = False, engine: str = "aten", in_place: bool = False):
     """x: (batch, in, height, width) with contiguous planes (channel slices allowed);
-    weight: (out, in, 1, 1); in_scale, in_shift: (in,), bias: (out,), float32 (float64 for
-    float64 data); out: (batch, out, height, width) with contiguous planes, or None for a new
-    tensor. in_place: out overlaps x, sample n's output covering only sample n's input.
+    weight: (out, in, 1, 1); in_scale, in_shift: (in,), bias, scale: (out,), float32 (float64
+    for float64 data); scale None is 1 (an output scale is for 16-bit data, whose BatchNorm is
+    not folded into the weight: it runs as passes); out: (batch, out, height, width) with
+    contiguous planes, or None for a new tensor. in_place: out overlaps x, sample n's output
+    covering only sample n's input.
 
     Returns out, or with `stats=True` (out, mean, biased var) of out's channels.
     """
     n, _, h, w = x.shape
     if out is None:
         out = x.new_empty(n, weight.shape[0], h, w)
-    if x.device.type == "cpu" and engine == "aten" and x.dtype in (torch.float32, torch.float64):
+    if x.device.type == "cpu" and engine == "aten" and x.dtype in (torch.float32, torch.float64) and scale is None:
         mean, var = _ops.conv1x1_fused_out(x, weight.flatten(1).contiguous(), in_scale, in_shift, in_act, bias, act,
                                            stats, out)
         return (out, mean, var) if stats else out
@@ -108,10 +110,10 @@ def conv1x1_fused(x: torch.Tensor, weight: torch.Tensor, *, in_scale: torch.Tens
             raise ValueError("conv1x1_fused: in_place with stats runs on the CPU engine only")
         tmp = out.new_empty(1, *out.shape[1:])
         for i in range(n):
-            _conv1x1_passes(x[i: i + 1], weight, in_scale, in_shift, in_act, bias, act, tmp, False, engine)
+            _conv1x1_passes(x[i: i + 1], weight, in_scale, in_shift, in_act, bias, scale, act, tmp, False, engine)
             out[i: i + 1].copy_(tmp)
         return out
-    return _conv1x1_passes(x, weight, in_scale, in_shift, in_act, bias, act, out, stats, engine)
+    return _conv1x1_passes(x, weight, in_scale, in_shift, in_act, bias, scale, act, out, stats, engine)
 
 
 def check_triton_dtype(x: torch.Tensor) -> None:
@@ -123,18 +125,21 @@ def check_triton_dtype(x: torch.Tensor) -> None:
                         "'cpu' backend")
 
 
-def _conv1x1_passes(x, weight, in_scale, in_shift, in_act, bias, act, out, stats, engine):
-    if engine == "triton":
+def _conv1x1_passes(x, weight, in_scale, in_shift, in_act, bias, scale, act, out, stats, engine):
+    if engine == "triton" and scale is None:
         from ..triton.conv1x1 import conv1x1 as triton_conv1x1
         check_triton_dtype(x)
         return triton_conv1x1(x, weight.flatten(1), in_scale=in_scale, in_shift=in_shift, in_act=in_act,
                               bias=bias, act=act, out=out, stats=stats)
-    if in_scale is not None:
-        x = scale_shift_act(x, in_scale, in_shift, in_act)
-    gemm_conv1x1(x, weight, out=out)
-    if bias is not None or act != "identity":
+    if engine == "triton":  # the output scale in a pass after the GEMM
+        _conv1x1_passes(x, weight, in_scale, in_shift, in_act, None, None, "identity", out, False, engine)
+    else:
+        if in_scale is not None:
+            x = scale_shift_act(x, in_scale, in_shift, in_act)
+        gemm_conv1x1(x, weight, out=out)
+    if bias is not None or scale is not None or act != "identity":
         shift = bias if bias is not None else out.new_zeros(out.shape[1], dtype=stats_dtype(out.dtype))
-        scale_shift_act(out, torch.ones_like(shift), shift, act, out=out)
+        scale_shift_act(out, torch.ones_like(shift) if scale is None else scale, shift, act, out=out)
     return (out, *channel_stats(out)) if stats else out
 
 

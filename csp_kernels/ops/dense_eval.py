@@ -1,7 +1,8 @@
 """The partial dense block's inference forward (see `ops.dense` for the layout): BN1 per
 layer applied on conv1's load, BN2 folded into conv1 (bias + ReLU epilogue), every transition's
 BN folded into its conv (`fold_eval_params`), the concat buffer becoming the output where the
-layout allows."""
+layout allows. In float16/bfloat16 a BN is not folded into the weight (`folds_into_weight`):
+its float32 scale is applied to the conv's output with the shift, before rounding."""
 from __future__ import annotations
 
 import dataclasses
@@ -13,40 +14,52 @@ from .conv1x1 import conv1x1_fused
 from .conv3x3 import conv3x3, conv3x3_winograd, winograd_usable, winograd_weight
 from .conv3x3_choice import winograd_chosen
 from .dense import DENSE_ACT, DENSE_PARAMS_PER_LAYER, Geometry, layer_params, new_buffer, transition_params_of
-from .transition import fold_batch_norm
+from .transition import fold_batch_norm, folds_into_weight
 
 @dataclasses.dataclass
 class EvalParams:
-    """Per layer: BN1 as (scale, shift), conv1 with BN2 folded in (weight, bias), conv2 weight
-    and, where conv2 runs by Winograd, its transform; per transition: conv with its BN folded in
-    (weight, bias)."""
+    """Per layer: BN1 as (scale, shift), conv1 with BN2 folded in (weight, bias, scale), conv2
+    weight and, where conv2 runs by Winograd, its transform; per transition: conv with its BN
+    folded in (weight, bias, scale). Each scale is None where BN is folded into the weight, else
+    BN's scale for the conv's output (`_fold`)."""
     norm1: list[tuple[torch.Tensor, torch.Tensor]]
-    conv1: list[tuple[torch.Tensor, torch.Tensor]]
+    conv1: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]
     conv2: list[torch.Tensor]
-    transitions: list[tuple[torch.Tensor, torch.Tensor]]
+    transitions: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]
     conv2_winograd: list[torch.Tensor | None]
 
 
-def _fold(conv_weight, bn_weight, bn_bias, running_mean, running_var, eps):
-    """A bias-free conv followed by eval BN as one conv with a bias, the shift in the statistics
-    dtype of the conv's data: (weight, bias)."""
-    sdtype = stats_dtype(conv_weight.dtype)
-    return fold_batch_norm(conv_weight, bn_weight, bn_bias, running_mean.to(sdtype), running_var.to(sdtype), eps)
+def _fold(conv_weight, bn_weight, bn_bias, running_mean, running_var, eps, dtype: torch.dtype):
+    """A bias-free conv followed by eval BN, for data of `dtype`, as one conv with a bias:
+    (weight, bias, None), the fold computed in the parameters' dtype and the weight then rounded
+    to `dtype` once; in float16/bfloat16 (weight rounded to `dtype`, bias, BN's scale), because
+    a folded weight rounded to 16 bits would add its rounding to the conv's (`folds_into_weight`).
+    bias and scale in `dtype`'s statistics dtype."""
+    sdtype = stats_dtype(dtype)
+    running_mean, running_var = running_mean.to(sdtype), running_var.to(sdtype)
+    if folds_into_weight(dtype):
+        weight, bias = fold_batch_norm(conv_weight, bn_weight, bn_bias, running_mean, running_var, eps)
+        return weight.to(dtype), bias.to(sdtype), None
+    scale, shift = bn_scale_shift(running_mean, running_var, bn_weight, bn_bias, eps)
+    return conv_weight.detach().to(dtype), shift.to(sdtype), scale.to(sdtype)
 
 
 @torch.no_grad()
-def fold_eval_params(dense_params, dense_running, transition_params, transition_running, eps) -> EvalParams:
+def fold_eval_params(dense_params, dense_running, transition_params, transition_running, eps,
+                     dtype: torch.dtype) -> EvalParams:
     """dense_running: per layer (norm1 running mean, var, norm2 running mean, var);
-    transition_running: per transition (running mean, var)."""
+    transition_running: per transition (running mean, var); dtype: the data's (the parameters'
+    own, or autocast's)."""
+    sdtype = stats_dtype(dtype)
     norm1, conv1, conv2 = [], [], []
     for j in range(len(dense_params) // DENSE_PARAMS_PER_LAYER):
         norm1_w, norm1_b, conv1_w, norm2_w, norm2_b, conv2_w = layer_params(dense_params, j)
         rm1, rv1, rm2, rv2 = dense_running[j]
-        sdtype = stats_dtype(conv1_w.dtype)
-        norm1.append(bn_scale_shift(rm1.to(sdtype), rv1.to(sdtype), norm1_w, norm1_b, eps))
-        conv1.append(_fold(conv1_w, norm2_w, norm2_b, rm2, rv2, eps))
-        conv2.append(conv2_w.detach())
-    transitions = [_fold(*transition_params_of(transition_params, i), *running, eps)
+        scale1, shift1 = bn_scale_shift(rm1.to(sdtype), rv1.to(sdtype), norm1_w, norm1_b, eps)
+        norm1.append((scale1.to(sdtype), shift1.to(sdtype)))
+        conv1.append(_fold(conv1_w, norm2_w, norm2_b, rm2, rv2, eps, dtype))
+        conv2.append(conv2_w.detach().to(dtype))
+    transitions = [_fold(*transition_params_of(transition_params, i), *running, eps, dtype)
                    for i, running in enumerate(transition_running)]
     conv2_winograd = [winograd_weight(w) if winograd_usable(w) else None for w in conv2]
     return EvalParams(norm1, conv1, conv2, transitions, conv2_winograd)
@@ -72,7 +85,7 @@ def partial_dense_block_eval(x: torch.Tensor, params: EvalParams, part1: int, fu
     growth = params.conv2[0].shape[0]
     g = Geometry(n, h, w, part1, x.shape[1] - part1, growth, params.conv1[0][0].shape[0], len(params.conv2))
     channels = part1 + g.dense_channels
-    last_weight, last_bias = params.transitions[-1]
+    last_weight, last_bias, last_scale = params.transitions[-1]
     out_channels = last_weight.shape[0] + (part1 if fusion == "last" else 0)
     store = new_buffer(x, g, max(channels, out_channels))
     buf = store[:, :channels]
@@ -80,10 +93,10 @@ def partial_dense_block_eval(x: torch.Tensor, params: EvalParams, part1: int, fu
     bottleneck = g.view(g.scratch(x, g.bottleneck), g.bottleneck)  # one for all layers: fewer page faults
     for j in range(g.num_layers):
         c = g.prefix(j)
-        conv1_w, conv1_b = params.conv1[j]
+        conv1_w, conv1_b, conv1_s = params.conv1[j]
         scale1, shift1 = params.norm1[j]
         z = conv1x1_fused(dense[:, :c], conv1_w, in_scale=scale1, in_shift=shift1, in_act=DENSE_ACT, bias=conv1_b,
-                          act=DENSE_ACT, out=bottleneck, engine=engine)
+                          scale=conv1_s, act=DENSE_ACT, out=bottleneck, engine=engine)
         if params.conv2_winograd[j] is not None and winograd_usable(z) and winograd_chosen(
                 z.shape, params.conv2[j].shape, transform_cached=True):
             conv3x3_winograd(z, params.conv2[j], params.conv2_winograd[j], out=dense[:, c: c + growth])
@@ -91,16 +104,17 @@ def partial_dense_block_eval(x: torch.Tensor, params: EvalParams, part1: int, fu
             conv3x3(z, params.conv2[j], out=dense[:, c: c + growth])
 
     if fusion == "csp":
-        first_weight, first_bias = params.transitions[0]
-        conv1x1_fused(dense, first_weight, bias=first_bias, act=act, out=dense, engine=engine, in_place=True)
+        first_weight, first_bias, first_scale = params.transitions[0]
+        conv1x1_fused(dense, first_weight, bias=first_bias, scale=first_scale, act=act, out=dense, engine=engine,
+                      in_place=True)
     inp = dense if fusion == "last" else buf
     if out_channels < channels:
         out = x.new_empty(n, out_channels, h, w)
         if fusion == "last":
             out[:, :part1].copy_(buf[:, :part1])
-        conv1x1_fused(inp, last_weight, bias=last_bias, act=act, out=out[:, part1:] if fusion == "last" else out,
-                      engine=engine)
+        conv1x1_fused(inp, last_weight, bias=last_bias, scale=last_scale, act=act,
+                      out=out[:, part1:] if fusion == "last" else out, engine=engine)
         return out
-    conv1x1_fused(inp, last_weight, bias=last_bias, act=act, out=store[:, part1:] if fusion == "last" else store,
-                  engine=engine, in_place=True)
+    conv1x1_fused(inp, last_weight, bias=last_bias, scale=last_scale, act=act,
+                  out=store[:, part1:] if fusion == "last" else store, engine=engine, in_place=True)
     return store

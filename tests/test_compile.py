@@ -1,0 +1,37 @@
+"""torch.compile of the fused modules in eval: Dynamo captures each as one graph, with no graph
+break (a break splits the graph and runs what lies between in Python at every call), whether
+or not this process measured the kernels' choices eagerly first. The compiled results
+themselves: the fullgraph=True tests of test_partial_dense_block.py, test_conv_bn_act.py and
+test_inputs_outputs.py."""
+import pytest
+import torch
+
+import csp_kernels
+from helpers import randomize_
+from test_cspdensenet_training import TinyCSPDenseNet
+
+# Maps of 16x16: at least conv3x3_choice's side for Winograd, so on AVX-512 CPUs the float32
+# 3x3 convolutions trace the Winograd path.
+MODULES = {
+    "PartialDenseBlock": (lambda: csp_kernels.PartialDenseBlock(8, num_layers=2, growth_rate=4, fusion="csp"),
+                          (2, 8, 16, 16)),
+    "ConvBNAct-1x1": (lambda: csp_kernels.ConvBNAct(8, 12, 1, act="leaky_relu"), (2, 8, 16, 16)),
+    "ConvBNAct-3x3": (lambda: csp_kernels.ConvBNAct(8, 12, 3, act="silu"), (2, 8, 16, 16)),
+    "TinyCSPDenseNet": (lambda: TinyCSPDenseNet(csp_kernels), (2, 3, 32, 32)),
+}
+
+
+@pytest.mark.parametrize("warm", [False, True], ids=["cold", "after-eager-call"])
+@pytest.mark.parametrize("name", MODULES)
+def test_eval_traces_without_graph_break(name, warm):
+    torch._dynamo.reset()
+    make, shape = MODULES[name]
+    torch.manual_seed(0)
+    module = randomize_(make()).eval()
+    x = torch.randn(shape)
+    with torch.no_grad(), csp_kernels.use_backend("cpu"):
+        if warm:
+            module(x)  # fills the eval caches and the measured kernel choices the trace then reads
+        explanation = torch._dynamo.explain(module)(x)
+    assert explanation.graph_break_count == 0, [reason.reason for reason in explanation.break_reasons]
+    assert explanation.graph_count == 1
