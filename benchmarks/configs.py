@@ -6,7 +6,7 @@ import dataclasses
 
 import torch
 
-from csp_kernels import profiling
+from csp_kernels import profiling, reference
 
 @dataclasses.dataclass(frozen=True)
 class Family:
@@ -20,6 +20,8 @@ FAMILIES = {
     "pdb": Family("pdb", "PartialDenseBlock", takes_list=False),
     "trans": Family("trans", "ConvBNAct", takes_list=False),
     "efm": Family("efm", "ExactFusion", takes_list=True),
+    "c2f": Family("c2f", "C3k2", takes_list=False),
+    "cross": Family("cross", "CrossStage", takes_list=False),
 }
 
 
@@ -95,6 +97,23 @@ def _efm(name, channels, batch, sizes, dtype):
     return Workload(name, FAMILIES["efm"], kwargs, shapes, dtype)
 
 
+def _c3k2(name, c1, c2, batch, size, dtype, e=0.25):
+    # yolo11s's P3 backbone stage (model.4: C3k2(128, 256, n=1, c3k=False, e=0.25), SiLU) on the
+    # 80x80 map of a 640 px image.
+    kwargs = dict(c1=c1, c2=c2, n=1, c3k=False, e=e)
+    return Workload(name, FAMILIES["c2f"], kwargs, ((batch, c1, size, size),), dtype)
+
+
+def _cross(name, in_chs, out_chs, batch, size, dtype, depth=8):
+    # cspdarknet53's third stage as timm builds it (stages.2: 8 DarkBlocks, block_ratio 0.5,
+    # bottle_ratio 1, expand_ratio 1, down_growth, leaky_relu): a 3x3 stride-2 conv_down halves
+    # the input, 104x104 -> 52x52 for a 416 px image.
+    kwargs = dict(in_chs=in_chs, out_chs=out_chs, stride=2, dilation=1, depth=depth, block_ratio=0.5,
+                  bottle_ratio=1.0, expand_ratio=1.0, down_growth=True, block_fn=reference.DarkBlock,
+                  act_layer="leaky_relu")
+    return Workload(name, FAMILIES["cross"], kwargs, ((batch, in_chs, size, size),), dtype)
+
+
 f32, bf16 = torch.float32, torch.bfloat16
 # name -> (workloads at full size, workloads for --quick), one workload per dtype
 CONFIGS: dict[str, tuple[list[Workload], list[Workload]]] = {
@@ -114,8 +133,12 @@ CONFIGS: dict[str, tuple[list[Workload], list[Workload]]] = {
                 [_efm("efm-cpu", 8, 2, (8, 4, 2), f32)]),
     "efm-gpu": ([_efm("efm-gpu", 256, 32, (80, 40, 20), bf16)],
                 [_efm("efm-gpu", 8, 2, (8, 4, 2), bf16)]),
+    "c2f-cpu": ([_c3k2("c2f-cpu", 128, 256, 8, 80, f32)],
+                [_c3k2("c2f-cpu", 16, 32, 2, 8, f32)]),
+    "cross-cpu": ([_cross("cross-cpu", 128, 256, 8, 104, f32)],
+                  [_cross("cross-cpu", 16, 32, 2, 8, f32, depth=2)]),
 }
-DEFAULT_CONFIGS = {"cpu": ["pdb-cpu", "trans-cpu", "efm-cpu", "small-cpu"],
+DEFAULT_CONFIGS = {"cpu": ["pdb-cpu", "trans-cpu", "efm-cpu", "small-cpu", "c2f-cpu", "cross-cpu"],
                    "cuda": ["pdb-gpu", "trans-gpu", "efm-gpu"]}
 
 

@@ -45,11 +45,12 @@ def _reject(name: str, value, modeled) -> None:
         raise ValueError(f"{name}={value!r} is not modeled by the reference twin; only {name}={modeled!r}")
 
 
-def _conv_norm_act(in_chs: int, out_chs: int, kernel_size: int, act_layer: str, stride: int = 1,
-                   dilation: int = 1, groups: int = 1, apply_act: bool = True) -> ConvBNAct:
-    """timm's ConvNormAct with BatchNorm and its default padding."""
+def _conv_norm_act(conv_bn_act: type[ConvBNAct], in_chs: int, out_chs: int, kernel_size: int, act_layer: str,
+                   stride: int = 1, dilation: int = 1, groups: int = 1, apply_act: bool = True) -> ConvBNAct:
+    """timm's ConvNormAct with BatchNorm and its default padding, built as `conv_bn_act`."""
     padding = ((stride - 1) + dilation * (kernel_size - 1)) // 2
-    return ConvBNAct(in_chs, out_chs, kernel_size, stride, padding, groups, act=act_layer if apply_act else "identity",
+    return conv_bn_act(in_chs, out_chs, kernel_size, stride, padding, groups,
+                       act=act_layer if apply_act else "identity",
                      negative_slope=TIMM_LEAKY_RELU_SLOPE, dilation=dilation)
 
 
@@ -75,6 +76,8 @@ class BottleneckBlock(nn.Module):
     x: (batch, in_chs, height, width) -> (batch, out_chs, height, width)
     """
 
+    conv_bn_act = ConvBNAct  # the fused twins build theirs
+
     def __init__(self, in_chs: int, out_chs: int, dilation: int = 1, bottle_ratio: float = 0.25, groups: int = 1,
                  act_layer: str = "relu", norm_layer=nn.BatchNorm2d, attn_layer=None, drop_block=None,
                  drop_path: float = 0.0):
@@ -85,9 +88,9 @@ class BottleneckBlock(nn.Module):
         _reject("drop_path", drop_path, 0.0)
         _check_residual(in_chs, out_chs)
         mid_chs = _mid_channels(out_chs, bottle_ratio, "bottle_ratio")
-        self.conv1 = _conv_norm_act(in_chs, mid_chs, 1, act_layer)
-        self.conv2 = _conv_norm_act(mid_chs, mid_chs, 3, act_layer, dilation=dilation, groups=groups)
-        self.conv3 = _conv_norm_act(mid_chs, out_chs, 1, act_layer, apply_act=False)
+        self.conv1 = _conv_norm_act(self.conv_bn_act, in_chs, mid_chs, 1, act_layer)
+        self.conv2 = _conv_norm_act(self.conv_bn_act, mid_chs, mid_chs, 3, act_layer, dilation=dilation, groups=groups)
+        self.conv3 = _conv_norm_act(self.conv_bn_act, mid_chs, out_chs, 1, act_layer, apply_act=False)
         self.act3 = checks.activation_module(act_layer, TIMM_LEAKY_RELU_SLOPE)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -101,6 +104,8 @@ class DarkBlock(nn.Module):
     x: (batch, in_chs, height, width) -> (batch, out_chs, height, width)
     """
 
+    conv_bn_act = ConvBNAct  # the fused twins build theirs
+
     def __init__(self, in_chs: int, out_chs: int, dilation: int = 1, bottle_ratio: float = 0.5, groups: int = 1,
                  act_layer: str = "relu", norm_layer=nn.BatchNorm2d, attn_layer=None, drop_block=None,
                  drop_path: float = 0.0):
@@ -111,22 +116,24 @@ class DarkBlock(nn.Module):
         _reject("drop_path", drop_path, 0.0)
         _check_residual(in_chs, out_chs)
         mid_chs = _mid_channels(out_chs, bottle_ratio, "bottle_ratio")
-        self.conv1 = _conv_norm_act(in_chs, mid_chs, 1, act_layer)
-        self.conv2 = _conv_norm_act(mid_chs, out_chs, 3, act_layer, dilation=dilation, groups=groups)
+        self.conv1 = _conv_norm_act(self.conv_bn_act, in_chs, mid_chs, 1, act_layer)
+        self.conv2 = _conv_norm_act(self.conv_bn_act, mid_chs, out_chs, 3, act_layer, dilation=dilation, groups=groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv2(self.conv1(x)) + x
 
 
-def _blocks(block_fn, depth: int, in_chs: int, out_chs: int, dilation: int, bottle_ratio: float, groups: int,
-            act_layer: str, norm_layer) -> nn.Sequential:
-    """`depth` blocks named "0", "1", ..., the first from in_chs, all to out_chs."""
-    if block_fn not in (BottleneckBlock, DarkBlock):
-        raise ValueError("block_fn must be csp_kernels.reference.BottleneckBlock or DarkBlock (the twins); "
-                         f"got {block_fn!r}")
+def _blocks(block_classes: dict, block_fn, depth: int, in_chs: int, out_chs: int, dilation: int,
+            bottle_ratio: float, groups: int, act_layer: str, norm_layer) -> nn.Sequential:
+    """`depth` blocks named "0", "1", ..., the first from in_chs, all to out_chs, each built as
+    block_classes[block_fn]."""
+    if not isinstance(block_fn, type) or block_fn not in block_classes:
+        raise ValueError("block_fn must be csp_kernels.reference.BottleneckBlock or DarkBlock (the twins) or their "
+                         f"fused twins; got {block_fn!r}")
     blocks = nn.Sequential()
     for i in range(checks.check_positive_int(depth, "depth")):
-        blocks.add_module(str(i), block_fn(in_chs, out_chs, dilation, bottle_ratio, groups, act_layer, norm_layer))
+        blocks.add_module(str(i), block_classes[block_fn](in_chs, out_chs, dilation, bottle_ratio, groups, act_layer,
+                                                          norm_layer))
         in_chs = out_chs
     return blocks
 
@@ -157,6 +164,8 @@ class _CrossStageBase(nn.Module):
     (1x1) to out_chs."""
 
     transition_b: bool
+    conv_bn_act = ConvBNAct  # the fused twins build theirs
+    block_classes = {BottleneckBlock: BottleneckBlock, DarkBlock: DarkBlock}  # block_fn -> the class built
 
     def __init__(self, in_chs: int, out_chs: int, stride: int, dilation: int, depth: int, block_ratio: float = 1.0,
                  bottle_ratio: float = 1.0, expand_ratio: float = 1.0, groups: int = 1,
@@ -172,16 +181,18 @@ class _CrossStageBase(nn.Module):
         block_out_chs = _mid_channels(out_chs, block_ratio, "block_ratio")
         if stride != 1 or first_dilation != dilation:
             down_chs = out_chs if down_growth else in_chs
-            self.conv_down = _conv_norm_act(in_chs, down_chs, 3, act_layer, stride, first_dilation, groups)
+            self.conv_down = _conv_norm_act(self.conv_bn_act, in_chs, down_chs, 3, act_layer, stride, first_dilation,
+                                            groups)
         else:
             down_chs = in_chs
             self.conv_down = nn.Identity()
-        self.conv_exp = _conv_norm_act(down_chs, self.expand_chs, 1, act_layer, apply_act=not cross_linear)
-        self.blocks = _blocks(block_fn, depth, self.expand_chs // 2, block_out_chs, dilation, bottle_ratio, groups,
-                              act_layer, norm_layer)
+        self.conv_exp = _conv_norm_act(self.conv_bn_act, down_chs, self.expand_chs, 1, act_layer,
+                                       apply_act=not cross_linear)
+        self.blocks = _blocks(self.block_classes, block_fn, depth, self.expand_chs // 2, block_out_chs, dilation,
+                              bottle_ratio, groups, act_layer, norm_layer)
         if self.transition_b:
-            self.conv_transition_b = _conv_norm_act(block_out_chs, self.expand_chs // 2, 1, act_layer)
-        self.conv_transition = _conv_norm_act(self.expand_chs, out_chs, 1, act_layer)
+            self.conv_transition_b = _conv_norm_act(self.conv_bn_act, block_out_chs, self.expand_chs // 2, 1, act_layer)
+        self.conv_transition = _conv_norm_act(self.conv_bn_act, self.expand_chs, out_chs, 1, act_layer)
 
 
 class CrossStage(_CrossStageBase):
@@ -225,6 +236,9 @@ class DarkStage(nn.Module):
     CrossStage's.
     """
 
+    conv_bn_act = ConvBNAct  # the fused twin builds its own
+    block_classes = _CrossStageBase.block_classes
+
     def __init__(self, in_chs: int, out_chs: int, stride: int, dilation: int, depth: int, block_ratio: float = 1.0,
                  bottle_ratio: float = 1.0, groups: int = 1, first_dilation: int | None = None, avg_down: bool = False,
                  block_fn: type[nn.Module] = BottleneckBlock, block_dpr: Sequence[float] | None = None, *,
@@ -232,9 +246,11 @@ class DarkStage(nn.Module):
         super().__init__()
         act_layer = _check_layers(act_layer, norm_layer)
         _check_stage_options(avg_down, block_dpr, aa_layer, attn_layer)
-        self.conv_down = _conv_norm_act(in_chs, out_chs, 3, act_layer, stride, first_dilation or dilation, groups)
-        self.blocks = _blocks(block_fn, depth, out_chs, _mid_channels(out_chs, block_ratio, "block_ratio"), dilation,
-                              bottle_ratio, groups, act_layer, norm_layer)
+        self.conv_down = _conv_norm_act(self.conv_bn_act, in_chs, out_chs, 3, act_layer, stride,
+                                        first_dilation or dilation, groups)
+        self.blocks = _blocks(self.block_classes, block_fn, depth, out_chs,
+                              _mid_channels(out_chs, block_ratio, "block_ratio"), dilation, bottle_ratio, groups,
+                              act_layer, norm_layer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.blocks(self.conv_down(x))
