@@ -1,0 +1,375 @@
+"""`convert(model)`: swap the fused modules into a model built with ultralytics, timm,
+torchvision or plain PyTorch (Liger-Kernel's `apply_liger_kernel_to_*` convention, for any
+nn.Module); `revert(model)`: put the upstream modules back, so that checkpoints stay portable.
+
+A fused module is built around the upstream module's own conv, BatchNorm and activation objects
+(timm's BatchNormAct2d becomes an nn.BatchNorm2d holding the same Parameter and buffer tensors),
+so parameters, buffers, requires_grad, device, dtype and train/eval mode carry over with no copy,
+and an optimizer built before the conversion still steps the model's parameters.
+
+CONVERTERS is the one table of what converts: (upstream module path, class name) -> Converter.
+Classes are matched by name, exactly (a subclass may compute something else), so that no
+optional package (ultralytics, timm, torchvision) is imported: a package that is not installed
+has no instances to match.
+"""
+from __future__ import annotations
+
+import collections
+import copy
+import dataclasses
+import importlib
+import itertools
+from typing import Callable
+
+import torch
+from torch import nn
+
+from . import checks, reference
+from .nn.transition import ConvBNAct, batch_norm_reason, conv_reason
+
+ORIGIN_ATTRIBUTE = "_csp_kernels_origin"  # on a fused module made by convert: its Origin
+
+
+@dataclasses.dataclass(frozen=True)
+class Converter:
+    """How instances of one upstream class become a fused module, and back.
+
+    fuse(module): the fused module built around module's submodules (or their tensors); a str
+      saying why this unit stays as it is; or None when the module is no unit but a container
+      to walk into (a plain nn.Sequential that is not conv, BatchNorm, activation).
+    unfuse(fused, origin): the upstream module of class origin.cls rebuilt around fused's
+      submodules (convert's attribute and mode bookkeeping is redone by `revert`).
+    """
+
+    fuse: Callable[[nn.Module], nn.Module | str | None]
+    unfuse: Callable[[nn.Module, Origin], nn.Module]
+
+
+@dataclasses.dataclass(frozen=True)
+class Origin:
+    """What `revert` needs besides a fused module's submodules: the upstream class, the plain
+    attributes the upstream module carried (ultralytics' layer index `i` and input `f`, which
+    its model's forward reads; torchvision's `out_channels`), kept on the fused module too, and
+    the fused module's children that the upstream one named otherwise ({"conv": "0", "bn": "1"}
+    for an nn.Sequential), whose state_dict keys the fused module writes and reads the upstream way."""
+
+    cls: type
+    attributes: tuple[str, ...]
+    renamed: tuple[tuple[str, str], ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Swapped:
+    """A unit swapped: its qualified name in the model ("" for the model itself) and classes."""
+
+    name: str
+    from_class: str
+    to_class: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Left:
+    """A unit left as it is, and why."""
+
+    name: str
+    from_class: str
+    reason: str
+
+
+@dataclasses.dataclass
+class ConversionReport:
+    """What `convert` did: the units swapped and those left with the reason; modules that no
+    converter knows and that hold parameters or buffers counted by class (`unknown`); fused
+    modules already in the model (`already_fused`: convert twice converts once)."""
+
+    swapped: list[Swapped] = dataclasses.field(default_factory=list)
+    left: list[Left] = dataclasses.field(default_factory=list)
+    unknown: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    already_fused: int = 0
+
+    def counts(self) -> dict[str, int]:
+        return {"swapped": len(self.swapped), "left": len(self.left), "unknown": sum(self.unknown.values()),
+                "already_fused": self.already_fused}
+
+    def swapped_by_class(self) -> collections.Counter:
+        """{"Conv -> ConvBNAct": count, ...}"""
+        return collections.Counter(f"{s.from_class} -> {s.to_class}" for s in self.swapped)
+
+    def __str__(self) -> str:
+        counts = self.counts()
+        lines = [f"csp_kernels.convert: {counts['swapped']} swapped, {counts['left']} left as is, "
+                 f"{counts['already_fused']} already fused; modules with parameters or buffers that no converter "
+                 f"knows: {counts['unknown']}" + (f" ({_format_counter(self.unknown)})" if self.unknown else "")]
+        if self.swapped:
+            lines += _table(("swapped", "from -> to"),
+                            [(_display(s.name), f"{s.from_class} -> {s.to_class}") for s in self.swapped])
+        if self.left:
+            lines += _table(("left as is", "class", "reason"),
+                            [(_display(item.name), item.from_class, item.reason) for item in self.left])
+        return "\n".join(lines)
+
+
+def convert(model: nn.Module, *, inplace: bool = False) -> tuple[nn.Module, ConversionReport]:
+    """Swap the fused module in for every unit of `model` that CONVERTERS knows: ultralytics'
+    Conv and DWConv, timm's ConvNormAct, torchvision's Conv2dNormActivation and a plain
+    nn.Sequential(Conv2d, BatchNorm2d, activation) become csp_kernels.ConvBNAct. Units the fused
+    kernels cannot compute (an activation they lack, a conv bias, a forward hook, ...) are left
+    as they are and reported with the reason.
+
+    The fused modules hold the units' own submodules, so parameters, buffers, requires_grad,
+    device, dtype and modes are kept, and state_dict keys too: a unit that is an nn.Sequential
+    (torchvision's, or plain) writes and reads its upstream keys ("0.weight", "1.running_mean")
+    through state_dict hooks, while named_parameters() says "conv.weight", "bn.weight".
+
+    inplace=False converts a deep copy and leaves `model` untouched; inplace=True converts
+    `model` itself. Returns (converted model, report): the converted model is `model` (or its
+    copy), or the fused module when `model` itself is a unit; `print(report)` shows the report.
+    """
+    if not inplace:
+        model = copy.deepcopy(model)
+    report = ConversionReport()
+    return _convert_tree(model, "", report, {}), report
+
+
+def revert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
+    """The model with the upstream module back in place of every fused module `convert` made,
+    holding the fused modules' (trained) parameters and buffers: its state_dict loads into a
+    freshly built original model with strict=True. inplace=False reverts a deep copy (a
+    training run can save a portable checkpoint and go on fused)."""
+    if not inplace:
+        model = copy.deepcopy(model)
+    return _revert_tree(model, {})
+
+
+def class_key(cls: type) -> tuple[str, str]:
+    """(defining module, qualified name) of class `cls`: its key in CONVERTERS."""
+    return cls.__module__, cls.__qualname__
+
+
+# --- the walk ---------------------------------------------------------------------------------
+
+def _convert_tree(module: nn.Module, name: str, report: ConversionReport, memo: dict) -> nn.Module:
+    """`module` with its units swapped (a module shared at several places is converted once)."""
+    if id(module) in memo:
+        return memo[id(module)]
+    if type(module).__module__.startswith("csp_kernels.nn."):
+        report.already_fused += 1
+        result = module
+    else:
+        converter = CONVERTERS.get(class_key(type(module)))
+        fused = converter.fuse(module) if converter else None
+        if fused is None:
+            _count_unknown(module, report)
+            _replace_children(module, lambda child, child_name: _convert_tree(
+                child, _qualify(name, child_name), report, memo))
+            result = module
+        elif isinstance(fused, str):
+            report.left.append(Left(name, type(module).__qualname__, fused))
+            result = module
+        else:
+            _remember_origin(fused, module)
+            report.swapped.append(Swapped(name, type(module).__qualname__, type(fused).__qualname__))
+            result = fused
+    memo[id(module)] = result
+    return result
+
+
+def _revert_tree(module: nn.Module, memo: dict) -> nn.Module:
+    if id(module) in memo:
+        return memo[id(module)]
+    origin = getattr(module, ORIGIN_ATTRIBUTE, None)
+    if origin is None:
+        _replace_children(module, lambda child, _: _revert_tree(child, memo))
+        result = module
+    else:
+        result = CONVERTERS[class_key(origin.cls)].unfuse(module, origin)
+        for attribute in origin.attributes:
+            setattr(result, attribute, getattr(module, attribute))
+        result.training = module.training
+    memo[id(module)] = result
+    return result
+
+
+def _replace_children(module: nn.Module, new_child: Callable[[nn.Module, str], nn.Module]) -> None:
+    for child_name, child in list(module.named_children()):
+        replacement = new_child(child, child_name)
+        if replacement is not child:
+            setattr(module, child_name, replacement)
+
+
+def _count_unknown(module: nn.Module, report: ConversionReport) -> None:
+    """Count a module no converter takes as a unit when it computes with tensors of its own
+    (containers, activations and pooling are not worth listing)."""
+    if any(True for _ in module.parameters(recurse=False)) or any(True for _ in module.buffers(recurse=False)):
+        report.unknown[type(module).__qualname__] += 1
+
+
+def _remember_origin(fused: nn.Module, upstream: nn.Module) -> None:
+    """Record on `fused` what `revert` needs, carry the upstream module's plain attributes and
+    its own train/eval mode over (its submodules' modes are theirs, as for a frozen BatchNorm in
+    a training model), and keep the upstream state_dict keys of renamed children."""
+    attributes = tuple(a for a in vars(upstream) if not a.startswith("_") and a != "training")
+    for attribute in attributes:
+        if attribute not in vars(fused):  # the fused module's own (in_channels, out_channels) stay
+            setattr(fused, attribute, getattr(upstream, attribute))
+    upstream_names = {id(child): child_name for child_name, child in upstream.named_children()}
+    renamed = tuple((child_name, upstream_names[id(child)]) for child_name, child in fused.named_children()
+                    if upstream_names.get(id(child), child_name) != child_name)
+    setattr(fused, ORIGIN_ATTRIBUTE, Origin(type(upstream), attributes, renamed))
+    fused.training = upstream.training
+    if renamed:
+        fused.register_state_dict_post_hook(_write_upstream_keys)
+        fused.register_load_state_dict_pre_hook(_read_upstream_keys)
+
+
+def _rename_keys(state_dict: dict, keys: list[str], prefix: str, renames) -> None:
+    """Rename, in place and in order, those of `keys` that read `prefix + old + "." + rest` in
+    `state_dict` to `prefix + new + "." + rest`, for each (old, new) of `renames`."""
+    mapping = {prefix + old + ".": prefix + new + "." for old, new in renames}
+    for key in keys:
+        old = next((o for o in mapping if key.startswith(o)), None)
+        if old is not None:
+            state_dict[mapping[old] + key[len(old):]] = state_dict.pop(key)
+
+
+def _write_upstream_keys(module: nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:
+    # Runs right after the module wrote its entries, the last ones of state_dict: only those are
+    # looked at, and renaming them by pop-and-insert keeps the model's key order.
+    own = list(itertools.takewhile(lambda key: key.startswith(prefix), reversed(state_dict)))[::-1]
+    _rename_keys(state_dict, own, prefix, getattr(module, ORIGIN_ATTRIBUTE).renamed)
+
+
+def _read_upstream_keys(module: nn.Module, state_dict: dict, prefix: str, *_) -> None:
+    # Upstream keys ("0.weight") are read as the fused module's ("conv.weight"), whose own keys
+    # load too. state_dict holds this module's entries only (load_state_dict hands each module
+    # its share).
+    renames = [(new, old) for old, new in getattr(module, ORIGIN_ATTRIBUTE).renamed]
+    _rename_keys(state_dict, list(state_dict), prefix, renames)
+
+
+# --- converters -------------------------------------------------------------------------------
+
+def fuse_conv_bn_act(conv: nn.Module, bn: nn.Module, act: nn.Module) -> ConvBNAct | str:
+    """A ConvBNAct holding these very modules, or why its kernels cannot compute them (the
+    reasons its forward would fall back for)."""
+    reason = conv_reason(conv, "conv") or batch_norm_reason(bn, "bn") or checks.kernel_activation(act)[1]
+    if reason:
+        return reason
+    with torch.device("meta"):  # the constructor's own conv and bn are replaced at once
+        fused = ConvBNAct(conv.in_channels, conv.out_channels)
+    fused.conv, fused.bn, fused.act = conv, bn, act
+    return fused
+
+
+def _fuse_conv_bn_act_module(module: nn.Module) -> ConvBNAct | str:
+    """A module with submodules conv, bn, act computing act(bn(conv(x))): ultralytics' Conv,
+    csp_kernels.reference.ConvBNAct."""
+    if "forward" in vars(module):
+        return ("its forward is replaced on the instance (ultralytics' fuse() folds bn into conv and runs "
+                "forward_fuse)")
+    return _hook_reason(module) or fuse_conv_bn_act(module.conv, module.bn, module.act)
+
+
+def _fuse_timm_conv_norm_act(module: nn.Module) -> ConvBNAct | str:
+    norm = module.bn
+    if class_key(type(norm)) != ("timm.layers.norm_act", "BatchNormAct2d"):
+        return f"bn is {type(norm).__qualname__} (the fused kernels compute timm's BatchNormAct2d)"
+    if type(norm.drop) is not nn.Identity:
+        return f"bn.drop is {norm.drop!r} (the fused kernels have no dropout between BatchNorm and activation)"
+    aa = getattr(module, "aa", None)  # as ConvNormAct.forward reads it
+    if aa is not None:
+        return f"aa is {type(aa).__qualname__} (the fused kernels have no anti-aliasing after the activation)"
+    return _hook_reason(module) or _hook_reason(norm, "bn") or fuse_conv_bn_act(
+        module.conv, batch_norm_sharing(norm, nn.BatchNorm2d), norm.act)
+
+
+def _fuse_conv_norm_sequential(module: nn.Module) -> ConvBNAct | str:
+    """torchvision's Conv2dNormActivation: conv, norm and (unless activation_layer=None) act."""
+    layers = list(module)
+    if len(layers) < 2 or not isinstance(layers[1], nn.modules.batchnorm._BatchNorm):
+        return "it has no BatchNorm (norm_layer=None)"
+    act = layers[2] if len(layers) == 3 else nn.Identity()
+    return _hook_reason(module) or fuse_conv_bn_act(layers[0], layers[1], act)
+
+
+def _fuse_plain_sequential(module: nn.Sequential) -> ConvBNAct | str | None:
+    layers = list(module)
+    is_unit = (len(layers) == 3 and isinstance(layers[0], nn.Conv2d)
+               and isinstance(layers[1], nn.modules.batchnorm._BatchNorm) and not list(layers[2].children()))
+    return _fuse_conv_norm_sequential(module) if is_unit else None
+
+
+def _unfuse_conv(fused: ConvBNAct, origin: Origin) -> nn.Module:
+    return _bare(origin.cls, conv=fused.conv, bn=fused.bn, act=fused.act)
+
+
+def _unfuse_timm_conv_norm_act(fused: ConvBNAct, origin: Origin) -> nn.Module:
+    norm_cls = importlib.import_module("timm.layers.norm_act").BatchNormAct2d
+    norm = batch_norm_sharing(fused.bn, norm_cls, apply_act=False)
+    norm.act = fused.act
+    return _bare(origin.cls, conv=fused.conv, bn=norm)
+
+
+def _unfuse_sequential(fused: ConvBNAct, origin: Origin) -> nn.Module:
+    layers = [fused.conv, fused.bn]
+    had_act = any(new == "2" for _, new in origin.renamed)
+    if had_act or type(fused.act) is not nn.Identity:  # an act set on the fused module is kept
+        layers.append(fused.act)
+    return _bare(origin.cls, **{str(i): layer for i, layer in enumerate(layers)})
+
+
+CONVERTERS: dict[tuple[str, str], Converter] = {
+    ("ultralytics.nn.modules.conv", "Conv"): Converter(_fuse_conv_bn_act_module, _unfuse_conv),
+    ("ultralytics.nn.modules.conv", "DWConv"): Converter(_fuse_conv_bn_act_module, _unfuse_conv),  # Conv's forward
+    ("timm.layers.conv_bn_act", "ConvNormAct"): Converter(_fuse_timm_conv_norm_act, _unfuse_timm_conv_norm_act),
+    ("torchvision.ops.misc", "Conv2dNormActivation"): Converter(_fuse_conv_norm_sequential, _unfuse_sequential),
+    ("torch.nn.modules.container", "Sequential"): Converter(_fuse_plain_sequential, _unfuse_sequential),
+    class_key(reference.ConvBNAct): Converter(_fuse_conv_bn_act_module, _unfuse_conv),  # the same conv, bn, act
+}
+
+
+# --- helpers ----------------------------------------------------------------------------------
+
+def batch_norm_sharing(bn: nn.modules.batchnorm._BatchNorm, cls: type, **kwargs) -> nn.Module:
+    """A `cls` (nn.BatchNorm2d or a subclass such as timm's BatchNormAct2d; `kwargs` go to its
+    constructor) with `bn`'s hyper-parameters and mode, holding `bn`'s Parameter and buffer
+    tensors themselves."""
+    new = cls(bn.num_features, eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
+              track_running_stats=bn.track_running_stats, device="meta", **kwargs)
+    for name, tensor in [*bn.named_parameters(recurse=False), *bn.named_buffers(recurse=False)]:
+        setattr(new, name, tensor)
+    return new.train(bn.training)
+
+
+def _bare(cls: type, **children: nn.Module) -> nn.Module:
+    """An instance of the upstream class `cls` holding `children`, made without its __init__,
+    which would allocate the weights the children already hold."""
+    module = cls.__new__(cls)
+    nn.Module.__init__(module)
+    for name, child in children.items():
+        module.add_module(name, child)
+    return module
+
+
+def _hook_reason(module: nn.Module, name: str = "") -> str:
+    if module._forward_hooks or module._forward_pre_hooks:
+        return f"a forward hook on {name or 'it'} (the fused module would not run it)"
+    return ""
+
+
+def _qualify(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _display(name: str) -> str:
+    return name or "(the model itself)"
+
+
+def _format_counter(counter: collections.Counter) -> str:
+    return ", ".join(f"{name} {count}" for name, count in counter.most_common())
+
+
+def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
+    """Lines of a left-aligned text table (the last column unpadded)."""
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header) - 1)]
+    return ["  ".join([*(cell.ljust(w) for cell, w in zip(row, widths)), row[-1]]) for row in [header, *rows]]

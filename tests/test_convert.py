@@ -1,0 +1,515 @@
+"""csp_kernels.convert / revert on real models (ultralytics YOLO11n, timm cspresnet50,
+cspresnext50, cspdarknet53, torchvision densenet121 and mobilenet_v3_small) and on a small model
+holding one unit of every kind the converters know.
+
+Numerics rule: original and converted models run in float64 from the same (randomized) weights;
+every output, input gradient, parameter gradient and state_dict entry of the converted model must
+satisfy ||converted - original|| <= 1e-9 ||original|| + 1e-12. The absolute term is for gradients
+that vanish mathematically (a BatchNorm bias whose output another BatchNorm normalizes is rounding
+noise of ~1e-13 in both); the others compared are of norm 1e-3 to 1e3. In float32 (one test), the
+converted model's relative error against the float64 original must be at most 2.5x the float32
+original's, plus 1e-7. conftest turns a ReferenceFallbackWarning into an error, so every comparison
+runs the fused kernels wherever a unit was swapped."""
+import copy
+import io
+import os
+
+import pytest
+import timm
+import torch
+import torchvision
+from timm.layers import ConvNormAct
+from torch import nn
+from torchvision.ops import Conv2dNormActivation
+
+os.environ.setdefault("YOLO_OFFLINE", "1")  # ultralytics checks nothing online when building models
+from ultralytics.nn.modules.conv import Conv as YoloConv  # noqa: E402
+from ultralytics.nn.modules.conv import DWConv as YoloDWConv  # noqa: E402
+from ultralytics.nn.tasks import DetectionModel  # noqa: E402
+
+import csp_kernels  # noqa: E402
+from csp_kernels import ConvBNAct  # noqa: E402
+from csp_kernels.convert import CONVERTERS, class_key  # noqa: E402
+from helpers import DEVICES, randomize_, rel_error  # noqa: E402
+
+TOL64 = 1e-9
+ATOL64 = 1e-12
+SIZE = 64  # input height and width
+
+BUILDERS = {
+    "yolo11n": lambda: DetectionModel("yolo11n.yaml", verbose=False),
+    "cspresnet50": lambda: timm.create_model("cspresnet50", pretrained=False),
+    "cspresnext50": lambda: timm.create_model("cspresnext50", pretrained=False),
+    "cspdarknet53": lambda: timm.create_model("cspdarknet53", pretrained=False),
+    "densenet121": lambda: torchvision.models.densenet121(weights=None),
+    "mobilenet_v3_small": lambda: torchvision.models.mobilenet_v3_small(weights=None),
+}
+# What convert swaps in each model, and the modules with tensors that no converter knows. DenseNet's
+# layers are BatchNorm -> ReLU -> conv (pre-activation): no unit until a _DenseBlock converter exists.
+EXPECTED = {
+    "yolo11n": ({"Conv -> ConvBNAct": 75, "DWConv -> ConvBNAct": 6}, {"Conv2d": 7}),  # 7: Detect's and DFL's
+    "cspresnet50": ({"ConvNormAct -> ConvBNAct": 55}, {"Linear": 1}),
+    "cspresnext50": ({"ConvNormAct -> ConvBNAct": 55}, {"Linear": 1}),
+    "cspdarknet53": ({"ConvNormAct -> ConvBNAct": 67}, {"Linear": 1}),
+    "densenet121": ({}, {"BatchNorm2d": 121, "Conv2d": 120, "Linear": 1}),
+    "mobilenet_v3_small": ({"Conv2dNormActivation -> ConvBNAct": 34}, {"Conv2d": 18, "Linear": 2}),  # SE, head
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    # Small inputs: intra-op threads on a busy 2-core machine mostly wait on each other.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+_built = {}
+
+
+def build(name: str, dtype=torch.float64) -> nn.Module:
+    """A fresh copy of model `name` with random weights and non-trivial BatchNorm statistics
+    (built once per session: building costs more than copying)."""
+    if name not in _built:
+        torch.manual_seed(0)
+        _built[name] = randomize_(BUILDERS[name]())
+    return copy.deepcopy(_built[name]).to(dtype)
+
+
+def small_model() -> nn.Sequential:
+    """One unit of every kind CONVERTERS knows: 3 x 16 x 16 -> 8 x 8 x 8."""
+    return randomize_(nn.Sequential(
+        YoloConv(3, 8, 3, 2),
+        YoloDWConv(8, 8, 3),
+        ConvNormAct(8, 12, 3, act_layer="silu"),
+        Conv2dNormActivation(12, 12, 1, activation_layer=nn.Hardswish),
+        Conv2dNormActivation(12, 8, 3, groups=4, activation_layer=None),
+        # 3x3 with zero padding: after a unit without activation, a 1x1 conv + BatchNorm would
+        # normalize its BatchNorm bias away (a gradient of rounding noise, nothing to compare)
+        nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.LeakyReLU(0.2)),
+    ))
+
+
+SMALL_SWAPPED = {"Conv -> ConvBNAct": 1, "DWConv -> ConvBNAct": 1, "ConvNormAct -> ConvBNAct": 1,
+                 "Conv2dNormActivation -> ConvBNAct": 2, "Sequential -> ConvBNAct": 1}
+
+
+def small_input(dtype=torch.float32, device="cpu") -> torch.Tensor:
+    return torch.randn(2, 3, 16, 16, dtype=dtype, device=device)
+
+
+def tensors(output) -> list[torch.Tensor]:
+    """The tensors of a model's output, in order (YOLO returns tuples, lists and dicts of them)."""
+    if isinstance(output, torch.Tensor):
+        return [output]
+    values = output.values() if isinstance(output, dict) else output
+    return [t for value in values for t in tensors(value)]
+
+
+def loss_of(outputs: list[torch.Tensor], weights: list[torch.Tensor]) -> torch.Tensor:
+    return sum((o * w).sum() for o, w in zip(outputs, weights))
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, name: str) -> None:
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype, name
+    error, scale = (actual - expected).norm().item(), expected.norm().item()
+    assert error <= TOL64 * scale + ATOL64, f"{name}: error {error:.3g} against a norm of {scale:.3g}"
+
+
+def assert_outputs_close(actual, expected, what: str) -> None:
+    actual, expected = tensors(actual), tensors(expected)
+    assert len(actual) == len(expected) > 0
+    for i, (a, e) in enumerate(zip(actual, expected)):
+        assert_close(a, e, f"{what} output {i}")
+
+
+def assert_state_close(actual: nn.Module, expected: nn.Module, what: str) -> None:
+    state, expected_state = actual.state_dict(), expected.state_dict()
+    assert list(state) == list(expected_state), f"{what}: state_dict keys differ"
+    for key, value in state.items():
+        if key.endswith("num_batches_tracked"):
+            assert torch.equal(value, expected_state[key]), f"{what}: {key}"
+        else:
+            assert_close(value, expected_state[key], f"{what}: {key}")
+
+
+def assert_step_matches(original: nn.Module, converted: nn.Module, x: torch.Tensor, what: str) -> None:
+    """One forward and backward of both models on x: the same outputs, input gradient and
+    parameter gradients."""
+    x_original, x_converted = x.clone().requires_grad_(), x.clone().requires_grad_()
+    torch.manual_seed(1)  # the same dropout masks (mobilenet_v3_small's classifier)
+    out_original = tensors(original(x_original))
+    torch.manual_seed(1)
+    out_converted = tensors(converted(x_converted))
+    assert_outputs_close(out_converted, out_original, what)
+    weights = [torch.randn_like(o) for o in out_original]
+    loss_of(out_original, weights).backward()
+    loss_of(out_converted, weights).backward()
+    assert_close(x_converted.grad, x_original.grad, f"{what} input gradient")
+    names = [name for name, _ in original.named_parameters()]
+    pairs = list(zip(original.parameters(), converted.parameters()))
+    assert len(pairs) == len(names) == len(list(converted.parameters()))
+    for name, (p, q) in zip(names, pairs):
+        assert (p.grad is None) == (q.grad is None), name  # YOLO's DFL conv is frozen
+        if p.grad is not None:
+            assert_close(q.grad, p.grad, f"{what} gradient of {name}")
+    original.zero_grad(), converted.zero_grad()
+
+
+def fused_count(model: nn.Module) -> int:
+    return sum(type(m) is ConvBNAct for m in model.modules())
+
+
+def module_types(model: nn.Module) -> list[tuple[str, type]]:
+    return [(name, type(m)) for name, m in model.named_modules()]
+
+
+# --- acceptance on real models -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_converted_model_matches_original(name):
+    original = build(name)
+    converted, report = csp_kernels.convert(original)
+    swapped, unknown = EXPECTED[name]
+    assert report.swapped_by_class() == swapped
+    assert report.left == [] and report.unknown == unknown and report.already_fused == 0
+    assert fused_count(converted) == sum(swapped.values())
+    assert list(converted.state_dict()) == list(original.state_dict())
+    x = torch.randn(2, 3, SIZE, SIZE, dtype=torch.float64)
+    original.eval(), converted.eval()
+    with torch.no_grad():  # inference: the fused modules' cached BatchNorm fold
+        assert_outputs_close(converted(x), original(x), "eval (no_grad)")
+    assert_step_matches(original, converted, x, "eval")
+    original.train(), converted.train()
+    assert_step_matches(original, converted, x, "train")
+    assert_state_close(converted, original, "after the training step")  # running statistics
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_float32_error_within_float32_rounding(training):
+    reference = build("yolo11n").train(training)
+    original, converted = build("yolo11n", torch.float32), csp_kernels.convert(build("yolo11n", torch.float32))[0]
+    original.train(training), converted.train(training)
+    x = torch.randn(2, 3, SIZE, SIZE, dtype=torch.float64)
+    with torch.no_grad():
+        expected, plain, fused = reference(x), original(x.float()), converted(x.float())
+    for i, (e, p, f) in enumerate(zip(tensors(expected), tensors(plain), tensors(fused))):
+        plain_err, fused_err = rel_error(p, e), rel_error(f, e)
+        assert fused_err <= 2.5 * plain_err + 1e-7, f"output {i}: fused {fused_err:.3g}, original {plain_err:.3g}"
+
+
+def test_yolo_sgd_steps_then_revert_loads_into_a_fresh_model():
+    original = build("yolo11n")
+    converted, _ = csp_kernels.convert(original)
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for m in (original, converted)]
+    for _ in range(3):
+        x = torch.randn(2, 3, SIZE, SIZE, dtype=torch.float64)
+        for model, optimizer in zip((original, converted), optimizers):
+            optimizer.zero_grad()
+            sum(o.square().mean() for o in tensors(model(x))).backward()
+            optimizer.step()
+    assert_state_close(converted, original, "after 3 SGD steps")
+
+    reverted = csp_kernels.revert(converted)
+    assert module_types(reverted) == module_types(original) and fused_count(converted) == 81
+    assert all(getattr(a, "f", None) == getattr(b, "f", None) and getattr(a, "i", None) == getattr(b, "i", None)
+               for a, b in zip(reverted.model, original.model))  # what DetectionModel's forward reads
+    fresh = DetectionModel("yolo11n.yaml", verbose=False).double()
+    fresh.load_state_dict(reverted.state_dict(), strict=True)
+    x = torch.randn(2, 3, SIZE, SIZE, dtype=torch.float64)
+    fresh.eval(), converted.eval(), reverted.eval()
+    with torch.no_grad():
+        assert_outputs_close(fresh(x), converted(x), "fresh model with the reverted weights")
+        assert_outputs_close(reverted(x), fresh(x), "reverted model")
+
+
+@pytest.mark.parametrize("name", ["cspdarknet53", "mobilenet_v3_small"])
+def test_revert_round_trip(name):
+    original = build(name)
+    reverted = csp_kernels.revert(csp_kernels.convert(original)[0])
+    assert module_types(reverted) == module_types(original)
+    assert_state_close(reverted, original, "reverted")  # the same values, hence exactly
+    fresh = BUILDERS[name]().double()
+    fresh.load_state_dict(reverted.state_dict(), strict=True)
+    x = torch.randn(2, 3, SIZE, SIZE, dtype=torch.float64)
+    original.eval(), reverted.eval()
+    with torch.no_grad():
+        assert torch.equal(reverted(x), original(x))
+
+
+# --- what is converted, what is left ---------------------------------------------------------
+
+
+def test_small_model_swaps_every_kind_of_unit():
+    model = small_model()
+    converted, report = csp_kernels.convert(model)
+    assert report.swapped_by_class() == SMALL_SWAPPED and not report.left and not report.unknown
+    assert [s.name for s in report.swapped] == [str(i) for i in range(6)]
+    assert all(type(m) is ConvBNAct for m in converted)
+    assert [(m.in_channels, m.out_channels) for m in converted] == [(3, 8), (8, 8), (8, 12), (12, 12), (12, 8),
+                                                                    (8, 8)]
+    assert [type(m.act) for m in converted] == [nn.SiLU, nn.SiLU, nn.SiLU, nn.Hardswish, nn.Identity, nn.LeakyReLU]
+    assert type(converted[2].bn) is nn.BatchNorm2d  # timm's BatchNormAct2d, as nn.BatchNorm2d
+
+
+def test_timm_batch_norm_shares_the_parameter_and_buffer_tensors():
+    unit = randomize_(ConvNormAct(4, 6, 3, act_layer="leaky_relu"))
+    fused, _ = csp_kernels.convert(unit, inplace=True)
+    assert fused.conv is unit.conv and fused.act is unit.bn.act
+    for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+        assert getattr(fused.bn, name) is getattr(unit.bn, name), name
+    assert (fused.bn.eps, fused.bn.momentum) == (unit.bn.eps, unit.bn.momentum)
+
+
+def _gelu_yolo_model():
+    model = DetectionModel("yolo11n.yaml", verbose=False)
+    model.model[23].cv2[0][0].act = nn.GELU()
+    return model
+
+
+def _fused_by_ultralytics():
+    unit = YoloConv(4, 6, 3)
+    unit.conv = nn.Conv2d(4, 6, 3, padding=1)  # what ultralytics' fuse() leaves: BatchNorm folded into a bias
+    del unit.bn
+    unit.forward = unit.forward_fuse
+    return nn.Sequential(unit)
+
+
+def _hooked_conv():
+    unit = YoloConv(4, 6, 3)
+    unit.register_forward_hook(lambda *_: None)
+    return nn.Sequential(unit)
+
+
+# (model builder, qualified name of the unit left, class, words of the reason)
+LEFT_CASES = {
+    "unsupported activation": (_gelu_yolo_model, "model.23.cv2.0.0", "Conv", "GELU"),
+    "conv bias": (lambda: nn.Sequential(nn.Sequential(nn.Conv2d(4, 6, 1), nn.BatchNorm2d(6), nn.ReLU())),
+                  "0", "Sequential", "conv.bias"),
+    "reflect padding": (lambda: nn.Sequential(Conv2dNormActivation(4, 6, 3)).apply(
+        lambda m: setattr(m, "padding_mode", "reflect") if isinstance(m, nn.Conv2d) else None),
+        "0", "Conv2dNormActivation", "padding_mode"),
+    "no BatchNorm": (lambda: nn.Sequential(Conv2dNormActivation(4, 6, 3, norm_layer=None)),
+                     "0", "Conv2dNormActivation", "no BatchNorm"),
+    "BatchNorm without affine": (lambda: nn.Sequential(nn.Sequential(
+        nn.Conv2d(4, 6, 1, bias=False), nn.BatchNorm2d(6, affine=False), nn.SiLU())), "0", "Sequential", "affine"),
+    "timm dropout": (lambda: nn.Sequential(ConvNormAct(4, 6, 3, drop_layer=nn.Dropout2d)),
+                     "0", "ConvNormAct", "bn.drop"),
+    "timm anti-aliasing": (lambda: nn.Sequential(ConvNormAct(4, 6, 3, stride=2, aa_layer="avg")),
+                           "0", "ConvNormAct", "aa"),
+    "timm GroupNorm": (lambda: nn.Sequential(ConvNormAct(4, 32, 3, norm_layer=nn.GroupNorm)),
+                       "0", "ConvNormAct", "GroupNormAct"),
+    "ultralytics fuse()": (_fused_by_ultralytics, "0", "Conv", "forward is replaced"),
+    "forward hook": (_hooked_conv, "0", "Conv", "forward hook"),
+}
+
+
+@pytest.mark.parametrize("case", list(LEFT_CASES))
+def test_unit_the_kernels_cannot_compute_is_left_and_reported(case):
+    make, name, cls, words = LEFT_CASES[case]
+    model = make()
+    left_before = dict(model.named_modules())[name]
+    converted, report = csp_kernels.convert(model)
+    assert [(item.name, item.from_class) for item in report.left] == [(name, cls)]
+    assert words in report.left[0].reason and f"{name} " in str(report) and words in str(report)
+    assert module_types(dict(converted.named_modules())[name]) == module_types(left_before)
+
+
+def test_left_unit_runs_as_before_in_a_converted_model():
+    model = randomize_(_gelu_yolo_model()).eval()
+    converted, report = csp_kernels.convert(model)
+    assert len(report.swapped) == 80 and fused_count(converted) == 80
+    x = torch.randn(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        for a, b in zip(tensors(converted(x)), tensors(model(x))):
+            assert rel_error(a, b) < 1e-5
+
+
+def test_sequential_that_is_not_a_unit_is_walked_into_and_counted():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1, bias=False), nn.BatchNorm2d(4),  # two layers: no unit
+                          nn.Sequential(YoloConv(4, 4), nn.ReLU()))
+    converted, report = csp_kernels.convert(model)
+    assert [s.name for s in report.swapped] == ["2.0"] and type(converted[2][0]) is ConvBNAct
+    assert report.unknown == {"Conv2d": 1, "BatchNorm2d": 1} and not report.left
+
+
+def test_report_prints_a_table_with_counts():
+    model = nn.Sequential(YoloConv(3, 4), nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4), nn.ReLU()),
+                          nn.Linear(4, 4))
+    _, report = csp_kernels.convert(model)
+    assert report.counts() == {"swapped": 1, "left": 1, "unknown": 1, "already_fused": 0}
+    lines = str(report).splitlines()
+    assert lines[0] == ("csp_kernels.convert: 1 swapped, 1 left as is, 0 already fused; modules with parameters "
+                        "or buffers that no converter knows: 1 (Linear 1)")
+    assert lines[1].split() == ["swapped", "from", "->", "to"] and lines[2].split() == ["0", "Conv", "->", "ConvBNAct"]
+    assert lines[3].split()[:4] == ["left", "as", "is", "class"] and lines[4].split()[:3] == ["1", "Sequential",
+                                                                                           "conv.bias"]
+
+
+def test_registry_keys_are_the_upstream_classes():
+    for cls in (YoloConv, YoloDWConv, ConvNormAct, Conv2dNormActivation, nn.Sequential):
+        assert class_key(cls) in CONVERTERS
+
+
+def test_reference_conv_bn_act_converts_and_reverts():
+    model = randomize_(nn.Sequential(csp_kernels.reference.ConvBNAct(3, 4, 3, act="mish"))).double()
+    converted, report = csp_kernels.convert(model)
+    assert report.swapped_by_class() == {"ConvBNAct -> ConvBNAct": 1} and type(converted[0]) is ConvBNAct
+    x = small_input(torch.float64)
+    assert_step_matches(model, converted, x, "train")
+    reverted = csp_kernels.revert(converted)
+    assert module_types(reverted) == module_types(model)
+    assert (reverted[0].in_channels, reverted[0].out_channels) == (3, 4)
+
+
+def test_convert_twice_converts_once_and_shared_units_stay_shared():
+    shared = YoloConv(4, 4, 3)
+    model = nn.Sequential(shared, nn.Sequential(shared, YoloConv(4, 4)))
+    converted, report = csp_kernels.convert(model)
+    assert len(report.swapped) == 2 and converted[0] is converted[1][0]
+    again, report = csp_kernels.convert(converted)
+    assert report.counts() == {"swapped": 0, "left": 0, "unknown": 0, "already_fused": 2}
+    assert module_types(again) == module_types(converted)
+    reverted = csp_kernels.revert(again)
+    assert type(reverted[0]) is YoloConv and reverted[0] is reverted[1][0]
+
+
+def test_the_model_itself_as_a_unit():
+    unit = randomize_(YoloConv(4, 6, 3, 2))
+    fused, report = csp_kernels.convert(unit)
+    assert type(fused) is ConvBNAct and [s.name for s in report.swapped] == [""]
+    assert "(the model itself)" in str(report)
+    back = csp_kernels.revert(fused)
+    assert type(back) is YoloConv and list(back.state_dict()) == list(unit.state_dict())
+    x = torch.randn(2, 4, 8, 8)
+    unit.eval(), fused.eval(), back.eval()
+    with torch.no_grad():
+        assert rel_error(fused(x), unit(x)) < 1e-5 and torch.equal(back(x), unit(x))
+
+
+# --- what the conversion keeps ---------------------------------------------------------------
+
+
+def test_inplace_false_leaves_the_original_untouched():
+    model = small_model()
+    types, state = module_types(model), copy.deepcopy(model.state_dict())
+    converted, _ = csp_kernels.convert(model)
+    assert not set(map(id, converted.parameters())) & set(map(id, model.parameters()))
+    optimizer = torch.optim.SGD(converted.parameters(), lr=0.1)
+    converted(small_input()).square().mean().backward()
+    optimizer.step()
+    assert module_types(model) == types
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key]), key
+
+
+def test_inplace_shares_tensors_and_keeps_requires_grad_and_optimizer():
+    model = small_model()
+    params = dict(model.named_parameters())
+    model[2].conv.weight.requires_grad_(False)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)  # built before the conversion
+    converted, _ = csp_kernels.convert(model, inplace=True)
+    assert converted is model and all(type(m) is ConvBNAct for m in model)
+    assert [id(p) for p in converted.parameters()] == [id(p) for p in params.values()]
+    assert not converted[2].conv.weight.requires_grad
+    before = [p.detach().clone() for p in converted.parameters()]
+    converted(small_input()).square().mean().backward()
+    optimizer.step()
+    for (name, p), b in zip(converted.named_parameters(), before):
+        assert torch.equal(b, p) != p.requires_grad, name
+    assert converted[2].conv.weight.grad is None
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_device_dtype_and_modes_are_kept(device, dtype):
+    model = small_model().to(device, dtype)
+    model[3].eval()  # the unit in eval inside a training model
+    model[4][1].eval()  # a frozen BatchNorm inside a training unit
+    converted, _ = csp_kernels.convert(model)
+    assert [m.training for m in converted] == [True, True, True, False, True, True]
+    assert not converted[4].bn.training and converted[4].conv.training
+    assert {(t.device.type, t.dtype) for t in converted.state_dict().values() if t.is_floating_point()} == {
+        (torch.device(device).type, dtype)}
+    x = small_input(dtype, device)
+    if dtype == torch.float64:
+        assert_outputs_close(converted(x), model(x), "mixed modes")
+    converted.eval()
+    reverted = csp_kernels.revert(converted)
+    assert not any(m.training for m in reverted.modules())
+    assert {t.dtype for t in reverted.state_dict().values() if t.is_floating_point()} == {dtype}
+
+
+def test_sequential_units_keep_the_upstream_state_dict_keys():
+    model = small_model()
+    converted, _ = csp_kernels.convert(model)
+    assert list(converted.state_dict()) == list(model.state_dict())
+    assert "3.0.weight" in model.state_dict() and "3.conv.weight" in dict(converted.named_parameters())
+    fresh = small_model()
+    converted.load_state_dict(fresh.state_dict(), strict=True)  # the upstream keys load into it
+    model.load_state_dict(converted.state_dict(), strict=True)  # and its keys into the upstream model
+    converted.load_state_dict(dict(converted.named_parameters()) | dict(converted.named_buffers()), strict=True)
+    for key, value in converted.state_dict().items():
+        assert torch.equal(value, fresh.state_dict()[key]) and torch.equal(value, model.state_dict()[key]), key
+
+
+def _train_step(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(2):
+        optimizer.zero_grad()
+        model(x).square().mean().backward()
+        optimizer.step()
+    model.zero_grad()
+    return model
+
+
+@pytest.mark.parametrize("route", ["deepcopy", "torch.save", "state_dict"])
+def test_copied_saved_and_loaded_models_compute_the_same(route):
+    converted, _ = csp_kernels.convert(small_model().double())
+    x = small_input(torch.float64)
+    _train_step(converted, x)
+    converted.eval()
+    if route == "deepcopy":
+        copied = copy.deepcopy(converted)
+        assert not set(map(id, copied.parameters())) & set(map(id, converted.parameters()))
+    elif route == "torch.save":
+        buffer = io.BytesIO()
+        torch.save(converted, buffer)
+        copied = torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)
+    else:
+        buffer = io.BytesIO()
+        torch.save(converted.state_dict(), buffer)
+        copied = csp_kernels.convert(small_model().double())[0].eval()
+        copied.load_state_dict(torch.load(io.BytesIO(buffer.getvalue())), strict=True)
+    assert module_types(copied) == module_types(converted)
+    with torch.no_grad():
+        assert_outputs_close(copied(x), converted(x), route)
+    copied.train(), converted.train()
+    assert_step_matches(converted, copied, x, f"{route} train")
+    reverted = csp_kernels.revert(copied)
+    assert module_types(reverted) == module_types(small_model())
+    assert_state_close(reverted, converted, f"{route}, reverted")
+
+
+def test_torch_compile_eval_forward_and_train_step():
+    torch._dynamo.reset()
+    model = small_model()
+    converted, _ = csp_kernels.convert(model)
+    compiled = torch.compile(converted, fullgraph=True)  # fullgraph: the conversion adds no graph break
+    x = small_input()
+    model.eval(), converted.eval()
+    with torch.no_grad():
+        assert rel_error(compiled(x), model(x)) < 1e-5
+    model.train(), converted.train()
+    out_model, out_compiled = model(x), compiled(x)
+    assert rel_error(out_compiled, out_model) < 1e-5
+    out_model.square().mean().backward()
+    out_compiled.square().mean().backward()
+    for (name, p), q in zip(model.named_parameters(), converted.parameters()):
+        assert rel_error(q.grad, p.grad) < 1e-4, name
+    for key, value in converted.state_dict().items():
+        if not key.endswith("num_batches_tracked"):
+            assert rel_error(value, model.state_dict()[key]) < 1e-5, key
+
