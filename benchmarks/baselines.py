@@ -1,7 +1,7 @@
 """The implementations measured side by side: eager reference, checkpointed reference,
-torch.compile(reference) and the fused csp_kernels modules (on a GPU also pinned to the "cuda"
-backend: CUDA kernels around cuBLAS/cuDNN instead of the Triton GEMMs), all with the same
-weights."""
+torch.compile(reference), the fused csp_kernels modules (on a GPU also pinned to the "cuda"
+backend: CUDA kernels around cuBLAS/cuDNN instead of the Triton GEMMs) and torch.compile of the
+fused modules, all with the same weights."""
 from __future__ import annotations
 
 import copy
@@ -16,7 +16,7 @@ from csp_kernels import reference
 
 from .configs import Workload
 
-VARIANTS = ("eager", "checkpoint", "compile", "compile-max-autotune", "fused", "fused-cuda")
+VARIANTS = ("eager", "checkpoint", "compile", "compile-max-autotune", "fused", "compile-fused", "fused-cuda")
 
 
 @dataclasses.dataclass
@@ -81,7 +81,7 @@ def available_variants(workload: Workload, device: torch.device) -> list[str]:
     names.append("compile")
     if device.type == "cuda":
         names.append("compile-max-autotune")
-    names.append("fused")
+    names += ["fused", "compile-fused"]
     if device.type == "cuda":
         names.append("fused-cuda")
     return names
@@ -100,11 +100,13 @@ def build_variant(name: str, ref: nn.Module, workload: Workload, device: torch.d
         module = copy.deepcopy(ref)
         mode = "max-autotune" if name == "compile-max-autotune" else None
         return Variant(name, torch.compile(module, mode=mode), module)
-    if name in ("fused", "fused-cuda"):
+    if name in ("fused", "compile-fused", "fused-cuda"):
         cls = getattr(csp_kernels, workload.family.class_name, None)
         if cls is None:
             raise LookupError(f"csp_kernels has no {workload.family.class_name} yet")
         module = cls(**workload.kwargs).to(device=device, dtype=workload.dtype)
         module.load_state_dict(ref.state_dict())
+        if name == "compile-fused":
+            return Variant(name, torch.compile(module), module)
         return Variant(name, PinnedBackend(module, "cuda") if name == "fused-cuda" else module, module)
     raise ValueError(f"variant must be one of {VARIANTS}; got {name!r}")

@@ -197,6 +197,17 @@ def test_pinned_backend_variant_runs_its_module_on_that_backend():
     assert "fused-cuda" not in baselines.available_variants(workload, torch.device("cpu"))
 
 
+def test_compile_fused_variant_compiles_the_fused_module():
+    workload = configs.workloads("trans-cpu", quick=True)[0]
+    device = torch.device("cpu")
+    ref = baselines.make_reference(workload, device)
+    assert "compile-fused" in baselines.available_variants(workload, device)
+    variant = baselines.build_variant("compile-fused", ref, workload, device)
+    assert type(variant.module) is csp_kernels.ConvBNAct
+    assert variant.callable._orig_mod is variant.module  # steps set the fused module's mode
+    assert all(torch.equal(a, b) for a, b in zip(variant.module.state_dict().values(), ref.state_dict().values()))
+
+
 def test_kernel_microbenchmarks_write_every_row(tmp_path):
     """`python -m benchmarks.kernels --quick`: every row with each variant's rate, ours among them
     where our kernels run (Winograd where the AVX-512 GEMM does)."""
