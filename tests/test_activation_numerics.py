@@ -79,7 +79,7 @@ def test_cpu_gemm_epilogue_and_prologue_keep_nan_and_inf(act, module):
 @pytest.mark.parametrize("act,module", ACTS, ids=ACT_IDS)
 def test_triton_activations_match_aten_at_nan_and_inf(act, module, dtype):
     u = _values(dtype)
-    y, d = triton_act(u, act)
+    y, d = triton_act(u, act, torch.ones_like(u))
     y_ref, d_ref = _aten(module, u)
     _assert_same(y, y_ref, f"{act} forward")
     _assert_same(d, d_ref, f"{act} derivative")
