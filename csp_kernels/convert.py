@@ -5,7 +5,10 @@ nn.Module); `revert(model)`: put the upstream modules back, so that checkpoints 
 A fused module is built around the upstream module's own conv, BatchNorm and activation objects
 (timm's BatchNormAct2d becomes an nn.BatchNorm2d holding the same Parameter and buffer tensors),
 so parameters, buffers, requires_grad, device, dtype and train/eval mode carry over with no copy,
-and an optimizer built before the conversion still steps the model's parameters.
+and an optimizer built before the conversion still steps the model's parameters. A CSP stage
+(ultralytics' Bottleneck, C2f, C3, C3k, C3k2; timm's BottleneckBlock, DarkBlock, CrossStage,
+CrossStage3, DarkStage) becomes its csp_kernels.nn.stages twin the same way, around its own
+children once they are converted.
 
 CONVERTERS is the one table of what converts: (upstream module path, class name) -> Converter.
 Classes are matched by name, exactly (a subclass may compute something else), so that no
@@ -17,6 +20,7 @@ from __future__ import annotations
 import collections
 import copy
 import dataclasses
+import functools
 import importlib
 import itertools
 from typing import Callable
@@ -25,6 +29,7 @@ import torch
 from torch import nn
 
 from . import checks, reference
+from .nn import stages
 from .nn.transition import ConvBNAct, batch_norm_reason, conv_reason
 
 ORIGIN_ATTRIBUTE = "_csp_kernels_origin"  # on a fused module made by convert: its Origin
@@ -38,11 +43,14 @@ class Converter:
       saying why this unit stays as it is; or None when the module is no unit but a container
       to walk into (a plain nn.Sequential that is not conv, BatchNorm, activation).
     unfuse(fused, origin): the upstream module of class origin.cls rebuilt around fused's
-      submodules (convert's attribute and mode bookkeeping is redone by `revert`).
+      submodules, already reverted (convert's attribute and mode bookkeeping is redone by `revert`).
+    children_first: convert the module's children before calling fuse, which then sees them as
+      converted: a CSP stage is fused around fused ConvBNActs and blocks, or left when one was left.
     """
 
     fuse: Callable[[nn.Module], nn.Module | str | None]
     unfuse: Callable[[nn.Module, Origin], nn.Module]
+    children_first: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,9 +120,12 @@ class ConversionReport:
 def convert(model: nn.Module, *, inplace: bool = False) -> tuple[nn.Module, ConversionReport]:
     """Swap the fused module in for every unit of `model` that CONVERTERS knows: ultralytics'
     Conv and DWConv, timm's ConvNormAct, torchvision's Conv2dNormActivation and a plain
-    nn.Sequential(Conv2d, BatchNorm2d, activation) become csp_kernels.ConvBNAct. Units the fused
+    nn.Sequential(Conv2d, BatchNorm2d, activation) become csp_kernels.ConvBNAct; the CSP stages
+    of ultralytics (Bottleneck, C2f, C3, C3k, C3k2) and timm (BottleneckBlock, DarkBlock,
+    CrossStage, CrossStage3, DarkStage) their csp_kernels.nn.stages twins. Units the fused
     kernels cannot compute (an activation they lack, a conv bias, a forward hook, ...) are left
-    as they are and reported with the reason.
+    as they are and reported with the reason; so is a stage whose twin would need one of them
+    fused, or which computes more than its twin (attention, drop path), its children converted.
 
     The fused modules hold the units' own submodules, so parameters, buffers, requires_grad,
     device, dtype and modes are kept, and state_dict keys too: a unit that is an nn.Sequential
@@ -157,11 +168,12 @@ def _convert_tree(module: nn.Module, name: str, report: ConversionReport, memo: 
         result = module
     else:
         converter = CONVERTERS.get(class_key(type(module)))
+        if converter is not None and converter.children_first:
+            _convert_children(module, name, report, memo)
         fused = converter.fuse(module) if converter else None
-        if fused is None:
+        if fused is None:  # never for children_first: a stage is fused or left
             _count_unknown(module, report)
-            _replace_children(module, lambda child, child_name: _convert_tree(
-                child, _qualify(name, child_name), report, memo))
+            _convert_children(module, name, report, memo)
             result = module
         elif isinstance(fused, str):
             report.left.append(Left(name, type(module).__qualname__, fused))
@@ -174,12 +186,17 @@ def _convert_tree(module: nn.Module, name: str, report: ConversionReport, memo: 
     return result
 
 
+def _convert_children(module: nn.Module, name: str, report: ConversionReport, memo: dict) -> None:
+    _replace_children(module, lambda child, child_name: _convert_tree(child, _qualify(name, child_name), report, memo))
+
+
 def _revert_tree(module: nn.Module, memo: dict) -> nn.Module:
     if id(module) in memo:
         return memo[id(module)]
+    # Children first: a fused stage's ConvBNActs and blocks go back before the stage does.
+    _replace_children(module, lambda child, _: _revert_tree(child, memo))
     origin = getattr(module, ORIGIN_ATTRIBUTE, None)
     if origin is None:
-        _replace_children(module, lambda child, _: _revert_tree(child, memo))
         result = module
     else:
         result = CONVERTERS[class_key(origin.cls)].unfuse(module, origin)
@@ -318,6 +335,130 @@ def _unfuse_sequential(fused: ConvBNAct, origin: Origin) -> nn.Module:
     return _bare(origin.cls, **{str(i): layer for i, layer in enumerate(layers)})
 
 
+# CSP stages: the csp_kernels.nn.stages twins, built around the upstream stage's own children as
+# converted. A stage is swapped when every child its buffered forward writes through `out=` (its
+# "writers", as each twin's forward lists them for `_reference_reason`) is of the fused class: the
+# other children are called as plain modules, so a left one (a GELU Conv as a C3's cv1) still
+# computes what upstream's forward does.
+
+Writers = list[tuple[str, nn.Module, tuple[type, ...]]]  # (name, child, the fused classes it must be)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Stage:
+    """twin: the fused class; children: the upstream stage's submodules, in its order; writers:
+    what the twin's forward writes through; attributes: the plain attributes the twin's forward
+    reads; blocks: the submodule (a sequence of blocks) of which the twin's forward needs at least
+    one; identities: submodules that the twin has no place for and that must be nn.Identity (timm's
+    attn and drop_path: another module there computes something the twin does not)."""
+
+    twin: type
+    children: tuple[str, ...]
+    writers: Callable[[nn.Module], Writers]
+    attributes: tuple[str, ...] = ()
+    blocks: str = ""
+    identities: tuple[str, ...] = ()
+
+    def without_identities(self) -> _Stage:
+        """The spec of the reference twin, which has the fused twin's submodules only."""
+        return dataclasses.replace(self, children=tuple(c for c in self.children if c not in self.identities),
+                                   identities=())
+
+
+def _conv_writers(module: nn.Module, *names: str) -> Writers:
+    return [(name, getattr(module, name), (ConvBNAct,)) for name in names]
+
+
+def _last_block(module: nn.Module, sequence: str, kinds: tuple[type, ...]) -> Writers:
+    blocks = getattr(module, sequence)
+    return [(f"{sequence}.{len(blocks) - 1}", blocks[-1], kinds)]
+
+
+def _c2f_writers(module: nn.Module) -> Writers:
+    # C3k: the blocks of a C3k2 (a C2f's forward)
+    return _conv_writers(module, "cv1", "cv2") + [
+        (f"m.{i}", block, (stages.Bottleneck, stages.C3k)) for i, block in enumerate(module.m)]
+
+
+def _c3_writers(module: nn.Module) -> Writers:
+    return _conv_writers(module, "cv2", "cv3") + _last_block(module, "m", (stages.Bottleneck,))
+
+
+def _cross_stage3_writers(module: nn.Module) -> Writers:
+    return _conv_writers(module, "conv_exp", "conv_transition") + _last_block(module, "blocks", _TIMM_BLOCKS)
+
+
+_TIMM_BLOCKS = (stages.BottleneckBlock, stages.DarkBlock)
+_C2F = _Stage(stages.C2f, ("cv1", "cv2", "m"), _c2f_writers, attributes=("c",))
+_C3 = _Stage(stages.C3, ("cv1", "cv2", "cv3", "m"), _c3_writers, blocks="m")
+_STAGES = {
+    "ultralytics.nn.modules.block": {
+        "Bottleneck": _Stage(stages.Bottleneck, ("cv1", "cv2"), lambda m: _conv_writers(m, "cv2"),
+                             attributes=("add",)),
+        "C2f": _C2F,
+        "C3": _C3,
+        "C3k": dataclasses.replace(_C3, twin=stages.C3k),
+        # C3k2(attn=True) has nn.Sequential(Bottleneck, PSABlock) blocks, which the twin cannot write through: left
+        "C3k2": dataclasses.replace(_C2F, twin=stages.C3k2),
+    },
+    "timm.models.cspnet": {
+        "BottleneckBlock": _Stage(stages.BottleneckBlock,
+                                  ("conv1", "conv2", "attn2", "conv3", "attn3", "drop_path", "act3"),
+                                  lambda m: _conv_writers(m, "conv3"), identities=("attn2", "attn3", "drop_path")),
+        "DarkBlock": _Stage(stages.DarkBlock, ("conv1", "attn", "conv2", "drop_path"),
+                            lambda m: _conv_writers(m, "conv2"), identities=("attn", "drop_path")),
+        "CrossStage": _Stage(stages.CrossStage, ("conv_down", "conv_exp", "blocks", "conv_transition_b",
+                                                 "conv_transition"),
+                             lambda m: _conv_writers(m, "conv_exp", "conv_transition_b", "conv_transition"),
+                             attributes=("expand_chs",), blocks="blocks"),
+        # Without downsampling timm's CrossStage3 has conv_down None (its forward fails): left.
+        "CrossStage3": _Stage(stages.CrossStage3, ("conv_down", "conv_exp", "blocks", "conv_transition"),
+                              _cross_stage3_writers, attributes=("expand_chs",), blocks="blocks"),
+        "DarkStage": _Stage(stages.DarkStage, ("conv_down", "blocks"),
+                            lambda m: _last_block(m, "blocks", _TIMM_BLOCKS), blocks="blocks"),
+    },
+}
+# The reference twins (csp_kernels.reference) convert as upstream's classes do.
+_STAGES.update({twin_module: {name: spec.without_identities() for name, spec in _STAGES[upstream].items()}
+                for twin_module, upstream in [(reference.C2f.__module__, "ultralytics.nn.modules.block"),
+                                              (reference.CrossStage.__module__, "timm.models.cspnet")]})
+
+
+def _fuse_stage(spec: _Stage, module: nn.Module) -> nn.Module | str:
+    """The twin holding module's (converted) children and attributes, or why it cannot."""
+    if "forward" in vars(module):
+        return "its forward is replaced on the instance"
+    twin, children = spec.twin.__name__, module._modules
+    missing = [name for name in spec.children if children.get(name) is None]
+    if missing:
+        return f"it has no submodule {', '.join(missing)} (the fused {twin} calls {', '.join(spec.children)})"
+    extra = [name for name in children if name not in spec.children]
+    if extra:
+        return f"it has submodules {', '.join(extra)} that the fused {twin} would not run"
+    for name in spec.identities:
+        if type(children[name]) is not nn.Identity:
+            return f"{name} is {type(children[name]).__qualname__} (the fused {twin} has no {name})"
+    if spec.blocks and not len(children[spec.blocks]):
+        return f"{spec.blocks} is empty (the fused {twin} runs at least one block)"
+    for name, child, kinds in spec.writers(module):
+        if type(child) not in kinds:
+            expected = " or ".join(f"csp_kernels {kind.__name__}" for kind in kinds)
+            return (f"{name} is {type(child).__qualname__}, not fused (the fused {twin} writes {name}'s output into "
+                    f"its buffer through {expected})")
+    if reason := _hook_reason(module):
+        return reason
+    fused = _bare(spec.twin, **{name: children[name] for name in spec.children if name not in spec.identities})
+    for attribute in spec.attributes:
+        setattr(fused, attribute, getattr(module, attribute))
+    return fused
+
+
+def _unfuse_stage(spec: _Stage, fused: nn.Module, origin: Origin) -> nn.Module:
+    # The attributes the twin reads come back with upstream's other plain attributes (revert sets them).
+    return _bare(origin.cls, **{name: nn.Identity() if name in spec.identities else getattr(fused, name)
+                                for name in spec.children})
+
+
 CONVERTERS: dict[tuple[str, str], Converter] = {
     ("ultralytics.nn.modules.conv", "Conv"): Converter(_fuse_conv_bn_act_module, _unfuse_conv),
     ("ultralytics.nn.modules.conv", "DWConv"): Converter(_fuse_conv_bn_act_module, _unfuse_conv),  # Conv's forward
@@ -325,6 +466,9 @@ CONVERTERS: dict[tuple[str, str], Converter] = {
     ("torchvision.ops.misc", "Conv2dNormActivation"): Converter(_fuse_conv_norm_sequential, _unfuse_sequential),
     ("torch.nn.modules.container", "Sequential"): Converter(_fuse_plain_sequential, _unfuse_sequential),
     class_key(reference.ConvBNAct): Converter(_fuse_conv_bn_act_module, _unfuse_conv),  # the same conv, bn, act
+    **{(module, name): Converter(functools.partial(_fuse_stage, spec), functools.partial(_unfuse_stage, spec),
+                                 children_first=True)
+       for module, specs in _STAGES.items() for name, spec in specs.items()},
 }
 
 

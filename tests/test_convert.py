@@ -1,6 +1,6 @@
 """csp_kernels.convert / revert on real models (ultralytics YOLO11n, timm cspresnet50,
-cspresnext50, cspdarknet53, torchvision densenet121 and mobilenet_v3_small) and on a small model
-holding one unit of every kind the converters know.
+cspresnext50, cspdarknet53, torchvision densenet121 and mobilenet_v3_small), on a small model
+holding one unit of every kind the converters know and on one holding every CSP stage.
 
 Numerics rule: original and converted models run in float64 from the same (randomized) weights;
 every output, input gradient, parameter gradient and state_dict entry of the converted model must
@@ -10,6 +10,7 @@ noise of ~1e-13 in both); the others compared are of norm 1e-3 to 1e3. In float3
 converted model's relative error against the float64 original must be at most 2.5x the float32
 original's, plus 1e-7. conftest turns a ReferenceFallbackWarning into an error, so every comparison
 runs the fused kernels wherever a unit was swapped."""
+import collections
 import copy
 import io
 import os
@@ -18,11 +19,13 @@ import pytest
 import timm
 import torch
 import torchvision
-from timm.layers import ConvNormAct
+from timm.layers import ConvNormAct, SEModule, get_act_layer
+from timm.models import cspnet
 from torch import nn
 from torchvision.ops import Conv2dNormActivation
 
 os.environ.setdefault("YOLO_OFFLINE", "1")  # ultralytics checks nothing online when building models
+from ultralytics.nn.modules import block as yolo  # noqa: E402
 from ultralytics.nn.modules.conv import Conv as YoloConv  # noqa: E402
 from ultralytics.nn.modules.conv import DWConv as YoloDWConv  # noqa: E402
 from ultralytics.nn.tasks import DetectionModel  # noqa: E402
@@ -30,6 +33,7 @@ from ultralytics.nn.tasks import DetectionModel  # noqa: E402
 import csp_kernels  # noqa: E402
 from csp_kernels import ConvBNAct  # noqa: E402
 from csp_kernels.convert import CONVERTERS, class_key  # noqa: E402
+from csp_kernels.nn import stages  # noqa: E402
 from helpers import DEVICES, randomize_, rel_error  # noqa: E402
 
 TOL64 = 1e-9
@@ -46,11 +50,17 @@ BUILDERS = {
 }
 # What convert swaps in each model, and the modules with tensors that no converter knows. DenseNet's
 # layers are BatchNorm -> ReLU -> conv (pre-activation): no unit until a _DenseBlock converter exists.
+# YOLO11n: 8 C3k2, those of layers 6, 8 and 22 with a C3k of 2 Bottlenecks, the 5 others with 1
+# Bottleneck (C2PSA, SPPF and Detect are no stages: their Convs are swapped one by one).
+CSP_RESNET = {"ConvNormAct -> ConvBNAct": 55, "BottleneckBlock -> BottleneckBlock": 13,
+              "CrossStage -> CrossStage": 4}  # stages of 3, 3, 5 and 2 blocks
 EXPECTED = {
-    "yolo11n": ({"Conv -> ConvBNAct": 75, "DWConv -> ConvBNAct": 6}, {"Conv2d": 7}),  # 7: Detect's and DFL's
-    "cspresnet50": ({"ConvNormAct -> ConvBNAct": 55}, {"Linear": 1}),
-    "cspresnext50": ({"ConvNormAct -> ConvBNAct": 55}, {"Linear": 1}),
-    "cspdarknet53": ({"ConvNormAct -> ConvBNAct": 67}, {"Linear": 1}),
+    "yolo11n": ({"Conv -> ConvBNAct": 75, "DWConv -> ConvBNAct": 6, "C3k2 -> C3k2": 8, "C3k -> C3k": 3,
+                 "Bottleneck -> Bottleneck": 3 * 2 + 5}, {"Conv2d": 7}),  # 7: Detect's and DFL's
+    "cspresnet50": (CSP_RESNET, {"Linear": 1}),
+    "cspresnext50": (CSP_RESNET, {"Linear": 1}),
+    "cspdarknet53": ({"ConvNormAct -> ConvBNAct": 67, "DarkBlock -> DarkBlock": 1 + 2 + 8 + 8 + 4,
+                      "CrossStage -> CrossStage": 5}, {"Linear": 1}),
     "densenet121": ({}, {"BatchNorm2d": 121, "Conv2d": 120, "Linear": 1}),
     "mobilenet_v3_small": ({"Conv2dNormActivation -> ConvBNAct": 34}, {"Conv2d": 18, "Linear": 2}),  # SE, head
 }
@@ -161,6 +171,19 @@ def fused_count(model: nn.Module) -> int:
     return sum(type(m) is ConvBNAct for m in model.modules())
 
 
+def fused_stages(model: nn.Module) -> collections.Counter:
+    """{class name: count} of the csp_kernels.nn.stages modules in model."""
+    return collections.Counter(type(m).__name__ for m in model.modules() if type(m).__module__ == stages.__name__)
+
+
+def split_swaps(swapped: dict[str, int]) -> tuple[int, dict[str, int]]:
+    """(ConvBNAct swaps, {fused stage class: swaps}) of an expected report.swapped_by_class()."""
+    to = collections.Counter()
+    for key, count in swapped.items():
+        to[key.split(" -> ")[1]] += count
+    return to.pop("ConvBNAct", 0), dict(to)
+
+
 def module_types(model: nn.Module) -> list[tuple[str, type]]:
     return [(name, type(m)) for name, m in model.named_modules()]
 
@@ -175,7 +198,8 @@ def test_converted_model_matches_original(name):
     swapped, unknown = EXPECTED[name]
     assert report.swapped_by_class() == swapped
     assert report.left == [] and report.unknown == unknown and report.already_fused == 0
-    assert fused_count(converted) == sum(swapped.values())
+    units, stage_swaps = split_swaps(swapped)
+    assert fused_count(converted) == units and fused_stages(converted) == stage_swaps  # the swapped stages run
     assert list(converted.state_dict()) == list(original.state_dict())
     x = torch.randn(2, 3, SIZE, SIZE, dtype=torch.float64)
     original.eval(), converted.eval()
@@ -225,7 +249,7 @@ def test_yolo_sgd_steps_then_revert_loads_into_a_fresh_model():
         assert_outputs_close(reverted(x), fresh(x), "reverted model")
 
 
-@pytest.mark.parametrize("name", ["cspdarknet53", "mobilenet_v3_small"])
+@pytest.mark.parametrize("name", ["cspdarknet53", "cspresnext50", "mobilenet_v3_small"])
 def test_revert_round_trip(name):
     original = build(name)
     reverted = csp_kernels.revert(csp_kernels.convert(original)[0])
@@ -320,7 +344,7 @@ def test_unit_the_kernels_cannot_compute_is_left_and_reported(case):
 def test_left_unit_runs_as_before_in_a_converted_model():
     model = randomize_(_gelu_yolo_model()).eval()
     converted, report = csp_kernels.convert(model)
-    assert len(report.swapped) == 80 and fused_count(converted) == 80
+    assert len(report.swapped) == 80 + 22 and fused_count(converted) == 80  # 22 stages, as in EXPECTED
     x = torch.randn(2, 3, SIZE, SIZE)
     with torch.no_grad():
         for a, b in zip(tensors(converted(x)), tensors(model(x))):
@@ -349,7 +373,9 @@ def test_report_prints_a_table_with_counts():
 
 
 def test_registry_keys_are_the_upstream_classes():
-    for cls in (YoloConv, YoloDWConv, ConvNormAct, Conv2dNormActivation, nn.Sequential):
+    for cls in (YoloConv, YoloDWConv, ConvNormAct, Conv2dNormActivation, nn.Sequential, yolo.Bottleneck, yolo.C2f,
+                yolo.C3, yolo.C3k, yolo.C3k2, cspnet.BottleneckBlock, cspnet.DarkBlock, cspnet.CrossStage,
+                cspnet.CrossStage3, cspnet.DarkStage):
         assert class_key(cls) in CONVERTERS
 
 
@@ -387,6 +413,135 @@ def test_the_model_itself_as_a_unit():
     unit.eval(), fused.eval(), back.eval()
     with torch.no_grad():
         assert rel_error(fused(x), unit(x)) < 1e-5 and torch.equal(back(x), unit(x))
+
+
+# --- CSP stages -------------------------------------------------------------------------------
+
+TIMM_LAYERS = dict(act_layer=get_act_layer("leaky_relu"), norm_layer=nn.BatchNorm2d)
+
+
+def stage_model() -> nn.Sequential:
+    """Every CSP stage convert knows, built by ultralytics and timm: 3 x 16 x 16 -> 32 x 4 x 4."""
+    return randomize_(nn.Sequential(
+        yolo.C2f(3, 16, n=2, shortcut=True),
+        yolo.C3(16, 16, n=2),
+        yolo.C3k2(16, 16, n=1, c3k=True),
+        yolo.C3k2(16, 16, n=1),
+        cspnet.CrossStage3(16, 32, 2, 1, 2, block_ratio=0.5, bottle_ratio=0.5, block_fn=cspnet.BottleneckBlock,
+                           **TIMM_LAYERS),
+        cspnet.DarkStage(32, 32, 1, 1, 2, bottle_ratio=0.5, block_fn=cspnet.DarkBlock, **TIMM_LAYERS),
+        cspnet.CrossStage(32, 32, 2, 1, 1, expand_ratio=2.0, block_fn=cspnet.DarkBlock, **TIMM_LAYERS),
+    ))
+
+
+STAGE_SWAPS = {"Bottleneck -> Bottleneck": 2 + 2 + 2 + 1, "C2f -> C2f": 1, "C3 -> C3": 1, "C3k -> C3k": 1,
+               "C3k2 -> C3k2": 2, "BottleneckBlock -> BottleneckBlock": 2, "CrossStage3 -> CrossStage3": 1,
+               "DarkBlock -> DarkBlock": 2 + 1, "DarkStage -> DarkStage": 1, "CrossStage -> CrossStage": 1}
+
+
+def stage_input() -> torch.Tensor:
+    return torch.randn(2, 3, 16, 16, dtype=torch.float64)
+
+
+def assert_model_matches(original: nn.Module, converted: nn.Module, x: torch.Tensor) -> None:
+    """Eval (no_grad and with gradients) and a training step: outputs, gradients, running statistics."""
+    original.eval(), converted.eval()
+    with torch.no_grad():
+        assert_outputs_close(converted(x), original(x), "eval (no_grad)")
+    assert_step_matches(original, converted, x, "eval")
+    original.train(), converted.train()
+    assert_step_matches(original, converted, x, "train")
+    assert_state_close(converted, original, "after the training step")
+
+
+def test_every_stage_is_swapped_matches_and_reverts():
+    original = stage_model().double()
+    converted, report = csp_kernels.convert(original)
+    swapped = report.swapped_by_class()
+    assert {key: n for key, n in swapped.items() if "ConvBNAct" not in key} == STAGE_SWAPS
+    assert not report.left and not report.unknown
+    assert fused_count(converted) == sum(swapped.values()) - sum(STAGE_SWAPS.values())
+    assert fused_stages(converted) == split_swaps(STAGE_SWAPS)[1]
+    assert [type(m).__module__ for m in converted] == [stages.__name__] * len(original)
+    # children first: a stage's units and blocks are reported before the stage
+    names = [s.name for s in report.swapped]
+    assert names.index("0.m.0") < names.index("0") and names.index("6.blocks.0") < names.index("6")
+    assert list(converted.state_dict()) == list(original.state_dict())
+    assert_model_matches(original, converted, stage_input())
+
+    reverted = csp_kernels.revert(converted)
+    assert module_types(reverted) == module_types(original)  # timm's Identity attn and drop_path back too
+    assert reverted[0].c == original[0].c and reverted[6].expand_chs == original[6].expand_chs
+    fresh = stage_model().double()
+    fresh.load_state_dict(reverted.state_dict(), strict=True)
+    x = stage_input()
+    fresh.eval(), converted.eval(), reverted.eval()
+    with torch.no_grad():
+        assert torch.equal(reverted(x), fresh(x))
+        assert_outputs_close(converted(x), fresh(x), "converted against the reverted weights")
+
+
+def test_reference_twins_convert_to_the_fused_stages_and_back():
+    twins = csp_kernels.reference
+    model = randomize_(nn.Sequential(
+        twins.C3k2(3, 8, 1, c3k=True),
+        twins.CrossStage(8, 16, 2, 1, 1, expand_ratio=2.0, block_fn=twins.BottleneckBlock, act_layer="silu"),
+    )).double()
+    converted, report = csp_kernels.convert(model)
+    assert fused_stages(converted) == {"C3k2": 1, "C3k": 1, "Bottleneck": 2, "CrossStage": 1, "BottleneckBlock": 1}
+    assert not report.left
+    assert_model_matches(model, converted, stage_input())
+    assert module_types(csp_kernels.revert(converted)) == module_types(model)
+
+
+def _with_gelu(module: nn.Module, path: str) -> nn.Module:
+    dict(module.named_modules())[path].act = nn.GELU()
+    return module
+
+
+def _hooked_stage():
+    stage = yolo.C2f(3, 8)
+    stage.register_forward_hook(lambda *_: None)
+    return stage
+
+
+# (stage builder, stage swaps left in the report as (qualified name, class, words of the reason),
+# stage classes still swapped)
+STAGE_CASES = {
+    "C2f with a GELU cv2": (lambda: _with_gelu(yolo.C2f(3, 8, shortcut=True), "cv2"),
+                            [("0.cv2", "Conv", "GELU"), ("0", "C2f", "cv2 is Conv")], {"Bottleneck": 1}),
+    # C3 calls cv1 as a plain module: a left cv1 does not keep it from being swapped
+    "C3 with a GELU cv1": (lambda: _with_gelu(yolo.C3(3, 8), "cv1"), [("0.cv1", "Conv", "GELU")],
+                           {"C3": 1, "Bottleneck": 1}),
+    "C3k2 with attention": (lambda: yolo.C3k2(3, 16, 1, attn=True),
+                            [("0", "C3k2", "m.0 is Sequential")], {"Bottleneck": 1}),
+    "C2f with a forward hook": (_hooked_stage, [("0", "C2f", "forward hook")], {"Bottleneck": 1}),
+    "timm drop path": (lambda: cspnet.BottleneckBlock(3, 3, drop_path=0.1, **TIMM_LAYERS),
+                       [("0", "BottleneckBlock", "drop_path is DropPath")], {}),
+    "timm attention": (lambda: cspnet.DarkStage(3, 8, 2, 1, 1, block_fn=cspnet.DarkBlock, attn_layer=SEModule,
+                                                **TIMM_LAYERS),
+                       [("0.blocks.0", "DarkBlock", "attn is SEModule"), ("0", "DarkStage", "blocks.0 is DarkBlock")],
+                       {}),
+    "timm CrossStage3 without conv_down": (
+        lambda: cspnet.CrossStage3(3, 8, 1, 1, 1, block_ratio=0.5, block_fn=cspnet.DarkBlock, **TIMM_LAYERS),
+        [("0", "CrossStage3", "no submodule conv_down")], {"DarkBlock": 1}),
+}
+
+
+@pytest.mark.parametrize("case", list(STAGE_CASES))
+def test_stage_with_a_child_or_feature_the_twin_lacks_is_left(case):
+    make, expected_left, expected_stages = STAGE_CASES[case]
+    original = randomize_(nn.Sequential(make())).double()
+    converted, report = csp_kernels.convert(original)
+    left = [(item.name, item.from_class) for item in report.left]
+    assert left == [(name, cls) for name, cls, _ in expected_left], report
+    for item, (_, _, words) in zip(report.left, expected_left):
+        assert words in item.reason and words in str(report)
+    assert fused_stages(converted) == expected_stages
+    assert fused_count(converted) > 0 and list(converted.state_dict()) == list(original.state_dict())
+    if case != "timm CrossStage3 without conv_down":  # upstream's own forward calls None
+        assert_model_matches(original, converted, stage_input())
+    assert module_types(csp_kernels.revert(converted)) == module_types(original)
 
 
 # --- what the conversion keeps ---------------------------------------------------------------
