@@ -320,39 +320,9 @@ def test_conv_surgery(device, case, mode):
 
 # -- 3. SyncBatchNorm ----------------------------------------------------------------------------
 
-@pytest.fixture
-def process_group(tmp_path):
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-
-
 def sync_pair(module, device):
     ref, fused = MODULES[module](device)
     return nn.SyncBatchNorm.convert_sync_batchnorm(ref), nn.SyncBatchNorm.convert_sync_batchnorm(fused)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("module", MODULES)
-def test_sync_batch_norm_with_a_process_group_is_not_computed_per_process(device, module, process_group):
-    """Training SyncBatchNorm synchronizes its statistics across the process group: the fused
-    kernels would compute per-process ones, so the module runs the reference (torch's
-    SyncBatchNorm, which on the CPU raises)."""
-    ref, fused = sync_pair(module, device)
-    assert any(isinstance(m, nn.SyncBatchNorm) for m in fused.modules())
-    x = torch.randn(3, ref.in_channels, 5, 6, dtype=torch.float64, device=device)
-    if device == "cpu":
-        with pytest.raises(ValueError, match="SyncBatchNorm expected input tensor to be on GPU"):
-            ref(x)
-        with pytest.warns(csp_kernels.ReferenceFallbackWarning, match="SyncBatchNorm"), \
-                pytest.raises(ValueError, match="SyncBatchNorm expected input tensor to be on GPU"):
-            fused(x)
-    else:
-        check_step(ref, fused, device, fallback="SyncBatchNorm")
-    ref.eval(), fused.eval()  # eval SyncBatchNorm is BatchNorm: fused
-    check_step(ref, fused, device, grad=False)
 
 
 @pytest.mark.parametrize("device", DEVICES)

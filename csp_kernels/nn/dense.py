@@ -16,9 +16,10 @@ Which path runs follows the BatchNorms' own `training` flags, as the reference's
   `ReferenceFallbackWarning` naming the reason, for what the fused op does not model: eval
   while autograd records (e.g. frozen BatchNorms under fine-tuning), some BatchNorms frozen
   and others training, BatchNorms that differ from the defaults the op assumes (affine,
-  tracking running statistics, one shared eps, not a training SyncBatchNorm under
-  torch.distributed), and convolutions or BatchNorms replaced or changed (a bias, another
-  geometry or padding_mode, another module type, forward hooks).
+  tracking running statistics, one shared eps, not a training SyncBatchNorm in a process group
+  of more than one process: the op computes its statistics inside, unsynchronized; alone in its
+  group a SyncBatchNorm is BatchNorm2d), and convolutions or BatchNorms replaced or changed (a
+  bias, another geometry or padding_mode, another module type, forward hooks).
 Input in any memory format (channels_last included) is copied once into the NCHW concat
 buffer; outputs are NCHW-contiguous.
 

@@ -13,6 +13,7 @@ from torch import nn
 from .. import backend, checks, reference
 from ..ops import transition as ops
 from ..ops.batch_norm_act import update_running_stats
+from ..ops.sync_batch_norm import conv_bn_act_train_sync, sync_group
 
 
 class ConvBNAct(reference.ConvBNAct):
@@ -30,19 +31,22 @@ class ConvBNAct(reference.ConvBNAct):
     Training (`bn.training`, which may differ from the module's own mode, as for a frozen
     BatchNorm in a training model): one custom op (batch statistics fused with the conv's
     output pass where the backend can), saving only x, the weight and the conv output for
-    backward. Eval: BatchNorm folded into the conv weight and bias, cached until bn.eps or the
-    value of any of conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var changes
-    (compared with a copy at each call), and the activation fused into the conv's output.
-    Eval with gradients (parameters or x requiring grad while grad mode is on) folds through
-    autograd instead of the cache.
+    backward. With an nn.SyncBatchNorm `bn` and an initialized process group of more than one
+    process (`bn.process_group`, else WORLD), on any device (CPU with gloo too), the batch
+    statistics and BN's backward sums are synchronized as nn.SyncBatchNorm's are, with one
+    all_reduce in forward and one in backward (ops/sync_batch_norm.py).
+    Eval: BatchNorm folded into the conv weight and bias, cached until bn.eps or the value of
+    any of conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var changes (compared
+    with a copy at each call), and the activation fused into the conv's output. Eval with
+    gradients (parameters or x requiring grad while grad mode is on) folds through autograd
+    instead of the cache.
 
     The activation computed is the `act` submodule's at each call (replace it and the kernels
     follow): nn.ReLU, nn.LeakyReLU (any slope), nn.SiLU, nn.Mish, nn.Hardswish, nn.Identity.
     Configurations the fused kernels do not cover (another `act`, a non-"zeros" padding_mode,
     string padding, BatchNorm without affine parameters or running statistics, a conv bias,
-    conv or bn replaced by another module type, a training SyncBatchNorm under torch.distributed,
-    forward hooks on conv or bn) run the reference, with a `ReferenceFallbackWarning` naming
-    the reason.
+    conv or bn replaced by another module type, forward hooks on conv or bn) run the reference,
+    with a `ReferenceFallbackWarning` naming the reason.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 1, stride: int = 1,
@@ -90,7 +94,8 @@ class ConvBNAct(reference.ConvBNAct):
 
     def _unfusable_reason(self) -> str:
         """What the fused kernels do not model here, or "" when they cover the module."""
-        return backend.tracing_reason() or conv_reason(self.conv, "conv") or batch_norm_reason(self.bn, "bn")
+        return backend.tracing_reason() or conv_reason(self.conv, "conv") or batch_norm_reason(self.bn, "bn",
+                                                                                               synchronizes=True)
 
     def _conv_args(self) -> tuple:
         conv = self.conv
@@ -100,6 +105,10 @@ class ConvBNAct(reference.ConvBNAct):
         bn = self.bn
         args = (x, self.conv.weight.to(x.dtype), bn.weight, bn.bias, *self._conv_args(), bn.eps, self.act_name,
                 engine)
+        if (group := sync_group(bn)) is not None:
+            y, mean, var, count = conv_bn_act_train_sync(*args, group, out)
+            track_batch_stats(bn, mean, var, count)
+            return y
         if out is None:
             y, _, mean, var = ops.conv_bn_act_train(*args)
         elif torch.is_grad_enabled() and self._needs_grad(x, out) and torch.compiler.is_compiling():
@@ -171,9 +180,10 @@ class ConvBNAct(reference.ConvBNAct):
         return cache[2:]
 
 
-def track_batch_stats(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
+def track_batch_stats(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor, count: int | torch.Tensor) -> None:
     """nn.BatchNorm2d's training-time bookkeeping from batch statistics the fused op computed
-    (mean and biased var over `count` values per channel)."""
+    (mean and biased var over `count` values per channel: an int, or a 0-d tensor for a count
+    summed over a process group, which stays on the device)."""
     bn.num_batches_tracked.add_(1)
     # momentum=None is nn.BatchNorm2d's cumulative average; a tensor keeps a compiled graph whole.
     momentum = bn.momentum if bn.momentum is not None else \
@@ -238,15 +248,19 @@ def conv_reason(conv: nn.Module, name: str, geometry: tuple | None = None) -> st
     return ""
 
 
-def batch_norm_reason(bn: nn.Module, name: str) -> str:
+def batch_norm_reason(bn: nn.Module, name: str, synchronizes: bool = False) -> str:
     """Why the fused kernels cannot compute `bn` (called `name`) as the module holds it now, or
-    "": an nn.BatchNorm2d (or a SyncBatchNorm that computes as one: in eval, or with no process
-    group) with affine parameters, tracked running statistics and no forward hooks. Whether it
-    normalizes by batch or running statistics is its own `training` flag, as in nn.BatchNorm2d."""
+    "": an nn.BatchNorm2d or nn.SyncBatchNorm with affine parameters, tracked running statistics
+    and no forward hooks. A SyncBatchNorm that must synchronize (`sync_group`: training, in a
+    process group of more than one process) is covered only where the caller's kernels
+    synchronize (`synchronizes`: ConvBNAct's); in eval, or alone in its group, it computes as
+    BatchNorm2d. Whether it normalizes by batch or running statistics is its own `training`
+    flag, as in nn.BatchNorm2d."""
     if type(bn) is nn.SyncBatchNorm:
-        if bn.training and dist.is_available() and dist.is_initialized():
-            return (f"{name} is a training SyncBatchNorm with a process group initialized (the fused kernels "
-                    "compute per-process batch statistics, not synchronized ones)")
+        if not synchronizes and sync_group(bn) is not None:
+            return (f"{name} is a training SyncBatchNorm in a process group of {dist.get_world_size(bn.process_group)} "
+                    "processes (this module computes its batch statistics inside one op, which does not synchronize "
+                    "them; csp_kernels.ConvBNAct and the stages built from it do)")
     elif type(bn) is not nn.BatchNorm2d:
         return f"{name} is {type(bn).__name__} (the fused kernels compute nn.BatchNorm2d)"
     if not bn.affine or bn.weight is None or bn.bias is None:

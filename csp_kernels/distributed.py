@@ -1,0 +1,95 @@
+"""Synchronized BatchNorm for data-parallel training of the fused modules.
+
+A fused `ConvBNAct` (and every stage built from it: C2f, C3, C3k2, CrossStage, ...) whose `bn`
+is an nn.SyncBatchNorm computes, in training under an initialized process group of more than one
+process, the batch statistics of the whole group's batch, as nn.SyncBatchNorm does, on any
+device: the CPU with gloo too, where nn.SyncBatchNorm's own forward refuses CPU tensors. Each
+layer costs one all_reduce in forward and one in backward (`csp_kernels.ops.sync_batch_norm`).
+
+`convert_sync_batchnorm(model)` puts the SyncBatchNorms in; `check_sync_batch_norm(model)` finds
+stages whose BatchNorms would not share one process group.
+"""
+from __future__ import annotations
+
+import torch.distributed as dist
+from torch import nn
+
+from . import nn as fused_nn
+
+__all__ = ["convert_sync_batchnorm", "check_sync_batch_norm"]
+
+
+def convert_sync_batchnorm(model: nn.Module, process_group=None) -> nn.Module:
+    """`model` with every nn.BatchNorm2d (and every nn.SyncBatchNorm) replaced by an
+    nn.SyncBatchNorm over `process_group` (None: WORLD at each call), as
+    torch.nn.SyncBatchNorm.convert_sync_batchnorm does, but for 2-D BatchNorms only: the ones the
+    fused kernels synchronize. The new module holds the old one's parameters and buffers (the
+    same tensors: requires_grad, device, dtype and an optimizer made before all hold), eps,
+    momentum and train/eval mode; state_dict keys are unchanged. Like torch's, it converts
+    `model` in place (children are replaced) and returns it, or the new module when `model` is
+    itself a BatchNorm; forward hooks on a BatchNorm are not carried over.
+
+    This is the library's path on the CPU (gloo): the fused ConvBNAct and the stages built from
+    it synchronize there. A converted BatchNorm elsewhere — a PartialDenseBlock's (whose
+    statistics are computed inside one op, not synchronized: it runs the reference with a
+    ReferenceFallbackWarning), or one in a plain nn.Sequential — runs torch's SyncBatchNorm, which
+    in training with more than one process accepts only GPU tensors and raises on the CPU.
+    """
+    if isinstance(model, (nn.BatchNorm2d, nn.SyncBatchNorm)):
+        return _sync_batch_norm(model, process_group)
+    for name, child in model.named_children():
+        converted = convert_sync_batchnorm(child, process_group)
+        if converted is not child:
+            setattr(model, name, converted)
+    return model
+
+
+def _sync_batch_norm(bn: nn.BatchNorm2d | nn.SyncBatchNorm, process_group) -> nn.SyncBatchNorm:
+    """An nn.SyncBatchNorm over `process_group` holding `bn`'s tensors and settings."""
+    sync = nn.SyncBatchNorm(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats, process_group,
+                            device="meta")  # its own tensors are replaced next: allocate nothing
+    sync.weight, sync.bias = bn.weight, bn.bias
+    sync.running_mean, sync.running_var, sync.num_batches_tracked = bn.running_mean, bn.running_var, \
+        bn.num_batches_tracked
+    sync.train(bn.training)
+    if hasattr(bn, "qconfig"):
+        sync.qconfig = bn.qconfig
+    return sync
+
+
+def check_sync_batch_norm(model: nn.Module) -> None:
+    """Raise ValueError, naming the BatchNorms, if a fused module of `model` made of several
+    ConvBNActs or dense layers (a stage, a block, a PartialDenseBlock) mixes nn.SyncBatchNorm
+    with other BatchNorms, or holds SyncBatchNorms over different process groups: its layers
+    would then normalize over different sets of processes, which is what converting part of a
+    stage (e.g. `convert_sync_batchnorm(stage.m)`) leaves. Call it after converting by hand.
+    """
+    for stage_name, stage in model.named_modules():
+        if not isinstance(stage, _STAGES):
+            continue
+        what = f"{type(stage).__name__} {stage_name or '(the model)'}"
+        norms = [(f"{stage_name}.{name}" if stage_name else name, m) for name, m in stage.named_modules()
+                 if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        synced = [(name, m) for name, m in norms if isinstance(m, nn.SyncBatchNorm)]
+        others = [(name, m) for name, m in norms if not isinstance(m, nn.SyncBatchNorm)]
+        if synced and others:
+            raise ValueError(f"{what} mixes SyncBatchNorm ({synced[0][0]}) with {type(others[0][1]).__name__} "
+                             f"({others[0][0]}): convert the whole stage with "
+                             "csp_kernels.distributed.convert_sync_batchnorm")
+        first_of_group = {}
+        for name, m in synced:
+            first_of_group.setdefault(_group_of(m), name)
+        if len(first_of_group) > 1:
+            first, second = list(first_of_group.values())[:2]
+            raise ValueError(f"{what} holds SyncBatchNorms over different process groups ({first} and {second}): "
+                             "its layers would normalize over different sets of processes")
+
+
+# The fused modules made of several layers, each with its own BatchNorm.
+_STAGES = (fused_nn.PartialDenseBlock, fused_nn.Bottleneck, fused_nn.C2f, fused_nn.C3, fused_nn.BottleneckBlock,
+           fused_nn.DarkBlock, fused_nn.CrossStage, fused_nn.CrossStage3, fused_nn.DarkStage)
+
+
+def _group_of(bn: nn.SyncBatchNorm):
+    """The process group `bn` synchronizes over at a call: its own, else WORLD."""
+    return bn.process_group if bn.process_group is not None else dist.group.WORLD

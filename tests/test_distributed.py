@@ -1,0 +1,301 @@
+"""Synchronized BatchNorm in the fused modules (csp_kernels.distributed, ops/sync_batch_norm.py).
+
+Two gloo processes on the CPU (one spawn for the whole file, `results`): each rank trains the
+fused module, its BatchNorms converted to nn.SyncBatchNorm, for a few SGD steps on its half of
+one batch; the reference twin with plain BatchNorm2d trains in each process on the whole batch.
+Outputs, input gradients, parameter gradients (summed over the ranks by hand, or averaged by
+DDP), parameters and running statistics must match in float64. DDP without synchronized
+BatchNorms must match DDP of the reference (per-rank statistics). The collectives of each
+training step are counted by wrapping torch.distributed.all_reduce / all_gather in the children.
+The cases in one process (world size 1, conversion, the stage check) need no spawn.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import socket
+import traceback
+import warnings
+from typing import NamedTuple
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+import csp_kernels
+from csp_kernels import reference
+from csp_kernels.distributed import check_sync_batch_norm, convert_sync_batchnorm
+from helpers import randomize_
+
+WORLD_SIZE = 2
+STEPS = 3
+BATCH = 4  # 2 samples per rank
+# float64: rounding only; float32 (Winograd 3x3s and the AVX-512 1x1 GEMMs where the CPU has them):
+# the fused and the reference module each round their own way.
+TOLERANCES = {torch.float64: dict(rtol=1e-9, atol=1e-10), torch.float32: dict(rtol=1e-4, atol=1e-4)}
+
+
+class Case(NamedTuple):
+    fused: type
+    reference: type
+    args: tuple
+    kwargs: dict
+    shape: tuple  # of one sample
+    # "sync": SyncBatchNorm, gradients summed over the ranks by hand; "sync-ddp": SyncBatchNorm
+    # under DDP; "local-ddp": plain BatchNorm2d under DDP (per-rank statistics), against DDP of
+    # the reference.
+    mode: str = "sync"
+    dtype: torch.dtype = torch.float64
+
+
+CASES = {
+    "conv1x1": Case(csp_kernels.ConvBNAct, reference.ConvBNAct, (6, 8, 1), dict(act="silu"), (6, 5, 5)),
+    "conv3x3": Case(csp_kernels.ConvBNAct, reference.ConvBNAct, (6, 8, 3), dict(act="leaky_relu"), (6, 5, 5)),
+    "c2f": Case(csp_kernels.C2f, reference.C2f, (6, 8), dict(n=2, shortcut=True), (6, 5, 5)),
+    "c2f-float32": Case(csp_kernels.C2f, reference.C2f, (6, 8), dict(n=1, shortcut=True), (6, 5, 5),
+                        dtype=torch.float32),
+    "c2f-ddp": Case(csp_kernels.C2f, reference.C2f, (6, 8), dict(n=1, shortcut=True), (6, 5, 5), "sync-ddp"),
+    # stride 2: conv_down is a 3x3 stride-2 ConvBNAct
+    "cross_stage": Case(csp_kernels.CrossStage, reference.CrossStage, (6, 8, 2, 1, 1), dict(block_ratio=0.5),
+                        (6, 6, 6)),
+    "c2f-local-ddp": Case(csp_kernels.C2f, reference.C2f, (6, 8), dict(n=1, shortcut=True), (6, 5, 5), "local-ddp"),
+}
+
+
+class CollectiveCounter:
+    """Counts torch.distributed.all_reduce / all_gather calls (and the elements they carry) while
+    `active`; the fused path and eager nn.SyncBatchNorm call them through the module attribute."""
+
+    def __init__(self):
+        self.active = False
+        self.calls = {"all_reduce": [], "all_gather": []}
+        for name in self.calls:
+            setattr(dist, name, self._wrap(name, getattr(dist, name)))
+
+    def _wrap(self, name, collective):
+        def counted(tensor, *args, **kwargs):
+            if self.active:
+                self.calls[name].append(sum(t.numel() for t in tensor) if isinstance(tensor, list) else tensor.numel())
+            return collective(tensor, *args, **kwargs)
+        return counted
+
+    def take(self) -> dict:
+        taken = {name: (len(sizes), sum(sizes)) for name, sizes in self.calls.items()}
+        for sizes in self.calls.values():
+            sizes.clear()
+        return taken
+
+
+def _assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+    torch.testing.assert_close(actual, expected, **TOLERANCES.get(expected.dtype, dict(rtol=0, atol=0)),
+                               msg=lambda message: f"{what}: {message}")
+
+
+def _batch_norms(module: nn.Module) -> list[nn.Module]:
+    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def _run_case(name: str, rank: int, counter: CollectiveCounter) -> dict:
+    """Trains the case's fused module on this rank's half and the reference beside it; raises
+    on a mismatch. Returns the collectives of each step and the synchronized BatchNorms' number
+    and channels."""
+    case = CASES[name]
+    mode = case.mode
+    torch.manual_seed(0)  # the same modules and data on every rank
+    ref = randomize_(case.reference(*case.args, **case.kwargs)).to(case.dtype)
+    fused = case.fused(*case.args, **case.kwargs).to(case.dtype)
+    fused.load_state_dict(ref.state_dict())
+    model = DistributedDataParallel(fused) if mode.endswith("ddp") else fused
+    if mode != "local-ddp":
+        # After DDP: its constructor refuses SyncBatchNorm in a CPU module; the conversion keeps
+        # the parameters and buffers DDP registered.
+        convert_sync_batchnorm(model)
+    ref_model = DistributedDataParallel(ref) if mode == "local-ddp" else ref
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ref_opt = torch.optim.SGD(ref_model.parameters(), lr=0.1)
+    half = slice(rank * BATCH // WORLD_SIZE, (rank + 1) * BATCH // WORLD_SIZE)
+    steps = []
+    for _ in range(STEPS):
+        x_all = torch.randn(BATCH, *case.shape, dtype=case.dtype)
+        # The reference sees the whole batch, except under local-ddp, where it is DDP'd itself.
+        x_ref = (x_all[half] if mode == "local-ddp" else x_all).clone().requires_grad_()
+        y_ref = ref_model(x_ref)
+        weight = torch.randn(y_ref.shape[1:], dtype=case.dtype)  # a loss that weighs every output
+        (y_ref * weight).sum().backward()
+
+        x = x_all[half].clone().requires_grad_()
+        counter.active = True
+        y = model(x)
+        # DDP averages the ranks' gradients; the reference's are the sum of the ranks' losses'.
+        scale = WORLD_SIZE if mode == "sync-ddp" else 1
+        ((y * weight).sum() * scale).backward()
+        counter.active = False
+        steps.append(counter.take())
+        if mode == "sync":
+            for p in fused.parameters():
+                dist.all_reduce(p.grad)
+
+        _assert_close(y, y_ref if mode == "local-ddp" else y_ref[half], "output")
+        _assert_close(x.grad, x_ref.grad if mode == "local-ddp" else x_ref.grad[half] * scale, "input gradient")
+        for (pname, p), p_ref in zip(fused.named_parameters(), ref.parameters()):
+            _assert_close(p.grad, p_ref.grad, f"gradient of {pname}")
+        opt.step(), ref_opt.step()
+        opt.zero_grad(), ref_opt.zero_grad()
+    for key, value in ref.state_dict().items():
+        _assert_close(fused.state_dict()[key], value, key)
+    synced = [m for m in _batch_norms(fused) if isinstance(m, nn.SyncBatchNorm)]
+    assert len(synced) == (0 if mode == "local-ddp" else len(_batch_norms(ref)))
+    return {"steps": steps, "batch_norms": len(synced),
+            "channels": sum(m.num_features for m in synced)}
+
+
+def _run_partial_dense_block() -> dict:
+    """A PartialDenseBlock's SyncBatchNorms are not synchronized by the fused op: it falls back
+    with the reason, and the reference (torch's SyncBatchNorm) refuses the CPU."""
+    block = convert_sync_batchnorm(csp_kernels.PartialDenseBlock(6, num_layers=2, growth_rate=4).double())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            block(torch.randn(2, 6, 4, 4, dtype=torch.float64))
+            error = ""
+        except ValueError as e:
+            error = str(e)
+    return {"warnings": [str(w.message) for w in caught if w.category is csp_kernels.ReferenceFallbackWarning],
+            "error": error}
+
+
+def _worker(rank: int, port: int, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE,
+                            timeout=datetime.timedelta(seconds=60))
+    warnings.simplefilter("error", csp_kernels.ReferenceFallbackWarning)  # the fused path must not fall back
+    counter = CollectiveCounter()
+    results = {}
+    try:
+        for name in CASES:
+            try:
+                results[name] = _run_case(name, rank, counter)
+            except Exception:
+                results[name] = {"error": traceback.format_exc()}
+        results["partial_dense_block"] = _run_partial_dense_block()
+    finally:
+        with open(f"{out_dir}/rank{rank}.json", "w") as f:
+            json.dump(results, f)
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory) -> list[dict]:
+    """Every rank's results of the spawned cases: [rank 0's, rank 1's]."""
+    out_dir = tmp_path_factory.mktemp("distributed")
+    mp.spawn(_worker, args=(_free_port(), str(out_dir)), nprocs=WORLD_SIZE, join=True)
+    return [json.loads((out_dir / f"rank{rank}.json").read_text()) for rank in range(WORLD_SIZE)]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_training_steps_match_the_reference_on_the_whole_batch(results, case):
+    """Outputs, input and parameter gradients, parameters and running statistics of each rank
+    equal the reference's on the whole batch (sync modes) or on the rank's half (local-ddp)."""
+    for rank, rank_results in enumerate(results):
+        assert "error" not in rank_results[case], f"rank {rank}:\n{rank_results[case].get('error')}"
+
+
+@pytest.mark.parametrize("case", [name for name, case in CASES.items() if case.mode != "local-ddp"])
+def test_one_all_reduce_per_layer_and_pass(results, case):
+    """Fused: one all_reduce per synchronized layer in forward (3C + 1 values) and one in backward
+    (2C), no all_gather. Eager nn.SyncBatchNorm would run one all_gather (W·(2C + 1) values) per
+    layer in forward and one all_reduce (2C) per layer in backward."""
+    for rank_results in results:
+        case_results = rank_results[case]
+        assert "error" not in case_results, case_results.get("error")
+        layers, channels = case_results["batch_norms"], case_results["channels"]
+        for step in case_results["steps"]:
+            assert step == {"all_reduce": [2 * layers, 5 * channels + layers], "all_gather": [0, 0]}
+
+
+def test_partial_dense_block_falls_back_naming_the_reason(results):
+    for rank_results in results:
+        found = rank_results["partial_dense_block"]
+        assert any("does not synchronize" in w and "PartialDenseBlock" in w for w in found["warnings"]), found
+        assert "SyncBatchNorm expected input tensor to be on GPU" in found["error"], found
+
+
+# -- in one process -----------------------------------------------------------------------------
+
+@pytest.fixture
+def process_group(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("module", ["ConvBNAct", "C2f", "PartialDenseBlock"])
+def test_sync_batch_norm_alone_in_its_group_is_batch_norm(module, process_group):
+    """A group of one process has nothing to synchronize: the fused modules compute BatchNorm2d
+    (on the CPU too, where torch's SyncBatchNorm raises), without a collective or a warning."""
+    build = {"ConvBNAct": lambda m: m.ConvBNAct(6, 8, 3), "C2f": lambda m: m.C2f(6, 8, n=1),
+             "PartialDenseBlock": lambda m: m.PartialDenseBlock(6, num_layers=2, growth_rate=4)}[module]
+    ref = randomize_(build(reference)).double()
+    fused = build(csp_kernels).double()
+    fused.load_state_dict(ref.state_dict())
+    convert_sync_batchnorm(fused)
+    x = torch.randn(2, 6, 5, 5, dtype=torch.float64)
+    x_ref, x_fused = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_ref, y = ref(x_ref), fused(x_fused)
+    y_ref.sum().backward(), y.sum().backward()
+    torch.testing.assert_close(y, y_ref, **TOLERANCES[torch.float64])
+    torch.testing.assert_close(x_fused.grad, x_ref.grad, **TOLERANCES[torch.float64])
+    for key, value in ref.state_dict().items():
+        torch.testing.assert_close(fused.state_dict()[key], value, **TOLERANCES[torch.float64], msg=key)
+    with pytest.raises(ValueError, match="SyncBatchNorm expected input tensor to be on GPU"):
+        convert_sync_batchnorm(ref)(x)
+
+
+def test_convert_sync_batchnorm_keeps_tensors_settings_and_keys():
+    model = nn.Sequential(csp_kernels.C2f(6, 8, n=1), nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8, eps=1e-3, momentum=None),
+                          nn.Flatten(), nn.BatchNorm1d(8 * 25))
+    model[0].cv2.bn.eval()
+    model[2].weight.requires_grad_(False)
+    before = {name: m for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+    keys = {k: v for k, v in model.state_dict(keep_vars=True).items()}
+    group = object()  # any process group object; nothing runs here
+    assert convert_sync_batchnorm(model, group) is model
+    after = dict(model.named_modules())
+    assert keys.keys() == model.state_dict().keys()
+    assert all(model.state_dict(keep_vars=True)[k] is v for k, v in keys.items())  # the same tensors
+    for name, old in before.items():
+        new = after[name]
+        if isinstance(old, nn.BatchNorm1d):
+            assert new is old  # the fused kernels synchronize 2-D BatchNorms only
+            continue
+        assert type(new) is nn.SyncBatchNorm and new.process_group is group
+        assert (new.eps, new.momentum, new.training) == (old.eps, old.momentum, old.training)
+    assert not model[2].weight.requires_grad and not after["0.cv2.bn"].training
+    assert isinstance(convert_sync_batchnorm(nn.BatchNorm2d(3)), nn.SyncBatchNorm)
+
+
+def test_check_sync_batch_norm_names_mixed_and_mismatched_stages(process_group):
+    stage = csp_kernels.C2f(6, 8, n=1)
+    check_sync_batch_norm(stage)  # plain BatchNorms throughout
+    convert_sync_batchnorm(stage.m)
+    with pytest.raises(ValueError, match=r"C2f \(the model\) mixes SyncBatchNorm \(m\.0\.cv1\.bn\) with "
+                                         r"BatchNorm2d \(cv1\.bn\)"):
+        check_sync_batch_norm(stage)
+    model = nn.Sequential(convert_sync_batchnorm(stage, dist.new_group([0])))
+    stage.m[0].cv2.bn.process_group = None  # WORLD: another group
+    with pytest.raises(ValueError, match=r"C2f 0 holds SyncBatchNorms over different process groups "
+                                         r"\(0\.cv1\.bn and 0\.m\.0\.cv2\.bn\)"):
+        check_sync_batch_norm(model)
+    convert_sync_batchnorm(model)
+    check_sync_batch_norm(model)
