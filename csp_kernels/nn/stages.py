@@ -121,6 +121,25 @@ def _overlaps(out: torch.Tensor | None, x: torch.Tensor) -> bool:
     return out is not None and shares_memory(out, x)
 
 
+def _residual_forward(module: nn.Module, reference_forward, x: torch.Tensor, out: torch.Tensor | None, first: str,
+                      second: str, add: bool) -> torch.Tensor:
+    """second(first(x)), plus x when `add`, for a block whose ConvBNActs are named `first` and
+    `second`: the second writes into `out` (or a new tensor) and the shortcut is added in place
+    there."""
+    checks.check_input(x)
+    if _overlaps(out, x):
+        return out.copy_(module(x))
+    conv = getattr(module, second)
+    reason = _reference_reason(x, [(second, conv, (ConvBNAct,))], (second, conv))
+    if reason is not None:
+        return _run_reference(module, reference_forward, reason, x, out)
+    hidden = getattr(module, first)(x)
+    if not add:
+        return conv(hidden, out=out)
+    # A fresh or a caller's tensor, which no backward reads, is safe to add into in place.
+    return conv(hidden, out=new_output(conv, hidden) if out is None else out).add_(x)
+
+
 # ultralytics ------------------------------------------------------------------------------
 
 
@@ -129,17 +148,7 @@ class Bottleneck(reference.Bottleneck):
     conv_bn_act = ConvBNAct
 
     def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        checks.check_input(x)
-        if _overlaps(out, x):
-            return out.copy_(self.forward(x))
-        reason = _reference_reason(x, [("cv2", self.cv2, (ConvBNAct,))], ("cv2", self.cv2))
-        if reason is not None:
-            return _run_reference(self, super().forward, reason, x, out)
-        hidden = self.cv1(x)
-        if not self.add:
-            return self.cv2(hidden, out=out)
-        # A fresh or a caller's tensor, which no backward reads, is safe to add into in place.
-        return self.cv2(hidden, out=new_output(self.cv2, hidden) if out is None else out).add_(x)
+        return _residual_forward(self, super().forward, x, out, "cv1", "cv2", self.add)
 
 
 class C2f(reference.C2f):
@@ -217,14 +226,7 @@ class DarkBlock(reference.DarkBlock):
     conv_bn_act = ConvBNAct
 
     def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        checks.check_input(x)
-        if _overlaps(out, x):
-            return out.copy_(self.forward(x))
-        reason = _reference_reason(x, [("conv2", self.conv2, (ConvBNAct,))], ("conv2", self.conv2))
-        if reason is not None:
-            return _run_reference(self, super().forward, reason, x, out)
-        hidden = self.conv1(x)
-        return self.conv2(hidden, out=new_output(self.conv2, hidden) if out is None else out).add_(x)
+        return _residual_forward(self, super().forward, x, out, "conv1", "conv2", True)
 
 
 _TIMM_BLOCKS = {reference.BottleneckBlock: BottleneckBlock, reference.DarkBlock: DarkBlock,

@@ -68,6 +68,17 @@ def _check_residual(in_chs: int, out_chs: int) -> None:
         raise ValueError(f"in_chs ({in_chs}) must equal out_chs ({out_chs}): the block adds its input to its output")
 
 
+def _residual_block_args(in_chs: int, out_chs: int, bottle_ratio: float, act_layer, norm_layer, attn_layer,
+                         drop_block, drop_path) -> tuple[str, int]:
+    """(activation name, mid channels) of a residual block, after refusing what is not modeled."""
+    act_layer = _check_layers(act_layer, norm_layer)
+    _reject("attn_layer", attn_layer, None)
+    _reject("drop_block", drop_block, None)
+    _reject("drop_path", drop_path, 0.0)
+    _check_residual(in_chs, out_chs)
+    return act_layer, _mid_channels(out_chs, bottle_ratio, "bottle_ratio")
+
+
 class BottleneckBlock(nn.Module):
     """timm's ResNe(X)t bottleneck: act3(conv3(conv2(conv1(x))) + x); conv1 1x1 to
     round(out_chs * bottle_ratio) channels, conv2 3x3 (dilation, groups), conv3 1x1 to out_chs
@@ -82,12 +93,8 @@ class BottleneckBlock(nn.Module):
                  act_layer: str = "relu", norm_layer=nn.BatchNorm2d, attn_layer=None, drop_block=None,
                  drop_path: float = 0.0):
         super().__init__()
-        act_layer = _check_layers(act_layer, norm_layer)
-        _reject("attn_layer", attn_layer, None)
-        _reject("drop_block", drop_block, None)
-        _reject("drop_path", drop_path, 0.0)
-        _check_residual(in_chs, out_chs)
-        mid_chs = _mid_channels(out_chs, bottle_ratio, "bottle_ratio")
+        act_layer, mid_chs = _residual_block_args(in_chs, out_chs, bottle_ratio, act_layer, norm_layer, attn_layer,
+                                                  drop_block, drop_path)
         self.conv1 = _conv_norm_act(self.conv_bn_act, in_chs, mid_chs, 1, act_layer)
         self.conv2 = _conv_norm_act(self.conv_bn_act, mid_chs, mid_chs, 3, act_layer, dilation=dilation, groups=groups)
         self.conv3 = _conv_norm_act(self.conv_bn_act, mid_chs, out_chs, 1, act_layer, apply_act=False)
@@ -110,12 +117,8 @@ class DarkBlock(nn.Module):
                  act_layer: str = "relu", norm_layer=nn.BatchNorm2d, attn_layer=None, drop_block=None,
                  drop_path: float = 0.0):
         super().__init__()
-        act_layer = _check_layers(act_layer, norm_layer)
-        _reject("attn_layer", attn_layer, None)
-        _reject("drop_block", drop_block, None)
-        _reject("drop_path", drop_path, 0.0)
-        _check_residual(in_chs, out_chs)
-        mid_chs = _mid_channels(out_chs, bottle_ratio, "bottle_ratio")
+        act_layer, mid_chs = _residual_block_args(in_chs, out_chs, bottle_ratio, act_layer, norm_layer, attn_layer,
+                                                  drop_block, drop_path)
         self.conv1 = _conv_norm_act(self.conv_bn_act, in_chs, mid_chs, 1, act_layer)
         self.conv2 = _conv_norm_act(self.conv_bn_act, mid_chs, out_chs, 3, act_layer, dilation=dilation, groups=groups)
 
