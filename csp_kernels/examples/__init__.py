@@ -1,0 +1,1 @@
+"""Runnable examples: `python -m csp_kernels.examples.train` (csp_kernels/examples/train.py)."""

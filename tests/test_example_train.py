@@ -1,0 +1,28 @@
+"""The training example (python -m csp_kernels.examples.train) runs end to end on a few tiny
+steps: it writes its JSON and PNG, and the fused and reference models train alike."""
+import json
+
+import pytest
+
+pytest.importorskip("sklearn")
+from csp_kernels.examples import train  # noqa: E402
+
+
+def test_train_example_writes_results_and_losses_agree(tmp_path):
+    results = train.main(["--model", "cspdensenet121", "--steps", "3", "--batch", "8", "--size", "32",
+                          "--lr", "0.01", "--dtype", "float64", "--out", str(tmp_path)])
+
+    written = json.loads((tmp_path / "train.json").read_text())
+    assert (tmp_path / "train.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert written["max_relative_loss_difference"] == results["max_relative_loss_difference"]
+    assert (written["train_samples"], written["held_out_samples"]) == (1500, 297)
+    fused, reference = written["fused"], written["reference"]
+    assert len(fused["losses"]) == len(reference["losses"]) == 3
+    assert fused["losses"][1] != fused["losses"][0], "the model must actually train"
+    # float64: training this net amplifies rounding about 100-fold per step (BatchNorms over batch x 1 x 1
+    # values in the last stage), which float32's 1e-7 cannot afford but float64's 1e-16 can.
+    assert fused["losses"] == pytest.approx(reference["losses"], rel=1e-4)
+    assert written["max_relative_loss_difference"] < 1e-4
+    for record in (fused, reference):
+        assert record["mean_step_seconds"] > 0 and 0 <= record["held_out_accuracy"] <= 1
+        assert record["peak_memory_bytes"] is None or record["peak_memory_bytes"] > 0
