@@ -8,6 +8,9 @@ if not torch.cuda.is_available():
 # Tiny test shapes would measure oneDNN faster than Winograd; the tests pin Winograd so that it is
 # exercised wherever it can run (tests/test_conv3x3_choice.py tests the measured choice itself).
 os.environ.setdefault("CSP_KERNELS_CPU_CONV3X3", "winograd")
+# Likewise the property tests draw tiny maps, which the CPU backend runs as plain PyTorch by default
+# (ops.dense.eager_is_faster): pinned to the fused op (tests/test_partial_dense_block.py tests the route).
+os.environ.setdefault("CSP_KERNELS_CPU_DENSE_SMALL_MAPS", "fused")
 
 import pytest  # noqa: E402
 

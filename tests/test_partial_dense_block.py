@@ -10,6 +10,7 @@ from torch import nn
 from csp_kernels import backend, reference
 from csp_kernels.nn import PartialDenseBlock
 from csp_kernels.ops import dense as dense_ops
+from csp_kernels.ops import dense_eval
 from csp_kernels.profiling import SavedTensorsMeter
 from helpers import (DEVICES, assert_matches_reference, device_backend_params, fused_backends, rel_error,
                      requires_cuda)
@@ -421,3 +422,28 @@ def test_low_precision_on_gpu(name, dtype):
     (y64, gx64), (y_plain, gx_plain), (y_fused, gx_fused) = results
     assert_matches_reference(y_fused, y64, plain=y_plain)
     assert_matches_reference(gx_fused, gx64, plain=gx_plain, name="input grad")
+
+
+@pytest.mark.parametrize("side, fused_op_runs", [(4, False), (5, True)])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_small_cpu_maps_run_as_plain_pytorch(monkeypatch, side, fused_op_runs, training):
+    """The CPU route by default (the tests pin the fused op, conftest.py): maps of at most
+    SMALL_MAP_PIXELS pixels run the reference math, without a warning, larger ones the fused ops."""
+    monkeypatch.setattr(dense_ops, "_SMALL_MAPS", "eager")
+    assert (side * side <= dense_ops.SMALL_MAP_PIXELS) != fused_op_runs
+    calls = []
+    for module, name in ((dense_ops, "partial_dense_block"), (dense_eval, "partial_dense_block_eval")):
+        op = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *args, op=op: calls.append(op) or op(*args))
+    ref, fused = make_pair(6, 2, 4, 0.5, fusion="csp")
+    ref.train(training), fused.train(training)
+    x = torch.randn(3, 6, side, side, dtype=torch.float64)
+    with backend.use_backend("cpu"), torch.no_grad():
+        y, y_ref = fused(x), ref(x)
+    assert bool(calls) == fused_op_runs
+    if fused_op_runs:
+        assert_matches_reference(y, y_ref, tol=1e-12)
+    else:
+        assert torch.equal(y, y_ref)
+        for key, value in ref.state_dict().items():
+            assert torch.equal(fused.state_dict()[key], value), key

@@ -12,7 +12,8 @@ Which path runs follows the BatchNorms' own `training` flags, as the reference's
   grad): the folded inference forward (`ops.dense_eval`); the folded parameters are cached and
   refolded when eps or the value of any tensor the fold reads changes (compared with a copy
   at each call, so edits through `.data` count too).
-- the reference math (`super().forward`) for the "reference" backend, and, with a
+- the reference math (`super().forward`) for the "reference" backend, on the CPU for maps
+  of at most `ops.dense.SMALL_MAP_PIXELS` pixels (faster there: `ops.dense.eager_is_faster`), and, with a
   `ReferenceFallbackWarning` naming the reason, for what the fused op does not model: eval
   while autograd records (e.g. frozen BatchNorms under fine-tuning), some BatchNorms frozen
   and others training, BatchNorms that differ from the defaults the op assumes (affine,
@@ -139,6 +140,8 @@ class PartialDenseBlock(reference.PartialDenseBlock):
         reason = self._unfusable_reason(x) or self._act_reason()
         if reason:
             backend.warn_reference_fallback(self, reason)
+            return super().forward(x)
+        if name == "cpu" and dense_ops.eager_is_faster(x):
             return super().forward(x)
         engine = "triton" if name == "triton" else "aten"
         data = x

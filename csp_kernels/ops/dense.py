@@ -53,6 +53,8 @@ Every BatchNorm of the block must share one `eps`.
 from __future__ import annotations
 
 import dataclasses
+import os
+import warnings
 
 import torch
 
@@ -67,6 +69,24 @@ _ops = torch.ops.csp_kernels
 DENSE_PARAMS_PER_LAYER = 6
 TRANSITION_PARAMS = 3
 DENSE_ACT = "relu"  # DenseNet's layers always use ReLU; `act` is the transitions'.
+
+# CPU maps of at most this many pixels run the block as plain PyTorch (`eager_is_faster`).
+SMALL_MAP_PIXELS = 16
+SMALL_MAPS_ENV_VAR = "CSP_KERNELS_CPU_DENSE_SMALL_MAPS"
+_SMALL_MAPS = os.environ.get(SMALL_MAPS_ENV_VAR, "eager")
+if _SMALL_MAPS not in ("eager", "fused"):
+    warnings.warn(f"{SMALL_MAPS_ENV_VAR} must be 'eager' or 'fused'; got {_SMALL_MAPS!r}, which is ignored",
+                  stacklevel=2)
+    _SMALL_MAPS = "eager"
+
+
+def eager_is_faster(x: torch.Tensor) -> bool:
+    """Whether the block on input x runs faster as plain PyTorch than as the fused op: on the CPU,
+    maps of at most SMALL_MAP_PIXELS pixels, where each (channels, height * width) plane GEMM of
+    the fused kernels is a handful of columns wide and oneDNN's batched convolutions win (a
+    kernel choice, not a fallback: the numbers are the reference's). The CPU backend's tests pin
+    the fused op with CSP_KERNELS_CPU_DENSE_SMALL_MAPS=fused, since they draw tiny maps."""
+    return _SMALL_MAPS == "eager" and x.device.type == "cpu" and x.shape[2] * x.shape[3] <= SMALL_MAP_PIXELS
 
 if extension._C is not None:
     @torch.library.register_fake("csp_kernels::bn_act_backward_accumulate")
