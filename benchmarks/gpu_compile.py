@@ -201,7 +201,7 @@ def compile_dgrad_bn_accumulate(dtype: torch.dtype, input_precision: str, capabi
     batch, in_channels, height, width = shape
     x = torch.empty(shape, device="meta")
     grad_z = torch.empty(batch, out_channels, height, width, device="meta")
-    config = conv1x1_module.launch_config(in_channels, out_channels, dtype, input_precision, on_gpu=True)
+    config = backward_module.dgrad_launch_config(in_channels, out_channels, dtype, input_precision, on_gpu=True)
     data, stat = _types(dtype)
     constants = dict(**conv1x1_module.act_constexprs("relu"), ACC_FP64=dtype == torch.float64,
                      INPUT_PRECISION=input_precision, G_PLANES=True, X_PLANES=True, ACC_PLANES=True,

@@ -55,9 +55,8 @@ def act_grad(dy, u, ACT: tl.constexpr, SLOPE: tl.constexpr):
     the kinks (relu'(0) = 0, leaky_relu'(0) = slope, hardswish'(-3) = 0, hardswish'(3) = 1), and
     where act' is 0 the gradient is selected, not multiplied (ATen's threshold_backward and
     hardswish_backward), so a NaN or inf dy there gives 0, not NaN."""
-    zero = tl.zeros(dy.shape, dy.dtype)
     if ACT == 1:
-        g = tl.where(u <= 0, zero, dy)
+        g = tl.where(u <= 0, 0.0, dy)
     elif ACT == 2:
         # A full tensor, not a literal: a float32 0.1 would be off by 1.5e-9 for float64 data.
         g = tl.where(u > 0, dy, dy * tl.full(u.shape, SLOPE, u.dtype))
@@ -69,7 +68,7 @@ def act_grad(dy, u, ACT: tl.constexpr, SLOPE: tl.constexpr):
         s = 1.0 / (1.0 + tl.exp(-u))
         g = dy * (t + u * s * (1.0 - t * t))
     elif ACT == 5:
-        g = tl.where(u >= 3.0, dy, tl.where(u <= -3.0, zero, dy * (u / 3.0 + 0.5)))
+        g = tl.where(u >= 3.0, dy, tl.where(u <= -3.0, 0.0, dy * (u / 3.0 + 0.5)))
     else:
         g = dy
     return g

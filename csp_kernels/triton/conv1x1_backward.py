@@ -72,6 +72,17 @@ def _weight_grad_kernel(
              mask=mask_o[:, None] & mask_i[None, :])
 
 
+def dgrad_launch_config(in_channels: int, out_channels: int, dtype: torch.dtype, input_precision: str,
+                        on_gpu: bool) -> tuple[int, int, int, int, int]:
+    """(BLOCK_I, BLOCK_P, BLOCK_O, num_warps, num_stages) of `_dgrad_bn_accumulate_kernel`: the
+    1x1 GEMM's (`launch_config`), but at most 64 pixels wide on a GPU, because its epilogue (BN +
+    activation gradient, accumulation, two sums) holds more of the tile live: Triton 3.6 spills at
+    128x128 in float32 on sm_90 (benchmarks.gpu_compile)."""
+    block_i, block_p, block_o, num_warps, num_stages = launch_config(in_channels, out_channels, dtype,
+                                                                     input_precision, on_gpu)
+    return block_i, min(block_p, 64) if on_gpu else block_p, block_o, num_warps, num_stages
+
+
 @triton.jit
 def _dgrad_bn_accumulate_kernel(
     g_ptr, w_ptr, x_ptr, acc_ptr, mean_ptr, invstd_ptr, bnw_ptr, bnb_ptr, sums_ptr,
@@ -176,8 +187,8 @@ def dgrad_bn_accumulate(grad_z: torch.Tensor, weight: torch.Tensor, x: torch.Ten
     plane = height * width
     stat_dtype = stat_dtype_of(x.dtype)
     precision = input_precision_of(x.dtype)
-    block_i, block_p, block_o, num_warps, num_stages = launch_config(in_channels, out_channels, x.dtype, precision,
-                                                                     x.is_cuda)
+    block_i, block_p, block_o, num_warps, num_stages = dgrad_launch_config(in_channels, out_channels, x.dtype,
+                                                                           precision, x.is_cuda)
     blocks = triton.cdiv(plane, block_p)
     sums = torch.empty(2, batch, blocks, in_channels, dtype=stat_dtype, device=x.device)  # every row is stored
     if batch * plane > 0 and in_channels > 0:
