@@ -20,6 +20,16 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="module")
+def single_thread():
+    """One intra-op thread for a module of small shapes: on a busy 2-core machine OpenMP's threads
+    mostly wait on each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def full_float32_precision():
     """float32 convolutions and matmuls without TF32, which cuDNN convolutions (and the Triton

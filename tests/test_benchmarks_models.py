@@ -3,18 +3,11 @@ it writes (no timing assertions; saved bytes are exact)."""
 import json
 
 import pytest
-import torch
 
 from benchmarks import models, targets
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    # Tiny inputs: intra-op threads on a busy 2-core machine mostly wait on each other.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def test_quick_run_writes_the_table_ratios_and_targets(tmp_path, capsys):

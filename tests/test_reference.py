@@ -14,14 +14,7 @@ FUSIONS = ("last", "first", "csp")
 GROUPINGS = ("interleaved", "contiguous")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    # These shapes are tiny: with intra-op threads on a busy 2-core machine, OpenMP's waiting
-    # made this file 10x slower (55 s against 5 s).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def randomize_batchnorm(module):

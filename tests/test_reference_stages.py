@@ -22,13 +22,7 @@ TIMM_ACTS = ("leaky_relu", "relu", "silu", "mish")
 TIMM_STAGE_LAYERS = dict(act_layer="leaky_relu", norm_layer="batchnorm", aa_layer=None, attn_layer=None)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    # Tiny shapes: intra-op threads on a busy 2-core machine only wait on each other.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def assert_same(actual, expected, tol, name):
