@@ -54,12 +54,7 @@ class ConvBNAct(reference.ConvBNAct):
                  negative_slope: float = checks.LEAKY_RELU_SLOPE, dilation: int = 1):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, groups, act, negative_slope,
                          dilation)
-        self._folded = None  # (key, snapshot, weight, bias, transform) of the eval fold; see _folded_params
-
-    @property
-    def act_name(self) -> str:
-        """The kernels' name for what `self.act` computes now ("" if they cannot compute it)."""
-        return checks.kernel_activation(self.act)[0]
+        self._folded = None  # (key, snapshot, weight, bias, transform, scale) of the eval fold; see _folded_params
 
     def __getstate__(self):
         # The eval cache is derived data, and a oneDNN-prepacked weight cannot be pickled.
@@ -73,7 +68,9 @@ class ConvBNAct(reference.ConvBNAct):
             x = x.to(torch.get_autocast_dtype(device_type))
         name = backend.resolve_backend(x.device)
         conv = self.conv
-        unfusable = "" if name == "reference" else self._unfusable_reason() or checks.kernel_activation(self.act)[1]
+        # The kernels' name for what `self.act` computes now, and why not if they cannot.
+        act_name, act_reason = ("", "") if name == "reference" else checks.kernel_activation(self.act)
+        unfusable = "" if name == "reference" else self._unfusable_reason() or act_reason
         fused = name != "reference" and not unfusable
         engine = "triton" if fused and name == "triton" and ops.triton_eligible(
             conv.kernel_size, conv.padding, conv.groups) else "aten"
@@ -89,8 +86,8 @@ class ConvBNAct(reference.ConvBNAct):
             y = super().forward(x)
             return y if out is None else out.copy_(y)
         if self.bn.training:
-            return self._forward_train(x, out, engine)
-        return self._forward_eval(x, out, engine)
+            return self._forward_train(x, out, act_name, engine)
+        return self._forward_eval(x, out, act_name, engine)
 
     def _unfusable_reason(self) -> str:
         """What the fused kernels do not model here, or "" when they cover the module."""
@@ -101,10 +98,9 @@ class ConvBNAct(reference.ConvBNAct):
         conv = self.conv
         return list(conv.stride), list(conv.padding), list(conv.dilation), conv.groups
 
-    def _forward_train(self, x: torch.Tensor, out: torch.Tensor | None, engine: str) -> torch.Tensor:
+    def _forward_train(self, x: torch.Tensor, out: torch.Tensor | None, act_name: str, engine: str) -> torch.Tensor:
         bn = self.bn
-        args = (x, self.conv.weight.to(x.dtype), bn.weight, bn.bias, *self._conv_args(), bn.eps, self.act_name,
-                engine)
+        args = (x, self.conv.weight.to(x.dtype), bn.weight, bn.bias, *self._conv_args(), bn.eps, act_name, engine)
         if (group := sync_group(bn)) is not None:
             y, mean, var, count = conv_bn_act_train_sync(*args, group, out)
             track_batch_stats(bn, mean, var, count)
@@ -130,17 +126,18 @@ class ConvBNAct(reference.ConvBNAct):
         return x.requires_grad or (isinstance(out, torch.Tensor) and out.requires_grad) or any(
             p.requires_grad for p in self.parameters())
 
-    def _forward_eval(self, x: torch.Tensor, out: torch.Tensor | None, engine: str) -> torch.Tensor:
+    def _forward_eval(self, x: torch.Tensor, out: torch.Tensor | None, act_name: str, engine: str) -> torch.Tensor:
         if torch.is_grad_enabled() and self._needs_grad(x, out):
             weight, bias = self._fold()
             y = self.act(F.conv2d(x, weight.to(x.dtype), bias.to(x.dtype), *self._conv_args()))
             return y if out is None else out.copy_(y)
         if torch.compiler.is_compiling():
-            weight, bias, scale = self._eval_fold(x.dtype)  # traced into the graph, which folds it once
+            # Traced into the graph: a compiled graph takes the parameters as inputs and folds at each call.
+            weight, bias, scale = self._eval_fold(x.dtype)
             transform = None
         else:
             weight, bias, transform, scale = self._folded_params(x, engine)
-        args = (x, weight, bias, *self._conv_args(), self.act_name, engine)
+        args = (x, weight, bias, *self._conv_args(), act_name, engine)
         if out is None:
             return ops.conv_bias_act(*args, transform, scale)
         ops.conv_bias_act_out(*args, out, transform, scale)
