@@ -152,31 +152,31 @@ def test_builds_fused_submodules_with_the_reference_state(case):
             assert type(module) is getattr(csp_kernels, type(module).__name__), module_name
 
 
-def test_yolo_upstream_weights_load():
-    """ultralytics' C3k2 with C3k blocks (yolo11's deep stages) -> the fused twin: same numbers."""
-    upstream = randomize_(yolo_block.C3k2(16, 32, 2, True, 0.5, False, 1, True)).double()
-    fused = csp_kernels.C3k2(16, 32, 2, True, 0.5, False, 1, True).double()
+def assert_upstream_weights_give_the_same_numbers(upstream: nn.Module, fused: nn.Module, in_channels: int):
+    """upstream's (randomized) state_dict loads strictly into `fused`, which then computes the
+    same outputs, gradients and state in every mode."""
+    upstream = randomize_(upstream).double()
+    fused = fused.double()
     fused.load_state_dict(upstream.state_dict(), strict=True)
     for _, training, recording in modes():
         upstream.train(training), fused.train(training)
-        x = torch.randn(2, 16, 8, 8, dtype=torch.float64)
+        x = torch.randn(2, in_channels, 8, 8, dtype=torch.float64)
         with torch.set_grad_enabled(recording):
             for index, (g, e) in enumerate(zip(run(fused, x), run(upstream, x))):
                 assert rel_error(g, e) <= TOL64, f"tensor {index}"
+
+
+def test_yolo_upstream_weights_load():
+    """ultralytics' C3k2 with C3k blocks (yolo11's deep stages) -> the fused twin: same numbers."""
+    args = (16, 32, 2, True, 0.5, False, 1, True)
+    assert_upstream_weights_give_the_same_numbers(yolo_block.C3k2(*args), csp_kernels.C3k2(*args), 16)
 
 
 def test_timm_upstream_weights_load():
     """timm's cspdarknet53-style CrossStage -> the fused twin: same numbers."""
     stage, block, kwargs = TIMM_STAGES["darknet"]
-    upstream = randomize_(build_stage(cspnet, stage, block, kwargs, "leaky_relu")).double()
-    fused = build_stage(csp_kernels, stage, block, kwargs, "leaky_relu").double()
-    fused.load_state_dict(upstream.state_dict(), strict=True)
-    for _, training, recording in modes():
-        upstream.train(training), fused.train(training)
-        x = torch.randn(2, 16, 8, 8, dtype=torch.float64)
-        with torch.set_grad_enabled(recording):
-            for index, (g, e) in enumerate(zip(run(fused, x), run(upstream, x))):
-                assert rel_error(g, e) <= TOL64, f"tensor {index}"
+    assert_upstream_weights_give_the_same_numbers(build_stage(cspnet, stage, block, kwargs, "leaky_relu"),
+                                                  build_stage(csp_kernels, stage, block, kwargs, "leaky_relu"), 16)
 
 
 class OpCalls(TorchDispatchMode):
@@ -236,7 +236,7 @@ def test_out_writes_into_a_slot_of_a_callers_buffer(case):
         assert rel_error(p.grad, q.grad) <= TOL64, name
 
 
-@pytest.mark.parametrize("case", ["bottleneck", "DarkBlock-relu-1-8"])
+@pytest.mark.parametrize("case", ["bottleneck", "DarkBlock-relu-1-8", "BottleneckBlock-mish-2-4"])
 def test_out_overlapping_x(case):
     """out over x itself (in place, without autograd): the residual reads x after out is
     written, so the block computes aside and copies."""

@@ -107,18 +107,22 @@ def _reference_reason(x: torch.Tensor, writers: Writers, shape_source: tuple[str
     return conv_reason(module.conv, f"{name}.conv") or None
 
 
-def _run_reference(module: nn.Module, reference_forward, reason: str, x: torch.Tensor,
-                   out: torch.Tensor | None) -> torch.Tensor:
-    """The reference twin's forward, with the warning `reason` calls for, into `out` if given."""
+def _unbuffered_output(module: nn.Module, reference_forward, x: torch.Tensor, out: torch.Tensor | None,
+                       writers: Writers, shape_source: tuple[str, ConvBNAct] | None) -> torch.Tensor | None:
+    """What a stage's forward returns when its buffered forward does not run this call, else
+    None: for an `out` over x (which the stage reads after it starts writing out), the output
+    computed aside and copied; where `_reference_reason` gives a reason, the reference twin's
+    forward, with the warning the reason calls for, into `out` if given."""
+    checks.check_input(x)
+    if out is not None and shares_memory(out, x):
+        return out.copy_(module.forward(x))
+    reason = _reference_reason(x, writers, shape_source)
+    if reason is None:
+        return None
     if reason:
         backend.warn_reference_fallback(module, reason)
     y = reference_forward(x)
     return y if out is None else out.copy_(y)
-
-
-def _overlaps(out: torch.Tensor | None, x: torch.Tensor) -> bool:
-    """Whether `out` shares memory with x, which the stage reads after it starts writing out."""
-    return out is not None and shares_memory(out, x)
 
 
 def _residual_forward(module: nn.Module, reference_forward, x: torch.Tensor, out: torch.Tensor | None, first: str,
@@ -126,13 +130,10 @@ def _residual_forward(module: nn.Module, reference_forward, x: torch.Tensor, out
     """second(first(x)), plus x when `add`, for a block whose ConvBNActs are named `first` and
     `second`: the second writes into `out` (or a new tensor) and the shortcut is added in place
     there."""
-    checks.check_input(x)
-    if _overlaps(out, x):
-        return out.copy_(module(x))
     conv = getattr(module, second)
-    reason = _reference_reason(x, [(second, conv, (ConvBNAct,))], (second, conv))
-    if reason is not None:
-        return _run_reference(module, reference_forward, reason, x, out)
+    if (y := _unbuffered_output(module, reference_forward, x, out, [(second, conv, (ConvBNAct,))],
+                                (second, conv))) is not None:
+        return y
     hidden = getattr(module, first)(x)
     if not add:
         return conv(hidden, out=out)
@@ -156,14 +157,10 @@ class C2f(reference.C2f):
     conv_bn_act, bottleneck = ConvBNAct, Bottleneck
 
     def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        checks.check_input(x)
-        if _overlaps(out, x):
-            return out.copy_(self.forward(x))
         writers = [("cv1", self.cv1, (ConvBNAct,)), ("cv2", self.cv2, (ConvBNAct,))] + [
             (f"m.{i}", block, (Bottleneck, C3k)) for i, block in enumerate(self.m)]  # C3k: in a C3k2
-        reason = _reference_reason(x, writers, ("cv1", self.cv1))
-        if reason is not None:
-            return _run_reference(self, super().forward, reason, x, out)
+        if (y := _unbuffered_output(self, super().forward, x, out, writers, ("cv1", self.cv1))) is not None:
+            return y
         c = self.c
         buf = new_output(self.cv1, x, (2 + len(self.m)) * c)
         self.cv1(x, out=buf[:, :2 * c])
@@ -177,14 +174,10 @@ class C3(reference.C3):
     conv_bn_act, bottleneck = ConvBNAct, Bottleneck
 
     def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        checks.check_input(x)
-        if _overlaps(out, x):
-            return out.copy_(self.forward(x))
         writers = [("cv2", self.cv2, (ConvBNAct,)), ("cv3", self.cv3, (ConvBNAct,)),
                    (f"m.{len(self.m) - 1}", self.m[-1], (Bottleneck,))]
-        reason = _reference_reason(x, writers, ("cv2", self.cv2))
-        if reason is not None:
-            return _run_reference(self, super().forward, reason, x, out)
+        if (y := _unbuffered_output(self, super().forward, x, out, writers, ("cv2", self.cv2))) is not None:
+            return y
         hidden = self.cv2.out_channels
         buf = new_output(self.cv2, x, 2 * hidden)
         y = self.cv1(x)
@@ -212,10 +205,9 @@ class BottleneckBlock(reference.BottleneckBlock):
     conv_bn_act = ConvBNAct
 
     def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        checks.check_input(x)
-        reason = _reference_reason(x, [("conv3", self.conv3, (ConvBNAct,))], ("conv3", self.conv3))
-        if reason is not None:
-            return _run_reference(self, super().forward, reason, x, out)
+        if (y := _unbuffered_output(self, super().forward, x, out, [("conv3", self.conv3, (ConvBNAct,))],
+                                    ("conv3", self.conv3))) is not None:
+            return y
         hidden = self.conv2(self.conv1(x))
         y = self.act3(self.conv3(hidden, out=new_output(self.conv3, hidden)).add_(x))
         return y if out is None else out.copy_(y)
@@ -250,13 +242,11 @@ class CrossStage(reference.CrossStage):
     conv_bn_act, block_classes = ConvBNAct, _TIMM_BLOCKS
 
     def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        checks.check_input(x)
         writers = [("conv_exp", self.conv_exp, (ConvBNAct,)),
                    ("conv_transition_b", self.conv_transition_b, (ConvBNAct,)),
                    ("conv_transition", self.conv_transition, (ConvBNAct,))]
-        reason = _reference_reason(x, writers, ("conv_exp", self.conv_exp))
-        if reason is not None:
-            return _run_reference(self, super().forward, reason, x, out)
+        if (y := _unbuffered_output(self, super().forward, x, out, writers, ("conv_exp", self.conv_exp))) is not None:
+            return y
         half = self.expand_chs // 2
         down = self.conv_down(x)
         buf = self.conv_exp(down, out=new_output(self.conv_exp, down))
@@ -270,12 +260,10 @@ class CrossStage3(reference.CrossStage3):
     conv_bn_act, block_classes = ConvBNAct, _TIMM_BLOCKS
 
     def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        checks.check_input(x)
         writers = [("conv_exp", self.conv_exp, (ConvBNAct,)), _last_block(self.blocks),
                    ("conv_transition", self.conv_transition, (ConvBNAct,))]
-        reason = _reference_reason(x, writers, ("conv_exp", self.conv_exp))
-        if reason is not None:
-            return _run_reference(self, super().forward, reason, x, out)
+        if (y := _unbuffered_output(self, super().forward, x, out, writers, ("conv_exp", self.conv_exp))) is not None:
+            return y
         half = self.expand_chs // 2
         down = self.conv_down(x)
         buf = self.conv_exp(down, out=new_output(self.conv_exp, down))
@@ -290,8 +278,6 @@ class DarkStage(reference.DarkStage):
     conv_bn_act, block_classes = ConvBNAct, _TIMM_BLOCKS
 
     def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        checks.check_input(x)
-        reason = _reference_reason(x, [_last_block(self.blocks)], None)
-        if reason is not None:
-            return _run_reference(self, super().forward, reason, x, out)
+        if (y := _unbuffered_output(self, super().forward, x, out, [_last_block(self.blocks)], None)) is not None:
+            return y
         return _run_blocks(self.blocks, self.conv_down(x), out)
