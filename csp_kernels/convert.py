@@ -475,9 +475,9 @@ CONVERTERS: dict[tuple[str, str], Converter] = {
 # --- helpers ----------------------------------------------------------------------------------
 
 def batch_norm_sharing(bn: nn.modules.batchnorm._BatchNorm, cls: type, **kwargs) -> nn.Module:
-    """A `cls` (nn.BatchNorm2d or a subclass such as timm's BatchNormAct2d; `kwargs` go to its
-    constructor) with `bn`'s hyper-parameters and mode, holding `bn`'s Parameter and buffer
-    tensors themselves."""
+    """A `cls` (nn.BatchNorm2d, nn.SyncBatchNorm, or a subclass such as timm's BatchNormAct2d;
+    `kwargs` go to its constructor) with `bn`'s hyper-parameters and mode, holding `bn`'s
+    Parameter and buffer tensors themselves."""
     new = cls(bn.num_features, eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
               track_running_stats=bn.track_running_stats, device="meta", **kwargs)
     for name, tensor in [*bn.named_parameters(recurse=False), *bn.named_buffers(recurse=False)]:

@@ -11,10 +11,11 @@ stages whose BatchNorms would not share one process group.
 """
 from __future__ import annotations
 
-import torch.distributed as dist
 from torch import nn
 
 from . import nn as fused_nn
+from .convert import batch_norm_sharing
+from .ops.sync_batch_norm import process_group_of
 
 __all__ = ["convert_sync_batchnorm", "check_sync_batch_norm"]
 
@@ -36,25 +37,15 @@ def convert_sync_batchnorm(model: nn.Module, process_group=None) -> nn.Module:
     in training with more than one process accepts only GPU tensors and raises on the CPU.
     """
     if isinstance(model, (nn.BatchNorm2d, nn.SyncBatchNorm)):
-        return _sync_batch_norm(model, process_group)
+        sync = batch_norm_sharing(model, nn.SyncBatchNorm, process_group=process_group)
+        if hasattr(model, "qconfig"):
+            sync.qconfig = model.qconfig
+        return sync
     for name, child in model.named_children():
         converted = convert_sync_batchnorm(child, process_group)
         if converted is not child:
             setattr(model, name, converted)
     return model
-
-
-def _sync_batch_norm(bn: nn.BatchNorm2d | nn.SyncBatchNorm, process_group) -> nn.SyncBatchNorm:
-    """An nn.SyncBatchNorm over `process_group` holding `bn`'s tensors and settings."""
-    sync = nn.SyncBatchNorm(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats, process_group,
-                            device="meta")  # its own tensors are replaced next: allocate nothing
-    sync.weight, sync.bias = bn.weight, bn.bias
-    sync.running_mean, sync.running_var, sync.num_batches_tracked = bn.running_mean, bn.running_var, \
-        bn.num_batches_tracked
-    sync.train(bn.training)
-    if hasattr(bn, "qconfig"):
-        sync.qconfig = bn.qconfig
-    return sync
 
 
 def check_sync_batch_norm(model: nn.Module) -> None:
@@ -78,7 +69,7 @@ def check_sync_batch_norm(model: nn.Module) -> None:
                              "csp_kernels.distributed.convert_sync_batchnorm")
         first_of_group = {}
         for name, m in synced:
-            first_of_group.setdefault(_group_of(m), name)
+            first_of_group.setdefault(process_group_of(m), name)
         if len(first_of_group) > 1:
             first, second = list(first_of_group.values())[:2]
             raise ValueError(f"{what} holds SyncBatchNorms over different process groups ({first} and {second}): "
@@ -89,7 +80,3 @@ def check_sync_batch_norm(model: nn.Module) -> None:
 _STAGES = (fused_nn.PartialDenseBlock, fused_nn.Bottleneck, fused_nn.C2f, fused_nn.C3, fused_nn.BottleneckBlock,
            fused_nn.DarkBlock, fused_nn.CrossStage, fused_nn.CrossStage3, fused_nn.DarkStage)
 
-
-def _group_of(bn: nn.SyncBatchNorm):
-    """The process group `bn` synchronizes over at a call: its own, else WORLD."""
-    return bn.process_group if bn.process_group is not None else dist.group.WORLD

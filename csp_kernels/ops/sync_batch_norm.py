@@ -35,11 +35,16 @@ def sync_group(bn: nn.Module):
     """The process group whose batch statistics `bn` must share in this call, or None when it
     computes as nn.BatchNorm2d: not a training nn.SyncBatchNorm, torch.distributed not
     initialized, or a group of one process. The group is `bn.process_group`, else WORLD (as
-    nn.SyncBatchNorm picks it)."""
+    nn.SyncBatchNorm picks it, `process_group_of`)."""
     if type(bn) is not nn.SyncBatchNorm or not bn.training or not (dist.is_available() and dist.is_initialized()):
         return None
-    group = bn.process_group or dist.group.WORLD
+    group = process_group_of(bn)
     return group if dist.get_world_size(group) > 1 else None
+
+
+def process_group_of(bn: nn.SyncBatchNorm):
+    """The process group `bn` synchronizes over at a call: its own, else WORLD."""
+    return bn.process_group or dist.group.WORLD
 
 
 def all_reduce_stats(mean: torch.Tensor, var: torch.Tensor, count: int, group
