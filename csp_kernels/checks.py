@@ -2,11 +2,14 @@
 
 Every check raises TypeError (wrong kind of value) or ValueError (right kind, wrong value) with a
 message that names the argument and says what was expected, so that the reference and the fused
-modules reject bad input with the same words.
+modules reject bad input with the same words. The environment variables that pin a kernel
+choice are read here too (`env_choice`); a bad one warns rather than raises, at import.
 """
 from __future__ import annotations
 
 import numbers
+import os
+import warnings
 from typing import Sequence
 
 import torch
@@ -17,6 +20,16 @@ LEAKY_RELU_SLOPE = 0.1  # darknet's leaky ReLU; the default `negative_slope`
 FUSIONS = ("last", "first", "csp")
 GROUPINGS = ("interleaved", "contiguous")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def env_choice(var: str, choices: tuple[str, ...], default: str) -> str:
+    """The environment variable `var` when it is one of `choices`; `default` when it is unset or
+    empty, and, with a warning naming it, when it is anything else."""
+    value = os.environ.get(var, "")
+    if value and value not in choices:
+        warnings.warn(f"{var} must be one of {choices} or unset; got {value!r}, which is ignored", stacklevel=2)
+        value = ""
+    return value or default
 
 
 def _check_choice(value, name: str, choices: tuple[str, ...]) -> str:

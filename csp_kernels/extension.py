@@ -1,17 +1,14 @@
 """The compiled extension `csp_kernels._C`: loading it and reporting what was built."""
 from __future__ import annotations
 
-import os
-import warnings
-
 import torch
+
+from .checks import env_choice
 
 # CSP_KERNELS_CPU_SGEMM: which float32 GEMM the CPU kernels use (csrc/cpu/sgemm_avx512.h);
 # unset, the faster of ours (AVX-512 CPUs only) and torch's BLAS, measured once per process.
 CPU_SGEMM_CHOICES = ("avx512", "blas")
-if os.environ.get("CSP_KERNELS_CPU_SGEMM", CPU_SGEMM_CHOICES[0]) not in CPU_SGEMM_CHOICES:
-    warnings.warn(f"CSP_KERNELS_CPU_SGEMM must be one of {CPU_SGEMM_CHOICES}; got "
-                  f"{os.environ['CSP_KERNELS_CPU_SGEMM']!r}, which is ignored", stacklevel=2)
+env_choice("CSP_KERNELS_CPU_SGEMM", CPU_SGEMM_CHOICES, "")  # warns about a bad value; the C++ side reads it
 
 try:
     from . import _C  # registers the torch.ops.csp_kernels.* C++ ops

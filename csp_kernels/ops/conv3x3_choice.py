@@ -14,21 +14,17 @@ keeps its verdict, an unmeasured one takes the rule that large maps go to Winogr
 """
 from __future__ import annotations
 
-import os
 import time
-import warnings
 
 import torch
 import torch.nn.functional as F
 
+from ..checks import env_choice
 from .conv3x3 import conv3x3_winograd, winograd_weight
 
 ENV_VAR = "CSP_KERNELS_CPU_CONV3X3"
 CHOICES = ("winograd", "onednn")
-_PINNED = os.environ.get(ENV_VAR, "")
-if _PINNED and _PINNED not in CHOICES:
-    warnings.warn(f"{ENV_VAR} must be one of {CHOICES} or unset; got {_PINNED!r}, which is ignored", stacklevel=2)
-    _PINNED = ""
+_PINNED = env_choice(ENV_VAR, CHOICES, "")
 _UNMEASURED_MIN_SIDE = 14  # the smallest map side on which Winograd won in every measurement we have
 _ROUNDS = 3
 

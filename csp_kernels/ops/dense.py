@@ -53,12 +53,11 @@ Every BatchNorm of the block must share one `eps`.
 from __future__ import annotations
 
 import dataclasses
-import os
-import warnings
 
 import torch
 
 from .. import extension  # noqa: F401  (loads csp_kernels._C, which defines the C++ ops)
+from ..checks import env_choice
 from .batch_norm_act import (bn_act_backward, bn_scale_shift, channel_stats, plane_contiguous, scale_shift_act,
                              stats_dtype)
 from .conv1x1 import conv1x1_bn_act_backward, conv1x1_fused, conv1x1_input_grad, conv1x1_weight_grad
@@ -73,11 +72,7 @@ DENSE_ACT = "relu"  # DenseNet's layers always use ReLU; `act` is the transition
 # CPU maps of at most this many pixels run the block as plain PyTorch (`eager_is_faster`).
 SMALL_MAP_PIXELS = 16
 SMALL_MAPS_ENV_VAR = "CSP_KERNELS_CPU_DENSE_SMALL_MAPS"
-_SMALL_MAPS = os.environ.get(SMALL_MAPS_ENV_VAR, "eager")
-if _SMALL_MAPS not in ("eager", "fused"):
-    warnings.warn(f"{SMALL_MAPS_ENV_VAR} must be 'eager' or 'fused'; got {_SMALL_MAPS!r}, which is ignored",
-                  stacklevel=2)
-    _SMALL_MAPS = "eager"
+_SMALL_MAPS = env_choice(SMALL_MAPS_ENV_VAR, ("eager", "fused"), "eager")
 
 
 def eager_is_faster(x: torch.Tensor) -> bool:
