@@ -8,7 +8,9 @@ so parameters, buffers, requires_grad, device, dtype and train/eval mode carry o
 and an optimizer built before the conversion still steps the model's parameters. A CSP stage
 (ultralytics' Bottleneck, C2f, C3, C3k, C3k2; timm's BottleneckBlock, DarkBlock, CrossStage,
 CrossStage3, DarkStage) becomes its csp_kernels.nn.stages twin the same way, around its own
-children once they are converted.
+children once they are converted; torchvision's DenseNet `_DenseBlock` becomes a
+csp_kernels.DenseBlock holding its very `_DenseLayer`s (not when they use dropout or
+memory_efficient checkpointing, which the fused block does not compute alike).
 
 CONVERTERS is the one table of what converts: (upstream module path, class name) -> Converter.
 Classes are matched by name, exactly (a subclass may compute something else), so that no
@@ -30,6 +32,7 @@ from torch import nn
 
 from . import checks, reference
 from .nn import stages
+from .nn.dense import DenseBlock, dense_layer_reason
 from .nn.transition import ConvBNAct, batch_norm_reason, conv_reason
 
 ORIGIN_ATTRIBUTE = "_csp_kernels_origin"  # on a fused module made by convert: its Origin
@@ -122,7 +125,8 @@ def convert(model: nn.Module, *, inplace: bool = False) -> tuple[nn.Module, Conv
     Conv and DWConv, timm's ConvNormAct, torchvision's Conv2dNormActivation and a plain
     nn.Sequential(Conv2d, BatchNorm2d, activation) become csp_kernels.ConvBNAct; the CSP stages
     of ultralytics (Bottleneck, C2f, C3, C3k, C3k2) and timm (BottleneckBlock, DarkBlock,
-    CrossStage, CrossStage3, DarkStage) their csp_kernels.nn.stages twins. Units the fused
+    CrossStage, CrossStage3, DarkStage) their csp_kernels.nn.stages twins; torchvision's DenseNet
+    _DenseBlock a csp_kernels.DenseBlock (left with drop_rate > 0 or memory_efficient). Units the fused
     kernels cannot compute (an activation they lack, a conv bias, a forward hook, ...) are left
     as they are and reported with the reason; so is a stage whose twin would need one of them
     fused, or which computes more than its twin (attention, drop path), its children converted.
@@ -459,12 +463,41 @@ def _unfuse_stage(spec: _Stage, fused: nn.Module, origin: Origin) -> nn.Module:
                                 for name in spec.children})
 
 
+# torchvision's DenseNet block: a fused DenseBlock holding the _DenseLayers themselves, so that a
+# fallback to the reference math runs torchvision's own layer forward (its dropout and
+# memory_efficient checkpointing included) and revert puts the same layers back.
+
+def _fuse_dense_block(module: nn.Module) -> DenseBlock | str:
+    """The DenseBlock holding module's layers, or why the fused op cannot compute them (the
+    reasons its forward would fall back for, in any mode: drop_rate > 0 and memory_efficient
+    too)."""
+    if "forward" in vars(module):
+        return "its forward is replaced on the instance"
+    layers = dict(module.named_children())
+    if not layers or list(layers) != [f"denselayer{j + 1}" for j in range(len(layers))]:
+        return f"its children are {', '.join(layers) or 'none'} (the fused DenseBlock runs denselayer1..N)"
+    for name, layer in layers.items():
+        if reason := dense_layer_reason(layer, name):
+            return reason
+    first = layers["denselayer1"]
+    with torch.device("meta"):  # the constructor's own layers are replaced at once
+        fused = DenseBlock(first.conv1.in_channels, len(layers), first.conv2.out_channels)
+    for name, layer in layers.items():
+        setattr(fused, name, layer)
+    return _hook_reason(module) or fused.fusion_reason() or fused
+
+
+def _unfuse_dense_block(fused: DenseBlock, origin: Origin) -> nn.Module:
+    return _bare(origin.cls, **dict(fused.named_children()))
+
+
 CONVERTERS: dict[tuple[str, str], Converter] = {
     ("ultralytics.nn.modules.conv", "Conv"): Converter(_fuse_conv_bn_act_module, _unfuse_conv),
     ("ultralytics.nn.modules.conv", "DWConv"): Converter(_fuse_conv_bn_act_module, _unfuse_conv),  # Conv's forward
     ("timm.layers.conv_bn_act", "ConvNormAct"): Converter(_fuse_timm_conv_norm_act, _unfuse_timm_conv_norm_act),
     ("torchvision.ops.misc", "Conv2dNormActivation"): Converter(_fuse_conv_norm_sequential, _unfuse_sequential),
     ("torch.nn.modules.container", "Sequential"): Converter(_fuse_plain_sequential, _unfuse_sequential),
+    ("torchvision.models.densenet", "_DenseBlock"): Converter(_fuse_dense_block, _unfuse_dense_block),
     class_key(reference.ConvBNAct): Converter(_fuse_conv_bn_act_module, _unfuse_conv),  # the same conv, bn, act
     **{(module, name): Converter(functools.partial(_fuse_stage, spec), functools.partial(_unfuse_stage, spec),
                                  children_first=True)

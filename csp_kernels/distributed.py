@@ -1,10 +1,14 @@
 """Synchronized BatchNorm for data-parallel training of the fused modules.
 
 A fused `ConvBNAct` (and every stage built from it: C2f, C3, C3k2, CrossStage, ...) whose `bn`
-is an nn.SyncBatchNorm computes, in training under an initialized process group of more than one
-process, the batch statistics of the whole group's batch, as nn.SyncBatchNorm does, on any
-device: the CPU with gloo too, where nn.SyncBatchNorm's own forward refuses CPU tensors. Each
-layer costs one all_reduce in forward and one in backward (`csp_kernels.ops.sync_batch_norm`).
+is an nn.SyncBatchNorm, and a fused PartialDenseBlock or DenseBlock whose BatchNorms all are,
+computes, in training under an initialized process group of more than one process, the batch
+statistics of the whole group's batch, as nn.SyncBatchNorm does, on any device: the CPU with
+gloo too, where nn.SyncBatchNorm's own forward refuses CPU tensors. Each ConvBNAct costs one
+all_reduce in forward and one in backward (`csp_kernels.ops.sync_batch_norm`); a dense block
+all-reduces each buffer channel's statistics once, as many collectives as it has BatchNorms but
+without a layer's norm1 re-sending the prefix it reads (`csp_kernels.ops.sync_dense`;
+`python -m benchmarks.collectives` counts them against eager nn.SyncBatchNorm's).
 
 `convert_sync_batchnorm(model)` puts the SyncBatchNorms in; `check_sync_batch_norm(model)` finds
 stages whose BatchNorms would not share one process group.
@@ -30,11 +34,11 @@ def convert_sync_batchnorm(model: nn.Module, process_group=None) -> nn.Module:
     `model` in place (children are replaced) and returns it, or the new module when `model` is
     itself a BatchNorm; forward hooks on a BatchNorm are not carried over.
 
-    This is the library's path on the CPU (gloo): the fused ConvBNAct and the stages built from
-    it synchronize there. A converted BatchNorm elsewhere — a PartialDenseBlock's (whose
-    statistics are computed inside one op, not synchronized: it runs the reference with a
-    ReferenceFallbackWarning), or one in a plain nn.Sequential — runs torch's SyncBatchNorm, which
-    in training with more than one process accepts only GPU tensors and raises on the CPU.
+    This is the library's path on the CPU (gloo): the fused ConvBNAct, the stages built from it
+    and the dense blocks synchronize there. A converted BatchNorm elsewhere — one in a plain
+    nn.Sequential, or in a dense block that falls back to the reference (e.g. converted only in
+    part: a ReferenceFallbackWarning names it) — runs torch's SyncBatchNorm, which in training
+    with more than one process accepts only GPU tensors and raises on the CPU.
     """
     if isinstance(model, (nn.BatchNorm2d, nn.SyncBatchNorm)):
         sync = batch_norm_sharing(model, nn.SyncBatchNorm, process_group=process_group)
@@ -50,10 +54,12 @@ def convert_sync_batchnorm(model: nn.Module, process_group=None) -> nn.Module:
 
 def check_sync_batch_norm(model: nn.Module) -> None:
     """Raise ValueError, naming the BatchNorms, if a fused module of `model` made of several
-    ConvBNActs or dense layers (a stage, a block, a PartialDenseBlock) mixes nn.SyncBatchNorm
-    with other BatchNorms, or holds SyncBatchNorms over different process groups: its layers
-    would then normalize over different sets of processes, which is what converting part of a
-    stage (e.g. `convert_sync_batchnorm(stage.m)`) leaves. Call it after converting by hand.
+    ConvBNActs or dense layers (a stage, a block, a PartialDenseBlock or DenseBlock) mixes
+    nn.SyncBatchNorm with other BatchNorms, or holds SyncBatchNorms over different process
+    groups: its layers would then normalize over different sets of processes, which is what
+    converting part of a stage (e.g. `convert_sync_batchnorm(stage.m)`) leaves (a dense block
+    then falls back to the reference with a ReferenceFallbackWarning naming them). Call it after
+    converting by hand.
     """
     for stage_name, stage in model.named_modules():
         if not isinstance(stage, _STAGES):
@@ -77,6 +83,6 @@ def check_sync_batch_norm(model: nn.Module) -> None:
 
 
 # The fused modules made of several layers, each with its own BatchNorm.
-_STAGES = (fused_nn.PartialDenseBlock, fused_nn.Bottleneck, fused_nn.C2f, fused_nn.C3, fused_nn.BottleneckBlock,
-           fused_nn.DarkBlock, fused_nn.CrossStage, fused_nn.CrossStage3, fused_nn.DarkStage)
+_STAGES = (fused_nn.PartialDenseBlock, fused_nn.DenseBlock, fused_nn.Bottleneck, fused_nn.C2f, fused_nn.C3,
+           fused_nn.BottleneckBlock, fused_nn.DarkBlock, fused_nn.CrossStage, fused_nn.CrossStage3, fused_nn.DarkStage)
 

@@ -6,14 +6,14 @@ one batch; the reference twin with plain BatchNorm2d trains in each process on t
 Outputs, input gradients, parameter gradients (summed over the ranks by hand, or averaged by
 DDP), parameters and running statistics must match in float64. DDP without synchronized
 BatchNorms must match DDP of the reference (per-rank statistics). The collectives of each
-training step are counted by wrapping torch.distributed.all_reduce / all_gather in the children.
-The cases in one process (world size 1, conversion, the stage check) need no spawn.
+training step are counted by wrapping torch.distributed.all_reduce / all_gather in the children
+(benchmarks.collectives' counter) and compared with what eager nn.SyncBatchNorm would issue. The
+cases in one process (world size 1, conversion, the stage check) need no spawn.
 """
 from __future__ import annotations
 
 import datetime
 import json
-import socket
 import traceback
 import warnings
 from typing import NamedTuple
@@ -26,6 +26,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 import csp_kernels
+from benchmarks import collectives
+from benchmarks.collectives import CollectiveCounter
 from csp_kernels import reference
 from csp_kernels.distributed import check_sync_batch_norm, convert_sync_batchnorm
 from helpers import randomize_
@@ -62,31 +64,17 @@ CASES = {
     "cross_stage": Case(csp_kernels.CrossStage, reference.CrossStage, (6, 8, 2, 1, 1), dict(block_ratio=0.5),
                         (6, 6, 6)),
     "c2f-local-ddp": Case(csp_kernels.C2f, reference.C2f, (6, 8), dict(n=1, shortcut=True), (6, 5, 5), "local-ddp"),
+    # (in_channels, num_layers, growth_rate)
+    "pdb-first": Case(csp_kernels.PartialDenseBlock, reference.PartialDenseBlock, (8, 2, 4), dict(fusion="first"),
+                      (8, 6, 6)),
+    "pdb-last": Case(csp_kernels.PartialDenseBlock, reference.PartialDenseBlock, (8, 3, 4), dict(fusion="last"),
+                     (8, 6, 6)),
+    "pdb-csp": Case(csp_kernels.PartialDenseBlock, reference.PartialDenseBlock, (8, 3, 4), dict(fusion="csp"),
+                    (8, 6, 6)),
+    "pdb-csp-ddp": Case(csp_kernels.PartialDenseBlock, reference.PartialDenseBlock, (8, 2, 4), dict(fusion="csp"),
+                        (8, 6, 6), "sync-ddp"),
+    "dense-block": Case(csp_kernels.DenseBlock, reference.DenseBlock, (8, 2, 4), {}, (8, 6, 6)),
 }
-
-
-class CollectiveCounter:
-    """Counts torch.distributed.all_reduce / all_gather calls (and the elements they carry) while
-    `active`; the fused path and eager nn.SyncBatchNorm call them through the module attribute."""
-
-    def __init__(self):
-        self.active = False
-        self.calls = {"all_reduce": [], "all_gather": []}
-        for name in self.calls:
-            setattr(dist, name, self._wrap(name, getattr(dist, name)))
-
-    def _wrap(self, name, collective):
-        def counted(tensor, *args, **kwargs):
-            if self.active:
-                self.calls[name].append(sum(t.numel() for t in tensor) if isinstance(tensor, list) else tensor.numel())
-            return collective(tensor, *args, **kwargs)
-        return counted
-
-    def take(self) -> dict:
-        taken = {name: (len(sizes), sum(sizes)) for name, sizes in self.calls.items()}
-        for sizes in self.calls.values():
-            sizes.clear()
-        return taken
 
 
 def _assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
@@ -148,23 +136,38 @@ def _run_case(name: str, rank: int, counter: CollectiveCounter) -> dict:
         _assert_close(fused.state_dict()[key], value, key)
     synced = [m for m in _batch_norms(fused) if isinstance(m, nn.SyncBatchNorm)]
     assert len(synced) == (0 if mode == "local-ddp" else len(_batch_norms(ref)))
-    return {"steps": steps, "batch_norms": len(synced),
-            "channels": sum(m.num_features for m in synced)}
+    return {"steps": steps, "batch_norms": len(synced), "channels": _reduced_channels(fused)}
 
 
-def _run_partial_dense_block() -> dict:
-    """A PartialDenseBlock's SyncBatchNorms are not synchronized by the fused op: it falls back
-    with the reason, and the reference (torch's SyncBatchNorm) refuses the CPU."""
-    block = convert_sync_batchnorm(csp_kernels.PartialDenseBlock(6, num_layers=2, growth_rate=4).double())
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            block(torch.randn(2, 6, 4, 4, dtype=torch.float64))
-            error = ""
-        except ValueError as e:
-            error = str(e)
-    return {"warnings": [str(w.message) for w in caught if w.category is csp_kernels.ReferenceFallbackWarning],
-            "error": error}
+def _reduced_channels(module: nn.Module) -> int:
+    """Channels whose statistics the fused module all-reduces once per pass: every BatchNorm's,
+    except that a dense block's norm1s read growing prefixes of one buffer, whose channels are
+    reduced once each (the last norm1's channels; the last layer's new ones feed no norm1)."""
+    norm1s = [m for name, m in module.named_modules() if name.endswith(".norm1")]
+    return sum(m.num_features for m in _batch_norms(module) if m not in norm1s) + (
+        norm1s[-1].num_features if norm1s else 0)
+
+
+def _run_unsynchronizable_partial_dense_blocks() -> dict:
+    """PartialDenseBlocks whose BatchNorms would not share one process group's statistics: one
+    not converted, one over another group. Each falls back with the reason; the reference
+    (torch's SyncBatchNorm) then refuses the CPU."""
+    mixed = convert_sync_batchnorm(csp_kernels.PartialDenseBlock(8, num_layers=2, growth_rate=4).double())
+    mixed.dense.denselayer2.norm2 = nn.BatchNorm2d(16).double()
+    two_groups = convert_sync_batchnorm(csp_kernels.PartialDenseBlock(8, num_layers=2, growth_rate=4).double())
+    two_groups.transition.bn.process_group = dist.new_group(list(range(WORLD_SIZE)))
+    found = {}
+    for name, block in (("mixed", mixed), ("two_groups", two_groups)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                block(torch.randn(2, 8, 6, 6, dtype=torch.float64))
+                error = ""
+            except ValueError as e:
+                error = str(e)
+        found[name] = {"warnings": [str(w.message) for w in caught
+                                    if w.category is csp_kernels.ReferenceFallbackWarning], "error": error}
+    return found
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
@@ -180,24 +183,18 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
                 results[name] = _run_case(name, rank, counter)
             except Exception:
                 results[name] = {"error": traceback.format_exc()}
-        results["partial_dense_block"] = _run_partial_dense_block()
+        results["unsynchronizable"] = _run_unsynchronizable_partial_dense_blocks()
     finally:
         with open(f"{out_dir}/rank{rank}.json", "w") as f:
             json.dump(results, f)
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> list[dict]:
     """Every rank's results of the spawned cases: [rank 0's, rank 1's]."""
     out_dir = tmp_path_factory.mktemp("distributed")
-    mp.spawn(_worker, args=(_free_port(), str(out_dir)), nprocs=WORLD_SIZE, join=True)
+    mp.spawn(_worker, args=(collectives.free_port(), str(out_dir)), nprocs=WORLD_SIZE, join=True)
     return [json.loads((out_dir / f"rank{rank}.json").read_text()) for rank in range(WORLD_SIZE)]
 
 
@@ -212,21 +209,53 @@ def test_training_steps_match_the_reference_on_the_whole_batch(results, case):
 @pytest.mark.parametrize("case", [name for name, case in CASES.items() if case.mode != "local-ddp"])
 def test_one_all_reduce_per_layer_and_pass(results, case):
     """Fused: one all_reduce per synchronized layer in forward (3C + 1 values) and one in backward
-    (2C), no all_gather. Eager nn.SyncBatchNorm would run one all_gather (W·(2C + 1) values) per
-    layer in forward and one all_reduce (2C) per layer in backward."""
+    (2C), no all_gather; in a dense block each buffer channel's statistics once, so per pass 2L + T
+    all_reduces (L layers, T transitions: x's channels, per layer its bottleneck and, but for the
+    last layer, its new channels, each transition), as many as its BatchNorms
+    (ops/sync_dense.py). Eager nn.SyncBatchNorm would run one all_gather (W·(2C + 1) values) per
+    layer in forward and one all_reduce (2C) per layer in backward, a dense layer's norm1 over the
+    whole prefix it reads: as many collectives, more values."""
+    case_spec = CASES[case]
+    ref = case_spec.reference(*case_spec.args, **case_spec.kwargs).to(case_spec.dtype)
+    eager = collectives.eager_collectives(ref, torch.randn(BATCH // WORLD_SIZE, *case_spec.shape,
+                                                           dtype=case_spec.dtype), WORLD_SIZE)
     for rank_results in results:
         case_results = rank_results[case]
         assert "error" not in case_results, case_results.get("error")
         layers, channels = case_results["batch_norms"], case_results["channels"]
         for step in case_results["steps"]:
-            assert step == {"all_reduce": [2 * layers, 5 * channels + layers], "all_gather": [0, 0]}
+            assert {name: counts[:2] for name, counts in step.items()} == {
+                "all_reduce": [2 * layers, 5 * channels + layers], "all_gather": [0, 0]}
+            assert step["all_reduce"][0] == eager["all_reduce"][0] + eager["all_gather"][0]
+            fused_values, eager_values = step["all_reduce"][1], eager["all_reduce"][1] + eager["all_gather"][1]
+            dense = case.startswith(("pdb", "dense"))  # eager's norm1s each send their whole prefix
+            assert fused_values < eager_values if dense else fused_values <= eager_values
 
 
-def test_partial_dense_block_falls_back_naming_the_reason(results):
+def test_unsynchronizable_partial_dense_block_falls_back_naming_the_reason(results):
     for rank_results in results:
-        found = rank_results["partial_dense_block"]
-        assert any("does not synchronize" in w and "PartialDenseBlock" in w for w in found["warnings"]), found
-        assert "SyncBatchNorm expected input tensor to be on GPU" in found["error"], found
+        found = rank_results["unsynchronizable"]
+        mixed, two_groups = found["mixed"], found["two_groups"]
+        assert any("dense.denselayer2.norm2 (BatchNorm2d) does not synchronize" in w and "PartialDenseBlock" in w
+                   for w in mixed["warnings"]), mixed
+        assert any("over different process groups" in w and "transition.bn" in w
+                   for w in two_groups["warnings"]), two_groups
+        for what in (mixed, two_groups):
+            assert "SyncBatchNorm expected input tensor to be on GPU" in what["error"], what
+
+
+def test_benchmark_counts_collectives_fused_and_eager():
+    """benchmarks.collectives: per step as many collectives as eager's (2 per BatchNorm), fewer
+    values for the dense block, whose eager norm1s each reduce their whole prefix."""
+    rows = {row["module"]: row for row in collectives.measure(WORLD_SIZE)}
+    assert rows.keys() == set(collectives.MODULES)
+    for row in rows.values():
+        fused, eager = row["fused"], row["eager"]
+        assert fused["all_reduce"][0] == eager["all_reduce"][0] + eager["all_gather"][0] == 2 * row["batch_norms"]
+        assert fused["all_gather"] == [0, 0, 0]
+    dense = rows["PartialDenseBlock"]
+    assert dense["fused"]["all_reduce"][1] < (dense["eager"]["all_reduce"][1] + dense["eager"]["all_gather"][1]) / 2
+    assert "PartialDenseBlock" in collectives.format_rows(list(rows.values()), WORLD_SIZE)
 
 
 # -- in one process -----------------------------------------------------------------------------

@@ -1,13 +1,17 @@
-"""Fused PartialDenseBlock: the drop-in twin of `reference.PartialDenseBlock` (same __init__
-signature, state_dict, forward, backward and running-statistics updates), computed by
-`csp_kernels.ops.dense` (one concat buffer, statistics once per channel, a recomputing
-backward; see that module's docstring).
+"""Fused PartialDenseBlock and DenseBlock: the drop-in twins of `reference.PartialDenseBlock`
+and `reference.DenseBlock` (same __init__ signature, state_dict, forward, backward and
+running-statistics updates), computed by `csp_kernels.ops.dense` (one concat buffer, statistics
+once per channel, a recomputing backward; see that module's docstring). A DenseBlock is the op's
+dense part without a transition (fusion NO_TRANSITION): its output is the concat buffer itself.
+Both share everything below through `_FusedDense`.
 
 Which path runs follows the BatchNorms' own `training` flags, as the reference's numbers do
 (the block's mode matters only through them):
 - all training: the `csp_kernels::partial_dense_block` op, then the running statistics of
   every BatchNorm updated from the statistics it returns, exactly as nn.BatchNorm2d would (also
-  under torch.no_grad).
+  under torch.no_grad). All training nn.SyncBatchNorms over one process group of more than one
+  process (`sync_group`), on any device: `ops.sync_dense`, the op's computation with every
+  statistic and backward sum over the group's batch, running statistics as nn.SyncBatchNorm's.
 - all in eval, without autograd recording (torch.no_grad / inference_mode, or nothing requires
   grad): the folded inference forward (`ops.dense_eval`); the folded parameters are cached and
   refolded when eps or the value of any tensor the fold reads changes (compared with a copy
@@ -17,10 +21,13 @@ Which path runs follows the BatchNorms' own `training` flags, as the reference's
   `ReferenceFallbackWarning` naming the reason, for what the fused op does not model: eval
   while autograd records (e.g. frozen BatchNorms under fine-tuning), some BatchNorms frozen
   and others training, BatchNorms that differ from the defaults the op assumes (affine,
-  tracking running statistics, one shared eps, not a training SyncBatchNorm in a process group
-  of more than one process: the op computes its statistics inside, unsynchronized; alone in its
-  group a SyncBatchNorm is BatchNorm2d), and convolutions or BatchNorms replaced or changed (a
-  bias, another geometry or padding_mode, another module type, forward hooks).
+  tracking running statistics, one shared eps, all synchronized over one process group or none:
+  a layer's statistics are every later layer's; alone in its group a SyncBatchNorm is
+  BatchNorm2d), and convolutions or BatchNorms replaced or changed (a
+  bias, another geometry or padding_mode, another module type, forward hooks, on the dense
+  layers too), and torchvision `_DenseLayer`s (which `csp_kernels.convert` puts into a
+  DenseBlock) with dropout in training or memory_efficient checkpointing in a training step
+  (`torchvision_layer_reason`).
 Input in any memory format (channels_last included) is copied once into the NCHW concat
 buffer; outputs are NCHW-contiguous.
 
@@ -30,15 +37,18 @@ entry (one rounding each), BatchNorm parameters and statistics in float32 (eval 
 for a float16/bfloat16 module, `ops.dense_eval`). It returns the dtype the reference returns
 under autocast: the autocast dtype, except for fusion "last", whose concat of the untouched
 part 1 with the transition's output promotes (float32 for a float32 x), part 1 passed through
-exactly.
+exactly; likewise a DenseBlock's output, whose first in_channels channels are x.
 """
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
+from torch import nn
 
 from .. import backend, checks, reference
 from ..ops import dense as dense_ops
-from ..ops import dense_eval
+from ..ops import dense_eval, sync_dense
+from ..ops.sync_batch_norm import process_group_of, sync_group
 from .transition import batch_norm_reason, conv_reason, fold_cache_hit, fold_key, snapshot, track_batch_stats
 
 # (kernel_size, stride, padding, dilation, groups) the fused op computes each conv with.
@@ -46,18 +56,38 @@ _CONV1X1 = ((1, 1), (1, 1), (0, 0), (1, 1), 1)
 _CONV3X3 = ((3, 3), (1, 1), (1, 1), (1, 1), 1)
 
 
-class PartialDenseBlock(reference.PartialDenseBlock):
-    __doc__ = reference.PartialDenseBlock.__doc__
+# The dense layer classes the op computes, by (module, qualified name): a subclass may compute
+# something else; torchvision's is matched by name so that torchvision is not imported.
+_DENSE_LAYERS = {(reference.DenseLayer.__module__, "DenseLayer"), ("torchvision.models.densenet", "_DenseLayer")}
 
-    def __init__(self, in_channels: int, num_layers: int, growth_rate: int, part_ratio: float = 0.5,
-                 bn_size: int = 4, fusion: str = "last", act: str = "relu", out_channels: int | None = None):
-        super().__init__(in_channels, num_layers, growth_rate, part_ratio, bn_size, fusion, act, out_channels)
+
+class _FusedDense(nn.Module):
+    """What the fused dense blocks share, over their reference class (second base): fallback
+    reasons, the forward, the training op's bookkeeping and the eval fold cache. A block says
+    where its dense layers are (`_DENSE`: the name of its reference.DenseBlock child, "" for
+    itself), its transitions (`_transition_names`), the op's (part1, fusion) (`_layout`) and how
+    many leading output channels are x itself (`_exact_head`)."""
+
+    _DENSE = ""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         self._eval_cache: tuple[tuple, tuple, dense_eval.EvalParams] | None = None  # (key, snapshot, params)
+
+    def _transition_names(self) -> tuple[str, ...]:
+        return ()
+
+    def _layout(self) -> tuple[int, str]:
+        return 0, dense_ops.NO_TRANSITION
+
+    def _exact_head(self) -> int:
+        return 0
 
     @property
     def act_name(self) -> str:
         """The kernels' name for what the transitions' `act` modules compute now ("" if none)."""
-        return checks.kernel_activation(*(t.act for t in self._transitions()))[0]
+        transitions = self._transitions()
+        return checks.kernel_activation(*(t.act for t in transitions))[0] if transitions else ""
 
     def _act_reason(self) -> str:
         """Why the fused op cannot compute the activations the block holds now, or "": the
@@ -67,17 +97,40 @@ class PartialDenseBlock(reference.PartialDenseBlock):
                                                                                                 layer.relu2)))
         if not reason and dense_act != dense_ops.DENSE_ACT:
             reason = f"dense layers' activation {dense_act} (the fused op's are {dense_ops.DENSE_ACT})"
-        return reason or checks.kernel_activation(*(t.act for t in self._transitions()))[1]
+        transitions = self._transitions()
+        return reason or (checks.kernel_activation(*(t.act for t in transitions))[1] if transitions else "")
 
     # -- the module's parameters in the op's order ---------------------------------------------
 
+    def _dense_block(self) -> reference.DenseBlock:
+        return getattr(self, self._DENSE) if self._DENSE else self
+
+    def _records(self, x: torch.Tensor) -> bool:
+        """Whether autograd records a call on x: grad mode, and x or a parameter requires grad."""
+        return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
+
+    def torchvision_layer_reason(self, x: torch.Tensor | None = None) -> str:
+        """Why torchvision `_DenseLayer`s compute what the fused op does not on input x, or "":
+        dropout of their new features (drop_rate > 0) while training, and memory_efficient
+        checkpointing while autograd records with norm1 training, whose recompute in the backward
+        updates norm1's running statistics a second time (the fused op updates them once). x
+        None (what `csp_kernels.convert` asks): either attribute set, in any mode."""
+        for index, layer in enumerate(self._layers(), 1):
+            if getattr(layer, "drop_rate", 0.0) > 0 and (x is None or layer.training):
+                return (f"dense layer {index} has drop_rate={layer.drop_rate} (torchvision's dropout of the new "
+                        "features in training; the fused op has none)")
+            if getattr(layer, "memory_efficient", False) and (x is None or (layer.norm1.training and
+                                                                            self._records(x))):
+                return (f"dense layer {index} has memory_efficient=True (torchvision's checkpoint recomputes norm1 in "
+                        "the backward, which updates its running statistics twice per training step, the fused op "
+                        "once; it saves less than the checkpoint anyway: set memory_efficient=False)")
+        return ""
+
     def _layers(self) -> list[reference.DenseLayer]:
-        return list(self.dense.children())
+        return list(self._dense_block().children())
 
     def _transitions(self) -> list[reference.ConvBNAct]:
-        if self.fusion == "csp":
-            return [self.transition1, self.transition2]
-        return [self.transition]
+        return [getattr(self, name) for name in self._transition_names()]
 
     def _norms(self) -> list[torch.nn.BatchNorm2d]:
         return [bn for layer in self._layers() for bn in (layer.norm1, layer.norm2)] + [
@@ -93,26 +146,56 @@ class PartialDenseBlock(reference.PartialDenseBlock):
         return [p for t in self._transitions() for p in (t.conv.weight, t.bn.weight, t.bn.bias)]
 
     def _module_reason(self) -> str:
-        """Why the fused op cannot compute the convolutions and BatchNorms the block holds now
-        (each as transition.conv_reason / batch_norm_reason, with the op's fixed geometry), or ""."""
-        for name, layer in self.dense.named_children():
+        """Why the fused op cannot compute the dense layers, convolutions and BatchNorms the
+        block holds now (each as dense_layer_reason, transition.conv_reason / batch_norm_reason,
+        with the op's fixed geometry; one eps for all BatchNorms, channels as _channels_reason),
+        or ""."""
+        prefix = f"{self._DENSE}." if self._DENSE else ""
+        for name, layer in self._dense_block().named_children():
+            if reason := dense_layer_reason(layer, prefix + name):
+                return reason
             for part in ("norm1", "norm2"):
-                if reason := batch_norm_reason(getattr(layer, part), f"dense.{name}.{part}"):
+                if reason := batch_norm_reason(getattr(layer, part), f"{prefix}{name}.{part}", synchronizes=True):
                     return reason
             for part, geometry in (("conv1", _CONV1X1), ("conv2", _CONV3X3)):
-                if reason := conv_reason(getattr(layer, part), f"dense.{name}.{part}", geometry):
+                if reason := conv_reason(getattr(layer, part), f"{prefix}{name}.{part}", geometry):
                     return reason
-        for name in ("transition1", "transition2") if self.fusion == "csp" else ("transition",):
+        for name in self._transition_names():
             t = getattr(self, name)
-            if reason := conv_reason(t.conv, f"{name}.conv", _CONV1X1) or batch_norm_reason(t.bn, f"{name}.bn"):
+            if reason := conv_reason(t.conv, f"{name}.conv", _CONV1X1) or batch_norm_reason(t.bn, f"{name}.bn",
+                                                                                              synchronizes=True):
                 return reason
+        norms = self._norms()
+        if any(bn.eps != norms[0].eps for bn in norms):
+            return "BatchNorms with different eps"
+        return self._channels_reason()
+
+    def _channels_reason(self) -> str:
+        """Why the dense layers' channels do not chain as the op's buffer does, or "": layer j
+        reads in_channels + j * growth_rate channels and adds growth_rate, all through one
+        bottleneck width (layers replaced or built elsewhere may not)."""
+        dense, layers = self._dense_block(), self._layers()
+        bottleneck = layers[0].conv1.out_channels
+        for j, layer in enumerate(layers):
+            c = dense.in_channels + j * dense.growth_rate
+            channels = (layer.norm1.num_features, layer.conv1.in_channels, layer.conv1.out_channels,
+                        layer.norm2.num_features, layer.conv2.in_channels, layer.conv2.out_channels)
+            expected = (c, c, bottleneck, bottleneck, bottleneck, dense.growth_rate)
+            if channels != expected:
+                return (f"dense layer {j + 1}'s (norm1, conv1 in, conv1 out, norm2, conv2 in, conv2 out) channels are "
+                        f"{channels}, not {expected} (the fused op's concat buffer and bottleneck)")
         return ""
+
+    def fusion_reason(self) -> str:
+        """Why the fused op cannot compute the modules this block holds, in any mode, or "" (what
+        `csp_kernels.convert` checks before it swaps a block in)."""
+        return self._module_reason() or self._act_reason() or self.torchvision_layer_reason()
 
     def _unfusable_reason(self, x: torch.Tensor) -> str:
         """Why this call runs the reference, or "" when the fused op covers it: the modules it
         models (_module_reason), all BatchNorms in one mode (batch statistics for all: the
         training op; running statistics for all: the eval op, inference-only, so only while
-        autograd does not record) with one eps."""
+        autograd does not record)."""
         if tracing := backend.tracing_reason():
             return tracing
         if reason := self._module_reason():
@@ -121,12 +204,31 @@ class PartialDenseBlock(reference.PartialDenseBlock):
         if any(bn.training != norms[0].training for bn in norms):
             return ("BatchNorms in both train and eval mode (frozen BatchNorms in a training block; the fused op "
                     "normalizes all with batch statistics or all with running statistics)")
-        if any(bn.eps != norms[0].eps for bn in norms):
-            return "BatchNorms with different eps"
-        if not norms[0].training and torch.is_grad_enabled() and (
-                x.requires_grad or any(p.requires_grad for p in self.parameters())):
+        if reason := self._sync_reason():
+            return reason
+        if reason := self.torchvision_layer_reason(x):
+            return reason
+        if not norms[0].training and self._records(x):
             return ("BatchNorms in eval mode with autograd recording (the fused eval is inference-only: run it "
                     "under torch.no_grad(), or freeze the parameters and input)")
+        return ""
+
+    def _sync_reason(self) -> str:
+        """Why the BatchNorms would not normalize over one set of processes, or "": all
+        synchronize over one process group (`sync_group`: training SyncBatchNorms in a group of
+        more than one process) or none does. The op's statistics are shared between layers."""
+        names = {id(m): name for name, m in self.named_modules()}
+        norms = self._norms()
+        groups = [sync_group(bn) for bn in norms]
+        for bn, group in zip(norms[1:], groups[1:]):
+            if group == groups[0]:
+                continue
+            if group is not None and groups[0] is not None:
+                return f"{names[id(norms[0])]} and {names[id(bn)]} are SyncBatchNorms over different process groups"
+            synced, other = (norms[0], bn) if group is None else (bn, norms[0])
+            return (f"{names[id(synced)]} is a SyncBatchNorm over {dist.get_world_size(process_group_of(synced))} "
+                    f"processes but {names[id(other)]} ({type(other).__name__}) does not synchronize: convert the "
+                    "whole block with csp_kernels.distributed.convert_sync_batchnorm")
         return ""
 
     # -- forward -------------------------------------------------------------------------------
@@ -141,7 +243,8 @@ class PartialDenseBlock(reference.PartialDenseBlock):
         if reason:
             backend.warn_reference_fallback(self, reason)
             return super().forward(x)
-        if name == "cpu" and dense_ops.eager_is_faster(x):
+        if name == "cpu" and dense_ops.eager_is_faster(x) and sync_group(self._norms()[0]) is None:
+            # (synchronized, the reference's torch SyncBatchNorm would refuse the CPU)
             return super().forward(x)
         engine = "triton" if name == "triton" else "aten"
         data = x
@@ -150,11 +253,12 @@ class PartialDenseBlock(reference.PartialDenseBlock):
         if self._norms()[0].training:  # all BatchNorms alike (_unfusable_reason); the block's own mode is moot
             out = self._train_forward(data, engine)
         else:
-            out = dense_eval.partial_dense_block_eval(data, self._eval_params(data.dtype), self.part1, self.fusion,
+            out = dense_eval.partial_dense_block_eval(data, self._eval_params(data.dtype), *self._layout(),
                                                       self.act_name, engine)
-        if self.fusion == "last" and data.dtype != x.dtype:
-            # The reference's torch.cat promotes its exact part 1 and the autocast-dtype rest.
-            return torch.cat([x[:, :self.part1], out[:, self.part1:]], 1)
+        head = self._exact_head()
+        if head and data.dtype != x.dtype:
+            # The reference's torch.cat promotes its exact head (x's channels) and the autocast-dtype rest.
+            return torch.cat([x[:, :head], out[:, head:]], 1)
         return out
 
     def _train_forward(self, x: torch.Tensor, engine: str) -> torch.Tensor:
@@ -163,12 +267,15 @@ class PartialDenseBlock(reference.PartialDenseBlock):
         eps = self._norms()[0].eps
         dense_params = [p.to(x.dtype) if p.dim() == 4 else p for p in self.dense_params()]
         transition_params = [p.to(x.dtype) if p.dim() == 4 else p for p in self.transition_params()]
-        (out, _buf, _z_first, _z_last, dense_mean, dense_var, bottleneck_mean, bottleneck_var, t_mean, t_var
-         ) = dense_ops.partial_dense_block(x, dense_params, transition_params, self.part1, self.fusion, self.act_name,
-                                           eps, engine)
-        count = x.shape[0] * x.shape[2] * x.shape[3]
+        args = (x, dense_params, transition_params, *self._layout(), self.act_name, eps, engine)
+        if (group := sync_group(self._norms()[0])) is not None:  # every BatchNorm's (_sync_reason)
+            outputs, count = sync_dense.partial_dense_block_sync(*args, group)
+        else:
+            outputs, count = dense_ops.partial_dense_block(*args), x.shape[0] * x.shape[2] * x.shape[3]
+        out, _buf, _z_first, _z_last, dense_mean, dense_var, bottleneck_mean, bottleneck_var, t_mean, t_var = outputs
+        dense = self._dense_block()
         for j, layer in enumerate(self._layers()):
-            c = self.part2 + j * self.dense.growth_rate
+            c = dense.in_channels + j * dense.growth_rate
             track_batch_stats(layer.norm1, dense_mean[:c], dense_var[:c], count)
             track_batch_stats(layer.norm2, bottleneck_mean[j], bottleneck_var[j], count)
         start = 0
@@ -203,3 +310,45 @@ class PartialDenseBlock(reference.PartialDenseBlock):
         transition_running = [(t.bn.running_mean, t.bn.running_var) for t in self._transitions()]
         return dense_eval.fold_eval_params(self.dense_params(), dense_running, self.transition_params(),
                                            transition_running, self._norms()[0].eps, dtype)
+
+
+def dense_layer_reason(layer: nn.Module, name: str) -> str:
+    """Why the fused op cannot compute dense layer `layer` (called `name`) as a whole, or "": a
+    DenseLayer or torchvision _DenseLayer (by exact class), its forward neither replaced on the
+    instance nor hooked (the fused op would not run either)."""
+    if (type(layer).__module__, type(layer).__qualname__) not in _DENSE_LAYERS:
+        return f"{name} is {type(layer).__qualname__} (the fused op computes DenseLayer and torchvision's _DenseLayer)"
+    if "forward" in vars(layer):
+        return f"{name}'s forward is replaced on the instance (the fused op would not run it)"
+    if layer._forward_hooks or layer._forward_pre_hooks:
+        return f"a forward hook on {name} (the fused op would skip it)"
+    return ""
+
+
+class PartialDenseBlock(_FusedDense, reference.PartialDenseBlock):
+    __doc__ = reference.PartialDenseBlock.__doc__
+
+    _DENSE = "dense"
+
+    def __init__(self, in_channels: int, num_layers: int, growth_rate: int, part_ratio: float = 0.5,
+                 bn_size: int = 4, fusion: str = "last", act: str = "relu", out_channels: int | None = None):
+        super().__init__(in_channels, num_layers, growth_rate, part_ratio, bn_size, fusion, act, out_channels)
+
+    def _transition_names(self) -> tuple[str, ...]:
+        return ("transition1", "transition2") if self.fusion == "csp" else ("transition",)
+
+    def _layout(self) -> tuple[int, str]:
+        return self.part1, self.fusion
+
+    def _exact_head(self) -> int:
+        return self.part1 if self.fusion == "last" else 0
+
+
+class DenseBlock(_FusedDense, reference.DenseBlock):
+    __doc__ = reference.DenseBlock.__doc__
+
+    def __init__(self, in_channels: int, num_layers: int, growth_rate: int, bn_size: int = 4):
+        super().__init__(in_channels, num_layers, growth_rate, bn_size)
+
+    def _exact_head(self) -> int:
+        return self.in_channels

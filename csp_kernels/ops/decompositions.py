@@ -29,7 +29,7 @@ from torch._decomp import register_decomposition
 
 from .. import checks, extension, reference
 from .batch_norm_act import bn_scale_shift, stats_dtype
-from .dense import DENSE_ACT, Geometry, layer_params, transition_params_of
+from .dense import DENSE_ACT, NO_TRANSITION, Geometry, layer_params, transition_params_of
 
 _ops = torch.ops.csp_kernels
 
@@ -165,6 +165,11 @@ def _partial_dense_block(x, dense_params, transition_params, part1, fusion, act,
         stats.append(_channel_stats(dense_chunks[-1]))
     dense = torch.cat(dense_chunks, 1)
     buf = torch.cat([x[:, :part1], dense], 1)
+    dense_stats = (torch.cat([m for m, _ in stats]), torch.cat([v for _, v in stats]),
+                   torch.stack([m for m, _ in bottleneck_stats]), torch.stack([v for _, v in bottleneck_stats]))
+    if fusion == NO_TRANSITION:  # the buffer is the output; the other slots are empty
+        no_stats = x.new_empty(0, dtype=dense_stats[0].dtype)
+        return (buf, x.new_empty(0), x.new_empty(0), x.new_empty(0), *dense_stats, no_stats, no_stats.clone())
 
     def transition(inp, index):
         weight, bn_weight, bn_bias = transition_params_of(transition_params, index)
@@ -182,9 +187,7 @@ def _partial_dense_block(x, dense_params, transition_params, part1, fusion, act,
         y, z_first, mean_first, var_first = transition(dense, 0)
         out, z_last, t_mean, t_var = transition(torch.cat([x[:, :part1], y], 1), 1)
         t_mean, t_var = torch.cat([mean_first, t_mean]), torch.cat([var_first, t_var])
-    return (out, buf, z_first, z_last, torch.cat([m for m, _ in stats]), torch.cat([v for _, v in stats]),
-            torch.stack([m for m, _ in bottleneck_stats]), torch.stack([v for _, v in bottleneck_stats]), t_mean,
-            t_var)
+    return (out, buf, z_first, z_last, *dense_stats, t_mean, t_var)
 
 
 # -- the compiled (C++) ops --------------------------------------------------------------------

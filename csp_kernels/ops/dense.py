@@ -6,7 +6,10 @@ Layout. One buffer `buf` (batch, part1 + t, height, width), t = part2 + num_laye
 x is copied in once (part 1 first, then part 2, as in x), dense layer j reads the channel prefix
 `buf[:, part1 : part1 + c_j]` (c_j = part2 + j * growth) in place and writes its growth channels
 right after it. With fusion "first" the transition reads `buf` whole, so the concat with part 1
-is free; "last" and "csp" read the dense part `buf[:, part1:]`.
+is free; "last" and "csp" read the dense part `buf[:, part1:]`. Fusion "none" (NO_TRANSITION:
+a whole DenseBlock, part1 = 0 and no transition) returns `buf` itself as the output, so that the
+buffer the backward needs is the output, saved once; the backward starts from a copy of the
+output's gradient, into which the dense layers' backward accumulates in place.
 
 Training (`partial_dense_block`, a torch.library custom op with registered autograd):
   forward   per layer: conv1 with BN1+ReLU of the prefix applied on load (shared statistics)
@@ -30,7 +33,9 @@ Training (`partial_dense_block`, a torch.library custom op with registered autog
             final. conv1's recompute and weight gradient normalize the prefix on load; each
             transition's backward is `conv1x1_bn_act_backward`.
 Running statistics are returned (biased batch variance), and updated by the module, which keeps
-the op functional.
+the op functional. Every BatchNorm's statistics and backward sums pass through `LocalStatistics`
+hooks (`block_train`, `block_backward`), which `ops.sync_dense` overrides to synchronize them
+over a process group.
 
 The eval forward, with BatchNorms folded, is `ops.dense_eval`.
 
@@ -58,7 +63,7 @@ import torch
 
 from .. import extension  # noqa: F401  (loads csp_kernels._C, which defines the C++ ops)
 from ..checks import env_choice
-from .batch_norm_act import (bn_act_backward, bn_scale_shift, channel_stats, plane_contiguous, scale_shift_act,
+from .batch_norm_act import (bn_scale_shift, channel_stats, plane_contiguous, scale_shift_act,
                              stats_dtype)
 from .conv1x1 import conv1x1_bn_act_backward, conv1x1_fused, conv1x1_input_grad, conv1x1_weight_grad
 from .conv3x3 import conv3x3
@@ -68,6 +73,7 @@ _ops = torch.ops.csp_kernels
 DENSE_PARAMS_PER_LAYER = 6
 TRANSITION_PARAMS = 3
 DENSE_ACT = "relu"  # DenseNet's layers always use ReLU; `act` is the transitions'.
+NO_TRANSITION = "none"  # the fusion value of a whole DenseBlock: the concat buffer is the output
 
 # CPU maps of at most this many pixels run the block as plain PyTorch (`eager_is_faster`).
 SMALL_MAP_PIXELS = 16
@@ -98,6 +104,26 @@ if extension._C is not None:
         return None
 
 
+class LocalStatistics:
+    """Each BatchNorm's batch statistics over this process's batch (nn.BatchNorm2d's). The
+    training block passes every per-channel statistic and backward sum through these hooks,
+    which `ops.sync_dense.GroupStatistics` overrides to make them a process group's."""
+
+    def stats(self, mean: torch.Tensor, var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (mean, biased var) to normalize with, from this process's: (channels,) each."""
+        return mean, var
+
+    def sums(self, sum_dpre: torch.Tensor, sum_dpre_xhat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The BN backward sums (channels,) to correct with, from this process's, as the kernels
+        take them (they divide by this process's count)."""
+        return sum_dpre, sum_dpre_xhat
+
+    conv1x1_bn_act_backward = staticmethod(conv1x1_bn_act_backward)  # a transition's backward
+
+
+LOCAL = LocalStatistics()
+
+
 def bn_act_backward_accumulate(grad_a, x, mean, invstd, weight, bias, act, grad_acc):
     """dpre = grad_a * act'(weight * xhat + bias); grad_acc += weight * dpre (in place).
 
@@ -108,7 +134,7 @@ def bn_act_backward_accumulate(grad_a, x, mean, invstd, weight, bias, act, grad_
     return _ops.bn_act_backward_accumulate(grad_a, x, mean, invstd, weight, bias, act, grad_acc)
 
 
-def dense_conv1_backward(grad_b, z, bn2, x, bn1, act, weight, grad_acc, engine="aten"):
+def dense_conv1_backward(grad_b, z, bn2, x, bn1, act, weight, grad_acc, engine="aten", hooks=LOCAL):
     """A dense layer's conv1 backward, from the gradient of BN2+act's output `grad_b`.
 
     grad_b, z: (batch, bottleneck, height, width), z conv1's output; x, grad_acc: (batch, c,
@@ -122,15 +148,17 @@ def dense_conv1_backward(grad_b, z, bn2, x, bn1, act, weight, grad_acc, engine="
     never leave the cache. "triton": `bn_act_backward`, then the two GEMMs of
     `csp_kernels.triton.conv1x1_backward` (the prefix normalized on load; the input gradient
     consumed by its epilogue). Elsewhere: `bn_act_backward`, the two GEMMs (the weight gradient
-    normalizing the prefix into a temporary) and `bn_act_backward_accumulate`.
+    normalizing the prefix into a temporary) and `bn_act_backward_accumulate`. BN2's correction
+    takes its backward sums as `hooks.sums` returns them (`LOCAL`: unchanged).
     """
+    grad_b, z = plane_contiguous(grad_b), plane_contiguous(z)
+    grad_bn2_b, grad_bn2_w = _ops.bn_act_backward_reduce(grad_b, z, *bn2, act)
+    sums2 = hooks.sums(grad_bn2_b, grad_bn2_w)
     if engine == "aten" and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
-        grad_b, z = plane_contiguous(grad_b), plane_contiguous(z)
-        sum2, sum_xhat2 = _ops.bn_act_backward_reduce(grad_b, z, *bn2, act)
-        grad_weight, sum1, sum_xhat1 = _ops.dense_conv1_backward(grad_b, z, *bn2, sum2, sum_xhat2, x, *bn1, act,
+        grad_weight, sum1, sum_xhat1 = _ops.dense_conv1_backward(grad_b, z, *bn2, *sums2, x, *bn1, act,
                                                                  weight.flatten(1).contiguous(), grad_acc)
-        return grad_weight.view(weight.shape), sum_xhat2, sum2, sum1, sum_xhat1
-    grad_z, grad_bn2_w, grad_bn2_b = bn_act_backward(grad_b, z, *bn2, act)
+        return grad_weight.view(weight.shape), grad_bn2_w, grad_bn2_b, sum1, sum_xhat1
+    grad_z = _ops.bn_act_backward_apply(grad_b, z, *bn2, *sums2, act)
     mean1, invstd1, weight1, bias1 = bn1
     scale1 = weight1 * invstd1
     if engine == "triton":
@@ -207,7 +235,7 @@ def transition_params_of(transition_params, index: int):
 
 def _check_batch(g: Geometry) -> None:
     if g.count <= 1:
-        raise ValueError(f"a training PartialDenseBlock needs more than 1 value per channel "
+        raise ValueError(f"a training dense block needs more than 1 value per channel "
                          f"(batch * height * width); got input shape "
                          f"{(g.batch, g.part1 + g.part2, g.height, g.width)}")
 
@@ -221,22 +249,23 @@ def new_buffer(x: torch.Tensor, g: Geometry, channels: int | None = None) -> tor
     return buf
 
 
-def _transition_train(inp, params, eps, act, out, engine):
+def _transition_train(inp, params, eps, act, out, engine, hooks=LOCAL):
     """Training 1x1 ConvBNAct of `inp` written into `out`; returns (pre-BN z, mean, var)."""
     weight, bn_weight, bn_bias = params
     z, mean, var = conv1x1_fused(inp, weight, stats=True, engine=engine)
+    mean, var = hooks.stats(mean, var)
     scale_shift_act(z, *bn_scale_shift(mean, var, bn_weight, bn_bias, eps), act, out=out)
     return z, mean, var
 
 
-def _dense_train(buf, dense_params, g: Geometry, eps, engine):
+def _dense_train(buf, dense_params, g: Geometry, eps, engine, hooks=LOCAL):
     """Runs the dense layers into `buf`; returns (dense mean, dense var, bottleneck mean (L, 4k),
     bottleneck var (L, 4k))."""
     dense = buf[:, g.part1:]
     sdtype = stats_dtype(buf.dtype)
     mean = buf.new_empty(g.dense_channels, dtype=sdtype)
     var = torch.empty_like(mean)
-    mean[: g.part2], var[: g.part2] = channel_stats(dense[:, : g.part2])
+    mean[: g.part2], var[: g.part2] = hooks.stats(*channel_stats(dense[:, : g.part2]))
     bottleneck_mean = buf.new_empty(g.num_layers, g.bottleneck, dtype=sdtype)
     bottleneck_var = torch.empty_like(bottleneck_mean)
     # One bottleneck for all layers: a fresh allocation per layer costs page faults on its first
@@ -249,10 +278,13 @@ def _dense_train(buf, dense_params, g: Geometry, eps, engine):
         z, bottleneck_mean[j], bottleneck_var[j] = conv1x1_fused(
             dense[:, :c], conv1_w, in_scale=scale1, in_shift=shift1, in_act=DENSE_ACT, out=bottleneck, stats=True,
             engine=engine)
+        bottleneck_mean[j], bottleneck_var[j] = hooks.stats(bottleneck_mean[j], bottleneck_var[j])
         scale_shift_act(z, *bn_scale_shift(bottleneck_mean[j], bottleneck_var[j], norm2_w, norm2_b, eps),
                         DENSE_ACT, out=z)
         new = conv3x3(z, conv2_w, out=dense[:, c: c + g.growth])
-        mean[c: c + g.growth], var[c: c + g.growth] = channel_stats(new)
+        stats = channel_stats(new)
+        # The last layer's channels feed no BN1 (a transition convolves the raw buffer).
+        mean[c: c + g.growth], var[c: c + g.growth] = hooks.stats(*stats) if j < g.num_layers - 1 else stats
     return mean, var, bottleneck_mean, bottleneck_var
 
 
@@ -273,32 +305,54 @@ def partial_dense_block(x: torch.Tensor, dense_params: list[torch.Tensor], trans
       dense_mean/var   (t,) batch statistics of the buffer's dense channels (norm1's inputs)
       bottleneck_*     (num_layers, bn_size * growth) statistics of conv1's outputs (norm2's)
       transition_*     the transitions' statistics, concatenated in order
-    Variances are biased; the caller updates running statistics.
+    Variances are biased; the caller updates running statistics. Fusion NO_TRANSITION
+    (part1 = 0, no transition_params): out is the concat buffer (batch, in_channels + num_layers
+    * growth, height, width); buf, z_first, z_last and transition_* are empty.
     """
+    return block_train(x, dense_params, transition_params, part1, fusion, act, eps, engine)
+
+
+def block_train(x, dense_params, transition_params, part1, fusion, act, eps, engine, hooks=LOCAL):
+    """`partial_dense_block`'s forward, every BatchNorm's statistics through `hooks`
+    (`ops.sync_dense` synchronizes them), which the op cannot take."""
     g = Geometry.of(x, part1, dense_params)
     _check_batch(g)
     buf = new_buffer(x, g)
-    dense_stats = _dense_train(buf, dense_params, g, eps, engine)
+    dense_stats = _dense_train(buf, dense_params, g, eps, engine, hooks)
+    if fusion == NO_TRANSITION:
+        return (buf, *_empty_slots(x), *dense_stats, *_empty_stats(x))
     dense = buf[:, part1:]
     z_first = x.new_empty(0)
     if fusion == "first":
         first = transition_params_of(transition_params, 0)
         out = x.new_empty(g.batch, first[0].shape[0], g.height, g.width)
-        z_last, t_mean, t_var = _transition_train(buf, first, eps, act, out, engine)
+        z_last, t_mean, t_var = _transition_train(buf, first, eps, act, out, engine, hooks)
     elif fusion == "last":
         first = transition_params_of(transition_params, 0)
         out = x.new_empty(g.batch, part1 + first[0].shape[0], g.height, g.width)
         out[:, :part1].copy_(x[:, :part1])
-        z_last, t_mean, t_var = _transition_train(dense, first, eps, act, out[:, part1:], engine)
+        z_last, t_mean, t_var = _transition_train(dense, first, eps, act, out[:, part1:], engine, hooks)
     else:
         cat = _csp_concat_head(buf, g, transition_params_of(transition_params, 0)[0].shape[0])
         z_first, mean_first, var_first = _transition_train(
-            dense, transition_params_of(transition_params, 0), eps, act, cat[:, part1:], engine)
+            dense, transition_params_of(transition_params, 0), eps, act, cat[:, part1:], engine, hooks)
         second = transition_params_of(transition_params, 1)
         out = x.new_empty(g.batch, second[0].shape[0], g.height, g.width)
-        z_last, t_mean, t_var = _transition_train(cat, second, eps, act, out, engine)
+        z_last, t_mean, t_var = _transition_train(cat, second, eps, act, out, engine, hooks)
         t_mean, t_var = torch.cat([mean_first, t_mean]), torch.cat([var_first, t_var])
     return (out, buf, z_first, z_last, *dense_stats, t_mean, t_var)
+
+
+def _empty_slots(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """buf, z_first and z_last of fusion NO_TRANSITION: empty, each its own tensor (the op's
+    outputs must not alias each other)."""
+    return x.new_empty(0), x.new_empty(0), x.new_empty(0)
+
+
+def _empty_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """transition_mean and transition_var of fusion NO_TRANSITION: empty."""
+    sdtype = stats_dtype(x.dtype)
+    return x.new_empty(0, dtype=sdtype), x.new_empty(0, dtype=sdtype)
 
 
 def _csp_concat_head(buf, g: Geometry, first_channels: int) -> torch.Tensor:
@@ -314,6 +368,11 @@ def _(x, dense_params, transition_params, part1, fusion, act, eps, engine):
     g = Geometry.of(x, part1, dense_params)
     sdtype = stats_dtype(x.dtype)
     t = g.dense_channels
+    bottleneck_stats = (x.new_empty(g.num_layers, g.bottleneck, dtype=sdtype),
+                        x.new_empty(g.num_layers, g.bottleneck, dtype=sdtype))
+    if fusion == NO_TRANSITION:
+        return (x.new_empty(g.batch, t, g.height, g.width), *_empty_slots(x), x.new_empty(t, dtype=sdtype),
+                x.new_empty(t, dtype=sdtype), *bottleneck_stats, *_empty_stats(x))
     last_out = transition_params[-TRANSITION_PARAMS].shape[0]
     out_channels = last_out + (part1 if fusion == "last" else 0)
     transition_channels = sum(w.shape[0] for w in transition_params[::TRANSITION_PARAMS])
@@ -322,13 +381,12 @@ def _(x, dense_params, transition_params, part1, fusion, act, eps, engine):
     return (new(g.batch, out_channels, g.height, g.width), new(g.batch, part1 + t, g.height, g.width),
             new(g.batch, first_out, g.height, g.width) if first_out else new(0),
             new(g.batch, last_out, g.height, g.width), new(t, dtype=sdtype), new(t, dtype=sdtype),
-            new(g.num_layers, g.bottleneck, dtype=sdtype), new(g.num_layers, g.bottleneck, dtype=sdtype),
-            new(transition_channels, dtype=sdtype), new(transition_channels, dtype=sdtype))
+            *bottleneck_stats, new(transition_channels, dtype=sdtype), new(transition_channels, dtype=sdtype))
 
 
 def _setup_context(ctx, inputs, output):
     x, dense_params, transition_params, part1, fusion, act, eps, engine = inputs
-    _, buf, z_first, z_last, dense_mean, dense_var, bottleneck_mean, bottleneck_var, t_mean, t_var = output
+    out, buf, z_first, z_last, dense_mean, dense_var, bottleneck_mean, bottleneck_var, t_mean, t_var = output
     ctx.geometry = Geometry.of(x, part1, dense_params)
     ctx.fusion, ctx.act, ctx.eps, ctx.engine = fusion, act, eps, engine
     ctx.num_dense, ctx.num_transition = len(dense_params), len(transition_params)
@@ -337,11 +395,18 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(buf, z_first, z_last, dense_mean, dense_var, bottleneck_mean, bottleneck_var, t_mean,
                                 t_var)
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(buf, z_first, z_last, dense_mean, dense_var, bottleneck_mean, bottleneck_var, t_mean, t_var,
-                          *dense_params, *transition_params)
+    saved_buf = out if fusion == NO_TRANSITION else buf  # the output is the buffer: saved once
+    ctx.save_for_backward(saved_buf, z_first, z_last, dense_mean, dense_var, bottleneck_mean, bottleneck_var, t_mean,
+                          t_var, *dense_params, *transition_params)
 
 
 def _backward(ctx, grad_out, *_grads_of_saved_outputs):
+    return block_backward(ctx, grad_out)
+
+
+def block_backward(ctx, grad_out, hooks=LOCAL):
+    """`partial_dense_block`'s backward (`ctx` as `_setup_context` fills it), every BatchNorm's
+    backward sums through `hooks`. Returns the op's input gradients, the lists as lists."""
     if torch.is_grad_enabled():
         raise RuntimeError("csp_kernels.PartialDenseBlock does not support double backward "
                            "(backward with create_graph=True); use csp_kernels.reference.PartialDenseBlock")
@@ -359,14 +424,18 @@ def _backward(ctx, grad_out, *_grads_of_saved_outputs):
     def transition_backward(grad_y, z, mean, var, inp, index):
         """Backward of one transition; returns the gradient of its input."""
         weight, bn_weight, bn_bias = transition_params_of(transition_params, index)
-        grad_inp, grad_weight, grad_bn_w, grad_bn_b = conv1x1_bn_act_backward(
+        grad_inp, grad_weight, grad_bn_w, grad_bn_b = hooks.conv1x1_bn_act_backward(
             grad_y, z, mean, torch.rsqrt(var + eps), bn_weight.to(mean.dtype), bn_bias.to(mean.dtype), act, inp, weight)
         transition_grads[:0] = [grad_weight, grad_bn_w, grad_bn_b]
         return grad_inp
 
-    last_channels = z_last.shape[1]
+    last_channels = z_last.shape[1] if z_last.dim() == 4 else 0  # empty for NO_TRANSITION
     last_mean, last_var = t_mean[-last_channels:], t_var[-last_channels:]
-    if ctx.fusion == "first":
+    if ctx.fusion == NO_TRANSITION:
+        # grad_out is the buffer's gradient: the dense layers' backward accumulates into a copy
+        # (grad_out may be the caller's tensor).
+        grad_buf = grad_dense = grad_out.clone()
+    elif ctx.fusion == "first":
         grad_buf = transition_backward(grad_out, z_last, last_mean, last_var, buf, 0)
         grad_dense, grad_part1 = grad_buf[:, part1:], grad_buf[:, :part1]
     elif ctx.fusion == "last":
@@ -387,10 +456,10 @@ def _backward(ctx, grad_out, *_grads_of_saved_outputs):
         del grad_cat
 
     dense_grads = _dense_backward(grad_dense, buf, dense_params, g, eps, dense_mean, dense_var,
-                                  bottleneck_mean, bottleneck_var, ctx.engine)
+                                  bottleneck_mean, bottleneck_var, ctx.engine, hooks)
     grad_x = None
     if ctx.needs_input_grad[0]:
-        if ctx.fusion == "first":
+        if ctx.fusion in ("first", NO_TRANSITION):
             grad_x = grad_buf[:, : part1 + g.part2]
         else:
             grad_x = torch.cat([grad_part1, grad_dense[:, : g.part2]], 1)
@@ -400,7 +469,7 @@ def _backward(ctx, grad_out, *_grads_of_saved_outputs):
 
 
 def _dense_backward(grad_dense, buf, dense_params, g: Geometry, eps, mean, var, bottleneck_mean, bottleneck_var,
-                    engine):
+                    engine, hooks=LOCAL):
     """Backward of the dense layers, in place on `grad_dense` (batch, t, height, width), which
     holds the transitions' gradient of the dense channels on entry and their full gradient on
     return. Returns the dense parameters' gradients in `dense_params` order."""
@@ -414,8 +483,8 @@ def _dense_backward(grad_dense, buf, dense_params, g: Geometry, eps, mean, var, 
     grads = [None] * len(dense_params)
 
     def correct(lo, hi):
-        bn_grad_correct(grad_acc[:, lo:hi], dense[:, lo:hi], mean[lo:hi], invstd[lo:hi], sum_grad[lo:hi],
-                        sum_grad_xhat[lo:hi], grad_dense[:, lo:hi])
+        bn_grad_correct(grad_acc[:, lo:hi], dense[:, lo:hi], mean[lo:hi], invstd[lo:hi],
+                        *hooks.sums(sum_grad[lo:hi], sum_grad_xhat[lo:hi]), grad_dense[:, lo:hi])
 
     for j in reversed(range(g.num_layers)):
         c = g.prefix(j)
@@ -439,7 +508,7 @@ def _dense_backward(grad_dense, buf, dense_params, g: Geometry, eps, mean, var, 
                                            [1, 1], 1, True, True)
         grad_conv1, grad_norm2_w, grad_norm2_b, grad_norm1_b, grad_norm1_w = dense_conv1_backward(
             grad_b, z, (bottleneck_mean[j], invstd2, norm2_w, norm2_b), dense[:, :c],
-            (mean[:c], invstd[:c], norm1_w, norm1_b), DENSE_ACT, conv1_w, grad_acc[:, :c], engine)
+            (mean[:c], invstd[:c], norm1_w, norm1_b), DENSE_ACT, conv1_w, grad_acc[:, :c], engine, hooks)
         sum_grad[:c] += norm1_w * grad_norm1_b
         sum_grad_xhat[:c] += norm1_w * grad_norm1_w
         grads[DENSE_PARAMS_PER_LAYER * j: DENSE_PARAMS_PER_LAYER * (j + 1)] = [

@@ -1,8 +1,9 @@
 """The partial dense block's inference forward (see `ops.dense` for the layout): BN1 per
 layer applied on conv1's load, BN2 folded into conv1 (bias + ReLU epilogue), every transition's
 BN folded into its conv (`fold_eval_params`), the concat buffer becoming the output where the
-layout allows. In float16/bfloat16 a BN is not folded into the weight (`folds_into_weight`):
-its float32 scale is applied to the conv's output with the shift, before rounding."""
+layout allows (always with fusion NO_TRANSITION, a whole DenseBlock). In float16/bfloat16 a BN
+is not folded into the weight (`folds_into_weight`): its float32 scale is applied to the conv's
+output with the shift, before rounding."""
 from __future__ import annotations
 
 import dataclasses
@@ -13,8 +14,10 @@ from .batch_norm_act import bn_scale_shift, stats_dtype
 from .conv1x1 import conv1x1_fused
 from .conv3x3 import conv3x3, conv3x3_winograd, winograd_usable, winograd_weight
 from .conv3x3_choice import winograd_chosen
-from .dense import DENSE_ACT, DENSE_PARAMS_PER_LAYER, Geometry, layer_params, new_buffer, transition_params_of
+from .dense import (DENSE_ACT, DENSE_PARAMS_PER_LAYER, NO_TRANSITION, Geometry, layer_params, new_buffer,
+                    transition_params_of)
 from .transition import fold_batch_norm, folds_into_weight
+
 
 @dataclasses.dataclass
 class EvalParams:
@@ -70,7 +73,9 @@ def partial_dense_block_eval(x: torch.Tensor, params: EvalParams, part1: int, fu
                              engine: str) -> torch.Tensor:
     """Inference forward with folded parameters (`fold_eval_params`).
 
-    x: (batch, in_channels, height, width) -> (batch, out_channels, height, width)
+    x: (batch, in_channels, height, width) -> (batch, out_channels, height, width); with fusion
+    NO_TRANSITION (part1 = 0, no transitions) the concat buffer, out_channels = in_channels +
+    num_layers * growth.
 
     Buffers. When the output has at least as many channels as the concat buffer (the usual CSP
     stage, where the last transition keeps the width), the concat buffer is allocated with the
@@ -82,26 +87,19 @@ def partial_dense_block_eval(x: torch.Tensor, params: EvalParams, part1: int, fu
     ~8k faults, ~8 ms here), which this saves for all but one buffer.
     """
     n, _, h, w = x.shape
-    growth = params.conv2[0].shape[0]
-    g = Geometry(n, h, w, part1, x.shape[1] - part1, growth, params.conv1[0][0].shape[0], len(params.conv2))
+    g = Geometry(n, h, w, part1, x.shape[1] - part1, params.conv2[0].shape[0], params.conv1[0][0].shape[0],
+                 len(params.conv2))
+    if fusion == NO_TRANSITION:
+        buf = new_buffer(x, g)
+        _dense_layers_eval(buf, params, g, engine)
+        return buf
     channels = part1 + g.dense_channels
     last_weight, last_bias, last_scale = params.transitions[-1]
     out_channels = last_weight.shape[0] + (part1 if fusion == "last" else 0)
     store = new_buffer(x, g, max(channels, out_channels))
     buf = store[:, :channels]
     dense = buf[:, part1:]
-    bottleneck = g.view(g.scratch(x, g.bottleneck), g.bottleneck)  # one for all layers: fewer page faults
-    for j in range(g.num_layers):
-        c = g.prefix(j)
-        conv1_w, conv1_b, conv1_s = params.conv1[j]
-        scale1, shift1 = params.norm1[j]
-        z = conv1x1_fused(dense[:, :c], conv1_w, in_scale=scale1, in_shift=shift1, in_act=DENSE_ACT, bias=conv1_b,
-                          scale=conv1_s, act=DENSE_ACT, out=bottleneck, engine=engine)
-        if params.conv2_winograd[j] is not None and winograd_usable(z) and winograd_chosen(
-                z.shape, params.conv2[j].shape, transform_cached=True):
-            conv3x3_winograd(z, params.conv2[j], params.conv2_winograd[j], out=dense[:, c: c + growth])
-        else:
-            conv3x3(z, params.conv2[j], out=dense[:, c: c + growth])
+    _dense_layers_eval(dense, params, g, engine)
 
     if fusion == "csp":
         first_weight, first_bias, first_scale = params.transitions[0]
@@ -118,3 +116,21 @@ def partial_dense_block_eval(x: torch.Tensor, params: EvalParams, part1: int, fu
     conv1x1_fused(inp, last_weight, bias=last_bias, scale=last_scale, act=act,
                   out=store[:, part1:] if fusion == "last" else store, engine=engine, in_place=True)
     return store
+
+
+def _dense_layers_eval(dense: torch.Tensor, params: EvalParams, g: Geometry, engine: str) -> None:
+    """Runs the dense layers in place: dense (batch, t, height, width), the buffer's dense part
+    with part 2 filled in; layer j reads its first c_j channels and writes the next growth."""
+    bottleneck = g.view(g.scratch(dense, g.bottleneck), g.bottleneck)  # one for all layers: fewer page faults
+    for j in range(g.num_layers):
+        c = g.prefix(j)
+        conv1_w, conv1_b, conv1_s = params.conv1[j]
+        scale1, shift1 = params.norm1[j]
+        z = conv1x1_fused(dense[:, :c], conv1_w, in_scale=scale1, in_shift=shift1, in_act=DENSE_ACT, bias=conv1_b,
+                          scale=conv1_s, act=DENSE_ACT, out=bottleneck, engine=engine)
+        new = dense[:, c: c + g.growth]
+        if params.conv2_winograd[j] is not None and winograd_usable(z) and winograd_chosen(
+                z.shape, params.conv2[j].shape, transform_cached=True):
+            conv3x3_winograd(z, params.conv2[j], params.conv2_winograd[j], out=new)
+        else:
+            conv3x3(z, params.conv2[j], out=new)

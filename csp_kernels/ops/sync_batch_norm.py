@@ -19,7 +19,9 @@ mean = Σn·mean / N, var = (Σn·var + Σn·mean² − N·mean²) / N, where on
 ranks' means cancels (in float64), not the variance itself.
 
 Collectives cannot run inside a torch.library op's fake kernel, so this is an autograd.Function
-(not traced by torch.export or torch.compile as one op).
+(not traced by torch.export or torch.compile as one op). `ops.sync_dense` synchronizes the dense
+blocks with the same collectives (`all_reduce_stats`, `all_reduce_sums`) and transition backward
+(`conv_bn_act_backward_sync`).
 """
 from __future__ import annotations
 
@@ -103,30 +105,56 @@ class SyncConvBNAct(torch.autograd.Function):
         if grad_y is None:
             return (None,) * 14
         x, weight, bn_weight, bn_bias, z, mean, invstd, share = ctx.saved_tensors
-        stride, padding, dilation, groups = ctx.conv_args
         needs_out, needs_x, needs_weight = ctx.needs_input_grad[:3]
         bn = (mean, invstd, bn_weight.to(mean.dtype), bn_bias.to(mean.dtype))
-        grad_y, z = plane_contiguous(grad_y), plane_contiguous(z)
-        sum_dpre, sum_dpre_xhat = _ops.bn_act_backward_reduce(grad_y, z, *bn, ctx.act)
-        grad_x = grad_weight = None
-        if needs_x or needs_weight:  # as nn.SyncBatchNorm: no collective when grad_z is not needed
-            sums = torch.cat([sum_dpre, sum_dpre_xhat])
-            dist.all_reduce(sums, dist.ReduceOp.SUM, ctx.group)
-            global_dpre, global_dpre_xhat = sums.mul_(share).chunk(2)
-            if _runs_as_gemm(x, weight, stride, padding, groups):
-                grad_x, grad_weight = _ops.conv1x1_bn_act_backward(
-                    grad_y, z, *bn, global_dpre, global_dpre_xhat, ctx.act, x, weight.flatten(1).contiguous(),
-                    needs_x, needs_weight)
-                grad_x = grad_x if needs_x else None
-                grad_weight = grad_weight.view(weight.shape) if needs_weight else None
-            else:
-                grad_z = _ops.bn_act_backward_apply(grad_y, z, *bn, global_dpre, global_dpre_xhat, ctx.act)
-                grad_x, grad_weight = conv_backward(grad_z, x, weight, stride, padding, dilation, groups, needs_x,
-                                                    needs_weight)
+        grad_x, grad_weight, grad_bn_weight, grad_bn_bias = conv_bn_act_backward_sync(
+            grad_y, z, bn, ctx.act, x, weight, ctx.conv_args, lambda *sums: all_reduce_sums(*sums, share, ctx.group),
+            needs_x, needs_weight)
         # The overwritten contents of `out` get a zero gradient, which must be a tensor (see _TrainInto).
         overwritten = grad_y.new_zeros(()).expand_as(grad_y) if needs_out else None
-        return (overwritten, grad_x, grad_weight, sum_dpre_xhat.to(bn_weight.dtype), sum_dpre.to(bn_bias.dtype),
+        return (overwritten, grad_x, grad_weight, grad_bn_weight.to(bn_weight.dtype), grad_bn_bias.to(bn_bias.dtype),
                 *(None,) * 9)
+
+
+def all_reduce_sums(sum_dpre: torch.Tensor, sum_dpre_xhat: torch.Tensor, share, group
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A BatchNorm's backward sums over the group's batch, in one all_reduce, times `share`
+    (local count / global count): the backward kernels divide the sums they are given by the
+    local count, the global sums need the global one.
+
+    sum_dpre, sum_dpre_xhat: (channels,) this rank's -> the same, global and scaled (new tensors).
+    """
+    sums = torch.cat([sum_dpre, sum_dpre_xhat])
+    dist.all_reduce(sums, dist.ReduceOp.SUM, group)
+    return sums.mul_(share).chunk(2)
+
+
+def conv_bn_act_backward_sync(grad_y, z, bn, act, x, weight, conv_args, reduce_sums, needs_x=True, needs_weight=True):
+    """Backward of y = act(BN(z)), z = conv2d(x, weight), with BN's backward sums made global by
+    `reduce_sums` (`all_reduce_sums` with the caller's share and group).
+
+    grad_y, z: (batch, out, height', width'); x: (batch, in, height, width); bn: (mean, invstd,
+    weight, bias) (out,) in the statistics dtype; conv_args: (stride, padding, dilation, groups).
+    Returns (grad_x, grad_weight, grad_bn_weight, grad_bn_bias), the BN's gradients this rank's
+    (local sums), grad_x / grad_weight None where not needed.
+    """
+    stride, padding, dilation, groups = conv_args
+    grad_y, z = plane_contiguous(grad_y), plane_contiguous(z)
+    sum_dpre, sum_dpre_xhat = _ops.bn_act_backward_reduce(grad_y, z, *bn, act)
+    grad_x = grad_weight = None
+    if needs_x or needs_weight:  # as nn.SyncBatchNorm: no collective when grad_z is not needed
+        global_dpre, global_dpre_xhat = reduce_sums(sum_dpre, sum_dpre_xhat)
+        if _runs_as_gemm(x, weight, stride, padding, groups):
+            grad_x, grad_weight = _ops.conv1x1_bn_act_backward(
+                grad_y, z, *bn, global_dpre, global_dpre_xhat, act, x, weight.flatten(1).contiguous(), needs_x,
+                needs_weight)
+            grad_x = grad_x if needs_x else None
+            grad_weight = grad_weight.view(weight.shape) if needs_weight else None
+        else:
+            grad_z = _ops.bn_act_backward_apply(grad_y, z, *bn, global_dpre, global_dpre_xhat, act)
+            grad_x, grad_weight = conv_backward(grad_z, x, weight, stride, padding, dilation, groups, needs_x,
+                                                needs_weight)
+    return grad_x, grad_weight, sum_dpre_xhat, sum_dpre
 
 
 def conv_bn_act_train_sync(x, weight, bn_weight, bn_bias, stride, padding, dilation, groups, eps, act, engine, group,
