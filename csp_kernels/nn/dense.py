@@ -39,7 +39,8 @@ import torch
 from .. import backend, checks, reference
 from ..ops import dense as dense_ops
 from ..ops import dense_eval
-from .transition import batch_norm_reason, conv_reason, fold_cache_hit, fold_key, snapshot, track_batch_stats
+from ..ops.fold_cache import fold_cache_hit, fold_key, snapshot
+from .transition import batch_norm_reason, conv_reason, track_batch_stats
 
 # (kernel_size, stride, padding, dilation, groups) the fused op computes each conv with.
 _CONV1X1 = ((1, 1), (1, 1), (0, 0), (1, 1), 1)

@@ -113,7 +113,7 @@ class SyncConvBNAct(torch.autograd.Function):
             sums = torch.cat([sum_dpre, sum_dpre_xhat])
             dist.all_reduce(sums, dist.ReduceOp.SUM, ctx.group)
             global_dpre, global_dpre_xhat = sums.mul_(share).chunk(2)
-            if _runs_as_gemm(x, weight, stride, padding, groups):
+            if _runs_as_gemm(x, weight, stride, padding, groups, training=True):
                 grad_x, grad_weight = _ops.conv1x1_bn_act_backward(
                     grad_y, z, *bn, global_dpre, global_dpre_xhat, ctx.act, x, weight.flatten(1).contiguous(),
                     needs_x, needs_weight)
