@@ -5,8 +5,9 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-# Tiny test shapes would measure oneDNN faster than Winograd; the tests pin Winograd so that it is
-# exercised wherever it can run (tests/test_conv3x3_choice.py tests the measured choice itself).
+# Tiny test shapes would measure oneDNN faster than our GEMMs and Winograd; the tests pin ours so that
+# they are exercised wherever they can run (tests/test_conv_choice.py tests the measured choice itself).
+os.environ.setdefault("CSP_KERNELS_CPU_CONV1X1", "gemm")
 os.environ.setdefault("CSP_KERNELS_CPU_CONV3X3", "winograd")
 # Likewise the property tests draw tiny maps, which the CPU backend runs as plain PyTorch by default
 # (ops.dense.eager_is_faster): pinned to the fused op (tests/test_partial_dense_block.py tests the route).

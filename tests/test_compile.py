@@ -10,7 +10,7 @@ import csp_kernels
 from helpers import randomize_
 from test_cspdensenet_training import TinyCSPDenseNet
 
-# Maps of 16x16: at least conv3x3_choice's side for Winograd, so on AVX-512 CPUs the float32
+# Maps of 16x16: at least conv_choice's side for Winograd, so on AVX-512 CPUs the float32
 # 3x3 convolutions trace the Winograd path.
 MODULES = {
     "PartialDenseBlock": (lambda: csp_kernels.PartialDenseBlock(8, num_layers=2, growth_rate=4, fusion="csp"),

@@ -48,8 +48,9 @@ from torch import nn
 from .. import backend, checks, reference
 from ..ops import dense as dense_ops
 from ..ops import dense_eval, sync_dense
+from ..ops.fold_cache import fold_cache_hit, fold_key, snapshot
 from ..ops.sync_batch_norm import process_group_of, sync_group
-from .transition import batch_norm_reason, conv_reason, fold_cache_hit, fold_key, snapshot, track_batch_stats
+from .transition import batch_norm_reason, conv_reason, track_batch_stats
 
 # (kernel_size, stride, padding, dilation, groups) the fused op computes each conv with.
 _CONV1X1 = ((1, 1), (1, 1), (0, 0), (1, 1), 1)

@@ -2,9 +2,6 @@
 possible (ops/transition.py), with an `out=` that writes into a caller's buffer."""
 from __future__ import annotations
 
-from typing import Sequence
-
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -13,6 +10,7 @@ from torch import nn
 from .. import backend, checks, reference
 from ..ops import transition as ops
 from ..ops.batch_norm_act import update_running_stats
+from ..ops.fold_cache import fold_cache_hit, fold_key, snapshot
 from ..ops.sync_batch_norm import conv_bn_act_train_sync, sync_group
 
 
@@ -186,42 +184,6 @@ def track_batch_stats(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor,
     momentum = bn.momentum if bn.momentum is not None else \
         bn.num_batches_tracked.to(bn.running_mean.dtype).reciprocal()
     update_running_stats(bn.running_mean, bn.running_var, mean, var, count, momentum)
-
-
-def fold_key(sources: Sequence[torch.Tensor]) -> tuple:
-    """What `fold_cache_hit` compares besides the bytes: dtypes, devices and shapes."""
-    return tuple((t.dtype, t.device, t.shape) for t in sources)
-
-
-def snapshot(sources: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-    """Contiguous copies of an eval fold's source tensors, for `fold_cache_hit`."""
-    with torch.no_grad():
-        return tuple(t.detach().clone(memory_format=torch.contiguous_format) for t in sources)
-
-
-# Integer dtypes of each element size, to compare floating-point tensors bit by bit.
-_BITS_DTYPES = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}
-
-
-def same_bits(kept: torch.Tensor, source: torch.Tensor) -> bool:
-    """Whether `source` holds bit for bit the values of its contiguous copy `kept` (same dtype
-    and shape). Bits, not values: a NaN parameter equals its copy, so the fold is not redone at
-    every call. On the CPU through NumPy, single-threaded, because this runs at every eval call
-    and torch.equal's intra-op threads wait on each other whenever the machine is busy."""
-    bits = _BITS_DTYPES[kept.element_size()]
-    kept, source = kept.view(bits), source.detach().view(bits)
-    if source.device.type != "cpu":
-        return torch.equal(kept, source)
-    return bool(np.array_equal(kept.numpy(), source.numpy()))
-
-
-def fold_cache_hit(cache: tuple | None, key: tuple, sources: Sequence[torch.Tensor]) -> bool:
-    """Whether an eval cache (key, snapshot(sources then), ...) still holds for `sources`: same
-    key, same bits. Bits, not version counters and storage pointers, because edits through
-    `.data` (EMA updates, `p.data.mul_()`, `.data =` assignments reusing memory) bump no version.
-    One read of each parameter and of its copy per call, small next to the convolutions the fold
-    serves."""
-    return cache is not None and cache[0] == key and all(same_bits(s, t) for s, t in zip(cache[1], sources))
 
 
 def conv_reason(conv: nn.Module, name: str, geometry: tuple | None = None) -> str:

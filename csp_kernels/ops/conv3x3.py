@@ -46,7 +46,7 @@ def _avx512_runs() -> bool:
 
 def winograd_usable(x: torch.Tensor) -> bool:
     """Whether x can run by Winograd here: float32 on a CPU with AVX-512 (whether it should, for
-    its shape, is `conv3x3_choice.winograd_chosen`)."""
+    its shape, is `conv_choice.winograd_chosen`)."""
     return x.device.type == "cpu" and x.dtype == torch.float32 and _avx512_runs()
 
 

@@ -13,7 +13,7 @@ import torch
 from .batch_norm_act import bn_scale_shift, stats_dtype
 from .conv1x1 import conv1x1_fused
 from .conv3x3 import conv3x3, conv3x3_winograd, winograd_usable, winograd_weight
-from .conv3x3_choice import winograd_chosen
+from .conv_choice import winograd_chosen
 from .dense import (DENSE_ACT, DENSE_PARAMS_PER_LAYER, NO_TRANSITION, Geometry, layer_params, new_buffer,
                     transition_params_of)
 from .transition import fold_batch_norm, folds_into_weight

@@ -144,7 +144,7 @@ def conv_bn_act_backward_sync(grad_y, z, bn, act, x, weight, conv_args, reduce_s
     grad_x = grad_weight = None
     if needs_x or needs_weight:  # as nn.SyncBatchNorm: no collective when grad_z is not needed
         global_dpre, global_dpre_xhat = reduce_sums(sum_dpre, sum_dpre_xhat)
-        if _runs_as_gemm(x, weight, stride, padding, groups):
+        if _runs_as_gemm(x, weight, stride, padding, groups, training=True):
             grad_x, grad_weight = _ops.conv1x1_bn_act_backward(
                 grad_y, z, *bn, global_dpre, global_dpre_xhat, act, x, weight.flatten(1).contiguous(), needs_x,
                 needs_weight)

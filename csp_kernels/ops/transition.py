@@ -26,11 +26,13 @@ epilogue, oneDNN's fused convolution post-op (with a weight prepacked by
 Which conv runs:
   engine "triton"  (an op argument, so that a compiled graph keeps it) the Triton 1x1 GEMM for
                    `triton_eligible` convs; backward by ATen (cuDNN).
-  engine "aten"    on CPU, float32/float64 1x1 stride-1 convs of NCHW-planed x as GEMMs over
-                   (N, C, H*W) views (`_runs_as_gemm`; `ops.conv1x1`), forward and backward;
-                   in training, float32 3x3 stride-1 convs by Winograd on AVX-512 CPUs
-                   (`_runs_as_winograd`; `ops.conv3x3`), forward and input gradient;
-                   other convs by ATen (oneDNN on CPU, cuDNN on GPU).
+  engine "aten"    on CPU, 1x1 stride-1 convs of NCHW-planed x as GEMMs over (N, C, H*W)
+                   views (`_runs_as_gemm`; `ops.conv1x1`), forward and backward: float64
+                   always, float32 where measured faster than oneDNN for the shape;
+                   float32 3x3 stride-1 convs by Winograd on AVX-512 CPUs where measured
+                   faster (`_runs_as_winograd`; `ops.conv3x3`), forward and input gradient;
+                   other convs by ATen (oneDNN on CPU, cuDNN on GPU). The measured choices:
+                   `ops.conv_choice`.
 `*_out` variants write y into a caller's tensor (a (N, C, H, W) view with contiguous planes,
 e.g. a channel slice of a concat buffer; for the Triton eval epilogue any strides). They mutate
 `out`, so they have no autograd formula; `conv_bn_act_train_into` gives the training one its
@@ -47,7 +49,7 @@ from .batch_norm_act import (bn_act_backward, bn_scale_shift, channel_stats, ove
                              planes_contiguous, refuse_double_backward, scale_shift_act, shares_memory)
 from .conv1x1 import check_triton_dtype, conv1x1_bn_act_backward, conv1x1_fused, gemm_conv1x1
 from .conv3x3 import conv3x3_winograd, winograd_usable, winograd_weight
-from .conv3x3_choice import winograd_chosen
+from .conv_choice import gemm_chosen, winograd_chosen
 
 # oneDNN post-ops (attrs) of torch.ops.mkldnn._convolution_pointwise; it has no mish.
 _ONEDNN_POST_OPS = {
@@ -126,28 +128,31 @@ def folds_into_weight(dtype: torch.dtype) -> bool:
     return dtype not in (torch.float16, torch.bfloat16)
 
 
-def _runs_as_gemm(x, weight, stride, padding, groups) -> bool:
+def _runs_as_gemm(x, weight, stride, padding, groups, training: bool) -> bool:
     """CPU 1x1 stride-1 convs of plane-contiguous x run as GEMMs on (N, C, H*W) views
-    (`ops.conv1x1`): on trans-cpu, forward 0.8x and backward 0.7x the time of oneDNN's
-    convolution, which reorders NCHW into its blocked layout and back."""
+    (`ops.conv1x1`), in training forward and backward or in eval (`training`): float64 always
+    (ATen has no fast float64 convolution on the CPU), float32 where measured faster than
+    oneDNN's for the shape (`conv_choice.gemm_chosen`; large maps, where oneDNN's reorders of
+    NCHW into its blocked layout and back cost more than the GEMMs' per-plane weight reads)."""
     return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
             and tuple(weight.shape[2:]) == (1, 1) and tuple(stride) == (1, 1)
-            and tuple(padding) == (0, 0) and groups == 1 and planes_contiguous(x))
+            and tuple(padding) == (0, 0) and groups == 1 and planes_contiguous(x)
+            and (x.dtype == torch.float64 or gemm_chosen(x.shape, weight.shape, training)))
 
 
 def _runs_as_winograd(x, weight, stride, padding, dilation, groups, transform_cached: bool = False) -> bool:
     """CPU float32 3x3 stride-1 "same" convs of plane-contiguous x run by Winograd F(2x2, 3x3)
     (`ops.conv3x3`) where it was measured faster than oneDNN for their shapes
-    (`conv3x3_choice`): the training forward and input gradient, and eval with the weight's
+    (`conv_choice.winograd_chosen`): the training forward and input gradient, and eval with the weight's
     transform cached (`transform_cached`)."""
     return (winograd_usable(x) and tuple(weight.shape[2:]) == (3, 3) and tuple(stride) == (1, 1)
             and tuple(padding) == (1, 1) and tuple(dilation) == (1, 1) and groups == 1 and planes_contiguous(x)
             and winograd_chosen(x.shape, weight.shape, transform_cached))
 
 
-def _conv(x, weight, stride, padding, dilation, groups):
-    """conv2d(x, weight) without bias, NCHW output."""
-    if _runs_as_gemm(x, weight, stride, padding, groups):
+def _conv(x, weight, stride, padding, dilation, groups, training: bool):
+    """conv2d(x, weight) without bias, NCHW output, by the kernel chosen for `training` or eval."""
+    if _runs_as_gemm(x, weight, stride, padding, groups, training):
         return gemm_conv1x1(x, weight)
     if _runs_as_winograd(x, weight, stride, padding, dilation, groups):
         return conv3x3_winograd(x, weight)
@@ -180,9 +185,9 @@ def _batch_stats_conv(x, weight, stride, padding, dilation, groups, engine):
     """z = conv(x, weight) and z's per-channel batch mean and biased variance."""
     if engine == "triton":
         return _triton_conv1x1(x, weight, stride, stats=True)
-    if _runs_as_gemm(x, weight, stride, padding, groups):
+    if _runs_as_gemm(x, weight, stride, padding, groups, training=True):
         return conv1x1_fused(x, weight, stats=True)  # the statistics from the GEMM's epilogue
-    z = _conv(x, weight, stride, padding, dilation, groups)
+    z = _conv(x, weight, stride, padding, dilation, groups, training=True)
     return (z, *channel_stats(z))
 
 
@@ -247,7 +252,7 @@ def _train_backward(ctx, grad_y, needs_x: bool, needs_weight: bool):
     x, weight, bn_weight, bn_bias, z, mean, invstd = ctx.saved_tensors
     stride, padding, dilation, groups = ctx.conv_args
     bn_params = (mean, invstd, bn_weight.to(mean.dtype), bn_bias.to(mean.dtype), ctx.act)
-    if _runs_as_gemm(x, weight, stride, padding, groups):
+    if _runs_as_gemm(x, weight, stride, padding, groups, training=True):
         grad_x, grad_weight, grad_bn_weight, grad_bn_bias = conv1x1_bn_act_backward(
             grad_y, z, *bn_params, x, weight, needs_x, needs_weight)
     else:
@@ -320,11 +325,11 @@ def conv_bn_act_train_into(x, weight, bn_weight, bn_bias, stride, padding, dilat
 def _runs_on_onednn(x, weight, stride, padding, dilation, groups, engine) -> bool:
     """Eval convs that oneDNN runs with the activation as a post-op: float32 CPU ones that run
     neither as GEMMs nor by Winograd. Measured on CPU: a 3x3 conv + leaky_relu, 0.74x eager's
-    time with a prepacked weight, 0.85x as ATen conv + `scale_shift_act`. 1x1 stride-1 convs run
-    as `conv1x1_fused` (bias + act in its cache-resident epilogue, straight into `out`):
-    trans-cpu 20.9 vs 21.8 ms for the prepacked oneDNN conv + post-op, which needs a second pass
-    to write into `out`."""
-    return (engine == "aten" and onednn_usable(x) and not _runs_as_gemm(x, weight, stride, padding, groups)
+    time with a prepacked weight, 0.85x as ATen conv + `scale_shift_act`. 1x1 stride-1 convs
+    run as `conv1x1_fused` where measured faster (bias + act in its cache-resident epilogue,
+    straight into `out`, where oneDNN's post-op needs a second pass)."""
+    return (engine == "aten" and onednn_usable(x)
+            and not _runs_as_gemm(x, weight, stride, padding, groups, training=False)
             and not _runs_as_winograd(x, weight, stride, padding, dilation, groups, transform_cached=True))
 
 
@@ -355,11 +360,11 @@ def prepare_eval_weight(x, weight, stride, padding, dilation, groups, engine, ki
 def _eval_forward(x, weight, bias, stride, padding, dilation, groups, act, engine, out, transform=None, scale=None):
     if scale is not None:  # float16/bfloat16, BN not folded (folds_into_weight)
         z = _triton_conv1x1(x, weight, stride) if engine == "triton" else _conv(x, weight, stride, padding, dilation,
-                                                                                   groups)
+                                                                                   groups, training=False)
         return scale_shift_act(z, scale, bias, act, out=z if out is None else out)
     if engine == "triton":
         return _triton_conv1x1(x, weight, stride, bias=bias, act=act, out=out)
-    if _runs_as_gemm(x, weight, stride, padding, groups):
+    if _runs_as_gemm(x, weight, stride, padding, groups, training=False):
         return conv1x1_fused(x, weight, bias=bias, act=act, out=out)
     if _runs_on_onednn(x, weight, stride, padding, dilation, groups, engine):
         post_op = _onednn_post_op(act) if out is None else None
@@ -374,7 +379,7 @@ def _eval_forward(x, weight, bias, stride, padding, dilation, groups, act, engin
     elif engine == "aten" and _runs_as_winograd(x, weight, stride, padding, dilation, groups, transform_cached=True):
         z = conv3x3_winograd(x, weight, transform)
     else:
-        z = _conv(x, weight, stride, padding, dilation, groups)
+        z = _conv(x, weight, stride, padding, dilation, groups, training=False)
     # The bias rides in the activation pass: y = act(z * 1 + bias), in place unless `out`.
     return scale_shift_act(z, torch.ones_like(bias), bias, act, out=z if out is None else out)
 

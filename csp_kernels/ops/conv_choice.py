@@ -1,0 +1,139 @@
+"""Which kernel runs a float32 CPU convolution, decided by measuring the candidates once per
+shape in this process:
+  1x1 stride-1  our GEMMs over (channels, height * width) planes (`ops.conv1x1`: statistics or
+                bias + act in the epilogue, the BN + act backward fused into the gradient GEMMs)
+                or ATen's (oneDNN) convolution — `gemm_chosen`;
+  3x3 stride-1  Winograd F(2x2, 3x3) (`ops.conv3x3`) or ATen's (oneDNN) — `winograd_chosen`.
+
+Why measured: the winner depends on the CPU (our kernels' GEMM rate against oneDNN's) and on the
+shape. On large maps the GEMMs read channel slices in place and keep their tiles in cache, and
+Winograd multiplies 2.25x less; on small maps (timm's CSP backbones at stages 4-5: 14x14, 7x7 and
+below) each plane GEMM is a few dozen columns wide and re-reads the weight per sample, Winograd's
+4x4 tiles are mostly padding and its per-call weight transform is not amortized, and oneDNN's
+batched kernels win by up to several times. A first call per key times both candidates and keeps
+the faster; later calls look it up.
+
+CSP_KERNELS_CPU_CONV1X1 = "gemm" | "onednn" and CSP_KERNELS_CPU_CONV3X3 = "winograd" | "onednn"
+pin the choices (read once); unset measures. Inside a torch.compile / torch.export trace nothing
+can be timed: a shape measured before the trace keeps its verdict, an unmeasured one takes the
+rule that large maps go to our kernels (`_UNMEASURED_MIN_PIXELS`, `_UNMEASURED_MIN_SIDE`).
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..checks import env_choice
+from .batch_norm_act import bn_act_backward, channel_stats, plane_contiguous
+from .conv1x1 import conv1x1_bn_act_backward, conv1x1_fused
+from .conv3x3 import conv3x3_winograd, winograd_weight
+from .fold_cache import same_bits
+
+CONV1X1_ENV_VAR = "CSP_KERNELS_CPU_CONV1X1"
+CONV1X1_CHOICES = ("gemm", "onednn")
+CONV3X3_ENV_VAR = "CSP_KERNELS_CPU_CONV3X3"
+CONV3X3_CHOICES = ("winograd", "onednn")
+_PINNED_1X1 = env_choice(CONV1X1_ENV_VAR, CONV1X1_CHOICES, "")
+_PINNED_3X3 = env_choice(CONV3X3_ENV_VAR, CONV3X3_CHOICES, "")
+# The smallest maps on which our kernels won in every measurement we have (2-core Zen 4: 1x1
+# train from 28x28 at 128-1024 channels; 3x3 from 14x14).
+_UNMEASURED_MIN_PIXELS = 28 * 28
+_UNMEASURED_MIN_SIDE = 14
+_ROUNDS = 3
+
+# ("1x1" | "3x3", input shape, weight shape, training | transform cached) -> whether ours won.
+_verdicts: dict[tuple, bool] = {}
+
+
+def gemm_chosen(x_shape, weight_shape, training: bool) -> bool:
+    """Whether a float32 CPU conv2d(x, weight) of these shapes, 1x1 stride 1, should run as our
+    GEMMs; `training`: the training forward and backward (statistics in the forward GEMM's
+    epilogue, BN + act backward fused into the gradient GEMMs), else the eval forward (bias +
+    act in the epilogue)."""
+    if _PINNED_1X1:
+        return _PINNED_1X1 == "gemm"
+    return _verdict(("1x1", tuple(x_shape), tuple(weight_shape), training),
+                    x_shape[2] * x_shape[3] >= _UNMEASURED_MIN_PIXELS, _gemm_faster)
+
+
+def winograd_chosen(x_shape, weight_shape, transform_cached: bool) -> bool:
+    """Whether a float32 CPU conv2d(x, weight, padding=1) of these shapes (where Winograd can
+    run) should run by Winograd; `transform_cached`: the weight's transform is computed once
+    beforehand (eval) rather than per call (training)."""
+    if _PINNED_3X3:
+        return _PINNED_3X3 == "winograd"
+    return _verdict(("3x3", tuple(x_shape), tuple(weight_shape), transform_cached),
+                    min(x_shape[2], x_shape[3]) >= _UNMEASURED_MIN_SIDE, _winograd_faster)
+
+
+def measured_verdicts() -> dict[tuple, bool]:
+    """What this process measured so far: ("1x1" | "3x3", input shape, weight shape, training |
+    transform cached) -> whether our kernel won."""
+    return dict(_verdicts)
+
+
+def _verdict(key: tuple, unmeasured_rule: bool, measure: Callable[..., bool]) -> bool:
+    verdict = _verdicts.get(key)
+    if verdict is None:
+        if torch.compiler.is_compiling():
+            return unmeasured_rule
+        verdict = _verdicts[key] = measure(*key[1:])
+    return verdict
+
+
+def _faster(ours: Callable[[], object], theirs: Callable[[], object]) -> bool:
+    """Whether `ours` ran faster than `theirs`: the fastest of a few alternated calls each,
+    after a first untimed call each (allocation, primitive set-up); other load on the machine
+    only slows a call."""
+    with torch.no_grad():
+        ours(), theirs()
+        best = {ours: float("inf"), theirs: float("inf")}
+        for _ in range(_ROUNDS):
+            for run in best:
+                start = time.perf_counter()
+                run()
+                best[run] = min(best[run], time.perf_counter() - start)
+    return best[ours] < best[theirs]
+
+
+def _gemm_faster(x_shape, weight_shape, training: bool) -> bool:
+    x, weight = torch.randn(x_shape), torch.randn(weight_shape)
+    c = weight_shape[0]
+    ones, zeros = torch.ones(c), torch.zeros(c)
+    if not training:
+        # oneDNN's eval path: its prepacked weight, the activation as a post-op, the output back
+        # to NCHW, and the fold cache's check of the weight (`nn.ConvBNAct`'s eval).
+        prepacked = torch._C._nn.mkldnn_reorder_conv2d_weight(weight.to_mkldnn(), [0, 0], [1, 1], [1, 1], 1,
+                                                              list(x_shape))
+        kept = weight.clone()
+
+        def by_onednn():
+            same_bits(kept, weight)
+            torch.ops.mkldnn._convolution_pointwise(x, prepacked, zeros, [0, 0], [1, 1], [1, 1], 1, "relu", [],
+                                                    None).contiguous()
+
+        return _faster(lambda: conv1x1_fused(x, weight, bias=zeros, act="relu"), by_onednn)
+    grad_y = torch.randn(x_shape[0], c, *x_shape[2:])
+
+    def by_gemm():
+        z, mean, var = conv1x1_fused(x, weight, stats=True)
+        conv1x1_bn_act_backward(grad_y, z, mean, var.add(1e-5).rsqrt(), ones, zeros, "relu", x, weight)
+
+    def by_onednn():
+        z = plane_contiguous(F.conv2d(x, weight))
+        mean, var = channel_stats(z)
+        grad_z, _, _ = bn_act_backward(grad_y, z, mean, var.add(1e-5).rsqrt(), ones, zeros, "relu")
+        torch.ops.aten.convolution_backward(grad_z, x, weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
+                                            [True, True, False])
+
+    return _faster(by_gemm, by_onednn)
+
+
+def _winograd_faster(x_shape, weight_shape, transform_cached: bool) -> bool:
+    x, weight = torch.randn(x_shape), torch.randn(weight_shape)
+    transform = winograd_weight(weight) if transform_cached else None
+    out = x.new_empty(x_shape[0], weight_shape[0], x_shape[2], x_shape[3])
+    return _faster(lambda: conv3x3_winograd(x, weight, transform, out=out), lambda: F.conv2d(x, weight, padding=1))

@@ -1,0 +1,153 @@
+"""The measured kernel choices for float32 CPU convolutions (csp_kernels/ops/conv_choice.py):
+our 1x1 GEMMs or oneDNN, Winograd or oneDNN for 3x3; and the modules' numbers whichever way
+they go."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import csp_kernels
+from csp_kernels import reference
+from csp_kernels.ops import conv_choice
+from csp_kernels.ops.conv3x3 import winograd_usable
+
+from helpers import assert_matches_reference
+
+needs_winograd = pytest.mark.skipif(not winograd_usable(torch.empty(0)), reason="needs an AVX-512 CPU")
+
+
+@pytest.fixture
+def measuring(monkeypatch):
+    """The choices as an unpinned process makes them, with a fresh verdict table."""
+    monkeypatch.setattr(conv_choice, "_PINNED_1X1", "")
+    monkeypatch.setattr(conv_choice, "_PINNED_3X3", "")
+    monkeypatch.setattr(conv_choice, "_verdicts", {})
+
+
+@pytest.mark.parametrize("kernel, choose", [("_winograd_faster", conv_choice.winograd_chosen),
+                                            ("_gemm_faster", conv_choice.gemm_chosen)])
+def test_each_shape_is_measured_once_and_remembered(measuring, monkeypatch, kernel, choose):
+    calls = []
+
+    def fake_measure(x_shape, weight_shape, flag):
+        calls.append((x_shape, weight_shape, flag))
+        return x_shape[2] > 4
+
+    monkeypatch.setattr(conv_choice, kernel, fake_measure)
+    small, large, weight = (2, 8, 4, 4), (2, 8, 16, 16), (8, 8, 3, 3)
+    assert [choose(s, weight, f) for s in (small, large, small, large) for f in (False, True)
+            ] == [False, False, True, True] * 2
+    assert len(calls) == 4  # one per (shape, flag), the repeats looked up
+    assert sum(conv_choice.measured_verdicts().values()) == 2
+
+
+@needs_winograd
+def test_winograd_measurement_runs_both_kernels(measuring):
+    verdict = conv_choice.winograd_chosen((2, 16, 8, 8), (16, 16, 3, 3), transform_cached=False)
+    assert isinstance(verdict, bool)
+    assert conv_choice.measured_verdicts() == {("3x3", (2, 16, 8, 8), (16, 16, 3, 3), False): verdict}
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_gemm_measurement_runs_both_kernels(measuring, training):
+    verdict = conv_choice.gemm_chosen((2, 16, 8, 8), (12, 16, 1, 1), training)
+    assert isinstance(verdict, bool)
+    assert conv_choice.measured_verdicts() == {("1x1", (2, 16, 8, 8), (12, 16, 1, 1), training): verdict}
+
+
+def test_unmeasured_shapes_under_compile_follow_the_map_size(measuring, monkeypatch):
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    side = conv_choice._UNMEASURED_MIN_SIDE
+    assert conv_choice.winograd_chosen((2, 8, side, side), (8, 8, 3, 3), True)
+    assert not conv_choice.winograd_chosen((2, 8, side - 1, side + 5), (8, 8, 3, 3), True)
+    pixels = conv_choice._UNMEASURED_MIN_PIXELS
+    assert conv_choice.gemm_chosen((2, 8, pixels // 4, 4), (8, 8, 1, 1), True)
+    assert not conv_choice.gemm_chosen((2, 8, pixels // 4 - 1, 4), (8, 8, 1, 1), False)
+    assert conv_choice.measured_verdicts() == {}  # nothing timed inside a trace
+
+
+def _check_conv_bn_act(ref, fused, x, train):
+    fused.load_state_dict(ref.state_dict())
+    ref.train(train), fused.train(train)
+    x64 = x.double().requires_grad_(train)
+    expected = ref(x64)
+    if train:
+        x.requires_grad_()
+        y = fused(x)
+        grad = torch.randn_like(y)
+        y.backward(grad)
+        expected.backward(grad.double())
+        assert_matches_reference(x.grad, x64.grad, name="x grad")
+        assert_matches_reference(fused.conv.weight.grad, ref.conv.weight.grad, name="weight grad")
+        assert_matches_reference(fused.bn.weight.grad, ref.bn.weight.grad, name="bn weight grad")
+        assert_matches_reference(fused.bn.running_var, ref.bn.running_var, name="running var")
+    else:
+        with torch.no_grad():
+            y = fused(x)
+    assert_matches_reference(y, expected)
+
+
+@pytest.mark.parametrize("pinned", ["winograd", "onednn"])
+@pytest.mark.parametrize("train", [True, False])
+def test_3x3_conv_bn_act_matches_the_reference_either_way(monkeypatch, pinned, train):
+    monkeypatch.setattr(conv_choice, "_PINNED_3X3", pinned)
+    _check_conv_bn_act(reference.ConvBNAct(6, 5, 3, act="silu").double(), csp_kernels.ConvBNAct(6, 5, 3, act="silu"),
+                       torch.randn(2, 6, 9, 7), train)
+
+
+@pytest.mark.parametrize("pinned", ["gemm", "onednn"])
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("act", ["leaky_relu", "mish"])  # mish: no oneDNN post-op, a pass instead
+def test_1x1_conv_bn_act_matches_the_reference_either_way(monkeypatch, pinned, train, act):
+    monkeypatch.setattr(conv_choice, "_PINNED_1X1", pinned)
+    _check_conv_bn_act(reference.ConvBNAct(6, 5, 1, act=act).double(), csp_kernels.ConvBNAct(6, 5, 1, act=act),
+                       torch.randn(2, 6, 5, 7), train)
+
+
+@pytest.mark.parametrize("pinned", ["gemm", "onednn"])
+def test_1x1_conv_bn_act_writes_a_buffer_slot_either_way(monkeypatch, pinned):
+    """A stage's 1x1 writing its slot of a concat buffer with out= (both kernels, train + eval)."""
+    monkeypatch.setattr(conv_choice, "_PINNED_1X1", pinned)
+    ref = reference.ConvBNAct(6, 4, 1).double()
+    fused = csp_kernels.ConvBNAct(6, 4, 1)
+    fused.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 6, 5, 5)
+    for train in (True, False):
+        ref.train(train), fused.train(train)
+        buf = torch.zeros(2, 10, 5, 5)
+        with torch.no_grad():
+            fused(x, out=buf[:, 3:7])
+            expected = ref(x.double())
+        assert_matches_reference(buf[:, 3:7], expected)
+        assert not buf[:, :3].any() and not buf[:, 7:].any()
+
+
+@pytest.mark.parametrize("variable, choices", [("CSP_KERNELS_CPU_CONV3X3", "winograd"),
+                                               ("CSP_KERNELS_CPU_CONV1X1", "gemm")])
+def test_a_bad_pin_is_ignored_with_a_warning(variable, choices):
+    code = "import csp_kernels.ops.conv_choice as c; assert c._PINNED_1X1 == c._PINNED_3X3 == ''"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CSP_KERNELS_CPU_CONV")}
+    run = subprocess.run([sys.executable, "-W", "error::UserWarning", "-c", code], capture_output=True, text=True,
+                         env={**env, variable: "fastest"})
+    assert run.returncode != 0 and f"{variable} must be one of" in run.stderr and choices in run.stderr
+    ok = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**env, variable: "fastest"})
+    assert ok.returncode == 0, ok.stderr
+
+
+@pytest.mark.parametrize("pinned", ["winograd", "onednn"])
+@pytest.mark.parametrize("kernel_size, stride", [(3, 1), (3, 2), (5, 1), (1, 2), (1, 1)])
+def test_eval_output_is_nchw_whatever_kernel_runs(monkeypatch, pinned, kernel_size, stride):
+    """Every eval conv returns NCHW-contiguous output for NCHW input (oneDNN's fused
+    convolution returned its channels_last result for k x k stride-2 convs)."""
+    monkeypatch.setattr(conv_choice, "_PINNED_3X3", pinned)
+    monkeypatch.setattr(conv_choice, "_PINNED_1X1", "gemm" if pinned == "winograd" else "onednn")
+    ref = reference.ConvBNAct(8, 8, kernel_size, stride=stride, act="leaky_relu").eval()
+    fused = csp_kernels.ConvBNAct(8, 8, kernel_size, stride=stride, act="leaky_relu").eval()
+    fused.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 8, 15, 15)
+    with torch.no_grad():
+        y, expected = fused(x), ref(x)
+    assert y.is_contiguous() and y.stride() == expected.stride()
+    assert_matches_reference(y, expected.double())
