@@ -137,9 +137,13 @@ CONFIGS: dict[str, tuple[list[Workload], list[Workload]]] = {
                 [_c3k2("c2f-cpu", 16, 32, 2, 8, f32)]),
     "cross-cpu": ([_cross("cross-cpu", 128, 256, 8, 104, f32)],
                   [_cross("cross-cpu", 16, 32, 2, 8, f32, depth=2)]),
+    "c2f-gpu": ([_c3k2("c2f-gpu", 128, 256, 64, 80, bf16)],
+                [_c3k2("c2f-gpu", 16, 32, 2, 8, bf16)]),
+    "cross-gpu": ([_cross("cross-gpu", 128, 256, 64, 104, bf16)],
+                  [_cross("cross-gpu", 16, 32, 2, 8, bf16, depth=2)]),
 }
 DEFAULT_CONFIGS = {"cpu": ["pdb-cpu", "trans-cpu", "efm-cpu", "small-cpu", "c2f-cpu", "cross-cpu"],
-                   "cuda": ["pdb-gpu", "trans-gpu", "efm-gpu"]}
+                   "cuda": ["pdb-gpu", "trans-gpu", "efm-gpu", "c2f-gpu", "cross-gpu"]}
 
 
 def workloads(name: str, quick: bool) -> list[Workload]:
