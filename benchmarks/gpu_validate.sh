@@ -8,9 +8,12 @@
 #              against float64 on the CPU
 #   memcheck   the smoke run under compute-sanitizer memcheck (where compute-sanitizer works)
 #   racecheck  the reductions' smoke run (float32) under compute-sanitizer racecheck
-#   tests      python3 -m pytest tests -k cuda (with pytest-xdist where installed)
+#   tests      python3 -m pytest tests -k cuda (with pytest-xdist where installed), but for
+#              tests/test_distributed.py, which the next step runs
+#   distributed  tests/test_distributed.py -k cuda: synchronized BatchNorm over 2 gloo ranks,
+#              both on cuda:0 (NCCL refuses two ranks on one device), against the reference
 #   kernels    benchmarks.gpu_kernels: GB/s of each kernel against a measured copy
-#   bench      the standard GPU configurations (pdb-gpu, trans-gpu, efm-gpu) with eager,
+#   bench      the standard GPU configurations (pdb-gpu, trans-gpu, efm-gpu; then c2f-gpu, cross-gpu) with eager,
 #              fused and fused-cuda, few rounds, merged into results/<date>-<gpu>.json
 # torch.compile, max-autotune and the ahead-of-time compile (benchmarks.gpu_compile) stay off
 # the GPU: CI runs the last, and the others take minutes the lease does not have.
@@ -99,7 +102,12 @@ sanitizer() {  # sanitizer TOOL SMOKE-ARGS...: the smoke run under compute-sanit
 cuda_tests() {
     local parallel=()
     "$PYTHON" -c 'import xdist' 2> /dev/null && parallel=(-n 8)
-    "$PYTHON" -m pytest tests -q -p no:cacheprovider -k cuda "${parallel[@]}" --junitxml="$WORK/cuda_tests.xml"
+    "$PYTHON" -m pytest tests -q -p no:cacheprovider -k cuda --ignore=tests/test_distributed.py "${parallel[@]}" \
+        --junitxml="$WORK/cuda_tests.xml"
+}
+
+distributed_tests() {  # one spawn of 2 gloo processes serves every case; xdist would spawn one per worker
+    "$PYTHON" -m pytest tests/test_distributed.py -q -p no:cacheprovider -k cuda --junitxml="$WORK/distributed.xml"
 }
 
 bench() {
@@ -107,6 +115,11 @@ bench() {
     for config in pdb-gpu trans-gpu efm-gpu; do
         echo "-- $config"
         "$PYTHON" -m benchmarks all --device cuda --config "$config" --variants eager,fused,fused-cuda \
+            --rounds 3 --warmup 1 --out "$WORK/bench/$config" || rc=1
+    done
+    for config in c2f-gpu cross-gpu; do  # last: the step's timeout may cut them, not the block configurations
+        echo "-- $config"
+        "$PYTHON" -m benchmarks all --device cuda --config "$config" --variants eager,fused \
             --rounds 3 --warmup 1 --out "$WORK/bench/$config" || rc=1
     done
     gpu="$("$PYTHON" -c 'import torch; print(torch.cuda.get_device_name().replace(" ", "-"))')"
@@ -123,7 +136,7 @@ PY
 }
 
 STEPS=("$@")
-[ ${#STEPS[@]} -eq 0 ] && STEPS=(probe build smoke memcheck racecheck tests kernels bench)
+[ ${#STEPS[@]} -eq 0 ] && STEPS=(probe build smoke memcheck racecheck tests distributed kernels bench)
 : > "$SUMMARY"
 for step in "${STEPS[@]}"; do
     case "$step" in
@@ -134,9 +147,12 @@ for step in "${STEPS[@]}"; do
         racecheck) run_step racecheck 45 bash -c \
             "$(declare -f sanitizer); PYTHON=$PYTHON sanitizer racecheck --only reductions --dtypes fp32" ;;
         tests) run_step tests 120 bash -c "$(declare -f cuda_tests); PYTHON=$PYTHON WORK=$WORK cuda_tests" ;;
+        distributed) run_step distributed 60 bash -c \
+            "$(declare -f distributed_tests); PYTHON=$PYTHON WORK=$WORK distributed_tests" ;;
         kernels) run_step kernels 45 "$PYTHON" -m benchmarks.gpu_kernels --out "$WORK/gpu_kernels.json" ;;
         bench) run_step bench 240 bash -c "$(declare -f bench); PYTHON=$PYTHON WORK=$WORK bench" ;;
-        *) echo "unknown step $step (probe build smoke memcheck racecheck tests kernels bench)" | tee -a "$SUMMARY"
+        *) echo "unknown step $step (probe build smoke memcheck racecheck tests distributed kernels bench)" \
+               | tee -a "$SUMMARY"
            FAILED=1 ;;
     esac
 done

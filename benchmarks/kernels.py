@@ -23,9 +23,10 @@ import torch
 import torch.nn.functional as F
 
 from csp_kernels import build_info
+from csp_kernels.ops.conv import conv_backward
 from csp_kernels.ops.conv1x1 import conv1x1_fused
-from csp_kernels.ops.conv3x3 import conv3x3_winograd, winograd_usable
-from csp_kernels.ops.transition import conv_backward
+from csp_kernels.ops.conv3x3 import conv3x3_winograd
+from csp_kernels.ops.routing import winograd_usable
 
 from .machine import machine_info
 from .measure import time_interleaved

@@ -32,6 +32,16 @@ def env_choice(var: str, choices: tuple[str, ...], default: str) -> str:
     return value or default
 
 
+def check_out_tensor(out, shape, dtype: torch.dtype, device: torch.device) -> None:
+    """Raise, as ATen's out= does, unless `out` is a tensor of `shape`, `dtype` on `device` (the
+    check every out= shares; the ops add their layout checks)."""
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"out must be a torch.Tensor; got {type(out).__name__}")
+    if tuple(out.shape) != tuple(shape) or out.dtype != dtype or out.device != device:
+        raise ValueError(f"out must be a {dtype} tensor of shape {tuple(shape)} on {device}; got "
+                         f"{out.dtype} {tuple(out.shape)} on {out.device}")
+
+
 def _check_choice(value, name: str, choices: tuple[str, ...]) -> str:
     if not isinstance(value, str):
         raise TypeError(f"{name} must be a str, one of {choices}; got {type(value).__name__}")

@@ -10,8 +10,14 @@ all-reduces each buffer channel's statistics once, as many collectives as it has
 without a layer's norm1 re-sending the prefix it reads (`csp_kernels.ops.sync_dense`;
 `python -m benchmarks.collectives` counts them against eager nn.SyncBatchNorm's).
 
-`convert_sync_batchnorm(model)` puts the SyncBatchNorms in; `check_sync_batch_norm(model)` finds
-stages whose BatchNorms would not share one process group.
+`convert_sync_batchnorm(model)` puts the SyncBatchNorms in (torch's
+nn.SyncBatchNorm.convert_sync_batchnorm does as well: the fused modules look at the BatchNorm's
+type, not at who converted it); `check_sync_batch_norm(model)` finds stages whose BatchNorms
+would not share one process group.
+
+torch.compile of a synchronized model, DDP-wrapped or not, computes what eager does: a ConvBNAct's
+synchronization is traced into the graph (functional all_reduces), a dense block's runs eagerly
+at a graph break (`ops.sync_dense.partial_dense_block_sync`).
 """
 from __future__ import annotations
 

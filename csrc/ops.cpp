@@ -1,5 +1,6 @@
 // The schemas of every csp_kernels C++ op (one place), and the Python module's build report.
-// Kernels register per device in cpu/*.cpp and cuda/*.cu with TORCH_LIBRARY_IMPL.
+// Kernels register per device in cpu/*.cpp and cuda/*.cu with TORCH_LIBRARY_IMPL; the fake
+// (meta) kernels sit in csp_kernels/ops/fakes.py in this file's order.
 #include <torch/extension.h>
 #include <torch/library.h>
 #include <torch/version.h>

@@ -10,7 +10,7 @@ if not torch.cuda.is_available():
 os.environ.setdefault("CSP_KERNELS_CPU_CONV1X1", "gemm")
 os.environ.setdefault("CSP_KERNELS_CPU_CONV3X3", "winograd")
 # Likewise the property tests draw tiny maps, which the CPU backend runs as plain PyTorch by default
-# (ops.dense.eager_is_faster): pinned to the fused op (tests/test_partial_dense_block.py tests the route).
+# (ops.routing.eager_is_faster): pinned to the fused op (tests/test_partial_dense_block.py tests the route).
 os.environ.setdefault("CSP_KERNELS_CPU_DENSE_SMALL_MAPS", "fused")
 
 import pytest  # noqa: E402

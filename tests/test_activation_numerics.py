@@ -9,7 +9,8 @@ from torch import nn
 import csp_kernels
 from csp_kernels import backend, checks, reference
 from csp_kernels.ops.batch_norm_act import scale_shift_act
-from csp_kernels.ops.conv3x3 import conv3x3_winograd, winograd_usable
+from csp_kernels.ops.conv3x3 import conv3x3_winograd
+from csp_kernels.ops.routing import winograd_usable
 from csp_kernels.ops.dense import bn_act_backward_accumulate
 from helpers import assert_matches_reference, rel_error
 

@@ -5,8 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from csp_kernels.ops.conv3x3 import conv3x3, conv3x3_winograd, winograd_usable, winograd_weight
-from csp_kernels.ops.transition import conv_backward
+from csp_kernels.ops.conv import conv_backward
+from csp_kernels.ops.conv3x3 import conv3x3, conv3x3_winograd, winograd_weight
+from csp_kernels.ops.routing import winograd_usable
 from helpers import rel_error
 
 needs_winograd = pytest.mark.skipif(not winograd_usable(torch.empty(0)),

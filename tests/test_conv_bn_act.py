@@ -10,7 +10,7 @@ from torch import nn
 import csp_kernels
 from csp_kernels import checks, reference
 from csp_kernels.ops import transition as ops
-from csp_kernels.ops.conv3x3 import winograd_usable
+from csp_kernels.ops.routing import winograd_usable
 from helpers import (DEVICES, assert_matches_reference, device_backend_params, fused_backends, randomize_,
                      requires_cuda)
 

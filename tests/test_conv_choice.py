@@ -11,7 +11,7 @@ import torch
 import csp_kernels
 from csp_kernels import reference
 from csp_kernels.ops import conv_choice
-from csp_kernels.ops.conv3x3 import winograd_usable
+from csp_kernels.ops.routing import winograd_usable
 
 from helpers import assert_matches_reference
 

@@ -1,14 +1,19 @@
-"""Synchronized BatchNorm in the fused modules (csp_kernels.distributed, ops/sync_batch_norm.py).
+"""Synchronized BatchNorm in the fused modules (csp_kernels.distributed, ops/sync_batch_norm.py,
+ops/sync_dense.py).
 
-Two gloo processes on the CPU (one spawn for the whole file, `results`): each rank trains the
-fused module, its BatchNorms converted to nn.SyncBatchNorm, for a few SGD steps on its half of
-one batch; the reference twin with plain BatchNorm2d trains in each process on the whole batch.
-Outputs, input gradients, parameter gradients (summed over the ranks by hand, or averaged by
-DDP), parameters and running statistics must match in float64. DDP without synchronized
-BatchNorms must match DDP of the reference (per-rank statistics). The collectives of each
-training step are counted by wrapping torch.distributed.all_reduce / all_gather in the children
-(benchmarks.collectives' counter) and compared with what eager nn.SyncBatchNorm would issue. The
-cases in one process (world size 1, conversion, the stage check) need no spawn.
+Two gloo processes (one spawn per device for the whole file, `results`): each rank trains the
+fused module, its BatchNorms converted to nn.SyncBatchNorm (by the library's converter or
+torch's), for a few SGD steps on its half of one batch; the reference twin with plain
+BatchNorm2d trains in each process on the whole batch. Outputs, input gradients, parameter
+gradients (summed over the ranks by hand, or averaged by DDP), parameters and running statistics
+must match (float64: to rounding; float32: against a float32 reference, or against the float64
+one by the repository's relative-error rule). DDP without synchronized BatchNorms must match DDP
+of the reference (per-rank statistics), and so must both under torch.compile. The collectives of
+each training step are counted by wrapping torch.distributed.all_reduce / all_gather in the
+children (benchmarks.collectives' counter) and compared with what eager nn.SyncBatchNorm would
+issue. On the CPU and, where there is one, on a CUDA device: both ranks on cuda:0 (NCCL refuses
+two ranks on one device; gloo all-reduces CUDA tensors through the host). The cases in one
+process (world size 1, conversion, the stage check) need no spawn.
 """
 from __future__ import annotations
 
@@ -30,7 +35,7 @@ from benchmarks import collectives
 from benchmarks.collectives import CollectiveCounter
 from csp_kernels import reference
 from csp_kernels.distributed import check_sync_batch_norm, convert_sync_batchnorm
-from helpers import randomize_
+from helpers import assert_matches_reference, randomize_
 
 WORLD_SIZE = 2
 STEPS = 3
@@ -38,6 +43,12 @@ BATCH = 4  # 2 samples per rank
 # float64: rounding only; float32 (Winograd 3x3s and the AVX-512 1x1 GEMMs where the CPU has them):
 # the fused and the reference module each round their own way.
 TOLERANCES = {torch.float64: dict(rtol=1e-9, atol=1e-10), torch.float32: dict(rtol=1e-4, atol=1e-4)}
+# Inductor's code generation costs about twice aot_eager's compile time on 2 cores; what the
+# compiled cases check is the capture (Dynamo through the synchronizing Function and its
+# collectives, AOTAutograd, DDP's graph splitting), which aot_eager runs as inductor would.
+COMPILE_BACKEND = "aot_eager"
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device here (the CUDA variant runs both gloo ranks on cuda:0)"))]
 
 
 class Case(NamedTuple):
@@ -51,6 +62,9 @@ class Case(NamedTuple):
     # the reference.
     mode: str = "sync"
     dtype: torch.dtype = torch.float64
+    reference_dtype: torch.dtype | None = None  # None: `dtype`
+    convert: str = "library"  # or "torch": torch.nn.SyncBatchNorm.convert_sync_batchnorm
+    compile: bool = False  # torch.compile of the (DDP-wrapped) fused module
 
 
 CASES = {
@@ -64,6 +78,12 @@ CASES = {
     "cross_stage": Case(csp_kernels.CrossStage, reference.CrossStage, (6, 8, 2, 1, 1), dict(block_ratio=0.5),
                         (6, 6, 6)),
     "c2f-local-ddp": Case(csp_kernels.C2f, reference.C2f, (6, 8), dict(n=1, shortcut=True), (6, 5, 5), "local-ddp"),
+    "c2f-torch-convert": Case(csp_kernels.C2f, reference.C2f, (6, 8), dict(n=1, shortcut=True), (6, 5, 5),
+                              convert="torch"),
+    "c2f-compile-ddp": Case(csp_kernels.C2f, reference.C2f, (6, 8), dict(n=1, shortcut=True), (6, 5, 5), "sync-ddp",
+                            compile=True),
+    "c2f-compile-local-ddp": Case(csp_kernels.C2f, reference.C2f, (6, 8), dict(n=1, shortcut=True), (6, 5, 5),
+                                  "local-ddp", compile=True),
     # (in_channels, num_layers, growth_rate)
     "pdb-first": Case(csp_kernels.PartialDenseBlock, reference.PartialDenseBlock, (8, 2, 4), dict(fusion="first"),
                       (8, 6, 6)),
@@ -73,11 +93,24 @@ CASES = {
                     (8, 6, 6)),
     "pdb-csp-ddp": Case(csp_kernels.PartialDenseBlock, reference.PartialDenseBlock, (8, 2, 4), dict(fusion="csp"),
                         (8, 6, 6), "sync-ddp"),
+    "pdb-csp-float32": Case(csp_kernels.PartialDenseBlock, reference.PartialDenseBlock, (8, 3, 4), dict(fusion="csp"),
+                            (8, 6, 6), dtype=torch.float32, reference_dtype=torch.float64),
+    "pdb-local-ddp": Case(csp_kernels.PartialDenseBlock, reference.PartialDenseBlock, (8, 2, 4), dict(fusion="csp"),
+                          (8, 6, 6), "local-ddp"),
+    "pdb-torch-convert": Case(csp_kernels.PartialDenseBlock, reference.PartialDenseBlock, (8, 2, 4),
+                              dict(fusion="last"), (8, 6, 6), convert="torch"),
+    "pdb-compile-ddp": Case(csp_kernels.PartialDenseBlock, reference.PartialDenseBlock, (8, 2, 4), dict(fusion="csp"),
+                            (8, 6, 6), "sync-ddp", compile=True),
     "dense-block": Case(csp_kernels.DenseBlock, reference.DenseBlock, (8, 2, 4), {}, (8, 6, 6)),
 }
 
 
 def _assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+    """Equal to rounding in a shared dtype; float32 against a float64 reference by the
+    repository's relative-error rule (helpers.assert_matches_reference)."""
+    if actual.dtype != expected.dtype and actual.is_floating_point():
+        assert_matches_reference(actual, expected, name=what)
+        return
     torch.testing.assert_close(actual, expected, **TOLERANCES.get(expected.dtype, dict(rtol=0, atol=0)),
                                msg=lambda message: f"{what}: {message}")
 
@@ -86,40 +119,60 @@ def _batch_norms(module: nn.Module) -> list[nn.Module]:
     return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
-def _run_case(name: str, rank: int, counter: CollectiveCounter) -> dict:
+def _convert(model: nn.Module, how: str) -> None:
+    """Every BatchNorm2d of `model` (a module or its DDP wrapper) to nn.SyncBatchNorm over WORLD,
+    in place, by the library's converter or torch's (which builds new modules around the same
+    parameters and buffers)."""
+    if how == "torch":
+        nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    else:
+        convert_sync_batchnorm(model)
+
+
+def _build(case: Case, device: str) -> tuple[nn.Module, nn.Module]:
+    """(fused, reference) twins on `device` with the same randomized state, in their dtypes."""
+    ref = randomize_(case.reference(*case.args, **case.kwargs)).to(device, case.reference_dtype or case.dtype)
+    fused = case.fused(*case.args, **case.kwargs).to(device, case.dtype)
+    fused.load_state_dict(ref.state_dict())
+    return fused, ref
+
+
+def _run_case(name: str, rank: int, device: str, counter: CollectiveCounter) -> dict:
     """Trains the case's fused module on this rank's half and the reference beside it; raises
-    on a mismatch. Returns the collectives of each step and the synchronized BatchNorms' number
-    and channels."""
+    on a mismatch. Returns the collectives of each step (none counted under torch.compile), the
+    synchronized BatchNorms' number and channels, and the first BatchNorm's running mean."""
     case = CASES[name]
     mode = case.mode
     torch.manual_seed(0)  # the same modules and data on every rank
-    ref = randomize_(case.reference(*case.args, **case.kwargs)).to(case.dtype)
-    fused = case.fused(*case.args, **case.kwargs).to(case.dtype)
-    fused.load_state_dict(ref.state_dict())
+    fused, ref = _build(case, device)
+    ref_dtype = case.reference_dtype or case.dtype
     model = DistributedDataParallel(fused) if mode.endswith("ddp") else fused
     if mode != "local-ddp":
         # After DDP: its constructor refuses SyncBatchNorm in a CPU module; the conversion keeps
         # the parameters and buffers DDP registered.
-        convert_sync_batchnorm(model)
+        _convert(model, case.convert)
     ref_model = DistributedDataParallel(ref) if mode == "local-ddp" else ref
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     ref_opt = torch.optim.SGD(ref_model.parameters(), lr=0.1)
+    if case.compile:
+        model = torch.compile(model, backend=COMPILE_BACKEND)
     half = slice(rank * BATCH // WORLD_SIZE, (rank + 1) * BATCH // WORLD_SIZE)
     steps = []
     for _ in range(STEPS):
-        x_all = torch.randn(BATCH, *case.shape, dtype=case.dtype)
+        x_all = torch.randn(BATCH, *case.shape, dtype=ref_dtype).to(device)
         # The reference sees the whole batch, except under local-ddp, where it is DDP'd itself.
         x_ref = (x_all[half] if mode == "local-ddp" else x_all).clone().requires_grad_()
         y_ref = ref_model(x_ref)
-        weight = torch.randn(y_ref.shape[1:], dtype=case.dtype)  # a loss that weighs every output
+        weight = torch.randn(y_ref.shape[1:], dtype=ref_dtype).to(device)  # a loss that weighs every output
         (y_ref * weight).sum().backward()
 
-        x = x_all[half].clone().requires_grad_()
-        counter.active = True
+        x = x_all[half].to(case.dtype, copy=True).requires_grad_()
+        # Dynamo would trace the counter's bookkeeping into the graph: compiled steps go uncounted.
+        counter.active = not case.compile
         y = model(x)
         # DDP averages the ranks' gradients; the reference's are the sum of the ranks' losses'.
         scale = WORLD_SIZE if mode == "sync-ddp" else 1
-        ((y * weight).sum() * scale).backward()
+        ((y * weight.to(case.dtype)).sum() * scale).backward()
         counter.active = False
         steps.append(counter.take())
         if mode == "sync":
@@ -136,7 +189,10 @@ def _run_case(name: str, rank: int, counter: CollectiveCounter) -> dict:
         _assert_close(fused.state_dict()[key], value, key)
     synced = [m for m in _batch_norms(fused) if isinstance(m, nn.SyncBatchNorm)]
     assert len(synced) == (0 if mode == "local-ddp" else len(_batch_norms(ref)))
-    return {"steps": steps, "batch_norms": len(synced), "channels": _reduced_channels(fused)}
+    if case.compile:
+        torch._dynamo.reset()  # the next cases compile their own modules
+    return {"steps": steps, "batch_norms": len(synced), "channels": _reduced_channels(fused),
+            "running_mean": _batch_norms(fused)[0].running_mean.tolist()}
 
 
 def _reduced_channels(module: nn.Module) -> int:
@@ -170,8 +226,13 @@ def _run_unsynchronizable_partial_dense_blocks() -> dict:
     return found
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
+def _worker(rank: int, port: int, device: str, out_dir: str) -> None:
     torch.set_num_threads(1)
+    if device == "cuda":
+        torch.cuda.set_device(0)  # both ranks: the GPU machine has one device
+        # float32 without TF32 (cuDNN's and the Triton GEMM's default), which would miss the float32
+        # tolerances (conftest's full_float32_precision; this process is the worker's own).
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE,
                             timeout=datetime.timedelta(seconds=60))
     warnings.simplefilter("error", csp_kernels.ReferenceFallbackWarning)  # the fused path must not fall back
@@ -180,21 +241,27 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     try:
         for name in CASES:
             try:
-                results[name] = _run_case(name, rank, counter)
+                results[name] = _run_case(name, rank, device, counter)
             except Exception:
                 results[name] = {"error": traceback.format_exc()}
-        results["unsynchronizable"] = _run_unsynchronizable_partial_dense_blocks()
+        if device == "cpu":  # what it checks is torch's SyncBatchNorm refusing the CPU
+            results["unsynchronizable"] = _run_unsynchronizable_partial_dense_blocks()
     finally:
         with open(f"{out_dir}/rank{rank}.json", "w") as f:
             json.dump(results, f)
         dist.destroy_process_group()
 
 
+@pytest.fixture(scope="module", params=DEVICES)
+def device(request) -> str:
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def results(tmp_path_factory) -> list[dict]:
-    """Every rank's results of the spawned cases: [rank 0's, rank 1's]."""
-    out_dir = tmp_path_factory.mktemp("distributed")
-    mp.spawn(_worker, args=(collectives.free_port(), str(out_dir)), nprocs=WORLD_SIZE, join=True)
+def results(device, tmp_path_factory) -> list[dict]:
+    """Every rank's results of the spawned cases on `device`: [rank 0's, rank 1's]."""
+    out_dir = tmp_path_factory.mktemp(f"distributed-{device}")
+    mp.spawn(_worker, args=(collectives.free_port(), device, str(out_dir)), nprocs=WORLD_SIZE, join=True)
     return [json.loads((out_dir / f"rank{rank}.json").read_text()) for rank in range(WORLD_SIZE)]
 
 
@@ -206,7 +273,23 @@ def test_training_steps_match_the_reference_on_the_whole_batch(results, case):
         assert "error" not in rank_results[case], f"rank {rank}:\n{rank_results[case].get('error')}"
 
 
-@pytest.mark.parametrize("case", [name for name, case in CASES.items() if case.mode != "local-ddp"])
+@pytest.mark.parametrize("case", CASES)
+def test_running_statistics_are_the_groups_or_each_ranks(results, case):
+    """Synchronized BatchNorms end with the same running statistics on every rank; under
+    local-ddp each rank's follow its own half (DDP broadcasts rank 0's buffers before each
+    forward, then each rank updates them from its own batch)."""
+    first, second = (torch.tensor(rank_results[case]["running_mean"]) for rank_results in results)
+    if CASES[case].mode == "local-ddp":
+        assert not torch.allclose(first, second), "the ranks' running statistics agree without synchronization"
+    else:
+        torch.testing.assert_close(first, second, rtol=0, atol=0)
+
+
+# Synchronized and counted (compiled steps are not).
+COUNTED = [name for name, case in CASES.items() if case.mode != "local-ddp" and not case.compile]
+
+
+@pytest.mark.parametrize("case", COUNTED)
 def test_one_all_reduce_per_layer_and_pass(results, case):
     """Fused: one all_reduce per synchronized layer in forward (3C + 1 values) and one in backward
     (2C), no all_gather; in a dense block each buffer channel's statistics once, so per pass 2L + T
@@ -219,6 +302,7 @@ def test_one_all_reduce_per_layer_and_pass(results, case):
     ref = case_spec.reference(*case_spec.args, **case_spec.kwargs).to(case_spec.dtype)
     eager = collectives.eager_collectives(ref, torch.randn(BATCH // WORLD_SIZE, *case_spec.shape,
                                                            dtype=case_spec.dtype), WORLD_SIZE)
+    eager_values = eager["all_reduce"][1] + eager["all_gather"][1]
     for rank_results in results:
         case_results = rank_results[case]
         assert "error" not in case_results, case_results.get("error")
@@ -227,12 +311,14 @@ def test_one_all_reduce_per_layer_and_pass(results, case):
             assert {name: counts[:2] for name, counts in step.items()} == {
                 "all_reduce": [2 * layers, 5 * channels + layers], "all_gather": [0, 0]}
             assert step["all_reduce"][0] == eager["all_reduce"][0] + eager["all_gather"][0]
-            fused_values, eager_values = step["all_reduce"][1], eager["all_reduce"][1] + eager["all_gather"][1]
+            fused_values = step["all_reduce"][1]
             dense = case.startswith(("pdb", "dense"))  # eager's norm1s each send their whole prefix
             assert fused_values < eager_values if dense else fused_values <= eager_values
 
 
-def test_unsynchronizable_partial_dense_block_falls_back_naming_the_reason(results):
+def test_unsynchronizable_partial_dense_block_falls_back_naming_the_reason(results, device):
+    if device != "cpu":
+        pytest.skip("checks the fallback to torch's SyncBatchNorm refusing CPU tensors")
     for rank_results in results:
         found = rank_results["unsynchronizable"]
         mixed, two_groups = found["mixed"], found["two_groups"]

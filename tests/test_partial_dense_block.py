@@ -10,7 +10,7 @@ from torch import nn
 from csp_kernels import backend, reference
 from csp_kernels.nn import PartialDenseBlock
 from csp_kernels.ops import dense as dense_ops
-from csp_kernels.ops import dense_eval
+from csp_kernels.ops import dense_eval, routing
 from csp_kernels.profiling import SavedTensorsMeter
 from helpers import (DEVICES, assert_matches_reference, device_backend_params, fused_backends, rel_error,
                      requires_cuda)
@@ -429,8 +429,8 @@ def test_low_precision_on_gpu(name, dtype):
 def test_small_cpu_maps_run_as_plain_pytorch(monkeypatch, side, fused_op_runs, training):
     """The CPU route by default (the tests pin the fused op, conftest.py): maps of at most
     SMALL_MAP_PIXELS pixels run the reference math, without a warning, larger ones the fused ops."""
-    monkeypatch.setattr(dense_ops, "_SMALL_MAPS", "eager")
-    assert (side * side <= dense_ops.SMALL_MAP_PIXELS) != fused_op_runs
+    monkeypatch.setattr(routing, "_SMALL_MAPS", "eager")
+    assert (side * side <= routing.SMALL_MAP_PIXELS) != fused_op_runs
     calls = []
     for module, name in ((dense_ops, "partial_dense_block"), (dense_eval, "partial_dense_block_eval")):
         op = getattr(module, name)

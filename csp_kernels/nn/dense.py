@@ -17,7 +17,7 @@ Which path runs follows the BatchNorms' own `training` flags, as the reference's
   refolded when eps or the value of any tensor the fold reads changes (compared with a copy
   at each call, so edits through `.data` count too).
 - the reference math (`super().forward`) for the "reference" backend, on the CPU for maps
-  of at most `ops.dense.SMALL_MAP_PIXELS` pixels (faster there: `ops.dense.eager_is_faster`), and, with a
+  of at most `ops.routing.SMALL_MAP_PIXELS` pixels (faster there: `ops.routing.eager_is_faster`), and, with a
   `ReferenceFallbackWarning` naming the reason, for what the fused op does not model: eval
   while autograd records (e.g. frozen BatchNorms under fine-tuning), some BatchNorms frozen
   and others training, BatchNorms that differ from the defaults the op assumes (affine,
@@ -38,6 +38,11 @@ for a float16/bfloat16 module, `ops.dense_eval`). It returns the dtype the refer
 under autocast: the autocast dtype, except for fusion "last", whose concat of the untouched
 part 1 with the transition's output promotes (float32 for a float32 x), part 1 passed through
 exactly; likewise a DenseBlock's output, whose first in_channels channels are x.
+
+Reference: csp_kernels.reference.PartialDenseBlock, DenseBlock (reference/blocks.py); op,
+autograd and kernels: ops/dense.py (training; its docstring names the C++ and Triton kernels),
+ops/dense_eval.py (eval), ops/sync_dense.py (synchronized); tests:
+tests/test_partial_dense_block.py, tests/test_dense_block.py.
 """
 from __future__ import annotations
 
@@ -47,7 +52,7 @@ from torch import nn
 
 from .. import backend, checks, reference
 from ..ops import dense as dense_ops
-from ..ops import dense_eval, sync_dense
+from ..ops import dense_eval, routing, sync_dense
 from ..ops.fold_cache import fold_cache_hit, fold_key, snapshot
 from ..ops.sync_batch_norm import process_group_of, sync_group
 from .transition import batch_norm_reason, conv_reason, track_batch_stats
@@ -156,15 +161,14 @@ class _FusedDense(nn.Module):
             if reason := dense_layer_reason(layer, prefix + name):
                 return reason
             for part in ("norm1", "norm2"):
-                if reason := batch_norm_reason(getattr(layer, part), f"{prefix}{name}.{part}", synchronizes=True):
+                if reason := batch_norm_reason(getattr(layer, part), f"{prefix}{name}.{part}"):
                     return reason
             for part, geometry in (("conv1", _CONV1X1), ("conv2", _CONV3X3)):
                 if reason := conv_reason(getattr(layer, part), f"{prefix}{name}.{part}", geometry):
                     return reason
         for name in self._transition_names():
             t = getattr(self, name)
-            if reason := conv_reason(t.conv, f"{name}.conv", _CONV1X1) or batch_norm_reason(t.bn, f"{name}.bn",
-                                                                                              synchronizes=True):
+            if reason := conv_reason(t.conv, f"{name}.conv", _CONV1X1) or batch_norm_reason(t.bn, f"{name}.bn"):
                 return reason
         norms = self._norms()
         if any(bn.eps != norms[0].eps for bn in norms):
@@ -244,10 +248,10 @@ class _FusedDense(nn.Module):
         if reason:
             backend.warn_reference_fallback(self, reason)
             return super().forward(x)
-        if name == "cpu" and dense_ops.eager_is_faster(x) and sync_group(self._norms()[0]) is None:
+        if name == "cpu" and routing.eager_is_faster(x) and sync_group(self._norms()[0]) is None:
             # (synchronized, the reference's torch SyncBatchNorm would refuse the CPU)
             return super().forward(x)
-        engine = "triton" if name == "triton" else "aten"
+        engine = routing.dense_engine(name)
         data = x
         if checks.autocast_enabled(x.device.type):
             data = x.to(torch.get_autocast_dtype(x.device.type))

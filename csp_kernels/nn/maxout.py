@@ -3,6 +3,10 @@ one-pass Maxout pyramid op (ops/maxout.py) on the "cpu", "cuda" and "triton" bac
 
 Maxout is memory-bound, so it has no Triton kernel: the "triton" backend runs the compiled
 extension's kernel for it, by design (docs/semantics.md).
+
+Reference: csp_kernels.reference.Maxout, ExactFusion, maxout, maxout_pyramid (reference/blocks.py);
+op and autograd: ops/maxout.py; kernels: csrc/cpu/maxout.cpp, csrc/cuda/maxout.cu; tests:
+tests/test_maxout.py.
 """
 from __future__ import annotations
 

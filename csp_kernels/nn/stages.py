@@ -4,7 +4,9 @@ ultralytics' Bottleneck, C2f, C3, C3k, C3k2 (reference: csp_kernels/reference/yo
 and timm's BottleneckBlock, DarkBlock, CrossStage, CrossStage3, DarkStage (reference:
 csp_kernels/reference/timm_stages.py), each subclassing its reference twin: same __init__
 signature, state_dict keys, outputs, gradients and running statistics. Every ConvBNAct is the
-fused one (nn/transition.py, ops/transition.py). Tests: tests/test_stages.py.
+fused one (nn/transition.py; op, autograd and kernel routing: ops/transition.py, ops/routing.py),
+and every buffer slot is checked and sized by the shared helpers (`ops.conv.conv_output_shape`,
+`ops.batch_norm_act.shares_memory`). Tests: tests/test_stages.py, tests/test_reference_stages.py.
 
 No torch.cat or chunk runs: a call allocates one buffer holding the concat its last 1x1
 convolution reads; every ConvBNAct and block writes its output straight into its channel slot
@@ -38,7 +40,7 @@ from torch import nn
 
 from .. import backend, checks, reference
 from ..ops.batch_norm_act import shares_memory
-from ..ops.transition import conv_output_shape
+from ..ops.conv import conv_output_shape
 from .transition import ConvBNAct, conv_reason
 
 # (qualified name, submodule, the types whose forward(x, out=) the buffered forward relies on)

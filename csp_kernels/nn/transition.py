@@ -1,15 +1,20 @@
 """Fused ConvBNAct: the CSP transition, conv -> BatchNorm -> activation, in as few passes as
-possible (ops/transition.py), with an `out=` that writes into a caller's buffer."""
+possible, with an `out=` that writes into a caller's buffer.
+
+Reference: csp_kernels.reference.ConvBNAct (reference/blocks.py), which this subclasses; ops and
+autograd: ops/transition.py (its docstring names the kernels; which one runs: ops/routing.py);
+synchronized BatchNorm: ops/sync_batch_norm.py; tests: tests/test_conv_bn_act.py."""
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from .. import backend, checks, reference
+from ..ops import conv as conv_ops
+from ..ops import routing
 from ..ops import transition as ops
-from ..ops.batch_norm_act import update_running_stats
+from ..ops.batch_norm_act import bn_scale_shift, stats_dtype, update_running_stats
 from ..ops.fold_cache import fold_cache_hit, fold_key, snapshot
 from ..ops.sync_batch_norm import conv_bn_act_train_sync, sync_group
 
@@ -70,10 +75,9 @@ class ConvBNAct(reference.ConvBNAct):
         act_name, act_reason = ("", "") if name == "reference" else checks.kernel_activation(self.act)
         unfusable = "" if name == "reference" else self._unfusable_reason() or act_reason
         fused = name != "reference" and not unfusable
-        engine = "triton" if fused and name == "triton" and ops.triton_eligible(
-            conv.kernel_size, conv.padding, conv.groups) else "aten"
+        engine = routing.transition_engine(name, conv.kernel_size, conv.padding, conv.groups) if fused else "aten"
         if out is not None and not isinstance(conv.padding, str):  # else the reference's copy_ checks
-            shape = ops.conv_output_shape(x.shape, conv.weight.shape, conv.stride, conv.padding, conv.dilation)
+            shape = conv_ops.conv_output_shape(x.shape, conv.weight.shape, conv.stride, conv.padding, conv.dilation)
             if ops.check_out(out, shape, x.dtype, x.device,
                              any_strides=not fused or (engine == "triton" and not self.bn.training), x=x,
                              recording=torch.is_grad_enabled() and self._needs_grad(x, out)):
@@ -89,8 +93,7 @@ class ConvBNAct(reference.ConvBNAct):
 
     def _unfusable_reason(self) -> str:
         """What the fused kernels do not model here, or "" when they cover the module."""
-        return backend.tracing_reason() or conv_reason(self.conv, "conv") or batch_norm_reason(self.bn, "bn",
-                                                                                               synchronizes=True)
+        return backend.tracing_reason() or conv_reason(self.conv, "conv") or batch_norm_reason(self.bn, "bn")
 
     def _conv_args(self) -> tuple:
         conv = self.conv
@@ -143,17 +146,17 @@ class ConvBNAct(reference.ConvBNAct):
 
     def _fold(self):
         bn = self.bn
-        return ops.fold_batch_norm(self.conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps)
+        return conv_ops.fold_batch_norm(self.conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps)
 
     def _eval_fold(self, dtype: torch.dtype):
         """(weight in `dtype`, bias, scale) for `ops.conv_bias_act`: BN folded into the weight
         and scale None, or in float16/bfloat16 the weight as it is and BN's float32 scale
-        (ops.folds_into_weight)."""
-        if ops.folds_into_weight(dtype):
+        (ops.conv.folds_into_weight)."""
+        if conv_ops.folds_into_weight(dtype):
             weight, bias = self._fold()
-            return weight.to(dtype), bias.to(ops.stats_dtype(dtype)), None
-        bn, sdtype = self.bn, ops.stats_dtype(dtype)
-        scale, shift = ops.bn_scale_shift(bn.running_mean.to(sdtype), bn.running_var.to(sdtype), bn.weight, bn.bias,
+            return weight.to(dtype), bias.to(stats_dtype(dtype)), None
+        bn, sdtype = self.bn, stats_dtype(dtype)
+        scale, shift = bn_scale_shift(bn.running_mean.to(sdtype), bn.running_var.to(sdtype), bn.weight, bn.bias,
                                           bn.eps)
         return self.conv.weight.to(dtype), shift, scale
 
@@ -207,20 +210,13 @@ def conv_reason(conv: nn.Module, name: str, geometry: tuple | None = None) -> st
     return ""
 
 
-def batch_norm_reason(bn: nn.Module, name: str, synchronizes: bool = False) -> str:
+def batch_norm_reason(bn: nn.Module, name: str) -> str:
     """Why the fused kernels cannot compute `bn` (called `name`) as the module holds it now, or
-    "": an nn.BatchNorm2d or nn.SyncBatchNorm with affine parameters, tracked running statistics
-    and no forward hooks. A SyncBatchNorm that must synchronize (`sync_group`: training, in a
-    process group of more than one process) is covered only where the caller's kernels
-    synchronize (`synchronizes`: ConvBNAct's); in eval, or alone in its group, it computes as
-    BatchNorm2d. Whether it normalizes by batch or running statistics is its own `training`
-    flag, as in nn.BatchNorm2d."""
-    if type(bn) is nn.SyncBatchNorm:
-        if not synchronizes and sync_group(bn) is not None:
-            return (f"{name} is a training SyncBatchNorm in a process group of {dist.get_world_size(bn.process_group)} "
-                    "processes (this module computes its batch statistics inside one op, which does not synchronize "
-                    "them; csp_kernels.ConvBNAct and the stages built from it do)")
-    elif type(bn) is not nn.BatchNorm2d:
+    "": an nn.BatchNorm2d or nn.SyncBatchNorm (every fused module synchronizes a training one in a
+    process group of more than one process; in eval, or alone in its group, it computes as
+    BatchNorm2d) with affine parameters, tracked running statistics and no forward hooks. Whether
+    it normalizes by batch or running statistics is its own `training` flag, as in nn.BatchNorm2d."""
+    if type(bn) not in (nn.BatchNorm2d, nn.SyncBatchNorm):
         return f"{name} is {type(bn).__name__} (the fused kernels compute nn.BatchNorm2d)"
     if not bn.affine or bn.weight is None or bn.bias is None:
         return f"{name}.affine=False"

@@ -9,8 +9,14 @@ per-channel float32 vectors (float64 for float64 data):
   bn_act_backward_reduce / bn_act_backward_apply       training BN + act backward, two passes
 
 `batch_norm_act` composes them into a custom op with autograd that matches
-`act(F.batch_norm(z, ..., training=True))`; `update_running_stats` then updates the running
-statistics exactly as nn.BatchNorm2d does.
+`act(F.batch_norm(z, ..., training=True))`. It is test-only: no module calls it (the fused
+modules run BN + act inside their conv ops); it stays as the smallest op that exercises the
+kernels through torch.library, autograd, opcheck and the ONNX decomposition
+(tests/test_batch_norm_act.py, tests/test_onnx_export.py). `update_running_stats` updates the
+running statistics exactly as nn.BatchNorm2d does (the one place every fused module's update
+goes through, via nn/transition.py's `track_batch_stats`). The C++ ops' fake kernels:
+ops/fakes.py. The plane-layout tests here (`pixels_contiguous`, `planes_contiguous`) are the
+only Python ones; csrc/plane_layout.h is their C++ twin.
 """
 from __future__ import annotations
 
@@ -31,30 +37,9 @@ def refuse_double_backward(op: str) -> None:
 
 
 def stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The per-channel vectors' (statistics, BN parameters, accumulators) dtype for data of
+    `dtype`: float64 for float64, else float32 (every kernel, C++ and Triton, uses it)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-if extension._C is not None:
-    @torch.library.register_fake("csp_kernels::channel_stats")
-    def _(x):
-        c = x.shape[1]
-        return x.new_empty(c, dtype=stats_dtype(x.dtype)), x.new_empty(c, dtype=stats_dtype(x.dtype))
-
-    @torch.library.register_fake("csp_kernels::scale_shift_act")
-    def _(x, scale, shift, act):
-        return torch.empty(x.shape, dtype=x.dtype, device=x.device)
-
-    @torch.library.register_fake("csp_kernels::scale_shift_act_out")
-    def _(x, scale, shift, act, out):
-        return None
-
-    @torch.library.register_fake("csp_kernels::bn_act_backward_reduce")
-    def _(grad_y, z, mean, invstd, weight, bias, act):
-        return torch.empty_like(mean), torch.empty_like(mean)
-
-    @torch.library.register_fake("csp_kernels::bn_act_backward_apply")
-    def _(grad_y, z, mean, invstd, weight, bias, sum_dpre, sum_dpre_xhat, act):
-        return torch.empty(z.shape, dtype=z.dtype, device=z.device)
 
 
 def pixels_contiguous(t: torch.Tensor) -> bool:
@@ -182,7 +167,8 @@ def update_running_stats(running_mean: torch.Tensor, running_var: torch.Tensor, 
 @torch.library.custom_op("csp_kernels::batch_norm_act", mutates_args=())
 def batch_norm_act(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, act: str
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Training-mode act(BatchNorm2d(z)) in two passes (statistics, normalize+act).
+    """Training-mode act(BatchNorm2d(z)) in two passes (statistics, normalize+act). Test-only
+    (see the module docstring).
 
     z: (batch, channels, height, width); weight, bias: (channels,)
     Returns (y, mean, var) with the biased batch variance; the caller updates running

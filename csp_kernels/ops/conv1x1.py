@@ -15,37 +15,23 @@ Engines:
   CUDA "aten"  passes: `scale_shift_act` into a temporary, a cuBLAS batched GEMM, the bias +
                act in place, `channel_stats`.
 The last two cannot overwrite their input, so `in_place=True` runs them one sample at a time
-through a one-sample temporary.
+through a one-sample temporary. Which one runs: `ops.routing.conv1x1_kernel` (forward) and
+`ops.routing.conv1x1_backward_kernel`. Tests: tests/test_conv1x1.py, tests/test_triton_conv1x1.py.
 """
 from __future__ import annotations
 
 import torch
 
 from .. import extension  # noqa: F401  (loads csp_kernels._C, which defines the C++ ops)
+from . import routing
 from .batch_norm_act import bn_act_backward, channel_stats, plane_contiguous, scale_shift_act, stats_dtype
 
 _ops = torch.ops.csp_kernels
 
-if extension._C is not None:
-    @torch.library.register_fake("csp_kernels::conv1x1_fused_out")
-    def _(x, weight, in_scale, in_shift, in_act, bias, act, stats, out):
-        channels = out.shape[1] if stats else 0
-        sdtype = stats_dtype(x.dtype)
-        return x.new_empty(channels, dtype=sdtype), x.new_empty(channels, dtype=sdtype)
-
-    @torch.library.register_fake("csp_kernels::conv1x1_bn_act_backward")
-    def _(grad_y, z, mean, invstd, weight_bn, bias_bn, sum_dpre, sum_dpre_xhat, act, x, weight, input_grad,
-          weight_grad):
-        grad_x = torch.empty_like(x) if input_grad else x.new_empty(0)
-        return grad_x, x.new_empty(weight.shape if weight_grad else (0, *weight.shape[1:]))
-
-
 # The plain GEMMs: 1x1 convolutions as batched GEMMs over (channels, height * width) planes, one
 # per sample with the weight broadcast (stride-0 batch). They read channel slices of the buffer
-# through strides with no copy (oneDNN copies a strided input to its own layout first), and on
-# this 2-core CPU they are a little faster than ATen's oneDNN 1x1 convolution on NCHW (8x56x56,
-# 192 -> 128 channels: 7.8 vs 8.4 ms forward, 14.5 vs 16.3 ms dgrad + wgrad). torch.matmul(2-D,
-# 3-D) would fold the batch into a transposed copy of both operands instead.
+# through strides with no copy (oneDNN copies a strided input to its own layout first).
+# torch.matmul(2-D, 3-D) would fold the batch into a transposed copy of both operands instead.
 
 def gemm_conv1x1(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """x: (batch, in, height, width) with contiguous planes; weight: (out, in, 1, 1)
@@ -72,7 +58,7 @@ def conv1x1_weight_grad(grad_z: torch.Tensor, x: torch.Tensor, *, in_scale: torc
     One small (out, in) partial per sample, summed: a bmm beats a single GEMM over the
     (batch * height * width)-long reduction, which would need transposed copies of both, and
     also the CPU's tiled GEMM without a prologue, whose short per-tile reductions re-read the
-    (out, in) accumulator (trans-cpu: 89.5 vs 96.1 ms per training step). The CPU backward ops
+    (out, in) accumulator (benchmarks/results/design-notes.md). The CPU backward ops
     that need it with a prologue normalize in cache themselves (`dense.dense_conv1_backward`).
     """
     if in_scale is not None:
@@ -101,7 +87,8 @@ def conv1x1_fused(x: torch.Tensor, weight: torch.Tensor, *, in_scale: torch.Tens
     n, _, h, w = x.shape
     if out is None:
         out = x.new_empty(n, weight.shape[0], h, w)
-    if x.device.type == "cpu" and engine == "aten" and x.dtype in (torch.float32, torch.float64) and scale is None:
+    kernel = routing.conv1x1_kernel(x, engine, scaled=scale is not None)
+    if kernel == "cpu":
         mean, var = _ops.conv1x1_fused_out(x, weight.flatten(1).contiguous(), in_scale, in_shift, in_act, bias, act,
                                            stats, out)
         return (out, mean, var) if stats else out
@@ -110,10 +97,10 @@ def conv1x1_fused(x: torch.Tensor, weight: torch.Tensor, *, in_scale: torch.Tens
             raise ValueError("conv1x1_fused: in_place with stats runs on the CPU engine only")
         tmp = out.new_empty(1, *out.shape[1:])
         for i in range(n):
-            _conv1x1_passes(x[i: i + 1], weight, in_scale, in_shift, in_act, bias, scale, act, tmp, False, engine)
+            _conv1x1_passes(x[i: i + 1], weight, in_scale, in_shift, in_act, bias, scale, act, tmp, False, kernel)
             out[i: i + 1].copy_(tmp)
         return out
-    return _conv1x1_passes(x, weight, in_scale, in_shift, in_act, bias, scale, act, out, stats, engine)
+    return _conv1x1_passes(x, weight, in_scale, in_shift, in_act, bias, scale, act, out, stats, kernel)
 
 
 def check_triton_dtype(x: torch.Tensor) -> None:
@@ -125,14 +112,16 @@ def check_triton_dtype(x: torch.Tensor) -> None:
                         "'cpu' backend")
 
 
-def _conv1x1_passes(x, weight, in_scale, in_shift, in_act, bias, scale, act, out, stats, engine):
-    if engine == "triton" and scale is None:
+def _conv1x1_passes(x, weight, in_scale, in_shift, in_act, bias, scale, act, out, stats, kernel):
+    """`conv1x1_fused` by `kernel` "triton" (an output scale in a pass after the GEMM) or "bmm"
+    (the prologue, the GEMM and the epilogue as passes)."""
+    if kernel == "triton" and scale is None:
         from ..triton.conv1x1 import conv1x1 as triton_conv1x1
         check_triton_dtype(x)
         return triton_conv1x1(x, weight.flatten(1), in_scale=in_scale, in_shift=in_shift, in_act=in_act,
                               bias=bias, act=act, out=out, stats=stats)
-    if engine == "triton":  # the output scale in a pass after the GEMM
-        _conv1x1_passes(x, weight, in_scale, in_shift, in_act, None, None, "identity", out, False, engine)
+    if kernel == "triton":  # the output scale in a pass after the GEMM
+        _conv1x1_passes(x, weight, in_scale, in_shift, in_act, None, None, "identity", out, False, kernel)
     else:
         if in_scale is not None:
             x = scale_shift_act(x, in_scale, in_shift, in_act)
@@ -155,7 +144,7 @@ def conv1x1_bn_act_backward(grad_y, z, mean, invstd, bn_weight, bn_bias, act, x,
     computes grad_z tile by tile in cache for both GEMMs, so grad_z is never stored. Elsewhere:
     `bn_act_backward` (two passes, grad_z stored) and the two GEMMs.
     """
-    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
+    if routing.conv1x1_backward_kernel(x) == "cpu":
         grad_y, z = plane_contiguous(grad_y), plane_contiguous(z)
         grad_bn_bias, grad_bn_weight = _ops.bn_act_backward_reduce(grad_y, z, mean, invstd, bn_weight, bn_bias, act)
         grad_x, grad_weight = _ops.conv1x1_bn_act_backward(grad_y, z, mean, invstd, bn_weight, bn_bias, grad_bn_bias,

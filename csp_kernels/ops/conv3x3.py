@@ -2,52 +2,24 @@
 
 Winograd's F(2x2, 3x3) on CPUs in float32 where csp_kernels' AVX-512 GEMM runs:
 `csp_kernels::conv3x3_winograd_out` (csrc/cpu/conv3x3_winograd.cpp), 2.25x fewer
-multiplications than direct convolution; `ops.transition.conv_backward` runs the input gradient
+multiplications than direct convolution; `ops.conv.conv_backward` runs the input gradient
 with it (the same convolution of grad_y with the flipped, transposed weight). The dense layer's
-training forward and the weight gradient are ATen's (oneDNN, cuDNN).
-
-Measured by `python -m benchmarks.kernels` (2-core AMD EPYC, float32, in a warmed process): the
-pdb-cpu layer's input gradient (8x32x56x56 -> 128 channels) 446 GFLOP/s by oneDNN on NCHW, 567
-by Winograd (4.2 -> 3.3 ms). The dense layer's training forward stays oneDNN's: Winograd is only
-7% faster alone there (430 vs 459 GFLOP/s, its input transform over 128 channels costing as much
-as its GEMMs), no faster in the training step (322 vs 319 ms), for up to twice the rounding
-error. In eval (`ops.dense_eval`) the layer runs Winograd with the transforms folded once,
-straight into the concat buffer: pdb-cpu eval 74.4 -> 62.0 ms side by side (no output copy, no
-fresh output and reorder buffers per layer).
+training forward and the weight gradient are ATen's (oneDNN, cuDNN): Winograd is barely faster
+there (its input transform over many channels costs as much as its GEMMs) for up to twice the
+rounding error. In eval (`ops.dense_eval`) the layer runs Winograd with the transforms folded
+once, straight into the concat buffer (no output copy, no fresh output and reorder buffers per
+layer). Where Winograd runs: `ops.routing` (`winograd_usable`, `runs_as_winograd`); the figures:
+benchmarks/results/design-notes.md. Tests: tests/test_conv3x3.py.
 """
 from __future__ import annotations
-
 
 import torch
 import torch.nn.functional as F
 
-from .. import extension
+from .. import extension  # noqa: F401  (loads csp_kernels._C, which defines the C++ ops)
 
 # G of F(2x2, 3x3): U = G g G^T turns a 3x3 filter into the 4x4 one the tiles multiply with.
 _WINOGRAD_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
-
-if extension._C is not None:
-    @torch.library.register_fake("csp_kernels::conv3x3_winograd_out")
-    def _(x, weight, out, conv_weight=None):
-        return None
-
-
-_AVX512_RUNS: list[bool] = []  # filled on first use: build_info() may time the GEMMs, not at import
-
-
-@torch.compiler.assume_constant_result  # torch.compile calls it, as it cannot trace the pybind call
-def _avx512_runs() -> bool:
-    """Whether the extension's AVX-512 kernels run on this CPU, fixed for the process (asked
-    once, off the hot path)."""
-    if not _AVX512_RUNS:
-        _AVX512_RUNS.append(extension._C is not None and extension.build_info()["cpu_avx512"])
-    return _AVX512_RUNS[0]
-
-
-def winograd_usable(x: torch.Tensor) -> bool:
-    """Whether x can run by Winograd here: float32 on a CPU with AVX-512 (whether it should, for
-    its shape, is `conv_choice.winograd_chosen`)."""
-    return x.device.type == "cpu" and x.dtype == torch.float32 and _avx512_runs()
 
 
 def winograd_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -70,7 +42,7 @@ def conv3x3(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = No
 
 def conv3x3_winograd(x: torch.Tensor, weight: torch.Tensor, transform: torch.Tensor | None = None,
                      out: torch.Tensor | None = None) -> torch.Tensor:
-    """conv2d(x, weight, padding=1) by Winograd F(2x2, 3x3), where `winograd_usable(x)`.
+    """conv2d(x, weight, padding=1) by Winograd F(2x2, 3x3), where `routing.winograd_usable(x)`.
 
     x: (batch, in_channels, height, width) with contiguous planes (a channel slice is fine);
     weight: (out_channels, in_channels, 3, 3); transform: None, or `winograd_weight(weight)`

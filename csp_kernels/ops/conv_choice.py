@@ -1,5 +1,5 @@
-"""Which kernel runs a float32 CPU convolution, decided by measuring the candidates once per
-shape in this process:
+"""The measured part of the routing (`ops.routing` asks it): which kernel runs a float32 CPU
+convolution, decided by measuring the candidates once per shape in this process:
   1x1 stride-1  our GEMMs over (channels, height * width) planes (`ops.conv1x1`: statistics or
                 bias + act in the epilogue, the BN + act backward fused into the gradient GEMMs)
                 or ATen's (oneDNN) convolution — `gemm_chosen`;
@@ -28,7 +28,6 @@ import torch.nn.functional as F
 
 from ..checks import env_choice
 from .batch_norm_act import bn_act_backward, channel_stats, plane_contiguous
-from .conv1x1 import conv1x1_bn_act_backward, conv1x1_fused
 from .conv3x3 import conv3x3_winograd, winograd_weight
 from .fold_cache import same_bits
 
@@ -100,6 +99,8 @@ def _faster(ours: Callable[[], object], theirs: Callable[[], object]) -> bool:
 
 
 def _gemm_faster(x_shape, weight_shape, training: bool) -> bool:
+    from .conv1x1 import conv1x1_bn_act_backward, conv1x1_fused  # they route through `ops.routing`, which asks us
+
     x, weight = torch.randn(x_shape), torch.randn(weight_shape)
     c = weight_shape[0]
     ones, zeros = torch.ones(c), torch.zeros(c)

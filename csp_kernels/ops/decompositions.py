@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch._decomp import register_decomposition
 
 from .. import checks, extension, reference
+from . import transition as _transition  # noqa: F401  (defines the transition ops decomposed here)
 from .batch_norm_act import bn_scale_shift, stats_dtype
 from .dense import DENSE_ACT, NO_TRANSITION, Geometry, layer_params, transition_params_of
 

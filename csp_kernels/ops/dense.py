@@ -20,11 +20,10 @@ Training (`partial_dense_block`, a torch.library custom op with registered autog
   saved     `buf`, the transitions' pre-BN outputs, the per-channel statistics. Nothing per
             layer: the normalized prefix, conv1's output and BN2+ReLU are recomputed (one extra
             1x1 GEMM per layer).
-            Why (pdb-cpu, 8x128x56x56 float32): `buf` and the last transition's output are
-            61 MiB, 0.13x eager's 478 MiB, and grow linearly in num_layers (+6.1 MiB per layer,
-            one growth slice of `buf`). The first transition of "csp" costs 24.5 MiB more (0.18x)
-            and spares the backward its GEMM (84.1 -> 80.8 GFLOP per step); conv1's outputs would
-            cost 12.25 MiB per layer (0.28x in all, over the 0.20 target) for 0.9 GFLOP each.
+            Why: saved memory grows by one growth slice of `buf` per layer; saving the first
+            "csp" transition's output spares the backward its GEMM for a little memory, while
+            saving conv1's outputs would cost a bottleneck-sized activation per layer (over the
+            saved-memory target) for one cheap GEMM each (benchmarks/results/design-notes.md).
   backward  layers in reverse, one accumulator G shaped like the BN1-read part of the buffer:
             each layer adds weight1 * dpre to G[:, :c_j] (`dense_conv1_backward`: on
             the CPU conv1's input gradient goes tile by tile from the GEMM into this
@@ -39,21 +38,27 @@ over a process group.
 
 The eval forward, with BatchNorms folded, is `ops.dense_eval`.
 
-Engines: "aten" runs the forward 1x1 convolutions as `conv1x1_fused`'s C++ tiled GEMM on the CPU
-(BLAS on cache-resident tiles, normalize-on-load prologue, epilogue with bias, act and
-statistics) and as passes around cuBLAS on a GPU; "triton" runs them as the Triton GEMM of
-`csp_kernels.triton.conv1x1`, the backward's recompute of conv1 included, and each dense layer's
-conv1 backward as the two GEMMs of `csp_kernels.triton.conv1x1_backward` (prefix normalized on
-load, input gradient consumed by the BN1 accumulation in the epilogue). "aten" runs the
-backward as the CPU's tiled ops, or on a GPU as passes around cuBLAS (which store the
-normalized prefix and the gradients between them); the transitions' backward is the same for
-both.
+Engines (which kernel each piece takes: `ops.routing`, `conv1x1_kernel`,
+`dense_conv1_backward_kernel`, `eager_is_faster`): "aten" runs the forward 1x1 convolutions as
+`conv1x1_fused`'s C++ tiled GEMM on the CPU (BLAS on cache-resident tiles, normalize-on-load
+prologue, epilogue with bias, act and statistics) and as passes around cuBLAS on a GPU; "triton"
+runs them as the Triton GEMM of `csp_kernels.triton.conv1x1`, the backward's recompute of conv1
+included, and each dense layer's conv1 backward as the two GEMMs of
+`csp_kernels.triton.conv1x1_backward` (prefix normalized on load, input gradient consumed by the
+BN1 accumulation in the epilogue). "aten" runs the backward as the CPU's tiled ops, or on a GPU
+as passes around cuBLAS (which store the normalized prefix and the gradients between them); the
+transitions' backward is the same for both.
 
 Parameters travel as flat lists:
   dense_params       per layer: norm1.weight, norm1.bias, conv1.weight, norm2.weight,
                      norm2.bias, conv2.weight
   transition_params  per transition (one, or two for "csp"): conv.weight, bn.weight, bn.bias
 Every BatchNorm of the block must share one `eps`.
+
+Modules: csp_kernels.nn.PartialDenseBlock, DenseBlock (nn/dense.py); reference:
+csp_kernels.reference.PartialDenseBlock, DenseBlock; autograd: `register_autograd` at the end of
+this module; kernels: csrc/cpu/dense.cpp, csrc/cpu/conv1x1.cpp (`dense_conv1_backward`),
+triton/conv1x1_backward.py; tests: tests/test_partial_dense_block.py, tests/test_dense_block.py.
 """
 from __future__ import annotations
 
@@ -62,47 +67,18 @@ import dataclasses
 import torch
 
 from .. import extension  # noqa: F401  (loads csp_kernels._C, which defines the C++ ops)
-from ..checks import env_choice
+from . import routing
 from .batch_norm_act import (bn_scale_shift, channel_stats, plane_contiguous, scale_shift_act,
                              stats_dtype)
+from .conv import conv_backward
 from .conv1x1 import conv1x1_bn_act_backward, conv1x1_fused, conv1x1_input_grad, conv1x1_weight_grad
 from .conv3x3 import conv3x3
-from .transition import conv_backward
 
 _ops = torch.ops.csp_kernels
 DENSE_PARAMS_PER_LAYER = 6
 TRANSITION_PARAMS = 3
 DENSE_ACT = "relu"  # DenseNet's layers always use ReLU; `act` is the transitions'.
 NO_TRANSITION = "none"  # the fusion value of a whole DenseBlock: the concat buffer is the output
-
-# CPU maps of at most this many pixels run the block as plain PyTorch (`eager_is_faster`).
-SMALL_MAP_PIXELS = 16
-SMALL_MAPS_ENV_VAR = "CSP_KERNELS_CPU_DENSE_SMALL_MAPS"
-_SMALL_MAPS = env_choice(SMALL_MAPS_ENV_VAR, ("eager", "fused"), "eager")
-
-
-def eager_is_faster(x: torch.Tensor) -> bool:
-    """Whether the block on input x runs faster as plain PyTorch than as the fused op: on the CPU,
-    maps of at most SMALL_MAP_PIXELS pixels, where each (channels, height * width) plane GEMM of
-    the fused kernels is a handful of columns wide and oneDNN's batched convolutions win (a
-    kernel choice, not a fallback: the numbers are the reference's). The CPU backend's tests pin
-    the fused op with CSP_KERNELS_CPU_DENSE_SMALL_MAPS=fused, since they draw tiny maps."""
-    return _SMALL_MAPS == "eager" and x.device.type == "cpu" and x.shape[2] * x.shape[3] <= SMALL_MAP_PIXELS
-
-if extension._C is not None:
-    @torch.library.register_fake("csp_kernels::bn_act_backward_accumulate")
-    def _(grad_a, x, mean, invstd, weight, bias, act, grad_acc):
-        return torch.empty_like(mean), torch.empty_like(mean)
-
-    @torch.library.register_fake("csp_kernels::dense_conv1_backward")
-    def _(grad_b, z, mean2, invstd2, weight2, bias2, sum_dpre2, sum_dpre_xhat2, x, mean1, invstd1, weight1, bias1,
-          act, weight, grad_acc):
-        return weight.new_empty(weight.shape), torch.empty_like(mean1), torch.empty_like(mean1)
-
-    @torch.library.register_fake("csp_kernels::bn_grad_correct")
-    def _(grad_acc, x, mean, invstd, sum_grad, sum_grad_xhat, grad_x):
-        return None
-
 
 class LocalStatistics:
     """Each BatchNorm's batch statistics over this process's batch (nn.BatchNorm2d's). The
@@ -154,14 +130,15 @@ def dense_conv1_backward(grad_b, z, bn2, x, bn1, act, weight, grad_acc, engine="
     grad_b, z = plane_contiguous(grad_b), plane_contiguous(z)
     grad_bn2_b, grad_bn2_w = _ops.bn_act_backward_reduce(grad_b, z, *bn2, act)
     sums2 = hooks.sums(grad_bn2_b, grad_bn2_w)
-    if engine == "aten" and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
+    kernel = routing.dense_conv1_backward_kernel(x, engine)
+    if kernel == "cpu":
         grad_weight, sum1, sum_xhat1 = _ops.dense_conv1_backward(grad_b, z, *bn2, *sums2, x, *bn1, act,
                                                                  weight.flatten(1).contiguous(), grad_acc)
         return grad_weight.view(weight.shape), grad_bn2_w, grad_bn2_b, sum1, sum_xhat1
     grad_z = _ops.bn_act_backward_apply(grad_b, z, *bn2, *sums2, act)
     mean1, invstd1, weight1, bias1 = bn1
     scale1 = weight1 * invstd1
-    if engine == "triton":
+    if kernel == "triton":
         from ..triton import conv1x1_backward as triton_backward
         grad_weight = triton_backward.weight_grad(grad_z, x, in_scale=scale1, in_shift=bias1 - mean1 * scale1,
                                                   in_act=act)
@@ -269,7 +246,7 @@ def _dense_train(buf, dense_params, g: Geometry, eps, engine, hooks=LOCAL):
     bottleneck_mean = buf.new_empty(g.num_layers, g.bottleneck, dtype=sdtype)
     bottleneck_var = torch.empty_like(bottleneck_mean)
     # One bottleneck for all layers: a fresh allocation per layer costs page faults on its first
-    # write (12.25 MiB each on pdb-cpu).
+    # write.
     bottleneck = g.view(g.scratch(buf, g.bottleneck), g.bottleneck)
     for j in range(g.num_layers):
         c = g.prefix(j)
@@ -391,7 +368,7 @@ def _setup_context(ctx, inputs, output):
     ctx.fusion, ctx.act, ctx.eps, ctx.engine = fusion, act, eps, engine
     ctx.num_dense, ctx.num_transition = len(dense_params), len(transition_params)
     # Only `out` carries a gradient; without these autograd would hand backward zero-filled
-    # gradients of buf, z_first and z_last (86 MiB of writes on pdb-cpu).
+    # gradients of buf, z_first and z_last (activation-sized writes each step).
     ctx.mark_non_differentiable(buf, z_first, z_last, dense_mean, dense_var, bottleneck_mean, bottleneck_var, t_mean,
                                 t_var)
     ctx.set_materialize_grads(False)
@@ -450,7 +427,7 @@ def block_backward(ctx, grad_out, hooks=LOCAL):
         grad_cat = transition_backward(grad_out, z_last, last_mean, last_var, cat, 1)
         del cat
         # A copy of part 1's gradient, so that grad_cat (part1 + t channels) is freed before the
-        # dense layers' backward, the step's peak (pdb-cpu: -30.6 MiB).
+        # dense layers' backward, the step's peak memory.
         grad_part1 = grad_cat[:, :part1].clone()
         grad_dense = transition_backward(grad_cat[:, part1:], z_first, first_mean, first_var, dense, 0)
         del grad_cat

@@ -3,20 +3,24 @@ layer applied on conv1's load, BN2 folded into conv1 (bias + ReLU epilogue), eve
 BN folded into its conv (`fold_eval_params`), the concat buffer becoming the output where the
 layout allows (always with fusion NO_TRANSITION, a whole DenseBlock). In float16/bfloat16 a BN
 is not folded into the weight (`folds_into_weight`): its float32 scale is applied to the conv's
-output with the shift, before rounding."""
+output with the shift, before rounding. Where conv2 runs by Winograd: `ops.routing`. Module:
+csp_kernels.nn.PartialDenseBlock / DenseBlock in eval; tests: tests/test_partial_dense_block.py."""
 from __future__ import annotations
 
 import dataclasses
 
 import torch
 
+from . import routing
 from .batch_norm_act import bn_scale_shift, stats_dtype
+from .conv import fold_batch_norm, folds_into_weight
 from .conv1x1 import conv1x1_fused
-from .conv3x3 import conv3x3, conv3x3_winograd, winograd_usable, winograd_weight
-from .conv_choice import winograd_chosen
+from .conv3x3 import conv3x3, conv3x3_winograd, winograd_weight
 from .dense import (DENSE_ACT, DENSE_PARAMS_PER_LAYER, NO_TRANSITION, Geometry, layer_params, new_buffer,
                     transition_params_of)
-from .transition import fold_batch_norm, folds_into_weight
+
+# conv2's geometry (stride, padding, dilation, groups), as the routing asks it.
+_CONV2 = ((1, 1), (1, 1), (1, 1), 1)
 
 
 @dataclasses.dataclass
@@ -64,7 +68,7 @@ def fold_eval_params(dense_params, dense_running, transition_params, transition_
         conv2.append(conv2_w.detach().to(dtype))
     transitions = [_fold(*transition_params_of(transition_params, i), *running, eps, dtype)
                    for i, running in enumerate(transition_running)]
-    conv2_winograd = [winograd_weight(w) if winograd_usable(w) else None for w in conv2]
+    conv2_winograd = [winograd_weight(w) if routing.winograd_usable(w) else None for w in conv2]
     return EvalParams(norm1, conv1, conv2, transitions, conv2_winograd)
 
 
@@ -83,8 +87,8 @@ def partial_dense_block_eval(x: torch.Tensor, params: EvalParams, part1: int, fu
     time into it (sample n's output overwrites only sample n's inputs). With fusion "csp" the
     first transition also runs in place, over the dense part, so that the buffer then holds the
     second transition's input [part 1, transition1(dense)]. Why: besides the copies, every
-    large fresh allocation costs page faults on its first write (pdb-cpu: 32 MiB per buffer,
-    ~8k faults, ~8 ms here), which this saves for all but one buffer.
+    large fresh allocation costs page faults on its first write, which this saves for all but
+    one buffer.
     """
     n, _, h, w = x.shape
     g = Geometry(n, h, w, part1, x.shape[1] - part1, params.conv2[0].shape[0], params.conv1[0][0].shape[0],
@@ -129,8 +133,8 @@ def _dense_layers_eval(dense: torch.Tensor, params: EvalParams, g: Geometry, eng
         z = conv1x1_fused(dense[:, :c], conv1_w, in_scale=scale1, in_shift=shift1, in_act=DENSE_ACT, bias=conv1_b,
                           scale=conv1_s, act=DENSE_ACT, out=bottleneck, engine=engine)
         new = dense[:, c: c + g.growth]
-        if params.conv2_winograd[j] is not None and winograd_usable(z) and winograd_chosen(
-                z.shape, params.conv2[j].shape, transform_cached=True):
+        if params.conv2_winograd[j] is not None and routing.runs_as_winograd(z, params.conv2[j], *_CONV2,
+                                                                             transform_cached=True):
             conv3x3_winograd(z, params.conv2[j], params.conv2_winograd[j], out=new)
         else:
             conv3x3(z, params.conv2[j], out=new)

@@ -19,9 +19,11 @@ mean = Σn·mean / N, var = (Σn·var + Σn·mean² − N·mean²) / N, where on
 ranks' means cancels (in float64), not the variance itself.
 
 Collectives cannot run inside a torch.library op's fake kernel, so this is an autograd.Function
-(not traced by torch.export or torch.compile as one op). `ops.sync_dense` synchronizes the dense
-blocks with the same collectives (`all_reduce_stats`, `all_reduce_sums`) and transition backward
-(`conv_bn_act_backward_sync`).
+(not one op to torch.export). torch.compile's Dynamo traces it through without a graph break:
+the Function's forward and backward as a higher-order op, the all_reduces as functional
+collectives, so a compiled step computes what the eager one does. `ops.sync_dense` synchronizes
+the dense blocks with the same collectives (`all_reduce_stats`, `all_reduce_sums`) and
+transition backward (`conv_bn_act_backward_sync`).
 """
 from __future__ import annotations
 
@@ -30,7 +32,9 @@ import torch.distributed as dist
 from torch import nn
 
 from .batch_norm_act import _ops, bn_scale_shift, plane_contiguous, refuse_double_backward, scale_shift_act
-from .transition import _batch_stats_conv, _runs_as_gemm, conv_backward
+from .conv import conv_backward
+from .routing import runs_as_gemm
+from .transition import _batch_stats_conv
 
 
 def sync_group(bn: nn.Module):
@@ -144,7 +148,7 @@ def conv_bn_act_backward_sync(grad_y, z, bn, act, x, weight, conv_args, reduce_s
     grad_x = grad_weight = None
     if needs_x or needs_weight:  # as nn.SyncBatchNorm: no collective when grad_z is not needed
         global_dpre, global_dpre_xhat = reduce_sums(sum_dpre, sum_dpre_xhat)
-        if _runs_as_gemm(x, weight, stride, padding, groups, training=True):
+        if runs_as_gemm(x, weight, stride, padding, groups, training=True):
             grad_x, grad_weight = _ops.conv1x1_bn_act_backward(
                 grad_y, z, *bn, global_dpre, global_dpre_xhat, act, x, weight.flatten(1).contiguous(), needs_x,
                 needs_weight)

@@ -79,6 +79,7 @@ class SyncDenseBlock(torch.autograd.Function):
         return grad_x, None, None, None, *dense_grads, *transition_grads
 
 
+@torch.compiler.disable
 def partial_dense_block_sync(x, dense_params, transition_params, part1, fusion, act, eps, engine, group):
     """Differentiable synchronized training forward: (the op's 10 outputs, count), the
     statistics over the group's whole batch (the last layer's growth channels' this rank's: no
@@ -86,6 +87,11 @@ def partial_dense_block_sync(x, dense_params, transition_params, part1, fusion, 
 
     Arguments as `ops.dense.partial_dense_block`'s; x: batch >= 1 on every rank; group: a process
     group of more than one process (`sync_batch_norm.sync_group`).
+
+    Under torch.compile a graph break: it runs eagerly between two graphs. Dynamo cannot capture
+    this Function (torch 2.14): `GroupStatistics` hands the group's count from forward to
+    backward as Python state, a view of a collective's result, which a traced subgraph does not
+    carry.
     """
     hooks = GroupStatistics(group, x.shape[0] * x.shape[2] * x.shape[3])
     output = SyncDenseBlock.apply(x, hooks, (part1, fusion, act, eps, engine), len(dense_params), *dense_params,

@@ -6,11 +6,10 @@ Training (`conv_bn_act_train`, autograd registered):
             y = act(BN(z)) in one `scale_shift_act` pass, written straight into `out` when one
             is given.
   saved     x, weight and z, nothing else of activation size: BN's normalized output and the
-            activation's input are recomputed per element in backward.
-            Measured on trans-cpu (ConvBNAct(256, 256, 1), 8x256x56x56 float32, 2 threads):
-            recomputing z = conv(x) in backward instead of saving it made the op's forward +
-            backward 1.26x slower (median 67.9 -> 85.4 ms) to save 25.7 MB (one activation
-            of the 51.4 MB saved), so z is saved. The reference saves z and BN's output too.
+            activation's input are recomputed per element in backward. z is saved rather than
+            recomputed: recomputing the conv in backward costs more time than the one activation
+            it saves is worth (benchmarks/results/design-notes.md). The reference saves z and
+            BN's output too.
   backward  CPU 1x1 stride-1 convs: one reduction pass, then `conv1x1_bn_act_backward`, whose
             GEMMs read the activation + BN backward's grad_z from cache; otherwise
             `bn_act_backward` (two passes, grad_z stored), then the conv's input and weight
@@ -23,33 +22,32 @@ applied by the kernel that writes the output: the Triton GEMM's or the CPU tiled
 epilogue, oneDNN's fused convolution post-op (with a weight prepacked by
 `prepare_eval_weight`), or else `scale_shift_act` in place over the conv's output.
 
-Which conv runs:
-  engine "triton"  (an op argument, so that a compiled graph keeps it) the Triton 1x1 GEMM for
-                   `triton_eligible` convs; backward by ATen (cuDNN).
-  engine "aten"    on CPU, 1x1 stride-1 convs of NCHW-planed x as GEMMs over (N, C, H*W)
-                   views (`_runs_as_gemm`; `ops.conv1x1`), forward and backward: float64
-                   always, float32 where measured faster than oneDNN for the shape;
-                   float32 3x3 stride-1 convs by Winograd on AVX-512 CPUs where measured
-                   faster (`_runs_as_winograd`; `ops.conv3x3`), forward and input gradient;
-                   other convs by ATen (oneDNN on CPU, cuDNN on GPU). The measured choices:
-                   `ops.conv_choice`.
+Which conv runs: `ops.routing` decides (`train_conv_kernel`, `eval_conv_kernel`, `runs_as_gemm`
+for the fused backward), with its table of (device, dtype, layout, shape) -> kernel: the Triton
+1x1 GEMM for engine "triton"; on CPU, 1x1 stride-1 convs as GEMMs (`ops.conv1x1`), 3x3 stride-1
+convs by Winograd (`ops.conv3x3`), eval convs by oneDNN with the activation as a post-op; else
+ATen (oneDNN, cuDNN). The generic conv helpers (output shape, conv, conv_backward, the BN fold)
+are `ops.conv`.
 `*_out` variants write y into a caller's tensor (a (N, C, H, W) view with contiguous planes,
 e.g. a channel slice of a concat buffer; for the Triton eval epilogue any strides). They mutate
 `out`, so they have no autograd formula; `conv_bn_act_train_into` gives the training one its
 gradient.
+
+Module: csp_kernels.nn.ConvBNAct (nn/transition.py); reference: csp_kernels.reference.ConvBNAct;
+autograd: `register_autograd` and `_TrainInto` below; synchronized BatchNorm:
+ops/sync_batch_norm.py; tests: tests/test_conv_bn_act.py.
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .. import checks
-from .batch_norm_act import stats_dtype
+from . import routing
 from .batch_norm_act import (bn_act_backward, bn_scale_shift, channel_stats, overlaps_itself, plane_contiguous,
-                             planes_contiguous, refuse_double_backward, scale_shift_act, shares_memory)
-from .conv1x1 import check_triton_dtype, conv1x1_bn_act_backward, conv1x1_fused, gemm_conv1x1
-from .conv3x3 import conv3x3_winograd, winograd_usable, winograd_weight
-from .conv_choice import gemm_chosen, winograd_chosen
+                             planes_contiguous, refuse_double_backward, scale_shift_act, shares_memory, stats_dtype)
+from .conv import conv, conv_backward, conv_output_shape, run_conv
+from .conv1x1 import check_triton_dtype, conv1x1_bn_act_backward, conv1x1_fused
+from .conv3x3 import conv3x3_winograd, winograd_weight
 
 # oneDNN post-ops (attrs) of torch.ops.mkldnn._convolution_pointwise; it has no mish.
 _ONEDNN_POST_OPS = {
@@ -64,23 +62,6 @@ def _onednn_post_op(act: str) -> tuple[str, list] | None:
     return None if attr is None else (attr, [slope] if name == "leaky_relu" else [])
 
 
-def onednn_usable(x: torch.Tensor) -> bool:
-    """Whether oneDNN's fused convolution runs `x`'s dtype and device (float32 CPU)."""
-    return x.device.type == "cpu" and x.dtype == torch.float32 and torch.backends.mkldnn.is_available()
-
-
-def triton_eligible(kernel_size, padding, groups: int) -> bool:
-    """Whether the Triton 1x1 GEMM computes this conv (any stride: it reads x[..., ::s, ::s])."""
-    return tuple(kernel_size) == (1, 1) and tuple(padding) == (0, 0) and groups == 1
-
-
-def conv_output_shape(x_shape, weight_shape, stride, padding, dilation) -> tuple[int, int, int, int]:
-    """(batch, out_channels, height', width') of conv2d(x, weight)."""
-    spatial = [(size + 2 * p - d * (k - 1) - 1) // s + 1
-               for size, k, s, p, d in zip(x_shape[2:], weight_shape[2:], stride, padding, dilation)]
-    return (x_shape[0], weight_shape[0], *spatial)
-
-
 def check_out(out, shape, dtype: torch.dtype, device: torch.device, any_strides: bool, x: torch.Tensor,
               recording: bool) -> bool:
     """Raise, as ATen's out= does, unless `out` is a (shape, dtype) tensor on `device` with no
@@ -89,11 +70,7 @@ def check_out(out, shape, dtype: torch.dtype, device: torch.device, any_strides:
     (`recording`), shares no memory with `x`, which the backward reads. Returns whether `out`
     overlaps `x` (then the caller computes into a new tensor and copies). Under torch.compile
     the overlap with `x` is not checked (storage pointers do not trace)."""
-    if not isinstance(out, torch.Tensor):
-        raise TypeError(f"out must be a torch.Tensor; got {type(out).__name__}")
-    if tuple(out.shape) != tuple(shape) or out.dtype != dtype or out.device != device:
-        raise ValueError(f"out must be a {dtype} tensor of shape {tuple(shape)} on {device}; got "
-                         f"{out.dtype} {tuple(out.shape)} on {out.device}")
+    checks.check_out_tensor(out, shape, dtype, device)
     if overlaps_itself(out):
         raise ValueError("out must not have two elements in one place (as an expand() has); got strides "
                          f"{out.stride()}")
@@ -108,73 +85,6 @@ def check_out(out, shape, dtype: torch.dtype, device: torch.device, any_strides:
     return True
 
 
-def fold_batch_norm(conv_weight, bn_weight, bn_bias, running_mean, running_var, eps: float):
-    """Eval BatchNorm folded into the conv before it: (weight', bias') with
-    weight' = weight * s, bias' = bn_bias - running_mean * s, s = bn_weight / sqrt(running_var + eps).
-    Differentiable; weight' in conv_weight's dtype, bias' in the BN parameters'.
-
-    conv_weight: (out_channels, in_channels / groups, kh, kw); the others: (out_channels,)
-    """
-    scale, shift = bn_scale_shift(running_mean, running_var, bn_weight, bn_bias, eps)
-    return conv_weight * scale.to(conv_weight.dtype).reshape(-1, 1, 1, 1), shift
-
-
-def folds_into_weight(dtype: torch.dtype) -> bool:
-    """Whether the eval BatchNorm of `dtype` data is folded into the conv's weight. Not in
-    float16/bfloat16: the folded weight would be rounded to 16 bits (errors up to 2x the plain
-    module's, which rounds only the conv's output); there `conv_bias_act` gets BN's float32
-    scale and applies it, with the shift, to the conv's output before it is rounded again (the
-    same passes as the folded bias: those dtypes never run a fused epilogue on the CPU)."""
-    return dtype not in (torch.float16, torch.bfloat16)
-
-
-def _runs_as_gemm(x, weight, stride, padding, groups, training: bool) -> bool:
-    """CPU 1x1 stride-1 convs of plane-contiguous x run as GEMMs on (N, C, H*W) views
-    (`ops.conv1x1`), in training forward and backward or in eval (`training`): float64 always
-    (ATen has no fast float64 convolution on the CPU), float32 where measured faster than
-    oneDNN's for the shape (`conv_choice.gemm_chosen`; large maps, where oneDNN's reorders of
-    NCHW into its blocked layout and back cost more than the GEMMs' per-plane weight reads)."""
-    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
-            and tuple(weight.shape[2:]) == (1, 1) and tuple(stride) == (1, 1)
-            and tuple(padding) == (0, 0) and groups == 1 and planes_contiguous(x)
-            and (x.dtype == torch.float64 or gemm_chosen(x.shape, weight.shape, training)))
-
-
-def _runs_as_winograd(x, weight, stride, padding, dilation, groups, transform_cached: bool = False) -> bool:
-    """CPU float32 3x3 stride-1 "same" convs of plane-contiguous x run by Winograd F(2x2, 3x3)
-    (`ops.conv3x3`) where it was measured faster than oneDNN for their shapes
-    (`conv_choice.winograd_chosen`): the training forward and input gradient, and eval with the weight's
-    transform cached (`transform_cached`)."""
-    return (winograd_usable(x) and tuple(weight.shape[2:]) == (3, 3) and tuple(stride) == (1, 1)
-            and tuple(padding) == (1, 1) and tuple(dilation) == (1, 1) and groups == 1 and planes_contiguous(x)
-            and winograd_chosen(x.shape, weight.shape, transform_cached))
-
-
-def _conv(x, weight, stride, padding, dilation, groups, training: bool):
-    """conv2d(x, weight) without bias, NCHW output, by the kernel chosen for `training` or eval."""
-    if _runs_as_gemm(x, weight, stride, padding, groups, training):
-        return gemm_conv1x1(x, weight)
-    if _runs_as_winograd(x, weight, stride, padding, dilation, groups):
-        return conv3x3_winograd(x, weight)
-    # NCHW once here rather than a copy in every later pass (channels_last x gives channels_last z).
-    return plane_contiguous(F.conv2d(x, weight, None, stride, padding, dilation, groups))
-
-
-def conv_backward(grad_z, x, weight, stride, padding, dilation, groups, needs_x: bool, needs_weight: bool):
-    """(grad_x, grad_weight) of conv2d(x, weight), None where not needed."""
-    if not (needs_x or needs_weight):
-        return None, None
-    # The input gradient is the same convolution of grad_z with the flipped, transposed weight.
-    weight_t = weight.transpose(0, 1)
-    winograd = needs_x and _runs_as_winograd(grad_z, weight_t, stride, padding, dilation, groups)
-    grad_x, grad_weight, _ = torch.ops.aten.convolution_backward(
-        grad_z, x, weight, None, stride, padding, dilation, False, [0, 0], groups,
-        [needs_x and not winograd, needs_weight, False])
-    if winograd:
-        grad_x = conv3x3_winograd(grad_z, weight_t.flip(2, 3))
-    return grad_x, grad_weight
-
-
 def _triton_conv1x1(x, weight, stride, **kwargs):
     from ..triton.conv1x1 import conv1x1  # Triton is imported only when it runs
     check_triton_dtype(x)
@@ -183,11 +93,12 @@ def _triton_conv1x1(x, weight, stride, **kwargs):
 
 def _batch_stats_conv(x, weight, stride, padding, dilation, groups, engine):
     """z = conv(x, weight) and z's per-channel batch mean and biased variance."""
-    if engine == "triton":
+    kernel = routing.train_conv_kernel(x, weight, stride, padding, dilation, groups, engine)
+    if kernel == "triton":
         return _triton_conv1x1(x, weight, stride, stats=True)
-    if _runs_as_gemm(x, weight, stride, padding, groups, training=True):
+    if kernel == "gemm":
         return conv1x1_fused(x, weight, stats=True)  # the statistics from the GEMM's epilogue
-    z = _conv(x, weight, stride, padding, dilation, groups, training=True)
+    z = run_conv(kernel, x, weight, stride, padding, dilation, groups)
     return (z, *channel_stats(z))
 
 
@@ -252,7 +163,7 @@ def _train_backward(ctx, grad_y, needs_x: bool, needs_weight: bool):
     x, weight, bn_weight, bn_bias, z, mean, invstd = ctx.saved_tensors
     stride, padding, dilation, groups = ctx.conv_args
     bn_params = (mean, invstd, bn_weight.to(mean.dtype), bn_bias.to(mean.dtype), ctx.act)
-    if _runs_as_gemm(x, weight, stride, padding, groups, training=True):
+    if routing.runs_as_gemm(x, weight, stride, padding, groups, training=True):
         grad_x, grad_weight, grad_bn_weight, grad_bn_bias = conv1x1_bn_act_backward(
             grad_y, z, *bn_params, x, weight, needs_x, needs_weight)
     else:
@@ -322,35 +233,19 @@ def conv_bn_act_train_into(x, weight, bn_weight, bn_bias, stride, padding, dilat
     return out, stats[0], stats[1]
 
 
-def _runs_on_onednn(x, weight, stride, padding, dilation, groups, engine) -> bool:
-    """Eval convs that oneDNN runs with the activation as a post-op: float32 CPU ones that run
-    neither as GEMMs nor by Winograd. Measured on CPU: a 3x3 conv + leaky_relu, 0.74x eager's
-    time with a prepacked weight, 0.85x as ATen conv + `scale_shift_act`. 1x1 stride-1 convs
-    run as `conv1x1_fused` where measured faster (bias + act in its cache-resident epilogue,
-    straight into `out`, where oneDNN's post-op needs a second pass)."""
-    return (engine == "aten" and onednn_usable(x)
-            and not _runs_as_gemm(x, weight, stride, padding, groups, training=False)
-            and not _runs_as_winograd(x, weight, stride, padding, dilation, groups, transform_cached=True))
-
-
 def eval_weight_kind(x, weight, stride, padding, dilation, groups, engine) -> str:
     """What `prepare_eval_weight` makes of the eval weight for inputs like `x`: "onednn"
     (prepacked), "winograd" (plain, with its transform) or "plain". A cache of prepared weights
     must be keyed on it: the same module meets NCHW and channels_last inputs."""
-    if _runs_on_onednn(x, weight, stride, padding, dilation, groups, engine):
-        return "onednn"
-    return "winograd" if engine == "aten" and _runs_as_winograd(x, weight, stride, padding, dilation, groups,
-                                                                 transform_cached=True) \
-        else "plain"
+    kernel = routing.eval_conv_kernel(x, weight, stride, padding, dilation, groups, engine)
+    return kernel if kernel in ("onednn", "winograd") else "plain"
 
 
 def prepare_eval_weight(x, weight, stride, padding, dilation, groups, engine, kind: str):
     """(weight, transform) that `conv_bias_act` runs fastest with for inputs like `x`, given
     their `eval_weight_kind`: oneDNN's blocked layout where oneDNN runs the conv (saves a weight
     reorder per call); the Winograd transform where Winograd does (a cache spares its cost per
-    call: 2 ms for 256 x 256 channels). Measured eval ConvBNAct(3x3, leaky_relu) on 8x56x56,
-    128 -> 128 channels: 11.9 ms by Winograd, 23.0 ms by oneDNN with a prepacked weight (eager
-    27.8); 64 -> 64: 3.3 vs 4.4; 256 -> 256 on 28x28: 13.5 vs 14.6."""
+    call)."""
     if kind == "onednn":
         return torch._C._nn.mkldnn_reorder_conv2d_weight(weight.to_mkldnn(), padding, stride, dilation, groups,
                                                          list(x.shape)), None
@@ -359,14 +254,15 @@ def prepare_eval_weight(x, weight, stride, padding, dilation, groups, engine, ki
 
 def _eval_forward(x, weight, bias, stride, padding, dilation, groups, act, engine, out, transform=None, scale=None):
     if scale is not None:  # float16/bfloat16, BN not folded (folds_into_weight)
-        z = _triton_conv1x1(x, weight, stride) if engine == "triton" else _conv(x, weight, stride, padding, dilation,
-                                                                                   groups, training=False)
+        z = _triton_conv1x1(x, weight, stride) if engine == "triton" else conv(x, weight, stride, padding, dilation,
+                                                                                  groups, training=False)
         return scale_shift_act(z, scale, bias, act, out=z if out is None else out)
-    if engine == "triton":
+    kernel = routing.eval_conv_kernel(x, weight, stride, padding, dilation, groups, engine)
+    if kernel == "triton":
         return _triton_conv1x1(x, weight, stride, bias=bias, act=act, out=out)
-    if _runs_as_gemm(x, weight, stride, padding, groups, training=False):
+    if kernel == "gemm":
         return conv1x1_fused(x, weight, bias=bias, act=act, out=out)
-    if _runs_on_onednn(x, weight, stride, padding, dilation, groups, engine):
+    if kernel == "onednn":
         post_op = _onednn_post_op(act) if out is None else None
         attr, scalars = post_op or ("none", [])
         z = torch.ops.mkldnn._convolution_pointwise(x, weight, bias if post_op else None, padding, stride,
@@ -376,10 +272,10 @@ def _eval_forward(x, weight, bias, stride, padding, dilation, groups, act, engin
             # kernel says and as every other engine writes it.
             return z.contiguous()
         z = plane_contiguous(z)
-    elif engine == "aten" and _runs_as_winograd(x, weight, stride, padding, dilation, groups, transform_cached=True):
+    elif kernel == "winograd":
         z = conv3x3_winograd(x, weight, transform)
     else:
-        z = _conv(x, weight, stride, padding, dilation, groups, training=False)
+        z = conv(x, weight, stride, padding, dilation, groups, training=False)
     # The bias rides in the activation pass: y = act(z * 1 + bias), in place unless `out`.
     return scale_shift_act(z, torch.ones_like(bias), bias, act, out=z if out is None else out)
 

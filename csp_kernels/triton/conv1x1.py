@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from .. import checks
-from ..ops.batch_norm_act import pixels_contiguous
+from ..ops.batch_norm_act import pixels_contiguous, stats_dtype
 from .activation import act_constexprs, act_forward
 
 
@@ -127,11 +127,6 @@ def launch_config(out_channels: int, in_channels: int, dtype: torch.dtype, input
     return block_o, 128, 64 // dtype.itemsize, 8 if block_o == 128 else 4, 3
 
 
-def stat_dtype_of(dtype: torch.dtype) -> torch.dtype:
-    """The accumulators' and statistics' dtype for data of `dtype`."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def device_guard(t: torch.Tensor):
     """Launches on t's GPU (Triton launches on the current device), nothing on the CPU."""
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
@@ -197,10 +192,9 @@ def conv1x1(x: torch.Tensor, weight: torch.Tensor, *, in_scale: torch.Tensor | N
     out_shape = (batch, out_channels, height, width)
     if out is None:
         out = torch.empty(out_shape, dtype=x.dtype, device=x.device)
-    elif out.shape != out_shape or out.dtype != x.dtype or out.device != x.device:
-        raise ValueError(f"out must be a {x.dtype} tensor of shape {out_shape} on {x.device}; got "
-                         f"{out.dtype} {tuple(out.shape)} on {out.device}")
-    stat_dtype = stat_dtype_of(x.dtype)
+    else:
+        checks.check_out_tensor(out, out_shape, x.dtype, x.device)
+    stat_dtype = stats_dtype(x.dtype)
     plane = height * width
     input_precision = input_precision_of(x.dtype)
     block_o, block_p, block_k, num_warps, num_stages = launch_config(out_channels, in_channels, x.dtype,

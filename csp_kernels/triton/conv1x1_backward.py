@@ -22,8 +22,8 @@ import triton
 import triton.language as tl
 
 from .activation import act_constexprs, act_forward, act_grad
-from ..ops.batch_norm_act import pixels_contiguous
-from .conv1x1 import device_guard, input_precision_of, launch_config, pixel_offsets, stat_dtype_of
+from ..ops.batch_norm_act import pixels_contiguous, stats_dtype
+from .conv1x1 import device_guard, input_precision_of, launch_config, pixel_offsets
 
 
 @triton.jit
@@ -157,7 +157,7 @@ def weight_grad(grad_z: torch.Tensor, x: torch.Tensor, *, in_scale: torch.Tensor
     # Every split stores its whole partial (zeros where it got no pixels), so only a batch
     # without pixels, which launches nothing, needs zeros.
     partial = (torch.empty if blocks > 0 else torch.zeros)(splits, out_channels, in_channels,
-                                                           dtype=stat_dtype_of(x.dtype), device=x.device)
+                                                           dtype=stats_dtype(x.dtype), device=x.device)
     has_affine = in_scale is not None or in_shift is not None
     if blocks > 0 and out_channels > 0 and in_channels > 0:
         scale = shift = partial  # dummy pointers without a prologue
@@ -185,7 +185,7 @@ def dgrad_bn_accumulate(grad_z: torch.Tensor, weight: torch.Tensor, x: torch.Ten
     batch, in_channels, height, width = x.shape
     out_channels = grad_z.shape[1]
     plane = height * width
-    stat_dtype = stat_dtype_of(x.dtype)
+    stat_dtype = stats_dtype(x.dtype)
     precision = input_precision_of(x.dtype)
     block_i, block_p, block_o, num_warps, num_stages = dgrad_launch_config(in_channels, out_channels, x.dtype,
                                                                            precision, x.is_cuda)

@@ -1,0 +1,73 @@
+"""The generic convolution helpers every op family uses (transition, dense, dense eval,
+synchronized BatchNorm): the output shape, a bias-free conv and its backward by the kernel
+`ops.routing` picks, and the eval BatchNorm fold. The 1x1 GEMMs and Winograd themselves are
+ops/conv1x1.py and ops/conv3x3.py. Tests: tests/test_conv_bn_act.py, tests/test_conv3x3.py.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import routing
+from .batch_norm_act import bn_scale_shift, plane_contiguous
+from .conv1x1 import gemm_conv1x1
+from .conv3x3 import conv3x3_winograd
+
+
+def conv_output_shape(x_shape, weight_shape, stride, padding, dilation) -> tuple[int, int, int, int]:
+    """(batch, out_channels, height', width') of conv2d(x, weight)."""
+    spatial = [(size + 2 * p - d * (k - 1) - 1) // s + 1
+               for size, k, s, p, d in zip(x_shape[2:], weight_shape[2:], stride, padding, dilation)]
+    return (x_shape[0], weight_shape[0], *spatial)
+
+
+def fold_batch_norm(conv_weight, bn_weight, bn_bias, running_mean, running_var, eps: float):
+    """Eval BatchNorm folded into the conv before it: (weight', bias') with
+    weight' = weight * s, bias' = bn_bias - running_mean * s, s = bn_weight / sqrt(running_var + eps).
+    Differentiable; weight' in conv_weight's dtype, bias' in the BN parameters'.
+
+    conv_weight: (out_channels, in_channels / groups, kh, kw); the others: (out_channels,)
+    """
+    scale, shift = bn_scale_shift(running_mean, running_var, bn_weight, bn_bias, eps)
+    return conv_weight * scale.to(conv_weight.dtype).reshape(-1, 1, 1, 1), shift
+
+
+def folds_into_weight(dtype: torch.dtype) -> bool:
+    """Whether the eval BatchNorm of `dtype` data is folded into the conv's weight. Not in
+    float16/bfloat16: the folded weight would be rounded to 16 bits (errors up to 2x the plain
+    module's, which rounds only the conv's output); there `conv_bias_act` gets BN's float32
+    scale and applies it, with the shift, to the conv's output before it is rounded again (the
+    same passes as the folded bias: those dtypes never run a fused epilogue on the CPU)."""
+    return dtype not in (torch.float16, torch.bfloat16)
+
+
+def run_conv(kernel: str, x, weight, stride, padding, dilation, groups):
+    """conv2d(x, weight) without bias, NCHW output, by `kernel` ("gemm", "winograd" or "aten",
+    as `routing.conv_kernel` names them)."""
+    if kernel == "gemm":
+        return gemm_conv1x1(x, weight)
+    if kernel == "winograd":
+        return conv3x3_winograd(x, weight)
+    # NCHW once here rather than a copy in every later pass (channels_last x gives channels_last z).
+    return plane_contiguous(F.conv2d(x, weight, None, stride, padding, dilation, groups))
+
+
+def conv(x, weight, stride, padding, dilation, groups, training: bool):
+    """conv2d(x, weight) without bias, NCHW output, by the kernel chosen for `training` or eval."""
+    kernel = routing.conv_kernel(x, weight, stride, padding, dilation, groups, training)
+    return run_conv(kernel, x, weight, stride, padding, dilation, groups)
+
+
+def conv_backward(grad_z, x, weight, stride, padding, dilation, groups, needs_x: bool, needs_weight: bool):
+    """(grad_x, grad_weight) of conv2d(x, weight), None where not needed."""
+    if not (needs_x or needs_weight):
+        return None, None
+    # The input gradient is the same convolution of grad_z with the flipped, transposed weight.
+    weight_t = weight.transpose(0, 1)
+    winograd = needs_x and routing.runs_as_winograd(grad_z, weight_t, stride, padding, dilation, groups)
+    grad_x, grad_weight, _ = torch.ops.aten.convolution_backward(
+        grad_z, x, weight, None, stride, padding, dilation, False, [0, 0], groups,
+        [needs_x and not winograd, needs_weight, False])
+    if winograd:
+        grad_x = conv3x3_winograd(grad_z, weight_t.flip(2, 3))
+    return grad_x, grad_weight

@@ -1,0 +1,204 @@
+"""Which kernel runs, for (device, dtype, layout, shape): every routing decision of the fused
+ops, each made here once. Op bodies ask these functions and run what they name; adding a
+kernel (a CUDA twin of a CPU one, say) is an edit of the function that routes to it.
+
+The engine is an op argument (so that a compiled graph keeps it), from the backend
+(`csp_kernels.backend`: "cpu", "cuda", "triton"; "reference" never reaches an op):
+`transition_engine`, `dense_engine`.
+
+  piece (op)                    engine  device  dtype      layout / shape              kernel
+  1x1 conv with prologue /      aten    CPU     f32, f64   planes contiguous; no       "cpu": csrc/cpu/conv1x1.cpp
+    epilogue (`conv1x1_fused`)                             output scale                tiled GEMM
+    `conv1x1_kernel`            triton  any     not bf16   any strides                 "triton": triton/conv1x1.py
+                                                on CPU                                 (output scale: a pass after)
+                                aten    other                                          "bmm": passes around torch.bmm
+  1x1 conv + BN + act backward  any     CPU     f32, f64                               "cpu": csrc/cpu/conv1x1.cpp
+    `conv1x1_backward_kernel`           other                                          "passes": bn_act_backward + bmm
+  dense conv1 backward          aten    CPU     f32, f64                               "cpu": csrc/cpu/conv1x1.cpp
+    (`dense_conv1_backward_     triton  any                                            "triton": triton/
+    kernel`)                                                                           conv1x1_backward.py
+                                aten    other                                          "passes"
+  conv, training or eval        aten    CPU     f32, f64   1x1 stride 1, NCHW planes;  "gemm": ops/conv1x1.py
+    (`conv_kernel`)                                        f32 where measured faster
+                                aten    CPU     f32        3x3 s1 p1 d1, NCHW planes,  "winograd": ops/conv3x3.py
+                                                           AVX-512, measured faster
+                                                otherwise                              "aten": oneDNN / cuDNN
+  training transition conv      triton  any                1x1 (`triton_eligible`)     "triton" (statistics in the
+    (`train_conv_kernel`)                                                              epilogue), else `conv_kernel`
+  training transition backward  any     as `runs_as_gemm(training=True)`               csrc conv1x1_bn_act_backward,
+                                                                                       else bn_act_backward +
+                                                                                       conv_backward
+  conv input gradient           any     as `runs_as_winograd` for grad_z               Winograd, else ATen
+  eval transition conv          triton                     1x1                         "triton" (bias + act epilogue)
+    (`eval_conv_kernel`)        aten    as `runs_as_gemm(training=False)`              "gemm" (bias + act epilogue)
+                                aten    CPU     f32        oneDNN built, not gemm /    "onednn" (act as post-op,
+                                                           winograd                    prepacked weight)
+                                aten    as `runs_as_winograd(transform_cached=True)`   "winograd" (cached transform)
+                                                otherwise                              "aten" = `conv_kernel(eval)`
+  16-bit eval conv (BN scale)   triton / aten                                          Triton GEMM / `conv_kernel`
+  dense conv2 3x3, training     any                                                    ATen (Winograd no faster there)
+  dense conv2 3x3, eval         any     as `runs_as_winograd(transform_cached=True)`   Winograd into the buffer,
+                                                                                       else ATen
+  dense block (module level)    cpu     CPU     any        <= SMALL_MAP_PIXELS pixels  plain PyTorch (`eager_is_faster`)
+
+"Measured faster": `ops.conv_choice` times both candidates once per shape (or an environment
+variable pins the choice); the predicates here only ask it. The layout tests are
+`ops.batch_norm_act.planes_contiguous` (csrc/plane_layout.h checks the same in C++).
+Tests: tests/test_conv_choice.py (the measured choice), tests/test_conv_bn_act.py,
+tests/test_conv1x1.py, tests/test_partial_dense_block.py (each route against the reference).
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import extension
+from ..checks import env_choice
+from .batch_norm_act import planes_contiguous
+from .conv_choice import gemm_chosen, winograd_chosen
+
+CPU_KERNEL_DTYPES = (torch.float32, torch.float64)
+
+# CPU maps of at most this many pixels run the dense block as plain PyTorch (`eager_is_faster`).
+SMALL_MAP_PIXELS = 16
+SMALL_MAPS_ENV_VAR = "CSP_KERNELS_CPU_DENSE_SMALL_MAPS"
+_SMALL_MAPS = env_choice(SMALL_MAPS_ENV_VAR, ("eager", "fused"), "eager")
+
+_AVX512_RUNS: list[bool] = []  # filled on first use: build_info() may time the GEMMs, not at import
+
+
+# -- engines, from the backend ----------------------------------------------------------------
+
+def triton_eligible(kernel_size, padding, groups: int) -> bool:
+    """Whether the Triton 1x1 GEMM computes this conv (any stride: it reads x[..., ::s, ::s])."""
+    return tuple(kernel_size) == (1, 1) and tuple(padding) == (0, 0) and groups == 1
+
+
+def transition_engine(backend_name: str, kernel_size, padding, groups: int) -> str:
+    """The engine of a fused ConvBNAct on backend `backend_name`: "triton" for the 1x1 convs
+    the Triton GEMM computes, else "aten"."""
+    return "triton" if backend_name == "triton" and triton_eligible(kernel_size, padding, groups) else "aten"
+
+
+def dense_engine(backend_name: str) -> str:
+    """The engine of a fused dense block on backend `backend_name`."""
+    return "triton" if backend_name == "triton" else "aten"
+
+
+def eager_is_faster(x: torch.Tensor) -> bool:
+    """Whether the dense block on input x runs faster as plain PyTorch than as the fused op: on
+    the CPU, maps of at most SMALL_MAP_PIXELS pixels, where each (channels, height * width) plane
+    GEMM of the fused kernels is a handful of columns wide and oneDNN's batched convolutions win
+    (a kernel choice, not a fallback: the numbers are the reference's). The CPU backend's tests
+    pin the fused op with CSP_KERNELS_CPU_DENSE_SMALL_MAPS=fused, since they draw tiny maps."""
+    return _SMALL_MAPS == "eager" and x.device.type == "cpu" and x.shape[2] * x.shape[3] <= SMALL_MAP_PIXELS
+
+
+# -- what can run here ------------------------------------------------------------------------
+
+def cpu_kernels_run(x: torch.Tensor) -> bool:
+    """Whether the C++ CPU kernels of csrc/cpu (tiled GEMMs, fused backward) take x's device and
+    dtype: float32 or float64 on the CPU."""
+    return x.device.type == "cpu" and x.dtype in CPU_KERNEL_DTYPES
+
+
+@torch.compiler.assume_constant_result  # torch.compile calls it, as it cannot trace the pybind call
+def _avx512_runs() -> bool:
+    """Whether the extension's AVX-512 kernels run on this CPU, fixed for the process (asked
+    once, off the hot path)."""
+    if not _AVX512_RUNS:
+        _AVX512_RUNS.append(extension._C is not None and extension.build_info()["cpu_avx512"])
+    return _AVX512_RUNS[0]
+
+
+def winograd_usable(x: torch.Tensor) -> bool:
+    """Whether x can run by Winograd here: float32 on a CPU with AVX-512 (whether it should, for
+    its shape, is `conv_choice.winograd_chosen`)."""
+    return x.device.type == "cpu" and x.dtype == torch.float32 and _avx512_runs()
+
+
+def onednn_usable(x: torch.Tensor) -> bool:
+    """Whether oneDNN's fused convolution runs `x`'s dtype and device (float32 CPU)."""
+    return x.device.type == "cpu" and x.dtype == torch.float32 and torch.backends.mkldnn.is_available()
+
+
+# -- the 1x1 convolution with prologue and epilogue (ops/conv1x1.py, ops/dense.py) -------------
+
+def conv1x1_kernel(x: torch.Tensor, engine: str, scaled: bool) -> str:
+    """What runs `conv1x1_fused`: "cpu" (the C++ tiled GEMM, which has no output scale: `scaled`),
+    "triton" (the Triton GEMM) or "bmm" (passes around torch.bmm: CUDA "aten", 16-bit CPU data)."""
+    if engine == "aten" and cpu_kernels_run(x) and not scaled:
+        return "cpu"
+    return "triton" if engine == "triton" else "bmm"
+
+
+def conv1x1_backward_kernel(x: torch.Tensor) -> str:
+    """What runs the backward of act(BN(conv1x1(x))): "cpu" (`csp_kernels::conv1x1_bn_act_backward`,
+    grad_z tile by tile in cache) or "passes" (`bn_act_backward`, then two bmm GEMMs), on any engine."""
+    return "cpu" if cpu_kernels_run(x) else "passes"
+
+
+def dense_conv1_backward_kernel(x: torch.Tensor, engine: str) -> str:
+    """What runs a dense layer's conv1 backward: "cpu" (`csp_kernels::dense_conv1_backward`),
+    "triton" (triton/conv1x1_backward.py) or "passes"."""
+    if engine == "aten" and cpu_kernels_run(x):
+        return "cpu"
+    return "triton" if engine == "triton" else "passes"
+
+
+# -- convolutions (ops/conv.py, ops/transition.py, ops/dense_eval.py) --------------------------
+
+def runs_as_gemm(x, weight, stride, padding, groups, training: bool) -> bool:
+    """CPU 1x1 stride-1 convs of plane-contiguous x run as GEMMs on (N, C, H*W) views
+    (`ops.conv1x1`), in training forward and backward or in eval (`training`): float64 always
+    (ATen has no fast float64 convolution on the CPU), float32 where measured faster than
+    oneDNN's for the shape (`conv_choice.gemm_chosen`; large maps, where oneDNN's reorders of
+    NCHW into its blocked layout and back cost more than the GEMMs' per-plane weight reads)."""
+    return (cpu_kernels_run(x)
+            and tuple(weight.shape[2:]) == (1, 1) and tuple(stride) == (1, 1)
+            and tuple(padding) == (0, 0) and groups == 1 and planes_contiguous(x)
+            and (x.dtype == torch.float64 or gemm_chosen(x.shape, weight.shape, training)))
+
+
+def runs_as_winograd(x, weight, stride, padding, dilation, groups, transform_cached: bool = False) -> bool:
+    """CPU float32 3x3 stride-1 "same" convs of plane-contiguous x run by Winograd F(2x2, 3x3)
+    (`ops.conv3x3`) where it was measured faster than oneDNN for their shapes
+    (`conv_choice.winograd_chosen`): the training forward and input gradient, and eval with the
+    weight's transform cached (`transform_cached`)."""
+    return (winograd_usable(x) and tuple(weight.shape[2:]) == (3, 3) and tuple(stride) == (1, 1)
+            and tuple(padding) == (1, 1) and tuple(dilation) == (1, 1) and groups == 1 and planes_contiguous(x)
+            and winograd_chosen(x.shape, weight.shape, transform_cached))
+
+
+def conv_kernel(x, weight, stride, padding, dilation, groups, training: bool) -> str:
+    """What runs a plain bias-free conv2d(x, weight) (`ops.conv.conv`): "gemm", "winograd" (the
+    weight transformed per call) or "aten"."""
+    if runs_as_gemm(x, weight, stride, padding, groups, training):
+        return "gemm"
+    if runs_as_winograd(x, weight, stride, padding, dilation, groups):
+        return "winograd"
+    return "aten"
+
+
+def train_conv_kernel(x, weight, stride, padding, dilation, groups, engine: str) -> str:
+    """What runs a training transition's conv and its batch statistics: "triton" (statistics in
+    the GEMM's epilogue), "gemm" (likewise, the C++ tiled GEMM), else `conv_kernel`'s choice with
+    a `channel_stats` pass."""
+    if engine == "triton":
+        return "triton"
+    return conv_kernel(x, weight, stride, padding, dilation, groups, training=True)
+
+
+def eval_conv_kernel(x, weight, stride, padding, dilation, groups, engine: str) -> str:
+    """What runs an eval transition's conv with BN folded in (`conv_bias_act`): "triton" or
+    "gemm" (bias + act in the GEMM's epilogue), "onednn" (float32 CPU convs that run neither as
+    GEMMs nor by Winograd: the activation as oneDNN's post-op, a prepacked weight), "winograd"
+    (the weight's transform cached), else "aten" (`conv_kernel` for eval, then a bias + act pass)."""
+    if engine == "triton":
+        return "triton"
+    if runs_as_gemm(x, weight, stride, padding, groups, training=False):
+        return "gemm"
+    cached_winograd = engine == "aten" and runs_as_winograd(x, weight, stride, padding, dilation, groups,
+                                                            transform_cached=True)
+    if engine == "aten" and onednn_usable(x) and not cached_winograd:
+        return "onednn"
+    return "winograd" if cached_winograd else "aten"
