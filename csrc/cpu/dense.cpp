@@ -1,15 +1,21 @@
-// CPU kernel of the dense-block backward (csp_kernels.ops.dense): the BN correction applied once
-// per channel. The layers' accumulating BN1 + act backward is cpu/batch_norm_act.cpp's reduction.
+// CPU kernels of the dense-block backward (csp_kernels.ops.dense): a dense layer's whole conv1
+// backward, tile by tile in cache (the tiling of cpu/conv1x1_tiles.h), and the BN correction
+// applied once per channel. The layers' accumulating BN1 + act backward is cpu/batch_norm_act.cpp's reduction.
 // CUDA twins in cuda/dense.cu; per-element math shared through batch_norm_act.h.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <string>
+#include <tuple>
+#include <vector>
 
 #include "batch_norm_act.h"
+#include "conv1x1_tiles.h"
 #include "dense_args.h"
 #include "plane_layout.h"
 
@@ -61,10 +67,126 @@ void bn_grad_correct_cpu(const at::Tensor& grad_acc, const at::Tensor& x, const 
   });
 }
 
+// Epilogue of the dense layer's conv1 input gradient, over one cache-resident row of grad_a:
+// dpre = grad_a * act'(weight * xhat + bias), grad_acc += weight * dpre, and the row's sums of
+// dpre and dpre * xhat (the BN1 bias and weight gradients).
+template <typename scalar_t, Act A>
+void accumulate_row(const scalar_t* grad_a, const scalar_t* x, scalar_t* grad_acc, int64_t width,
+                    at::opmath_type<scalar_t> mean, at::opmath_type<scalar_t> invstd, at::opmath_type<scalar_t> w,
+                    at::opmath_type<scalar_t> b, at::opmath_type<scalar_t> slope, double* sums) {
+  using acc_t = at::opmath_type<scalar_t>;
+  double s = 0, sx = 0;  // in double: the weight gradient's sum can cancel
+#pragma omp simd reduction(+ : s, sx)
+  for (int64_t i = 0; i < width; ++i) {
+    const acc_t xhat = (static_cast<acc_t>(x[i]) - mean) * invstd;
+    const acc_t dpre = bn_act_grad_pre<A>(static_cast<acc_t>(grad_a[i]), xhat, w, b, slope);
+    grad_acc[i] = static_cast<scalar_t>(static_cast<acc_t>(grad_acc[i]) + w * dpre);
+    s += dpre;
+    sx += static_cast<double>(dpre) * xhat;
+  }
+  sums[0] = s;
+  sums[1] = sx;
+}
+
+// The dense layer's whole conv1 backward, one tile at a time in cache: grad_z = BN2 + ReLU
+// backward of grad_b (given BN2's reduction), the weight gradient against the BN1 + ReLU of the
+// prefix x (normalized on load), and conv1's input gradient fed into the BN1 backward
+// accumulation. Only grad_acc and the (O, C) weight gradient are written.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_conv1_backward_cpu(
+    const at::Tensor& grad_b, const at::Tensor& z, const at::Tensor& mean2, const at::Tensor& invstd2,
+    const at::Tensor& weight2, const at::Tensor& bias2, const at::Tensor& sum_dpre2, const at::Tensor& sum_dpre_xhat2,
+    const at::Tensor& x, const at::Tensor& mean1, const at::Tensor& invstd1, const at::Tensor& weight1,
+    const at::Tensor& bias1, c10::string_view act_name, const at::Tensor& weight, const at::Tensor& grad_acc) {
+  PlaneLayout Z, G;
+  std::tie(Z, G) = paired_layouts(z, "z", grad_b, "grad_b");
+  const PlaneLayout X = plane_layout(x, "x"), ACC = plane_layout(grad_acc, "grad_acc");
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+                   "dense_conv1_backward runs float32 and float64 on the CPU; got ", x.scalar_type());
+  TORCH_CHECK_TYPE(z.scalar_type() == x.scalar_type() && weight.scalar_type() == x.scalar_type() &&
+                       grad_acc.scalar_type() == x.scalar_type(),
+                   "z, weight and grad_acc must have x's dtype ", x.scalar_type());
+  check_same_shape(x, grad_acc, "x", "grad_acc");
+  check_conv_output_and_weight(z, Z, x, X, weight);
+  check_per_channel_args(z, {{mean2, "mean2"}, {invstd2, "invstd2"}, {weight2, "weight2"}, {bias2, "bias2"},
+                             {sum_dpre2, "sum_dpre2"}, {sum_dpre_xhat2, "sum_dpre_xhat2"}});
+  check_per_channel_args(x, {{mean1, "mean1"}, {invstd1, "invstd1"}, {weight1, "weight1"}, {bias1, "bias1"}});
+  const ActSpec act = parse_act(std::string(act_name));
+  check_blas_int(X.channels, "in_channels");
+  check_blas_int(Z.channels, "out_channels");
+
+  const at::ScalarType sdtype = stats_dtype(x.scalar_type());
+  at::Tensor sum_dpre1 = at::zeros({X.channels}, x.options().dtype(sdtype));
+  at::Tensor sum_dpre_xhat1 = at::zeros({X.channels}, x.options().dtype(sdtype));
+  const int threads = at::get_num_threads();
+  at::Tensor partials = at::zeros({threads, Z.channels, X.channels}, x.options());
+  if (X.batch == 0 || X.plane == 0 || Z.channels == 0 || X.channels == 0) {
+    return {partials.sum(0), sum_dpre1, sum_dpre_xhat1};
+  }
+  // Scratch: grad_z (O rows) then the normalized input, reused as its gradient (C rows); long
+  // tiles for the weight gradient's per-tile accumulation.
+  const PlaneLayout both{X.batch, X.channels + Z.channels, X.plane, 0, 0};
+  const Tiling tiling(both, x.element_size(), 4 * kScratchBytes, 4096);
+  const int64_t width = tiling.width;
+  std::vector<double> sums(tiling.count * X.channels * 2);
+
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dense_conv1_backward_cpu", [&] {
+    using stat_t = stat_of<scalar_t>;
+    const scalar_t* gbp = grad_b.const_data_ptr<scalar_t>();
+    const scalar_t* zp = z.const_data_ptr<scalar_t>();
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* wp = weight.const_data_ptr<scalar_t>();
+    scalar_t* accp = grad_acc.mutable_data_ptr<scalar_t>();
+    scalar_t* pp = partials.mutable_data_ptr<scalar_t>();
+    const auto bn2 = bn_backward_of<stat_t>(mean2, invstd2, weight2, bias2, sum_dpre2, sum_dpre_xhat2);
+    const stat_t *m1 = mean1.const_data_ptr<stat_t>(), *i1 = invstd1.const_data_ptr<stat_t>();
+    const stat_t *w1 = weight1.const_data_ptr<stat_t>(), *b1 = bias1.const_data_ptr<stat_t>();
+    // BN1 + act as the per-channel (scale, shift) that load_tile applies.
+    std::vector<stat_t> scale1(X.channels), shift1(X.channels);
+    for (int64_t c = 0; c < X.channels; ++c) {
+      scale1[c] = w1[c] * i1[c];
+      shift1[c] = b1[c] - m1[c] * scale1[c];
+    }
+    const int O = static_cast<int>(Z.channels), C = static_cast<int>(X.channels);
+    for_each_tile<scalar_t>(tiling, (Z.channels + X.channels) * width, [&](int64_t i, const Tile& t,
+                                                                           scalar_t* scratch) {
+      const int w = static_cast<int>(t.width);
+      scalar_t* grad_z = scratch;
+      scalar_t* a = scratch + Z.channels * t.width;
+      bn_act_grad_tile(gbp, G, zp, Z, t, bn2, X.batch * X.plane, act, grad_z);
+      load_tile(xp, X, t, scale1.data(), shift1.data(), act, a);
+      // Weight gradient: row-major partial (O x C) += grad_z (O x w) @ a^T (w x C).
+      gemm("T", "N", C, O, w, a, w, grad_z, w, scalar_t(1), pp + at::get_thread_num() * Z.channels * X.channels, C);
+      // Input gradient into `a`'s scratch: row-major grad_a (C x w) = W^T (C x O) @ grad_z.
+      gemm("N", "T", w, C, O, grad_z, w, wp, C, scalar_t(0), a, w);
+      for (int64_t c = 0; c < X.channels; ++c) {
+        const int64_t at_x = t.sample * X.batch_stride + c * X.channel_stride + t.begin;
+        const int64_t at_acc = t.sample * ACC.batch_stride + c * ACC.channel_stride + t.begin;
+        CSP_DISPATCH_ACT(act, [&] {
+          accumulate_row<scalar_t, kAct>(a + c * t.width, xp + at_x, accp + at_acc, t.width, m1[c], i1[c], w1[c],
+                                         b1[c], scalar_t(act.slope), sums.data() + (i * X.channels + c) * 2);
+        });
+      }
+    });
+    stat_t* s = sum_dpre1.mutable_data_ptr<stat_t>();
+    stat_t* sx = sum_dpre_xhat1.mutable_data_ptr<stat_t>();
+    for (int64_t c = 0; c < X.channels; ++c) {
+      double total = 0, total_xhat = 0;
+      for (int64_t k = 0; k < tiling.count; ++k) {  // tile order: deterministic
+        total += sums[(k * X.channels + c) * 2];
+        total_xhat += sums[(k * X.channels + c) * 2 + 1];
+      }
+      s[c] = static_cast<stat_t>(total);
+      sx[c] = static_cast<stat_t>(total_xhat);
+    }
+  });
+  return {partials.sum(0), sum_dpre1, sum_dpre_xhat1};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(csp_kernels, CPU, m) {
   m.impl("bn_grad_correct", &bn_grad_correct_cpu);
+  m.impl("dense_conv1_backward", &dense_conv1_backward_cpu);
 }
 
 }  // namespace csp_kernels
