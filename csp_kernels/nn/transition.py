@@ -79,7 +79,7 @@ class ConvBNAct(reference.ConvBNAct):
         if out is not None and not isinstance(conv.padding, str):  # else the reference's copy_ checks
             shape = conv_ops.conv_output_shape(x.shape, conv.weight.shape, conv.stride, conv.padding, conv.dilation)
             if ops.check_out(out, shape, x.dtype, x.device,
-                             any_strides=not fused or (engine == "triton" and not self.bn.training), x=x,
+                             any_strides=routing.out_takes_any_strides(fused, engine, self.bn.training), x=x,
                              recording=torch.is_grad_enabled() and self._needs_grad(x, out)):
                 return out.copy_(self.forward(x))  # out overlaps x, which the kernels read while writing out
         if not fused:

@@ -36,6 +36,9 @@ The engine is an op argument (so that a compiled graph keeps it), from the backe
                                 aten    as `runs_as_winograd(transform_cached=True)`   "winograd" (cached transform)
                                                 otherwise                              "aten" = `conv_kernel(eval)`
   16-bit eval conv (BN scale)   triton / aten                                          Triton GEMM / `conv_kernel`
+    (`scaled_eval_conv_kernel`)
+  a ConvBNAct's `out=`          triton eval, or the reference path: any strides; else contiguous planes
+    (`out_takes_any_strides`)
   dense conv2 3x3, training     any                                                    ATen (Winograd no faster there)
   dense conv2 3x3, eval         any     as `runs_as_winograd(transform_cached=True)`   Winograd into the buffer,
                                                                                        else ATen
@@ -186,6 +189,21 @@ def train_conv_kernel(x, weight, stride, padding, dilation, groups, engine: str)
     if engine == "triton":
         return "triton"
     return conv_kernel(x, weight, stride, padding, dilation, groups, training=True)
+
+
+def scaled_eval_conv_kernel(x, weight, stride, padding, dilation, groups, engine: str) -> str:
+    """What runs a float16/bfloat16 eval transition's conv, whose BN scale follows in a pass
+    (`folds_into_weight`): "triton" (the plain Triton GEMM) or `conv_kernel` for eval."""
+    if engine == "triton":
+        return "triton"
+    return conv_kernel(x, weight, stride, padding, dilation, groups, training=False)
+
+
+def out_takes_any_strides(fused: bool, engine: str, training: bool) -> bool:
+    """Whether a ConvBNAct call may write `out=` with any strides (else its (height, width)
+    planes must be contiguous): the reference path (its copy_), and the Triton GEMM's eval
+    epilogue, which stores through strides."""
+    return not fused or (engine == "triton" and not training)
 
 
 def eval_conv_kernel(x, weight, stride, padding, dilation, groups, engine: str) -> str:

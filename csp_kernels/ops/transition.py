@@ -254,8 +254,10 @@ def prepare_eval_weight(x, weight, stride, padding, dilation, groups, engine, ki
 
 def _eval_forward(x, weight, bias, stride, padding, dilation, groups, act, engine, out, transform=None, scale=None):
     if scale is not None:  # float16/bfloat16, BN not folded (folds_into_weight)
-        z = _triton_conv1x1(x, weight, stride) if engine == "triton" else conv(x, weight, stride, padding, dilation,
-                                                                                  groups, training=False)
+        if routing.scaled_eval_conv_kernel(x, weight, stride, padding, dilation, groups, engine) == "triton":
+            z = _triton_conv1x1(x, weight, stride)
+        else:
+            z = conv(x, weight, stride, padding, dilation, groups, training=False)
         return scale_shift_act(z, scale, bias, act, out=z if out is None else out)
     kernel = routing.eval_conv_kernel(x, weight, stride, padding, dilation, groups, engine)
     if kernel == "triton":
