@@ -157,7 +157,7 @@ class ConvBNAct(reference.ConvBNAct):
             return weight.to(dtype), bias.to(stats_dtype(dtype)), None
         bn, sdtype = self.bn, stats_dtype(dtype)
         scale, shift = bn_scale_shift(bn.running_mean.to(sdtype), bn.running_var.to(sdtype), bn.weight, bn.bias,
-                                          bn.eps)
+                                      bn.eps)
         return self.conv.weight.to(dtype), shift, scale
 
     def _folded_params(self, x: torch.Tensor, engine: str):

@@ -57,7 +57,7 @@ Every BatchNorm of the block must share one `eps`.
 
 Modules: csp_kernels.nn.PartialDenseBlock, DenseBlock (nn/dense.py); reference:
 csp_kernels.reference.PartialDenseBlock, DenseBlock; autograd: `register_autograd` at the end of
-this module; kernels: csrc/cpu/dense.cpp, csrc/cpu/conv1x1.cpp (`dense_conv1_backward`),
+this module; kernels: csrc/cpu/dense.cpp (`dense_conv1_backward` on the tiling of csrc/cpu/conv1x1_tiles.h),
 triton/conv1x1_backward.py; tests: tests/test_partial_dense_block.py, tests/test_dense_block.py.
 """
 from __future__ import annotations

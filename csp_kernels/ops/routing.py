@@ -14,7 +14,7 @@ The engine is an op argument (so that a compiled graph keeps it), from the backe
                                 aten    other                                          "bmm": passes around torch.bmm
   1x1 conv + BN + act backward  any     CPU     f32, f64                               "cpu": csrc/cpu/conv1x1.cpp
     `conv1x1_backward_kernel`           other                                          "passes": bn_act_backward + bmm
-  dense conv1 backward          aten    CPU     f32, f64                               "cpu": csrc/cpu/conv1x1.cpp
+  dense conv1 backward          aten    CPU     f32, f64                               "cpu": csrc/cpu/dense.cpp
     (`dense_conv1_backward_     triton  any                                            "triton": triton/
     kernel`)                                                                           conv1x1_backward.py
                                 aten    other                                          "passes"
@@ -191,12 +191,11 @@ def train_conv_kernel(x, weight, stride, padding, dilation, groups, engine: str)
     return conv_kernel(x, weight, stride, padding, dilation, groups, training=True)
 
 
-def scaled_eval_conv_kernel(x, weight, stride, padding, dilation, groups, engine: str) -> str:
+def scaled_eval_conv_kernel(engine: str) -> str:
     """What runs a float16/bfloat16 eval transition's conv, whose BN scale follows in a pass
-    (`folds_into_weight`): "triton" (the plain Triton GEMM) or `conv_kernel` for eval."""
-    if engine == "triton":
-        return "triton"
-    return conv_kernel(x, weight, stride, padding, dilation, groups, training=False)
+    (`folds_into_weight`): "triton" (the plain Triton GEMM) or "conv" (`ops.conv.conv`, which
+    routes by `conv_kernel` for eval)."""
+    return "triton" if engine == "triton" else "conv"
 
 
 def out_takes_any_strides(fused: bool, engine: str, training: bool) -> bool:

@@ -254,7 +254,7 @@ def prepare_eval_weight(x, weight, stride, padding, dilation, groups, engine, ki
 
 def _eval_forward(x, weight, bias, stride, padding, dilation, groups, act, engine, out, transform=None, scale=None):
     if scale is not None:  # float16/bfloat16, BN not folded (folds_into_weight)
-        if routing.scaled_eval_conv_kernel(x, weight, stride, padding, dilation, groups, engine) == "triton":
+        if routing.scaled_eval_conv_kernel(engine) == "triton":
             z = _triton_conv1x1(x, weight, stride)
         else:
             z = conv(x, weight, stride, padding, dilation, groups, training=False)

@@ -1,5 +1,5 @@
 """The backward of a dense layer's BN1-ReLU-Conv1x1 as two Triton GEMMs whose normalized input
-and input gradient never reach memory (the GPU twin of csrc/cpu/conv1x1.cpp's
+and input gradient never reach memory (the GPU twin of csrc/cpu/dense.cpp's
 dense_conv1_backward):
 
   weight_grad     grad_w[o, i] = sum over (n, h, w) of grad_z[n, o, h, w] * a[n, i, h, w],

@@ -266,7 +266,7 @@ std::pair<double, double> measure_tile_gemms() {
   double ours = 0, blas = 0, flops = 0;
   for (const int k : shapes_k) {
     const float one = 1, zero = 0;
-    // Column-major C (n x m) = B^T-shaped (n x k) @ A (k x m), the tiles' call (conv1x1.cpp's gemm).
+    // Column-major C (n x m) = B^T-shaped (n x k) @ A (k x m), the tiles' call (conv1x1_tiles.h's gemm).
     const auto run_blas = [&] { sgemm_("N", "N", &n, &m, &k, &one, b.data(), &n, a.data(), &k, &zero, c.data(), &n); };
     const auto run_ours = [&] { sgemm_avx512(m, n, k, a.data(), k, 1, b.data(), n, 1, c.data(), n, false); };
     run_blas();
