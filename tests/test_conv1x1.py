@@ -15,7 +15,7 @@ from csp_kernels.ops import dense
 from csp_kernels.ops.batch_norm_act import bn_act_backward
 from csp_kernels.ops.conv1x1 import (conv1x1_bn_act_backward, conv1x1_fused, conv1x1_input_grad,
                                     conv1x1_weight_grad)
-from helpers import DEVICES, rel_error
+from helpers import DEVICES, rel_error, requires_cuda
 
 TOL = {torch.float64: 1e-12, torch.float32: 2e-6}
 pytestmark = pytest.mark.usefixtures("full_float32_precision")
@@ -129,12 +129,13 @@ def test_weight_gradient(device, dtype, prologue):
     assert rel_error(got, ref) <= 10 * TOL[dtype]  # a 675-pixel reduction
 
 
-@pytest.mark.parametrize("device", [d for d in DEVICES if d == "cuda"])
+@requires_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_weight_gradient_rounds_once(device, dtype):
+def test_half_precision_weight_gradient_rounds_once(dtype):
     """Two samples whose (out, in) products nearly cancel: rounding each to 16 bits before the
     sum would leave an error of their size, not the sum's; cuDNN's 16-bit weight gradient
     (plain PyTorch) accumulates in float32 and rounds once."""
+    device = "cuda"
     x1 = torch.randn(1, 16, 8, 8, device=device)
     grad1 = torch.randn(1, 12, 8, 8, device=device)
     x = torch.cat([x1, x1]).to(dtype)
