@@ -206,7 +206,8 @@ def compile_dgrad_bn_accumulate(dtype: torch.dtype, input_precision: str, capabi
     constants = dict(**conv1x1_module.act_constexprs("relu"), ACC_FP64=dtype == torch.float64,
                      INPUT_PRECISION=input_precision, G_PLANES=True, X_PLANES=True, ACC_PLANES=True,
                      BLOCK_I=config[0], BLOCK_P=config[1], BLOCK_O=config[2])
-    args = dict(g_ptr=data, w_ptr=data, x_ptr=data, acc_ptr=data, mean_ptr=stat, invstd_ptr=stat, bnw_ptr=stat,
+    # acc_ptr: the BN1 accumulator, float32 for 16-bit data (routing.dense_grad_acc_dtype), i.e. the stats type.
+    args = dict(g_ptr=data, w_ptr=data, x_ptr=data, acc_ptr=stat, mean_ptr=stat, invstd_ptr=stat, bnw_ptr=stat,
                 bnb_ptr=stat, sums_ptr=stat, plane=height * width, width=width, out_channels=out_channels,
                 in_channels=in_channels, **_strides("sg", grad_z), sw_o=in_channels, sw_i=1, **_strides("sx", x),
                 **_strides("sa", x))

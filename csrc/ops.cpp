@@ -40,7 +40,8 @@ TORCH_LIBRARY(csp_kernels, m) {
         "bool weight_grad) -> (Tensor grad_x, Tensor grad_weight)");
 
   // Dense-block family (ops/dense.py): the backward of the dense layers' shared-statistics BN1.
-  // x is a channel prefix of the concat buffer; grad_acc, grad_x are views shaped like it.
+  // x is a channel prefix of the concat buffer; grad_acc, grad_x are views shaped like it, grad_x
+  // in x's dtype, grad_acc too or, for float16/bfloat16 x, float32 (the GPU engines' accumulator).
   m.def("bn_act_backward_accumulate(Tensor grad_a, Tensor x, Tensor mean, Tensor invstd, Tensor weight, "
         "Tensor bias, str act, Tensor(a!) grad_acc) -> (Tensor sum_dpre, Tensor sum_dpre_xhat)");
   // A dense layer's conv1 backward in one pass over tiles (CPU): grad_z from BN2 + act backward

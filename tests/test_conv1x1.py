@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from csp_kernels import backend, checks
-from csp_kernels.ops import dense
+from csp_kernels.ops import dense, routing
 from csp_kernels.ops.batch_norm_act import bn_act_backward
 from csp_kernels.ops.conv1x1 import (conv1x1_bn_act_backward, conv1x1_fused, conv1x1_input_grad,
                                     conv1x1_weight_grad)
@@ -96,8 +96,10 @@ def test_reads_and_writes_channel_slices(device, engine):
 @pytest.mark.parametrize("device,engine", engines())
 @pytest.mark.parametrize("layout", ["same_channels", "wider_output_over_the_buffer"])
 def test_in_place(device, engine, layout):
-    """The dense block's two in-place uses: csp's first transition over the dense part, and the
-    last transition writing the output over the concat buffer it reads (wider per sample)."""
+    """The eval dense block's two in-place uses on the CPU GEMM: csp's first transition over the
+    dense part, and the last transition writing the output over the concat buffer it reads
+    (wider per sample). The other engines cannot write over their input and refuse in_place
+    (the dense block gives them a separate tensor: tests/test_partial_dense_block.py)."""
     n, c, h, w = shape_for(engine)
     out_channels = c if layout == "same_channels" else c + 4
     store = torch.randn(n, out_channels, h, w, dtype=torch.float64, device=device)
@@ -105,8 +107,26 @@ def test_in_place(device, engine, layout):
     weight = torch.randn(out_channels, c, 1, 1, dtype=torch.float64, device=device) / c ** 0.5
     bias = torch.randn(out_channels, dtype=torch.float64, device=device)
     ref = expected(x, weight, bias=bias, act="relu")
+    can = routing.conv1x1_writes_over_input(x, engine, scaled=False)
+    assert can == (device == "cpu" and engine == "aten")
+    if not can:
+        before = store.clone()
+        with pytest.raises(ValueError, match="in_place"):
+            conv1x1_fused(x, weight, bias=bias, act="relu", out=store, engine=engine, in_place=True)
+        assert torch.equal(store, before)
+        return
     conv1x1_fused(x, weight, bias=bias, act="relu", out=store, engine=engine, in_place=True)
     assert rel_error(store, ref) <= TOL[torch.float64]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_only_the_cpu_gemm_writes_over_its_input(dtype):
+    """The routing of in_place: the CPU GEMM (float32/float64 CPU data, no output scale) alone."""
+    x = torch.zeros(1, 2, 2, 2, dtype=dtype)
+    cpu_kernel = dtype == torch.float32
+    assert routing.conv1x1_writes_over_input(x, "aten", scaled=False) == cpu_kernel
+    assert not routing.conv1x1_writes_over_input(x, "aten", scaled=True)
+    assert not routing.conv1x1_writes_over_input(x, "triton", scaled=False)
 
 
 @pytest.mark.parametrize("device", DEVICES)

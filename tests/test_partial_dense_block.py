@@ -10,6 +10,7 @@ from torch import nn
 from csp_kernels import backend, reference
 from csp_kernels.nn import PartialDenseBlock
 from csp_kernels.ops import dense as dense_ops
+from csp_kernels.ops import conv1x1 as conv1x1_ops
 from csp_kernels.ops import dense_eval, routing
 from csp_kernels.profiling import SavedTensorsMeter
 from helpers import (DEVICES, assert_matches_reference, device_backend_params, fused_backends, rel_error,
@@ -149,6 +150,43 @@ def test_out_channels_batch1_odd_size(device, name, fusion, out_channels):
     assert_eval_matches(ref, fused, x, name, TOL[torch.float64])
     assert_eval_matches(ref, fused, torch.randn(3, 6, 3, 5, dtype=torch.float64, device=device), name,
                         TOL[torch.float64])
+
+
+@pytest.mark.parametrize("device,name", device_backend_params())
+@pytest.mark.parametrize("fusion", ["csp", "last"])
+@pytest.mark.parametrize("out_channels", [None, 5], ids=["same_width", "narrower"])
+def test_eval_transitions_run_whole_batches(device, name, fusion, out_channels, monkeypatch):
+    """Every 1x1 GEMM of the eval block takes the whole batch: the CPU GEMM writes the
+    transitions over their inputs (in place, as it always did), the other engines (Triton, CUDA's
+    bmm passes) compute into a separate tensor in one call each, never one sample at a time."""
+    num_layers, batch = 2, 5
+    ref, fused = make_pair(8, num_layers, 4, 0.5, fusion=fusion, out_channels=out_channels, device=device)
+    x = torch.randn(batch, 8, 4, 4, dtype=torch.float64, device=device)
+    calls, launches = [], []
+    real_fused, real_passes = dense_eval.conv1x1_fused, conv1x1_ops._conv1x1_passes
+
+    def fused_call(inp, *args, **kwargs):
+        calls.append((inp.shape[0], kwargs.get("in_place", False), kwargs.get("in_scale") is None))
+        return real_fused(inp, *args, **kwargs)
+
+    def passes_call(inp, *args):
+        launches.append(inp.shape[0])
+        return real_passes(inp, *args)
+
+    monkeypatch.setattr(dense_eval, "conv1x1_fused", fused_call)
+    monkeypatch.setattr(conv1x1_ops, "_conv1x1_passes", passes_call)
+    assert_eval_matches(ref, fused, x, name, TOL[torch.float64])
+    transitions = [in_place for _, in_place, is_transition in calls if is_transition]
+    assert len(calls) == num_layers + len(transitions) and len(transitions) == (2 if fusion == "csp" else 1)
+    assert all(n == batch for n, _, _ in calls)
+    engine = routing.dense_engine(name)
+    cpu_gemm = routing.conv1x1_writes_over_input(x, engine, scaled=False)
+    assert cpu_gemm == (device == "cpu" and name == "cpu")
+    # In place exactly where the CPU GEMM writes the output over the buffer (a narrower output
+    # goes to a new tensor, as before); the other engines' launches are one per call.
+    assert transitions == [cpu_gemm and (i == 0 and fusion == "csp" or out_channels is None)
+                           for i in range(len(transitions))]
+    assert launches == ([] if cpu_gemm else [batch] * len(calls))
 
 
 @pytest.mark.parametrize("device,name", device_backend_params())
@@ -343,6 +381,102 @@ def check_accumulate_and_correct(n, c, h, w):
         dense_ops.bn_grad_correct(g, x[:, :2], mean[:2], invstd[:2], mean[:2], mean[:2], grad_x[:, :2].clone()[:1])
 
 
+def accumulator_cases():
+    """(device, how, dtype): the C++ accumulate op on every device, and Triton's dgrad epilogue
+    where usable (bfloat16 on a GPU only: the interpreter's tl.dot misreads it)."""
+    cases = []
+    for device in DEVICES:
+        for dtype in (torch.float16, torch.bfloat16):
+            cases.append(pytest.param(device, "op", dtype, id=f"{device}-op-{dtype}"))
+            if backend.triton_usable(torch.device(device))[0] and (device == "cuda" or dtype == torch.float16):
+                cases.append(pytest.param(device, "triton", dtype, id=f"{device}-triton-{dtype}"))
+    return cases
+
+
+@pytest.mark.parametrize("device,how,dtype", accumulator_cases())
+def test_float32_accumulator_of_16_bit_data(device, how, dtype):
+    """The BN1 accumulator in float32 for 16-bit data (the GPU engines':
+    routing.dense_grad_acc_dtype): twenty layers' contributions, each under half a 16-bit ulp
+    of the running sum, all kept (a 16-bit accumulator keeps none); the correction reads the
+    float32 sums and rounds once, to the input gradient's dtype."""
+    n, c, h, w = 2, 3, 4, 4
+    x = torch.randn(n, c, h, w, device=device).to(dtype)
+    mean, var = x.float().mean((0, 2, 3)), x.float().var((0, 2, 3), unbiased=False)
+    invstd = torch.rsqrt(var + 1e-5)
+    ones, zeros = torch.ones(c, device=device), torch.zeros(c, device=device)
+    grad_a = torch.full((n, c, h, w), 1e-4, device=device).to(dtype)  # dpre = grad_a (identity, weight 1)
+
+    def accumulate(grad_acc):
+        if how == "op":
+            dense_ops.bn_act_backward_accumulate(grad_a, x, mean, invstd, ones, zeros, "identity", grad_acc)
+        else:
+            from csp_kernels.triton.conv1x1_backward import dgrad_bn_accumulate
+            eye = torch.eye(c, device=device).to(dtype)[:, :, None, None]  # conv input gradient = grad_a
+            dgrad_bn_accumulate(grad_a, eye, x, mean, invstd, ones, zeros, "identity", grad_acc)
+
+    acc32, acc16 = torch.ones(n, c, h, w, device=device), torch.ones(n, c, h, w, device=device, dtype=dtype)
+    for _ in range(20):
+        accumulate(acc32)
+        accumulate(acc16)
+    assert acc32.dtype == torch.float32
+    assert rel_error(acc32, 1 + 20 * grad_a.double()) <= 1e-6
+    assert torch.equal(acc16, torch.ones_like(acc16))  # every contribution rounded away
+
+    g = torch.randn(n, c, h, w, device=device)  # float32 sums, finer than 16 bits
+    xhat = (x.double() - mean.double()[:, None, None]) * invstd.double()[:, None, None]
+    grad_x = torch.zeros(n, c, h, w, device=device, dtype=dtype)
+    dense_ops.bn_grad_correct(g, x, mean, invstd, g.sum((0, 2, 3)), (g.double() * xhat).sum((0, 2, 3)).float(),
+                              grad_x)
+    gd = g.double()
+    expected = invstd.double()[:, None, None] * (gd - gd.mean((0, 2, 3), keepdim=True)
+                                                 - xhat * (gd * xhat).mean((0, 2, 3), keepdim=True))
+    assert grad_x.dtype == dtype
+    assert rel_error(grad_x, expected) <= torch.finfo(dtype).eps  # one rounding to dtype
+    with pytest.raises(TypeError, match="grad_acc"):
+        dense_ops.bn_grad_correct(g.double(), x, mean, invstd, mean, mean, grad_x)
+
+
+def low_precision_block_cases():
+    """(device, backend, dtype) for every fused backend here, with the BN1 accumulator's dtype
+    routing.dense_grad_acc_dtype gives: float32 on the GPU engines, the data's on the CPU one."""
+    cases = []
+    for param in device_backend_params():
+        device, name = param.values
+        for dtype in (torch.float16, torch.bfloat16):
+            if name == "triton" and device == "cpu" and dtype == torch.bfloat16:
+                continue  # refused: the interpreter's tl.dot misreads bfloat16
+            cases.append(pytest.param(device, name, dtype, id=f"{param.id}-{dtype}"))
+    return cases
+
+
+@pytest.mark.parametrize("device,name,dtype", low_precision_block_cases())
+def test_16_bit_bn1_accumulator_dtype_and_input_gradient(device, name, dtype, monkeypatch):
+    """The dense backward's BN1 accumulator is float32 for 16-bit data on the GPU engines (Triton,
+    CUDA), unchanged (the data's dtype) on the CPU one; the input gradient keeps flash-attention's
+    rule: at most 2x plain PyTorch's error in the same dtype, both against float64."""
+    seen = []
+    real_correct = dense_ops.bn_grad_correct
+    monkeypatch.setattr(dense_ops, "bn_grad_correct",
+                        lambda grad_acc, *args: seen.append(grad_acc.dtype) or real_correct(grad_acc, *args))
+    ref64, fused = make_pair(8, 4, 4, 0.5, fusion="csp", device=device)
+    plain = copy.deepcopy(ref64).to(dtype)
+    fused.to(dtype)
+    x = torch.randn(4, 8, 6, 6, dtype=torch.float64, device=device)
+    grad_y = torch.randn(4, ref64.out_channels, 6, 6, dtype=torch.float64, device=device)
+    grads = []
+    for module, dtype_in, backend_name in ((ref64, torch.float64, "reference"), (plain, dtype, "reference"),
+                                           (fused, dtype, name)):
+        xi = x.to(dtype_in).detach().requires_grad_()  # a leaf of its own, also for float64
+        with backend.use_backend(backend_name):
+            module(xi).backward(grad_y.to(dtype_in))
+        grads.append(xi.grad)
+    gx64, gx_plain, gx_fused = grads
+    gpu_engine = name == "triton" or device == "cuda"
+    assert seen and set(seen) == {torch.float32 if gpu_engine else dtype}
+    assert gx_fused.dtype == dtype
+    assert_matches_reference(gx_fused, gx64, plain=gx_plain, name="input grad")
+
+
 def test_custom_ops_opcheck():
     n, c = 2, 3
     x = torch.randn(n, c + 1, 4, 4)[:, 1:]
@@ -414,7 +548,7 @@ def test_low_precision_on_gpu(name, dtype):
     results = []
     for module, dtype_in, backend_name in ((ref64, torch.float64, "reference"), (plain, dtype, "reference"),
                                            (fused, dtype, name)):
-        xi = x.to(dtype_in).requires_grad_()
+        xi = x.to(dtype_in).detach().requires_grad_()  # a leaf of its own, also for float64
         with backend.use_backend(backend_name):
             y = module(xi)
         y.backward(grad_y.to(dtype_in))

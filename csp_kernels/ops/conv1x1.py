@@ -14,8 +14,9 @@ Engines:
                statistics from per-channel sums).
   CUDA "aten"  passes: `scale_shift_act` into a temporary, a cuBLAS batched GEMM, the bias +
                act in place, `channel_stats`.
-The last two cannot overwrite their input, so `in_place=True` runs them one sample at a time
-through a one-sample temporary. Which one runs: `ops.routing.conv1x1_kernel` (forward) and
+The last two cannot overwrite their input: `in_place=True` is for the CPU GEMM alone
+(`ops.routing.conv1x1_writes_over_input`), and callers give the others a separate output tensor
+(`ops.dense_eval`). Which one runs: `ops.routing.conv1x1_kernel` (forward) and
 `ops.routing.conv1x1_backward_kernel`. Tests: tests/test_conv1x1.py, tests/test_triton_conv1x1.py.
 """
 from __future__ import annotations
@@ -80,26 +81,23 @@ def conv1x1_fused(x: torch.Tensor, weight: torch.Tensor, *, in_scale: torch.Tens
     for float64 data); scale None is 1 (an output scale is for 16-bit data, whose BatchNorm is
     not folded into the weight: it runs as passes); out: (batch, out, height, width) with
     contiguous planes, or None for a new tensor. in_place: out overlaps x, sample n's output
-    covering only sample n's input.
+    covering only sample n's input; only where `routing.conv1x1_writes_over_input` allows it
+    (the CPU GEMM), else a ValueError.
 
     Returns out, or with `stats=True` (out, mean, biased var) of out's channels.
     """
     n, _, h, w = x.shape
     if out is None:
         out = x.new_empty(n, weight.shape[0], h, w)
+    if in_place and not routing.conv1x1_writes_over_input(x, engine, scaled=scale is not None):
+        raise ValueError(f"conv1x1_fused: in_place=True needs the CPU GEMM (engine 'aten', float32/float64 CPU "
+                         f"data, no output scale); engine {engine!r} on {x.dtype} {x.device.type} data writes "
+                         "a separate output tensor")
     kernel = routing.conv1x1_kernel(x, engine, scaled=scale is not None)
     if kernel == "cpu":
         mean, var = _ops.conv1x1_fused_out(x, weight.flatten(1).contiguous(), in_scale, in_shift, in_act, bias, act,
                                            stats, out)
         return (out, mean, var) if stats else out
-    if in_place:
-        if stats:
-            raise ValueError("conv1x1_fused: in_place with stats runs on the CPU engine only")
-        tmp = out.new_empty(1, *out.shape[1:])
-        for i in range(n):
-            _conv1x1_passes(x[i: i + 1], weight, in_scale, in_shift, in_act, bias, scale, act, tmp, False, kernel)
-            out[i: i + 1].copy_(tmp)
-        return out
     return _conv1x1_passes(x, weight, in_scale, in_shift, in_act, bias, scale, act, out, stats, kernel)
 
 

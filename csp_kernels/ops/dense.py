@@ -29,7 +29,9 @@ Training (`partial_dense_block`, a torch.library custom op with registered autog
             the CPU conv1's input gradient goes tile by tile from the GEMM into this
             accumulation; it also returns the layer's BN1 weight/bias gradients), and the BN
             correction runs once per channel (`bn_grad_correct`) when a layer's channels are
-            final. conv1's recompute and weight gradient normalize the prefix on load; each
+            final. G is float32 for float16/bfloat16 data on the GPU engines
+            (`routing.dense_grad_acc_dtype`), rounded once, as the correction adds it into the
+            input gradient. conv1's recompute and weight gradient normalize the prefix on load; each
             transition's backward is `conv1x1_bn_act_backward`.
 Running statistics are returned (biased batch variance), and updated by the module, which keeps
 the op functional. Every BatchNorm's statistics and backward sums pass through `LocalStatistics`
@@ -104,8 +106,8 @@ def bn_act_backward_accumulate(grad_a, x, mean, invstd, weight, bias, act, grad_
     """dpre = grad_a * act'(weight * xhat + bias); grad_acc += weight * dpre (in place).
 
     grad_a, x, grad_acc: (batch, channels, height, width), planes contiguous (channel slices
-    allowed); mean, invstd, weight, bias: (channels,). Returns (sum dpre, sum dpre * xhat), the
-    BN's bias and weight gradients.
+    allowed), grad_acc in x's dtype or, for float16/bfloat16 x, float32; mean, invstd, weight,
+    bias: (channels,). Returns (sum dpre, sum dpre * xhat), the BN's bias and weight gradients.
     """
     return _ops.bn_act_backward_accumulate(grad_a, x, mean, invstd, weight, bias, act, grad_acc)
 
@@ -114,7 +116,8 @@ def dense_conv1_backward(grad_b, z, bn2, x, bn1, act, weight, grad_acc, engine="
     """A dense layer's conv1 backward, from the gradient of BN2+act's output `grad_b`.
 
     grad_b, z: (batch, bottleneck, height, width), z conv1's output; x, grad_acc: (batch, c,
-    height, width), the layer's prefix of the buffer and of the BN1 accumulator; bn2, bn1:
+    height, width), the layer's prefix of the buffer and of the BN1 accumulator (grad_acc in x's
+    dtype, or float32 for 16-bit x: `routing.dense_grad_acc_dtype`); bn2, bn1:
     (mean, invstd, weight, bias) in the statistics dtype; weight: (bottleneck, c, 1, 1).
     Adds weight1 * dpre of BN1 + act into grad_acc; returns (conv1's weight gradient, BN2's
     weight and bias gradients, sum dpre and sum dpre * xhat of BN1).
@@ -151,7 +154,8 @@ def dense_conv1_backward(grad_b, z, bn2, x, bn1, act, weight, grad_acc, engine="
 
 def bn_grad_correct(grad_acc, x, mean, invstd, sum_grad, sum_grad_xhat, grad_x) -> None:
     """grad_x += invstd * (g - mean(g) - xhat * mean(g * xhat)) per channel, g = grad_acc, the
-    means given as sums over the channel's batch * height * width values (in place)."""
+    means given as sums over the channel's batch * height * width values (in place; grad_acc
+    may be float32 for float16/bfloat16 x and grad_x, which round the sum once)."""
     _ops.bn_grad_correct(grad_acc, x, mean, invstd, sum_grad, sum_grad_xhat, grad_x)
 
 
@@ -453,7 +457,8 @@ def _dense_backward(grad_dense, buf, dense_params, g: Geometry, eps, mean, var, 
     dense = buf[:, g.part1:]
     invstd = torch.rsqrt(var + eps)
     read = g.prefix(g.num_layers - 1)  # channels some layer's BN1 reads
-    grad_acc = buf.new_zeros(g.batch, read, g.height, g.width)
+    # float32 for 16-bit data on the GPU engines: one rounding, in bn_grad_correct's write of grad_dense.
+    grad_acc = buf.new_zeros(g.batch, read, g.height, g.width, dtype=routing.dense_grad_acc_dtype(buf, engine))
     sum_grad = torch.zeros_like(mean[:read])
     sum_grad_xhat = torch.zeros_like(sum_grad)
     scratch_b, scratch_z = g.scratch(buf, g.bottleneck), g.scratch(buf, g.bottleneck)

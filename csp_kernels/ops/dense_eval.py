@@ -81,14 +81,19 @@ def partial_dense_block_eval(x: torch.Tensor, params: EvalParams, part1: int, fu
     NO_TRANSITION (part1 = 0, no transitions) the concat buffer, out_channels = in_channels +
     num_layers * growth.
 
-    Buffers. When the output has at least as many channels as the concat buffer (the usual CSP
-    stage, where the last transition keeps the width), the concat buffer is allocated with the
-    output's channel count and becomes the output: the last transition runs one sample at a
-    time into it (sample n's output overwrites only sample n's inputs). With fusion "csp" the
-    first transition also runs in place, over the dense part, so that the buffer then holds the
-    second transition's input [part 1, transition1(dense)]. Why: besides the copies, every
-    large fresh allocation costs page faults on its first write, which this saves for all but
-    one buffer.
+    Buffers. Where the 1x1 GEMM can write over its input (the CPU GEMM:
+    `routing.conv1x1_writes_over_input`) and the output has at least as many channels as the
+    concat buffer (the usual CSP stage, where the last transition keeps the width), the concat
+    buffer is allocated with the output's channel count and becomes the output: the last
+    transition writes it over its own input (sample n's output overwrites only sample n's
+    inputs). With fusion "csp" the first transition also runs in place, over the dense part, so
+    that the buffer then holds the second transition's input [part 1, transition1(dense)]. Why:
+    besides the copies, every large fresh allocation costs page faults on its first write, which
+    this saves for all but one buffer.
+    The other engines (Triton, CUDA's passes) run each transition as one batched call into a
+    separate tensor: "last" and "first" into a new output; "csp" its first transition into a
+    new [part 1, transition1(dense)], after which the concat buffer, no longer read, takes the
+    second's output where it is wide enough.
     """
     n, _, h, w = x.shape
     g = Geometry(n, h, w, part1, x.shape[1] - part1, params.conv2[0].shape[0], params.conv1[0][0].shape[0],
@@ -100,17 +105,24 @@ def partial_dense_block_eval(x: torch.Tensor, params: EvalParams, part1: int, fu
     channels = part1 + g.dense_channels
     last_weight, last_bias, last_scale = params.transitions[-1]
     out_channels = last_weight.shape[0] + (part1 if fusion == "last" else 0)
-    store = new_buffer(x, g, max(channels, out_channels))
+    in_place = routing.conv1x1_writes_over_input(x, engine, scaled=last_scale is not None)
+    # Whether the concat buffer may become the output: written in place, or with "csp" after the
+    # first transition moved the last one's input out of it.
+    store_takes_output = in_place or fusion == "csp"
+    store = new_buffer(x, g, max(channels, out_channels) if store_takes_output else channels)
     buf = store[:, :channels]
     dense = buf[:, part1:]
     _dense_layers_eval(dense, params, g, engine)
 
+    inp = dense if fusion == "last" else buf
     if fusion == "csp":
         first_weight, first_bias, first_scale = params.transitions[0]
-        conv1x1_fused(dense, first_weight, bias=first_bias, scale=first_scale, act=act, out=dense, engine=engine,
-                      in_place=True)
-    inp = dense if fusion == "last" else buf
-    if out_channels < channels:
+        if not in_place:
+            inp = x.new_empty(n, channels, h, w)  # [part 1, transition1(dense)]
+            inp[:, :part1].copy_(buf[:, :part1])
+        conv1x1_fused(dense, first_weight, bias=first_bias, scale=first_scale, act=act, out=inp[:, part1:],
+                      engine=engine, in_place=in_place)
+    if out_channels < channels or not store_takes_output:
         out = x.new_empty(n, out_channels, h, w)
         if fusion == "last":
             out[:, :part1].copy_(buf[:, :part1])
@@ -118,7 +130,7 @@ def partial_dense_block_eval(x: torch.Tensor, params: EvalParams, part1: int, fu
                       out=out[:, part1:] if fusion == "last" else out, engine=engine)
         return out
     conv1x1_fused(inp, last_weight, bias=last_bias, scale=last_scale, act=act,
-                  out=store[:, part1:] if fusion == "last" else store, engine=engine, in_place=True)
+                  out=store[:, part1:] if fusion == "last" else store, engine=engine, in_place=in_place)
     return store
 
 

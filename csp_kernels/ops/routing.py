@@ -14,10 +14,16 @@ The engine is an op argument (so that a compiled graph keeps it), from the backe
                                 aten    other                                          "bmm": passes around torch.bmm
   1x1 conv + BN + act backward  any     CPU     f32, f64                               "cpu": csrc/cpu/conv1x1.cpp
     `conv1x1_backward_kernel`           other                                          "passes": bn_act_backward + bmm
+  1x1 conv over its own input   aten    CPU     f32, f64   no output scale             yes: the CPU tiled GEMM
+    (`conv1x1_writes_over_input`)       otherwise                                      no: the caller writes a
+                                                                                       separate tensor
   dense conv1 backward          aten    CPU     f32, f64                               "cpu": csrc/cpu/dense.cpp
     (`dense_conv1_backward_     triton  any                                            "triton": triton/
     kernel`)                                                                           conv1x1_backward.py
                                 aten    other                                          "passes"
+  dense BN1 gradient            triton  any     f16, bf16                              float32 accumulator
+    accumulator (dtype,         aten    CUDA    f16, bf16                              float32 accumulator
+    `dense_grad_acc_dtype`)             otherwise                                      the data's dtype
   conv, training or eval        aten    CPU     f32, f64   1x1 stride 1, NCHW planes;  "gemm": ops/conv1x1.py
     (`conv_kernel`)                                        f32 where measured faster
                                 aten    CPU     f32        3x3 s1 p1 d1, NCHW planes,  "winograd": ops/conv3x3.py
@@ -134,6 +140,15 @@ def conv1x1_kernel(x: torch.Tensor, engine: str, scaled: bool) -> str:
     return "triton" if engine == "triton" else "bmm"
 
 
+def conv1x1_writes_over_input(x: torch.Tensor, engine: str, scaled: bool) -> bool:
+    """Whether `conv1x1_fused` may write its output over its own input x (`in_place=True`, sample
+    n's output covering only sample n's input), as the eval dense block's transitions do
+    (`ops.dense_eval`): only the C++ CPU GEMM ("cpu"), which finishes each column tile of a sample
+    in cache before storing it. The Triton GEMM's programs and the bmm passes would read input
+    that others have already overwritten, so the caller gives them a separate output tensor."""
+    return conv1x1_kernel(x, engine, scaled) == "cpu"
+
+
 def conv1x1_backward_kernel(x: torch.Tensor) -> str:
     """What runs the backward of act(BN(conv1x1(x))): "cpu" (`csp_kernels::conv1x1_bn_act_backward`,
     grad_z tile by tile in cache) or "passes" (`bn_act_backward`, then two bmm GEMMs), on any engine."""
@@ -146,6 +161,17 @@ def dense_conv1_backward_kernel(x: torch.Tensor, engine: str) -> str:
     if engine == "aten" and cpu_kernels_run(x):
         return "cpu"
     return "triton" if engine == "triton" else "passes"
+
+
+def dense_grad_acc_dtype(x: torch.Tensor, engine: str) -> torch.dtype:
+    """The dtype of the dense backward's BN1 gradient accumulator (`ops.dense._dense_backward`),
+    which sums the gradient of each buffer channel over every layer that reads it: float32 for
+    float16/bfloat16 data on the GPU engines ("triton" on any device, "aten" on a GPU), so that
+    it rounds to 16 bits once, when the BN correction writes the input gradient, not once per
+    layer; else x's dtype (the CPU kernels', float32/float64, and the CPU's 16-bit passes)."""
+    if x.dtype in (torch.float16, torch.bfloat16) and (engine == "triton" or x.device.type != "cpu"):
+        return torch.float32
+    return x.dtype
 
 
 # -- convolutions (ops/conv.py, ops/transition.py, ops/dense_eval.py) --------------------------

@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <tuple>
+#include <type_traits>
 
 #include "batch_norm_act.h"
 #include "moments.h"
@@ -77,12 +78,13 @@ struct BnActParams {
 
 // Per channel: dpre = grad_y * act'(weight * xhat + bias); returns sum(dpre) and sum(dpre * xhat)
 // (the BN bias and weight gradients). With kAccumulate it also adds weight * dpre into grad_acc:
-// the dense block's layers share one BN-input gradient buffer (ops/dense.py).
-template <typename scalar_t, Act A, bool kAccumulate>
+// the dense block's layers share one BN-input gradient buffer (ops/dense.py), of grad_t: scalar_t,
+// or float for 16-bit data (check_grad_acc).
+template <typename scalar_t, Act A, bool kAccumulate, typename grad_t = scalar_t>
 void bn_act_backward_reduce_kernel(const scalar_t* grad_y, const PlaneLayout& G, const scalar_t* z,
                                    const PlaneLayout& L, BnActParams<stat_of<scalar_t>> bn,
                                    stat_of<scalar_t>* sum_dpre, stat_of<scalar_t>* sum_dpre_xhat,
-                                   scalar_t* grad_acc = nullptr, const PlaneLayout& ACC = {}) {
+                                   grad_t* grad_acc = nullptr, const PlaneLayout& ACC = {}) {
   using acc_t = at::opmath_type<scalar_t>;
   at::parallel_for(0, L.channels, channel_grain(L), [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
@@ -92,14 +94,14 @@ void bn_act_backward_reduce_kernel(const scalar_t* grad_y, const PlaneLayout& G,
       for (int64_t n = 0; n < L.batch; ++n) {
         const scalar_t* zp = z + n * L.batch_stride + c * L.channel_stride;
         const scalar_t* gp = grad_y + n * G.batch_stride + c * G.channel_stride;
-        scalar_t* accp = kAccumulate ? grad_acc + n * ACC.batch_stride + c * ACC.channel_stride : nullptr;
+        grad_t* accp = kAccumulate ? grad_acc + n * ACC.batch_stride + c * ACC.channel_stride : nullptr;
         // Sums in double, as ATen's BatchNorm backward: the weight gradient's can cancel.
         double s = 0, sx = 0;
 #pragma omp simd reduction(+ : s, sx)
         for (int64_t i = 0; i < L.plane; ++i) {
           const acc_t xhat = (static_cast<acc_t>(zp[i]) - m) * inv;
           const acc_t dpre = bn_act_grad_pre<A>(static_cast<acc_t>(gp[i]), xhat, w, b, slope);
-          if constexpr (kAccumulate) accp[i] = static_cast<scalar_t>(static_cast<acc_t>(accp[i]) + w * dpre);
+          if constexpr (kAccumulate) accp[i] = static_cast<grad_t>(static_cast<acc_t>(accp[i]) + w * dpre);
           s += dpre;
           sx += static_cast<double>(dpre) * xhat;
         }
@@ -206,11 +208,14 @@ std::tuple<at::Tensor, at::Tensor> bn_act_backward_accumulate_cpu(
   const ActSpec act = parse_act(std::string(act_name));
   at::Tensor sum_dpre = at::empty_like(mean), sum_dpre_xhat = at::empty_like(mean);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_act_backward_accumulate_cpu", [&] {
-    CSP_DISPATCH_ACT(act, [&] {
-      bn_act_backward_reduce_kernel<scalar_t, kAct, true>(
-          grad_a.const_data_ptr<scalar_t>(), GA, x.const_data_ptr<scalar_t>(), L,
-          bn_act_params<scalar_t>(mean, invstd, weight, bias, act), sum_dpre.mutable_data_ptr<stat_of<scalar_t>>(),
-          sum_dpre_xhat.mutable_data_ptr<stat_of<scalar_t>>(), grad_acc.mutable_data_ptr<scalar_t>(), ACC);
+    with_grad_acc_type<scalar_t>(grad_acc, [&](auto* type) {
+      using grad_t = std::remove_pointer_t<decltype(type)>;
+      CSP_DISPATCH_ACT(act, [&] {
+        bn_act_backward_reduce_kernel<scalar_t, kAct, true, grad_t>(
+            grad_a.const_data_ptr<scalar_t>(), GA, x.const_data_ptr<scalar_t>(), L,
+            bn_act_params<scalar_t>(mean, invstd, weight, bias, act), sum_dpre.mutable_data_ptr<stat_of<scalar_t>>(),
+            sum_dpre_xhat.mutable_data_ptr<stat_of<scalar_t>>(), grad_acc.mutable_data_ptr<grad_t>(), ACC);
+      });
     });
   });
   return {sum_dpre, sum_dpre_xhat};

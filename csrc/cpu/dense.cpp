@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <string>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "batch_norm_act.h"
@@ -26,9 +27,10 @@ namespace {
 constexpr int64_t kGrainElements = 32768;
 
 // grad_x += invstd * (g - mean(g) - xhat * mean(g * xhat)) per channel, g = grad_acc: the BN
-// input gradient with weight 1, since grad_acc already carries every layer's weight.
-template <typename scalar_t>
-void bn_grad_correct_kernel(const scalar_t* grad_acc, const PlaneLayout& ACC, const scalar_t* x,
+// input gradient with weight 1, since grad_acc already carries every layer's weight. grad_acc of
+// grad_t: scalar_t, or float for 16-bit data (check_grad_acc).
+template <typename scalar_t, typename grad_t>
+void bn_grad_correct_kernel(const grad_t* grad_acc, const PlaneLayout& ACC, const scalar_t* x,
                             const PlaneLayout& L, scalar_t* grad_x, const PlaneLayout& GX,
                             const stat_of<scalar_t>* mean, const stat_of<scalar_t>* invstd,
                             const stat_of<scalar_t>* sum_grad, const stat_of<scalar_t>* sum_grad_xhat) {
@@ -39,7 +41,7 @@ void bn_grad_correct_kernel(const scalar_t* grad_acc, const PlaneLayout& ACC, co
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t n = p / L.channels, c = p % L.channels;
       const scalar_t* xp = x + n * L.batch_stride + c * L.channel_stride;
-      const scalar_t* gp = grad_acc + n * ACC.batch_stride + c * ACC.channel_stride;
+      const grad_t* gp = grad_acc + n * ACC.batch_stride + c * ACC.channel_stride;
       scalar_t* out = grad_x + n * GX.batch_stride + c * GX.channel_stride;
       const acc_t m = mean[c], inv = invstd[c];
       const acc_t mean_g = sum_grad[c] * inv_count, mean_g_xhat = sum_grad_xhat[c] * inv_count;
@@ -60,10 +62,13 @@ void bn_grad_correct_cpu(const at::Tensor& grad_acc, const at::Tensor& x, const 
   const PlaneLayout &L = layouts.x, &ACC = layouts.grad_acc, &GX = layouts.grad_x;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_grad_correct_cpu", [&] {
     using stat_t = stat_of<scalar_t>;
-    bn_grad_correct_kernel<scalar_t>(grad_acc.const_data_ptr<scalar_t>(), ACC, x.const_data_ptr<scalar_t>(), L,
-                                     grad_x.mutable_data_ptr<scalar_t>(), GX, mean.const_data_ptr<stat_t>(),
-                                     invstd.const_data_ptr<stat_t>(), sum_grad.const_data_ptr<stat_t>(),
-                                     sum_grad_xhat.const_data_ptr<stat_t>());
+    with_grad_acc_type<scalar_t>(grad_acc, [&](auto* type) {
+      using grad_t = std::remove_pointer_t<decltype(type)>;
+      bn_grad_correct_kernel<scalar_t, grad_t>(grad_acc.const_data_ptr<grad_t>(), ACC, x.const_data_ptr<scalar_t>(),
+                                               L, grad_x.mutable_data_ptr<scalar_t>(), GX,
+                                               mean.const_data_ptr<stat_t>(), invstd.const_data_ptr<stat_t>(),
+                                               sum_grad.const_data_ptr<stat_t>(), sum_grad_xhat.const_data_ptr<stat_t>());
+    });
   });
 }
 

@@ -16,8 +16,9 @@
 #include <algorithm>
 #include <cstdint>
 #include <initializer_list>
-#include <utility>
 #include <tuple>
+#include <type_traits>
+#include <utility>
 
 #include "batch_norm_act.h"
 #include "block_reduce.cuh"
@@ -145,13 +146,14 @@ __global__ void scale_shift_act_kernel(const scalar_t* __restrict__ x, PlaneLayo
 }
 
 // See the CPU twin: partial sums of dpre and dpre * xhat per (channel, chunk); with kAccumulate
-// also grad_acc += weight * dpre (the dense block's shared BN-input gradient buffer).
-template <typename scalar_t, Act A, bool kAccumulate>
+// also grad_acc += weight * dpre (the dense block's shared BN-input gradient buffer, of grad_t:
+// scalar_t, or float for 16-bit data).
+template <typename scalar_t, Act A, bool kAccumulate, typename grad_t>
 __global__ void bn_act_backward_partial_kernel(const scalar_t* __restrict__ grad_y, PlaneLayout G,
                                                const scalar_t* __restrict__ z, PlaneLayout L, ReduceSplit split,
                                                const stat_of<scalar_t>* mean, const stat_of<scalar_t>* invstd,
                                                const stat_of<scalar_t>* weight, const stat_of<scalar_t>* bias,
-                                               double* partial, scalar_t* grad_acc, PlaneLayout ACC, double slope_) {
+                                               double* partial, grad_t* grad_acc, PlaneLayout ACC, double slope_) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t c = blockIdx.x, k = blockIdx.y;
   const int64_t n0 = k * split.samples_per_chunk, n1 = std::min(L.batch, n0 + split.samples_per_chunk);
@@ -167,8 +169,8 @@ __global__ void bn_act_backward_partial_kernel(const scalar_t* __restrict__ grad
     const acc_t xhat = (static_cast<acc_t>(zc[(n0 + n) * L.batch_stride + p]) - m) * inv;
     const acc_t dpre = bn_act_grad_pre<A>(static_cast<acc_t>(gc[(n0 + n) * G.batch_stride + p]), xhat, w, b, slope);
     if constexpr (kAccumulate) {
-      scalar_t* acc = grad_acc + (n0 + n) * ACC.batch_stride + c * ACC.channel_stride + p;
-      *acc = static_cast<scalar_t>(static_cast<acc_t>(*acc) + w * dpre);
+      grad_t* acc = grad_acc + (n0 + n) * ACC.batch_stride + c * ACC.channel_stride + p;
+      *acc = static_cast<grad_t>(static_cast<acc_t>(*acc) + w * dpre);
     }
     s += dpre;
     sx += dpre * xhat;
@@ -208,16 +210,16 @@ at::Tensor partial_sums(const at::Tensor& like, int64_t channels, const ReduceSp
 
 // dpre and dpre * xhat summed per channel (and, with grad_acc, accumulated into it): the partial
 // kernel over (channel, chunk), then the finish.
-template <typename scalar_t, Act A, bool kAccumulate>
+template <typename scalar_t, Act A, bool kAccumulate, typename grad_t = scalar_t>
 void bn_act_backward_sums(const at::Tensor& grad_y, const PlaneLayout& G, const at::Tensor& z, const PlaneLayout& L,
                           const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& weight,
                           const at::Tensor& bias, const at::Tensor& sum_dpre, const at::Tensor& sum_dpre_xhat,
-                          scalar_t* grad_acc, const PlaneLayout& ACC, double slope) {
+                          grad_t* grad_acc, const PlaneLayout& ACC, double slope) {
   using stat_t = stat_of<scalar_t>;
   const ReduceSplit split = reduce_split(L);
   at::Tensor partial = partial_sums(z, L.channels, split);
   const auto stream = at::cuda::getCurrentCUDAStream();
-  bn_act_backward_partial_kernel<scalar_t, A, kAccumulate>
+  bn_act_backward_partial_kernel<scalar_t, A, kAccumulate, grad_t>
       <<<dim3(static_cast<unsigned>(L.channels), static_cast<unsigned>(split.chunks)), kReduceThreads, 0, stream>>>(
           grad_y.const_data_ptr<scalar_t>(), G, z.const_data_ptr<scalar_t>(), L, split,
           mean.const_data_ptr<stat_t>(), invstd.const_data_ptr<stat_t>(), weight.const_data_ptr<stat_t>(),
@@ -328,7 +330,8 @@ std::tuple<at::Tensor, at::Tensor> bn_act_backward_reduce_cuda(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "bn_act_backward_reduce_cuda", [&] {
     CSP_DISPATCH_ACT(act, [&] {
       bn_act_backward_sums<scalar_t, kAct, false>(grad_y, G, z, L, mean, invstd, weight, bias, sum_dpre,
-                                                  sum_dpre_xhat, nullptr, PlaneLayout{}, act.slope);
+                                                  sum_dpre_xhat, static_cast<scalar_t*>(nullptr), PlaneLayout{},
+                                                  act.slope);
     });
   });
   return {sum_dpre, sum_dpre_xhat};
@@ -344,10 +347,13 @@ std::tuple<at::Tensor, at::Tensor> bn_act_backward_accumulate_cuda(
   at::Tensor sum_dpre = at::empty_like(mean), sum_dpre_xhat = at::empty_like(mean);
   if (L.channels == 0) return {sum_dpre, sum_dpre_xhat};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_act_backward_accumulate_cuda", [&] {
-    CSP_DISPATCH_ACT(act, [&] {
-      bn_act_backward_sums<scalar_t, kAct, true>(grad_a, GA, x, L, mean, invstd, weight, bias, sum_dpre,
-                                                 sum_dpre_xhat, grad_acc.mutable_data_ptr<scalar_t>(), ACC,
-                                                 act.slope);
+    with_grad_acc_type<scalar_t>(grad_acc, [&](auto* type) {
+      using grad_t = std::remove_pointer_t<decltype(type)>;
+      CSP_DISPATCH_ACT(act, [&] {
+        bn_act_backward_sums<scalar_t, kAct, true, grad_t>(grad_a, GA, x, L, mean, invstd, weight, bias, sum_dpre,
+                                                           sum_dpre_xhat, grad_acc.mutable_data_ptr<grad_t>(), ACC,
+                                                           act.slope);
+      });
     });
   });
   return {sum_dpre, sum_dpre_xhat};

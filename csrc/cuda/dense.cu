@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
 
 #include "batch_norm_act.h"
 #include "dense_args.h"
@@ -19,15 +20,16 @@ namespace {
 
 constexpr int kElementwiseThreads = 256;
 
-template <typename scalar_t>
-__global__ void bn_grad_correct_kernel(const scalar_t* __restrict__ grad_acc, PlaneLayout ACC,
+// grad_acc of grad_t: scalar_t, or float for 16-bit data (check_grad_acc).
+template <typename scalar_t, typename grad_t>
+__global__ void bn_grad_correct_kernel(const grad_t* __restrict__ grad_acc, PlaneLayout ACC,
                                        const scalar_t* __restrict__ x, PlaneLayout L, scalar_t* grad_x, PlaneLayout GX,
                                        const stat_of<scalar_t>* mean, const stat_of<scalar_t>* invstd,
                                        const stat_of<scalar_t>* sum_grad, const stat_of<scalar_t>* sum_grad_xhat) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t n = blockIdx.x / L.channels, c = blockIdx.x % L.channels;
   const scalar_t* xp = x + n * L.batch_stride + c * L.channel_stride;
-  const scalar_t* gp = grad_acc + n * ACC.batch_stride + c * ACC.channel_stride;
+  const grad_t* gp = grad_acc + n * ACC.batch_stride + c * ACC.channel_stride;
   scalar_t* out = grad_x + n * GX.batch_stride + c * GX.channel_stride;
   const acc_t inv_count = acc_t(1) / static_cast<acc_t>(L.batch * L.plane);
   const acc_t m = mean[c], inv = invstd[c];
@@ -50,11 +52,14 @@ void bn_grad_correct_cuda(const at::Tensor& grad_acc, const at::Tensor& x, const
   const dim3 grid(static_cast<unsigned>(L.batch * L.channels), static_cast<unsigned>(std::min<int64_t>(chunks, 65535)));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_grad_correct_cuda", [&] {
     using stat_t = stat_of<scalar_t>;
-    bn_grad_correct_kernel<scalar_t><<<grid, kElementwiseThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-        grad_acc.const_data_ptr<scalar_t>(), ACC, x.const_data_ptr<scalar_t>(), L, grad_x.mutable_data_ptr<scalar_t>(),
-        GX, mean.const_data_ptr<stat_t>(), invstd.const_data_ptr<stat_t>(), sum_grad.const_data_ptr<stat_t>(),
-        sum_grad_xhat.const_data_ptr<stat_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    with_grad_acc_type<scalar_t>(grad_acc, [&](auto* type) {
+      using grad_t = std::remove_pointer_t<decltype(type)>;
+      bn_grad_correct_kernel<scalar_t, grad_t><<<grid, kElementwiseThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+          grad_acc.const_data_ptr<grad_t>(), ACC, x.const_data_ptr<scalar_t>(), L,
+          grad_x.mutable_data_ptr<scalar_t>(), GX, mean.const_data_ptr<stat_t>(), invstd.const_data_ptr<stat_t>(),
+          sum_grad.const_data_ptr<stat_t>(), sum_grad_xhat.const_data_ptr<stat_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   });
 }
 
