@@ -23,12 +23,17 @@ def tensors_of(value) -> list[torch.Tensor]:
     return []
 
 
+def reset_grads(variant: Variant, args: tuple) -> None:
+    """The gradients of the module's parameters and of the inputs to None."""
+    for tensor in [*variant.module.parameters(), *tensors_of(args)]:
+        tensor.grad = None
+
+
 def train_step(variant: Variant, args: tuple, grads: list[torch.Tensor]) -> list[torch.Tensor]:
     """Forward in training mode, then backward of `grads` (one per output); gradients are reset
     first so no step pays for accumulating into the previous step's."""
     variant.module.train()
-    for tensor in [*variant.module.parameters(), *tensors_of(args)]:
-        tensor.grad = None
+    reset_grads(variant, args)
     outputs = tensors_of(variant.callable(*args))
     torch.autograd.backward(outputs, grads)
     return outputs
@@ -74,21 +79,17 @@ def traffic(step: Callable[[], object]) -> TrafficCounter:
     return counter
 
 
-def peak_memory(step: Callable[[], object], device: torch.device, cpu_repeats: int = 3) -> PeakMemory:
-    """Peak memory of one step after one unmeasured step: CUDA memory allocated on a GPU, the
-    process's resident set on a CPU. The resident set can only miss memory (freed heap that the
-    allocator kept and the step reused), so on a CPU the largest of `cpu_repeats` steps counts."""
+def peak_memory(variant: Variant, args: tuple, grads: list[torch.Tensor], train: bool,
+                device: torch.device) -> PeakMemory:
+    """Peak memory of one step after one unmeasured step, whose gradients are dropped first (the
+    CPU measure cannot see frees of what was allocated before it): memory allocated, CUDA's on
+    a GPU (`peak_cuda_memory`), PyTorch's CPU allocator's on a CPU (`peak_cpu_memory`)."""
+    step = step_function(variant, args, grads, train)
     step()
-    if device.type == "cuda":
-        with peak_cuda_memory(device) as peak:
-            step()
-        return peak
-    peaks = []
-    for _ in range(cpu_repeats):
-        with peak_cpu_memory() as peak:
-            step()
-        peaks.append(peak)
-    return max(peaks, key=lambda p: -1 if p.increase is None else p.increase)
+    reset_grads(variant, args)
+    with (peak_cuda_memory(device) if device.type == "cuda" else peak_cpu_memory()) as peak:
+        step()
+    return peak
 
 
 def _sample(step: Callable[[], object], repeats: int, device: torch.device) -> float:

@@ -11,8 +11,8 @@ that convert knows; its report is in the notes), with --compile also `compile` a
 is forward + backward of the sum of every output tensor (gradient 1 everywhere: what a loss
 reads is not the point here); eval is a forward under no_grad. Times: median of interleaved
 rounds (`measure.time_interleaved`); saved bytes: each storage once, parameters and buffers
-left out (exact, machine-independent); peak: the process's resident-set increase over a
-training step (`peak_cpu_memory`). CPU only. The record is the suite's (same
+left out (exact, machine-independent); peak: the most memory PyTorch's CPU allocator had
+allocated during a training step (`measure.peak_memory`). CPU only. The record is the suite's (same
 machine description, report, results.json, report.txt; `report.format_report`), with the
 model-level targets of issue 15 judged on CPU.
 """
@@ -118,8 +118,7 @@ def measure_model(name: str, quick: bool, compiled: bool, rounds: int, warmup: i
                         "rel_error_eval": errors[0], "rel_error_train": errors[1]}
     for v in variants:
         rows[v.name]["saved_bytes"], rows[v.name]["saved_bytes_with_params"] = measure.saved_bytes(v, args)
-        peak = measure.peak_memory(measure.step_function(v, args, grads, train=True), DEVICE,
-                                   cpu_repeats=1 if quick else 2)
+        peak = measure.peak_memory(v, args, grads, True, DEVICE)
         rows[v.name]["peak_train_bytes"] = peak.increase
     for mode in ("eval", "train"):
         steps = {v.name: measure.step_function(v, args, grads, mode == "train") for v in variants}

@@ -133,7 +133,7 @@ def measure_workload(workload: Workload, settings: Settings, device: torch.devic
             row = rows[variant.name]
             row["saved_bytes"], row["saved_bytes_with_params"] = measure.saved_bytes(variant, args)
             for mode in ("train", "eval"):
-                peak = measure.peak_memory(measure.step_function(variant, args, grads, mode == "train"), device)
+                peak = measure.peak_memory(variant, args, grads, mode == "train", device)
                 row[f"peak_{mode}_bytes"] = peak.increase
     if settings.wants("traffic"):
         for variant in tqdm(variants, desc=f"{workload.label} traffic", leave=False):

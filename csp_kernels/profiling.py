@@ -4,7 +4,7 @@
   below autograd, backward ops included when backward runs inside it).
 - `SavedTensorsMeter`: bytes autograd keeps for backward (saved_tensors_hooks), each storage once.
 - `peak_cuda_memory`: `torch.cuda.max_memory_allocated` over a block.
-- `peak_cpu_memory`: the process's peak resident memory over a block (Linux).
+- `peak_cpu_memory`: the most CPU tensor memory a block had allocated at any moment.
 - `cio_dense_block`, `cio_partial_dense_block`, `cio_bytes`: the paper's CIO (arXiv 1911.11929).
 
 Bytes are logical: a tensor argument or result of `numel` elements costs `numel * element_size`,
@@ -14,10 +14,9 @@ storage.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import dataclasses
-import functools
-import re
+import os
+import sys
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -198,7 +197,11 @@ class SavedTensorsMeter:
     `bytes`: all saved storages; `bytes_excluding(tensors)`: without the storages of `tensors`
     (e.g. a module's parameters and buffers, to get activation memory); `tensors`: the number of
     tensors saved (with repeats).
+
+    `recipe_transparent`: the fused ConvBNActs, which save a tensor they can rebuild as a recipe
+    (ops/recompute.py), still save everything else through this meter while it is active.
     """
+    recipe_transparent = True
 
     def __init__(self):
         self._storages: dict[tuple, tuple[int, StorageWeakRef]] = {}
@@ -251,9 +254,9 @@ class SavedTensorsMeter:
 class PeakMemory:
     """What `peak_cuda_memory` or `peak_cpu_memory` measured; both None where it cannot.
 
-    bytes: the peak over the block (CUDA: `torch.cuda.max_memory_allocated`; CPU: the process's
-    resident set); increase: that peak minus the memory in use when the block began (what the
-    block itself needed at its worst).
+    bytes: the peak over the block (`torch.cuda.max_memory_allocated`; CUDA only); increase:
+    the peak minus the memory in use when the block began (what the block itself needed at its
+    worst; CUDA and CPU).
     """
     bytes: int | None = None
     increase: int | None = None
@@ -277,49 +280,49 @@ def peak_cuda_memory(device: torch.device | str | int | None = None) -> Iterator
         record.increase = record.bytes - start
 
 
-def _status_bytes(field: str) -> int:
-    """A memory field of /proc/self/status ("VmRSS", "VmHWM") in bytes."""
-    with open("/proc/self/status") as f:
-        return int(re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.MULTILINE).group(1)) * 1024
-
-
-@functools.cache
-def _malloc_trim():
-    """glibc's malloc_trim from the symbols already loaded in the process, or None where the C
-    library has none. Looked up once: ctypes.util.find_library runs external tools."""
+@contextlib.contextmanager
+def _stderr_silenced() -> Iterator[None]:
+    """File descriptor 2 to /dev/null for the block: Kineto logs every profiler start and stop
+    there, whatever its log level."""
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
     try:
-        return getattr(ctypes.CDLL(None), "malloc_trim", None)
-    except (OSError, TypeError):
-        return None
-
-
-def _release_free_heap() -> None:
-    """glibc's malloc_trim(0): hands freed heap memory back to the OS, so that the block's own
-    allocations raise the resident set instead of reusing what earlier work left cached."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 @contextlib.contextmanager
 def peak_cpu_memory() -> Iterator[PeakMemory]:
-    """`with peak_cpu_memory() as peak:` fills `peak.bytes` (the process's peak resident set
-    over the block, VmHWM after resetting it through /proc/self/clear_refs) and `peak.increase`
-    (that minus the resident set at entry, after freed heap memory went back to the OS). Linux
-    only; None elsewhere. The CPU allocator of PyTorch does not cache, so a step's activations,
-    temporaries and gradients are what raises it."""
+    """`with peak_cpu_memory() as peak:` fills `peak.increase`: the most CPU tensor memory the
+    block had allocated at any moment, minus what it had freed by then of what was allocated
+    before it (what the block itself needed at its worst). The CPU analogue of
+    `torch.cuda.max_memory_allocated`, from every allocation and free of PyTorch's CPU
+    allocator (the profiler's memory events): temporaries inside an op and compiled
+    (torch.compile) code included, memory that libraries allocate behind it (oneDNN's scratch)
+    not. Frees of tensors allocated before the block are not seen (the profiler knows no size
+    for them, and PyTorch warns once), so free those first where they matter. `peak.bytes`
+    stays None: the CPU allocator keeps no count of what is in use. Not inside another
+    torch.profiler."""
     record = PeakMemory()
+    profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True)
+    with _stderr_silenced():
+        profiler.__enter__()
     try:
-        _release_free_heap()
-        start = _status_bytes("VmRSS")
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets the peak resident set (VmHWM) to the current one
-    except (OSError, AttributeError):
         yield record
-        return
-    yield record
-    record.bytes = _status_bytes("VmHWM")
-    record.increase = record.bytes - start
+    finally:
+        with _stderr_silenced():
+            profiler.__exit__(None, None, None)
+    events = sorted((event.start_ns(), event.nbytes()) for event in profiler.profiler.kineto_results.events()
+                    if event.name() == "[memory]" and event.device_type() == torch.autograd.DeviceType.CPU)
+    in_use = peak = 0
+    for _, nbytes in events:
+        in_use += nbytes
+        peak = max(peak, in_use)
+    record.increase = peak
 
 
 def cio_dense_block(c: int, m: int, d: int) -> float:

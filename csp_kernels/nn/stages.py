@@ -15,8 +15,15 @@ with `forward(x, out=slot)` and the split is a view:
   C3, C3k      [m(cv1(x)) | cv2(x)]; cv3 reads all.
   CrossStage   [xs | xb] from conv_exp; conv_transition_b(blocks(xb)) replaces xb; conv_transition reads all.
   CrossStage3  [x1 | x2] from conv_exp; blocks(x1) replaces x1; conv_transition reads all.
-The cross stages' blocks read a copy of their half while autograd records: the backward of the
-first block needs it after the stage has overwritten it (a copy of one half, not of both).
+A slot is a tensor of its own over the buffer's memory (`slot`), not a view, and the last conv
+reads the slots' outputs as one tensor (`gather`): autograd sees each write as a plain output,
+so the backward hands each slot its channels of the buffer's gradient as views, without the
+copies of the whole buffer's gradient that writes into views cost. The cross stages' blocks
+read a copy of their half while autograd records (the stage overwrites that half); it is freed
+after the forward, since the blocks rebuild it in backward. Every tensor the stage assembles
+(the buffer, a block's input, a residual sum) is tagged with how to rebuild it from the
+ConvBNActs' own saved conv outputs (ops/recompute.py): saved for backward are x and one conv
+output per ConvBNAct.
 Residual blocks (Bottleneck with shortcut, DarkBlock) write their convolution into their slot
 and add the shortcut in place there. BottleneckBlock's act3 follows the add, so it runs
 unfused; a fused "BN -> + shortcut -> act" epilogue needs a C++ kernel (the next step).
@@ -39,6 +46,7 @@ import torch
 from torch import nn
 
 from .. import backend, checks, reference
+from ..ops import recompute
 from ..ops.batch_norm_act import shares_memory
 from ..ops.conv import conv_output_shape
 from .transition import ConvBNAct, conv_reason
@@ -47,34 +55,48 @@ from .transition import ConvBNAct, conv_reason
 Writers = Iterable[tuple[str, nn.Module, tuple[type, ...]]]
 
 
-class _ReadSlot(torch.autograd.Function):
-    """buf[:, start:stop] as a tensor of its own: the same memory, but not a view, so it has its
-    own version counter. A view shares its base's counter, and a reader that saves its input for
-    backward (every training convolution) would then see the later writes into *other* slots of
-    the buffer as a modification and refuse to run backward. The stages write each slot once,
-    residual add included, before any reader reads it, so what that check guards against cannot
-    happen here."""
+def slot(buf: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Channels start:stop of buf as a tensor of its own: the same memory, but not a view, so
+    autograd links it to nothing and it has its own version counter. The stages' writers write
+    into slots with `out=`. Into a view, autograd would record each write on the whole buffer
+    (in backward, a copy of the buffer's gradient per write), and a later write into another
+    slot would count as a modification of what an earlier reader saved. The stages write each
+    slot once, residual add included, before any reader reads it."""
+    view = buf[:, start:stop]
+    return view.new_empty(0).set_(view.untyped_storage(), view.storage_offset(), view.shape, view.stride())
+
+
+def channels(t: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """t[:, start:stop], rebuildable in backward as t is (ops/recompute.py)."""
+    return recompute.tag(t[:, start:stop], recompute.narrow(recompute.recipe_of(t), start, stop))
+
+
+class _Gather(torch.autograd.Function):
+    """The whole buffer, as the one tensor its last 1x1 conv reads, from the tensors written into
+    its slots (which tile its channels in order): no copy; backward hands each slot its
+    channels of the gradient, as views."""
 
     @staticmethod
-    def forward(ctx, buf: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-        ctx.shape, ctx.start, ctx.stop = buf.shape, start, stop
+    def forward(ctx, buf: torch.Tensor, *slots: torch.Tensor) -> torch.Tensor:
+        ctx.bounds, start = [], 0
+        for s in slots:
+            ctx.bounds.append((start, start + s.shape[1]))
+            start += s.shape[1]
         ctx.set_materialize_grads(False)
-        slot = buf[:, start:stop]
-        return slot.new_empty(0).set_(slot.untyped_storage(), slot.storage_offset(), slot.shape, slot.stride())
+        return slot(buf, 0, buf.shape[1])
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor | None):
         if grad is None:
-            return None, None, None
-        grad_buf = grad.new_zeros(ctx.shape)
-        grad_buf[:, ctx.start:ctx.stop] = grad
-        return grad_buf, None, None
+            return (None,) * (1 + len(ctx.bounds))
+        return None, *(grad[:, start:stop] for start, stop in ctx.bounds)
 
 
-def read_slot(buf: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-    """Channels start:stop of buf for a reader, as `_ReadSlot` while autograd may save it, else
-    the plain view."""
-    return _ReadSlot.apply(buf, start, stop) if torch.is_grad_enabled() else buf[:, start:stop]
+def gather(buf: torch.Tensor, slots: list[torch.Tensor]) -> torch.Tensor:
+    """buf, written through `slots` (`slot` tensors, or channel views of them, in channel
+    order), as one tensor that carries their gradients and rebuilds from their recipes."""
+    whole = _Gather.apply(buf, *slots) if torch.is_grad_enabled() else buf
+    return recompute.tag(whole, recompute.concat([recompute.recipe_of(s) for s in slots]))
 
 
 def new_output(module: ConvBNAct, x: torch.Tensor, channels: int | None = None) -> torch.Tensor:
@@ -140,7 +162,9 @@ def _residual_forward(module: nn.Module, reference_forward, x: torch.Tensor, out
     if not add:
         return conv(hidden, out=out)
     # A fresh or a caller's tensor, which no backward reads, is safe to add into in place.
-    return conv(hidden, out=new_output(conv, hidden) if out is None else out).add_(x)
+    y = conv(hidden, out=new_output(conv, hidden) if out is None else out)
+    term = recompute.recipe_of(y)
+    return recompute.tag(y.add_(x), recompute.add(recompute.recipe_of(x), term))
 
 
 # ultralytics ------------------------------------------------------------------------------
@@ -165,10 +189,12 @@ class C2f(reference.C2f):
             return y
         c = self.c
         buf = new_output(self.cv1, x, (2 + len(self.m)) * c)
-        self.cv1(x, out=buf[:, :2 * c])
-        for i, block in enumerate(self.m, start=1):
-            block(read_slot(buf, i * c, (i + 1) * c), out=buf[:, (i + 1) * c:(i + 2) * c])
-        return self.cv2(buf, out=out)
+        slots = [self.cv1(x, out=slot(buf, 0, 2 * c))]
+        for i, block in enumerate(self.m, start=1):  # block i reads the last c channels written
+            last = slots[-1]
+            slots.append(block(channels(last, last.shape[1] - c, last.shape[1]),
+                               out=slot(buf, (i + 1) * c, (i + 2) * c)))
+        return self.cv2(gather(buf, slots), out=out)
 
 
 class C3(reference.C3):
@@ -185,9 +211,8 @@ class C3(reference.C3):
         y = self.cv1(x)
         for block in self.m[:-1]:
             y = block(y)
-        self.m[-1](y, out=buf[:, :hidden])
-        self.cv2(x, out=buf[:, hidden:])
-        return self.cv3(buf, out=out)
+        slots = [self.m[-1](y, out=slot(buf, 0, hidden)), self.cv2(x, out=slot(buf, hidden, 2 * hidden))]
+        return self.cv3(gather(buf, slots), out=out)
 
 
 class C3k(reference.C3k, C3):
@@ -251,10 +276,13 @@ class CrossStage(reference.CrossStage):
             return y
         half = self.expand_chs // 2
         down = self.conv_down(x)
-        buf = self.conv_exp(down, out=new_output(self.conv_exp, down))
-        xb = buf[:, half:].clone() if torch.is_grad_enabled() else buf[:, half:]
-        self.conv_transition_b(self.blocks(xb), out=buf[:, half:])
-        return self.conv_transition(buf, out=out)
+        buf = new_output(self.conv_exp, down)
+        expanded = self.conv_exp(down, out=slot(buf, 0, self.expand_chs))
+        # conv_transition_b overwrites xb's channels: the blocks read a copy while autograd records.
+        xb = channels(expanded, half, self.expand_chs)
+        xb = recompute.tag(xb.clone(), recompute.recipe_of(xb)) if torch.is_grad_enabled() else xb
+        xb = self.conv_transition_b(self.blocks(xb), out=slot(buf, half, self.expand_chs))
+        return self.conv_transition(gather(buf, [channels(expanded, 0, half), xb]), out=out)
 
 
 class CrossStage3(reference.CrossStage3):
@@ -268,11 +296,14 @@ class CrossStage3(reference.CrossStage3):
             return y
         half = self.expand_chs // 2
         down = self.conv_down(x)
-        buf = self.conv_exp(down, out=new_output(self.conv_exp, down))
-        # Without autograd a one-block stage reads x1 where it writes: the block copies then.
-        x1 = buf[:, :half].clone() if torch.is_grad_enabled() else buf[:, :half]
-        _run_blocks(self.blocks, x1, buf[:, :half])
-        return self.conv_transition(buf, out=out)
+        buf = new_output(self.conv_exp, down)
+        expanded = self.conv_exp(down, out=slot(buf, 0, self.expand_chs))
+        # The blocks overwrite x1's channels: they read a copy while autograd records; without
+        # autograd a one-block stage reads x1 where it writes, and the block copies then.
+        x1 = channels(expanded, 0, half)
+        x1 = recompute.tag(x1.clone(), recompute.recipe_of(x1)) if torch.is_grad_enabled() else x1
+        x1 = _run_blocks(self.blocks, x1, slot(buf, 0, half))
+        return self.conv_transition(gather(buf, [x1, channels(expanded, half, self.expand_chs)]), out=out)
 
 
 class DarkStage(reference.DarkStage):

@@ -12,7 +12,7 @@ from torch import nn
 
 from .. import backend, checks, reference
 from ..ops import conv as conv_ops
-from ..ops import routing
+from ..ops import recompute, routing
 from ..ops import transition as ops
 from ..ops.batch_norm_act import bn_scale_shift, stats_dtype, update_running_stats
 from ..ops.fold_cache import fold_cache_hit, fold_key, snapshot
@@ -102,22 +102,29 @@ class ConvBNAct(reference.ConvBNAct):
     def _forward_train(self, x: torch.Tensor, out: torch.Tensor | None, act_name: str, engine: str) -> torch.Tensor:
         bn = self.bn
         args = (x, self.conv.weight.to(x.dtype), bn.weight, bn.bias, *self._conv_args(), bn.eps, act_name, engine)
+        recording = torch.is_grad_enabled() and self._needs_grad(x, out)
         if (group := sync_group(bn)) is not None:
-            y, mean, var, count = conv_bn_act_train_sync(*args, group, out)
+            with recompute.saving_recipes():
+                y, mean, var, count = conv_bn_act_train_sync(*args, group, out)
             track_batch_stats(bn, mean, var, count)
             return y
-        if out is None:
-            y, _, mean, var = ops.conv_bn_act_train(*args)
-        elif torch.is_grad_enabled() and self._needs_grad(x, out) and torch.compiler.is_compiling():
+        z = None  # the conv output the recorded op saves, from which y is rebuilt (ops/recompute.py)
+        if out is not None and recording and torch.compiler.is_compiling():
             # AOTAutograd's trace of an autograd.Function writing into a view trips an internal
             # autograd assert (torch 2.14), so a compiled graph writes y and copies it.
             y, _, mean, var = ops.conv_bn_act_train(*args)
             y = out.copy_(y)
-        elif torch.is_grad_enabled() and self._needs_grad(x, out):  # autograd sees out overwritten
-            y, mean, var = ops.conv_bn_act_train_into(*args, out)
+        elif out is None or recording:
+            with recompute.saving_recipes():
+                if out is None:
+                    y, z, mean, var = ops.conv_bn_act_train(*args)
+                else:  # autograd sees out overwritten
+                    y, z, mean, var = ops.conv_bn_act_train_into(*args, out)
         else:
             _, mean, var = ops.conv_bn_act_train_out(*args, out)
             y = out
+        if recording and z is not None and not torch.compiler.is_compiling():
+            recompute.tag(y, recompute.activation(z, mean, var, bn.weight, bn.bias, bn.eps, act_name))
         track_batch_stats(bn, mean, var, y.numel() // y.shape[1])
         return y
 

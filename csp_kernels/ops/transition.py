@@ -198,14 +198,16 @@ class _TrainInto(torch.autograd.Function):
     view of carries y's gradient back here (autograd's CopySlices), with no copy of y.
     Autograd's rules for a Function that writes into a view: the view is its first input
     (CopySlices rewires input 0) and its only output, so the batch statistics come back through
-    `stats` (2, out_channels), filled with (mean, var)."""
+    `stats` (2, out_channels), filled with (mean, var), and z through the list `conv_output`."""
 
     @staticmethod
-    def forward(ctx, out, x, weight, bn_weight, bn_bias, stride, padding, dilation, groups, eps, act, engine, stats):
+    def forward(ctx, out, x, weight, bn_weight, bn_bias, stride, padding, dilation, groups, eps, act, engine, stats,
+                conv_output):
         z, mean, var = conv_bn_act_train_out(x, weight, bn_weight, bn_bias, stride, padding, dilation, groups, eps,
                                              act, engine, out)
         stats[0].copy_(mean)
         stats[1].copy_(var)
+        conv_output.append(z)
         ctx.mark_dirty(out)
         ctx.set_materialize_grads(False)
         _save_for_backward(ctx, x, weight, bn_weight, bn_bias, stride, padding, dilation, groups, eps, act, z,
@@ -216,21 +218,23 @@ class _TrainInto(torch.autograd.Function):
     def backward(ctx, grad_out):
         refuse_double_backward("csp_kernels::conv_bn_act_train_out (a training csp_kernels.ConvBNAct with out=)")
         if grad_out is None:
-            return (None,) * 13
+            return (None,) * 14
         grads = _train_backward(ctx, grad_out, *ctx.needs_input_grad[1:3])
         # The old contents of `out` were overwritten: their gradient is zero, and must be a
         # tensor. Autograd's CopySlices, which routes the buffer's gradient through here,
         # drops the whole buffer's gradient (an earlier writer's included) for a None.
         overwritten = grad_out.new_zeros(()).expand_as(grad_out) if ctx.needs_input_grad[0] else None
-        return (overwritten, *grads, None, None, None, None, None, None, None, None)
+        return (overwritten, *grads, None, None, None, None, None, None, None, None, None)
 
 
 def conv_bn_act_train_into(x, weight, bn_weight, bn_bias, stride, padding, dilation, groups, eps, act, engine, out):
-    """Differentiable training forward writing y into `out`: (out, mean, var)."""
+    """Differentiable training forward writing y into `out`: (out, z, mean, var), z the conv
+    output its backward saves."""
     stats = x.new_empty(2, weight.shape[0], dtype=stats_dtype(x.dtype))
+    conv_output = []
     out = _TrainInto.apply(out, x, weight, bn_weight, bn_bias, stride, padding, dilation, groups, eps, act, engine,
-                           stats)
-    return out, stats[0], stats[1]
+                           stats, conv_output)
+    return out, conv_output[0], stats[0], stats[1]
 
 
 def eval_weight_kind(x, weight, stride, padding, dilation, groups, engine) -> str:

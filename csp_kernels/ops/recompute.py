@@ -1,0 +1,245 @@
+"""Activations rebuilt in backward instead of saved twice (the InPlace-ABN idea, by recomputation).
+
+A training ConvBNAct computes z = conv(x), y = act(z * scale + shift) and saves z for its own
+backward. The next convolution that reads y saves y as its input: a second activation-sized
+tensor for what z, two per-channel vectors and the activation already determine. Here:
+
+  - every fused training ConvBNAct tags its output y with a `Recipe` (`tag`): how to rebuild y
+    from the producer's own saved z and batch statistics;
+  - every fused training ConvBNAct runs its op under `saving_recipes()`, a saved-tensors hook
+    whose pack stores the recipe of a tagged input instead of the input, and whose unpack
+    rebuilds it in backward (one `scale_shift_act` pass per term: the kernel that wrote y, on
+    the same values, so the rebuilt tensor is y);
+  - the fused stages tag what they assemble: a concat buffer (`concat`: its slots' recipes side
+    by side), a channel slice of it (`narrow`), a residual sum (`add`: the terms of both, summed
+    in the forward's order).
+
+Saved for a chain of ConvBNActs: one activation per unit (z) instead of two (z and the next
+unit's input). A recipe holds no new activation-sized tensor: the z's it names are saved by
+their producers anyway (their storage counted once), and the per-channel vectors are tiny.
+
+A tag is valid while its tensor is unchanged: it records the tensor's version counter, and an
+in-place write (a residual add, a later write into the buffer) retires it; the stage then tags
+the result anew. A recipe rebuilds with at most `MAX_TERMS` terms per channel: a long residual
+chain (o_k = o_{k-1} + a_k) is saved as a tensor again rather than rebuilt in O(k) passes. Its
+BatchNorm weight and bias are checked, as autograd checks saved tensors, to be unmodified in
+place when it is rebuilt. The tag holds its recipe strongly until the first pack, weakly after,
+so a tensor that outlives the graph (a returned feature map a caller keeps) does not keep the
+producer's z alive. Not under torch.compile (which plans its own saved tensors; the tags are
+Python attributes it does not trace) nor for synchronized BatchNorms (their statistics are a
+collective's, not a recipe's yet).
+
+Tests: tests/test_recompute.py; benchmarks: the stages' and models' saved bytes and peak memory.
+"""
+from __future__ import annotations
+
+import contextlib
+import weakref
+from typing import NamedTuple
+
+import torch
+
+from .batch_norm_act import bn_scale_shift, scale_shift_act
+
+# Terms summed per channel at most: a rebuild costs one pass per term, and a residual chain's
+# k-th output would otherwise take k + 1.
+MAX_TERMS = 3
+
+
+class Activation(NamedTuple):
+    """act(z[:, start:start + channels] * scale + shift), with (scale, shift) from BatchNorm's
+    batch statistics (mean, var) and its affine (weight, bias, eps): what a training ConvBNAct
+    wrote. `versions` are weight's and bias's version counters when it wrote."""
+    z: torch.Tensor
+    start: int
+    mean: torch.Tensor
+    var: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor
+    eps: float
+    act: str
+    versions: tuple[int, int]
+
+    def shifted(self, offset: int) -> Activation:
+        return self._replace(start=self.start + offset)
+
+
+class Piece(NamedTuple):
+    """Channels [start, start + channels) of the rebuilt tensor: the sum of `terms`, in order."""
+    start: int
+    channels: int
+    terms: tuple[Activation, ...]
+
+
+class Recipe:
+    """How to rebuild an (batch, channels, height, width) tensor: its pieces, covering every
+    channel once, in channel order."""
+    __slots__ = ("shape", "pieces", "__weakref__")
+
+    def __init__(self, shape: tuple[int, ...], pieces: tuple[Piece, ...]):
+        self.shape, self.pieces = tuple(shape), pieces
+
+    def rebuild(self) -> torch.Tensor:
+        z0 = self.pieces[0].terms[0].z
+        out = z0.new_empty(self.shape)
+        for piece in self.pieces:
+            target = out[:, piece.start:piece.start + piece.channels]
+            for i, term in enumerate(piece.terms):
+                value = _evaluate(term, piece.channels, target if i == 0 else None)
+                if i:
+                    target.add_(value)
+        return out
+
+
+def _evaluate(term: Activation, channels: int, out: torch.Tensor | None) -> torch.Tensor:
+    if (term.weight._version, term.bias._version) != term.versions:
+        raise RuntimeError("one of the variables needed for gradient computation has been modified by an inplace "
+                           "operation: a BatchNorm weight or bias of a csp_kernels ConvBNAct, between its forward "
+                           "and backward")
+    scale, shift = bn_scale_shift(term.mean, term.var, term.weight, term.bias, term.eps)
+    stop = term.start + channels
+    return scale_shift_act(term.z[:, term.start:stop], scale[term.start:stop], shift[term.start:stop], term.act,
+                           out=out)
+
+
+def activation(z: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+               eps: float, act: str) -> Recipe:
+    """The recipe of y = act(BN(z)) with batch statistics (mean, var): z (batch, channels,
+    height, width), the rest (channels,)."""
+    term = Activation(z, 0, mean, var, weight, bias, eps, act, (weight._version, bias._version))
+    return Recipe(z.shape, (Piece(0, z.shape[1], (term,)),))
+
+
+def narrow(recipe: Recipe | None, start: int, stop: int) -> Recipe | None:
+    """The recipe of channels [start, stop) of what `recipe` rebuilds."""
+    if recipe is None:
+        return None
+    pieces = []
+    for piece in recipe.pieces:
+        lo, hi = max(start, piece.start), min(stop, piece.start + piece.channels)
+        if lo < hi:
+            offset = lo - piece.start
+            pieces.append(Piece(lo - start, hi - lo, tuple(t.shifted(offset) for t in piece.terms)))
+    return Recipe((recipe.shape[0], stop - start, *recipe.shape[2:]), tuple(pieces))
+
+
+def concat(recipes: list[Recipe | None]) -> Recipe | None:
+    """The recipe of torch.cat(tensors, dim=1) from theirs (None if any is None)."""
+    if not recipes or any(r is None for r in recipes):
+        return None
+    pieces, offset = [], 0
+    for recipe in recipes:
+        pieces += [p._replace(start=p.start + offset) for p in recipe.pieces]
+        offset += recipe.shape[1]
+    return Recipe((recipes[0].shape[0], offset, *recipes[0].shape[2:]), tuple(pieces))
+
+
+def add(a: Recipe | None, b: Recipe | None) -> Recipe | None:
+    """The recipe of a + b (a's terms first, as `a.add_(b)` or `b.add_(a)` rounds the same), or
+    None where a channel would need more than MAX_TERMS terms."""
+    if a is None or b is None or a.shape != b.shape:
+        return None
+    bounds = sorted({p.start for p in a.pieces} | {p.start for p in b.pieces} | {a.shape[1]})
+    pieces = []
+    for lo, hi in zip(bounds, bounds[1:]):
+        terms = narrow(a, lo, hi).pieces[0].terms + narrow(b, lo, hi).pieces[0].terms
+        if len(terms) > MAX_TERMS:
+            return None
+        pieces.append(Piece(lo, hi - lo, terms))
+    return Recipe(a.shape, tuple(pieces))
+
+
+class _Tag:
+    __slots__ = ("recipe", "weak", "version")
+
+    def __init__(self, recipe: Recipe, version: int):
+        self.recipe, self.weak, self.version = recipe, None, version
+
+    def get(self) -> Recipe | None:
+        return self.recipe if self.weak is None else self.weak()
+
+    def weaken(self) -> None:
+        """From the first pack on the packed recipe holds it; the tag only points at it."""
+        if self.weak is None:
+            self.weak, self.recipe = weakref.ref(self.recipe), None
+
+
+def tag(t: torch.Tensor, recipe: Recipe | None) -> torch.Tensor:
+    """Marks t as rebuilt by `recipe` (None: not rebuildable) while unchanged; returns t."""
+    if recipe is not None and tuple(t.shape) == recipe.shape and not torch.compiler.is_compiling():
+        t._csp_recipe = _Tag(recipe, t._version)
+    elif hasattr(t, "_csp_recipe"):
+        del t._csp_recipe
+    return t
+
+
+def _valid_tag(t: torch.Tensor) -> _Tag | None:
+    tag_ = getattr(t, "_csp_recipe", None)
+    return tag_ if tag_ is not None and tag_.version == t._version and tag_.get() is not None else None
+
+
+def recipe_of(t: torch.Tensor) -> Recipe | None:
+    """t's recipe while t is unchanged since it was tagged, else None."""
+    tag_ = _valid_tag(t)
+    return None if tag_ is None else tag_.get()
+
+
+class _Packed(NamedTuple):
+    recipe: Recipe
+
+
+class _Saved(NamedTuple):
+    """A tensor saved as itself: detached (an op's own output would otherwise hold its grad_fn, a
+    cycle through the graph), with its version, which autograd checks for a saved tensor
+    without hooks but not for one a hook packed."""
+    value: object  # the tensor, or what an outer hook packed it as
+    detached: torch.Tensor
+    version: int
+
+
+def _check_version(saved: _Saved) -> None:
+    if saved.detached._version != saved.version:
+        raise RuntimeError(
+            "one of the variables needed for gradient computation has been modified by an inplace operation: "
+            f"[{saved.detached.type()} {list(saved.detached.shape)}] is at version {saved.detached._version}; "
+            f"expected version {saved.version} instead (saved by a csp_kernels ConvBNAct)")
+
+
+def _hooks(outer_pack, outer_unpack):
+    def pack(t: torch.Tensor):
+        tag_ = _valid_tag(t)
+        if tag_ is not None:
+            packed = _Packed(tag_.get())
+            tag_.weaken()
+            return packed
+        detached = t.detach()
+        return _Saved(outer_pack(t) if outer_pack else detached, detached, t._version)
+
+    def unpack(packed):
+        if isinstance(packed, _Packed):
+            return packed.recipe.rebuild()
+        _check_version(packed)
+        return outer_unpack(packed.value) if outer_unpack else packed.value
+
+    return pack, unpack
+
+
+_PLAIN_HOOKS = _hooks(None, None)
+
+
+def saving_recipes() -> contextlib.AbstractContextManager:
+    """Within: autograd saves a tagged, unchanged tensor as its recipe (rebuilt in backward).
+
+    Under another saved-tensors hook (torch.utils.checkpoint, save_on_cpu, a caller's own) the
+    outer hook decides what is saved and no recipe is used: a recipe keeps its z's where they
+    are, which would defeat an outer hook that moves or drops them. An outer hook whose owner
+    declares `recipe_transparent` (profiling.SavedTensorsMeter, which only counts) still sees
+    every tensor saved as itself; a recipe's z's it saw when their producers saved them."""
+    if torch.compiler.is_compiling():
+        return contextlib.nullcontext()
+    outer = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    if outer is None:
+        return torch.autograd.graph.saved_tensors_hooks(*_PLAIN_HOOKS)
+    if getattr(getattr(outer[0], "__self__", None), "recipe_transparent", False):
+        return torch.autograd.graph.saved_tensors_hooks(*_hooks(*outer))
+    return contextlib.nullcontext()

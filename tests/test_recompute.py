@@ -1,0 +1,222 @@
+"""Activations rebuilt in backward (csp_kernels/ops/recompute.py): a fused ConvBNAct's input that
+an earlier fused ConvBNAct (or a stage) wrote is saved as a recipe over the producer's own z.
+What must hold: the rebuilt tensor is the forward's, bit for bit, so gradients are the same as
+with every input saved; the saved bytes drop to one activation per unit; autograd's in-place
+checks still fire; an outer saved-tensors hook (checkpoint, offloading) turns recipes off; a tensor
+a caller keeps does not keep its producer's z once the graph is gone."""
+import pytest
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+import csp_kernels
+from csp_kernels import reference
+from csp_kernels.ops import recompute
+from csp_kernels.profiling import SavedTensorsMeter
+from helpers import rel_error
+from test_stages import CASES, make_pair, run
+
+
+def chain(module_ns, dtype=torch.float32) -> nn.Sequential:
+    """Three ConvBNActs: 3x3 (Winograd or oneDNN), 1x1 (the GEMM), 3x3 with stride 2."""
+    return nn.Sequential(module_ns.ConvBNAct(8, 16, 3, act="silu"), module_ns.ConvBNAct(16, 16, 1, act="silu"),
+                         module_ns.ConvBNAct(16, 8, 3, stride=2, act="leaky_relu")).to(dtype)
+
+
+def without_recipes():
+    """An outer saved-tensors hook that is not recipe_transparent: every tensor saved as itself."""
+    return torch.autograd.graph.saved_tensors_hooks(lambda t: t.detach(), lambda t: t)
+
+
+def activation_bytes(module: nn.Module, meter: SavedTensorsMeter) -> int:
+    return meter.bytes_excluding(list(module.parameters()) + list(module.buffers()))
+
+
+def conv_output_bytes(ref: nn.Module, x: torch.Tensor) -> int:
+    """Bytes of every ConvBNAct's output in ref(x): what the fused twin saves as z."""
+    sizes = []
+    hooks = [m.register_forward_hook(lambda m, i, o: sizes.append(o.numel() * o.element_size()))
+             for m in ref.modules() if isinstance(m, reference.ConvBNAct)]
+    with torch.no_grad():
+        ref(x)
+    for h in hooks:
+        h.remove()
+    return sum(sizes)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_chain_saves_one_activation_per_unit(dtype):
+    fused, ref = chain(csp_kernels, dtype), chain(reference, dtype)
+    x = torch.randn(4, 8, 16, 16, dtype=dtype, requires_grad=True)
+    with SavedTensorsMeter() as meter:
+        fused(x)
+    vectors = 3 * 16 * 4 * 8  # a few per-channel vectors per unit (mean, invstd; float64 at most)
+    expected = x.numel() * x.element_size() + conv_output_bytes(ref, x)
+    assert expected <= activation_bytes(fused, meter) <= expected + vectors
+
+
+def test_rebuilt_tensors_are_the_forward_ones():
+    """recipe_of(y).rebuild() is y exactly: a fresh output, a channel slot, a residual sum."""
+    unit = csp_kernels.ConvBNAct(8, 16, 3, act="silu")
+    x = torch.randn(2, 8, 10, 10, requires_grad=True)
+    y = unit(x)
+    assert torch.equal(recompute.recipe_of(y).rebuild(), y)
+    buf = torch.empty(2, 24, 10, 10)
+    slot = unit(x, out=buf[:, 4:20])
+    assert torch.equal(recompute.recipe_of(slot).rebuild(), buf[:, 4:20])
+    block = csp_kernels.Bottleneck(16, 16, True, 1, (3, 3), 0.5)
+    out = block(y)
+    recipe = recompute.recipe_of(out)
+    assert len(recipe.pieces[0].terms) == 2 and torch.equal(recipe.rebuild(), out)
+
+
+def test_tag_retires_on_in_place_write():
+    unit = csp_kernels.ConvBNAct(8, 16, 1)
+    y = unit(torch.randn(2, 8, 6, 6, requires_grad=True))
+    assert recompute.recipe_of(y) is not None
+    y.mul_(2)
+    assert recompute.recipe_of(y) is None
+    with torch.no_grad():
+        assert recompute.recipe_of(unit(torch.randn(2, 8, 6, 6))) is None  # nothing recorded, nothing to rebuild
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_stage_gradients_bitwise_as_when_saved(case):
+    """float32 training: outputs, gradients and running statistics with recipes are those with
+    every tensor saved, bit for bit."""
+    _, fused, in_channels = make_pair(case, torch.float32)
+    fused.train()
+    x = torch.randn(2, in_channels, 8, 8)
+    state = {k: v.clone() for k, v in fused.state_dict().items()}
+    with_recipes = run(fused, x)
+    fused.load_state_dict(state)
+    with without_recipes():
+        saved = run(fused, x)
+    assert len(with_recipes) == len(saved)
+    for index, (a, b) in enumerate(zip(with_recipes, saved)):
+        assert torch.equal(a, b), f"tensor {index}"
+
+
+@pytest.mark.parametrize("stage", ["C3k2", "CrossStage"])
+def test_stage_saves_input_and_conv_outputs(stage):
+    """C3k2 (two Bottlenecks) and a CrossStage of three DarkBlocks save x and each ConvBNAct's z;
+    every concat slot and block input is rebuilt (within MAX_TERMS terms)."""
+    if stage == "C3k2":
+        ref = reference.C3k2(16, 32, 2, False, 0.5)
+        x = torch.randn(2, 16, 12, 12)
+    else:
+        ref = reference.CrossStage(16, 32, stride=2, dilation=1, depth=2, block_ratio=0.5, bottle_ratio=1.0,
+                                   expand_ratio=1.0, block_fn=reference.DarkBlock, act_layer="leaky_relu")
+        x = torch.randn(2, 16, 24, 24)
+    fused = getattr(csp_kernels, stage)(*((16, 32, 2, False, 0.5) if stage == "C3k2" else (16, 32)),
+                                        **({} if stage == "C3k2" else dict(
+                                            stride=2, dilation=1, depth=2, block_ratio=0.5, bottle_ratio=1.0,
+                                            expand_ratio=1.0, block_fn=csp_kernels.DarkBlock,
+                                            act_layer="leaky_relu")))
+    fused.load_state_dict(ref.state_dict())
+    x.requires_grad_()
+    with SavedTensorsMeter() as meter:
+        fused(x)
+    expected = x.numel() * 4 + conv_output_bytes(ref, x)
+    units = sum(isinstance(m, csp_kernels.ConvBNAct) for m in fused.modules())
+    assert expected <= activation_bytes(fused, meter) <= expected + units * 2 * 32 * 8
+
+
+def test_long_residual_chain_stops_at_max_terms():
+    blocks = nn.Sequential(*[csp_kernels.DarkBlock(16, 16, act_layer="leaky_relu") for _ in range(4)])
+    h = csp_kernels.ConvBNAct(8, 16, 1)(torch.randn(2, 8, 6, 6, requires_grad=True))
+    terms = []
+    for block in blocks:
+        h = block(h)
+        recipe = recompute.recipe_of(h)
+        terms.append(None if recipe is None else len(recipe.pieces[0].terms))
+    assert terms == [2, 3, None, None] and recompute.MAX_TERMS == 3
+
+
+def test_in_place_edit_of_a_saved_input_raises():
+    fused = chain(csp_kernels)
+    x = torch.randn(2, 8, 8, 8, requires_grad=True) * 1  # not a leaf: may be edited in place
+    y = fused(x)
+    x.add_(1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
+def test_edited_batch_norm_weight_raises():
+    fused = chain(csp_kernels)
+    y = fused(torch.randn(2, 8, 8, 8, requires_grad=True))
+    with torch.no_grad():
+        fused[0].bn.weight.mul_(2)
+    # Raised by the rebuild, before the next unit's backward computes with a wrong input.
+    with pytest.raises(RuntimeError, match="BatchNorm weight or bias of a csp_kernels ConvBNAct"):
+        y.sum().backward()
+
+
+@pytest.mark.parametrize("when", ["before the next unit", "after the next unit"])
+def test_edit_between_units(when):
+    """An in-place edit before the next unit reads its input retires the tag (the edited tensor
+    is saved); one after it leaves the recipe, which rebuilds what the next unit read."""
+    ref, fused = chain(reference, torch.float64), chain(csp_kernels, torch.float64)
+    fused.load_state_dict(ref.state_dict())
+    grads = []
+    for module in (ref, fused):
+        x = torch.randn(2, 8, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0),
+                        requires_grad=True)
+        h = module[0](x)
+        if when == "before the next unit":
+            h = h.mul_(2) if module is fused else h * 2
+        y = module[2](module[1](h))
+        if when == "after the next unit" and module is fused:
+            h.mul_(2)
+        y.square().sum().backward()
+        grads.append([x.grad, *(p.grad for p in module.parameters())])
+    for got, expected in zip(grads[1], grads[0]):
+        assert rel_error(got, expected) <= 1e-10
+
+
+@pytest.mark.parametrize("outer", ["checkpoint", "save_on_cpu", "a caller's hook"])
+def test_outer_hooks_see_every_tensor(outer):
+    """Under another saved-tensors hook no recipe is used: the hook receives the intermediate
+    activations themselves, and the gradients are the reference's."""
+    ref, fused = chain(reference, torch.float64), chain(csp_kernels, torch.float64)
+    fused.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 8, 8, 8, dtype=torch.float64)
+    packed = []
+
+    def pack(t):
+        packed.append(t)
+        return t.detach()
+
+    results = []
+    for module in (ref, fused):
+        xi = x.clone().requires_grad_()
+        if outer == "checkpoint":
+            y = checkpoint(module, xi, use_reentrant=False)
+        elif outer == "save_on_cpu":
+            with torch.autograd.graph.save_on_cpu():
+                y = module(xi)
+        else:
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                hidden = module[0](xi)
+                y = module[2](module[1](hidden))
+            if module is fused:
+                assert any(t is hidden or t.data_ptr() == hidden.data_ptr() for t in packed)
+        y.square().sum().backward()
+        results.append([y, xi.grad, *(p.grad for p in module.parameters())])
+    for got, expected in zip(results[1], results[0]):
+        assert rel_error(got, expected) <= 1e-10
+
+
+def test_kept_tensor_lets_go_of_the_producer_state():
+    """A tensor the caller keeps points at its recipe weakly once a consumer packed it: after
+    backward frees the graph, the producer's z is gone with it."""
+    fused = chain(csp_kernels)
+    hidden = fused[0](torch.randn(2, 8, 8, 8, requires_grad=True))
+    z = recompute.recipe_of(hidden).pieces[0].terms[0].z
+    z_storage = torch.multiprocessing.reductions.StorageWeakRef(z.untyped_storage())
+    del z
+    y = fused[2](fused[1](hidden))
+    assert recompute.recipe_of(hidden) is not None
+    y.sum().backward()
+    del y
+    assert recompute.recipe_of(hidden) is None and z_storage.expired()
