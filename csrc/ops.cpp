@@ -31,6 +31,9 @@ TORCH_LIBRARY(csp_kernels, m) {
   // With conv_weight (the 3x3 weight), an x holding inf or NaN runs as ATen's direct
   // convolution instead: Winograd's transforms would turn one inf into NaNs around it.
   m.def("conv3x3_winograd_out(Tensor x, Tensor weight, Tensor(a!) out, Tensor? conv_weight=None) -> ()");
+  // Its weight gradient from x and grad_y (both planes contiguous): (out, in, 3, 3); ATen's
+  // where either holds an inf or a NaN.
+  m.def("conv3x3_winograd_weight_grad(Tensor x, Tensor grad_y) -> Tensor");
   m.def("conv1x1_fused_out(Tensor x, Tensor weight, Tensor? in_scale, Tensor? in_shift, str in_act, "
         "Tensor? bias, str act, bool stats, Tensor(a!) out) -> (Tensor mean, Tensor var)");
   // The backward of act(BN(conv1x1(x, weight))) after bn_act_backward_reduce gave sum_dpre and

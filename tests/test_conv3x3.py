@@ -1,12 +1,13 @@
-"""The dense layer's 3x3 convolution (csp_kernels.ops.conv3x3): the Winograd F(2x2, 3x3) C++ op
-against float64 conv2d on odd and tiny planes, channel slices and empty shapes, within 2.5x the
-error of ATen's float32 convolution; the backward against autograd; argument checks; opcheck."""
+"""The 3x3 convolution (csp_kernels.ops.conv3x3): the Winograd F(2x2, 3x3) C++ ops (forward and
+weight gradient) against float64 on odd and tiny planes, channel slices and empty shapes, within
+2.5x the error of ATen's float32; the backward against autograd; non-finite inputs; argument
+checks; opcheck."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 from csp_kernels.ops.conv import conv_backward
-from csp_kernels.ops.conv3x3 import conv3x3, conv3x3_winograd, winograd_weight
+from csp_kernels.ops.conv3x3 import conv3x3, conv3x3_winograd, conv3x3_winograd_weight_grad, winograd_weight
 from csp_kernels.ops.routing import winograd_usable
 from helpers import rel_error
 
@@ -59,9 +60,60 @@ def test_winograd_empty_shapes():
     assert zeros.shape == (2, 3, 5, 5) and (zeros == 0).all()
 
 
+def weight_grad_float64(x, grad_y):
+    weight = torch.empty(grad_y.shape[1], x.shape[1], 3, 3, dtype=torch.float64)
+    return torch.ops.aten.convolution_backward(grad_y.double(), x.double(), weight, None, [1, 1], [1, 1], [1, 1],
+                                               False, [0, 0], 1, [False, True, False])[1]
+
+
+@needs_winograd
+@pytest.mark.parametrize("shape,out_channels", [
+    ((8, 32, 14, 14), 16),
+    ((2, 5, 7, 9), 3),        # odd height and width: partial last tiles, in x and in grad_y
+    ((1, 3, 1, 1), 2),        # one pixel
+    ((3, 17, 1, 13), 6),      # one row
+    ((2, 7, 11, 1), 130),     # one column; more output channels than a GEMM row block
+    ((5, 9, 40, 40), 7),      # several blocks per sample (tile rows over bands), summed across threads
+])
+def test_winograd_weight_grad_matches_float64(shape, out_channels):
+    """Within 2.5x ATen float32's error against float64, as the forward (the same transforms)."""
+    x, grad_y = torch.randn(shape), torch.randn(shape[0], out_channels, *shape[2:])
+    ref = weight_grad_float64(x, grad_y)
+    plain = torch.ops.aten.convolution_backward(grad_y, x, torch.empty(ref.shape), None, [1, 1], [1, 1], [1, 1],
+                                                False, [0, 0], 1, [False, True, False])[1]
+    ours = conv3x3_winograd_weight_grad(x, grad_y)
+    assert ours.shape == ref.shape and ours.dtype == torch.float32
+    err, plain_err = rel_error(ours, ref), rel_error(plain, ref)
+    assert err <= 2.5 * plain_err + 2 * torch.finfo(torch.float32).eps, (err, plain_err)
+
+
+@needs_winograd
+def test_winograd_weight_grad_reads_channel_slices_and_empty_shapes():
+    buf, grad_buf = torch.randn(2, 12, 9, 8), torch.randn(2, 10, 9, 8)
+    ours = conv3x3_winograd_weight_grad(buf[:, 3:8], grad_buf[:, 2:6])
+    assert rel_error(ours, weight_grad_float64(buf[:, 3:8], grad_buf[:, 2:6])) <= 1e-6
+    assert (conv3x3_winograd_weight_grad(torch.randn(0, 4, 5, 5), torch.randn(0, 3, 5, 5)) == 0).all()
+    assert conv3x3_winograd_weight_grad(torch.randn(2, 0, 5, 5), torch.randn(2, 3, 5, 5)).shape == (3, 0, 3, 3)
+
+
+@needs_winograd
+@pytest.mark.parametrize("where", ["x", "grad_y"])
+@pytest.mark.parametrize("value", [float("inf"), float("nan")])
+def test_winograd_weight_grad_of_non_finite_inputs_is_atens(where, value):
+    """One inf would spread into NaNs through the transforms: such inputs take ATen's direct
+    weight gradient, NaN and inf where it has them."""
+    x, grad_y = torch.randn(2, 3, 6, 7), torch.randn(2, 4, 6, 7)
+    (x if where == "x" else grad_y)[1, 2, 3, 4] = value
+    expected = torch.ops.aten.convolution_backward(grad_y, x, torch.empty(4, 3, 3, 3), None, [1, 1], [1, 1], [1, 1],
+                                                   False, [0, 0], 1, [False, True, False])[1]
+    ours = conv3x3_winograd_weight_grad(x, grad_y)
+    assert ours.isnan().any() if value != value else ours.isinf().any()
+    torch.testing.assert_close(ours, expected, rtol=0, atol=0, equal_nan=True)
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-6)])
 def test_backward_matches_autograd(dtype, tol):
-    """Winograd's input gradient in float32 where usable; ATen's in float64."""
+    """Winograd's input and weight gradients in float32 where usable; ATen's in float64."""
     x = torch.randn(2, 16, 11, 10, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(4, 16, 3, 3, dtype=torch.float64, requires_grad=True)
     grad_y = torch.randn(2, 4, 11, 10, dtype=torch.float64)
@@ -102,9 +154,17 @@ def test_op_rejects_what_it_cannot_run():
         torch.ops.csp_kernels.conv3x3_winograd_out(x, u, torch.empty(2, 3, 5, 4))
     with pytest.raises(ValueError, match="contiguous"):
         torch.ops.csp_kernels.conv3x3_winograd_out(x[..., ::2], u, torch.empty(2, 3, 5, 3))
+    with pytest.raises(TypeError, match="runs float32"):
+        conv3x3_winograd_weight_grad(x.double(), torch.randn(2, 3, 5, 5, dtype=torch.double))
+    with pytest.raises(ValueError, match="grad_y must have shape"):
+        conv3x3_winograd_weight_grad(x, torch.randn(2, 3, 5, 4))
+    with pytest.raises(ValueError, match="contiguous"):
+        conv3x3_winograd_weight_grad(x, torch.randn(2, 3, 5, 10)[..., ::2])
 
 
 @needs_winograd
 def test_op_opcheck():
     torch.library.opcheck(torch.ops.csp_kernels.conv3x3_winograd_out.default,
                           (torch.randn(2, 4, 5, 6), winograd_weight(torch.randn(3, 4, 3, 3)), torch.empty(2, 3, 5, 6)))
+    torch.library.opcheck(torch.ops.csp_kernels.conv3x3_winograd_weight_grad.default,
+                          (torch.randn(2, 4, 5, 6), torch.randn(2, 3, 5, 6)))

@@ -10,10 +10,11 @@ import torch
 
 import csp_kernels
 from csp_kernels import reference
-from csp_kernels.ops import conv_choice
+from csp_kernels.ops import conv as conv_ops
+from csp_kernels.ops import conv3x3, conv_choice
 from csp_kernels.ops.routing import winograd_usable
 
-from helpers import assert_matches_reference
+from helpers import assert_matches_reference, rel_error
 
 needs_winograd = pytest.mark.skipif(not winograd_usable(torch.empty(0)), reason="needs an AVX-512 CPU")
 
@@ -48,6 +49,34 @@ def test_winograd_measurement_runs_both_kernels(measuring):
     verdict = conv_choice.winograd_chosen((2, 16, 8, 8), (16, 16, 3, 3), transform_cached=False)
     assert isinstance(verdict, bool)
     assert conv_choice.measured_verdicts() == {("3x3", (2, 16, 8, 8), (16, 16, 3, 3), False): verdict}
+
+
+@needs_winograd
+def test_winograd_weight_grad_measurement_runs_both_kernels_once(measuring, monkeypatch):
+    verdict = conv_choice.winograd_weight_grad_chosen((2, 16, 8, 8), (12, 16, 3, 3))
+    assert isinstance(verdict, bool)
+    key = ("3x3 weight grad", (2, 16, 8, 8), (12, 16, 3, 3))
+    assert conv_choice.measured_verdicts() == {key: verdict}
+    monkeypatch.setattr(conv_choice, "_winograd_weight_grad_faster", lambda *shapes: pytest.fail("measured twice"))
+    assert conv_choice.winograd_weight_grad_chosen((2, 16, 8, 8), (12, 16, 3, 3)) == verdict
+
+
+@pytest.mark.parametrize("pinned", ["winograd", "onednn"])
+def test_the_3x3_pin_routes_the_weight_gradient_too(monkeypatch, pinned):
+    """Under either pin the training 3x3 weight gradient matches float64 autograd, and runs by
+    Winograd exactly when pinned so (and usable)."""
+    monkeypatch.setattr(conv_choice, "_PINNED_3X3", pinned)
+    ran = []
+    real = conv3x3.conv3x3_winograd_weight_grad
+    monkeypatch.setattr(conv_ops, "conv3x3_winograd_weight_grad", lambda *a: ran.append(1) or real(*a))
+    x, weight = torch.randn(2, 6, 9, 8, dtype=torch.float64), torch.randn(5, 6, 3, 3, dtype=torch.float64)
+    grad_z = torch.randn(2, 5, 9, 8, dtype=torch.float64)
+    x64, w64 = x.clone().requires_grad_(), weight.clone().requires_grad_()
+    torch.nn.functional.conv2d(x64, w64, padding=1).backward(grad_z)
+    _, grad_weight = conv_ops.conv_backward(grad_z.float(), x.float(), weight.float(), [1, 1], [1, 1], [1, 1], 1,
+                                            False, True)
+    assert bool(ran) == (pinned == "winograd" and winograd_usable(x.float()))
+    assert rel_error(grad_weight, w64.grad) <= 2e-6
 
 
 @pytest.mark.parametrize("training", [True, False])

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from . import routing
 from .batch_norm_act import bn_scale_shift, plane_contiguous
 from .conv1x1 import gemm_conv1x1
-from .conv3x3 import conv3x3_winograd
+from .conv3x3 import conv3x3_winograd, conv3x3_winograd_weight_grad
 
 
 def conv_output_shape(x_shape, weight_shape, stride, padding, dilation) -> tuple[int, int, int, int]:
@@ -64,10 +64,16 @@ def conv_backward(grad_z, x, weight, stride, padding, dilation, groups, needs_x:
         return None, None
     # The input gradient is the same convolution of grad_z with the flipped, transposed weight.
     weight_t = weight.transpose(0, 1)
-    winograd = needs_x and routing.runs_as_winograd(grad_z, weight_t, stride, padding, dilation, groups)
-    grad_x, grad_weight, _ = torch.ops.aten.convolution_backward(
-        grad_z, x, weight, None, stride, padding, dilation, False, [0, 0], groups,
-        [needs_x and not winograd, needs_weight, False])
-    if winograd:
+    winograd_x = needs_x and routing.runs_as_winograd(grad_z, weight_t, stride, padding, dilation, groups)
+    winograd_weight = needs_weight and routing.runs_winograd_weight_grad(x, grad_z, weight, stride, padding, dilation,
+                                                                         groups)
+    grad_x = grad_weight = None
+    if (needs_x and not winograd_x) or (needs_weight and not winograd_weight):
+        grad_x, grad_weight, _ = torch.ops.aten.convolution_backward(
+            grad_z, x, weight, None, stride, padding, dilation, False, [0, 0], groups,
+            [needs_x and not winograd_x, needs_weight and not winograd_weight, False])
+    if winograd_x:
         grad_x = conv3x3_winograd(grad_z, weight_t.flip(2, 3))
+    if winograd_weight:
+        grad_weight = conv3x3_winograd_weight_grad(x, grad_z)
     return grad_x, grad_weight

@@ -3,12 +3,14 @@
 Winograd's F(2x2, 3x3) on CPUs in float32 where csp_kernels' AVX-512 GEMM runs:
 `csp_kernels::conv3x3_winograd_out` (csrc/cpu/conv3x3_winograd.cpp), 2.25x fewer
 multiplications than direct convolution; `ops.conv.conv_backward` runs the input gradient
-with it (the same convolution of grad_y with the flipped, transposed weight). The dense layer's
-training forward and the weight gradient are ATen's (oneDNN, cuDNN): Winograd is barely faster
-there (its input transform over many channels costs as much as its GEMMs) for up to twice the
-rounding error. In eval (`ops.dense_eval`) the layer runs Winograd with the transforms folded
-once, straight into the concat buffer (no output copy, no fresh output and reorder buffers per
-layer). Where Winograd runs: `ops.routing` (`winograd_usable`, `runs_as_winograd`); the figures:
+with it (the same convolution of grad_y with the flipped, transposed weight) and the weight
+gradient with `csp_kernels::conv3x3_winograd_weight_grad` (the gradient of the transformed
+computation), each where measured faster. The dense layer's training conv2 forward is ATen's (oneDNN,
+cuDNN): Winograd is barely faster there (its input transform over many channels costs as much
+as its GEMMs with 4x growth -> growth channels). In eval (`ops.dense_eval`) the layer runs
+Winograd with the transforms folded once, straight into the concat buffer (no output copy, no
+fresh output and reorder buffers per layer). Where Winograd runs: `ops.routing`
+(`winograd_usable`, `runs_as_winograd`, `runs_winograd_weight_grad`); the figures:
 benchmarks/results/design-notes.md. Tests: tests/test_conv3x3.py.
 """
 from __future__ import annotations
@@ -56,3 +58,15 @@ def conv3x3_winograd(x: torch.Tensor, weight: torch.Tensor, transform: torch.Ten
     torch.ops.csp_kernels.conv3x3_winograd_out(x, winograd_weight(weight) if transform is None else transform, out,
                                                weight)
     return out
+
+
+def conv3x3_winograd_weight_grad(x: torch.Tensor, grad_y: torch.Tensor) -> torch.Tensor:
+    """The weight gradient of conv2d(x, weight, padding=1) by Winograd F(2x2, 3x3) (the gradient
+    of the transformed computation: 2.25x fewer multiplications than direct), where
+    `routing.winograd_usable(x)`.
+
+    x: (batch, in_channels, height, width), grad_y: (batch, out_channels, height, width), both
+    with contiguous planes. Returns (out_channels, in_channels, 3, 3). Where x or grad_y holds an
+    inf or a NaN, ATen's direct weight gradient instead.
+    """
+    return torch.ops.csp_kernels.conv3x3_winograd_weight_grad(x, grad_y)

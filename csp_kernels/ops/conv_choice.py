@@ -3,7 +3,9 @@ convolution, decided by measuring the candidates once per shape in this process:
   1x1 stride-1  our GEMMs over (channels, height * width) planes (`ops.conv1x1`: statistics or
                 bias + act in the epilogue, the BN + act backward fused into the gradient GEMMs)
                 or ATen's (oneDNN) convolution — `gemm_chosen`;
-  3x3 stride-1  Winograd F(2x2, 3x3) (`ops.conv3x3`) or ATen's (oneDNN) — `winograd_chosen`.
+  3x3 stride-1  Winograd F(2x2, 3x3) (`ops.conv3x3`) or ATen's (oneDNN) — `winograd_chosen`
+                for the forward and input gradient, `winograd_weight_grad_chosen` for the
+                weight gradient.
 
 Why measured: the winner depends on the CPU (our kernels' GEMM rate against oneDNN's) and on the
 shape. On large maps the GEMMs read channel slices in place and keep their tiles in cache, and
@@ -28,7 +30,7 @@ import torch.nn.functional as F
 
 from ..checks import env_choice
 from .batch_norm_act import bn_act_backward, channel_stats, plane_contiguous
-from .conv3x3 import conv3x3_winograd, winograd_weight
+from .conv3x3 import conv3x3_winograd, conv3x3_winograd_weight_grad, winograd_weight
 from .fold_cache import same_bits
 
 CONV1X1_ENV_VAR = "CSP_KERNELS_CPU_CONV1X1"
@@ -68,9 +70,19 @@ def winograd_chosen(x_shape, weight_shape, transform_cached: bool) -> bool:
                     min(x_shape[2], x_shape[3]) >= _UNMEASURED_MIN_SIDE, _winograd_faster)
 
 
+def winograd_weight_grad_chosen(x_shape, weight_shape) -> bool:
+    """Whether the weight gradient of a float32 CPU conv2d(x, weight, padding=1) of these shapes
+    (where Winograd can run) should run by Winograd. CSP_KERNELS_CPU_CONV3X3 pins it too."""
+    if _PINNED_3X3:
+        return _PINNED_3X3 == "winograd"
+    return _verdict(("3x3 weight grad", tuple(x_shape), tuple(weight_shape)),
+                    min(x_shape[2], x_shape[3]) >= _UNMEASURED_MIN_SIDE, _winograd_weight_grad_faster)
+
+
 def measured_verdicts() -> dict[tuple, bool]:
     """What this process measured so far: ("1x1" | "3x3", input shape, weight shape, training |
-    transform cached) -> whether our kernel won."""
+    transform cached) or ("3x3 weight grad", input shape, weight shape) -> whether our kernel
+    won."""
     return dict(_verdicts)
 
 
@@ -138,3 +150,11 @@ def _winograd_faster(x_shape, weight_shape, transform_cached: bool) -> bool:
     transform = winograd_weight(weight) if transform_cached else None
     out = x.new_empty(x_shape[0], weight_shape[0], x_shape[2], x_shape[3])
     return _faster(lambda: conv3x3_winograd(x, weight, transform, out=out), lambda: F.conv2d(x, weight, padding=1))
+
+
+def _winograd_weight_grad_faster(x_shape, weight_shape) -> bool:
+    x, grad_y = torch.randn(x_shape), torch.randn(x_shape[0], weight_shape[0], *x_shape[2:])
+    weight = torch.empty(weight_shape)
+    return _faster(lambda: conv3x3_winograd_weight_grad(x, grad_y),
+                   lambda: torch.ops.aten.convolution_backward(grad_y, x, weight, None, [1, 1], [1, 1], [1, 1], False,
+                                                               [0, 0], 1, [False, True, False]))

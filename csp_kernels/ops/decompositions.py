@@ -35,7 +35,8 @@ from .dense import DENSE_ACT, NO_TRANSITION, Geometry, layer_params, transition_
 _ops = torch.ops.csp_kernels
 
 BACKWARD_OPS = ("bn_act_backward_reduce", "bn_act_backward_apply", "conv1x1_bn_act_backward",
-                "bn_act_backward_accumulate", "dense_conv1_backward", "bn_grad_correct", "maxout_pyramid_backward")
+                "bn_act_backward_accumulate", "dense_conv1_backward", "bn_grad_correct", "maxout_pyramid_backward",
+                "conv3x3_winograd_weight_grad")
 
 # L with L @ G = I for Winograd F(2x2, 3x3)'s G (ops.conv3x3): rows 0 and 3 of G g are g's rows
 # 0 and 2, and row 1 - row 2 is g's row 1, so g = L (G g G^T) L^T undoes the weight transform.

@@ -40,6 +40,10 @@ if extension._C is not None:
     def _(x, weight, out, conv_weight=None):
         return None
 
+    @torch.library.register_fake("csp_kernels::conv3x3_winograd_weight_grad")
+    def _(x, grad_y):
+        return x.new_empty(grad_y.shape[1], x.shape[1], 3, 3)
+
     @torch.library.register_fake("csp_kernels::conv1x1_fused_out")
     def _(x, weight, in_scale, in_shift, in_act, bias, act, stats, out):
         channels = out.shape[1] if stats else 0

@@ -35,6 +35,7 @@ The engine is an op argument (so that a compiled graph keeps it), from the backe
                                                                                        else bn_act_backward +
                                                                                        conv_backward
   conv input gradient           any     as `runs_as_winograd` for grad_z               Winograd, else ATen
+  conv weight gradient          any     as `runs_winograd_weight_grad`                 Winograd, else ATen
   eval transition conv          triton                     1x1                         "triton" (bias + act epilogue)
     (`eval_conv_kernel`)        aten    as `runs_as_gemm(training=False)`              "gemm" (bias + act epilogue)
                                 aten    CPU     f32        oneDNN built, not gemm /    "onednn" (act as post-op,
@@ -63,7 +64,7 @@ import torch
 from .. import extension
 from ..checks import env_choice
 from .batch_norm_act import planes_contiguous
-from .conv_choice import gemm_chosen, winograd_chosen
+from .conv_choice import gemm_chosen, winograd_chosen, winograd_weight_grad_chosen
 
 CPU_KERNEL_DTYPES = (torch.float32, torch.float64)
 
@@ -196,6 +197,15 @@ def runs_as_winograd(x, weight, stride, padding, dilation, groups, transform_cac
     return (winograd_usable(x) and tuple(weight.shape[2:]) == (3, 3) and tuple(stride) == (1, 1)
             and tuple(padding) == (1, 1) and tuple(dilation) == (1, 1) and groups == 1 and planes_contiguous(x)
             and winograd_chosen(x.shape, weight.shape, transform_cached))
+
+
+def runs_winograd_weight_grad(x, grad_z, weight, stride, padding, dilation, groups) -> bool:
+    """The weight gradient of the convs `runs_as_winograd` takes (grad_z's planes contiguous too)
+    runs by Winograd (`ops.conv3x3.conv3x3_winograd_weight_grad`) where it was measured faster
+    than oneDNN's (`conv_choice.winograd_weight_grad_chosen`)."""
+    return (winograd_usable(x) and tuple(weight.shape[2:]) == (3, 3) and tuple(stride) == (1, 1)
+            and tuple(padding) == (1, 1) and tuple(dilation) == (1, 1) and groups == 1 and planes_contiguous(x)
+            and planes_contiguous(grad_z) and winograd_weight_grad_chosen(x.shape, weight.shape))
 
 
 def conv_kernel(x, weight, stride, padding, dilation, groups, training: bool) -> str:

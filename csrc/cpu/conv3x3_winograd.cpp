@@ -10,14 +10,24 @@
 // with the U matrices packed once, output transform straight into `out`, which may be a
 // channel slice. The transforms run along image rows split into even and odd columns, so that
 // every inner loop is contiguous.
+//
+// The weight gradient is the gradient of that computation: per tile, dM = A dY A^T (4x4 from
+// the 2x2 output-gradient tile), dU[xi] = sum over tiles of dM[xi] V[xi]^T (16 GEMMs of
+// (out x tiles) @ (tiles x in), accumulated per thread over its blocks), dg = G^T dU G.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/conv2d.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <ATen/ops/convolution_backward.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+
+#include <array>
 #include <atomic>
 #include <cstdint>
+#include <mutex>
 #include <optional>
 #include <vector>
 
@@ -148,6 +158,38 @@ void transform_output(const float* m, const Geometry& g, int64_t ty0, int64_t ty
   }
 }
 
+// dM[xi][k][t] = (A dY A^T)[xi] of output-gradient channel k's 2x2 tiles, for the block's tile
+// rows [ty0, ty1), rows `tiles` floats apart (A = [[1, 0], [1, 1], [1, -1], [0, -1]]). Returns
+// false when the tiles hold an inf or a NaN. Scratch split: 4 x (tile_cols + 1).
+bool transform_grad(const float* plane, const Geometry& g, int64_t ty0, int64_t ty1, int64_t k, int64_t channels,
+                    int64_t tiles, float* split, float* dm) {
+  const int64_t n = g.tile_cols + 1;
+  float probe = 0.0f;
+  for (int64_t ty = ty0; ty < ty1; ++ty) {
+    // split_row: odd[tx] = row[2 tx], even[tx + 1] = row[2 tx + 1], zero outside the image.
+    float *e0 = split, *o0 = e0 + n, *e1 = o0 + n, *o1 = e1 + n;
+    const int64_t y = 2 * ty;
+    probe += split_row(plane + y * g.width, g, e0, o0);
+    probe += split_row(y + 1 < g.height ? plane + (y + 1) * g.width : nullptr, g, e1, o1);
+    const int64_t t0 = (ty - ty0) * g.tile_cols;
+    float* out[16];
+    for (int64_t xi = 0; xi < 16; ++xi) out[xi] = dm + (xi * channels + k) * tiles + t0;
+#pragma omp simd
+    for (int64_t tx = 0; tx < g.tile_cols; ++tx) {
+      const float y00 = o0[tx], y01 = e0[tx + 1], y10 = o1[tx], y11 = e1[tx + 1];
+      // Rows of A dY (a, b), then each row times A^T: (a, a + b, a - b, -b).
+      const float r[4][2] = {{y00, y01}, {y00 + y10, y01 + y11}, {y00 - y10, y01 - y11}, {-y10, -y11}};
+      for (int i = 0; i < 4; ++i) {
+        out[4 * i][tx] = r[i][0];
+        out[4 * i + 1][tx] = r[i][0] + r[i][1];
+        out[4 * i + 2][tx] = r[i][0] - r[i][1];
+        out[4 * i + 3][tx] = -r[i][1];
+      }
+    }
+  }
+  return probe == 0.0f;
+}
+
 void conv3x3_winograd_out_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& out,
                               const std::optional<at::Tensor>& conv_weight) {
   const PlaneLayout X = plane_layout(x, "x"), O = plane_layout(out, "out");
@@ -211,8 +253,84 @@ void conv3x3_winograd_out_cpu(const at::Tensor& x, const at::Tensor& weight, con
   if (conv_weight && !finite.load()) out.copy_(at::conv2d(x, *conv_weight, {}, 1, 1));
 }
 
+// The weight gradient of conv2d(x, weight, padding=1): (out_channels, in_channels, 3, 3) from
+// x (batch, in, h, w) and grad_y (batch, out, h, w). Where either holds an inf or a NaN, ATen's
+// (Winograd's transforms would turn one inf into NaNs).
+at::Tensor conv3x3_winograd_weight_grad_cpu(const at::Tensor& x, const at::Tensor& grad_y) {
+  const PlaneLayout X = plane_layout(x, "x"), GY = plane_layout(grad_y, "grad_y");
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat && grad_y.scalar_type() == at::kFloat,
+                   "conv3x3_winograd_weight_grad runs float32; got x ", x.scalar_type(), ", grad_y ",
+                   grad_y.scalar_type());
+  TORCH_CHECK_VALUE(grad_y.size(0) == X.batch && grad_y.size(2) == x.size(2) && grad_y.size(3) == x.size(3),
+                    "grad_y must have shape (", X.batch, ", out_channels, ", x.size(2), ", ", x.size(3), "); got ",
+                    grad_y.sizes());
+  TORCH_CHECK(sgemm_avx512_supported(), "conv3x3_winograd_weight_grad needs a CPU with AVX-512");
+  const int64_t C = X.channels, K = GY.channels;
+  at::Tensor grad_weight = at::zeros({K, C, 3, 3}, x.options());
+  if (K == 0 || C == 0 || X.batch == 0 || X.plane == 0) return grad_weight;
+  const Geometry g = geometry_of(x.size(2), x.size(3));
+  const float* xp = x.const_data_ptr<float>();
+  const float* gp = grad_y.const_data_ptr<float>();
+  const int64_t max_tiles = g.band_rows * g.tile_cols, ldv = std::max<int64_t>(max_tiles, kTilesPerBlock);
+  std::vector<float> grad_u(16 * K * C, 0.0f);  // dU summed over the threads' partial sums
+  std::mutex merge;
+  std::atomic<bool> finite{true};
+  at::parallel_for(0, X.batch * g.bands, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<float> v(16 * C * ldv), dm(16 * K * max_tiles), partial(16 * K * C, 0.0f);
+    std::vector<float> split(2 * (2 * g.band_rows + 2) * (g.tile_cols + 1)), u(8 * (g.tile_cols + 1));
+    for (int64_t b = b0; b < b1; ++b) {
+      if (!finite.load(std::memory_order_relaxed)) return;
+      const int64_t n = b / g.bands, ty0 = (b % g.bands) * g.band_rows;
+      const int64_t ty1 = std::min(g.tile_rows, ty0 + g.band_rows), tiles = (ty1 - ty0) * g.tile_cols;
+      bool block_finite = true;
+      for (int64_t c = 0; c < C; ++c) {
+        block_finite &= transform_input(xp + n * X.batch_stride + c * X.channel_stride, g, ty0, ty1, c, C, ldv,
+                                        split.data(), u.data(), v.data());
+      }
+      for (int64_t k = 0; k < K; ++k) {
+        block_finite &= transform_grad(gp + n * GY.batch_stride + k * GY.channel_stride, g, ty0, ty1, k, K, tiles,
+                                       split.data(), dm.data());
+      }
+      if (!block_finite) {
+        finite.store(false, std::memory_order_relaxed);
+        return;
+      }
+      for (int64_t xi = 0; xi < 16; ++xi) {  // dU[xi] += dM[xi] (K x tiles) @ V[xi]^T (tiles x C)
+        sgemm_avx512(K, C, tiles, dm.data() + xi * K * tiles, tiles, 1, v.data() + xi * C * ldv, 1, ldv,
+                     partial.data() + xi * K * C, C, true);
+      }
+    }
+    const std::lock_guard<std::mutex> lock(merge);
+    for (size_t i = 0; i < partial.size(); ++i) grad_u[i] += partial[i];
+  });
+  if (!finite.load()) {
+    return std::get<1>(at::convolution_backward(grad_y, x, at::empty({K, C, 3, 3}, x.options()), std::nullopt,
+                                                {1, 1}, {1, 1}, {1, 1}, false, {0, 0}, 1, {false, true, false}));
+  }
+  // dg = G^T dU G, G = [[1, 0, 0], [.5, .5, .5], [.5, -.5, .5], [0, 0, 1]], in double.
+  constexpr std::array<std::array<double, 3>, 4> G{{{1, 0, 0}, {.5, .5, .5}, {.5, -.5, .5}, {0, 0, 1}}};
+  float* wp = grad_weight.mutable_data_ptr<float>();
+  at::parallel_for(0, K * C, 256, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      for (int pr = 0; pr < 3; ++pr) {
+        for (int q = 0; q < 3; ++q) {
+          double sum = 0;
+          for (int i = 0; i < 4; ++i) {
+            for (int j = 0; j < 4; ++j) sum += G[i][pr] * G[j][q] * grad_u[(4 * i + j) * K * C + p];
+          }
+          wp[p * 9 + pr * 3 + q] = static_cast<float>(sum);
+        }
+      }
+    }
+  });
+  return grad_weight;
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(csp_kernels, CPU, m) { m.impl("conv3x3_winograd_out", &conv3x3_winograd_out_cpu); }
+TORCH_LIBRARY_IMPL(csp_kernels, CPU, m) {
+  m.impl("conv3x3_winograd_out", &conv3x3_winograd_out_cpu);
+  m.impl("conv3x3_winograd_weight_grad", &conv3x3_winograd_weight_grad_cpu);
+}
 
 }  // namespace csp_kernels
