@@ -184,10 +184,6 @@ def recipe_of(t: torch.Tensor) -> Recipe | None:
     return None if tag_ is None else tag_.get()
 
 
-class _Packed(NamedTuple):
-    recipe: Recipe
-
-
 class _Saved(NamedTuple):
     """A tensor saved as itself: detached (an op's own output would otherwise hold its grad_fn, a
     cycle through the graph), with its version, which autograd checks for a saved tensor
@@ -209,15 +205,15 @@ def _hooks(outer_pack, outer_unpack):
     def pack(t: torch.Tensor):
         tag_ = _valid_tag(t)
         if tag_ is not None:
-            packed = _Packed(tag_.get())
+            recipe = tag_.get()
             tag_.weaken()
-            return packed
+            return recipe
         detached = t.detach()
         return _Saved(outer_pack(t) if outer_pack else detached, detached, t._version)
 
     def unpack(packed):
-        if isinstance(packed, _Packed):
-            return packed.recipe.rebuild()
+        if isinstance(packed, Recipe):
+            return packed.rebuild()
         _check_version(packed)
         return outer_unpack(packed.value) if outer_unpack else packed.value
 

@@ -194,18 +194,23 @@ def runs_as_winograd(x, weight, stride, padding, dilation, groups, transform_cac
     (`ops.conv3x3`) where it was measured faster than oneDNN for their shapes
     (`conv_choice.winograd_chosen`): the training forward and input gradient, and eval with the
     weight's transform cached (`transform_cached`)."""
-    return (winograd_usable(x) and tuple(weight.shape[2:]) == (3, 3) and tuple(stride) == (1, 1)
-            and tuple(padding) == (1, 1) and tuple(dilation) == (1, 1) and groups == 1 and planes_contiguous(x)
+    return (_winograd_runs(x, weight, stride, padding, dilation, groups)
             and winograd_chosen(x.shape, weight.shape, transform_cached))
+
+
+def _winograd_runs(x, weight, stride, padding, dilation, groups) -> bool:
+    """Whether Winograd F(2x2, 3x3) computes conv2d(x, weight) here: a 3x3 stride-1 "same"
+    conv of plane-contiguous float32 CPU data, AVX-512 present."""
+    return (winograd_usable(x) and tuple(weight.shape[2:]) == (3, 3) and tuple(stride) == (1, 1)
+            and tuple(padding) == (1, 1) and tuple(dilation) == (1, 1) and groups == 1 and planes_contiguous(x))
 
 
 def runs_winograd_weight_grad(x, grad_z, weight, stride, padding, dilation, groups) -> bool:
     """The weight gradient of the convs `runs_as_winograd` takes (grad_z's planes contiguous too)
     runs by Winograd (`ops.conv3x3.conv3x3_winograd_weight_grad`) where it was measured faster
     than oneDNN's (`conv_choice.winograd_weight_grad_chosen`)."""
-    return (winograd_usable(x) and tuple(weight.shape[2:]) == (3, 3) and tuple(stride) == (1, 1)
-            and tuple(padding) == (1, 1) and tuple(dilation) == (1, 1) and groups == 1 and planes_contiguous(x)
-            and planes_contiguous(grad_z) and winograd_weight_grad_chosen(x.shape, weight.shape))
+    return (_winograd_runs(x, weight, stride, padding, dilation, groups) and planes_contiguous(grad_z)
+            and winograd_weight_grad_chosen(x.shape, weight.shape))
 
 
 def conv_kernel(x, weight, stride, padding, dilation, groups, training: bool) -> str:
