@@ -3,6 +3,10 @@ break (a break splits the graph and runs what lies between in Python at every ca
 or not this process measured the kernels' choices eagerly first. The compiled results
 themselves: the fullgraph=True tests of test_partial_dense_block.py, test_conv_bn_act.py and
 test_inputs_outputs.py."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -35,3 +39,33 @@ def test_eval_traces_without_graph_break(name, warm):
         explanation = torch._dynamo.explain(module)(x)
     assert explanation.graph_break_count == 0, [reason.reason for reason in explanation.break_reasons]
     assert explanation.graph_count == 1
+
+
+INDUCTOR_UNDER_CI = """
+import torch, csp_kernels
+from torch import nn
+torch.manual_seed(0)
+model = nn.Sequential(csp_kernels.ConvBNAct(4, 8, 3, act="silu"),
+                      csp_kernels.PartialDenseBlock(8, num_layers=1, growth_rate=4, fusion="csp"))
+x = torch.randn(2, 4, 8, 8)
+for dynamic in (True, False):  # dynamic first: symbolic sizes run the decompositions, not the fakes
+    torch._dynamo.reset()
+    compiled = torch.compile(model.train(), fullgraph=True, dynamic=dynamic)
+    compiled(x).sum().backward()
+    with torch.no_grad():
+        want = model.eval()(x)
+        torch.testing.assert_close(torch.compile(model, fullgraph=True, dynamic=dynamic)(x), want)
+    pyramid = torch.compile(csp_kernels.maxout_pyramid, fullgraph=True, dynamic=dynamic)
+    features = [torch.randn(2, 4, 8, 8), torch.randn(2, 4, 4, 4)]
+    torch.testing.assert_close(pyramid(features, (8, 8), 2), csp_kernels.maxout_pyramid(features, (8, 8), 2))
+"""
+
+
+def test_inductor_keeps_fused_ops_when_env_ci_is_set(tmp_path):
+    """CI services set the environment variable CI, under which Inductor refuses an implicit
+    fallback for an op with a registered decomposition (ours are registered for torch.onnx):
+    training and eval compiles, static and dynamic shapes, each op compiled for the first time
+    (a fresh process and Inductor cache, hence the subprocess)."""
+    env = {**os.environ, "CI": "true", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path)}
+    run = subprocess.run([sys.executable, "-c", INDUCTOR_UNDER_CI], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]

@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from .. import extension  # noqa: F401  (loads csp_kernels._C, which defines the C++ ops)
+from .inductor_fallbacks import keep_fused_in_inductor
 
 _ops = torch.ops.csp_kernels
 
@@ -184,6 +185,7 @@ def batch_norm_act(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ep
 
 
 @batch_norm_act.register_fake
+@keep_fused_in_inductor
 def _(z, weight, bias, eps, act):
     c = z.shape[1]
     dtype = stats_dtype(z.dtype)

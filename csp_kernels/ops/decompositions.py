@@ -10,7 +10,9 @@ How they are found, and why two mechanisms:
                   torch.compile (Inductor has its own table) nor `ExportedProgram.run_decompositions()`
                   with its default table reads it, so their graphs keep the fused kernels. Fake
                   tensors with symbolic sizes (dynamic shapes) run these in place of the fake
-                  kernels, hence the matching metadata.
+                  kernels, hence the matching metadata. Inductor, which refuses an implicit
+                  fallback for an op with a decomposition when env CI is set, gets explicit
+                  ones (ops.inductor_fallbacks).
   mutating ops    (`*_out`, writing a caller's buffer) a Python CompositeImplicitAutograd kernel
                   that acts only inside torch.onnx.export (`torch.onnx.is_in_onnx_export`).
                   Functionalization turns a mutating op into an `auto_functionalized` node,
@@ -28,6 +30,7 @@ import torch.nn.functional as F
 from torch._decomp import register_decomposition
 
 from .. import checks, extension, reference
+from . import inductor_fallbacks
 from . import transition as _transition  # noqa: F401  (defines the transition ops decomposed here)
 from .batch_norm_act import bn_scale_shift, stats_dtype
 from .dense import DENSE_ACT, NO_TRANSITION, Geometry, layer_params, transition_params_of
@@ -41,6 +44,16 @@ BACKWARD_OPS = ("bn_act_backward_reduce", "bn_act_backward_apply", "conv1x1_bn_a
 # L with L @ G = I for Winograd F(2x2, 3x3)'s G (ops.conv3x3): rows 0 and 3 of G g are g's rows
 # 0 and 2, and row 1 - row 2 is g's row 1, so g = L (G g G^T) L^T undoes the weight transform.
 _WINOGRAD_G_LEFT_INVERSE = ((1.0, 0.0, 0.0, 0.0), (0.0, 1.0, -1.0, 0.0), (0.0, 0.0, 0.0, 1.0))
+
+
+def _decomposes(op):
+    """Registers the decorated function as functional `op`'s decomposition in torch._decomp's
+    global table (see the module docstring), Inductor keeping the fused op (ops.inductor_fallbacks)."""
+    def register(decomposition):
+        inductor_fallbacks.DECOMPOSED_OPS.append(op)
+        register_decomposition(op)(inductor_fallbacks.keep_fused_in_inductor(decomposition))
+        return decomposition
+    return register
 
 
 def _decomposes_in_onnx_export(op):
@@ -99,7 +112,7 @@ def _bn_act_of_batch(z, bn_weight, bn_bias, eps, act):
 
 # -- BatchNorm + activation family (ops.batch_norm_act) ----------------------------------------
 
-@register_decomposition(torch.ops.csp_kernels.batch_norm_act.default)
+@_decomposes(torch.ops.csp_kernels.batch_norm_act.default)
 def _batch_norm_act(z, weight, bias, eps, act):
     return _bn_act_of_batch(z, weight, bias, eps, act)
 
@@ -113,7 +126,7 @@ def _conv_bias_act(x, weight, bias, stride, padding, dilation, groups, act, scal
     return _affine_act(_conv(x, weight, stride, padding, dilation, groups), scale, bias, act)
 
 
-@register_decomposition(torch.ops.csp_kernels.conv_bias_act.default)
+@_decomposes(torch.ops.csp_kernels.conv_bias_act.default)
 def _conv_bias_act_functional(x, weight, bias, stride, padding, dilation, groups, act, engine, transform=None,
                               scale=None):
     return _conv_bias_act(x, weight, bias, stride, padding, dilation, groups, act, scale)
@@ -132,7 +145,7 @@ def _conv_bn_act_train(x, weight, bn_weight, bn_bias, stride, padding, dilation,
     return y, z, mean, var
 
 
-@register_decomposition(torch.ops.csp_kernels.conv_bn_act_train.default)
+@_decomposes(torch.ops.csp_kernels.conv_bn_act_train.default)
 def _conv_bn_act_train_functional(x, weight, bn_weight, bn_bias, stride, padding, dilation, groups, eps, act,
                                   engine):
     return _conv_bn_act_train(x, weight, bn_weight, bn_bias, stride, padding, dilation, groups, eps, act)
@@ -148,7 +161,7 @@ def _conv_bn_act_train_out(x, weight, bn_weight, bn_bias, stride, padding, dilat
 
 # -- the partial dense block's training op (ops.dense), without its buffer ---------------------
 
-@register_decomposition(torch.ops.csp_kernels.partial_dense_block.default)
+@_decomposes(torch.ops.csp_kernels.partial_dense_block.default)
 def _partial_dense_block(x, dense_params, transition_params, part1, fusion, act, eps, engine):
     g = Geometry.of(x, part1, dense_params)
     dense_chunks = [x[:, part1:]]
@@ -210,11 +223,11 @@ def _winograd_filter(transform: torch.Tensor) -> torch.Tensor:
 
 
 if extension._C is not None:
-    @register_decomposition(_ops.channel_stats.default)
+    @_decomposes(_ops.channel_stats.default)
     def _channel_stats_op(x):
         return _channel_stats(x)
 
-    @register_decomposition(_ops.scale_shift_act.default)
+    @_decomposes(_ops.scale_shift_act.default)
     def _scale_shift_act(x, scale, shift, act):
         return _affine_act(x, scale, shift, act)
 
@@ -233,7 +246,7 @@ if extension._C is not None:
         # The direct convolution that Winograd's F(2x2, 3x3) computes (up to its rounding).
         out.copy_(_conv(x, _winograd_filter(weight) if conv_weight is None else conv_weight, padding=1))
 
-    @register_decomposition(_ops.maxout_pyramid_forward.default)
+    @_decomposes(_ops.maxout_pyramid_forward.default)
     def _maxout_pyramid_forward(features, out_h, out_w, out_channels, interleaved):
         grouping = "interleaved" if interleaved else "contiguous"
         # A fresh tensor: with one map already at the size and one channel per group the

@@ -75,6 +75,7 @@ from .batch_norm_act import (bn_scale_shift, channel_stats, plane_contiguous, sc
 from .conv import conv_backward
 from .conv1x1 import conv1x1_bn_act_backward, conv1x1_fused, conv1x1_input_grad, conv1x1_weight_grad
 from .conv3x3 import conv3x3
+from .inductor_fallbacks import keep_fused_in_inductor
 
 _ops = torch.ops.csp_kernels
 DENSE_PARAMS_PER_LAYER = 6
@@ -345,6 +346,7 @@ def _csp_concat_head(buf, g: Geometry, first_channels: int) -> torch.Tensor:
 
 
 @partial_dense_block.register_fake
+@keep_fused_in_inductor
 def _(x, dense_params, transition_params, part1, fusion, act, eps, engine):
     g = Geometry.of(x, part1, dense_params)
     sdtype = stats_dtype(x.dtype)

@@ -11,15 +11,18 @@ import torch
 
 from .. import extension
 from .batch_norm_act import stats_dtype
+from .inductor_fallbacks import keep_fused_in_inductor
 
 if extension._C is not None:
     # -- BatchNorm + activation family (ops/batch_norm_act.py) ------------------------------------
     @torch.library.register_fake("csp_kernels::channel_stats")
+    @keep_fused_in_inductor
     def _(x):
         c = x.shape[1]
         return x.new_empty(c, dtype=stats_dtype(x.dtype)), x.new_empty(c, dtype=stats_dtype(x.dtype))
 
     @torch.library.register_fake("csp_kernels::scale_shift_act")
+    @keep_fused_in_inductor
     def _(x, scale, shift, act):
         return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
@@ -72,6 +75,7 @@ if extension._C is not None:
 
     # -- Maxout pyramid family (ops/maxout.py) ----------------------------------------------------
     @torch.library.register_fake("csp_kernels::maxout_pyramid_forward")
+    @keep_fused_in_inductor
     def _(features, out_h, out_w, out_channels, interleaved):
         first = features[0]
         return first.new_empty((first.shape[0], out_channels, out_h, out_w))

@@ -48,6 +48,7 @@ from .batch_norm_act import (bn_act_backward, bn_scale_shift, channel_stats, ove
 from .conv import conv, conv_backward, conv_output_shape, run_conv
 from .conv1x1 import check_triton_dtype, conv1x1_bn_act_backward, conv1x1_fused
 from .conv3x3 import conv3x3_winograd, winograd_weight
+from .inductor_fallbacks import keep_fused_in_inductor
 
 # oneDNN post-ops (attrs) of torch.ops.mkldnn._convolution_pointwise; it has no mish.
 _ONEDNN_POST_OPS = {
@@ -142,6 +143,7 @@ def _train_fakes(x, weight, stride, padding, dilation):
 
 
 @conv_bn_act_train.register_fake
+@keep_fused_in_inductor
 def _(x, weight, bn_weight, bn_bias, stride, padding, dilation, groups, eps, act, engine):
     z, mean, var = _train_fakes(x, weight, stride, padding, dilation)
     return torch.empty_like(z), z, mean, var
@@ -311,6 +313,7 @@ def conv_bias_act_out(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
 
 
 @conv_bias_act.register_fake
+@keep_fused_in_inductor
 def _(x, weight, bias, stride, padding, dilation, groups, act, engine, transform=None, scale=None):
     shape = conv_output_shape(x.shape, weight.shape, stride, padding, dilation)
     return torch.empty(shape, dtype=x.dtype, device=x.device)
