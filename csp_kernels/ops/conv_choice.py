@@ -29,9 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from ..checks import env_choice
-from .batch_norm_act import bn_act_backward, channel_stats, plane_contiguous
+from .batch_norm_act import bn_act_backward, channel_stats, plane_contiguous, scale_shift_act
 from .conv3x3 import conv3x3_winograd, conv3x3_winograd_weight_grad, winograd_weight
-from .fold_cache import same_bits
 
 CONV1X1_ENV_VAR = "CSP_KERNELS_CPU_CONV1X1"
 CONV1X1_CHOICES = ("gemm", "onednn")
@@ -117,18 +116,11 @@ def _gemm_faster(x_shape, weight_shape, training: bool) -> bool:
     c = weight_shape[0]
     ones, zeros = torch.ones(c), torch.zeros(c)
     if not training:
-        # oneDNN's eval path: its prepacked weight, the activation as a post-op, the output back
-        # to NCHW, and the fold cache's check of the weight (`nn.ConvBNAct`'s eval).
-        prepacked = torch._C._nn.mkldnn_reorder_conv2d_weight(weight.to_mkldnn(), [0, 0], [1, 1], [1, 1], 1,
-                                                              list(x_shape))
-        kept = weight.clone()
+        def by_aten():  # `routing.eval_conv_kernel`'s "aten": the conv, then the bias + act pass in place
+            z = plane_contiguous(F.conv2d(x, weight))
+            scale_shift_act(z, ones, zeros, "relu", out=z)
 
-        def by_onednn():
-            same_bits(kept, weight)
-            torch.ops.mkldnn._convolution_pointwise(x, prepacked, zeros, [0, 0], [1, 1], [1, 1], 1, "relu", [],
-                                                    None).contiguous()
-
-        return _faster(lambda: conv1x1_fused(x, weight, bias=zeros, act="relu"), by_onednn)
+        return _faster(lambda: conv1x1_fused(x, weight, bias=zeros, act="relu"), by_aten)
     grad_y = torch.randn(x_shape[0], c, *x_shape[2:])
 
     def by_gemm():

@@ -38,8 +38,6 @@ The engine is an op argument (so that a compiled graph keeps it), from the backe
   conv weight gradient          any     as `runs_winograd_weight_grad`                 Winograd, else ATen
   eval transition conv          triton                     1x1                         "triton" (bias + act epilogue)
     (`eval_conv_kernel`)        aten    as `runs_as_gemm(training=False)`              "gemm" (bias + act epilogue)
-                                aten    CPU     f32        oneDNN built, not gemm /    "onednn" (act as post-op,
-                                                           winograd                    prepacked weight)
                                 aten    as `runs_as_winograd(transform_cached=True)`   "winograd" (cached transform)
                                                 otherwise                              "aten" = `conv_kernel(eval)`
   16-bit eval conv (BN scale)   triton / aten                                          Triton GEMM / `conv_kernel`
@@ -124,11 +122,6 @@ def winograd_usable(x: torch.Tensor) -> bool:
     """Whether x can run by Winograd here: float32 on a CPU with AVX-512 (whether it should, for
     its shape, is `conv_choice.winograd_chosen`)."""
     return x.device.type == "cpu" and x.dtype == torch.float32 and _avx512_runs()
-
-
-def onednn_usable(x: torch.Tensor) -> bool:
-    """Whether oneDNN's fused convolution runs `x`'s dtype and device (float32 CPU)."""
-    return x.device.type == "cpu" and x.dtype == torch.float32 and torch.backends.mkldnn.is_available()
 
 
 # -- the 1x1 convolution with prologue and epilogue (ops/conv1x1.py, ops/dense.py) -------------
@@ -248,15 +241,13 @@ def out_takes_any_strides(fused: bool, engine: str, training: bool) -> bool:
 
 def eval_conv_kernel(x, weight, stride, padding, dilation, groups, engine: str) -> str:
     """What runs an eval transition's conv with BN folded in (`conv_bias_act`): "triton" or
-    "gemm" (bias + act in the GEMM's epilogue), "onednn" (float32 CPU convs that run neither as
-    GEMMs nor by Winograd: the activation as oneDNN's post-op, a prepacked weight), "winograd"
-    (the weight's transform cached), else "aten" (`conv_kernel` for eval, then a bias + act pass)."""
+    "gemm" (bias + act in the GEMM's epilogue), "winograd" (the weight's transform cached), else
+    "aten" (`conv_kernel` for eval, then a bias + act pass: measured faster than oneDNN's fused
+    post-op convolution, whose channels_last output NCHW needs a copy back)."""
     if engine == "triton":
         return "triton"
     if runs_as_gemm(x, weight, stride, padding, groups, training=False):
         return "gemm"
-    cached_winograd = engine == "aten" and runs_as_winograd(x, weight, stride, padding, dilation, groups,
-                                                            transform_cached=True)
-    if engine == "aten" and onednn_usable(x) and not cached_winograd:
-        return "onednn"
-    return "winograd" if cached_winograd else "aten"
+    if engine == "aten" and runs_as_winograd(x, weight, stride, padding, dilation, groups, transform_cached=True):
+        return "winograd"
+    return "aten"
