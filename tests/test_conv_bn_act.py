@@ -393,12 +393,15 @@ def test_gradcheck_training_ops(device, backend_name):
     def functional(x, weight, bn_weight, bn_bias):
         return ops.conv_bn_act_train(x, weight, bn_weight, bn_bias, *conv_args)[0]
 
+    def eager_function(x, weight, bn_weight, bn_bias):  # the modules' eager path
+        return ops.train_transition_recorded(x, weight, bn_weight, bn_bias, *conv_args)[0]
+
     def into_buffer(x, weight, bn_weight, bn_bias):
         buf = torch.zeros(2, 6, 3, 4, **kw)
-        ops.conv_bn_act_train_into(x, weight, bn_weight, bn_bias, *conv_args, buf[:, 1:5])
+        ops.train_transition_recorded(x, weight, bn_weight, bn_bias, *conv_args, buf[:, 1:5])
         return buf
 
-    for fn in (functional, into_buffer):
+    for fn in (functional, eager_function, into_buffer):
         assert torch.autograd.gradcheck(fn, (x, weight, bn_weight, bn_bias))
 
 

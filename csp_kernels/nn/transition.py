@@ -109,20 +109,18 @@ class ConvBNAct(reference.ConvBNAct):
             track_batch_stats(bn, mean, var, count)
             return y
         z = None  # the conv output the recorded op saves, from which y is rebuilt (ops/recompute.py)
-        if out is not None and recording and torch.compiler.is_compiling():
-            # AOTAutograd's trace of an autograd.Function writing into a view trips an internal
-            # autograd assert (torch 2.14), so a compiled graph writes y and copies it.
+        if recording and torch.compiler.is_compiling():
+            # The op's registered autograd formula; AOTAutograd's trace of an autograd.Function
+            # writing into a view trips an internal autograd assert (torch 2.14), so a compiled
+            # graph writes y and copies it into `out`.
             y, _, mean, var = ops.conv_bn_act_train(*args)
-            y = out.copy_(y)
-        elif out is None or recording:
+            if out is not None:
+                y = out.copy_(y)
+        elif recording:
             with recompute.saving_recipes():
-                if out is None:
-                    y, z, mean, var = ops.conv_bn_act_train(*args)
-                else:  # autograd sees out overwritten
-                    y, z, mean, var = ops.conv_bn_act_train_into(*args, out)
+                y, z, mean, var = ops.train_transition_recorded(*args, out)
         else:
-            _, mean, var = ops.conv_bn_act_train_out(*args, out)
-            y = out
+            y, _, mean, var = ops.train_transition(*args, out)
         if recording and z is not None and not torch.compiler.is_compiling():
             recompute.tag(y, recompute.activation(z, mean, var, bn.weight, bn.bias, bn.eps, act_name))
         track_batch_stats(bn, mean, var, y.numel() // y.shape[1])
@@ -145,11 +143,7 @@ class ConvBNAct(reference.ConvBNAct):
             transform = None
         else:
             weight, bias, transform, scale = self._folded_params(x, engine)
-        args = (x, weight, bias, *self._conv_args(), act_name, engine)
-        if out is None:
-            return ops.conv_bias_act(*args, transform, scale)
-        ops.conv_bias_act_out(*args, out, transform, scale)
-        return out
+        return ops.eval_transition(x, weight, bias, *self._conv_args(), act_name, engine, out, transform, scale)
 
     def _fold(self):
         bn = self.bn

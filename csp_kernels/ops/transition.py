@@ -29,11 +29,12 @@ convs by Winograd (`ops.conv3x3`); else ATen (oneDNN, cuDNN). The generic conv h
 shape, conv, conv_backward, the BN fold) are `ops.conv`.
 `*_out` variants write y into a caller's tensor (a (N, C, H, W) view with contiguous planes,
 e.g. a channel slice of a concat buffer; for the Triton eval epilogue any strides). They mutate
-`out`, so they have no autograd formula; `conv_bn_act_train_into` gives the training one its
-gradient.
+`out`, so they have no autograd formula; `train_transition_recorded` gives the training one its
+gradient. The modules call `train_transition`, `train_transition_recorded` and `eval_transition`,
+which in eager mode run the ops' implementations without the dispatcher's cost (ops/dispatch.py).
 
 Module: csp_kernels.nn.ConvBNAct (nn/transition.py); reference: csp_kernels.reference.ConvBNAct;
-autograd: `register_autograd` and `_TrainInto` below; synchronized BatchNorm:
+autograd: `register_autograd` and `_Train` below; synchronized BatchNorm:
 ops/sync_batch_norm.py; tests: tests/test_conv_bn_act.py.
 """
 from __future__ import annotations
@@ -41,7 +42,7 @@ from __future__ import annotations
 import torch
 
 from .. import checks
-from . import routing
+from . import dispatch, routing
 from .batch_norm_act import (bn_act_backward, bn_scale_shift, channel_stats, overlaps_itself, planes_contiguous,
                               refuse_double_backward, scale_shift_act, shares_memory, stats_dtype)
 from .conv import conv, conv_backward, conv_output_shape, run_conv
@@ -181,48 +182,65 @@ def _backward(ctx, grad_y, _grad_z, _grad_mean, _grad_var):
 conv_bn_act_train.register_autograd(_backward, setup_context=_setup_context)
 
 
-class _TrainInto(torch.autograd.Function):
-    """conv_bn_act_train_out with autograd: `out` is marked dirty, so a buffer that `out` is a
-    view of carries y's gradient back here (autograd's CopySlices), with no copy of y.
-    Autograd's rules for a Function that writes into a view: the view is its first input
-    (CopySlices rewires input 0) and its only output, so the batch statistics come back through
-    `stats` (2, out_channels), filled with (mean, var), and z through the list `conv_output`."""
+def train_transition(x, weight, bn_weight, bn_bias, stride, padding, dilation, groups, eps, act, engine,
+                     out=None):
+    """The training transition as the modules call it outside a graph: (y, z, mean, var), y
+    written into `out` when given, without autograd; the custom op where `dispatch.through_op`
+    says, else its implementation."""
+    args = (x, weight, bn_weight, bn_bias, stride, padding, dilation, groups, eps, act, engine)
+    if not dispatch.through_op(x, weight, bn_weight, bn_bias, out):
+        return _train_forward(*args, out)
+    if out is None:
+        return conv_bn_act_train(*args)
+    return (out, *conv_bn_act_train_out(*args, out))
+
+
+class _Train(torch.autograd.Function):
+    """`train_transition` with autograd, in eager mode: one Function instead of the custom op's
+    registered formula (which costs more per call than a small convolution). With `out`, `out`
+    is marked dirty, so a buffer that `out` is a view of carries y's gradient back here
+    (autograd's CopySlices), with no copy of y. Autograd's rules for a Function that writes into
+    a view: the view is its first input (CopySlices rewires input 0) and its only output, so the
+    batch statistics come back through `stats` (2, out_channels), filled with (mean, var), and z
+    through the list `conv_output`."""
 
     @staticmethod
     def forward(ctx, out, x, weight, bn_weight, bn_bias, stride, padding, dilation, groups, eps, act, engine, stats,
                 conv_output):
-        z, mean, var = conv_bn_act_train_out(x, weight, bn_weight, bn_bias, stride, padding, dilation, groups, eps,
-                                             act, engine, out)
+        y, z, mean, var = train_transition(x, weight, bn_weight, bn_bias, stride, padding, dilation, groups, eps,
+                                           act, engine, out)
         stats[0].copy_(mean)
         stats[1].copy_(var)
         conv_output.append(z)
-        ctx.mark_dirty(out)
+        if out is not None:
+            ctx.mark_dirty(out)
         ctx.set_materialize_grads(False)
         _save_for_backward(ctx, x, weight, bn_weight, bn_bias, stride, padding, dilation, groups, eps, act, z,
                            mean, var)
-        return out
+        return y
 
     @staticmethod
-    def backward(ctx, grad_out):
-        refuse_double_backward("csp_kernels::conv_bn_act_train_out (a training csp_kernels.ConvBNAct with out=)")
-        if grad_out is None:
+    def backward(ctx, grad_y):
+        refuse_double_backward("csp_kernels::conv_bn_act_train (a training csp_kernels.ConvBNAct)")
+        if grad_y is None:
             return (None,) * 14
-        grads = _train_backward(ctx, grad_out, *ctx.needs_input_grad[1:3])
+        grads = _train_backward(ctx, grad_y, *ctx.needs_input_grad[1:3])
         # The old contents of `out` were overwritten: their gradient is zero, and must be a
         # tensor. Autograd's CopySlices, which routes the buffer's gradient through here,
         # drops the whole buffer's gradient (an earlier writer's included) for a None.
-        overwritten = grad_out.new_zeros(()).expand_as(grad_out) if ctx.needs_input_grad[0] else None
+        overwritten = grad_y.new_zeros(()).expand_as(grad_y) if ctx.needs_input_grad[0] else None
         return (overwritten, *grads, None, None, None, None, None, None, None, None, None)
 
 
-def conv_bn_act_train_into(x, weight, bn_weight, bn_bias, stride, padding, dilation, groups, eps, act, engine, out):
-    """Differentiable training forward writing y into `out`: (out, z, mean, var), z the conv
-    output its backward saves."""
+def train_transition_recorded(x, weight, bn_weight, bn_bias, stride, padding, dilation, groups, eps, act, engine,
+                              out=None):
+    """`train_transition` with autograd (eager mode; under a trace, `conv_bn_act_train`'s
+    registered formula): (y, z, mean, var), z the conv output its backward saves."""
     stats = x.new_empty(2, weight.shape[0], dtype=stats_dtype(x.dtype))
     conv_output = []
-    out = _TrainInto.apply(out, x, weight, bn_weight, bn_bias, stride, padding, dilation, groups, eps, act, engine,
-                           stats, conv_output)
-    return out, conv_output[0], stats[0], stats[1]
+    y = _Train.apply(out, x, weight, bn_weight, bn_bias, stride, padding, dilation, groups, eps, act, engine,
+                     stats, conv_output)
+    return y, conv_output[0], stats[0], stats[1]
 
 
 def eval_weight_kind(x, weight, stride, padding, dilation, groups, engine) -> str:
@@ -257,6 +275,19 @@ def _eval_forward(x, weight, bias, stride, padding, dilation, groups, act, engin
         z = conv(x, weight, stride, padding, dilation, groups, training=False)
     # The bias rides in the activation pass: y = act(z * 1 + bias), in place unless `out`.
     return scale_shift_act(z, torch.ones_like(bias), bias, act, out=z if out is None else out)
+
+
+def eval_transition(x, weight, bias, stride, padding, dilation, groups, act, engine, out=None, transform=None,
+                    scale=None) -> torch.Tensor:
+    """The eval transition as the modules call it: `conv_bias_act`, or `conv_bias_act_out` into
+    `out` when given (returned), the custom op where `dispatch.through_op` says, else its
+    implementation."""
+    if not dispatch.through_op(x, weight, out):
+        return _eval_forward(x, weight, bias, stride, padding, dilation, groups, act, engine, out, transform, scale)
+    if out is None:
+        return conv_bias_act(x, weight, bias, stride, padding, dilation, groups, act, engine, transform, scale)
+    conv_bias_act_out(x, weight, bias, stride, padding, dilation, groups, act, engine, out, transform, scale)
+    return out
 
 
 @torch.library.custom_op("csp_kernels::conv_bias_act", mutates_args=())
