@@ -426,7 +426,7 @@ def _op_samples(device, engine):
     if engine == "aten" and winograd_usable(x32):  # float32 3x3: Winograd, with a cached transform in eval
         conv_args = ([1, 1], pad, [1, 1], 1, engine)
         kind = ops.eval_weight_kind(x32, weight32, *conv_args)
-        _, transform = ops.prepare_eval_weight(weight32, kind)
+        _, transform = ops.prepare_eval_weight(x32, weight32, *conv_args[:4], kind)
         eval32 = (x32, weight32, bn[1].float(), *eval_args[3:])
         samples += [
             (ops.conv_bn_act_train, (leaf(x32), leaf(weight32), leaf(bn[0].float()), leaf(bn[1].float()),

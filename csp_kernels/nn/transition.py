@@ -164,7 +164,7 @@ class ConvBNAct(reference.ConvBNAct):
     def _folded_params(self, x: torch.Tensor, engine: str):
         """The cached eval fold for x's dtype and `engine`: (weight, bias, Winograd transform or
         None, scale or None; see `_eval_fold`), prepared for the kernel that will run inputs like x
-        (ops.prepare_eval_weight)."""
+        (ops.prepare_eval_weight, for the shape of the x that filled the cache)."""
         bn = self.bn
         sources = (self.conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var)
         kind = ops.eval_weight_kind(x, self.conv.weight, *self._conv_args(), engine)
@@ -173,7 +173,7 @@ class ConvBNAct(reference.ConvBNAct):
         if not fold_cache_hit(cache, key, sources):
             with torch.no_grad():
                 weight, bias, scale = self._eval_fold(x.dtype)
-                weight, transform = ops.prepare_eval_weight(weight, kind)
+                weight, transform = ops.prepare_eval_weight(x, weight, *self._conv_args(), kind)
             cache = (key, snapshot(sources), weight, bias, transform, scale)
             self._folded = cache
         return cache[2:]

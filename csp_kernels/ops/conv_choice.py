@@ -5,7 +5,9 @@ convolution, decided by measuring the candidates once per shape in this process:
                 or ATen's (oneDNN) convolution — `gemm_chosen`;
   3x3 stride-1  Winograd F(2x2, 3x3) (`ops.conv3x3`) or ATen's (oneDNN) — `winograd_chosen`
                 for the forward and input gradient, `winograd_weight_grad_chosen` for the
-                weight gradient.
+                weight gradient;
+  other eval    oneDNN's post-op convolution with a prepacked weight, or ATen's convolution
+                and a bias + act pass — `onednn_eval_chosen`.
 
 Why measured: the winner depends on the CPU (our kernels' GEMM rate against oneDNN's) and on the
 shape. On large maps the GEMMs read channel slices in place and keep their tiles in cache, and
@@ -78,10 +80,22 @@ def winograd_weight_grad_chosen(x_shape, weight_shape) -> bool:
                     min(x_shape[2], x_shape[3]) >= _UNMEASURED_MIN_SIDE, _winograd_weight_grad_faster)
 
 
+def onednn_eval_chosen(x_shape, weight_shape, stride, padding, dilation, groups) -> bool:
+    """Whether a float32 CPU eval conv of this geometry (BN folded in) should run as oneDNN's
+    convolution with the activation as a post-op and a weight prepacked once, rather than as
+    ATen's convolution and a bias + act pass. The prepacked weight spares the reorder of a plain
+    weight into oneDNN's blocked layout at every call, which dominates on small maps with many
+    channels; on large maps the copy of oneDNN's channels_last output back to NCHW costs more.
+    Inside a trace, unmeasured: ATen's."""
+    return _verdict(("onednn eval", tuple(x_shape), tuple(weight_shape), tuple(stride), tuple(padding),
+                     tuple(dilation), groups), False, _onednn_eval_faster)
+
+
 def measured_verdicts() -> dict[tuple, bool]:
     """What this process measured so far: ("1x1" | "3x3", input shape, weight shape, training |
-    transform cached) or ("3x3 weight grad", input shape, weight shape) -> whether our kernel
-    won."""
+    transform cached), ("3x3 weight grad", input shape, weight shape) or ("onednn eval", input
+    shape, weight shape, stride, padding, dilation, groups) -> whether our kernel (oneDNN's
+    prepacked one for the last) won."""
     return dict(_verdicts)
 
 
@@ -135,6 +149,23 @@ def _gemm_faster(x_shape, weight_shape, training: bool) -> bool:
                                             [True, True, False])
 
     return _faster(by_gemm, by_onednn)
+
+
+def _onednn_eval_faster(x_shape, weight_shape, stride, padding, dilation, groups) -> bool:
+    x, weight = torch.randn(x_shape), torch.randn(weight_shape)
+    ones, zeros = torch.ones(weight_shape[0]), torch.zeros(weight_shape[0])
+    prepacked = torch._C._nn.mkldnn_reorder_conv2d_weight(weight.to_mkldnn(), list(padding), list(stride),
+                                                          list(dilation), groups, list(x_shape))
+
+    def by_onednn():  # `routing.eval_conv_kernel`'s "onednn", its output back to NCHW
+        torch.ops.mkldnn._convolution_pointwise(x, prepacked, zeros, padding, stride, dilation, groups, "relu", [],
+                                                None).contiguous()
+
+    def by_aten():
+        z = plane_contiguous(F.conv2d(x, weight, None, stride, padding, dilation, groups))
+        scale_shift_act(z, ones, zeros, "relu", out=z)
+
+    return _faster(by_onednn, by_aten)
 
 
 def _winograd_faster(x_shape, weight_shape, transform_cached: bool) -> bool:

@@ -39,6 +39,8 @@ The engine is an op argument (so that a compiled graph keeps it), from the backe
   eval transition conv          triton                     1x1                         "triton" (bias + act epilogue)
     (`eval_conv_kernel`)        aten    as `runs_as_gemm(training=False)`              "gemm" (bias + act epilogue)
                                 aten    as `runs_as_winograd(transform_cached=True)`   "winograd" (cached transform)
+                                aten    CPU     f32        oneDNN built, measured      "onednn" (act as post-op,
+                                                           faster (`onednn_eval_...`)  prepacked weight)
                                                 otherwise                              "aten" = `conv_kernel(eval)`
   16-bit eval conv (BN scale)   triton / aten                                          Triton GEMM / `conv_kernel`
     (`scaled_eval_conv_kernel`)
@@ -62,7 +64,7 @@ import torch
 from .. import extension
 from ..checks import env_choice
 from .batch_norm_act import planes_contiguous
-from .conv_choice import gemm_chosen, winograd_chosen, winograd_weight_grad_chosen
+from .conv_choice import gemm_chosen, onednn_eval_chosen, winograd_chosen, winograd_weight_grad_chosen
 
 CPU_KERNEL_DTYPES = (torch.float32, torch.float64)
 
@@ -116,6 +118,11 @@ def _avx512_runs() -> bool:
     if not _AVX512_RUNS:
         _AVX512_RUNS.append(extension._C is not None and extension.build_info()["cpu_avx512"])
     return _AVX512_RUNS[0]
+
+
+def onednn_usable(x: torch.Tensor) -> bool:
+    """Whether oneDNN's fused convolution runs `x`'s dtype and device (float32 CPU)."""
+    return x.device.type == "cpu" and x.dtype == torch.float32 and torch.backends.mkldnn.is_available()
 
 
 def winograd_usable(x: torch.Tensor) -> bool:
@@ -241,13 +248,18 @@ def out_takes_any_strides(fused: bool, engine: str, training: bool) -> bool:
 
 def eval_conv_kernel(x, weight, stride, padding, dilation, groups, engine: str) -> str:
     """What runs an eval transition's conv with BN folded in (`conv_bias_act`): "triton" or
-    "gemm" (bias + act in the GEMM's epilogue), "winograd" (the weight's transform cached), else
-    "aten" (`conv_kernel` for eval, then a bias + act pass: measured faster than oneDNN's fused
-    post-op convolution, whose channels_last output NCHW needs a copy back)."""
+    "gemm" (bias + act in the GEMM's epilogue), "winograd" (the weight's transform cached),
+    "onednn" (float32 CPU: oneDNN's post-op convolution with a prepacked weight, where measured
+    faster than "aten": `conv_choice.onednn_eval_chosen`), else "aten" (`conv_kernel` for eval,
+    then a bias + act pass)."""
     if engine == "triton":
         return "triton"
     if runs_as_gemm(x, weight, stride, padding, groups, training=False):
         return "gemm"
-    if engine == "aten" and runs_as_winograd(x, weight, stride, padding, dilation, groups, transform_cached=True):
+    if engine != "aten":
+        return "aten"
+    if runs_as_winograd(x, weight, stride, padding, dilation, groups, transform_cached=True):
         return "winograd"
+    if onednn_usable(x) and onednn_eval_chosen(x.shape, weight.shape, stride, padding, dilation, groups):
+        return "onednn"
     return "aten"

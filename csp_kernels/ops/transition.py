@@ -19,13 +19,15 @@ which keeps the op functional.
 
 Eval (`conv_bias_act`): BatchNorm folded into the conv (`fold_batch_norm`) and the activation
 applied by the kernel that writes the output: the Triton GEMM's or the CPU tiled GEMM's
-epilogue, or else `scale_shift_act` in place over the conv's output (ATen's or Winograd's,
-whose weight transform `prepare_eval_weight` computes once).
+epilogue, oneDNN's fused convolution post-op (with a weight prepacked by
+`prepare_eval_weight`, where measured faster), or else `scale_shift_act` in place over the
+conv's output (ATen's or Winograd's, whose weight transform `prepare_eval_weight` computes once).
 
 Which conv runs: `ops.routing` decides (`train_conv_kernel`, `eval_conv_kernel`, `runs_as_gemm`
 for the fused backward), with its table of (device, dtype, layout, shape) -> kernel: the Triton
 1x1 GEMM for engine "triton"; on CPU, 1x1 stride-1 convs as GEMMs (`ops.conv1x1`), 3x3 stride-1
-convs by Winograd (`ops.conv3x3`); else ATen (oneDNN, cuDNN). The generic conv helpers (output
+convs by Winograd (`ops.conv3x3`), eval convs by oneDNN with the activation as a post-op where
+measured faster; else ATen (oneDNN, cuDNN). The generic conv helpers (output
 shape, conv, conv_backward, the BN fold) are `ops.conv`.
 `*_out` variants write y into a caller's tensor (a (N, C, H, W) view with contiguous planes,
 e.g. a channel slice of a concat buffer; for the Triton eval epilogue any strides). They mutate
@@ -43,12 +45,24 @@ import torch
 
 from .. import checks
 from . import dispatch, routing
-from .batch_norm_act import (bn_act_backward, bn_scale_shift, channel_stats, overlaps_itself, planes_contiguous,
-                              refuse_double_backward, scale_shift_act, shares_memory, stats_dtype)
+from .batch_norm_act import (bn_act_backward, bn_scale_shift, channel_stats, overlaps_itself, plane_contiguous,
+                             planes_contiguous,  refuse_double_backward, scale_shift_act, shares_memory, stats_dtype)
 from .conv import conv, conv_backward, conv_output_shape, run_conv
 from .conv1x1 import check_triton_dtype, conv1x1_bn_act_backward, conv1x1_fused
 from .conv3x3 import conv3x3_winograd, winograd_weight
 from .inductor_fallbacks import keep_fused_in_inductor
+
+# oneDNN post-ops (attrs) of torch.ops.mkldnn._convolution_pointwise; it has no mish.
+_ONEDNN_POST_OPS = {
+    "identity": "none", "relu": "relu", "leaky_relu": "leaky_relu", "silu": "swish", "hardswish": "hardswish",
+}
+
+
+def _onednn_post_op(act: str) -> tuple[str, list] | None:
+    """(attr, scalars) of activation `act` as a oneDNN post-op, or None where it has none."""
+    name, slope = checks.parse_activation(act)
+    attr = _ONEDNN_POST_OPS.get(name)
+    return None if attr is None else (attr, [slope] if name == "leaky_relu" else [])
 
 def check_out(out, shape, dtype: torch.dtype, device: torch.device, any_strides: bool, x: torch.Tensor,
               recording: bool) -> bool:
@@ -244,16 +258,21 @@ def train_transition_recorded(x, weight, bn_weight, bn_bias, stride, padding, di
 
 
 def eval_weight_kind(x, weight, stride, padding, dilation, groups, engine) -> str:
-    """What `prepare_eval_weight` makes of the eval weight for inputs like `x`: "winograd"
-    (plain, with its transform) or "plain". A cache of prepared weights must be keyed on it: the
-    same module meets NCHW and channels_last inputs."""
+    """What `prepare_eval_weight` makes of the eval weight for inputs like `x`: "onednn"
+    (prepacked), "winograd" (plain, with its transform) or "plain". A cache of prepared weights
+    must be keyed on it: the same module meets NCHW and channels_last inputs."""
     kernel = routing.eval_conv_kernel(x, weight, stride, padding, dilation, groups, engine)
-    return "winograd" if kernel == "winograd" else "plain"
+    return kernel if kernel in ("onednn", "winograd") else "plain"
 
 
-def prepare_eval_weight(weight, kind: str):
-    """(weight, transform) that `conv_bias_act` runs with, given the inputs' `eval_weight_kind`:
-    with the Winograd transform where Winograd runs the conv (a cache spares its cost per call)."""
+def prepare_eval_weight(x, weight, stride, padding, dilation, groups, kind: str):
+    """(weight, transform) that `conv_bias_act` runs fastest with for inputs like `x`, given
+    their `eval_weight_kind`: oneDNN's blocked layout where oneDNN runs the conv (saves a weight
+    reorder per call); the Winograd transform where Winograd does (a cache spares its cost per
+    call)."""
+    if kind == "onednn":
+        return torch._C._nn.mkldnn_reorder_conv2d_weight(weight.to_mkldnn(), padding, stride, dilation, groups,
+                                                         list(x.shape)), None
     return weight, winograd_weight(weight) if kind == "winograd" else None
 
 
@@ -269,7 +288,17 @@ def _eval_forward(x, weight, bias, stride, padding, dilation, groups, act, engin
         return _triton_conv1x1(x, weight, stride, bias=bias, act=act, out=out)
     if kernel == "gemm":
         return conv1x1_fused(x, weight, bias=bias, act=act, out=out)
-    if kernel == "winograd":
+    if kernel == "onednn":
+        post_op = _onednn_post_op(act) if out is None else None
+        attr, scalars = post_op or ("none", [])
+        z = torch.ops.mkldnn._convolution_pointwise(x, weight, bias if post_op else None, padding, stride,
+                                                    dilation, groups, attr, scalars, None)
+        if post_op:
+            # oneDNN hands back its channels_last output; the op's result is NCHW, as its fake
+            # kernel says and as every other engine writes it.
+            return z.contiguous()
+        z = plane_contiguous(z)
+    elif kernel == "winograd":
         z = conv3x3_winograd(x, weight, transform)
     else:
         z = conv(x, weight, stride, padding, dilation, groups, training=False)
@@ -297,8 +326,9 @@ def conv_bias_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, str
     """act(conv2d(x, weight) + bias): the eval transition with BatchNorm folded in.
 
     x: (batch, in_channels, height, width); weight: (out_channels, in_channels / groups, kh, kw),
-    x's dtype; bias: (out_channels,), float32 (float64 for float64 data); transform: None, or the
-    Winograd transform of `prepare_eval_weight`;
+    x's dtype (or, on CPU float32, a oneDNN-prepacked weight); bias: (out_channels,), float32
+    (float64 for float64 data); transform: None, or the Winograd transform of
+    `prepare_eval_weight`;
     scale: None, or (out_channels,) float32, BN's scale for an unfolded weight: act(conv2d(x,
     weight) * scale + bias) (`folds_into_weight`).
     """
