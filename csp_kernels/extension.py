@@ -9,6 +9,11 @@ from .checks import env_choice
 # unset, the faster of ours (AVX-512 CPUs only) and torch's BLAS, measured once per process.
 CPU_SGEMM_CHOICES = ("avx512", "blas")
 env_choice("CSP_KERNELS_CPU_SGEMM", CPU_SGEMM_CHOICES, "")  # warns about a bad value; the C++ side reads it
+# CSP_KERNELS_CPU_ROWS: the per-element loops (BatchNorm + activation, the GEMMs' prologues and
+# epilogues; csrc/cpu/isa.h) in their AVX-512 copies where the CPU has it ("avx512", the default)
+# or in the baseline ones ("baseline", which tests use to check those on AVX-512 machines).
+CPU_ROWS_CHOICES = ("avx512", "baseline")
+env_choice("CSP_KERNELS_CPU_ROWS", CPU_ROWS_CHOICES, "")
 
 try:
     from . import _C  # registers the torch.ops.csp_kernels.* C++ ops

@@ -1,4 +1,8 @@
 """The BatchNorm + activation kernels (csrc/*/batch_norm_act.*) against plain PyTorch."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -177,3 +181,21 @@ def test_opcheck_batch_norm_act():
 def test_bad_arguments_raise_clear_errors(call, match):
     with pytest.raises((ValueError, TypeError), match=match):
         call()
+
+
+def test_cpu_baseline_rows():
+    """CSP_KERNELS_CPU_ROWS=baseline (read once, hence a subprocess): the per-element loops'
+    baseline copies (csrc/cpu/isa.h), which AVX-512 machines otherwise never run, through this
+    file's tests, the activation numerics (NaN, inf) and the dense block's backward; an
+    unknown value warns."""
+    env = {**os.environ, "CSP_KERNELS_CPU_ROWS": "baseline"}
+    here = os.path.dirname(__file__)
+    tests = [__file__, os.path.join(here, "test_activation_numerics.py"), os.path.join(here, "test_dense_block.py")]
+    # -k, not --deselect (whose node ids are rootdir-relative): this test must not run itself.
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k",
+                             "not test_cpu_baseline_rows", *tests], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert " passed" in result.stdout and " 0 passed" not in result.stdout
+    warned = subprocess.run([sys.executable, "-W", "error", "-c", "import csp_kernels"],
+                            env={**os.environ, "CSP_KERNELS_CPU_ROWS": "avx1024"}, capture_output=True, text=True)
+    assert warned.returncode != 0 and "CSP_KERNELS_CPU_ROWS must be one of" in warned.stderr

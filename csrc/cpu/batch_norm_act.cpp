@@ -15,6 +15,7 @@
 
 #include "batch_norm_act.h"
 #include "moments.h"
+#include "bn_act_rows.h"
 #include "dense_args.h"
 #include "plane_layout.h"
 
@@ -55,16 +56,13 @@ void scale_shift_act_kernel(const scalar_t* x, const PlaneLayout& L, scalar_t* o
                             const stat_of<scalar_t>* scale, const stat_of<scalar_t>* shift, double slope_) {
   using acc_t = at::opmath_type<scalar_t>;
   const acc_t slope = static_cast<acc_t>(slope_);
+  const bool avx512 = avx512_runs();
   at::parallel_for(0, L.batch * L.channels, plane_grain(L), [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t n = p / L.channels, c = p % L.channels;
-      const scalar_t* src = x + n * L.batch_stride + c * L.channel_stride;
-      scalar_t* dst = out + n * O.batch_stride + c * O.channel_stride;
-      const acc_t a = scale[c], b = shift[c];
-#pragma omp simd
-      for (int64_t i = 0; i < L.plane; ++i) {
-        dst[i] = static_cast<scalar_t>(act_forward<A>(static_cast<acc_t>(src[i]) * a + b, slope));
-      }
+      run_loop<ScaleShiftActRow<scalar_t, A>>(avx512, x + n * L.batch_stride + c * L.channel_stride,
+                                                out + n * O.batch_stride + c * O.channel_stride, L.plane,
+                                                static_cast<acc_t>(scale[c]), static_cast<acc_t>(shift[c]), slope);
     }
   });
 }
@@ -86,27 +84,17 @@ void bn_act_backward_reduce_kernel(const scalar_t* grad_y, const PlaneLayout& G,
                                    stat_of<scalar_t>* sum_dpre, stat_of<scalar_t>* sum_dpre_xhat,
                                    grad_t* grad_acc = nullptr, const PlaneLayout& ACC = {}) {
   using acc_t = at::opmath_type<scalar_t>;
+  const bool avx512 = avx512_runs();
   at::parallel_for(0, L.channels, channel_grain(L), [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       const acc_t m = bn.mean[c], inv = bn.invstd[c], w = bn.weight[c], b = bn.bias[c];
       const acc_t slope = static_cast<acc_t>(bn.slope);
       double total = 0, total_xhat = 0;
       for (int64_t n = 0; n < L.batch; ++n) {
-        const scalar_t* zp = z + n * L.batch_stride + c * L.channel_stride;
-        const scalar_t* gp = grad_y + n * G.batch_stride + c * G.channel_stride;
         grad_t* accp = kAccumulate ? grad_acc + n * ACC.batch_stride + c * ACC.channel_stride : nullptr;
-        // Sums in double, as ATen's BatchNorm backward: the weight gradient's can cancel.
-        double s = 0, sx = 0;
-#pragma omp simd reduction(+ : s, sx)
-        for (int64_t i = 0; i < L.plane; ++i) {
-          const acc_t xhat = (static_cast<acc_t>(zp[i]) - m) * inv;
-          const acc_t dpre = bn_act_grad_pre<A>(static_cast<acc_t>(gp[i]), xhat, w, b, slope);
-          if constexpr (kAccumulate) accp[i] = static_cast<grad_t>(static_cast<acc_t>(accp[i]) + w * dpre);
-          s += dpre;
-          sx += static_cast<double>(dpre) * xhat;
-        }
-        total += s;
-        total_xhat += sx;
+        run_loop<BnActReduceRow<scalar_t, A, kAccumulate, grad_t>>(
+            avx512, z + n * L.batch_stride + c * L.channel_stride, grad_y + n * G.batch_stride + c * G.channel_stride,
+            accp, L.plane, m, inv, w, b, slope, &total, &total_xhat);
       }
       sum_dpre[c] = static_cast<stat_of<scalar_t>>(total);
       sum_dpre_xhat[c] = static_cast<stat_of<scalar_t>>(total_xhat);
@@ -121,20 +109,16 @@ void bn_act_backward_apply_kernel(const scalar_t* grad_y, const PlaneLayout& G, 
   using acc_t = at::opmath_type<scalar_t>;
   const acc_t inv_count = acc_t(1) / static_cast<acc_t>(L.batch * L.plane);
   const acc_t slope = static_cast<acc_t>(bn.slope);
+  const bool avx512 = avx512_runs();
   at::parallel_for(0, L.batch * L.channels, plane_grain(L), [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t n = p / L.channels, c = p % L.channels;
-      const scalar_t* zp = z + n * L.batch_stride + c * L.channel_stride;
-      const scalar_t* gp = grad_y + n * G.batch_stride + c * G.channel_stride;
-      scalar_t* out = grad_z + p * L.plane;
-      const acc_t m = bn.mean[c], inv = bn.invstd[c], w = bn.weight[c], b = bn.bias[c];
       const acc_t mean_dpre = sum_dpre[c] * inv_count, mean_dpre_xhat = sum_dpre_xhat[c] * inv_count;
-#pragma omp simd
-      for (int64_t i = 0; i < L.plane; ++i) {
-        const acc_t xhat = (static_cast<acc_t>(zp[i]) - m) * inv;
-        const acc_t dpre = bn_act_grad_pre<A>(static_cast<acc_t>(gp[i]), xhat, w, b, slope);
-        out[i] = static_cast<scalar_t>(bn_grad_input(dpre, xhat, w, inv, mean_dpre, mean_dpre_xhat));
-      }
+      run_loop<BnActGradRow<scalar_t, A>>(avx512, z + n * L.batch_stride + c * L.channel_stride,
+                                             grad_y + n * G.batch_stride + c * G.channel_stride,
+                                             grad_z + p * L.plane, L.plane, static_cast<acc_t>(bn.mean[c]),
+                                             static_cast<acc_t>(bn.invstd[c]), static_cast<acc_t>(bn.weight[c]),
+                                             static_cast<acc_t>(bn.bias[c]), slope, mean_dpre, mean_dpre_xhat);
     }
   });
 }

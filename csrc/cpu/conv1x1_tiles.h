@@ -15,6 +15,7 @@
 #include "activation.h"
 #include "batch_norm_act.h"
 #include "blas.h"
+#include "bn_act_rows.h"
 #include "moments.h"
 #include "plane_layout.h"
 #include "sgemm_avx512.h"
@@ -85,8 +86,7 @@ void for_each_tile(const Tiling& tiling, int64_t scratch_size, const F& f) {
 template <typename scalar_t, Act A>
 void scale_shift_act_row(const scalar_t* src, scalar_t* dst, int64_t width, at::opmath_type<scalar_t> a,
                          at::opmath_type<scalar_t> b, at::opmath_type<scalar_t> slope) {
-#pragma omp simd
-  for (int64_t i = 0; i < width; ++i) dst[i] = static_cast<scalar_t>(act_forward<A>(src[i] * a + b, slope));
+  run_loop<ScaleShiftActRow<scalar_t, A>>(avx512_runs(), src, dst, width, a, b, slope);
 }
 
 // scratch[c][i] = in_act(x[c][begin + i] * scale[c] + shift[c]), or a copy without scale.
@@ -147,13 +147,8 @@ void bn_act_grad_row(const scalar_t* grad_y, const scalar_t* z, scalar_t* grad_z
                      at::opmath_type<scalar_t> mean, at::opmath_type<scalar_t> invstd, at::opmath_type<scalar_t> w,
                      at::opmath_type<scalar_t> b, at::opmath_type<scalar_t> mean_dpre,
                      at::opmath_type<scalar_t> mean_dpre_xhat, at::opmath_type<scalar_t> slope) {
-  using acc_t = at::opmath_type<scalar_t>;
-#pragma omp simd
-  for (int64_t i = 0; i < width; ++i) {
-    const acc_t xhat = (static_cast<acc_t>(z[i]) - mean) * invstd;
-    const acc_t dpre = bn_act_grad_pre<A>(static_cast<acc_t>(grad_y[i]), xhat, w, b, slope);
-    grad_z[i] = static_cast<scalar_t>(bn_grad_input(dpre, xhat, w, invstd, mean_dpre, mean_dpre_xhat));
-  }
+  run_loop<BnActGradRow<scalar_t, A>>(avx512_runs(), z, grad_y, grad_z, width, mean, invstd, w, b, slope, mean_dpre,
+                                      mean_dpre_xhat);
 }
 
 // A BN + act backward's per-channel inputs, after its reduction pass.

@@ -79,18 +79,9 @@ template <typename scalar_t, Act A>
 void accumulate_row(const scalar_t* grad_a, const scalar_t* x, scalar_t* grad_acc, int64_t width,
                     at::opmath_type<scalar_t> mean, at::opmath_type<scalar_t> invstd, at::opmath_type<scalar_t> w,
                     at::opmath_type<scalar_t> b, at::opmath_type<scalar_t> slope, double* sums) {
-  using acc_t = at::opmath_type<scalar_t>;
-  double s = 0, sx = 0;  // in double: the weight gradient's sum can cancel
-#pragma omp simd reduction(+ : s, sx)
-  for (int64_t i = 0; i < width; ++i) {
-    const acc_t xhat = (static_cast<acc_t>(x[i]) - mean) * invstd;
-    const acc_t dpre = bn_act_grad_pre<A>(static_cast<acc_t>(grad_a[i]), xhat, w, b, slope);
-    grad_acc[i] = static_cast<scalar_t>(static_cast<acc_t>(grad_acc[i]) + w * dpre);
-    s += dpre;
-    sx += static_cast<double>(dpre) * xhat;
-  }
-  sums[0] = s;
-  sums[1] = sx;
+  sums[0] = sums[1] = 0;
+  run_loop<BnActReduceRow<scalar_t, A, true>>(avx512_runs(), x, grad_a, grad_acc, width, mean, invstd, w, b, slope,
+                                              &sums[0], &sums[1]);
 }
 
 // The dense layer's whole conv1 backward, one tile at a time in cache: grad_z = BN2 + ReLU
