@@ -15,14 +15,21 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def cpu_model() -> str:
+    """The CPU's name, family/model and vector ISA: the same name covers machines 2-4x apart."""
+    fields = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    if "model name" not in fields:
+        return platform.processor() or platform.machine()
+    flags = set(fields.get("flags", "").split())
+    isa = [name for name in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if name in flags]
+    return (f"{fields['model name']} (family {fields.get('cpu family', '?')} model "
+            f"{fields.get('model', '?')}; {' '.join(isa) or 'no avx2'})")
 
 
 def git_commit() -> str:

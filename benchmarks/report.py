@@ -71,7 +71,7 @@ def _workload_header(row: dict) -> str:
 
 def format_report(record: dict) -> str:
     machine = record["machine"]
-    where = machine["gpu_name"] or f"{machine['cpu_model']} ({machine['cpu_count']} cores)"
+    where = machine["gpu_name"] or f"{machine['cpu_model']}, {machine['cpu_count']} cores"
     parts = [f"{where} · torch {machine['torch']} · triton {machine['triton']} · "
              f"commit {machine['git_commit'][:12]} · {machine['date']}"]
     hardware = record.get("roofline")
