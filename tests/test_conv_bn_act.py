@@ -232,12 +232,17 @@ def test_out_any_strides_on_the_triton_eval_path(device):
 
 
 @pytest.mark.parametrize("device,backend_name", device_backend_params())
-def test_eval_fold_cache_follows_parameter_changes(device, backend_name):
-    ref, fused = make_pair(5, 7, 1, 1, "leaky_relu", torch.float64, device)
+@pytest.mark.parametrize("kernel_size", [1, 3])
+def test_eval_fold_cache_follows_parameter_changes(device, backend_name, kernel_size):
+    """kernel_size 1: BN folded into the weight (the GEMM's epilogue); 3 (float64): ATen's conv
+    with the module's own weight and BN's scale in the act pass."""
+    ref, fused = make_pair(5, 7, kernel_size, 1, "leaky_relu", torch.float64, device)
     ref.eval(), fused.eval()
     x = torch.randn(2, 5, 4, 5, dtype=torch.float64, device=device)
     changes = [
         lambda m: m.conv.weight.mul_(1.5),
+        lambda m: m.conv.weight.data.mul_(0.5),  # bumps no version counter
+        lambda m: m.bn.running_var.data.add_(0.5),
         lambda m: m.bn.weight.add_(0.25),
         lambda m: m.bn.bias.sub_(0.5),
         lambda m: m.bn.running_mean.add_(1.0),
@@ -254,12 +259,24 @@ def test_eval_fold_cache_follows_parameter_changes(device, backend_name):
             assert_close(after, ref(x), "y after a parameter change")
             before = after
         # load_state_dict copies in place (version bump); assigning .data swaps the storage.
-        fresh = randomize_(reference.ConvBNAct(5, 7, 1, 1, act="leaky_relu")).to(device, torch.float64).eval()
+        fresh = randomize_(reference.ConvBNAct(5, 7, kernel_size, 1, act="leaky_relu")).to(device, torch.float64).eval()
         fused.load_state_dict(fresh.state_dict())
         assert_close(fused(x), fresh(x), "y after load_state_dict")
         fused.conv.weight.data = torch.randn_like(fused.conv.weight)
         fresh.conv.weight.data = fused.conv.weight.data.clone()
         assert_close(fused(x), fresh(x), "y after assigning weight.data")
+
+
+def test_eval_aten_route_keeps_no_weight_copy():
+    """Where ATen runs the eval conv (float64 3x3 on the CPU), the module's weight is used as it
+    is: the eval cache holds, and compares at each call, BN's vectors only."""
+    _, fused = make_pair(5, 7, 3, 1, "relu", torch.float64, "cpu")
+    fused.eval()
+    with torch.no_grad():
+        fused(torch.randn(2, 5, 4, 5, dtype=torch.float64))
+    _key, kept, weight, _bias, transform, scale = fused._folded
+    assert weight is None and transform is None and scale is not None
+    assert [t.shape for t in kept] == [torch.Size([7])] * 4
 
 
 @pytest.mark.parametrize("device,backend_name", device_backend_params())

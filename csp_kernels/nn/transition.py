@@ -38,9 +38,12 @@ class ConvBNAct(reference.ConvBNAct):
     process (`bn.process_group`, else WORLD), on any device (CPU with gloo too), the batch
     statistics and BN's backward sums are synchronized as nn.SyncBatchNorm's are, with one
     all_reduce in forward and one in backward (ops/sync_batch_norm.py).
-    Eval: BatchNorm folded into the conv weight and bias, cached until bn.eps or the value of
-    any of conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var changes (compared
-    with a copy at each call), and the activation fused into the conv's output. Eval with
+    Eval: BatchNorm as a per-channel scale and shift of the conv's output, applied with the
+    activation in one pass over it; where a fused kernel computes conv, BN and activation at once
+    (the 1x1 GEMM's epilogue, oneDNN's post-op, Winograd with a cached weight transform), BN is
+    folded into the conv's weight instead. What is derived from the parameters is cached until
+    bn.eps or the value of any parameter or running statistic it was computed from changes
+    (compared with a copy at each call). Eval with
     gradients (parameters or x requiring grad while grad mode is on) folds through autograd
     instead of the cache.
 
@@ -139,7 +142,7 @@ class ConvBNAct(reference.ConvBNAct):
             return y if out is None else out.copy_(y)
         if torch.compiler.is_compiling():
             # Traced into the graph: a compiled graph takes the parameters as inputs and folds at each call.
-            weight, bias, scale = self._eval_fold(x.dtype)
+            weight, bias, scale = self._eval_fold(x.dtype, folded=conv_ops.folds_into_weight(x.dtype))
             transform = None
         else:
             weight, bias, transform, scale = self._folded_params(x, engine)
@@ -149,11 +152,11 @@ class ConvBNAct(reference.ConvBNAct):
         bn = self.bn
         return conv_ops.fold_batch_norm(self.conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps)
 
-    def _eval_fold(self, dtype: torch.dtype):
-        """(weight in `dtype`, bias, scale) for `ops.conv_bias_act`: BN folded into the weight
-        and scale None, or in float16/bfloat16 the weight as it is and BN's float32 scale
-        (ops.conv.folds_into_weight)."""
-        if conv_ops.folds_into_weight(dtype):
+    def _eval_fold(self, dtype: torch.dtype, folded: bool):
+        """(weight in `dtype`, bias, scale) for `ops.conv_bias_act`: with `folded`, BN folded
+        into the weight and scale None, else the weight as it is and BN's scale (float32 for
+        16-bit data) for the conv's output (ops.eval_weight_kind "scaled")."""
+        if folded:
             weight, bias = self._fold()
             return weight.to(dtype), bias.to(stats_dtype(dtype)), None
         bn, sdtype = self.bn, stats_dtype(dtype)
@@ -164,19 +167,22 @@ class ConvBNAct(reference.ConvBNAct):
     def _folded_params(self, x: torch.Tensor, engine: str):
         """The cached eval fold for x's dtype and `engine`: (weight, bias, Winograd transform or
         None, scale or None; see `_eval_fold`), prepared for the kernel that will run inputs like x
-        (ops.prepare_eval_weight, for the shape of the x that filled the cache)."""
-        bn = self.bn
-        sources = (self.conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var)
-        kind = ops.eval_weight_kind(x, self.conv.weight, *self._conv_args(), engine)
+        (ops.prepare_eval_weight, for the shape of the x that filled the cache). A weight taken
+        as it is ("scaled" in x's dtype) is the parameter itself, neither copied nor compared."""
+        bn, conv_weight = self.bn, self.conv.weight
+        kind = ops.eval_weight_kind(x, conv_weight, *self._conv_args(), engine)
+        live_weight = kind == "scaled" and conv_weight.dtype == x.dtype
+        sources = (bn.weight, bn.bias, bn.running_mean, bn.running_var) + (() if live_weight else (conv_weight,))
         key = (fold_key(sources), bn.eps, x.dtype, x.device, engine, kind)
         cache = self._folded  # read once: another thread may replace it meanwhile
         if not fold_cache_hit(cache, key, sources):
             with torch.no_grad():
-                weight, bias, scale = self._eval_fold(x.dtype)
+                weight, bias, scale = self._eval_fold(x.dtype, folded=kind != "scaled")
                 weight, transform = ops.prepare_eval_weight(x, weight, *self._conv_args(), kind)
-            cache = (key, snapshot(sources), weight, bias, transform, scale)
+            cache = (key, snapshot(sources), None if live_weight else weight, bias, transform, scale)
             self._folded = cache
-        return cache[2:]
+        weight, bias, transform, scale = cache[2:]
+        return conv_weight.detach() if live_weight else weight, bias, transform, scale
 
 
 def track_batch_stats(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor, count: int | torch.Tensor) -> None:

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from ..checks import env_choice
 from .batch_norm_act import bn_act_backward, channel_stats, plane_contiguous, scale_shift_act
 from .conv3x3 import conv3x3_winograd, conv3x3_winograd_weight_grad, winograd_weight
+from .fold_cache import same_bits
 
 CONV1X1_ENV_VAR = "CSP_KERNELS_CPU_CONV1X1"
 CONV1X1_CHOICES = ("gemm", "onednn")
@@ -81,11 +82,11 @@ def winograd_weight_grad_chosen(x_shape, weight_shape) -> bool:
 
 
 def onednn_eval_chosen(x_shape, weight_shape, stride, padding, dilation, groups) -> bool:
-    """Whether a float32 CPU eval conv of this geometry (BN folded in) should run as oneDNN's
-    convolution with the activation as a post-op and a weight prepacked once, rather than as
-    ATen's convolution and a bias + act pass. The prepacked weight spares the reorder of a plain
-    weight into oneDNN's blocked layout at every call, which dominates on small maps with many
-    channels; on large maps the copy of oneDNN's channels_last output back to NCHW costs more.
+    """Whether a float32 CPU eval conv of this geometry should run as oneDNN's convolution with
+    the activation as a post-op and a weight (BN folded in) prepacked once, rather than as ATen's
+    convolution and BN's scale + act pass. The prepacked weight spares the reorder of a plain
+    weight into oneDNN's blocked layout at every call, but costs the cache's check of the
+    weight's bits; on large maps the copy of oneDNN's channels_last output back to NCHW costs more.
     Inside a trace, unmeasured: ATen's."""
     return _verdict(("onednn eval", tuple(x_shape), tuple(weight_shape), tuple(stride), tuple(padding),
                      tuple(dilation), groups), False, _onednn_eval_faster)
@@ -123,6 +124,19 @@ def _faster(ours: Callable[[], object], theirs: Callable[[], object]) -> bool:
     return best[ours] < best[theirs]
 
 
+def _checking_fold(run: Callable[[], object], weight: torch.Tensor) -> Callable[[], object]:
+    """`run` preceded by the check an eval fold cache makes at each call over the weight it
+    derives from (`fold_cache_hit`): the kernels that take a folded, prepacked or transformed
+    weight pay it, ATen's eval conv (the module's own weight) does not."""
+    kept = weight.clone()
+
+    def checked():
+        same_bits(kept, weight)
+        return run()
+
+    return checked
+
+
 def _gemm_faster(x_shape, weight_shape, training: bool) -> bool:
     from .conv1x1 import conv1x1_bn_act_backward, conv1x1_fused  # they route through `ops.routing`, which asks us
 
@@ -130,11 +144,11 @@ def _gemm_faster(x_shape, weight_shape, training: bool) -> bool:
     c = weight_shape[0]
     ones, zeros = torch.ones(c), torch.zeros(c)
     if not training:
-        def by_aten():  # `routing.eval_conv_kernel`'s "aten": the conv, then the bias + act pass in place
+        def by_aten():  # `routing.eval_conv_kernel`'s "aten": the conv, then BN's scale + act pass in place
             z = plane_contiguous(F.conv2d(x, weight))
             scale_shift_act(z, ones, zeros, "relu", out=z)
 
-        return _faster(lambda: conv1x1_fused(x, weight, bias=zeros, act="relu"), by_aten)
+        return _faster(_checking_fold(lambda: conv1x1_fused(x, weight, bias=zeros, act="relu"), weight), by_aten)
     grad_y = torch.randn(x_shape[0], c, *x_shape[2:])
 
     def by_gemm():
@@ -165,14 +179,19 @@ def _onednn_eval_faster(x_shape, weight_shape, stride, padding, dilation, groups
         z = plane_contiguous(F.conv2d(x, weight, None, stride, padding, dilation, groups))
         scale_shift_act(z, ones, zeros, "relu", out=z)
 
-    return _faster(by_onednn, by_aten)
+    return _faster(_checking_fold(by_onednn, weight), by_aten)
 
 
 def _winograd_faster(x_shape, weight_shape, transform_cached: bool) -> bool:
     x, weight = torch.randn(x_shape), torch.randn(weight_shape)
     transform = winograd_weight(weight) if transform_cached else None
     out = x.new_empty(x_shape[0], weight_shape[0], x_shape[2], x_shape[3])
-    return _faster(lambda: conv3x3_winograd(x, weight, transform, out=out), lambda: F.conv2d(x, weight, padding=1))
+
+    def by_winograd():
+        return conv3x3_winograd(x, weight, transform, out=out)
+
+    return _faster(_checking_fold(by_winograd, weight) if transform_cached else by_winograd,
+                   lambda: F.conv2d(x, weight, padding=1))
 
 
 def _winograd_weight_grad_faster(x_shape, weight_shape) -> bool:

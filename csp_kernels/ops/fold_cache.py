@@ -3,8 +3,8 @@ prepacked or Winograd-transformed weight) holds while its source tensors keep th
 
 Bits, not version counters and storage pointers, because edits through `.data` (EMA updates,
 `p.data.mul_()`, `.data =` assignments reusing memory) bump no version. The cost is one read of
-each source and of its copy per call, which the kernel choice for small-map eval convs counts in
-(`ops.conv_choice`).
+each source and of its copy per call, which the measured kernel choice for eval convs counts in
+(`ops.conv_choice`); where ATen runs the conv the weight is used as it is and not compared.
 """
 from __future__ import annotations
 

@@ -41,9 +41,11 @@ The engine is an op argument (so that a compiled graph keeps it), from the backe
                                 aten    as `runs_as_winograd(transform_cached=True)`   "winograd" (cached transform)
                                 aten    CPU     f32        oneDNN built, measured      "onednn" (act as post-op,
                                                            faster (`onednn_eval_...`)  prepacked weight)
-                                                otherwise                              "aten" = `conv_kernel(eval)`
-  16-bit eval conv (BN scale)   triton / aten                                          Triton GEMM / `conv_kernel`
-    (`scaled_eval_conv_kernel`)
+                                                otherwise                              "aten": ATen's conv, BN's
+                                                                                       scale in the act pass
+  eval conv with BN's scale     triton                                                 Triton GEMM
+    (16-bit, or "aten" above:   aten                                                   ATen
+    `scaled_eval_conv_kernel`)
   a ConvBNAct's `out=`          triton eval, or the reference path: any strides; else contiguous planes
     (`out_takes_any_strides`)
   dense conv2 3x3, training     any                                                    ATen (Winograd no faster there)
@@ -233,10 +235,11 @@ def train_conv_kernel(x, weight, stride, padding, dilation, groups, engine: str)
 
 
 def scaled_eval_conv_kernel(engine: str) -> str:
-    """What runs a float16/bfloat16 eval transition's conv, whose BN scale follows in a pass
-    (`folds_into_weight`): "triton" (the plain Triton GEMM) or "conv" (`ops.conv.conv`, which
-    routes by `conv_kernel` for eval)."""
-    return "triton" if engine == "triton" else "conv"
+    """What runs an eval transition's conv whose BN scale follows in a pass (`ops.transition.
+    eval_weight_kind` "scaled": float16/bfloat16, or `eval_conv_kernel` "aten"): "triton" (the
+    plain Triton GEMM) or "aten" (ATen's: where the CPU's GEMM or Winograd runs, the weight is
+    folded instead)."""
+    return "triton" if engine == "triton" else "aten"
 
 
 def out_takes_any_strides(fused: bool, engine: str, training: bool) -> bool:

@@ -17,11 +17,13 @@ Training (`conv_bn_act_train`, autograd registered):
 The op returns the batch mean and biased variance; the module updates the running statistics,
 which keeps the op functional.
 
-Eval (`conv_bias_act`): BatchNorm folded into the conv (`fold_batch_norm`) and the activation
-applied by the kernel that writes the output: the Triton GEMM's or the CPU tiled GEMM's
-epilogue, oneDNN's fused convolution post-op (with a weight prepacked by
-`prepare_eval_weight`, where measured faster), or else `scale_shift_act` in place over the
-conv's output (ATen's or Winograd's, whose weight transform `prepare_eval_weight` computes once).
+Eval (`conv_bias_act`): the activation applied by the kernel that writes the output: the
+Triton GEMM's or the CPU tiled GEMM's epilogue or oneDNN's fused convolution post-op (with a
+weight prepacked by `prepare_eval_weight`, where measured faster), BatchNorm folded into their
+weight (`fold_batch_norm`); or else `scale_shift_act` in place over the conv's output:
+Winograd's (BN folded, the weight's transform computed once by `prepare_eval_weight`) or
+ATen's, whose weight stays the module's own and BN's scale rides in that pass
+(`eval_weight_kind`).
 
 Which conv runs: `ops.routing` decides (`train_conv_kernel`, `eval_conv_kernel`, `runs_as_gemm`
 for the fused backward), with its table of (device, dtype, layout, shape) -> kernel: the Triton
@@ -47,7 +49,7 @@ from .. import checks
 from . import dispatch, routing
 from .batch_norm_act import (bn_act_backward, bn_scale_shift, channel_stats, overlaps_itself, plane_contiguous,
                              planes_contiguous,  refuse_double_backward, scale_shift_act, shares_memory, stats_dtype)
-from .conv import conv, conv_backward, conv_output_shape, run_conv
+from .conv import conv, conv_backward, conv_output_shape, folds_into_weight, run_conv
 from .conv1x1 import check_triton_dtype, conv1x1_bn_act_backward, conv1x1_fused
 from .conv3x3 import conv3x3_winograd, winograd_weight
 from .inductor_fallbacks import keep_fused_in_inductor
@@ -258,18 +260,26 @@ def train_transition_recorded(x, weight, bn_weight, bn_bias, stride, padding, di
 
 
 def eval_weight_kind(x, weight, stride, padding, dilation, groups, engine) -> str:
-    """What `prepare_eval_weight` makes of the eval weight for inputs like `x`: "onednn"
-    (prepacked), "winograd" (plain, with its transform) or "plain". A cache of prepared weights
-    must be keyed on it: the same module meets NCHW and channels_last inputs."""
+    """How an eval transition takes its weight for inputs like `x`: "scaled" (the conv's own
+    weight, BN's scale applied to the conv's output: float16/bfloat16 (`folds_into_weight`), and
+    ATen's conv, which is followed by the bias + act pass anyway, so the scale costs nothing and
+    no weight is copied, cached or compared per call), else BN folded into a weight that
+    `prepare_eval_weight` prepares once: "onednn" (prepacked), "winograd" (with its transform)
+    or "folded" (as it is). A cache of prepared weights must be keyed on it: the same module
+    meets NCHW and channels_last inputs."""
+    if not folds_into_weight(x.dtype):
+        return "scaled"
     kernel = routing.eval_conv_kernel(x, weight, stride, padding, dilation, groups, engine)
-    return kernel if kernel in ("onednn", "winograd") else "plain"
+    if kernel == "aten":
+        return "scaled"
+    return kernel if kernel in ("onednn", "winograd") else "folded"
 
 
 def prepare_eval_weight(x, weight, stride, padding, dilation, groups, kind: str):
     """(weight, transform) that `conv_bias_act` runs fastest with for inputs like `x`, given
     their `eval_weight_kind`: oneDNN's blocked layout where oneDNN runs the conv (saves a weight
     reorder per call); the Winograd transform where Winograd does (a cache spares its cost per
-    call)."""
+    call); else the weight as it is."""
     if kind == "onednn":
         return torch._C._nn.mkldnn_reorder_conv2d_weight(weight.to_mkldnn(), padding, stride, dilation, groups,
                                                          list(x.shape)), None
@@ -277,11 +287,11 @@ def prepare_eval_weight(x, weight, stride, padding, dilation, groups, kind: str)
 
 
 def _eval_forward(x, weight, bias, stride, padding, dilation, groups, act, engine, out, transform=None, scale=None):
-    if scale is not None:  # float16/bfloat16, BN not folded (folds_into_weight)
+    if scale is not None:  # BN not folded (eval_weight_kind "scaled")
         if routing.scaled_eval_conv_kernel(engine) == "triton":
             z = _triton_conv1x1(x, weight, stride)
         else:
-            z = conv(x, weight, stride, padding, dilation, groups, training=False)
+            z = run_conv("aten", x, weight, stride, padding, dilation, groups)
         return scale_shift_act(z, scale, bias, act, out=z if out is None else out)
     kernel = routing.eval_conv_kernel(x, weight, stride, padding, dilation, groups, engine)
     if kernel == "triton":
