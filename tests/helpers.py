@@ -1,4 +1,8 @@
 """Shared test helpers: devices and backends to parametrize over, and error measures."""
+import contextlib
+import math
+from typing import Iterator
+
 import pytest
 import torch
 from torch import nn
@@ -51,3 +55,37 @@ def randomize_(module: nn.Module) -> nn.Module:
             bn.running_mean.normal_()
             bn.running_var.uniform_(0.5, 2.0)
     return module
+
+
+@contextlib.contextmanager
+def batch_norm_gain(module: nn.Module) -> Iterator[list[float]]:
+    """`with batch_norm_gain(ref) as gain:` around a forward of a plain-PyTorch module (hooks
+    would send a fused one to its reference path): gain[0] becomes the product, over its
+    training BatchNorm calls, of max(1, largest |weight| * invstd of the batch statistics; NaN
+    counts 1), how much their backward can amplify a gradient's rounding noise."""
+    gains = []
+
+    def record(bn, inputs, _output):
+        if bn.training:
+            var = inputs[0].detach().double().var(dim=(0, 2, 3), unbiased=False)
+            weight = bn.weight.detach().double().abs() if bn.weight is not None else 1.0
+            gain = (weight * (var + bn.eps).rsqrt()).max().item()
+            gains.append(gain if gain > 1 else 1.0)
+
+    hooks = [m.register_forward_hook(record) for m in module.modules() if isinstance(m, nn.BatchNorm2d)]
+    result = [1.0]
+    try:
+        yield result
+    finally:
+        for hook in hooks:
+            hook.remove()
+        result[0] = math.prod(gains)
+
+
+def zero_gradient_floor(grad_y: torch.Tensor, gain: float) -> float:
+    """The scale below which a gradient counts as zero analytically (e.g. a BatchNorm bias
+    behind another BatchNorm, which cancels it; any gradient through a BatchNorm of a channel
+    whose values are all equal): 1e-4 of the upstream gradient times the BatchNorms' `gain`
+    (`batch_norm_gain`). Both sides then hold float64 rounding noise of ~1e-16 * |grad_y| *
+    gain (thousands where a BatchNorm averages two close values)."""
+    return 1e-4 * grad_y.norm().item() * gain

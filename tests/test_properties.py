@@ -5,12 +5,12 @@ chosen shapes; these look for the combination nobody chose (odd channel splits, 
 groups, strided views)."""
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import csp_kernels
 from csp_kernels import checks, reference
-from helpers import assert_matches_reference, fused_backends, rel_error
+from helpers import assert_matches_reference, batch_norm_gain, fused_backends, rel_error, zero_gradient_floor
 
 TOL = 1e-10
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -49,8 +49,12 @@ def compare(ref: torch.nn.Module, fused: torch.nn.Module, x: torch.Tensor, train
     for module in (ref, fused):
         xi = x.detach().clone().requires_grad_()
         call = call_fused if module is fused and call_fused is not None else (lambda m, t: m(t))
-        with csp_kernels.use_backend("reference" if module is ref else backend_name):
-            with torch.set_grad_enabled(training):
+        with csp_kernels.use_backend("reference" if module is ref else backend_name), \
+                torch.set_grad_enabled(training):
+            if module is ref:
+                with batch_norm_gain(ref) as gain:
+                    y = call(module, xi)
+            else:
                 y = call(module, xi)
         if grad_y is None:
             grad_y = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed), dtype=y.dtype)
@@ -63,10 +67,8 @@ def compare(ref: torch.nn.Module, fused: torch.nn.Module, x: torch.Tensor, train
     assert y.shape == y_ref.shape
     assert_matches_reference(y, y_ref, tol=TOL)
     for index, (a, b) in enumerate(zip(g, g_ref)):
-        # Relative to the gradient, or to 1e-4 of the upstream gradient for one that is zero
-        # analytically (e.g. a BatchNorm bias followed by another BatchNorm, which cancels it:
-        # both sides then hold float64 rounding noise of ~1e-16 * |grad_y|).
-        scale = max(b.norm().item(), 1e-4 * grad_y.norm().item())
+        # Relative to the gradient, or to the noise floor of one that is zero analytically.
+        scale = max(b.norm().item(), zero_gradient_floor(grad_y, gain[0]))
         assert (a - b).norm().item() <= TOL * scale, f"gradient {index}: {(a - b).norm().item():.3g} vs {scale:.3g}"
     for (name, b), b_ref in zip(fused.named_buffers(), ref.buffers()):
         assert_matches_reference(b.double(), b_ref.double(), tol=TOL, name=name)
@@ -196,6 +198,10 @@ def dense_block_cases(draw):
 @pytest.mark.parametrize("backend_name", fused_backends("cpu"))
 @SETTINGS
 @given(case=dense_block_cases())
+# Two 1-pixel samples: the transitions' BatchNorms amplify the rounding noise of the first
+# one's bias gradient (zero analytically) ~2700-fold.
+@example(case=dict(in_channels=2, part_ratio=0.5, num_layers=1, growth=4, bn_size=1, fusion="csp", act="identity",
+                   shape=(2, 2, 1, 1), training=True, layout="nchw", seed=2798))
 def test_partial_dense_block_matches_reference(backend_name, case):
     args = (case["in_channels"], case["num_layers"], case["growth"], case["part_ratio"], case["bn_size"],
             case["fusion"], case["act"])
