@@ -11,7 +11,7 @@ from torch.utils.checkpoint import checkpoint
 
 import csp_kernels
 from csp_kernels import reference
-from csp_kernels.ops import recompute
+from csp_kernels.ops import recompute, routing
 from csp_kernels.profiling import SavedTensorsMeter
 from helpers import rel_error
 from test_stages import CASES, make_pair, run
@@ -220,3 +220,46 @@ def test_kept_tensor_lets_go_of_the_producer_state():
     y.sum().backward()
     del y
     assert recompute.recipe_of(hidden) is None and z_storage.expired()
+
+
+def stem(module_ns, dtype=torch.float64) -> nn.Sequential:
+    """A stem on the image (3 -> 32 channels, x a tenth of z: its z is recomputed from x), then a
+    unit whose z is saved."""
+    return nn.Sequential(module_ns.ConvBNAct(3, 32, 3, act="silu"),
+                         module_ns.ConvBNAct(32, 16, 3, stride=2, act="leaky_relu")).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_stem_conv_output_is_recomputed_not_saved(dtype, monkeypatch):
+    """The stem saves x only; its gradients, and the next unit's (which rebuilds the stem's
+    output from the recomputed z), are bitwise those of the run that saves z."""
+    fused, ref = stem(csp_kernels, dtype), stem(reference, dtype)
+    fused.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 3, 16, 16, dtype=dtype)
+
+    def step():
+        leaf = x.clone().requires_grad_()
+        with SavedTensorsMeter() as meter:
+            y = fused(leaf)
+        y.backward(torch.ones_like(y))
+        grads = [leaf.grad] + [p.grad.clone() for p in fused.parameters()]
+        fused.zero_grad()
+        return activation_bytes(fused, meter), grads
+
+    saved, grads = step()
+    monkeypatch.setattr(routing, "recomputed_conv_kernel", lambda *args: None)
+    saved_with_z, grads_with_z = step()
+    stem_z = 2 * 32 * 16 * 16 * x.element_size()
+    assert saved == saved_with_z - stem_z
+    assert all(torch.equal(a, b) for a, b in zip(grads, grads_with_z))
+
+
+def test_recomputed_conv_output_checks_its_weight():
+    """The stem's weight edited in place between forward and backward (an optimizer step before
+    backward): the recomputation would see another weight, so backward raises."""
+    fused = stem(csp_kernels)
+    y = fused(torch.randn(2, 3, 16, 16, dtype=torch.float64, requires_grad=True))
+    with torch.no_grad():
+        fused[0].conv.weight.mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()

@@ -125,7 +125,7 @@ class ConvBNAct(reference.ConvBNAct):
         else:
             y, _, mean, var = ops.train_transition(*args, out)
         if recording and z is not None and not torch.compiler.is_compiling():
-            recompute.tag(y, recompute.activation(z, mean, var, bn.weight, bn.bias, bn.eps, act_name))
+            recompute.tag(y, recompute.activation(z, mean, var, bn.weight, bn.bias, y.shape, bn.eps, act_name))
         track_batch_stats(bn, mean, var, y.numel() // y.shape[1])
         return y
 

@@ -15,7 +15,9 @@ tensor for what z, two per-channel vectors and the activation already determine.
     in the forward's order).
 
 Saved for a chain of ConvBNActs: one activation per unit (z) instead of two (z and the next
-unit's input). A recipe holds no new activation-sized tensor: the z's it names are saved by
+unit's input). A unit whose input is a small fraction of its conv output and cheap to convolve
+again (a network's stem on the image) saves neither: its z is a `ConvOutput`, recomputed from
+x by the forward's kernel where its own backward or a recipe needs it. A recipe holds no new activation-sized tensor: the z's it names are saved by
 their producers anyway (their storage counted once), and the per-channel vectors are tiny.
 
 A tag is valid while its tensor is unchanged: it records the tensor's version counter, and an
@@ -40,17 +42,40 @@ from typing import NamedTuple
 import torch
 
 from .batch_norm_act import bn_scale_shift, scale_shift_act
+from .conv import run_conv
 
 # Terms summed per channel at most: a rebuild costs one pass per term, and a residual chain's
 # k-th output would otherwise take k + 1.
 MAX_TERMS = 3
 
 
+class ConvOutput:
+    """A conv output recomputed where it is needed instead of saved: conv(x, weight) by the
+    kernel that computed it in the forward (the same values), for a training ConvBNAct whose
+    input is a small fraction of its conv output and cheap to convolve again (a network's stem
+    on the image: `routing.recomputes_conv_output`). Holds x and weight, which the op saves
+    anyway, and raises as autograd does if either was modified in place since."""
+    __slots__ = ("x", "weight", "conv_args", "kernel", "versions")
+
+    def __init__(self, x: torch.Tensor, weight: torch.Tensor, conv_args: tuple, kernel: str):
+        self.x, self.weight = x.detach(), weight.detach()
+        self.conv_args, self.kernel = conv_args, kernel
+        self.versions = (x._version, weight._version)
+
+    def compute(self) -> torch.Tensor:
+        if (self.x._version, self.weight._version) != self.versions:
+            raise RuntimeError("one of the variables needed for gradient computation has been modified by an "
+                               "inplace operation: the input or conv weight of a csp_kernels ConvBNAct, between "
+                               "its forward and backward")
+        return run_conv(self.kernel, self.x, self.weight, *self.conv_args)
+
+
 class Activation(NamedTuple):
     """act(z[:, start:start + channels] * scale + shift), with (scale, shift) from BatchNorm's
     batch statistics (mean, var) and its affine (weight, bias, eps): what a training ConvBNAct
-    wrote. `versions` are weight's and bias's version counters when it wrote."""
-    z: torch.Tensor
+    wrote, its conv output z saved or recomputed (`ConvOutput`). `versions` are weight's and
+    bias's version counters when it wrote."""
+    z: torch.Tensor | ConvOutput
     start: int
     mean: torch.Tensor
     var: torch.Tensor
@@ -80,34 +105,39 @@ class Recipe:
         self.shape, self.pieces = tuple(shape), pieces
 
     def rebuild(self) -> torch.Tensor:
-        z0 = self.pieces[0].terms[0].z
-        out = z0.new_empty(self.shape)
+        computed = {}  # id(ConvOutput) -> its z, computed once per rebuild however many pieces name it
+        out = None
         for piece in self.pieces:
-            target = out[:, piece.start:piece.start + piece.channels]
             for i, term in enumerate(piece.terms):
-                value = _evaluate(term, piece.channels, target if i == 0 else None)
+                z = term.z
+                if isinstance(z, ConvOutput):
+                    z = computed[id(z)] if id(z) in computed else computed.setdefault(id(z), z.compute())
+                if out is None:
+                    out = z.new_empty(self.shape)
+                target = out[:, piece.start:piece.start + piece.channels]
+                value = _evaluate(term, z, piece.channels, target if i == 0 else None)
                 if i:
                     target.add_(value)
         return out
 
 
-def _evaluate(term: Activation, channels: int, out: torch.Tensor | None) -> torch.Tensor:
+def _evaluate(term: Activation, z: torch.Tensor, channels: int, out: torch.Tensor | None) -> torch.Tensor:
     if (term.weight._version, term.bias._version) != term.versions:
         raise RuntimeError("one of the variables needed for gradient computation has been modified by an inplace "
                            "operation: a BatchNorm weight or bias of a csp_kernels ConvBNAct, between its forward "
                            "and backward")
     scale, shift = bn_scale_shift(term.mean, term.var, term.weight, term.bias, term.eps)
     stop = term.start + channels
-    return scale_shift_act(term.z[:, term.start:stop], scale[term.start:stop], shift[term.start:stop], term.act,
+    return scale_shift_act(z[:, term.start:stop], scale[term.start:stop], shift[term.start:stop], term.act,
                            out=out)
 
 
-def activation(z: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-               eps: float, act: str) -> Recipe:
+def activation(z: torch.Tensor | ConvOutput, mean: torch.Tensor, var: torch.Tensor, weight: torch.Tensor,
+               bias: torch.Tensor, shape: tuple[int, ...], eps: float, act: str) -> Recipe:
     """The recipe of y = act(BN(z)) with batch statistics (mean, var): z (batch, channels,
-    height, width), the rest (channels,)."""
+    height, width) of `shape`, saved or recomputed, the rest (channels,)."""
     term = Activation(z, 0, mean, var, weight, bias, eps, act, (weight._version, bias._version))
-    return Recipe(z.shape, (Piece(0, z.shape[1], (term,)),))
+    return Recipe(shape, (Piece(0, shape[1], (term,)),))
 
 
 def narrow(recipe: Recipe | None, start: int, stop: int) -> Recipe | None:

@@ -31,6 +31,9 @@ The engine is an op argument (so that a compiled graph keeps it), from the backe
                                                 otherwise                              "aten": oneDNN / cuDNN
   training transition conv      triton  any                1x1 (`triton_eligible`)     "triton" (statistics in the
     (`train_conv_kernel`)                                                              epilogue), else `conv_kernel`
+  training transition: z saved  CPU     x <= z / 4, owns its memory, <= 256 MACs per   recomputed from x in backward
+    or recomputed                       output, kernel not a GEMM                       by the forward's kernel
+    (`recomputed_conv_kernel`)
   training transition backward  any     as `runs_as_gemm(training=True)`               csrc conv1x1_bn_act_backward,
                                                                                        else bn_act_backward +
                                                                                        conv_backward
@@ -232,6 +235,22 @@ def train_conv_kernel(x, weight, stride, padding, dilation, groups, engine: str)
     if engine == "triton":
         return "triton"
     return conv_kernel(x, weight, stride, padding, dilation, groups, training=True)
+
+
+def recomputed_conv_kernel(x, weight, z, stride, padding, dilation, groups, engine: str) -> str | None:
+    """The kernel by which a training transition's backward recomputes its conv output z from x
+    instead of saving it (`recompute.ConvOutput`), or None (z saved): on the CPU, where x owns
+    its memory, is at most a quarter of z and costs at most 2 * 256 FLOPs per output element to
+    convolve again (a network's stem on the image: CSPDarknet's 3->32 3x3, CSPResNet's 3->64
+    7x7), so z, the step's largest saved tensor there, costs a small conv instead. By the
+    forward's kernel, so to the same values; not the GEMMs, whose epilogue computes the
+    statistics along."""
+    if x.device.type != "cpu" or x.numel() * 4 > z.numel() or weight.shape[1] * weight.shape[2] * weight.shape[3] > 256:
+        return None
+    if x.untyped_storage().nbytes() > x.numel() * x.element_size():  # a view would hold its whole base
+        return None
+    kernel = train_conv_kernel(x, weight, stride, padding, dilation, groups, engine)
+    return None if kernel in ("gemm", "triton") else kernel
 
 
 def scaled_eval_conv_kernel(engine: str) -> str:

@@ -46,7 +46,7 @@ from __future__ import annotations
 import torch
 
 from .. import checks
-from . import dispatch, routing
+from . import dispatch, recompute, routing
 from .batch_norm_act import (bn_act_backward, bn_scale_shift, channel_stats, overlaps_itself, plane_contiguous,
                              planes_contiguous,  refuse_double_backward, scale_shift_act, shares_memory, stats_dtype)
 from .conv import conv, conv_backward, conv_output_shape, folds_into_weight, run_conv
@@ -157,9 +157,13 @@ def _(x, weight, bn_weight, bn_bias, stride, padding, dilation, groups, eps, act
     return _train_fakes(x, weight, stride, padding, dilation)
 
 
-def _save_for_backward(ctx, x, weight, bn_weight, bn_bias, stride, padding, dilation, groups, eps, act, z, mean, var):
+def _save_for_backward(ctx, x, weight, bn_weight, bn_bias, stride, padding, dilation, groups, eps, act, z, mean, var,
+                       z_kernel: str | None = None):
+    """Saves what `_train_backward` reads; z None with `z_kernel`: z is recomputed from x by
+    that kernel (`routing.recomputes_conv_output`)."""
     ctx.conv_args = (stride, padding, dilation, groups)
     ctx.act = act
+    ctx.z_kernel = z_kernel
     ctx.save_for_backward(x, weight, bn_weight, bn_bias, z, mean, torch.rsqrt(var + eps))
 
 
@@ -167,6 +171,8 @@ def _train_backward(ctx, grad_y, needs_x: bool, needs_weight: bool):
     """(grad_x, grad_weight, grad_bn_weight, grad_bn_bias) of the training forward."""
     x, weight, bn_weight, bn_bias, z, mean, invstd = ctx.saved_tensors
     stride, padding, dilation, groups = ctx.conv_args
+    if z is None:
+        z = run_conv(ctx.z_kernel, x, weight, stride, padding, dilation, groups)
     bn_params = (mean, invstd, bn_weight.to(mean.dtype), bn_bias.to(mean.dtype), ctx.act)
     if routing.runs_as_gemm(x, weight, stride, padding, groups, training=True):
         grad_x, grad_weight, grad_bn_weight, grad_bn_bias = conv1x1_bn_act_backward(
@@ -227,12 +233,14 @@ class _Train(torch.autograd.Function):
                                            act, engine, out)
         stats[0].copy_(mean)
         stats[1].copy_(var)
-        conv_output.append(z)
+        conv_args = (stride, padding, dilation, groups)
+        z_kernel = routing.recomputed_conv_kernel(x, weight, z, *conv_args, engine)
+        conv_output.append(z if z_kernel is None else recompute.ConvOutput(x, weight, conv_args, z_kernel))
         if out is not None:
             ctx.mark_dirty(out)
         ctx.set_materialize_grads(False)
-        _save_for_backward(ctx, x, weight, bn_weight, bn_bias, stride, padding, dilation, groups, eps, act, z,
-                           mean, var)
+        _save_for_backward(ctx, x, weight, bn_weight, bn_bias, *conv_args, eps, act, z if z_kernel is None else None,
+                           mean, var, z_kernel)
         return y
 
     @staticmethod
@@ -251,7 +259,8 @@ class _Train(torch.autograd.Function):
 def train_transition_recorded(x, weight, bn_weight, bn_bias, stride, padding, dilation, groups, eps, act, engine,
                               out=None):
     """`train_transition` with autograd (eager mode; under a trace, `conv_bn_act_train`'s
-    registered formula): (y, z, mean, var), z the conv output its backward saves."""
+    registered formula): (y, z, mean, var), z the conv output its backward saves, or the
+    `recompute.ConvOutput` it recomputes it from (`routing.recomputed_conv_kernel`)."""
     stats = x.new_empty(2, weight.shape[0], dtype=stats_dtype(x.dtype))
     conv_output = []
     y = _Train.apply(out, x, weight, bn_weight, bn_bias, stride, padding, dilation, groups, eps, act, engine,
