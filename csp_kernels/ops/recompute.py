@@ -17,8 +17,9 @@ tensor for what z, two per-channel vectors and the activation already determine.
 Saved for a chain of ConvBNActs: one activation per unit (z) instead of two (z and the next
 unit's input). A unit whose input is a small fraction of its conv output and cheap to convolve
 again (a network's stem on the image) saves neither: its z is a `ConvOutput`, recomputed from
-x by the forward's kernel where its own backward or a recipe needs it. A recipe holds no new activation-sized tensor: the z's it names are saved by
-their producers anyway (their storage counted once), and the per-channel vectors are tiny.
+x by the forward's kernel where its own backward or a recipe needs it. A recipe holds no new
+activation-sized tensor: the z's it names are saved by their producers anyway (their storage
+counted once), and the per-channel vectors are tiny.
 
 A tag is valid while its tensor is unchanged: it records the tensor's version counter, and an
 in-place write (a residual add, a later write into the buffer) retires it; the stage then tags
