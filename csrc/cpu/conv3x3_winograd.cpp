@@ -4,12 +4,14 @@
 // AVX-512 CPUs, through `sgemm_avx512`; the weight comes transformed, U = G g G^T, from Python
 // (csp_kernels.ops.conv3x3.winograd_weight).
 //
-// Work goes in blocks of one sample's band of tile rows (at most 64 tiles where the image is
-// at most 128 wide, so that the block's 16 transformed inputs and outputs stay in L2): input
-// transform into scratch laid out as the GEMM's packed panels (read in place), the 16 GEMMs
-// with the U matrices packed once, output transform straight into `out`, which may be a
-// channel slice. The transforms run along image rows split into even and odd columns, so that
-// every inner loop is contiguous.
+// Work goes in blocks of 64 consecutive tiles of one sample, in row-major tile order (a block
+// may start and end inside a tile row), so that the block's 16 transformed inputs and outputs
+// stay in L2 and every GEMM fills the 64-column panel of `sgemm_avx512`'s micro-kernel (blocks
+// of whole tile rows left up to 38% of it idle: 40 tiles of an 80-wide map): input transform
+// into scratch laid out as the GEMM's packed panels (read in place), the 16 GEMMs with the U
+// matrices packed once, output transform straight into `out`, which may be a channel slice.
+// The transforms run along image rows split into even and odd columns, so that every inner
+// loop is contiguous.
 //
 // The weight gradient is the gradient of that computation: per tile, dM = A dY A^T (4x4 from
 // the 2x2 output-gradient tile), dU[xi] = sum over tiles of dM[xi] V[xi]^T (16 GEMMs of
@@ -39,15 +41,29 @@ namespace {
 
 constexpr int64_t kTilesPerBlock = 64;
 
+// A sample's tiles, their blocks of kTilesPerBlock (the last one shorter), and the most tile
+// rows a block spans.
 struct Geometry {
-  int64_t height, width, tile_rows, tile_cols, band_rows, bands;
+  int64_t height, width, tile_rows, tile_cols, tiles, blocks, span_rows;
 };
 
 Geometry geometry_of(int64_t height, int64_t width) {
-  Geometry g{height, width, (height + 1) / 2, (width + 1) / 2, 0, 0};
-  g.band_rows = std::max<int64_t>(1, kTilesPerBlock / g.tile_cols);
-  g.bands = (g.tile_rows + g.band_rows - 1) / g.band_rows;
+  Geometry g{height, width, (height + 1) / 2, (width + 1) / 2, 0, 0, 0};
+  g.tiles = g.tile_rows * g.tile_cols;
+  g.blocks = (g.tiles + kTilesPerBlock - 1) / kTilesPerBlock;
+  g.span_rows = std::min(g.tile_rows, (kTilesPerBlock - 1) / g.tile_cols + 2);
   return g;
+}
+
+// f(ty, lo, hi, at) for each tile row ty that tiles [t0, t1) of a sample meet: its columns
+// [lo, hi), the first of them at position `at` of the block.
+template <typename F>
+void for_each_tile_row(const Geometry& g, int64_t t0, int64_t t1, F&& f) {
+  for (int64_t ty = t0 / g.tile_cols; ty * g.tile_cols < t1; ++ty) {
+    const int64_t row0 = ty * g.tile_cols;
+    const int64_t lo = std::max(t0, row0) - row0, hi = std::min(t1, row0 + g.tile_cols) - row0;
+    f(ty, lo, hi, row0 + lo - t0);
+  }
 }
 
 // even[k] = row[2k - 1], odd[k] = row[2k] for k in [0, tile_cols], zero outside the image
@@ -79,114 +95,115 @@ float split_row(const float* row, const Geometry& g, float* even, float* odd) {
   return probe;
 }
 
-// V[xi][c][t] = (B^T d B)[xi] of channel c's patches, for the block's tile rows [ty0, ty1),
-// rows `ldv` floats apart. Returns false when the patches hold an inf or a NaN.
-// Scratch: split, (2 * (ty1 - ty0) + 2) rows x 2 x (tile_cols + 1); u, 8 x (tile_cols + 1).
-bool transform_input(const float* plane, const Geometry& g, int64_t ty0, int64_t ty1, int64_t c, int64_t channels,
+// V[xi][c][t] = (B^T d B)[xi] of channel c's patches, for the block's tiles [t0, t1), rows
+// `ldv` floats apart. Returns false when the patches hold an inf or a NaN.
+// Scratch: split, (2 * span_rows + 2) rows x 2 x (tile_cols + 1); u, 8 x (tile_cols + 1).
+bool transform_input(const float* plane, const Geometry& g, int64_t t0, int64_t t1, int64_t c, int64_t channels,
                      int64_t ldv, float* split, float* u, float* v) {
-  const int64_t n = g.tile_cols + 1, rows = 2 * (ty1 - ty0) + 2;
+  const int64_t n = g.tile_cols + 1, ty0 = t0 / g.tile_cols, rows = 2 * ((t1 - 1) / g.tile_cols - ty0 + 1) + 2;
   float probe = 0.0f;
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t y = 2 * ty0 - 1 + r;
     probe += split_row(y >= 0 && y < g.height ? plane + y * g.width : nullptr, g, split + 2 * r * n,
                        split + (2 * r + 1) * n);
   }
-  // u: u_i = (B^T d)_i, i = 0..3, each even then odd columns
-  for (int64_t ty = ty0; ty < ty1; ++ty) {
+  for_each_tile_row(g, t0, t1, [&](int64_t ty, int64_t lo, int64_t hi, int64_t at) {
+    // u: u_i = (B^T d)_i, i = 0..3, each even then odd columns
     const float* d = split + 2 * (2 * (ty - ty0)) * n;  // 4 rows, each even then odd
     for (int64_t half = 0; half < 2; ++half) {
       const float *d0 = d + half * n, *d1 = d + (2 + half) * n, *d2 = d + (4 + half) * n, *d3 = d + (6 + half) * n;
       float *u0 = u + half * n, *u1 = u0 + 2 * n, *u2 = u0 + 4 * n, *u3 = u0 + 6 * n;
 #pragma omp simd
-      for (int64_t k = 0; k < n; ++k) {
+      for (int64_t k = lo; k <= hi; ++k) {
         u0[k] = d0[k] - d2[k];
         u1[k] = d1[k] + d2[k];
         u2[k] = d2[k] - d1[k];
         u3[k] = d1[k] - d3[k];
       }
     }
-    const int64_t t0 = (ty - ty0) * g.tile_cols;
     for (int64_t i = 0; i < 4; ++i) {
-      const float *e = u + 2 * i * n, *o = e + n;
-      float* v0 = v + ((4 * i) * channels + c) * ldv + t0;
+      const float *e = u + 2 * i * n + lo, *o = e + n;
+      float* v0 = v + ((4 * i) * channels + c) * ldv + at;
       float* v1 = v0 + channels * ldv;
       float* v2 = v1 + channels * ldv;
       float* v3 = v2 + channels * ldv;
 #pragma omp simd
-      for (int64_t tx = 0; tx < g.tile_cols; ++tx) {
-        v0[tx] = e[tx] - e[tx + 1];
-        v1[tx] = o[tx] + e[tx + 1];
-        v2[tx] = e[tx + 1] - o[tx];
-        v3[tx] = o[tx] - o[tx + 1];
+      for (int64_t j = 0; j < hi - lo; ++j) {
+        v0[j] = e[j] - e[j + 1];
+        v1[j] = o[j] + e[j + 1];
+        v2[j] = e[j + 1] - o[j];
+        v3[j] = o[j] - o[j + 1];
       }
     }
-  }
+  });
   return probe == 0.0f;
 }
 
-// out's channel k over the block's tile rows: Y = A^T M A from M[xi][k][t]. Scratch s,
-// 8 x tile_cols: s[a][j] over tiles, A^T applied to M's columns.
-void transform_output(const float* m, const Geometry& g, int64_t ty0, int64_t ty1, int64_t k, int64_t channels,
+// out's channel k over the block's tiles [t0, t1): Y = A^T M A from M[xi][k][t]. Scratch s,
+// 8 x tile_cols: s[a][j] over the row's tiles, A^T applied to M's columns.
+void transform_output(const float* m, const Geometry& g, int64_t t0, int64_t t1, int64_t k, int64_t channels,
                       int64_t tiles, float* s, float* plane) {
-  for (int64_t ty = ty0; ty < ty1; ++ty) {
-    const int64_t t0 = (ty - ty0) * g.tile_cols, tc = g.tile_cols;
+  const int64_t tc = g.tile_cols;
+  for_each_tile_row(g, t0, t1, [&](int64_t ty, int64_t lo, int64_t hi, int64_t at) {
+    const int64_t w = hi - lo;
     for (int64_t j = 0; j < 4; ++j) {
-      const float* m0 = m + (j * channels + k) * tiles + t0;
+      const float* m0 = m + (j * channels + k) * tiles + at;
       const float* m1 = m0 + 4 * channels * tiles;
       const float* m2 = m1 + 4 * channels * tiles;
       const float* m3 = m2 + 4 * channels * tiles;
       float *s0 = s + j * tc, *s1 = s0 + 4 * tc;
 #pragma omp simd
-      for (int64_t tx = 0; tx < tc; ++tx) {
-        s0[tx] = m0[tx] + m1[tx] + m2[tx];
-        s1[tx] = m1[tx] - m2[tx] - m3[tx];
+      for (int64_t t = 0; t < w; ++t) {
+        s0[t] = m0[t] + m1[t] + m2[t];
+        s1[t] = m1[t] - m2[t] - m3[t];
       }
     }
+    // Tiles whose both columns are inside the image; the one after them, if any, has one.
+    const int64_t full = std::min(hi, g.width / 2) - lo;
     for (int64_t a = 0; a < 2; ++a) {
       const int64_t y = 2 * ty + a;
       if (y >= g.height) break;
       const float *q0 = s + 4 * a * tc, *q1 = q0 + tc, *q2 = q1 + tc, *q3 = q2 + tc;
-      float* row = plane + y * g.width;
-      const int64_t full = g.width / 2;  // tiles whose both columns are inside the image
+      float* row = plane + y * g.width + 2 * lo;
 #pragma omp simd
-      for (int64_t tx = 0; tx < full; ++tx) {
-        row[2 * tx] = q0[tx] + q1[tx] + q2[tx];
-        row[2 * tx + 1] = q1[tx] - q2[tx] - q3[tx];
+      for (int64_t t = 0; t < full; ++t) {
+        row[2 * t] = q0[t] + q1[t] + q2[t];
+        row[2 * t + 1] = q1[t] - q2[t] - q3[t];
       }
-      if (full < tc) row[2 * full] = q0[full] + q1[full] + q2[full];
+      if (full < w) row[2 * full] = q0[full] + q1[full] + q2[full];
     }
-  }
+  });
 }
 
-// dM[xi][k][t] = (A dY A^T)[xi] of output-gradient channel k's 2x2 tiles, for the block's tile
-// rows [ty0, ty1), rows `tiles` floats apart (A = [[1, 0], [1, 1], [1, -1], [0, -1]]). Returns
+// dM[xi][k][t] = (A dY A^T)[xi] of output-gradient channel k's 2x2 tiles, for the block's
+// tiles [t0, t1), rows `tiles` floats apart (A = [[1, 0], [1, 1], [1, -1], [0, -1]]). Returns
 // false when the tiles hold an inf or a NaN. Scratch split: 4 x (tile_cols + 1).
-bool transform_grad(const float* plane, const Geometry& g, int64_t ty0, int64_t ty1, int64_t k, int64_t channels,
+bool transform_grad(const float* plane, const Geometry& g, int64_t t0, int64_t t1, int64_t k, int64_t channels,
                     int64_t tiles, float* split, float* dm) {
   const int64_t n = g.tile_cols + 1;
   float probe = 0.0f;
-  for (int64_t ty = ty0; ty < ty1; ++ty) {
+  for_each_tile_row(g, t0, t1, [&](int64_t ty, int64_t lo, int64_t hi, int64_t at) {
     // split_row: odd[tx] = row[2 tx], even[tx + 1] = row[2 tx + 1], zero outside the image.
     float *e0 = split, *o0 = e0 + n, *e1 = o0 + n, *o1 = e1 + n;
     const int64_t y = 2 * ty;
     probe += split_row(plane + y * g.width, g, e0, o0);
     probe += split_row(y + 1 < g.height ? plane + (y + 1) * g.width : nullptr, g, e1, o1);
-    const int64_t t0 = (ty - ty0) * g.tile_cols;
     float* out[16];
-    for (int64_t xi = 0; xi < 16; ++xi) out[xi] = dm + (xi * channels + k) * tiles + t0;
+    for (int64_t xi = 0; xi < 16; ++xi) out[xi] = dm + (xi * channels + k) * tiles + at;
 #pragma omp simd
-    for (int64_t tx = 0; tx < g.tile_cols; ++tx) {
+    for (int64_t j = 0; j < hi - lo; ++j) {
+      const int64_t tx = lo + j;
       const float y00 = o0[tx], y01 = e0[tx + 1], y10 = o1[tx], y11 = e1[tx + 1];
       // Rows of A dY (a, b), then each row times A^T: (a, a + b, a - b, -b).
       const float r[4][2] = {{y00, y01}, {y00 + y10, y01 + y11}, {y00 - y10, y01 - y11}, {-y10, -y11}};
       for (int i = 0; i < 4; ++i) {
-        out[4 * i][tx] = r[i][0];
-        out[4 * i + 1][tx] = r[i][0] + r[i][1];
-        out[4 * i + 2][tx] = r[i][0] - r[i][1];
-        out[4 * i + 3][tx] = -r[i][1];
+        out[4 * i][j] = r[i][0];
+        out[4 * i + 1][j] = r[i][0] + r[i][1];
+        out[4 * i + 2][j] = r[i][0] - r[i][1];
+        out[4 * i + 3][j] = -r[i][1];
       }
     }
-  }
+  });
   return probe == 0.0f;
 }
 
@@ -215,9 +232,9 @@ void conv3x3_winograd_out_cpu(const at::Tensor& x, const at::Tensor& weight, con
   const float* xp = x.const_data_ptr<float>();
   const float* up = weight.const_data_ptr<float>();
   float* op = out.mutable_data_ptr<float>();
-  // V's rows are one packed GEMM panel (64 floats, 64-byte aligned) where a block has at most
-  // 64 tiles, so that `sgemm_avx512` reads it in place.
-  const int64_t max_tiles = g.band_rows * g.tile_cols, ldv = std::max<int64_t>(max_tiles, kTilesPerBlock);
+  // V's rows are one packed GEMM panel (64 floats, 64-byte aligned), which `sgemm_avx512`
+  // reads in place.
+  const int64_t max_tiles = std::min(g.tiles, kTilesPerBlock), ldv = kTilesPerBlock;
   // The 16 U matrices packed once for all blocks' GEMMs.
   const int64_t packed_size = sgemm_avx512_packed_a_size(K, C);
   std::vector<float> u_packed(16 * packed_size);
@@ -225,18 +242,18 @@ void conv3x3_winograd_out_cpu(const at::Tensor& x, const at::Tensor& weight, con
     sgemm_avx512_pack_a(K, C, up + xi * K * C, C, 1, u_packed.data() + xi * packed_size);
   }
   std::atomic<bool> finite{true};
-  at::parallel_for(0, X.batch * g.bands, 1, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, X.batch * g.blocks, 1, [&](int64_t b0, int64_t b1) {
     std::vector<float> v_storage(16 * C * ldv + 16), m(16 * K * max_tiles);
     float* v = v_storage.data() + (64 - reinterpret_cast<uintptr_t>(v_storage.data()) % 64) % 64 / sizeof(float);
-    std::vector<float> split(2 * (2 * g.band_rows + 2) * (g.tile_cols + 1)), u(8 * (g.tile_cols + 1));
+    std::vector<float> split(2 * (2 * g.span_rows + 2) * (g.tile_cols + 1)), u(8 * (g.tile_cols + 1));
     std::vector<float> s(8 * g.tile_cols);
     for (int64_t b = b0; b < b1; ++b) {
       if (conv_weight && !finite.load(std::memory_order_relaxed)) return;  // redone below
-      const int64_t n = b / g.bands, ty0 = (b % g.bands) * g.band_rows;
-      const int64_t ty1 = std::min(g.tile_rows, ty0 + g.band_rows), tiles = (ty1 - ty0) * g.tile_cols;
+      const int64_t n = b / g.blocks, t0 = (b % g.blocks) * kTilesPerBlock;
+      const int64_t t1 = std::min(g.tiles, t0 + kTilesPerBlock), tiles = t1 - t0;
       bool block_finite = true;
       for (int64_t c = 0; c < C; ++c) {
-        block_finite &= transform_input(xp + n * X.batch_stride + c * X.channel_stride, g, ty0, ty1, c, C, ldv,
+        block_finite &= transform_input(xp + n * X.batch_stride + c * X.channel_stride, g, t0, t1, c, C, ldv,
                                         split.data(), u.data(), v);
       }
       if (!block_finite) finite.store(false, std::memory_order_relaxed);
@@ -245,7 +262,7 @@ void conv3x3_winograd_out_cpu(const at::Tensor& x, const at::Tensor& weight, con
                      false, u_packed.data() + xi * packed_size);
       }
       for (int64_t k = 0; k < K; ++k) {
-        transform_output(m.data(), g, ty0, ty1, k, K, tiles, s.data(),
+        transform_output(m.data(), g, t0, t1, k, K, tiles, s.data(),
                          op + n * O.batch_stride + k * O.channel_stride);
       }
     }
@@ -271,24 +288,24 @@ at::Tensor conv3x3_winograd_weight_grad_cpu(const at::Tensor& x, const at::Tenso
   const Geometry g = geometry_of(x.size(2), x.size(3));
   const float* xp = x.const_data_ptr<float>();
   const float* gp = grad_y.const_data_ptr<float>();
-  const int64_t max_tiles = g.band_rows * g.tile_cols, ldv = std::max<int64_t>(max_tiles, kTilesPerBlock);
+  const int64_t max_tiles = std::min(g.tiles, kTilesPerBlock), ldv = kTilesPerBlock;
   std::vector<float> grad_u(16 * K * C, 0.0f);  // dU summed over the threads' partial sums
   std::mutex merge;
   std::atomic<bool> finite{true};
-  at::parallel_for(0, X.batch * g.bands, 1, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, X.batch * g.blocks, 1, [&](int64_t b0, int64_t b1) {
     std::vector<float> v(16 * C * ldv), dm(16 * K * max_tiles), partial(16 * K * C, 0.0f);
-    std::vector<float> split(2 * (2 * g.band_rows + 2) * (g.tile_cols + 1)), u(8 * (g.tile_cols + 1));
+    std::vector<float> split(2 * (2 * g.span_rows + 2) * (g.tile_cols + 1)), u(8 * (g.tile_cols + 1));
     for (int64_t b = b0; b < b1; ++b) {
       if (!finite.load(std::memory_order_relaxed)) return;
-      const int64_t n = b / g.bands, ty0 = (b % g.bands) * g.band_rows;
-      const int64_t ty1 = std::min(g.tile_rows, ty0 + g.band_rows), tiles = (ty1 - ty0) * g.tile_cols;
+      const int64_t n = b / g.blocks, t0 = (b % g.blocks) * kTilesPerBlock;
+      const int64_t t1 = std::min(g.tiles, t0 + kTilesPerBlock), tiles = t1 - t0;
       bool block_finite = true;
       for (int64_t c = 0; c < C; ++c) {
-        block_finite &= transform_input(xp + n * X.batch_stride + c * X.channel_stride, g, ty0, ty1, c, C, ldv,
+        block_finite &= transform_input(xp + n * X.batch_stride + c * X.channel_stride, g, t0, t1, c, C, ldv,
                                         split.data(), u.data(), v.data());
       }
       for (int64_t k = 0; k < K; ++k) {
-        block_finite &= transform_grad(gp + n * GY.batch_stride + k * GY.channel_stride, g, ty0, ty1, k, K, tiles,
+        block_finite &= transform_grad(gp + n * GY.batch_stride + k * GY.channel_stride, g, t0, t1, k, K, tiles,
                                        split.data(), dm.data());
       }
       if (!block_finite) {
