@@ -54,21 +54,31 @@ class ConvOutput:
     """A conv output recomputed where it is needed instead of saved: conv(x, weight) by the
     kernel that computed it in the forward (the same values), for a training ConvBNAct whose
     input is a small fraction of its conv output and cheap to convolve again (a network's stem
-    on the image: `routing.recomputes_conv_output`). Holds x and weight, which the op saves
-    anyway, and raises as autograd does if either was modified in place since."""
-    __slots__ = ("x", "weight", "conv_args", "kernel", "versions")
+    on the image: `routing.recomputed_conv_kernel`). Holds x and weight, which the op saves
+    anyway, and raises as autograd does if either was modified in place since. Computed once
+    for the recipes that rebuild the unit's output (whose backward comes first) and its own
+    backward, which releases it: on a 3-channel input the conv is slow for its size (22 ms
+    for cspdarknet53's stem at 4x3x256x256)."""
+    __slots__ = ("x", "weight", "conv_args", "kernel", "versions", "_z")
 
     def __init__(self, x: torch.Tensor, weight: torch.Tensor, conv_args: tuple, kernel: str):
         self.x, self.weight = x.detach(), weight.detach()
         self.conv_args, self.kernel = conv_args, kernel
         self.versions = (x._version, weight._version)
+        self._z = None
 
     def compute(self) -> torch.Tensor:
         if (self.x._version, self.weight._version) != self.versions:
             raise RuntimeError("one of the variables needed for gradient computation has been modified by an "
                                "inplace operation: the input or conv weight of a csp_kernels ConvBNAct, between "
                                "its forward and backward")
-        return run_conv(self.kernel, self.x, self.weight, *self.conv_args)
+        if self._z is None:
+            self._z = run_conv(self.kernel, self.x, self.weight, *self.conv_args)
+        return self._z
+
+    def release(self) -> None:
+        """Drops the computed z (the unit's own backward has run)."""
+        self._z = None
 
 
 class Activation(NamedTuple):
@@ -106,13 +116,10 @@ class Recipe:
         self.shape, self.pieces = tuple(shape), pieces
 
     def rebuild(self) -> torch.Tensor:
-        computed = {}  # id(ConvOutput) -> its z, computed once per rebuild however many pieces name it
         out = None
         for piece in self.pieces:
             for i, term in enumerate(piece.terms):
-                z = term.z
-                if isinstance(z, ConvOutput):
-                    z = computed[id(z)] if id(z) in computed else computed.setdefault(id(z), z.compute())
+                z = term.z.compute() if isinstance(term.z, ConvOutput) else term.z
                 if out is None:
                     out = z.new_empty(self.shape)
                 target = out[:, piece.start:piece.start + piece.channels]

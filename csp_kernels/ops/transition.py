@@ -158,13 +158,12 @@ def _(x, weight, bn_weight, bn_bias, stride, padding, dilation, groups, eps, act
 
 
 def _save_for_backward(ctx, x, weight, bn_weight, bn_bias, stride, padding, dilation, groups, eps, act, z, mean, var,
-                       z_kernel: str | None = None):
-    """Saves what `_train_backward` reads; z None with `z_kernel`: z is recomputed from x by
-    that kernel (`routing.recomputes_conv_output`)."""
+                       recomputed: recompute.ConvOutput | None = None):
+    """Saves what `_train_backward` reads: z, or with `recomputed` None in its place."""
     ctx.conv_args = (stride, padding, dilation, groups)
     ctx.act = act
-    ctx.z_kernel = z_kernel
-    ctx.save_for_backward(x, weight, bn_weight, bn_bias, z, mean, torch.rsqrt(var + eps))
+    ctx.recomputed = recomputed
+    ctx.save_for_backward(x, weight, bn_weight, bn_bias, None if recomputed else z, mean, torch.rsqrt(var + eps))
 
 
 def _train_backward(ctx, grad_y, needs_x: bool, needs_weight: bool):
@@ -172,7 +171,8 @@ def _train_backward(ctx, grad_y, needs_x: bool, needs_weight: bool):
     x, weight, bn_weight, bn_bias, z, mean, invstd = ctx.saved_tensors
     stride, padding, dilation, groups = ctx.conv_args
     if z is None:
-        z = run_conv(ctx.z_kernel, x, weight, stride, padding, dilation, groups)
+        z = ctx.recomputed.compute()
+        ctx.recomputed.release()
     bn_params = (mean, invstd, bn_weight.to(mean.dtype), bn_bias.to(mean.dtype), ctx.act)
     if routing.runs_as_gemm(x, weight, stride, padding, groups, training=True):
         grad_x, grad_weight, grad_bn_weight, grad_bn_bias = conv1x1_bn_act_backward(
@@ -235,12 +235,12 @@ class _Train(torch.autograd.Function):
         stats[1].copy_(var)
         conv_args = (stride, padding, dilation, groups)
         z_kernel = routing.recomputed_conv_kernel(x, weight, z, *conv_args, engine)
-        conv_output.append(z if z_kernel is None else recompute.ConvOutput(x, weight, conv_args, z_kernel))
+        recomputed = None if z_kernel is None else recompute.ConvOutput(x, weight, conv_args, z_kernel)
+        conv_output.append(recomputed or z)
         if out is not None:
             ctx.mark_dirty(out)
         ctx.set_materialize_grads(False)
-        _save_for_backward(ctx, x, weight, bn_weight, bn_bias, *conv_args, eps, act, z if z_kernel is None else None,
-                           mean, var, z_kernel)
+        _save_for_backward(ctx, x, weight, bn_weight, bn_bias, *conv_args, eps, act, z, mean, var, recomputed)
         return y
 
     @staticmethod
