@@ -4,6 +4,7 @@ they go."""
 import os
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
@@ -180,3 +181,25 @@ def test_eval_output_is_nchw_whatever_kernel_runs(monkeypatch, pinned, kernel_si
         y, expected = fused(x), ref(x)
     assert y.is_contiguous() and y.stride() == expected.stride()
     assert_matches_reference(y, expected.double())
+
+
+def test_threads_measuring_one_key_get_one_verdict(monkeypatch):
+    """Two threads measure one key at once and their timings disagree: both calls return the
+    verdict stored first (a caller that prepared a weight for one kernel must not then run
+    another's)."""
+    monkeypatch.setattr(conv_choice, "_verdicts", {})
+    both_measuring = threading.Barrier(2)
+    results = []
+
+    def call(measured: bool):
+        def measure(*_):
+            both_measuring.wait()
+            return measured
+        results.append(conv_choice._verdict(("test",), False, measure))
+
+    threads = [threading.Thread(target=call, args=(value,)) for value in (True, False)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 2 and results[0] == results[1] == conv_choice.measured_verdicts()[("test",)]

@@ -105,7 +105,9 @@ def _verdict(key: tuple, unmeasured_rule: bool, measure: Callable[..., bool]) ->
     if verdict is None:
         if torch.compiler.is_compiling():
             return unmeasured_rule
-        verdict = _verdicts[key] = measure(*key[1:])
+        # The first verdict stored stands: threads measuring one key at once would otherwise
+        # leave callers with different verdicts (a weight prepared for one kernel, run by another).
+        verdict = _verdicts.setdefault(key, measure(*key[1:]))
     return verdict
 
 
