@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+import csp_kernels
 from csp_kernels import checks
 
 
@@ -115,6 +116,16 @@ def test_check_module_input():
         checks.check_module_input(x.bfloat16(), module)
         with pytest.raises(ValueError, match=r"same device"):
             checks.check_module_input(x.to("meta"), module)
+
+
+def test_first_parameter_is_parameters_first():
+    """The parameter check_module_input compares against is next(module.parameters()): for a
+    module without parameters of its own (its first child's), one with (its own), one whose
+    first children have none, and none at all."""
+    stage = csp_kernels.C3k2(8, 16, 1, False, 0.5)
+    nested = nn.Sequential(nn.ReLU(), nn.Sequential(nn.Identity(), nn.Conv2d(2, 3, 1)), nn.Linear(2, 2))
+    for module in (stage, csp_kernels.ConvBNAct(4, 4), nn.Linear(2, 3), nested, nn.ReLU()):
+        assert checks._first_parameter(module) is next(module.parameters(), None)
 
 
 def test_activation_module():
