@@ -50,6 +50,12 @@ from .conv import run_conv
 MAX_TERMS = 3
 
 
+def _modified_in_place(what: str) -> RuntimeError:
+    """Autograd's error for a saved tensor modified in place, for `what` a recipe reads."""
+    return RuntimeError("one of the variables needed for gradient computation has been modified by an inplace "
+                        f"operation: {what} of a csp_kernels ConvBNAct, between its forward and backward")
+
+
 class ConvOutput:
     """A conv output recomputed where it is needed instead of saved: conv(x, weight) by the
     kernel that computed it in the forward (the same values), for a training ConvBNAct whose
@@ -69,9 +75,7 @@ class ConvOutput:
 
     def compute(self) -> torch.Tensor:
         if (self.x._version, self.weight._version) != self.versions:
-            raise RuntimeError("one of the variables needed for gradient computation has been modified by an "
-                               "inplace operation: the input or conv weight of a csp_kernels ConvBNAct, between "
-                               "its forward and backward")
+            raise _modified_in_place("the input or conv weight")
         if self._z is None:
             self._z = run_conv(self.kernel, self.x, self.weight, *self.conv_args)
         return self._z
@@ -131,9 +135,7 @@ class Recipe:
 
 def _evaluate(term: Activation, z: torch.Tensor, channels: int, out: torch.Tensor | None) -> torch.Tensor:
     if (term.weight._version, term.bias._version) != term.versions:
-        raise RuntimeError("one of the variables needed for gradient computation has been modified by an inplace "
-                           "operation: a BatchNorm weight or bias of a csp_kernels ConvBNAct, between its forward "
-                           "and backward")
+        raise _modified_in_place("a BatchNorm weight or bias")
     scale, shift = bn_scale_shift(term.mean, term.var, term.weight, term.bias, term.eps)
     stop = term.start + channels
     return scale_shift_act(z[:, term.start:stop], scale[term.start:stop], shift[term.start:stop], term.act,
