@@ -13,6 +13,7 @@ from ultralytics.nn.modules import block as yolo_block
 
 import csp_kernels
 from csp_kernels import reference
+from csp_kernels.profiling import SavedTensorsMeter
 from helpers import fused_backends, randomize_, rel_error
 from test_reference_stages import TIMM_STAGES, build_stage
 
@@ -234,6 +235,27 @@ def test_out_writes_into_a_slot_of_a_callers_buffer(case):
     assert rel_error(x_fused.grad, x_ref.grad) <= TOL64
     for (name, p), q in zip(fused.named_parameters(), ref.parameters()):
         assert rel_error(p.grad, q.grad) <= TOL64, name
+
+
+@pytest.mark.parametrize("act", ["relu", "leaky_relu"])
+def test_bottleneck_blocks_save_their_conv_outputs_and_output_only(act):
+    """In a chain of BottleneckBlocks, act3 runs in place on the residual sum: backward keeps
+    per block its three conv outputs (channels/4, /4, 1) and its output, which the next block's
+    conv1 reads (one storage), plus the chain's input; not the sum besides."""
+    channels, size = 32, 8
+    fused = nn.Sequential(*(csp_kernels.BottleneckBlock(channels, channels, act_layer=act) for _ in range(2)))
+    x = torch.randn(2, channels, size, size, requires_grad=True)
+    with SavedTensorsMeter() as meter:
+        y = fused(x)
+    unit = x.numel() * x.element_size()  # one (2, channels, 8, 8) float32 tensor
+    per_channel_stats = 2 * 3 * 4 * 2 * channels  # mean and var of three BatchNorms per block, at most
+    assert meter.bytes_excluding([*fused.parameters(), *fused.buffers()]) <= unit * (1 + 2 * 2.5) + per_channel_stats
+    y.sum().backward()  # the in-place activation's saved output is intact
+    ref = nn.Sequential(*(reference.BottleneckBlock(channels, channels, act_layer=act) for _ in range(2)))
+    ref.load_state_dict(fused.state_dict())
+    x_ref = x.detach().clone().requires_grad_()
+    ref(x_ref).sum().backward()
+    assert rel_error(x.grad, x_ref.grad) <= 1e-5
 
 
 @pytest.mark.parametrize("case", ["bottleneck", "DarkBlock-relu-1-8", "BottleneckBlock-mish-2-4"])

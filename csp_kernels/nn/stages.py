@@ -25,8 +25,9 @@ after the forward, since the blocks rebuild it in backward. Every tensor the sta
 ConvBNActs' own saved conv outputs (ops/recompute.py): saved for backward are x and one conv
 output per ConvBNAct.
 Residual blocks (Bottleneck with shortcut, DarkBlock) write their convolution into their slot
-and add the shortcut in place there. BottleneckBlock's act3 follows the add, so it runs
-unfused; a fused "BN -> + shortcut -> act" epilogue needs a C++ kernel (the next step).
+and add the shortcut in place there. BottleneckBlock's act3 follows the add; where its gradient
+can read its output (ReLU, LeakyReLU) it runs in place on the sum, so backward keeps the block's
+output only, which the next block's conv1 saves anyway.
 
 Every module takes `forward(x, out=None)` as ConvBNAct does: out, a (batch, channels, height,
 width) tensor with contiguous (height, width) planes such as a channel slot of a bigger NCHW
@@ -40,6 +41,7 @@ width).
 """
 from __future__ import annotations
 
+import functools
 from typing import Iterable
 
 import torch
@@ -236,8 +238,29 @@ class BottleneckBlock(reference.BottleneckBlock):
                                     ("conv3", self.conv3))) is not None:
             return y
         hidden = self.conv2(self.conv1(x))
-        y = self.act3(self.conv3(hidden, out=new_output(self.conv3, hidden)).add_(x))
+        activate_ = _in_place_activation(self.act3)
+        # A fresh or a caller's tensor, which no backward reads, is safe to add into in place;
+        # act3 saves its input unless it runs in place, so `out` then receives a copy.
+        target = out if out is not None and activate_ else new_output(self.conv3, hidden)
+        y = self.conv3(hidden, out=target).add_(x)
+        if activate_:
+            return activate_(y)
+        y = self.act3(y)
         return y if out is None else out.copy_(y)
+
+
+def _in_place_activation(act: nn.Module):
+    """The in-place form of `act` where its gradient reads its output as well as its input
+    (ReLU, LeakyReLU with a slope >= 0, which keep the input's sign; no hooks), else None:
+    in place on the block's sum, backward keeps one tensor, the output, which the next block's
+    conv saves anyway, instead of the sum too."""
+    if act._forward_hooks or act._forward_pre_hooks:
+        return None
+    if type(act) is nn.ReLU:
+        return torch.relu_
+    if type(act) is nn.LeakyReLU and act.negative_slope >= 0:
+        return functools.partial(nn.functional.leaky_relu_, negative_slope=act.negative_slope)
+    return None
 
 
 class DarkBlock(reference.DarkBlock):
