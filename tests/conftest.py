@@ -5,10 +5,11 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-# Tiny test shapes would measure oneDNN faster than our GEMMs and Winograd; the tests pin ours so that
+# Tiny test shapes would measure oneDNN faster than our GEMMs, Winograd and phases; the tests pin ours so that
 # they are exercised wherever they can run (tests/test_conv_choice.py tests the measured choice itself).
 os.environ.setdefault("CSP_KERNELS_CPU_CONV1X1", "gemm")
 os.environ.setdefault("CSP_KERNELS_CPU_CONV3X3", "winograd")
+os.environ.setdefault("CSP_KERNELS_CPU_CONV3X3_STRIDE2", "phases")
 # Likewise the property tests draw tiny maps, which the CPU backend runs as plain PyTorch by default
 # (ops.routing.eager_is_faster): pinned to the fused op (tests/test_partial_dense_block.py tests the route).
 os.environ.setdefault("CSP_KERNELS_CPU_DENSE_SMALL_MAPS", "fused")

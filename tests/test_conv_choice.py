@@ -155,9 +155,10 @@ def test_1x1_conv_bn_act_writes_a_buffer_slot_either_way(monkeypatch, pinned):
 
 
 @pytest.mark.parametrize("variable, choices", [("CSP_KERNELS_CPU_CONV3X3", "winograd"),
-                                               ("CSP_KERNELS_CPU_CONV1X1", "gemm")])
+                                               ("CSP_KERNELS_CPU_CONV1X1", "gemm"),
+                                               ("CSP_KERNELS_CPU_CONV3X3_STRIDE2", "phases")])
 def test_a_bad_pin_is_ignored_with_a_warning(variable, choices):
-    code = "import csp_kernels.ops.conv_choice as c; assert c._PINNED_1X1 == c._PINNED_3X3 == ''"
+    code = "import csp_kernels.ops.conv_choice as c; assert c._PINNED_1X1 == c._PINNED_3X3 == c._PINNED_STRIDE2 == ''"
     env = {k: v for k, v in os.environ.items() if not k.startswith("CSP_KERNELS_CPU_CONV")}
     run = subprocess.run([sys.executable, "-W", "error::UserWarning", "-c", code], capture_output=True, text=True,
                          env={**env, variable: "fastest"})

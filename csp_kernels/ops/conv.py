@@ -1,7 +1,8 @@
 """The generic convolution helpers every op family uses (transition, dense, dense eval,
-synchronized BatchNorm): the output shape, a bias-free conv and its backward by the kernel
-`ops.routing` picks, and the eval BatchNorm fold. The 1x1 GEMMs and Winograd themselves are
-ops/conv1x1.py and ops/conv3x3.py. Tests: tests/test_conv_bn_act.py, tests/test_conv3x3.py.
+synchronized BatchNorm): the output shape, a bias-free conv and its backward by the kernels
+`ops.routing` picks, and the eval BatchNorm fold. The 1x1 GEMMs, Winograd and the stride-2
+input gradient by phases themselves are ops/conv1x1.py, ops/conv3x3.py and ops/conv_phases.py.
+Tests: tests/test_conv_bn_act.py, tests/test_conv3x3.py, tests/test_conv_phases.py.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from . import routing
 from .batch_norm_act import bn_scale_shift, plane_contiguous
 from .conv1x1 import gemm_conv1x1
 from .conv3x3 import conv3x3_winograd, conv3x3_winograd_weight_grad
+from .conv_phases import conv3x3_stride2_input_grad
 
 
 def conv_output_shape(x_shape, weight_shape, stride, padding, dilation) -> tuple[int, int, int, int]:
@@ -59,21 +61,22 @@ def conv(x, weight, stride, padding, dilation, groups, training: bool):
 
 
 def conv_backward(grad_z, x, weight, stride, padding, dilation, groups, needs_x: bool, needs_weight: bool):
-    """(grad_x, grad_weight) of conv2d(x, weight), None where not needed."""
+    """(grad_x, grad_weight) of conv2d(x, weight), None where not needed, each by the kernel
+    `ops.routing` picks; ATen computes both in one call where it computes both."""
     if not (needs_x or needs_weight):
         return None, None
-    # The input gradient is the same convolution of grad_z with the flipped, transposed weight.
-    weight_t = weight.transpose(0, 1)
-    winograd_x = needs_x and routing.runs_as_winograd(grad_z, weight_t, stride, padding, dilation, groups)
+    x_kernel = routing.conv_input_grad_kernel(x, grad_z, weight, stride, padding, dilation, groups) if needs_x else ""
     winograd_weight = needs_weight and routing.runs_winograd_weight_grad(x, grad_z, weight, stride, padding, dilation,
                                                                          groups)
     grad_x = grad_weight = None
-    if (needs_x and not winograd_x) or (needs_weight and not winograd_weight):
+    if x_kernel == "aten" or (needs_weight and not winograd_weight):
         grad_x, grad_weight, _ = torch.ops.aten.convolution_backward(
             grad_z, x, weight, None, stride, padding, dilation, False, [0, 0], groups,
-            [needs_x and not winograd_x, needs_weight and not winograd_weight, False])
-    if winograd_x:
-        grad_x = conv3x3_winograd(grad_z, weight_t.flip(2, 3))
+            [x_kernel == "aten", needs_weight and not winograd_weight, False])
+    if x_kernel == "winograd":  # the same convolution of grad_z with the flipped, transposed weight
+        grad_x = conv3x3_winograd(grad_z, weight.transpose(0, 1).flip(2, 3))
+    elif x_kernel == "phases":
+        grad_x = conv3x3_stride2_input_grad(grad_z, weight, x.shape)
     if winograd_weight:
         grad_weight = conv3x3_winograd_weight_grad(x, grad_z)
     return grad_x, grad_weight

@@ -6,6 +6,8 @@ convolution, decided by measuring the candidates once per shape in this process:
   3x3 stride-1  Winograd F(2x2, 3x3) (`ops.conv3x3`) or ATen's (oneDNN) — `winograd_chosen`
                 for the forward and input gradient, `winograd_weight_grad_chosen` for the
                 weight gradient;
+  3x3 stride-2  the input gradient as four stride-1 convolutions, one per input phase
+                (`ops.conv_phases`), or ATen's backward — `phases_input_grad_chosen`;
   other eval    oneDNN's post-op convolution with a prepacked weight, or ATen's convolution
                 and a bias + act pass — `onednn_eval_chosen`.
 
@@ -17,10 +19,11 @@ below) each plane GEMM is a few dozen columns wide and re-reads the weight per s
 batched kernels win by up to several times. A first call per key times both candidates and keeps
 the faster; later calls look it up.
 
-CSP_KERNELS_CPU_CONV1X1 = "gemm" | "onednn" and CSP_KERNELS_CPU_CONV3X3 = "winograd" | "onednn"
-pin the choices (read once); unset measures. Inside a torch.compile / torch.export trace nothing
-can be timed: a shape measured before the trace keeps its verdict, an unmeasured one takes the
-rule that large maps go to our kernels (`_UNMEASURED_MIN_PIXELS`, `_UNMEASURED_MIN_SIDE`).
+CSP_KERNELS_CPU_CONV1X1 = "gemm" | "onednn", CSP_KERNELS_CPU_CONV3X3 = "winograd" | "onednn" and
+CSP_KERNELS_CPU_CONV3X3_STRIDE2 = "phases" | "onednn" pin the choices (read once); unset
+measures. Inside a torch.compile / torch.export trace nothing can be timed: a shape measured
+before the trace keeps its verdict, an unmeasured one takes the rule that large maps go to our
+kernels (`_UNMEASURED_MIN_PIXELS`, `_UNMEASURED_MIN_SIDE`; oneDNN's for the stride-2 gradient).
 """
 from __future__ import annotations
 
@@ -33,6 +36,7 @@ import torch.nn.functional as F
 from ..checks import env_choice
 from .batch_norm_act import bn_act_backward, channel_stats, plane_contiguous, scale_shift_act
 from .conv3x3 import conv3x3_winograd, conv3x3_winograd_weight_grad, winograd_weight
+from .conv_phases import conv3x3_stride2_input_grad
 from .fold_cache import same_bits
 
 CONV1X1_ENV_VAR = "CSP_KERNELS_CPU_CONV1X1"
@@ -41,6 +45,9 @@ CONV3X3_ENV_VAR = "CSP_KERNELS_CPU_CONV3X3"
 CONV3X3_CHOICES = ("winograd", "onednn")
 _PINNED_1X1 = env_choice(CONV1X1_ENV_VAR, CONV1X1_CHOICES, "")
 _PINNED_3X3 = env_choice(CONV3X3_ENV_VAR, CONV3X3_CHOICES, "")
+STRIDE2_ENV_VAR = "CSP_KERNELS_CPU_CONV3X3_STRIDE2"
+STRIDE2_CHOICES = ("phases", "onednn")
+_PINNED_STRIDE2 = env_choice(STRIDE2_ENV_VAR, STRIDE2_CHOICES, "")
 # The smallest maps on which our kernels won in every measurement we have (2-core Zen 4: 1x1
 # train from 28x28 at 128-1024 channels; 3x3 from 14x14).
 _UNMEASURED_MIN_PIXELS = 28 * 28
@@ -81,6 +88,16 @@ def winograd_weight_grad_chosen(x_shape, weight_shape) -> bool:
                     min(x_shape[2], x_shape[3]) >= _UNMEASURED_MIN_SIDE, _winograd_weight_grad_faster)
 
 
+def phases_input_grad_chosen(x_shape, weight_shape) -> bool:
+    """Whether the input gradient of a float32 CPU conv2d(x, weight, stride=2, padding=1), 3x3,
+    should run as four stride-1 convolutions, one per input phase (`ops.conv_phases`), rather
+    than as oneDNN's backward. Inside a trace, unmeasured: oneDNN's (the phases won on maps of
+    about 100 pixels a side and more, and lost up to 5x on small ones)."""
+    if _PINNED_STRIDE2:
+        return _PINNED_STRIDE2 == "phases"
+    return _verdict(("3x3 stride-2 input grad", tuple(x_shape), tuple(weight_shape)), False, _phases_faster)
+
+
 def onednn_eval_chosen(x_shape, weight_shape, stride, padding, dilation, groups) -> bool:
     """Whether a float32 CPU eval conv of this geometry should run as oneDNN's convolution with
     the activation as a post-op and a weight (BN folded in) prepacked once, rather than as ATen's
@@ -94,9 +111,9 @@ def onednn_eval_chosen(x_shape, weight_shape, stride, padding, dilation, groups)
 
 def measured_verdicts() -> dict[tuple, bool]:
     """What this process measured so far: ("1x1" | "3x3", input shape, weight shape, training |
-    transform cached), ("3x3 weight grad", input shape, weight shape) or ("onednn eval", input
-    shape, weight shape, stride, padding, dilation, groups) -> whether our kernel (oneDNN's
-    prepacked one for the last) won."""
+    transform cached), ("3x3 weight grad" | "3x3 stride-2 input grad", input shape, weight
+    shape) or ("onednn eval", input shape, weight shape, stride, padding, dilation, groups) ->
+    whether our kernel (oneDNN's prepacked one for the last) won."""
     return dict(_verdicts)
 
 
@@ -202,3 +219,11 @@ def _winograd_weight_grad_faster(x_shape, weight_shape) -> bool:
     return _faster(lambda: conv3x3_winograd_weight_grad(x, grad_y),
                    lambda: torch.ops.aten.convolution_backward(grad_y, x, weight, None, [1, 1], [1, 1], [1, 1], False,
                                                                [0, 0], 1, [False, True, False]))
+
+
+def _phases_faster(x_shape, weight_shape) -> bool:
+    x, weight = torch.empty(x_shape), torch.randn(weight_shape)
+    grad_z = torch.randn(x_shape[0], weight_shape[0], (x_shape[2] + 1) // 2, (x_shape[3] + 1) // 2)
+    return _faster(lambda: conv3x3_stride2_input_grad(grad_z, weight, x_shape),
+                   lambda: torch.ops.aten.convolution_backward(grad_z, x, weight, None, [2, 2], [1, 1], [1, 1], False,
+                                                               [0, 0], 1, [True, False, False]))

@@ -37,7 +37,10 @@ The engine is an op argument (so that a compiled graph keeps it), from the backe
   training transition backward  any     as `runs_as_gemm(training=True)`               csrc conv1x1_bn_act_backward,
                                                                                        else bn_act_backward +
                                                                                        conv_backward
-  conv input gradient           any     as `runs_as_winograd` for grad_z               Winograd, else ATen
+  conv input gradient           any     as `runs_as_winograd` for grad_z               "winograd"
+    (`conv_input_grad_kernel`)  CPU     f32        3x3 stride 2 padding 1, measured    "phases": ops/conv_phases.py
+                                                   faster
+                                        otherwise                                      "aten"
   conv weight gradient          any     as `runs_winograd_weight_grad`                 Winograd, else ATen
   eval transition conv          triton                     1x1                         "triton" (bias + act epilogue)
     (`eval_conv_kernel`)        aten    as `runs_as_gemm(training=False)`              "gemm" (bias + act epilogue)
@@ -69,7 +72,8 @@ import torch
 from .. import extension
 from ..checks import env_choice
 from .batch_norm_act import planes_contiguous
-from .conv_choice import gemm_chosen, onednn_eval_chosen, winograd_chosen, winograd_weight_grad_chosen
+from .conv_choice import (gemm_chosen, onednn_eval_chosen, phases_input_grad_chosen, winograd_chosen,
+                          winograd_weight_grad_chosen)
 
 CPU_KERNEL_DTYPES = (torch.float32, torch.float64)
 
@@ -208,6 +212,21 @@ def _winograd_runs(x, weight, stride, padding, dilation, groups) -> bool:
     conv of plane-contiguous float32 CPU data, AVX-512 present."""
     return (winograd_usable(x) and tuple(weight.shape[2:]) == (3, 3) and tuple(stride) == (1, 1)
             and tuple(padding) == (1, 1) and tuple(dilation) == (1, 1) and groups == 1 and planes_contiguous(x))
+
+
+def conv_input_grad_kernel(x, grad_z, weight, stride, padding, dilation, groups) -> str:
+    """What computes the input gradient of conv2d(x, weight) from grad_z: "winograd" (the
+    stride-1 convs `runs_as_winograd` takes: the same convolution of grad_z with the flipped,
+    transposed weight), "phases" (float32 CPU 3x3 stride-2 "same" convs, one stride-1
+    convolution per input phase, `ops.conv_phases`, where measured faster than oneDNN's
+    backward: `conv_choice.phases_input_grad_chosen`) or "aten"."""
+    if runs_as_winograd(grad_z, weight.transpose(0, 1), stride, padding, dilation, groups):
+        return "winograd"
+    if (grad_z.device.type == "cpu" and grad_z.dtype == torch.float32 and tuple(weight.shape[2:]) == (3, 3)
+            and tuple(stride) == (2, 2) and tuple(padding) == (1, 1) and tuple(dilation) == (1, 1) and groups == 1
+            and phases_input_grad_chosen(x.shape, weight.shape)):
+        return "phases"
+    return "aten"
 
 
 def runs_winograd_weight_grad(x, grad_z, weight, stride, padding, dilation, groups) -> bool:
