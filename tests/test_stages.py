@@ -216,6 +216,17 @@ def test_forward_runs_no_concat(case):
     assert calls.get("activation copies", 0) == (1 if case.startswith("timm") else 0), calls
 
 
+@pytest.mark.parametrize("case", ["timm-darknet", "timm-cs3"])
+def test_backward_concatenates_the_halves_gradients(case):
+    """The cross stages split conv_exp's output in two: backward concatenates the halves'
+    gradients (one aten.cat) rather than zero-filling, copying and adding a slice gradient each."""
+    _, fused, in_channels = make_pair(case)
+    y = fused(torch.randn(2, in_channels, 8, 8, dtype=torch.float64, requires_grad=True))
+    with OpCalls() as log:
+        y.sum().backward()
+    assert log.calls.get("aten.slice_backward", 0) == 0 and log.calls.get("aten.cat", 0) == 1, log.calls
+
+
 @pytest.mark.parametrize("case", ["bottleneck", "c2f", "c3k2-c3k", "c3", "DarkBlock-relu-1-8",
                                   "BottleneckBlock-mish-2-4", "timm-darknet", "timm-cs3", "timm-dark"])
 def test_out_writes_into_a_slot_of_a_callers_buffer(case):

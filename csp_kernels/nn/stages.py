@@ -10,7 +10,7 @@ and every buffer slot is checked and sized by the shared helpers (`ops.conv.conv
 
 No torch.cat or chunk runs: a call allocates one buffer holding the concat its last 1x1
 convolution reads; every ConvBNAct and block writes its output straight into its channel slot
-with `forward(x, out=slot)` and the split is a view:
+with `forward(x, out=slot)` and the split costs no copy:
   C2f, C3k2    [cv1 (2c) | m[0] (c) | ... | m[n-1] (c)]; block i reads slot 1 + i; cv2 reads all.
   C3, C3k      [m(cv1(x)) | cv2(x)]; cv3 reads all.
   CrossStage   [xs | xb] from conv_exp; conv_transition_b(blocks(xb)) replaces xb; conv_transition reads all.
@@ -18,7 +18,9 @@ with `forward(x, out=slot)` and the split is a view:
 A slot is a tensor of its own over the buffer's memory (`slot`), not a view, and the last conv
 reads the slots' outputs as one tensor (`gather`): autograd sees each write as a plain output,
 so the backward hands each slot its channels of the buffer's gradient as views, without the
-copies of the whole buffer's gradient that writes into views cost. The cross stages' blocks
+copies of the whole buffer's gradient that writes into views cost. The cross stages split
+conv_exp's output into two such tensors (`halves`), whose gradients backward concatenates once.
+The cross stages' blocks
 read a copy of their half while autograd records (the stage overwrites that half); it is freed
 after the forward, since the blocks rebuild it in backward. Every tensor the stage assembles
 (the buffer, a block's input, a residual sum) is tagged with how to rebuild it from the
@@ -71,6 +73,36 @@ def slot(buf: torch.Tensor, start: int, stop: int) -> torch.Tensor:
 def channels(t: torch.Tensor, start: int, stop: int) -> torch.Tensor:
     """t[:, start:stop], rebuildable in backward as t is (ops/recompute.py)."""
     return recompute.tag(t[:, start:stop], recompute.narrow(recompute.recipe_of(t), start, stop))
+
+
+class _Halves(torch.autograd.Function):
+    """t's channels [0, half) and [half, C) as two tensors over its memory (`slot`): backward
+    concatenates their gradients (zeros for one that has none) in one pass, where two slices
+    would each fill a zero tensor of t's shape, copy their channels in, and add the two."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor, half: int) -> tuple[torch.Tensor, torch.Tensor]:
+        ctx.shapes = t[:, :half].shape, t[:, half:].shape
+        ctx.set_materialize_grads(False)
+        return slot(t, 0, half), slot(t, half, t.shape[1])
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor | None):
+        if all(g is None for g in grads):
+            return None, None
+        like = next(g for g in grads if g is not None)
+        return torch.cat([like.new_zeros(shape) if g is None else g for g, shape in zip(grads, ctx.shapes)], 1), None
+
+
+def halves(t: torch.Tensor, half: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(t[:, :half], t[:, half:]), each rebuildable in backward as t is (ops/recompute.py)."""
+    if torch.is_grad_enabled() and t.requires_grad:
+        first, second = _Halves.apply(t, half)
+    else:
+        first, second = t[:, :half], t[:, half:]
+    recipe = recompute.recipe_of(t)
+    return (recompute.tag(first, recompute.narrow(recipe, 0, half)),
+            recompute.tag(second, recompute.narrow(recipe, half, t.shape[1])))
 
 
 class _Gather(torch.autograd.Function):
@@ -300,12 +332,11 @@ class CrossStage(reference.CrossStage):
         half = self.expand_chs // 2
         down = self.conv_down(x)
         buf = new_output(self.conv_exp, down)
-        expanded = self.conv_exp(down, out=slot(buf, 0, self.expand_chs))
+        xs, xb = halves(self.conv_exp(down, out=slot(buf, 0, self.expand_chs)), half)
         # conv_transition_b overwrites xb's channels: the blocks read a copy while autograd records.
-        xb = channels(expanded, half, self.expand_chs)
         xb = recompute.tag(xb.clone(), recompute.recipe_of(xb)) if torch.is_grad_enabled() else xb
         xb = self.conv_transition_b(self.blocks(xb), out=slot(buf, half, self.expand_chs))
-        return self.conv_transition(gather(buf, [channels(expanded, 0, half), xb]), out=out)
+        return self.conv_transition(gather(buf, [xs, xb]), out=out)
 
 
 class CrossStage3(reference.CrossStage3):
@@ -320,13 +351,12 @@ class CrossStage3(reference.CrossStage3):
         half = self.expand_chs // 2
         down = self.conv_down(x)
         buf = new_output(self.conv_exp, down)
-        expanded = self.conv_exp(down, out=slot(buf, 0, self.expand_chs))
+        x1, x2 = halves(self.conv_exp(down, out=slot(buf, 0, self.expand_chs)), half)
         # The blocks overwrite x1's channels: they read a copy while autograd records; without
         # autograd a one-block stage reads x1 where it writes, and the block copies then.
-        x1 = channels(expanded, 0, half)
         x1 = recompute.tag(x1.clone(), recompute.recipe_of(x1)) if torch.is_grad_enabled() else x1
         x1 = _run_blocks(self.blocks, x1, slot(buf, 0, half))
-        return self.conv_transition(gather(buf, [x1, channels(expanded, half, self.expand_chs)]), out=out)
+        return self.conv_transition(gather(buf, [x1, x2]), out=out)
 
 
 class DarkStage(reference.DarkStage):
