@@ -4,6 +4,8 @@ What must hold: the rebuilt tensor is the forward's, bit for bit, so gradients a
 with every input saved; the saved bytes drop to one activation per unit; autograd's in-place
 checks still fire; an outer saved-tensors hook (checkpoint, offloading) turns recipes off; a tensor
 a caller keeps does not keep its producer's z once the graph is gone."""
+import contextlib
+
 import pytest
 import torch
 from torch import nn
@@ -32,11 +34,12 @@ def activation_bytes(module: nn.Module, meter: SavedTensorsMeter) -> int:
     return meter.bytes_excluding(list(module.parameters()) + list(module.buffers()))
 
 
-def conv_output_bytes(ref: nn.Module, x: torch.Tensor) -> int:
-    """Bytes of every ConvBNAct's output in ref(x): what the fused twin saves as z."""
+def conv_output_bytes(ref: nn.Module, x: torch.Tensor, but: tuple[nn.Module, ...] = ()) -> int:
+    """Bytes of every ConvBNAct's output in ref(x), but those of `but`: what the fused twin
+    saves as z."""
     sizes = []
     hooks = [m.register_forward_hook(lambda m, i, o: sizes.append(o.numel() * o.element_size()))
-             for m in ref.modules() if isinstance(m, reference.ConvBNAct)]
+             for m in ref.modules() if isinstance(m, reference.ConvBNAct) and m not in but]
     with torch.no_grad():
         ref(x)
     for h in hooks:
@@ -99,8 +102,9 @@ def test_stage_gradients_bitwise_as_when_saved(case):
 
 @pytest.mark.parametrize("stage", ["C3k2", "CrossStage"])
 def test_stage_saves_input_and_conv_outputs(stage):
-    """C3k2 (two Bottlenecks) and a CrossStage of three DarkBlocks save x and each ConvBNAct's z;
-    every concat slot and block input is rebuilt (within MAX_TERMS terms)."""
+    """C3k2 (two Bottlenecks) and a CrossStage of two DarkBlocks save x and each ConvBNAct's z
+    but conv_exp's (16 -> 32 channels, 1x1, on conv_down's output: recomputed); every concat
+    slot and block input is rebuilt (within MAX_TERMS terms)."""
     if stage == "C3k2":
         ref = reference.C3k2(16, 32, 2, False, 0.5)
         x = torch.randn(2, 16, 12, 12)
@@ -117,7 +121,7 @@ def test_stage_saves_input_and_conv_outputs(stage):
     x.requires_grad_()
     with SavedTensorsMeter() as meter:
         fused(x)
-    expected = x.numel() * 4 + conv_output_bytes(ref, x)
+    expected = x.numel() * 4 + conv_output_bytes(ref, x, but=(getattr(ref, "conv_exp", None),))
     units = sum(isinstance(m, csp_kernels.ConvBNAct) for m in fused.modules())
     assert expected <= activation_bytes(fused, meter) <= expected + units * 2 * 32 * 8
 
@@ -252,6 +256,42 @@ def test_stem_conv_output_is_recomputed_not_saved(dtype, monkeypatch):
     stem_z = 2 * 32 * 16 * 16 * x.element_size()
     assert saved == saved_with_z - stem_z
     assert all(torch.equal(a, b) for a, b in zip(grads, grads_with_z))
+
+
+def expansion(module_ns, dtype=torch.float64) -> nn.Sequential:
+    """A unit, then an expanding 1x1 (8 -> 24 channels) whose input is the first unit's output:
+    its z, three times its input, is recomputed in backward from the rebuilt input."""
+    return nn.Sequential(module_ns.ConvBNAct(6, 8, 3, act="leaky_relu"),
+                         module_ns.ConvBNAct(8, 24, 1, act="silu")).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_expanding_1x1_conv_output_is_recomputed_not_saved(dtype, monkeypatch):
+    fused, ref = expansion(csp_kernels, dtype), expansion(reference, dtype)
+    fused.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 6, 10, 10, dtype=dtype)
+
+    def step(outer_hook=None):
+        leaf = x.clone().requires_grad_()
+        with SavedTensorsMeter() as meter, outer_hook or contextlib.nullcontext():
+            y = fused(leaf)
+        y.backward(torch.ones_like(y))
+        grads = [leaf.grad] + [p.grad.clone() for p in fused.parameters()]
+        fused.zero_grad()
+        return activation_bytes(fused, meter), grads
+
+    saved, grads = step()
+    expanded_z = 2 * 24 * 10 * 10 * x.element_size()
+    # x, the first unit's z, and each unit's mean and invstd
+    assert saved == (x.numel() + 2 * 8 * 10 * 10 + 2 * (8 + 24)) * x.element_size()
+    _, grads_saving = step(without_recipes())  # under an outer hook, z is saved as itself
+    monkeypatch.setattr(routing, "recomputed_conv_kernel", lambda *args: None)
+    saved_with_z, grads_with_z = step()
+    assert saved == saved_with_z - expanded_z
+    assert all(torch.equal(a, b) for a, b in zip(grads, grads_with_z))
+    assert all(torch.equal(a, b) for a, b in zip(grads, grads_saving))
+    y_ref = ref(x.clone().requires_grad_())
+    assert rel_error(fused(x), y_ref) <= (1e-5 if dtype == torch.float32 else 1e-12)
 
 
 def test_recomputed_conv_output_checks_its_weight():

@@ -17,7 +17,9 @@ tensor for what z, two per-channel vectors and the activation already determine.
 Saved for a chain of ConvBNActs: one activation per unit (z) instead of two (z and the next
 unit's input). A unit whose input is a small fraction of its conv output and cheap to convolve
 again (a network's stem on the image) saves neither: its z is a `ConvOutput`, recomputed from
-x by the forward's kernel where its own backward or a recipe needs it. A recipe holds no new
+x by the forward's kernel where its own backward or a recipe needs it; so is the z of an
+expanding 1x1 (z at least twice x, as CSP stages' conv_exp and BottleneckBlock's conv3) whose
+input is itself rebuilt from a recipe: its GEMM runs again in backward. A recipe holds no new
 activation-sized tensor: the z's it names are saved by their producers anyway (their storage
 counted once), and the per-channel vectors are tiny.
 
@@ -44,6 +46,7 @@ import torch
 
 from .batch_norm_act import bn_scale_shift, scale_shift_act
 from .conv import run_conv
+from .conv1x1 import conv1x1_fused
 
 # Terms summed per channel at most: a rebuild costs one pass per term, and a residual chain's
 # k-th output would otherwise take k + 1.
@@ -59,25 +62,32 @@ def _modified_in_place(what: str) -> RuntimeError:
 class ConvOutput:
     """A conv output recomputed where it is needed instead of saved: conv(x, weight) by the
     kernel that computed it in the forward (the same values), for a training ConvBNAct whose
-    input is a small fraction of its conv output and cheap to convolve again (a network's stem
-    on the image: `routing.recomputed_conv_kernel`). Holds x and weight, which the op saves
-    anyway, and raises as autograd does if either was modified in place since. Computed once
+    conv is cheap to run again for the memory it spares (`routing.recomputed_conv_kernel`): a
+    network's stem on the image, or an expanding 1x1 whose input is rebuilt from its recipe.
+    Holds weight and x, or x's recipe where x has one (both of which the op saves anyway), and
+    raises as autograd does if the weight or a held x was modified in place since. Computed once
     for the recipes that rebuild the unit's output (whose backward comes first) and its own
     backward, which releases it: on a 3-channel input the conv is slow for its size (22 ms
     for cspdarknet53's stem at 4x3x256x256)."""
     __slots__ = ("x", "weight", "conv_args", "kernel", "versions", "_z")
 
     def __init__(self, x: torch.Tensor, weight: torch.Tensor, conv_args: tuple, kernel: str):
-        self.x, self.weight = x.detach(), weight.detach()
-        self.conv_args, self.kernel = conv_args, kernel
-        self.versions = (x._version, weight._version)
+        recipe = recipe_of(x) if rebuilt_in_backward(x) else None
+        self.x = x.detach() if recipe is None else recipe
+        self.weight, self.conv_args, self.kernel = weight.detach(), conv_args, kernel
+        self.versions = (x._version if recipe is None else None, weight._version)
         self._z = None
 
     def compute(self) -> torch.Tensor:
-        if (self.x._version, self.weight._version) != self.versions:
+        held = self.x if isinstance(self.x, torch.Tensor) else None
+        if (None if held is None else held._version, self.weight._version) != self.versions:
             raise _modified_in_place("the input or conv weight")
         if self._z is None:
-            self._z = run_conv(self.kernel, self.x, self.weight, *self.conv_args)
+            x = self.x.rebuild() if held is None else held
+            if self.kernel == "gemm":  # the training forward's GEMM (`ops.transition._batch_stats_conv`)
+                self._z = conv1x1_fused(x, self.weight)
+            else:
+                self._z = run_conv(self.kernel, x, self.weight, *self.conv_args)
         return self._z
 
     def release(self) -> None:
@@ -257,6 +267,7 @@ def _hooks(outer_pack, outer_unpack):
         _check_version(packed)
         return outer_unpack(packed.value) if outer_unpack else packed.value
 
+    pack.saves_recipes = True
     return pack, unpack
 
 
@@ -279,3 +290,10 @@ def saving_recipes() -> contextlib.AbstractContextManager:
     if getattr(getattr(outer[0], "__self__", None), "recipe_transparent", False):
         return torch.autograd.graph.saved_tensors_hooks(*_hooks(*outer))
     return contextlib.nullcontext()
+
+
+def rebuilt_in_backward(t: torch.Tensor) -> bool:
+    """Whether autograd, saving t now, would save its recipe (rebuilt in backward): t is tagged
+    and unchanged, inside `saving_recipes()` with no outer hook that decides otherwise."""
+    top = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    return top is not None and getattr(top[0], "saves_recipes", False) and recipe_of(t) is not None

@@ -31,9 +31,9 @@ The engine is an op argument (so that a compiled graph keeps it), from the backe
                                                 otherwise                              "aten": oneDNN / cuDNN
   training transition conv      triton  any                1x1 (`triton_eligible`)     "triton" (statistics in the
     (`train_conv_kernel`)                                                              epilogue), else `conv_kernel`
-  training transition: z saved  CPU     x <= z / 4, owns its memory, <= 256 MACs per   recomputed from x in backward
-    or recomputed                       output, kernel not a GEMM                       by the forward's kernel
-    (`recomputed_conv_kernel`)
+  training transition: z saved  CPU     <= 256 MACs per output, and x <= z / 4 owning  recomputed from x in backward
+    or recomputed                       its memory, kernel not a GEMM; or x rebuilt    by the forward's kernel
+    (`recomputed_conv_kernel`)          from a recipe, z >= 2x, kernel the GEMM
   training transition backward  any     as `runs_as_gemm(training=True)`               csrc conv1x1_bn_act_backward,
                                                                                        else bn_act_backward +
                                                                                        conv_backward
@@ -256,19 +256,25 @@ def train_conv_kernel(x, weight, stride, padding, dilation, groups, engine: str)
     return conv_kernel(x, weight, stride, padding, dilation, groups, training=True)
 
 
-def recomputed_conv_kernel(x, weight, z, stride, padding, dilation, groups, engine: str) -> str | None:
-    """The kernel by which a training transition's backward recomputes its conv output z from x
-    instead of saving it (`recompute.ConvOutput`), or None (z saved): on the CPU, where x owns
-    its memory, is at most a quarter of z and costs at most 2 * 256 FLOPs per output element to
-    convolve again (a network's stem on the image: CSPDarknet's 3->32 3x3, CSPResNet's 3->64
-    7x7), so z, the step's largest saved tensor there, costs a small conv instead. By the
-    forward's kernel, so to the same values; not the GEMMs, whose epilogue computes the
-    statistics along."""
-    if x.device.type != "cpu" or x.numel() * 4 > z.numel() or weight.shape[1] * weight.shape[2] * weight.shape[3] > 256:
-        return None
-    if x.untyped_storage().nbytes() > x.numel() * x.element_size():  # a view would hold its whole base
+def recomputed_conv_kernel(x, weight, z, stride, padding, dilation, groups, engine: str,
+                           x_rebuilt: bool) -> str | None:
+    """The kernel by which a training transition's backward recomputes its conv output z
+    instead of saving it (`recompute.ConvOutput`), or None (z saved). On the CPU, for a conv of
+    at most 256 multiply-adds per output element, where
+      - x is at most a quarter of z and owns its memory (a network's stem on the image:
+        CSPDarknet's 3->32 3x3, CSPResNet's 3->64 7x7; x is saved instead of z), the forward's
+        kernel unless a GEMM;
+      - x is rebuilt in backward from a recipe anyway (`x_rebuilt`: the output of another fused
+        unit or stage) and z has at least twice its elements, the 1x1 GEMM (the expanding 1x1s
+        of CSP stages: conv_exp, BottleneckBlock's conv3; nothing is saved for z).
+    By the forward's kernel, so to the same values."""
+    if x.device.type != "cpu" or weight.shape[1] * weight.shape[2] * weight.shape[3] > 256:
         return None
     kernel = train_conv_kernel(x, weight, stride, padding, dilation, groups, engine)
+    if x_rebuilt and z.numel() >= 2 * x.numel():
+        return kernel if kernel == "gemm" else None
+    if x.numel() * 4 > z.numel() or x.untyped_storage().nbytes() > x.numel() * x.element_size():
+        return None  # (a view would hold its whole base)
     return None if kernel in ("gemm", "triton") else kernel
 
 
