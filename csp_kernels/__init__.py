@@ -15,12 +15,12 @@ from .convert import ConversionReport, convert, revert
 from .extension import build_info
 from .nn import ConvBNAct, DenseBlock, ExactFusion, Maxout, PartialDenseBlock, maxout, maxout_pyramid
 from .nn import (Bottleneck, BottleneckBlock, C2f, C3, C3k, C3k2, CrossStage, CrossStage3, DarkBlock,
-                 DarkStage)
+                 DarkStage, MaxPool2d)
 
 __all__ = [
     "ConvBNAct", "PartialDenseBlock", "DenseBlock", "Maxout", "ExactFusion", "maxout", "maxout_pyramid",
     "Bottleneck", "C2f", "C3", "C3k", "C3k2", "BottleneckBlock", "DarkBlock", "CrossStage", "CrossStage3", "DarkStage",
-    "reference", "use_backend", "available_backends", "BackendUnavailable", "ReferenceFallbackWarning",
+    "MaxPool2d", "reference", "use_backend", "available_backends", "BackendUnavailable", "ReferenceFallbackWarning",
     "build_info", "convert", "revert", "ConversionReport", "distributed", "models",
 ]
 __version__ = "0.1.0"

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from . import checks, reference
-from .nn import stages
+from .nn import pooling, stages
 from .nn.dense import DenseBlock, dense_layer_reason
 from .nn.transition import ConvBNAct, batch_norm_reason, conv_reason
 
@@ -491,6 +491,16 @@ def _unfuse_dense_block(fused: DenseBlock, origin: Origin) -> nn.Module:
     return _bare(origin.cls, **dict(fused.named_children()))
 
 
+def _fuse_max_pool(module: nn.MaxPool2d) -> nn.Module | str:
+    return _hook_reason(module) or pooling.MaxPool2d(module.kernel_size, module.stride, module.padding,
+                                                     module.dilation, module.return_indices, module.ceil_mode)
+
+
+def _unfuse_max_pool(fused: pooling.MaxPool2d, origin: Origin) -> nn.Module:
+    return origin.cls(fused.kernel_size, fused.stride, fused.padding, fused.dilation, fused.return_indices,
+                      fused.ceil_mode)
+
+
 CONVERTERS: dict[tuple[str, str], Converter] = {
     ("ultralytics.nn.modules.conv", "Conv"): Converter(_fuse_conv_bn_act_module, _unfuse_conv),
     ("ultralytics.nn.modules.conv", "DWConv"): Converter(_fuse_conv_bn_act_module, _unfuse_conv),  # Conv's forward
@@ -498,6 +508,8 @@ CONVERTERS: dict[tuple[str, str], Converter] = {
     ("torchvision.ops.misc", "Conv2dNormActivation"): Converter(_fuse_conv_norm_sequential, _unfuse_sequential),
     ("torch.nn.modules.container", "Sequential"): Converter(_fuse_plain_sequential, _unfuse_sequential),
     ("torchvision.models.densenet", "_DenseBlock"): Converter(_fuse_dense_block, _unfuse_dense_block),
+    # Saves its input's recipe where the input has one (a stem's pool): the same op otherwise.
+    ("torch.nn.modules.pooling", "MaxPool2d"): Converter(_fuse_max_pool, _unfuse_max_pool),
     class_key(reference.ConvBNAct): Converter(_fuse_conv_bn_act_module, _unfuse_conv),  # the same conv, bn, act
     **{(module, name): Converter(functools.partial(_fuse_stage, spec), functools.partial(_unfuse_stage, spec),
                                  children_first=True)

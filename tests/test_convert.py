@@ -37,7 +37,7 @@ from ultralytics.nn.tasks import DetectionModel  # noqa: E402
 import csp_kernels  # noqa: E402
 from csp_kernels import ConvBNAct, DenseBlock, ReferenceFallbackWarning  # noqa: E402
 from csp_kernels.convert import CONVERTERS, class_key  # noqa: E402
-from csp_kernels.nn import dense, stages  # noqa: E402
+from csp_kernels.nn import dense, pooling, stages  # noqa: E402
 from helpers import DEVICES, randomize_, rel_error  # noqa: E402
 
 TOL64 = 1e-9
@@ -58,11 +58,12 @@ BUILDERS = {
 # (6, 12, 24, 16 layers) are swapped whole; the stem, transitions and final norm5 stay.
 # YOLO11n and YOLO11s (the same graph, other widths): 8 C3k2, those of layers 6, 8 and 22 with a C3k
 # of 2 Bottlenecks, the 5 others with 1 Bottleneck (C2PSA, SPPF and Detect are no stages: their Convs
-# are swapped one by one).
+# are swapped one by one). A MaxPool2d (cspresnet's stem, YOLO's SPPF, DenseNet's pool0) becomes
+# csp_kernels.MaxPool2d, which saves its input's recipe.
 CSP_RESNET = {"ConvNormAct -> ConvBNAct": 55, "BottleneckBlock -> BottleneckBlock": 13,
-              "CrossStage -> CrossStage": 4}  # stages of 3, 3, 5 and 2 blocks
+              "CrossStage -> CrossStage": 4, "MaxPool2d -> MaxPool2d": 1}  # stages of 3, 3, 5 and 2 blocks
 YOLO11 = ({"Conv -> ConvBNAct": 75, "DWConv -> ConvBNAct": 6, "C3k2 -> C3k2": 8, "C3k -> C3k": 3,
-           "Bottleneck -> Bottleneck": 3 * 2 + 5}, {"Conv2d": 7})  # 7: Detect's and DFL's
+           "Bottleneck -> Bottleneck": 3 * 2 + 5, "MaxPool2d -> MaxPool2d": 1}, {"Conv2d": 7})  # 7: Detect's and DFL's
 EXPECTED = {
     "yolo11n": YOLO11,
     "yolo11s": YOLO11,
@@ -70,7 +71,8 @@ EXPECTED = {
     "cspresnext50": (CSP_RESNET, {"Linear": 1}),
     "cspdarknet53": ({"ConvNormAct -> ConvBNAct": 67, "DarkBlock -> DarkBlock": 1 + 2 + 8 + 8 + 4,
                       "CrossStage -> CrossStage": 5}, {"Linear": 1}),
-    "densenet121": ({"_DenseBlock -> DenseBlock": 4}, {"BatchNorm2d": 5, "Conv2d": 4, "Linear": 1}),
+    "densenet121": ({"_DenseBlock -> DenseBlock": 4, "MaxPool2d -> MaxPool2d": 1},
+                    {"BatchNorm2d": 5, "Conv2d": 4, "Linear": 1}),
     "mobilenet_v3_small": ({"Conv2dNormActivation -> ConvBNAct": 34}, {"Conv2d": 18, "Linear": 2}),  # SE, head
 }
 
@@ -175,9 +177,9 @@ def fused_count(model: nn.Module) -> int:
 
 
 def fused_stages(model: nn.Module) -> collections.Counter:
-    """{class name: count} of the csp_kernels.nn.stages and nn.dense modules in model."""
+    """{class name: count} of the csp_kernels.nn.stages, nn.dense and nn.pooling modules in model."""
     return collections.Counter(type(m).__name__ for m in model.modules()
-                               if type(m).__module__ in (stages.__name__, dense.__name__))
+                               if type(m).__module__ in (stages.__name__, dense.__name__, pooling.__name__))
 
 
 def split_swaps(swapped: dict[str, int]) -> tuple[int, dict[str, int]]:
@@ -419,7 +421,7 @@ def test_unit_the_kernels_cannot_compute_is_left_and_reported(case):
 def test_left_unit_runs_as_before_in_a_converted_model():
     model = randomize_(_gelu_yolo_model()).eval()
     converted, report = csp_kernels.convert(model)
-    assert len(report.swapped) == 80 + 22 and fused_count(converted) == 80  # 22 stages, as in EXPECTED
+    assert len(report.swapped) == 80 + 22 + 1 and fused_count(converted) == 80  # 22 stages, SPPF's pool
     x = torch.randn(2, 3, SIZE, SIZE)
     with torch.no_grad():
         for a, b in zip(tensors(converted(x)), tensors(model(x))):

@@ -303,3 +303,86 @@ def test_recomputed_conv_output_checks_its_weight():
         fused[0].conv.weight.mul_(2)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         y.sum().backward()
+
+
+def bottleneck_chain(module_ns, blocks: int = 3) -> nn.Sequential:
+    """A unit, then residual BottleneckBlocks (act3 leaky_relu, in place on the sum)."""
+    return nn.Sequential(module_ns.ConvBNAct(8, 16, 1, act="leaky_relu"),
+                         *(module_ns.BottleneckBlock(16, 16, act_layer="leaky_relu") for _ in range(blocks))
+                         ).double()
+
+
+def test_bottleneck_outputs_are_rebuilt_within_max_terms():
+    """Block k's output act3(BN(z3) + block k-1's output) is rebuilt from a nested recipe while it
+    costs at most MAX_TERMS terms (blocks 1 and 2 after the unit), then saved (block 3); the
+    gradients are bitwise those with every tensor saved."""
+    fused = bottleneck_chain(csp_kernels)
+    x = torch.randn(2, 8, 6, 6, dtype=torch.float64)
+    h = fused[0](x.clone().requires_grad_())
+    costs = []
+    for block in fused[1:]:
+        h = block(h)
+        recipe = recompute.recipe_of(h)
+        costs.append(None if recipe is None else [(p.act, len(p.terms)) for p in recipe.pieces])
+    assert costs == [[("leaky_relu:0.01", 2)], [("leaky_relu:0.01", 2)], None]
+    results = []
+    for hooks in (contextlib.nullcontext(), without_recipes()):
+        leaf = x.clone().requires_grad_()
+        with hooks:
+            y = fused(leaf)
+        y.square().sum().backward()
+        results.append([y, leaf.grad] + [p.grad.clone() for p in fused.parameters()])
+        fused.zero_grad()
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+def test_bottleneck_chain_saves_no_rebuilt_output():
+    """Saved: x, the first unit's z, each block's z1 and z2 (its conv3 expands 4 -> 16 channels
+    from a rebuilt input: recomputed), the third block's output (past MAX_TERMS) and per-channel
+    statistics; not the first two blocks' outputs."""
+    fused = bottleneck_chain(csp_kernels)
+    x = torch.randn(2, 8, 6, 6, dtype=torch.float64, requires_grad=True)
+    with SavedTensorsMeter() as meter:
+        fused(x)
+    plane = 2 * 6 * 6 * 8  # bytes per channel of a (2, c, 6, 6) float64 tensor
+    expected = plane * (8 + 16 + 3 * (4 + 4) + 16)
+    assert expected <= activation_bytes(fused, meter) <= expected + 2 * 8 * (16 + 3 * (4 + 4 + 16))
+
+
+def test_a_recipe_saved_twice_is_rebuilt_once_per_backward(monkeypatch):
+    """A block's output is read by its act3's backward and the next block's conv1: rebuilt at
+    the first unpack and kept for the second; a second backward (retain_graph) rebuilds again."""
+    fused = bottleneck_chain(csp_kernels, blocks=2)
+    saves, rebuilt = [], []
+    real_packed, real_rebuild = recompute.Recipe.packed, recompute.Recipe.rebuild
+    monkeypatch.setattr(recompute.Recipe, "packed", lambda self: saves.append(self) or real_packed(self))
+    monkeypatch.setattr(recompute.Recipe, "rebuild", lambda self: rebuilt.append(self) or real_rebuild(self))
+    x = torch.randn(2, 8, 6, 6, dtype=torch.float64, requires_grad=True)
+    y = fused(x)
+    shared = len(saves) - len({id(r) for r in saves})
+    assert shared >= 2  # the blocks' outputs, each saved twice
+    y.sum().backward(retain_graph=True)
+    grad = x.grad.clone()
+    saved_rebuilds = [r for r in rebuilt if any(r is s for s in saves)]
+    assert len(saved_rebuilds) == len(saves) - shared  # one rebuild per recipe, not per save
+    y.sum().backward()
+    assert len([r for r in rebuilt if any(r is s for s in saves)]) == 2 * len(saved_rebuilds)
+    assert torch.equal(x.grad, 2 * grad)
+
+
+def test_max_pool_saves_its_inputs_recipe():
+    """csp_kernels.MaxPool2d on a unit's output (a stem's pool) saves the recipe, not the input:
+    the same output and gradients as nn.MaxPool2d, bit for bit."""
+    unit = csp_kernels.ConvBNAct(3, 8, 3, act="relu").double()
+    x = torch.randn(2, 3, 12, 12, dtype=torch.float64)
+    results, saved = [], []
+    for pool in (csp_kernels.MaxPool2d(3, 2, 1), nn.MaxPool2d(3, 2, 1)):
+        leaf = x.clone().requires_grad_()
+        with SavedTensorsMeter() as meter:
+            y = pool(unit(leaf))
+        saved.append(activation_bytes(unit, meter))
+        y.square().sum().backward()
+        results.append([y, leaf.grad] + [p.grad.clone() for p in unit.parameters()])
+        unit.zero_grad()
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+    assert saved[1] - saved[0] == 2 * 8 * 12 * 12 * 8  # the unit's output, saved by nn.MaxPool2d only

@@ -28,8 +28,8 @@ ConvBNActs' own saved conv outputs (ops/recompute.py): saved for backward are x 
 output per ConvBNAct.
 Residual blocks (Bottleneck with shortcut, DarkBlock) write their convolution into their slot
 and add the shortcut in place there. BottleneckBlock's act3 follows the add; where its gradient
-can read its output (ReLU, LeakyReLU) it runs in place on the sum, so backward keeps the block's
-output only, which the next block's conv1 saves anyway.
+can read its output (ReLU, LeakyReLU) it runs in place on the sum, and the output is tagged with
+its recipe (`recompute.activated`), which the next block's conv1 and act3's own backward rebuild.
 
 Every module takes `forward(x, out=None)` as ConvBNAct does: out, a (batch, channels, height,
 width) tensor with contiguous (height, width) planes such as a channel slot of a bigger NCHW
@@ -43,7 +43,6 @@ width).
 """
 from __future__ import annotations
 
-import functools
 from typing import Iterable
 
 import torch
@@ -270,29 +269,56 @@ class BottleneckBlock(reference.BottleneckBlock):
                                     ("conv3", self.conv3))) is not None:
             return y
         hidden = self.conv2(self.conv1(x))
-        activate_ = _in_place_activation(self.act3)
+        act = _in_place_activation(self.act3)
         # A fresh or a caller's tensor, which no backward reads, is safe to add into in place;
         # act3 saves its input unless it runs in place, so `out` then receives a copy.
-        target = out if out is not None and activate_ else new_output(self.conv3, hidden)
-        y = self.conv3(hidden, out=target).add_(x)
-        if activate_:
-            return activate_(y)
+        y = self.conv3(hidden, out=out if out is not None and act else new_output(self.conv3, hidden))
+        term = recompute.recipe_of(y)
+        y = recompute.tag(y.add_(x), recompute.add(recompute.recipe_of(x), term))
+        if act:
+            return _activate_in_place(y, act)
         y = self.act3(y)
         return y if out is None else out.copy_(y)
 
 
-def _in_place_activation(act: nn.Module):
-    """The in-place form of `act` where its gradient reads its output as well as its input
-    (ReLU, LeakyReLU with a slope >= 0, which keep the input's sign; no hooks), else None:
-    in place on the block's sum, backward keeps one tensor, the output, which the next block's
-    conv saves anyway, instead of the sum too."""
+def _in_place_activation(act: nn.Module) -> str:
+    """The name (`recompute.activate_`'s) of `act` where its gradient reads its output as well
+    as its input (ReLU, LeakyReLU with a slope >= 0, which keep the input's sign; no hooks),
+    else "": in place on the block's sum, backward keeps the output alone, or its recipe."""
     if act._forward_hooks or act._forward_pre_hooks:
-        return None
+        return ""
     if type(act) is nn.ReLU:
-        return torch.relu_
+        return "relu"
     if type(act) is nn.LeakyReLU and act.negative_slope >= 0:
-        return functools.partial(nn.functional.leaky_relu_, negative_slope=act.negative_slope)
-    return None
+        return f"leaky_relu:{float(act.negative_slope)!r}"
+    return ""
+
+
+class _ActivateInPlace(torch.autograd.Function):
+    """`recompute.activate_(s, act)` in s's memory, returned as a tensor of its own over it
+    (`slot`: s, the block's sum, is read by no backward). Backward reads the output, which it
+    saves as itself or, tagged with its recipe under `recompute.saving_recipes()`, as that."""
+
+    @staticmethod
+    def forward(ctx, s: torch.Tensor, act: str, recipe: recompute.Recipe | None) -> torch.Tensor:
+        y = recompute.tag(slot(recompute.activate_(s, act), 0, s.shape[1]), recipe)
+        ctx.act = act
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return recompute.activation_backward(grad, ctx.saved_tensors[0], ctx.act), None, None
+
+
+def _activate_in_place(s: torch.Tensor, act: str) -> torch.Tensor:
+    """act(s) in s's memory, tagged with its recipe (a residual block's output, which the next
+    block's conv1 and this activation's backward then rebuild rather than save)."""
+    if not (torch.is_grad_enabled() and s.requires_grad):
+        return recompute.activate_(s, act)
+    recipe = recompute.activated(recompute.recipe_of(s), act)
+    with recompute.saving_recipes():
+        return _ActivateInPlace.apply(s, act, recipe)  # tagged in forward, before its own pack
 
 
 class DarkBlock(reference.DarkBlock):

@@ -12,7 +12,10 @@ tensor for what z, two per-channel vectors and the activation already determine.
     the same values, so the rebuilt tensor is y);
   - the fused stages tag what they assemble: a concat buffer (`concat`: its slots' recipes side
     by side), a channel slice of it (`narrow`), a residual sum (`add`: the terms of both, summed
-    in the forward's order).
+    in the forward's order), an activation of a residual sum (`activated`: a piece whose sum is
+    activated in place, and which enters the next block's sum as one term, a `Part`);
+  - a recipe saved more than once (a block's output, read by its activation's backward and the
+    next block's conv1) is rebuilt at its first unpack in a backward and kept until its last.
 
 Saved for a chain of ConvBNActs: one activation per unit (z) instead of two (z and the next
 unit's input). A unit whose input is a small fraction of its conv output and cheap to convolve
@@ -25,8 +28,9 @@ counted once), and the per-channel vectors are tiny.
 
 A tag is valid while its tensor is unchanged: it records the tensor's version counter, and an
 in-place write (a residual add, a later write into the buffer) retires it; the stage then tags
-the result anew. A recipe rebuilds with at most `MAX_TERMS` terms per channel: a long residual
-chain (o_k = o_{k-1} + a_k) is saved as a tensor again rather than rebuilt in O(k) passes. Its
+the result anew. A recipe rebuilds with at most `MAX_TERMS` terms per channel, nested ones
+counted: a long residual chain (o_k = o_{k-1} + a_k, or act(o_{k-1} + a_k)) is saved as a tensor
+again rather than rebuilt in O(k) passes. Its
 BatchNorm weight and bias are checked, as autograd checks saved tensors, to be unmodified in
 place when it is rebuilt. The tag holds its recipe strongly until the first pack, weakly after,
 so a tensor that outlives the graph (a returned feature map a caller keeps) does not keep the
@@ -43,7 +47,9 @@ import weakref
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 
+from ..checks import parse_activation
 from .batch_norm_act import bn_scale_shift, scale_shift_act
 from .conv import run_conv
 from .conv1x1 import conv1x1_fused
@@ -64,16 +70,17 @@ class ConvOutput:
     kernel that computed it in the forward (the same values), for a training ConvBNAct whose
     conv is cheap to run again for the memory it spares (`routing.recomputed_conv_kernel`): a
     network's stem on the image, or an expanding 1x1 whose input is rebuilt from its recipe.
-    Holds weight and x, or x's recipe where x has one (both of which the op saves anyway), and
-    raises as autograd does if the weight or a held x was modified in place since. Computed once
-    for the recipes that rebuild the unit's output (whose backward comes first) and its own
-    backward, which releases it: on a 3-channel input the conv is slow for its size (22 ms
-    for cspdarknet53's stem at 4x3x256x256)."""
+    Holds weight and x, or where x is saved as its recipe a weak reference to that recipe (the
+    op's saved x keeps it alive until the op's backward), and raises as autograd does if the
+    weight or a held x was modified in place since. Computed once for the recipes that rebuild
+    the unit's output (whose backward comes first) and its own backward, which releases it: on
+    a 3-channel input the conv is slow for its size (22 ms for cspdarknet53's stem at
+    4x3x256x256)."""
     __slots__ = ("x", "weight", "conv_args", "kernel", "versions", "_z")
 
     def __init__(self, x: torch.Tensor, weight: torch.Tensor, conv_args: tuple, kernel: str):
         recipe = recipe_of(x) if rebuilt_in_backward(x) else None
-        self.x = x.detach() if recipe is None else recipe
+        self.x = x.detach() if recipe is None else weakref.ref(recipe.packed())  # read as one more save
         self.weight, self.conv_args, self.kernel = weight.detach(), conv_args, kernel
         self.versions = (x._version if recipe is None else None, weight._version)
         self._z = None
@@ -83,7 +90,7 @@ class ConvOutput:
         if (None if held is None else held._version, self.weight._version) != self.versions:
             raise _modified_in_place("the input or conv weight")
         if self._z is None:
-            x = self.x.rebuild() if held is None else held
+            x = held if held is not None else _alive(self.x())
             if self.kernel == "gemm":  # the training forward's GEMM (`ops.transition._batch_stats_conv`)
                 self._z = conv1x1_fused(x, self.weight)
             else:
@@ -93,6 +100,13 @@ class ConvOutput:
     def release(self) -> None:
         """Drops the computed z (the unit's own backward has run)."""
         self._z = None
+
+
+def _alive(recipe: Recipe | None) -> torch.Tensor:
+    if recipe is None:
+        raise RuntimeError("a csp_kernels ConvBNAct's conv output was needed after its backward freed its saved "
+                           "input; run backward with retain_graph=True to backward through the graph again")
+    return recipe.unpacked()
 
 
 class Activation(NamedTuple):
@@ -114,25 +128,60 @@ class Activation(NamedTuple):
         return self._replace(start=self.start + offset)
 
 
+class Part(NamedTuple):
+    """Channels [start, start + channels) of what `recipe` rebuilds, as a term of a piece of
+    `channels` channels: a term rebuilt by a recipe of its own (a residual block's output that
+    the next block's sum adds, see `activated`)."""
+    recipe: Recipe
+    start: int
+
+    def shifted(self, offset: int) -> Part:
+        return self._replace(start=self.start + offset)
+
+
 class Piece(NamedTuple):
-    """Channels [start, start + channels) of the rebuilt tensor: the sum of `terms`, in order."""
+    """Channels [start, start + channels) of the rebuilt tensor: the sum of `terms`, in order,
+    then `act` in place ("identity", "relu" or "leaky_relu[:<slope>]": a residual block's
+    activation of its sum, as `activate_` computes it)."""
     start: int
     channels: int
-    terms: tuple[Activation, ...]
+    terms: tuple[Activation | Part, ...]
+    act: str = "identity"
 
 
 class Recipe:
     """How to rebuild an (batch, channels, height, width) tensor: its pieces, covering every
     channel once, in channel order."""
-    __slots__ = ("shape", "pieces", "__weakref__")
+    __slots__ = ("shape", "pieces", "_packs", "_pending", "_value", "__weakref__")
 
     def __init__(self, shape: tuple[int, ...], pieces: tuple[Piece, ...]):
         self.shape, self.pieces = tuple(shape), pieces
+        self._packs, self._pending, self._value = 0, 0, None
+
+    def packed(self) -> Recipe:
+        """Counts a save of the tensor as this recipe (`saving_recipes`' pack)."""
+        self._packs += 1
+        return self
+
+    def unpacked(self) -> torch.Tensor:
+        """The rebuilt tensor for one of the saves: rebuilt at the first unpack of a backward
+        and kept for the others (a block's output is read by its own activation's backward and
+        the next block's conv1, one after the other), dropped at the last."""
+        value = self.rebuild() if self._value is None else self._value
+        self._pending = (self._pending or self._packs) - 1
+        self._value = value if self._pending else None
+        return value
 
     def rebuild(self) -> torch.Tensor:
         out = None
         for piece in self.pieces:
             for i, term in enumerate(piece.terms):
+                if isinstance(term, Part):
+                    value = narrow(term.recipe, term.start, term.start + piece.channels).rebuild()
+                    out = value.new_empty(self.shape) if out is None else out
+                    target = out[:, piece.start:piece.start + piece.channels]
+                    target.add_(value) if i else target.copy_(value)
+                    continue
                 z = term.z.compute() if isinstance(term.z, ConvOutput) else term.z
                 if out is None:
                     out = z.new_empty(self.shape)
@@ -140,6 +189,8 @@ class Recipe:
                 value = _evaluate(term, z, piece.channels, target if i == 0 else None)
                 if i:
                     target.add_(value)
+            if piece.act != "identity":
+                activate_(out[:, piece.start:piece.start + piece.channels], piece.act)
         return out
 
 
@@ -150,6 +201,22 @@ def _evaluate(term: Activation, z: torch.Tensor, channels: int, out: torch.Tenso
     stop = term.start + channels
     return scale_shift_act(z[:, term.start:stop], scale[term.start:stop], shift[term.start:stop], term.act,
                            out=out)
+
+
+def activate_(t: torch.Tensor, act: str) -> torch.Tensor:
+    """act(t) in t's memory, for the activations whose gradient reads their output ("relu",
+    "leaky_relu[:<slope>]" with a slope >= 0), by the functions a block's forward calls."""
+    name, slope = parse_activation(act)
+    return torch.relu_(t) if name == "relu" else F.leaky_relu_(t, slope)
+
+
+def activation_backward(grad: torch.Tensor, y: torch.Tensor, act: str) -> torch.Tensor:
+    """The gradient of `activate_` from its output y, as autograd computes it for relu_ and
+    leaky_relu_."""
+    name, slope = parse_activation(act)
+    if name == "relu":
+        return torch.ops.aten.threshold_backward(grad, y, 0)
+    return torch.ops.aten.leaky_relu_backward(grad, y, slope, True)
 
 
 def activation(z: torch.Tensor | ConvOutput, mean: torch.Tensor, var: torch.Tensor, weight: torch.Tensor,
@@ -169,7 +236,7 @@ def narrow(recipe: Recipe | None, start: int, stop: int) -> Recipe | None:
         lo, hi = max(start, piece.start), min(stop, piece.start + piece.channels)
         if lo < hi:
             offset = lo - piece.start
-            pieces.append(Piece(lo - start, hi - lo, tuple(t.shifted(offset) for t in piece.terms)))
+            pieces.append(Piece(lo - start, hi - lo, tuple(t.shifted(offset) for t in piece.terms), piece.act))
     return Recipe((recipe.shape[0], stop - start, *recipe.shape[2:]), tuple(pieces))
 
 
@@ -186,17 +253,41 @@ def concat(recipes: list[Recipe | None]) -> Recipe | None:
 
 def add(a: Recipe | None, b: Recipe | None) -> Recipe | None:
     """The recipe of a + b (a's terms first, as `a.add_(b)` or `b.add_(a)` rounds the same), or
-    None where a channel would need more than MAX_TERMS terms."""
+    None where a channel would cost more than MAX_TERMS terms to rebuild."""
     if a is None or b is None or a.shape != b.shape:
         return None
     bounds = sorted({p.start for p in a.pieces} | {p.start for p in b.pieces} | {a.shape[1]})
     pieces = []
     for lo, hi in zip(bounds, bounds[1:]):
-        terms = narrow(a, lo, hi).pieces[0].terms + narrow(b, lo, hi).pieces[0].terms
-        if len(terms) > MAX_TERMS:
+        terms = _summands(a, lo, hi) + _summands(b, lo, hi)
+        if sum(map(_cost, terms)) > MAX_TERMS:
             return None
         pieces.append(Piece(lo, hi - lo, terms))
     return Recipe(a.shape, tuple(pieces))
+
+
+def activated(recipe: Recipe | None, act: str) -> Recipe | None:
+    """The recipe of `activate_(t, act)` for t that `recipe` rebuilds."""
+    if recipe is None:
+        return None
+    return Recipe(recipe.shape, tuple(
+        piece._replace(act=act) if piece.act == "identity" else Piece(piece.start, piece.channels,
+                                                                      (Part(recipe, piece.start),), act)
+        for piece in recipe.pieces))
+
+
+def _summands(recipe: Recipe, lo: int, hi: int) -> tuple[Activation | Part, ...]:
+    """Channels [lo, hi) of what `recipe` rebuilds (one piece there) as terms of a sum."""
+    piece = narrow(recipe, lo, hi).pieces[0]
+    return piece.terms if piece.act == "identity" else (Part(recipe, lo),)
+
+
+def _cost(term: Activation | Part) -> int:
+    """The terms rebuilding `term` evaluates per channel, nested ones included (for a Part, the
+    most over its recipe's channels)."""
+    if isinstance(term, Activation):
+        return 1
+    return max(sum(map(_cost, p.terms)) for p in term.recipe.pieces)
 
 
 class _Tag:
@@ -257,13 +348,13 @@ def _hooks(outer_pack, outer_unpack):
         if tag_ is not None:
             recipe = tag_.get()
             tag_.weaken()
-            return recipe
+            return recipe.packed()
         detached = t.detach()
         return _Saved(outer_pack(t) if outer_pack else detached, detached, t._version)
 
     def unpack(packed):
         if isinstance(packed, Recipe):
-            return packed.rebuild()
+            return packed.unpacked()
         _check_version(packed)
         return outer_unpack(packed.value) if outer_unpack else packed.value
 
@@ -292,8 +383,18 @@ def saving_recipes() -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def rebuilt_in_backward(t: torch.Tensor) -> bool:
-    """Whether autograd, saving t now, would save its recipe (rebuilt in backward): t is tagged
-    and unchanged, inside `saving_recipes()` with no outer hook that decides otherwise."""
+def recipes_in_effect() -> bool:
+    """Whether a tensor saved now may be saved as its recipe: no saved-tensors hook is active
+    but `saving_recipes()`'s or a recipe-transparent one (profiling.SavedTensorsMeter), and no
+    torch.compile trace."""
+    if torch.compiler.is_compiling():
+        return False
     top = torch._C._autograd._top_saved_tensors_default_hooks(False)
-    return top is not None and getattr(top[0], "saves_recipes", False) and recipe_of(t) is not None
+    return top is None or getattr(top[0], "saves_recipes", False) or getattr(
+        getattr(top[0], "__self__", None), "recipe_transparent", False)
+
+
+def rebuilt_in_backward(t: torch.Tensor) -> bool:
+    """Whether t, saved now, may be saved as its recipe (rebuilt in backward): t is tagged and
+    unchanged, and recipes are in effect."""
+    return recipe_of(t) is not None and recipes_in_effect()
