@@ -226,20 +226,22 @@ def test_kept_tensor_lets_go_of_the_producer_state():
     assert recompute.recipe_of(hidden) is None and z_storage.expired()
 
 
-def stem(module_ns, dtype=torch.float64) -> nn.Sequential:
-    """A stem on the image (3 -> 32 channels, x a tenth of z: its z is recomputed from x), then a
-    unit whose z is saved."""
-    return nn.Sequential(module_ns.ConvBNAct(3, 32, 3, act="silu"),
+def stem(module_ns, dtype=torch.float64, kernel_size: int = 3) -> nn.Sequential:
+    """A stem on a small input (3 -> 32 channels 3x3, x a tenth of z; or 8 -> 32 channels 1x1, the
+    GEMM, x a quarter of z: its z is recomputed from x), then a unit whose z is saved."""
+    in_channels = 3 if kernel_size == 3 else 8
+    return nn.Sequential(module_ns.ConvBNAct(in_channels, 32, kernel_size, act="silu"),
                          module_ns.ConvBNAct(32, 16, 3, stride=2, act="leaky_relu")).to(dtype)
 
 
+@pytest.mark.parametrize("kernel_size", [3, 1])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_stem_conv_output_is_recomputed_not_saved(dtype, monkeypatch):
+def test_stem_conv_output_is_recomputed_not_saved(dtype, kernel_size, monkeypatch):
     """The stem saves x only; its gradients, and the next unit's (which rebuilds the stem's
     output from the recomputed z), are bitwise those of the run that saves z."""
-    fused, ref = stem(csp_kernels, dtype), stem(reference, dtype)
+    fused, ref = stem(csp_kernels, dtype, kernel_size), stem(reference, dtype, kernel_size)
     fused.load_state_dict(ref.state_dict())
-    x = torch.randn(2, 3, 16, 16, dtype=dtype)
+    x = torch.randn(2, fused[0].in_channels, 16, 16, dtype=dtype)
 
     def step():
         leaf = x.clone().requires_grad_()

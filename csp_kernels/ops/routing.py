@@ -32,8 +32,8 @@ The engine is an op argument (so that a compiled graph keeps it), from the backe
   training transition conv      triton  any                1x1 (`triton_eligible`)     "triton" (statistics in the
     (`train_conv_kernel`)                                                              epilogue), else `conv_kernel`
   training transition: z saved  CPU     <= 256 MACs per output, and x <= z / 4 owning  recomputed from x in backward
-    or recomputed                       its memory, kernel not a GEMM; or x rebuilt    by the forward's kernel
-    (`recomputed_conv_kernel`)          from a recipe, z >= 2x, kernel the GEMM
+    or recomputed                       its memory; or x rebuilt from a recipe,        by the forward's kernel
+    (`recomputed_conv_kernel`)          z >= 2x, kernel the GEMM
   training transition backward  any     as `runs_as_gemm(training=True)`               csrc conv1x1_bn_act_backward,
                                                                                        else bn_act_backward +
                                                                                        conv_backward
@@ -262,8 +262,8 @@ def recomputed_conv_kernel(x, weight, z, stride, padding, dilation, groups, engi
     instead of saving it (`recompute.ConvOutput`), or None (z saved). On the CPU, for a conv of
     at most 256 multiply-adds per output element, where
       - x is at most a quarter of z and owns its memory (a network's stem on the image:
-        CSPDarknet's 3->32 3x3, CSPResNet's 3->64 7x7; x is saved instead of z), the forward's
-        kernel unless a GEMM;
+        CSPDarknet's 3->32 3x3, CSPResNet's 3->64 7x7; the first conv_exp of CSPResNet(X), on
+        the stem's pooled output; x is saved instead of z);
       - x is rebuilt in backward from a recipe anyway (`x_rebuilt`: the output of another fused
         unit or stage) and z has at least twice its elements, the 1x1 GEMM (the expanding 1x1s
         of CSP stages: conv_exp, BottleneckBlock's conv3; nothing is saved for z).
@@ -275,7 +275,7 @@ def recomputed_conv_kernel(x, weight, z, stride, padding, dilation, groups, engi
         return kernel if kernel == "gemm" else None
     if x.numel() * 4 > z.numel() or x.untyped_storage().nbytes() > x.numel() * x.element_size():
         return None  # (a view would hold its whole base)
-    return None if kernel in ("gemm", "triton") else kernel
+    return None if kernel == "triton" else kernel
 
 
 def scaled_eval_conv_kernel(engine: str) -> str:
