@@ -226,6 +226,18 @@ def test_kept_tensor_lets_go_of_the_producer_state():
     assert recompute.recipe_of(hidden) is None and z_storage.expired()
 
 
+def saved_and_grads(module: nn.Module, x: torch.Tensor, outer_hook=None) -> tuple[int, list[torch.Tensor]]:
+    """(activation bytes saved, [x's gradient, parameters' gradients]) of a training step of
+    `module` on x with gradient 1 everywhere, inside `outer_hook` if given."""
+    leaf = x.clone().requires_grad_()
+    with SavedTensorsMeter() as meter, outer_hook or contextlib.nullcontext():
+        y = module(leaf)
+    y.backward(torch.ones_like(y))
+    grads = [leaf.grad] + [p.grad.clone() for p in module.parameters()]
+    module.zero_grad()
+    return activation_bytes(module, meter), grads
+
+
 def stem(module_ns, dtype=torch.float64, kernel_size: int = 3) -> nn.Sequential:
     """A stem on a small input (3 -> 32 channels 3x3, x a tenth of z; or 8 -> 32 channels 1x1, the
     GEMM, x a quarter of z: its z is recomputed from x), then a unit whose z is saved."""
@@ -242,19 +254,9 @@ def test_stem_conv_output_is_recomputed_not_saved(dtype, kernel_size, monkeypatc
     fused, ref = stem(csp_kernels, dtype, kernel_size), stem(reference, dtype, kernel_size)
     fused.load_state_dict(ref.state_dict())
     x = torch.randn(2, fused[0].in_channels, 16, 16, dtype=dtype)
-
-    def step():
-        leaf = x.clone().requires_grad_()
-        with SavedTensorsMeter() as meter:
-            y = fused(leaf)
-        y.backward(torch.ones_like(y))
-        grads = [leaf.grad] + [p.grad.clone() for p in fused.parameters()]
-        fused.zero_grad()
-        return activation_bytes(fused, meter), grads
-
-    saved, grads = step()
+    saved, grads = saved_and_grads(fused, x)
     monkeypatch.setattr(routing, "recomputed_conv_kernel", lambda *args: None)
-    saved_with_z, grads_with_z = step()
+    saved_with_z, grads_with_z = saved_and_grads(fused, x)
     stem_z = 2 * 32 * 16 * 16 * x.element_size()
     assert saved == saved_with_z - stem_z
     assert all(torch.equal(a, b) for a, b in zip(grads, grads_with_z))
@@ -272,23 +274,13 @@ def test_expanding_1x1_conv_output_is_recomputed_not_saved(dtype, monkeypatch):
     fused, ref = expansion(csp_kernels, dtype), expansion(reference, dtype)
     fused.load_state_dict(ref.state_dict())
     x = torch.randn(2, 6, 10, 10, dtype=dtype)
-
-    def step(outer_hook=None):
-        leaf = x.clone().requires_grad_()
-        with SavedTensorsMeter() as meter, outer_hook or contextlib.nullcontext():
-            y = fused(leaf)
-        y.backward(torch.ones_like(y))
-        grads = [leaf.grad] + [p.grad.clone() for p in fused.parameters()]
-        fused.zero_grad()
-        return activation_bytes(fused, meter), grads
-
-    saved, grads = step()
+    saved, grads = saved_and_grads(fused, x)
     expanded_z = 2 * 24 * 10 * 10 * x.element_size()
     # x, the first unit's z, and each unit's mean and invstd
     assert saved == (x.numel() + 2 * 8 * 10 * 10 + 2 * (8 + 24)) * x.element_size()
-    _, grads_saving = step(without_recipes())  # under an outer hook, z is saved as itself
+    _, grads_saving = saved_and_grads(fused, x, without_recipes())  # under an outer hook, z is saved as itself
     monkeypatch.setattr(routing, "recomputed_conv_kernel", lambda *args: None)
-    saved_with_z, grads_with_z = step()
+    saved_with_z, grads_with_z = saved_and_grads(fused, x)
     assert saved == saved_with_z - expanded_z
     assert all(torch.equal(a, b) for a, b in zip(grads, grads_with_z))
     assert all(torch.equal(a, b) for a, b in zip(grads, grads_saving))
