@@ -228,7 +228,8 @@ def test_backward_concatenates_the_halves_gradients(case):
 
 
 @pytest.mark.parametrize("case", ["bottleneck", "c2f", "c3k2-c3k", "c3", "DarkBlock-relu-1-8",
-                                  "BottleneckBlock-mish-2-4", "timm-darknet", "timm-cs3", "timm-dark"])
+                                  "BottleneckBlock-mish-2-4", "BottleneckBlock-leaky_relu-1-1",
+                                  "BottleneckBlock-relu-1-8", "timm-darknet", "timm-cs3", "timm-dark"])
 def test_out_writes_into_a_slot_of_a_callers_buffer(case):
     ref, fused, in_channels = make_pair(case)
     x = torch.randn(2, in_channels, 8, 8, dtype=torch.float64)

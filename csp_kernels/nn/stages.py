@@ -275,8 +275,8 @@ class BottleneckBlock(reference.BottleneckBlock):
         y = self.conv3(hidden, out=out if out is not None and act else new_output(self.conv3, hidden))
         term = recompute.recipe_of(y)
         y = recompute.tag(y.add_(x), recompute.add(recompute.recipe_of(x), term))
-        if act:
-            return _activate_in_place(y, act)
+        if act:  # into a caller's `out`, autograd's own in-place op: a buffer `out` views carries it
+            return _activate_in_place(y, act) if out is None else recompute.activate_(y, act)
         y = self.act3(y)
         return y if out is None else out.copy_(y)
 
@@ -312,8 +312,10 @@ class _ActivateInPlace(torch.autograd.Function):
 
 
 def _activate_in_place(s: torch.Tensor, act: str) -> torch.Tensor:
-    """act(s) in s's memory, tagged with its recipe (a residual block's output, which the next
-    block's conv1 and this activation's backward then rebuild rather than save)."""
+    """act(s) in the memory of s, a tensor of the block's own (the result is another tensor over
+    it, which no view of a caller's buffer would follow), tagged with its recipe (a residual
+    block's output, which the next block's conv1 and this activation's backward then rebuild
+    rather than save)."""
     if not (torch.is_grad_enabled() and s.requires_grad):
         return recompute.activate_(s, act)
     recipe = recompute.activated(recompute.recipe_of(s), act)
