@@ -380,3 +380,27 @@ def test_max_pool_saves_its_inputs_recipe():
         unit.zero_grad()
     assert all(torch.equal(a, b) for a, b in zip(*results))
     assert saved[1] - saved[0] == 2 * 8 * 12 * 12 * 8  # the unit's output, saved by nn.MaxPool2d only
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_rebuilt_block_outputs_with_non_finite_inputs(value):
+    """A non-finite input value spreads through the batch statistics: the rebuilt block outputs
+    and MaxPool2d's input give the gradients of the run that saves every tensor, NaN for NaN,
+    and the reference's."""
+    fused = nn.Sequential(*bottleneck_chain(csp_kernels), csp_kernels.MaxPool2d(3, 2, 1))
+    ref = nn.Sequential(*bottleneck_chain(reference), nn.MaxPool2d(3, 2, 1))
+    ref.load_state_dict(fused.state_dict())
+    x = torch.randn(2, 8, 6, 6, dtype=torch.float64)
+    x[1, 3, 2, 4] = value
+    results = []
+    runs = ((fused, contextlib.nullcontext()), (fused, without_recipes()), (ref, contextlib.nullcontext()))
+    for module, hooks in runs:
+        leaf = x.clone().requires_grad_()
+        with hooks:
+            y = module(leaf)
+        y.sum().backward()
+        results.append([y, leaf.grad] + [p.grad.clone() for p in module.parameters()])
+        module.zero_grad()
+    for a, b, c in zip(*results):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+        torch.testing.assert_close(a, c, equal_nan=True)
