@@ -195,7 +195,11 @@ def _residual_forward(module: nn.Module, reference_forward, x: torch.Tensor, out
     if not add:
         return conv(hidden, out=out)
     # A fresh or a caller's tensor, which no backward reads, is safe to add into in place.
-    y = conv(hidden, out=new_output(conv, hidden) if out is None else out)
+    return _add_shortcut(conv(hidden, out=new_output(conv, hidden) if out is None else out), x)
+
+
+def _add_shortcut(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """y += x in place, tagged with the sum's recipe (x's terms first, then y's)."""
     term = recompute.recipe_of(y)
     return recompute.tag(y.add_(x), recompute.add(recompute.recipe_of(x), term))
 
@@ -272,9 +276,7 @@ class BottleneckBlock(reference.BottleneckBlock):
         act = _in_place_activation(self.act3)
         # A fresh or a caller's tensor, which no backward reads, is safe to add into in place;
         # act3 saves its input unless it runs in place, so `out` then receives a copy.
-        y = self.conv3(hidden, out=out if out is not None and act else new_output(self.conv3, hidden))
-        term = recompute.recipe_of(y)
-        y = recompute.tag(y.add_(x), recompute.add(recompute.recipe_of(x), term))
+        y = _add_shortcut(self.conv3(hidden, out=out if out is not None and act else new_output(self.conv3, hidden)), x)
         if act:  # into a caller's `out`, autograd's own in-place op: a buffer `out` views carries it
             return _activate_in_place(y, act) if out is None else recompute.activate_(y, act)
         y = self.act3(y)
@@ -285,13 +287,11 @@ def _in_place_activation(act: nn.Module) -> str:
     """The name (`recompute.activate_`'s) of `act` where its gradient reads its output as well
     as its input (ReLU, LeakyReLU with a slope >= 0, which keep the input's sign; no hooks),
     else "": in place on the block's sum, backward keeps the output alone, or its recipe."""
-    if act._forward_hooks or act._forward_pre_hooks:
+    name, _ = checks.kernel_activation(act)
+    if not name:
         return ""
-    if type(act) is nn.ReLU:
-        return "relu"
-    if type(act) is nn.LeakyReLU and act.negative_slope >= 0:
-        return f"leaky_relu:{float(act.negative_slope)!r}"
-    return ""
+    kind, slope = checks.parse_activation(name)
+    return name if kind == "relu" or (kind == "leaky_relu" and slope >= 0) else ""
 
 
 class _ActivateInPlace(torch.autograd.Function):

@@ -78,8 +78,9 @@ class ConvOutput:
     4x3x256x256)."""
     __slots__ = ("x", "weight", "conv_args", "kernel", "versions", "_z")
 
-    def __init__(self, x: torch.Tensor, weight: torch.Tensor, conv_args: tuple, kernel: str):
-        recipe = recipe_of(x) if rebuilt_in_backward(x) else None
+    def __init__(self, x: torch.Tensor, weight: torch.Tensor, conv_args: tuple, kernel: str,
+                 recipe: Recipe | None):
+        """recipe: x's, where the op saves x as it (`rebuilt_recipe`), else None."""
         self.x = x.detach() if recipe is None else weakref.ref(recipe.packed())  # read as one more save
         self.weight, self.conv_args, self.kernel = weight.detach(), conv_args, kernel
         self.versions = (x._version if recipe is None else None, weight._version)
@@ -176,19 +177,18 @@ class Recipe:
         out = None
         for piece in self.pieces:
             for i, term in enumerate(piece.terms):
-                if isinstance(term, Part):
-                    value = narrow(term.recipe, term.start, term.start + piece.channels).rebuild()
-                    out = value.new_empty(self.shape) if out is None else out
-                    target = out[:, piece.start:piece.start + piece.channels]
-                    target.add_(value) if i else target.copy_(value)
-                    continue
-                z = term.z.compute() if isinstance(term.z, ConvOutput) else term.z
-                if out is None:
-                    out = z.new_empty(self.shape)
+                if isinstance(term, Part):  # a rebuilt tensor, added (or copied) in
+                    source = narrow(term.recipe, term.start, term.start + piece.channels).rebuild()
+                else:  # a conv output, whose BN + act the first term writes in place
+                    source = term.z.compute() if isinstance(term.z, ConvOutput) else term.z
+                out = source.new_empty(self.shape) if out is None else out
                 target = out[:, piece.start:piece.start + piece.channels]
-                value = _evaluate(term, z, piece.channels, target if i == 0 else None)
-                if i:
-                    target.add_(value)
+                if isinstance(term, Part):
+                    target.add_(source) if i else target.copy_(source)
+                elif i:
+                    target.add_(_evaluate(term, source, piece.channels, None))
+                else:
+                    _evaluate(term, source, piece.channels, target)
             if piece.act != "identity":
                 activate_(out[:, piece.start:piece.start + piece.channels], piece.act)
         return out
@@ -378,23 +378,24 @@ def saving_recipes() -> contextlib.AbstractContextManager:
     outer = torch._C._autograd._top_saved_tensors_default_hooks(False)
     if outer is None:
         return torch.autograd.graph.saved_tensors_hooks(*_PLAIN_HOOKS)
-    if getattr(getattr(outer[0], "__self__", None), "recipe_transparent", False):
+    if _recipe_transparent(outer):
         return torch.autograd.graph.saved_tensors_hooks(*_hooks(*outer))
     return contextlib.nullcontext()
 
 
-def recipes_in_effect() -> bool:
-    """Whether a tensor saved now may be saved as its recipe: no saved-tensors hook is active
-    but `saving_recipes()`'s or a recipe-transparent one (profiling.SavedTensorsMeter), and no
-    torch.compile trace."""
+def _recipe_transparent(hooks: tuple) -> bool:
+    """Whether the saved-tensors hooks (pack, unpack) belong to an owner that only counts what
+    is saved (`recipe_transparent`: profiling.SavedTensorsMeter)."""
+    return getattr(getattr(hooks[0], "__self__", None), "recipe_transparent", False)
+
+
+def rebuilt_recipe(t: torch.Tensor) -> Recipe | None:
+    """The recipe autograd would save for t now (rebuilt in backward), or None (t saved as
+    itself): t is tagged and unchanged, and no saved-tensors hook is active but
+    `saving_recipes()`'s or a recipe-transparent one, nor a torch.compile trace."""
     if torch.compiler.is_compiling():
-        return False
+        return None
     top = torch._C._autograd._top_saved_tensors_default_hooks(False)
-    return top is None or getattr(top[0], "saves_recipes", False) or getattr(
-        getattr(top[0], "__self__", None), "recipe_transparent", False)
-
-
-def rebuilt_in_backward(t: torch.Tensor) -> bool:
-    """Whether t, saved now, may be saved as its recipe (rebuilt in backward): t is tagged and
-    unchanged, and recipes are in effect."""
-    return recipe_of(t) is not None and recipes_in_effect()
+    if top is None or getattr(top[0], "saves_recipes", False) or _recipe_transparent(top):
+        return recipe_of(t)
+    return None

@@ -234,9 +234,9 @@ class _Train(torch.autograd.Function):
         stats[0].copy_(mean)
         stats[1].copy_(var)
         conv_args = (stride, padding, dilation, groups)
-        z_kernel = routing.recomputed_conv_kernel(x, weight, z, *conv_args, engine,
-                                                  recompute.rebuilt_in_backward(x))
-        recomputed = None if z_kernel is None else recompute.ConvOutput(x, weight, conv_args, z_kernel)
+        x_recipe = recompute.rebuilt_recipe(x)
+        z_kernel = routing.recomputed_conv_kernel(x, weight, z, *conv_args, engine, x_recipe is not None)
+        recomputed = None if z_kernel is None else recompute.ConvOutput(x, weight, conv_args, z_kernel, x_recipe)
         conv_output.append(recomputed or z)
         if out is not None:
             ctx.mark_dirty(out)
