@@ -13,7 +13,7 @@ from torch.utils.checkpoint import checkpoint
 
 import csp_kernels
 from csp_kernels import reference
-from csp_kernels.ops import recompute, routing
+from csp_kernels.ops import conv_choice, recompute, routing
 from csp_kernels.profiling import SavedTensorsMeter
 from helpers import rel_error
 from test_stages import CASES, make_pair, run
@@ -269,8 +269,13 @@ def expansion(module_ns, dtype=torch.float64) -> nn.Sequential:
                          module_ns.ConvBNAct(8, 24, 1, act="silu")).to(dtype)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_expanding_1x1_conv_output_is_recomputed_not_saved(dtype, monkeypatch):
+@pytest.mark.parametrize(("dtype", "conv1x1"), [(torch.float32, "gemm"), (torch.float32, "onednn"),
+                                                (torch.float64, "gemm")])  # (float64 always the GEMM)
+def test_expanding_1x1_conv_output_is_recomputed_not_saved(dtype, conv1x1, monkeypatch):
+    """Whichever kernel the 1x1 runs on (the measured verdict, pinned here), z is recomputed by it."""
+    monkeypatch.setattr(conv_choice, "_PINNED_1X1", conv1x1)
+    assert routing.runs_as_gemm(torch.empty(2, 8, 10, 10, dtype=dtype), torch.empty(24, 8, 1, 1, dtype=dtype),
+                                (1, 1), (0, 0), 1, training=True) == (conv1x1 == "gemm")
     fused, ref = expansion(csp_kernels, dtype), expansion(reference, dtype)
     fused.load_state_dict(ref.state_dict())
     x = torch.randn(2, 6, 10, 10, dtype=dtype)

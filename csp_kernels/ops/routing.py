@@ -33,7 +33,7 @@ The engine is an op argument (so that a compiled graph keeps it), from the backe
     (`train_conv_kernel`)                                                              epilogue), else `conv_kernel`
   training transition: z saved  CPU     <= 256 MACs per output, and x <= z / 4 owning  recomputed from x in backward
     or recomputed                       its memory; or x rebuilt from a recipe,        by the forward's kernel
-    (`recomputed_conv_kernel`)          z >= 2x, kernel the GEMM
+    (`recomputed_conv_kernel`)          1x1 and z >= 2x; not Triton's
   training transition backward  any     as `runs_as_gemm(training=True)`               csrc conv1x1_bn_act_backward,
                                                                                        else bn_act_backward +
                                                                                        conv_backward
@@ -265,17 +265,20 @@ def recomputed_conv_kernel(x, weight, z, stride, padding, dilation, groups, engi
         CSPDarknet's 3->32 3x3, CSPResNet's 3->64 7x7; the first conv_exp of CSPResNet(X), on
         the stem's pooled output; x is saved instead of z);
       - x is rebuilt in backward from a recipe anyway (`x_rebuilt`: the output of another fused
-        unit or stage) and z has at least twice its elements, the 1x1 GEMM (the expanding 1x1s
-        of CSP stages: conv_exp, BottleneckBlock's conv3; nothing is saved for z).
-    By the forward's kernel, so to the same values."""
+        unit or stage), the conv is a 1x1 and z has at least twice x's elements (the expanding
+        1x1s of CSP stages: conv_exp, BottleneckBlock's conv3; nothing is saved for z).
+    By the forward's kernel, so to the same values: for a 1x1, whichever of the GEMM and oneDNN
+    won the measurement on this CPU, so that what is saved does not depend on that verdict."""
     if x.device.type != "cpu" or weight.shape[1] * weight.shape[2] * weight.shape[3] > 256:
         return None
     kernel = train_conv_kernel(x, weight, stride, padding, dilation, groups, engine)
+    if kernel == "triton":
+        return None
     if x_rebuilt and z.numel() >= 2 * x.numel():
-        return kernel if kernel == "gemm" else None
+        return kernel if weight.shape[2] * weight.shape[3] == 1 else None
     if x.numel() * 4 > z.numel() or x.untyped_storage().nbytes() > x.numel() * x.element_size():
         return None  # (a view would hold its whole base)
-    return None if kernel == "triton" else kernel
+    return kernel
 
 
 def scaled_eval_conv_kernel(engine: str) -> str:
