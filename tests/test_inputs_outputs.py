@@ -7,6 +7,8 @@ import sys
 
 import pytest
 import torch
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 import csp_kernels
 from csp_kernels import reference
@@ -261,6 +263,37 @@ def test_planes_contiguous_judgement():
     assert planes_contiguous(buf[:, ::2], written=True)
     assert not shares_memory(buf[:, :4], buf[:, 4:]) and shares_memory(buf[:, :5], buf[:, 4:])
     assert not shares_memory(buf[:, ::2], buf[:, 1::2]) and shares_memory(buf[:, ::2], buf[:, 2:4])
+
+
+@st.composite
+def _planes_in_one_storage(draw):
+    """Two (N, C, H, W) tensors with contiguous planes in one storage: mostly on one grid (the
+    same batch and channel strides, as channel slices of one buffer are), sometimes not."""
+    n, h, w = draw(st.integers(1, 3)), draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    length = h * w
+    layouts = []
+    for _ in range(2):
+        channels = draw(st.integers(1, 4))
+        s1 = layouts[0][2] if layouts and draw(st.booleans()) else draw(st.integers(length, 3 * length))
+        s0 = layouts[0][1] if layouts and draw(st.booleans()) else draw(st.integers(1, 6 * length))
+        if draw(st.booleans()):
+            s0 = s1 * draw(st.integers(1, 6))
+        layouts.append((channels, s0, s1, draw(st.integers(0, 4 * length))))
+    return n, h, w, layouts
+
+
+@given(_planes_in_one_storage())
+@example((2, 2, 2, [(4, 32, 4, 0), (4, 32, 4, 16)]))  # buf[:, :4] and buf[:, 4:]: planes that touch
+@settings(max_examples=400, deadline=None)
+def test_shares_memory_is_exact_for_contiguous_planes(case):
+    """shares_memory against the elements' offsets, counted one by one."""
+    n, h, w, layouts = case
+    extent = max(offset + (n - 1) * s0 + (c - 1) * s1 + h * w for c, s0, s1, offset in layouts)
+    index = torch.arange(extent, dtype=torch.float32)
+    a, b = (index.as_strided((n, c, h, w), (s0, s1, w, 1), offset) for c, s0, s1, offset in layouts)
+    assert planes_contiguous(a) and planes_contiguous(b)
+    common = set(a.flatten().tolist()) & set(b.flatten().tolist())
+    assert shares_memory(a, b) == bool(common) == shares_memory(b, a)
 
 
 # -- item 5: out= refused as ATen refuses it ---------------------------------------------------

@@ -93,6 +93,9 @@ def shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
         return False
     if not (planes_contiguous(a) and planes_contiguous(b)):
         return True
+    same_grid = _planes_on_one_grid_overlap(a, b)
+    if same_grid is not None:
+        return same_grid
 
     def plane_starts(t):  # sorted byte offsets of the (n, c) planes, and a plane's length in bytes
         n, c, h, w = t.shape
@@ -104,6 +107,40 @@ def shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
     before = torch.searchsorted(starts_b, starts_a + length_a) - 1
     found = before >= 0
     return bool((starts_b[before.clamp(min=0)][found] + length_b > starts_a[found]).any())
+
+
+def _planes_on_one_grid_overlap(a: torch.Tensor, b: torch.Tensor) -> bool | None:
+    """`shares_memory` for two tensors with contiguous planes laid on one grid, in integer
+    arithmetic (no tensor ops: this runs at every call of a unit that writes a slice of the
+    buffer it reads, as a CSP stage's units do): the same batch, planes, dtype, batch stride and
+    channel stride, planes of one sample not overlapping each other (channel stride >= plane
+    size) and the batch stride a multiple of the channel stride. None where they are not.
+
+    Plane (i, j) of a starts at a0 + i*S0 + j*S1 and plane (i2, k) of b at b0 + i2*S0 + k*S1,
+    d = b0 - a0 apart plus a multiple of S1: they overlap where that distance v lies within one
+    plane length L; with S1 >= L only v = d mod S1 and v - S1 can, for t = (v - d) / S1 =
+    (i2 - i)*P + (k - j) channel steps, P = S0 / S1."""
+    n, ca, h, w = a.shape
+    cb, length = b.shape[1], h * w
+    s0, s1 = a.stride(0), a.stride(1)
+    if (b.shape[0] != n or tuple(b.shape[2:]) != (h, w) or a.element_size() != b.element_size()
+            or b.stride(1) != s1 or s1 < length
+            or (n > 1 and (b.stride(0) != s0 or s0 <= 0 or s0 % s1))):
+        return None
+    d = b.storage_offset() - a.storage_offset()
+    for v in (d % s1, d % s1 - s1):
+        if -length < v < length:
+            t = (v - d) // s1  # channel steps: k - j ranges over [-(ca - 1), cb - 1]
+            if n == 1:
+                if -(ca - 1) <= t <= cb - 1:
+                    return True
+                continue
+            period = s0 // s1  # batch steps: i2 - i ranges over [-(n - 1), n - 1]
+            lowest = max(-(n - 1), -((cb - 1 - t) // period))  # ceil((t - cb + 1) / period)
+            highest = min(n - 1, (t + ca - 1) // period)
+            if lowest <= highest:
+                return True
+    return False
 
 
 def plane_contiguous(x: torch.Tensor) -> torch.Tensor:
