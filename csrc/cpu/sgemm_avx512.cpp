@@ -98,32 +98,11 @@ void pack_b(int64_t kc, int64_t nc, const float* b, int64_t b_row, int64_t b_col
   }
 }
 
-// The panel of an A whose rows run contiguously (a_col == 1: a tile's grad_z in the weight
-// gradients, the weight in the forward): 16 columns of its rows at a time, transposed in
-// registers, zero past `rows` (a scalar gather costs a fifth of the GEMM on 128 columns).
-__attribute__((target("avx512f"))) void pack_a_rows(int64_t rows, int64_t kc, const float* a, int64_t a_row,
-                                                    float* panel) {
-  for (int64_t p = 0; p < kc; p += 16) {
-    const int64_t cols = std::min<int64_t>(16, kc - p);
-    const __mmask16 mask = cols == 16 ? __mmask16(0xFFFF) : __mmask16((1u << cols) - 1);
-    __m512 r[16];
-    for (int64_t i = 0; i < 16; ++i) {
-      r[i] = i < rows ? _mm512_maskz_loadu_ps(mask, a + i * a_row + p) : _mm512_setzero_ps();
-    }
-    transpose16(r);
-    for (int64_t j = 0; j < cols; ++j) _mm512_mask_storeu_ps(panel + (p + j) * kMR, (1u << kMR) - 1, r[j]);
-  }
-}
-
 // Ap[panel][p][0..kMR) = A[i0 + panel * kMR + ii][p], zero past m.
 void pack_a(int64_t mc, int64_t kc, const float* a, int64_t a_row, int64_t a_col, float* ap) {
   for (int64_t i0 = 0; i0 < mc; i0 += kMR) {
     const int64_t rows = std::min<int64_t>(kMR, mc - i0);
     float* panel = ap + i0 * kc;
-    if (a_col == 1) {
-      pack_a_rows(rows, kc, a + i0 * a_row, a_row, panel);
-      continue;
-    }
     for (int64_t p = 0; p < kc; ++p) {
       for (int64_t ii = 0; ii < kMR; ++ii) panel[p * kMR + ii] = ii < rows ? a[(i0 + ii) * a_row + p * a_col] : 0.0f;
     }
