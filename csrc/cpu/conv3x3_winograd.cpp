@@ -10,8 +10,9 @@
 // of whole tile rows left up to 38% of it idle: 40 tiles of an 80-wide map): input transform
 // into scratch laid out as the GEMM's packed panels (read in place), the 16 GEMMs with the U
 // matrices packed once, output transform straight into `out`, which may be a channel slice.
-// The transforms run along image rows split into even and odd columns, so that every inner
-// loop is contiguous.
+// The input transform loads 16 tiles' patch rows at a time and splits their even and odd pixels
+// in registers; the output transform and the weight gradient's run along image rows split into
+// even and odd columns, so that every inner loop is contiguous.
 //
 // The weight gradient is the gradient of that computation: per tile, dM = A dY A^T (4x4 from
 // the 2x2 output-gradient tile), dU[xi] = sum over tiles of dM[xi] V[xi]^T (16 GEMMs of
@@ -28,6 +29,7 @@
 #include <ATen/ops/zeros.h>
 
 #include <array>
+#include <immintrin.h>
 #include <atomic>
 #include <cstdint>
 #include <mutex>
@@ -42,18 +44,16 @@ namespace {
 
 constexpr int64_t kTilesPerBlock = 64;
 
-// A sample's tiles, their blocks of `block_tiles` consecutive tiles (the last one shorter), and
-// the most tile rows a block spans.
+// A sample's tiles and their blocks of `block_tiles` consecutive tiles (the last one shorter).
 struct Geometry {
-  int64_t height, width, tile_rows, tile_cols, tiles, block_tiles, blocks, span_rows;
+  int64_t height, width, tile_rows, tile_cols, tiles, block_tiles, blocks;
 };
 
 Geometry geometry_of(int64_t height, int64_t width, int64_t block_tiles) {
-  Geometry g{height, width, (height + 1) / 2, (width + 1) / 2, 0, 0, 0, 0};
+  Geometry g{height, width, (height + 1) / 2, (width + 1) / 2, 0, 0, 0};
   g.tiles = g.tile_rows * g.tile_cols;
   g.block_tiles = std::min(block_tiles, g.tiles);
   g.blocks = (g.tiles + g.block_tiles - 1) / g.block_tiles;
-  g.span_rows = std::min(g.tile_rows, (g.block_tiles - 1) / g.tile_cols + 2);
   return g;
 }
 
@@ -97,48 +97,87 @@ float split_row(const float* row, const Geometry& g, float* even, float* odd) {
   return probe;
 }
 
-// V[xi][c][t] = (B^T d B)[xi] of channel c's patches, for the block's tiles [t0, t1), rows
-// `ldv` floats apart. Returns false when the patches hold an inf or a NaN.
-// Scratch: split, (2 * span_rows + 2) rows x 2 x (tile_cols + 1); u, 8 x (tile_cols + 1).
-bool transform_input(const float* plane, const Geometry& g, int64_t t0, int64_t t1, int64_t c, int64_t channels,
-                     int64_t ldv, float* split, float* u, float* v) {
-  const int64_t n = g.tile_cols + 1, ty0 = t0 / g.tile_cols, rows = 2 * ((t1 - 1) / g.tile_cols - ty0 + 1) + 2;
-  float probe = 0.0f;
-  for (int64_t r = 0; r < rows; ++r) {
-    const int64_t y = 2 * ty0 - 1 + r;
-    probe += split_row(y >= 0 && y < g.height ? plane + y * g.width : nullptr, g, split + 2 * r * n,
-                       split + (2 * r + 1) * n);
-  }
+// A block's tiles [t0, t1) in runs of at most 16 consecutive tiles of one tile row: the run's
+// first tile is at position `at` of the block and its patches' first column is x0 = 2 tx - 1
+// of tile row `ty`; `load[q]` masks the image's columns among the 16 starting at x0 + kLoadAt[q]
+// (the four loads of a run's pixel rows). The same for every channel and sample, so computed
+// once per block.
+constexpr int64_t kLoadAt[4] = {0, 16, 2, 18};
+
+struct Run {
+  int64_t ty, x0, count, at;
+  __mmask16 load[4];
+};
+
+std::vector<Run> block_runs(const Geometry& g, int64_t t0, int64_t t1) {
+  std::vector<Run> runs;
   for_each_tile_row(g, t0, t1, [&](int64_t ty, int64_t lo, int64_t hi, int64_t at) {
-    // u: u_i = (B^T d)_i, i = 0..3, each even then odd columns
-    const float* d = split + 2 * (2 * (ty - ty0)) * n;  // 4 rows, each even then odd
-    for (int64_t half = 0; half < 2; ++half) {
-      const float *d0 = d + half * n, *d1 = d + (2 + half) * n, *d2 = d + (4 + half) * n, *d3 = d + (6 + half) * n;
-      float *u0 = u + half * n, *u1 = u0 + 2 * n, *u2 = u0 + 4 * n, *u3 = u0 + 6 * n;
-#pragma omp simd
-      for (int64_t k = lo; k <= hi; ++k) {
-        u0[k] = d0[k] - d2[k];
-        u1[k] = d1[k] + d2[k];
-        u2[k] = d2[k] - d1[k];
-        u3[k] = d1[k] - d3[k];
+    for (int64_t tx = lo; tx < hi; tx += 16) {
+      Run run{ty, 2 * tx - 1, std::min<int64_t>(16, hi - tx), at + tx - lo, {}};
+      for (int64_t q = 0; q < 4; ++q) {
+        unsigned bits = 0;
+        for (int64_t i = 0; i < 16; ++i) {
+          const int64_t x = run.x0 + kLoadAt[q] + i;
+          if (x >= 0 && x < g.width) bits |= 1u << i;
+        }
+        run.load[q] = static_cast<__mmask16>(bits);
       }
-    }
-    for (int64_t i = 0; i < 4; ++i) {
-      const float *e = u + 2 * i * n + lo, *o = e + n;
-      float* v0 = v + ((4 * i) * channels + c) * ldv + at;
-      float* v1 = v0 + channels * ldv;
-      float* v2 = v1 + channels * ldv;
-      float* v3 = v2 + channels * ldv;
-#pragma omp simd
-      for (int64_t j = 0; j < hi - lo; ++j) {
-        v0[j] = e[j] - e[j + 1];
-        v1[j] = o[j] + e[j + 1];
-        v2[j] = e[j + 1] - o[j];
-        v3[j] = o[j] - o[j + 1];
-      }
+      runs.push_back(run);
     }
   });
-  return probe == 0.0f;
+  return runs;
+}
+
+// V[xi][c][t] = (B^T d B)[xi] of channel c's patches d, for the block's tiles (`runs`), rows `ldv`
+// floats apart (only the block's columns written). Returns false when the patches hold an inf or
+// a NaN. Per run and patch row, four masked loads (zero outside the image) and four permutes
+// give the run's 16 patches' four columns, even and odd pixels from x0 and from x0 + 2; then
+// B^T d B in registers. (Rows split into even and odd columns by scalar loops 28 tiles long, as
+// the output transform still does, took as long as the GEMMs of a 128 -> 32 channel convolution
+// on 56x56; gathering the patches, no less.)
+__attribute__((target("avx512f"))) bool transform_input(const float* plane, const Geometry& g,
+                                                        const std::vector<Run>& runs, int64_t c, int64_t channels,
+                                                        int64_t ldv, float* v) {
+  const __m512 zero = _mm512_setzero_ps();
+  const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+  const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+  __m512 probe = zero;  // the sum of d * 0: NaN where d holds an inf or a NaN
+  for (const Run& run : runs) {
+    __m512 d[4][4];
+    for (int64_t r = 0; r < 4; ++r) {
+      const int64_t y = 2 * run.ty - 1 + r;
+      if (y < 0 || y >= g.height) {
+        for (int64_t s = 0; s < 4; ++s) d[r][s] = zero;
+        continue;
+      }
+      __m512 part[4];
+      for (int64_t q = 0; q < 4; ++q) {
+        part[q] = _mm512_maskz_loadu_ps(run.load[q], plane + y * g.width + run.x0 + kLoadAt[q]);
+        probe = _mm512_add_ps(probe, _mm512_mul_ps(part[q], zero));
+      }
+      d[r][0] = _mm512_permutex2var_ps(part[0], even, part[1]);
+      d[r][1] = _mm512_permutex2var_ps(part[0], odd, part[1]);
+      d[r][2] = _mm512_permutex2var_ps(part[2], even, part[3]);
+      d[r][3] = _mm512_permutex2var_ps(part[2], odd, part[3]);
+    }
+    const __mmask16 store = static_cast<__mmask16>((1u << run.count) - 1);
+    for (int64_t i = 0; i < 4; ++i) {  // row i of B^T d: (d0 - d2, d1 + d2, d2 - d1, d1 - d3)
+      __m512 u[4];
+      for (int64_t s = 0; s < 4; ++s) {
+        u[s] = i == 0 ? _mm512_sub_ps(d[0][s], d[2][s])
+             : i == 1 ? _mm512_add_ps(d[1][s], d[2][s])
+             : i == 2 ? _mm512_sub_ps(d[2][s], d[1][s])
+                      : _mm512_sub_ps(d[1][s], d[3][s]);
+      }
+      // ... times B: the same combination of its columns.
+      const __m512 row[4] = {_mm512_sub_ps(u[0], u[2]), _mm512_add_ps(u[1], u[2]), _mm512_sub_ps(u[2], u[1]),
+                             _mm512_sub_ps(u[1], u[3])};
+      for (int64_t j = 0; j < 4; ++j) {
+        _mm512_mask_storeu_ps(v + ((4 * i + j) * channels + c) * ldv + run.at, store, row[j]);
+      }
+    }
+  }
+  return _mm512_reduce_add_ps(probe) == 0.0f;
 }
 
 // out's channel k over the block's tiles [t0, t1): Y = A^T M A from M[xi][k][t]. Scratch s,
@@ -247,16 +286,15 @@ void conv3x3_winograd_out_cpu(const at::Tensor& x, const at::Tensor& weight, con
   at::parallel_for(0, X.batch * g.blocks, 1, [&](int64_t b0, int64_t b1) {
     std::vector<float> v_storage(16 * C * ldv + 16), m(16 * K * max_tiles);
     float* v = v_storage.data() + (64 - reinterpret_cast<uintptr_t>(v_storage.data()) % 64) % 64 / sizeof(float);
-    std::vector<float> split(2 * (2 * g.span_rows + 2) * (g.tile_cols + 1)), u(8 * (g.tile_cols + 1));
     std::vector<float> s(8 * g.tile_cols);
     for (int64_t b = b0; b < b1; ++b) {
       if (conv_weight && !finite.load(std::memory_order_relaxed)) return;  // redone below
       const int64_t n = b / g.blocks, t0 = (b % g.blocks) * g.block_tiles;
       const int64_t t1 = std::min(g.tiles, t0 + g.block_tiles), tiles = t1 - t0;
+      const std::vector<Run> runs = block_runs(g, t0, t1);
       bool block_finite = true;
       for (int64_t c = 0; c < C; ++c) {
-        block_finite &= transform_input(xp + n * X.batch_stride + c * X.channel_stride, g, t0, t1, c, C, ldv,
-                                        split.data(), u.data(), v);
+        block_finite &= transform_input(xp + n * X.batch_stride + c * X.channel_stride, g, runs, c, C, ldv, v);
       }
       if (!block_finite) finite.store(false, std::memory_order_relaxed);
       for (int64_t xi = 0; xi < 16; ++xi) {
@@ -300,15 +338,16 @@ at::Tensor conv3x3_winograd_weight_grad_cpu(const at::Tensor& x, const at::Tenso
   std::atomic<bool> finite{true};
   at::parallel_for(0, X.batch * g.blocks, 1, [&](int64_t b0, int64_t b1) {
     std::vector<float> v(16 * C * ldv), dm(16 * K * max_tiles), partial(16 * K * C, 0.0f);
-    std::vector<float> split(2 * (2 * g.span_rows + 2) * (g.tile_cols + 1)), u(8 * (g.tile_cols + 1));
+    std::vector<float> split(4 * (g.tile_cols + 1));
     for (int64_t b = b0; b < b1; ++b) {
       if (!finite.load(std::memory_order_relaxed)) return;
       const int64_t n = b / g.blocks, t0 = (b % g.blocks) * g.block_tiles;
       const int64_t t1 = std::min(g.tiles, t0 + g.block_tiles), tiles = t1 - t0;
+      const std::vector<Run> runs = block_runs(g, t0, t1);
       bool block_finite = true;
       for (int64_t c = 0; c < C; ++c) {
-        block_finite &= transform_input(xp + n * X.batch_stride + c * X.channel_stride, g, t0, t1, c, C, ldv,
-                                        split.data(), u.data(), v.data());
+        block_finite &= transform_input(xp + n * X.batch_stride + c * X.channel_stride, g, runs, c, C, ldv,
+                                        v.data());
       }
       for (int64_t k = 0; k < K; ++k) {
         block_finite &= transform_grad(gp + n * GY.batch_stride + k * GY.channel_stride, g, t0, t1, k, K, tiles,
