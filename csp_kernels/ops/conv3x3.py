@@ -5,9 +5,8 @@ Winograd's F(2x2, 3x3) on CPUs in float32 where csp_kernels' AVX-512 GEMM runs:
 multiplications than direct convolution; `ops.conv.conv_backward` runs the input gradient
 with it (the same convolution of grad_y with the flipped, transposed weight) and the weight
 gradient with `csp_kernels::conv3x3_winograd_weight_grad` (the gradient of the transformed
-computation), each where measured faster. The dense layer's training conv2 forward is ATen's (oneDNN,
-cuDNN): Winograd is barely faster there (its input transform over many channels costs as much
-as its GEMMs with 4x growth -> growth channels). In eval (`ops.dense_eval`) the layer runs
+computation), each where measured faster; so does the dense layer's training conv2 forward
+(`ops.dense`), straight into the concat buffer. In eval (`ops.dense_eval`) the layer runs
 Winograd with the transforms folded once, straight into the concat buffer (no output copy, no
 fresh output and reorder buffers per layer). Where Winograd runs: `ops.routing`
 (`winograd_usable`, `runs_as_winograd`, `runs_winograd_weight_grad`); the figures:

@@ -14,7 +14,8 @@ output's gradient, into which the dense layers' backward accumulates in place.
 Training (`partial_dense_block`, a torch.library custom op with registered autograd):
   forward   per layer: conv1 with BN1+ReLU of the prefix applied on load (shared statistics)
             and BN2's statistics from its epilogue (`ops.conv1x1.conv1x1_fused`), BN2+ReLU in
-            place, conv2 3x3 into its growth channels of the buffer (`ops.conv3x3`), their statistics.
+            place, conv2 3x3 into its growth channels of the buffer (Winograd where measured faster
+            than ATen's, `ops.conv3x3`), their statistics.
             Transitions: GEMM with statistics, BN+act written straight into the output (or, for
             "csp", into the second transition's input).
   saved     `buf`, the transitions' pre-BN outputs, the per-channel statistics. Nothing per
@@ -74,7 +75,7 @@ from .batch_norm_act import (bn_scale_shift, channel_stats, plane_contiguous, sc
                              stats_dtype)
 from .conv import conv_backward
 from .conv1x1 import conv1x1_bn_act_backward, conv1x1_fused, conv1x1_input_grad, conv1x1_weight_grad
-from .conv3x3 import conv3x3
+from .conv3x3 import conv3x3, conv3x3_winograd
 from .inductor_fallbacks import keep_fused_in_inductor
 
 _ops = torch.ops.csp_kernels
@@ -263,7 +264,11 @@ def _dense_train(buf, dense_params, g: Geometry, eps, engine, hooks=LOCAL):
         bottleneck_mean[j], bottleneck_var[j] = hooks.stats(bottleneck_mean[j], bottleneck_var[j])
         scale_shift_act(z, *bn_scale_shift(bottleneck_mean[j], bottleneck_var[j], norm2_w, norm2_b, eps),
                         DENSE_ACT, out=z)
-        new = conv3x3(z, conv2_w, out=dense[:, c: c + g.growth])
+        new = dense[:, c: c + g.growth]
+        if routing.runs_as_winograd(z, conv2_w, [1, 1], [1, 1], [1, 1], 1):
+            conv3x3_winograd(z, conv2_w, out=new)  # (the weight's transform per call)
+        else:
+            conv3x3(z, conv2_w, out=new)
         stats = channel_stats(new)
         # The last layer's channels feed no BN1 (a transition convolves the raw buffer).
         mean[c: c + g.growth], var[c: c + g.growth] = hooks.stats(*stats) if j < g.num_layers - 1 else stats

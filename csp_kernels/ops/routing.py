@@ -54,7 +54,8 @@ The engine is an op argument (so that a compiled graph keeps it), from the backe
     `scaled_eval_conv_kernel`)
   a ConvBNAct's `out=`          triton eval, or the reference path: any strides; else contiguous planes
     (`out_takes_any_strides`)
-  dense conv2 3x3, training     any                                                    ATen (Winograd no faster there)
+  dense conv2 3x3, training     any     as `runs_as_winograd` (transform per call)     Winograd into the buffer, else
+                                                                                       ATen and a copy
   dense conv2 3x3, eval         any     as `runs_as_winograd(transform_cached=True)`   Winograd into the buffer,
                                                                                        else ATen
   dense block (module level)    cpu     CPU     any        <= SMALL_MAP_PIXELS pixels  plain PyTorch (`eager_is_faster`)
