@@ -10,9 +10,9 @@
 // of whole tile rows left up to 38% of it idle: 40 tiles of an 80-wide map): input transform
 // into scratch laid out as the GEMM's packed panels (read in place), the 16 GEMMs with the U
 // matrices packed once, output transform straight into `out`, which may be a channel slice.
-// The input transform loads 16 tiles' patch rows at a time and splits their even and odd pixels
-// in registers; the output transform and the weight gradient's run along image rows split into
-// even and odd columns, so that every inner loop is contiguous.
+// The input and output transforms take runs of 16 tiles of a tile row at a time, splitting and
+// interleaving even and odd pixels in registers; the weight gradient's transform of grad_y runs
+// along image rows split into even and odd columns, so that every inner loop is contiguous.
 //
 // The weight gradient is the gradient of that computation: per tile, dM = A dY A^T (4x4 from
 // the 2x2 output-gradient tile), dU[xi] = sum over tiles of dM[xi] V[xi]^T (16 GEMMs of
@@ -100,13 +100,13 @@ float split_row(const float* row, const Geometry& g, float* even, float* odd) {
 // A block's tiles [t0, t1) in runs of at most 16 consecutive tiles of one tile row: the run's
 // first tile is at position `at` of the block and its patches' first column is x0 = 2 tx - 1
 // of tile row `ty`; `load[q]` masks the image's columns among the 16 starting at x0 + kLoadAt[q]
-// (the four loads of a run's pixel rows). The same for every channel and sample, so computed
-// once per block.
+// (the four loads of a run's pixel rows), `store` its output pixels. The same for every channel
+// and sample, so computed once per block.
 constexpr int64_t kLoadAt[4] = {0, 16, 2, 18};
 
 struct Run {
   int64_t ty, x0, count, at;
-  __mmask16 load[4];
+  __mmask16 load[4], store[2];  // store[h]: the run's output pixels among the 16 from x0 + 1 + 16 h
 };
 
 std::vector<Run> block_runs(const Geometry& g, int64_t t0, int64_t t1) {
@@ -121,6 +121,14 @@ std::vector<Run> block_runs(const Geometry& g, int64_t t0, int64_t t1) {
           if (x >= 0 && x < g.width) bits |= 1u << i;
         }
         run.load[q] = static_cast<__mmask16>(bits);
+      }
+      for (int64_t half = 0; half < 2; ++half) {
+        unsigned bits = 0;
+        for (int64_t i = 0; i < 16; ++i) {
+          const int64_t pixel = 16 * half + i;
+          if (pixel < 2 * run.count && run.x0 + 1 + pixel < g.width) bits |= 1u << i;
+        }
+        run.store[half] = static_cast<__mmask16>(bits);
       }
       runs.push_back(run);
     }
@@ -180,40 +188,36 @@ __attribute__((target("avx512f"))) bool transform_input(const float* plane, cons
   return _mm512_reduce_add_ps(probe) == 0.0f;
 }
 
-// out's channel k over the block's tiles [t0, t1): Y = A^T M A from M[xi][k][t]. Scratch s,
-// 8 x tile_cols: s[a][j] over the row's tiles, A^T applied to M's columns.
-void transform_output(const float* m, const Geometry& g, int64_t t0, int64_t t1, int64_t k, int64_t channels,
-                      int64_t tiles, float* s, float* plane) {
-  const int64_t tc = g.tile_cols;
-  for_each_tile_row(g, t0, t1, [&](int64_t ty, int64_t lo, int64_t hi, int64_t at) {
-    const int64_t w = hi - lo;
+// out's channel k over the block's tiles (`runs`): Y = A^T M A from M[xi][k][t], rows `tiles`
+// floats apart. Per run, M's 16 rows are loaded for its 16 tiles, A^T M A computed in registers
+// and each output row's even and odd pixels interleaved by two permutes into masked stores.
+__attribute__((target("avx512f"))) void transform_output(const float* m, const Geometry& g,
+                                                         const std::vector<Run>& runs, int64_t k, int64_t channels,
+                                                         int64_t tiles, float* plane) {
+  const __m512i low = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  const __m512i high = _mm512_add_epi32(low, _mm512_set1_epi32(8));
+  for (const Run& run : runs) {
+    const __mmask16 tiles_mask = static_cast<__mmask16>((1u << run.count) - 1);
+    __m512 s[2][4];  // rows of A^T M: (m0 + m1 + m2, m1 - m2 - m3) over M's rows, per column j
     for (int64_t j = 0; j < 4; ++j) {
-      const float* m0 = m + (j * channels + k) * tiles + at;
-      const float* m1 = m0 + 4 * channels * tiles;
-      const float* m2 = m1 + 4 * channels * tiles;
-      const float* m3 = m2 + 4 * channels * tiles;
-      float *s0 = s + j * tc, *s1 = s0 + 4 * tc;
-#pragma omp simd
-      for (int64_t t = 0; t < w; ++t) {
-        s0[t] = m0[t] + m1[t] + m2[t];
-        s1[t] = m1[t] - m2[t] - m3[t];
+      __m512 mr[4];
+      for (int64_t r = 0; r < 4; ++r) {
+        mr[r] = _mm512_maskz_loadu_ps(tiles_mask, m + ((4 * r + j) * channels + k) * tiles + run.at);
       }
+      s[0][j] = _mm512_add_ps(_mm512_add_ps(mr[0], mr[1]), mr[2]);
+      s[1][j] = _mm512_sub_ps(_mm512_sub_ps(mr[1], mr[2]), mr[3]);
     }
-    // Tiles whose both columns are inside the image; the one after them, if any, has one.
-    const int64_t full = std::min(hi, g.width / 2) - lo;
     for (int64_t a = 0; a < 2; ++a) {
-      const int64_t y = 2 * ty + a;
+      const int64_t y = 2 * run.ty + a;
       if (y >= g.height) break;
-      const float *q0 = s + 4 * a * tc, *q1 = q0 + tc, *q2 = q1 + tc, *q3 = q2 + tc;
-      float* row = plane + y * g.width + 2 * lo;
-#pragma omp simd
-      for (int64_t t = 0; t < full; ++t) {
-        row[2 * t] = q0[t] + q1[t] + q2[t];
-        row[2 * t + 1] = q1[t] - q2[t] - q3[t];
-      }
-      if (full < w) row[2 * full] = q0[full] + q1[full] + q2[full];
+      const __m512* q = s[a];
+      const __m512 even = _mm512_add_ps(_mm512_add_ps(q[0], q[1]), q[2]);
+      const __m512 odd = _mm512_sub_ps(_mm512_sub_ps(q[1], q[2]), q[3]);
+      float* row = plane + y * g.width + run.x0 + 1;
+      _mm512_mask_storeu_ps(row, run.store[0], _mm512_permutex2var_ps(even, low, odd));
+      _mm512_mask_storeu_ps(row + 16, run.store[1], _mm512_permutex2var_ps(even, high, odd));
     }
-  });
+  }
 }
 
 // dM[xi][k][t] = (A dY A^T)[xi] of output-gradient channel k's 2x2 tiles, for the block's
@@ -286,7 +290,6 @@ void conv3x3_winograd_out_cpu(const at::Tensor& x, const at::Tensor& weight, con
   at::parallel_for(0, X.batch * g.blocks, 1, [&](int64_t b0, int64_t b1) {
     std::vector<float> v_storage(16 * C * ldv + 16), m(16 * K * max_tiles);
     float* v = v_storage.data() + (64 - reinterpret_cast<uintptr_t>(v_storage.data()) % 64) % 64 / sizeof(float);
-    std::vector<float> s(8 * g.tile_cols);
     for (int64_t b = b0; b < b1; ++b) {
       if (conv_weight && !finite.load(std::memory_order_relaxed)) return;  // redone below
       const int64_t n = b / g.blocks, t0 = (b % g.blocks) * g.block_tiles;
@@ -302,7 +305,7 @@ void conv3x3_winograd_out_cpu(const at::Tensor& x, const at::Tensor& weight, con
                      false, u_packed.data() + xi * packed_size);
       }
       for (int64_t k = 0; k < K; ++k) {
-        transform_output(m.data(), g, t0, t1, k, K, tiles, s.data(),
+        transform_output(m.data(), g, runs, k, K, tiles,
                          op + n * O.batch_stride + k * O.channel_stride);
       }
     }
