@@ -10,9 +10,8 @@
 // of whole tile rows left up to 38% of it idle: 40 tiles of an 80-wide map): input transform
 // into scratch laid out as the GEMM's packed panels (read in place), the 16 GEMMs with the U
 // matrices packed once, output transform straight into `out`, which may be a channel slice.
-// The input and output transforms take runs of 16 tiles of a tile row at a time, splitting and
-// interleaving even and odd pixels in registers; the weight gradient's transform of grad_y runs
-// along image rows split into even and odd columns, so that every inner loop is contiguous.
+// Every transform takes runs of 16 tiles of a tile row at a time, splitting and interleaving
+// even and odd pixels in registers.
 //
 // The weight gradient is the gradient of that computation: per tile, dM = A dY A^T (4x4 from
 // the 2x2 output-gradient tile), dU[xi] = sum over tiles of dM[xi] V[xi]^T (16 GEMMs of
@@ -68,35 +67,6 @@ void for_each_tile_row(const Geometry& g, int64_t t0, int64_t t1, F&& f) {
   }
 }
 
-// even[k] = row[2k - 1], odd[k] = row[2k] for k in [0, tile_cols], zero outside the image
-// (nullptr: a padding row). Returns 0, or NaN when the row holds an inf or a NaN (the sum of
-// x * 0 over it: no branch, no extra pass).
-float split_row(const float* row, const Geometry& g, float* even, float* odd) {
-  const int64_t n = g.tile_cols + 1;
-  if (row == nullptr) {
-    std::fill(even, even + n, 0.0f);
-    std::fill(odd, odd + n, 0.0f);
-    return 0.0f;
-  }
-  // Inside the image: even[k] for 2k - 1 < width, odd[k] for 2k < width.
-  const int64_t n_even = std::min(n, (g.width + 2) / 2), n_odd = std::min(n, (g.width + 1) / 2);
-  even[0] = 0.0f;
-  float probe = 0.0f;
-#pragma omp simd reduction(+ : probe)
-  for (int64_t k = 1; k < n_even; ++k) {
-    even[k] = row[2 * k - 1];
-    probe += even[k] * 0.0f;
-  }
-#pragma omp simd reduction(+ : probe)
-  for (int64_t k = 0; k < n_odd; ++k) {
-    odd[k] = row[2 * k];
-    probe += odd[k] * 0.0f;
-  }
-  std::fill(even + n_even, even + n, 0.0f);
-  std::fill(odd + n_odd, odd + n, 0.0f);
-  return probe;
-}
-
 // A block's tiles [t0, t1) in runs of at most 16 consecutive tiles of one tile row: the run's
 // first tile is at position `at` of the block and its patches' first column is x0 = 2 tx - 1
 // of tile row `ty`; `load[q]` masks the image's columns among the 16 starting at x0 + kLoadAt[q]
@@ -140,9 +110,9 @@ std::vector<Run> block_runs(const Geometry& g, int64_t t0, int64_t t1) {
 // floats apart (only the block's columns written). Returns false when the patches hold an inf or
 // a NaN. Per run and patch row, four masked loads (zero outside the image) and four permutes
 // give the run's 16 patches' four columns, even and odd pixels from x0 and from x0 + 2; then
-// B^T d B in registers. (Rows split into even and odd columns by scalar loops 28 tiles long, as
-// the output transform still does, took as long as the GEMMs of a 128 -> 32 channel convolution
-// on 56x56; gathering the patches, no less.)
+// B^T d B in registers. (Rows split into even and odd columns by scalar loops 28 tiles long took
+// as long as the GEMMs of a 128 -> 32 channel convolution on 56x56; gathering the patches, no
+// less.)
 __attribute__((target("avx512f"))) bool transform_input(const float* plane, const Geometry& g,
                                                         const std::vector<Run>& runs, int64_t c, int64_t channels,
                                                         int64_t ldv, float* v) {
@@ -220,36 +190,53 @@ __attribute__((target("avx512f"))) void transform_output(const float* m, const G
   }
 }
 
-// dM[xi][k][t] = (A dY A^T)[xi] of output-gradient channel k's 2x2 tiles, for the block's
-// tiles [t0, t1), rows `tiles` floats apart (A = [[1, 0], [1, 1], [1, -1], [0, -1]]). Returns
-// false when the tiles hold an inf or a NaN. Scratch split: 4 x (tile_cols + 1).
-bool transform_grad(const float* plane, const Geometry& g, int64_t t0, int64_t t1, int64_t k, int64_t channels,
-                    int64_t tiles, float* split, float* dm) {
-  const int64_t n = g.tile_cols + 1;
-  float probe = 0.0f;
-  for_each_tile_row(g, t0, t1, [&](int64_t ty, int64_t lo, int64_t hi, int64_t at) {
-    // split_row: odd[tx] = row[2 tx], even[tx + 1] = row[2 tx + 1], zero outside the image.
-    float *e0 = split, *o0 = e0 + n, *e1 = o0 + n, *o1 = e1 + n;
-    const int64_t y = 2 * ty;
-    probe += split_row(plane + y * g.width, g, e0, o0);
-    probe += split_row(y + 1 < g.height ? plane + (y + 1) * g.width : nullptr, g, e1, o1);
-    float* out[16];
-    for (int64_t xi = 0; xi < 16; ++xi) out[xi] = dm + (xi * channels + k) * tiles + at;
-#pragma omp simd
-    for (int64_t j = 0; j < hi - lo; ++j) {
-      const int64_t tx = lo + j;
-      const float y00 = o0[tx], y01 = e0[tx + 1], y10 = o1[tx], y11 = e1[tx + 1];
-      // Rows of A dY (a, b), then each row times A^T: (a, a + b, a - b, -b).
-      const float r[4][2] = {{y00, y01}, {y00 + y10, y01 + y11}, {y00 - y10, y01 - y11}, {-y10, -y11}};
-      for (int i = 0; i < 4; ++i) {
-        out[4 * i][j] = r[i][0];
-        out[4 * i + 1][j] = r[i][0] + r[i][1];
-        out[4 * i + 2][j] = r[i][0] - r[i][1];
-        out[4 * i + 3][j] = -r[i][1];
+// -v by its sign bit, as C's unary minus (0 - v would turn -0 into +0).
+__attribute__((target("avx512f"))) inline __m512 negate(__m512 v) {
+  return _mm512_castsi512_ps(
+      _mm512_xor_si512(_mm512_castps_si512(v), _mm512_set1_epi32(static_cast<int32_t>(0x80000000u))));
+}
+
+// dM[xi][k][t] = (A dY A^T)[xi] of output-gradient channel k's 2x2 tiles, for the block's tiles
+// (`runs`), rows `tiles` floats apart (A = [[1, 0], [1, 1], [1, -1], [0, -1]]). Returns false
+// when the tiles hold an inf or a NaN. Per run, each of its two pixel rows is two masked loads
+// (zero outside the image) split into even and odd pixels by two permutes.
+__attribute__((target("avx512f"))) bool transform_grad(const float* plane, const Geometry& g,
+                                                       const std::vector<Run>& runs, int64_t k, int64_t channels,
+                                                       int64_t tiles, float* dm) {
+  const __m512 zero = _mm512_setzero_ps();
+  const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+  const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+  __m512 probe = zero;  // the sum of dY * 0: NaN where dY holds an inf or a NaN
+  for (const Run& run : runs) {
+    __m512 y[2][2];  // y[a][b]: pixel (2 ty + a, 2 tx + b) of the run's tiles
+    for (int64_t a = 0; a < 2; ++a) {
+      const int64_t row = 2 * run.ty + a;
+      if (row >= g.height) {
+        y[a][0] = y[a][1] = zero;
+        continue;
+      }
+      const float* pixels = plane + row * g.width + run.x0 + 1;
+      const __m512 lo = _mm512_maskz_loadu_ps(run.store[0], pixels);
+      const __m512 hi = _mm512_maskz_loadu_ps(run.store[1], pixels + 16);
+      probe = _mm512_add_ps(probe, _mm512_add_ps(_mm512_mul_ps(lo, zero), _mm512_mul_ps(hi, zero)));
+      y[a][0] = _mm512_permutex2var_ps(lo, even, hi);
+      y[a][1] = _mm512_permutex2var_ps(lo, odd, hi);
+    }
+    // Rows of A dY (a, b), then each row times A^T: (a, a + b, a - b, -b).
+    const __m512 r[4][2] = {{y[0][0], y[0][1]},
+                            {_mm512_add_ps(y[0][0], y[1][0]), _mm512_add_ps(y[0][1], y[1][1])},
+                            {_mm512_sub_ps(y[0][0], y[1][0]), _mm512_sub_ps(y[0][1], y[1][1])},
+                            {negate(y[1][0]), negate(y[1][1])}};
+    const __mmask16 store = static_cast<__mmask16>((1u << run.count) - 1);
+    for (int64_t i = 0; i < 4; ++i) {
+      const __m512 out[4] = {r[i][0], _mm512_add_ps(r[i][0], r[i][1]), _mm512_sub_ps(r[i][0], r[i][1]),
+                             negate(r[i][1])};
+      for (int64_t j = 0; j < 4; ++j) {
+        _mm512_mask_storeu_ps(dm + ((4 * i + j) * channels + k) * tiles + run.at, store, out[j]);
       }
     }
-  });
-  return probe == 0.0f;
+  }
+  return _mm512_reduce_add_ps(probe) == 0.0f;
 }
 
 void conv3x3_winograd_out_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& out,
@@ -341,7 +328,6 @@ at::Tensor conv3x3_winograd_weight_grad_cpu(const at::Tensor& x, const at::Tenso
   std::atomic<bool> finite{true};
   at::parallel_for(0, X.batch * g.blocks, 1, [&](int64_t b0, int64_t b1) {
     std::vector<float> v(16 * C * ldv), dm(16 * K * max_tiles), partial(16 * K * C, 0.0f);
-    std::vector<float> split(4 * (g.tile_cols + 1));
     for (int64_t b = b0; b < b1; ++b) {
       if (!finite.load(std::memory_order_relaxed)) return;
       const int64_t n = b / g.blocks, t0 = (b % g.blocks) * g.block_tiles;
@@ -353,8 +339,8 @@ at::Tensor conv3x3_winograd_weight_grad_cpu(const at::Tensor& x, const at::Tenso
                                         v.data());
       }
       for (int64_t k = 0; k < K; ++k) {
-        block_finite &= transform_grad(gp + n * GY.batch_stride + k * GY.channel_stride, g, t0, t1, k, K, tiles,
-                                       split.data(), dm.data());
+        block_finite &= transform_grad(gp + n * GY.batch_stride + k * GY.channel_stride, g, runs, k, K, tiles,
+                                       dm.data());
       }
       if (!block_finite) {
         finite.store(false, std::memory_order_relaxed);
