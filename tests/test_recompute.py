@@ -293,6 +293,28 @@ def test_expanding_1x1_conv_output_is_recomputed_not_saved(dtype, conv1x1, monke
     assert rel_error(fused(x), y_ref) <= (1e-5 if dtype == torch.float32 else 1e-12)
 
 
+def grouped(module_ns, groups: int, dtype=torch.float64) -> nn.Sequential:
+    """A unit, then a grouped 3x3 (8 -> 8 channels) whose input is the first unit's output: its
+    z (as large as its input) is recomputed in backward from the rebuilt input."""
+    return nn.Sequential(module_ns.ConvBNAct(6, 8, 1, act="leaky_relu"),
+                         module_ns.ConvBNAct(8, 8, 3, groups=groups, act="silu")).to(dtype)
+
+
+@pytest.mark.parametrize(("groups", "recomputed"), [(2, True), (8, True), (1, False)])  # (groups 1: 72 MACs)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_grouped_conv_output_is_recomputed_not_saved(dtype, groups, recomputed, monkeypatch):
+    fused, ref = grouped(csp_kernels, groups, dtype), grouped(reference, groups, dtype)
+    fused.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 6, 10, 10, dtype=dtype)
+    saved, grads = saved_and_grads(fused, x)
+    monkeypatch.setattr(routing, "recomputed_conv_kernel", lambda *args: None)
+    saved_with_z, grads_with_z = saved_and_grads(fused, x)
+    assert saved == saved_with_z - (2 * 8 * 10 * 10 * x.element_size() if recomputed else 0)
+    assert all(torch.equal(a, b) for a, b in zip(grads, grads_with_z))
+    y_ref = ref(x.clone().requires_grad_())
+    assert rel_error(fused(x), y_ref) <= (1e-5 if dtype == torch.float32 else 1e-12)
+
+
 def test_recomputed_conv_output_checks_its_weight():
     """The stem's weight edited in place between forward and backward (an optimizer step before
     backward): the recomputation would see another weight, so backward raises."""
