@@ -106,6 +106,13 @@ std::vector<Run> block_runs(const Geometry& g, int64_t t0, int64_t t1) {
   return runs;
 }
 
+// The even and odd floats of the 32 in (lo, hi): lane i of `even` is float 2i, of `odd` 2i + 1.
+__attribute__((target("avx512f"))) inline void split_even_odd(__m512 lo, __m512 hi, __m512& even, __m512& odd) {
+  const __m512i index = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+  even = _mm512_permutex2var_ps(lo, index, hi);
+  odd = _mm512_permutex2var_ps(lo, _mm512_add_epi32(index, _mm512_set1_epi32(1)), hi);
+}
+
 // V[xi][c][t] = (B^T d B)[xi] of channel c's patches d, for the block's tiles (`runs`), rows `ldv`
 // floats apart (only the block's columns written). Returns false when the patches hold an inf or
 // a NaN. Per run and patch row, four masked loads (zero outside the image) and four permutes
@@ -117,8 +124,6 @@ __attribute__((target("avx512f"))) bool transform_input(const float* plane, cons
                                                         const std::vector<Run>& runs, int64_t c, int64_t channels,
                                                         int64_t ldv, float* v) {
   const __m512 zero = _mm512_setzero_ps();
-  const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
-  const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
   __m512 probe = zero;  // the sum of d * 0: NaN where d holds an inf or a NaN
   for (const Run& run : runs) {
     __m512 d[4][4];
@@ -133,10 +138,8 @@ __attribute__((target("avx512f"))) bool transform_input(const float* plane, cons
         part[q] = _mm512_maskz_loadu_ps(run.load[q], plane + y * g.width + run.x0 + kLoadAt[q]);
         probe = _mm512_add_ps(probe, _mm512_mul_ps(part[q], zero));
       }
-      d[r][0] = _mm512_permutex2var_ps(part[0], even, part[1]);
-      d[r][1] = _mm512_permutex2var_ps(part[0], odd, part[1]);
-      d[r][2] = _mm512_permutex2var_ps(part[2], even, part[3]);
-      d[r][3] = _mm512_permutex2var_ps(part[2], odd, part[3]);
+      split_even_odd(part[0], part[1], d[r][0], d[r][1]);
+      split_even_odd(part[2], part[3], d[r][2], d[r][3]);
     }
     const __mmask16 store = static_cast<__mmask16>((1u << run.count) - 1);
     for (int64_t i = 0; i < 4; ++i) {  // row i of B^T d: (d0 - d2, d1 + d2, d2 - d1, d1 - d3)
@@ -204,8 +207,6 @@ __attribute__((target("avx512f"))) bool transform_grad(const float* plane, const
                                                        const std::vector<Run>& runs, int64_t k, int64_t channels,
                                                        int64_t tiles, float* dm) {
   const __m512 zero = _mm512_setzero_ps();
-  const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
-  const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
   __m512 probe = zero;  // the sum of dY * 0: NaN where dY holds an inf or a NaN
   for (const Run& run : runs) {
     __m512 y[2][2];  // y[a][b]: pixel (2 ty + a, 2 tx + b) of the run's tiles
@@ -219,8 +220,7 @@ __attribute__((target("avx512f"))) bool transform_grad(const float* plane, const
       const __m512 lo = _mm512_maskz_loadu_ps(run.store[0], pixels);
       const __m512 hi = _mm512_maskz_loadu_ps(run.store[1], pixels + 16);
       probe = _mm512_add_ps(probe, _mm512_add_ps(_mm512_mul_ps(lo, zero), _mm512_mul_ps(hi, zero)));
-      y[a][0] = _mm512_permutex2var_ps(lo, even, hi);
-      y[a][1] = _mm512_permutex2var_ps(lo, odd, hi);
+      split_even_odd(lo, hi, y[a][0], y[a][1]);
     }
     // Rows of A dY (a, b), then each row times A^T: (a, a + b, a - b, -b).
     const __m512 r[4][2] = {{y[0][0], y[0][1]},
