@@ -30,6 +30,8 @@ def errors_against_float64(x, weight):
     ((2, 7, 11, 1), 130),     # one column; more output channels than a GEMM row block (96)
     ((1, 300, 6, 150), 9),    # a reduction longer than a GEMM k-block; tile rows wider than a block
     ((2, 6, 21, 27), 5),      # blocks of 64 tiles starting and ending inside tile rows; odd sides
+    ((2, 4, 5, 32), 3),       # tile rows of exactly one run of 16 tiles
+    ((2, 4, 6, 33), 3),       # tile rows of 17 tiles: a run of 16 and a run of one
 ])
 def test_winograd_matches_float64(shape, out_channels):
     """2.5x, not flash-attention's 2x: the input and output transforms add a rounding of their
@@ -76,6 +78,7 @@ def weight_grad_float64(x, grad_y):
     ((2, 7, 11, 1), 130),     # one column; more output channels than a GEMM row block
     ((5, 9, 40, 40), 7),      # several blocks per sample, summed across threads
     ((2, 6, 21, 27), 5),      # blocks starting and ending inside tile rows; odd sides
+    ((2, 4, 6, 33), 3),       # tile rows of 17 tiles: a run of 16 and a run of one
 ])
 def test_winograd_weight_grad_matches_float64(shape, out_channels):
     """Within 2.5x ATen float32's error against float64, as the forward (the same transforms)."""
