@@ -67,12 +67,13 @@ std::tuple<at::Tensor, at::Tensor> conv1x1_fused_out_cpu(
     // BLAS wants ldc >= m and ldb >= max(1, k) even where a size-1 or size-0 dim never uses them.
     const int ldc = static_cast<int>(O.channels == 1 ? std::max(O.channel_stride, width) : O.channel_stride);
     const int ldb = static_cast<int>(std::max<int64_t>(X.channels, 1));
+    const SharedB<scalar_t> shared_w("N", static_cast<int>(O.channels), static_cast<int>(X.channels), wp, ldb);
     for_each_tile<scalar_t>(tiling, X.channels * width, [&](int64_t i, const Tile& t, scalar_t* scratch) {
       load_tile(xp, X, t, scale, shift, in_act, scratch);
       // Row-major out_tile (O x w) = W (O x C) @ scratch (C x w), i.e. column-major
       // out_tile^T (w x O) = scratch^T (w x C) @ W^T (C x O).
       gemm("N", "N", static_cast<int>(t.width), static_cast<int>(O.channels), static_cast<int>(X.channels), scratch,
-           static_cast<int>(t.width), wp, ldb, scalar_t(0), op + t.sample * O.batch_stride + t.begin, ldc);
+           static_cast<int>(t.width), wp, ldb, scalar_t(0), op + t.sample * O.batch_stride + t.begin, ldc, &shared_w);
       finish_tile(op, O, t, bp, act, stats ? moments.data() + i * O.channels : nullptr);
     });
     if (!stats) return;
@@ -137,6 +138,7 @@ std::tuple<at::Tensor, at::Tensor> conv1x1_bn_act_backward_cpu(
     scalar_t* pp = weight_grad ? partials.mutable_data_ptr<scalar_t>() : nullptr;
     const auto bn = bn_backward_of<stat_of<scalar_t>>(mean, invstd, bn_weight, bn_bias, sum_dpre, sum_dpre_xhat);
     const int O = static_cast<int>(Z.channels), C = static_cast<int>(X.channels);
+    const SharedB<scalar_t> shared_w("T", C, O, wp, C);
     for_each_tile<scalar_t>(tiling, Z.channels * width, [&](int64_t, const Tile& t, scalar_t* grad_z) {
       const int w = static_cast<int>(t.width);
       bn_act_grad_tile(gyp, G, zp, Z, t, bn, X.batch * X.plane, act, grad_z);
@@ -146,7 +148,7 @@ std::tuple<at::Tensor, at::Tensor> conv1x1_bn_act_backward_cpu(
         // grad_x^T (w x C) = grad_z^T (w x O) @ W (O x C; row-major W is its column-major
         // transpose, hence "T").
         gemm("N", "T", w, C, O, grad_z, w, wp, C, scalar_t(0), gxp + t.sample * GX.batch_stride + t.begin,
-             static_cast<int>(C == 1 ? std::max(GX.channel_stride, width) : GX.channel_stride));
+             static_cast<int>(C == 1 ? std::max(GX.channel_stride, width) : GX.channel_stride), &shared_w);
       }
       if (weight_grad) {
         // Row-major partial (O x C) += grad_z (O x w) @ x_tile^T (w x C): column-major

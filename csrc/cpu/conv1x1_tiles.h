@@ -9,6 +9,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <climits>
 #include <vector>
 
@@ -28,15 +29,34 @@ namespace {
 // the output tile stay in a core's L2 cache between the prologue, the GEMM and the epilogue.
 constexpr int64_t kScratchBytes = 256 * 1024;
 
+// A `gemm` operand B shared by every tile (the weight), packed once where `sgemm_avx512` runs:
+// op(B)^T is its A, which it would otherwise pack again for each tile (a scalar gather of the
+// whole weight per tile). Empty for float64 and for the BLAS.
+template <typename scalar_t>
+struct SharedB {
+  std::vector<float> packed;
+  SharedB(const char* op_b, int n, int k, const scalar_t* b, int ldb) {
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      if (!sgemm_avx512_preferred()) return;
+      const bool b_t = *op_b == 'T';
+      packed.resize(sgemm_avx512_packed_a_size(n, k));
+      sgemm_avx512_pack_a(n, k, b, b_t ? 1 : ldb, b_t ? ldb : 1, packed.data());
+    }
+  }
+  const float* data() const { return packed.empty() ? nullptr : packed.data(); }
+};
+
 // Column-major C (m x n) = op(A) op(B) + beta C, op = transpose where asked ("N" or "T").
 // beta is 0 or 1. float32 runs `sgemm_avx512` where it is preferred (measured faster than the
-// BLAS on this CPU, sgemm_avx512.h).
+// BLAS on this CPU, sgemm_avx512.h), reading B from `shared_b` where given (a `SharedB` of the
+// same n, k and B).
 inline void gemm(const char* op_a, const char* op_b, int m, int n, int k, const float* a, int lda, const float* b,
-                 int ldb, float beta, float* c, int ldc) {
+                 int ldb, float beta, float* c, int ldc, const SharedB<float>* shared_b = nullptr) {
   if (sgemm_avx512_preferred()) {
     // Column-major C (m x n) is row-major C^T (n x m) = op(B)^T (n x k) @ op(A)^T (k x m).
     const bool a_t = *op_a == 'T', b_t = *op_b == 'T';
-    sgemm_avx512(n, m, k, b, b_t ? 1 : ldb, b_t ? ldb : 1, a, a_t ? 1 : lda, a_t ? lda : 1, c, ldc, beta != 0);
+    sgemm_avx512(n, m, k, b, b_t ? 1 : ldb, b_t ? ldb : 1, a, a_t ? 1 : lda, a_t ? lda : 1, c, ldc, beta != 0,
+                 shared_b == nullptr ? nullptr : shared_b->data());
     return;
   }
   const float one = 1;
@@ -44,7 +64,7 @@ inline void gemm(const char* op_a, const char* op_b, int m, int n, int k, const 
 }
 
 inline void gemm(const char* op_a, const char* op_b, int m, int n, int k, const double* a, int lda, const double* b,
-                 int ldb, double beta, double* c, int ldc) {
+                 int ldb, double beta, double* c, int ldc, const SharedB<double>* = nullptr) {
   const double one = 1;
   dgemm_(op_a, op_b, &m, &n, &k, &one, a, &lda, b, &ldb, &beta, c, &ldc);
 }

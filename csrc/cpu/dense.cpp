@@ -143,6 +143,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_conv1_backward_cpu(
       shift1[c] = b1[c] - m1[c] * scale1[c];
     }
     const int O = static_cast<int>(Z.channels), C = static_cast<int>(X.channels);
+    const SharedB<scalar_t> shared_w("T", C, O, wp, C);
     for_each_tile<scalar_t>(tiling, (Z.channels + X.channels) * width, [&](int64_t i, const Tile& t,
                                                                            scalar_t* scratch) {
       const int w = static_cast<int>(t.width);
@@ -153,7 +154,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_conv1_backward_cpu(
       // Weight gradient: row-major partial (O x C) += grad_z (O x w) @ a^T (w x C).
       gemm("T", "N", C, O, w, a, w, grad_z, w, scalar_t(1), pp + at::get_thread_num() * Z.channels * X.channels, C);
       // Input gradient into `a`'s scratch: row-major grad_a (C x w) = W^T (C x O) @ grad_z.
-      gemm("N", "T", w, C, O, grad_z, w, wp, C, scalar_t(0), a, w);
+      gemm("N", "T", w, C, O, grad_z, w, wp, C, scalar_t(0), a, w, &shared_w);
       for (int64_t c = 0; c < X.channels; ++c) {
         const int64_t at_x = t.sample * X.batch_stride + c * X.channel_stride + t.begin;
         const int64_t at_acc = t.sample * ACC.batch_stride + c * ACC.channel_stride + t.begin;
