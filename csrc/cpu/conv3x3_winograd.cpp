@@ -67,43 +67,49 @@ void for_each_tile_row(const Geometry& g, int64_t t0, int64_t t1, F&& f) {
   }
 }
 
-// A block's tiles [t0, t1) in runs of at most 16 consecutive tiles of one tile row: the run's
-// first tile is at position `at` of the block and its patches' first column is x0 = 2 tx - 1
-// of tile row `ty`; `load[q]` masks the image's columns among the 16 starting at x0 + kLoadAt[q]
-// (the four loads of a run's pixel rows), `store` its output pixels. The same for every channel
-// and sample, so computed once per block.
+// A block's tiles in runs of at most 16 consecutive tiles of one tile row: the run's first tile
+// is at position `at` of the block and its patches' first column is x0 = 2 tx - 1 of tile row
+// `ty`; `tiles` masks the run's tiles among 16, `load[q]` the image's columns among the 16
+// starting at x0 + kLoadAt[q] (the four loads of a run's patch rows), `pixels[h]` the run's
+// output pixels among the 16 from x0 + 1 + 16 h (its 2x2 tiles' columns inside the image).
 constexpr int64_t kLoadAt[4] = {0, 16, 2, 18};
 
 struct Run {
-  int64_t ty, x0, count, at;
-  __mmask16 load[4], store[2];  // store[h]: the run's output pixels among the 16 from x0 + 1 + 16 h
+  int64_t ty, x0, at;
+  __mmask16 tiles, load[4], pixels[2];
 };
 
-std::vector<Run> block_runs(const Geometry& g, int64_t t0, int64_t t1) {
-  std::vector<Run> runs;
-  for_each_tile_row(g, t0, t1, [&](int64_t ty, int64_t lo, int64_t hi, int64_t at) {
-    for (int64_t tx = lo; tx < hi; tx += 16) {
-      Run run{ty, 2 * tx - 1, std::min<int64_t>(16, hi - tx), at + tx - lo, {}};
-      for (int64_t q = 0; q < 4; ++q) {
-        unsigned bits = 0;
-        for (int64_t i = 0; i < 16; ++i) {
-          const int64_t x = run.x0 + kLoadAt[q] + i;
-          if (x >= 0 && x < g.width) bits |= 1u << i;
+// Bit i set where pred(i), for i in [0, 16).
+template <typename P>
+__mmask16 mask_of(P&& pred) {
+  unsigned bits = 0;
+  for (int64_t i = 0; i < 16; ++i) {
+    if (pred(i)) bits |= 1u << i;
+  }
+  return static_cast<__mmask16>(bits);
+}
+
+// The runs of each block of a sample, by block index: the same for every channel and sample, so
+// computed once per call.
+std::vector<std::vector<Run>> block_runs(const Geometry& g) {
+  std::vector<std::vector<Run>> blocks(g.blocks);
+  for (int64_t block = 0; block < g.blocks; ++block) {
+    const int64_t t0 = block * g.block_tiles, t1 = std::min(g.tiles, t0 + g.block_tiles);
+    for_each_tile_row(g, t0, t1, [&](int64_t ty, int64_t lo, int64_t hi, int64_t at) {
+      for (int64_t tx = lo; tx < hi; tx += 16) {
+        const int64_t count = std::min<int64_t>(16, hi - tx), x0 = 2 * tx - 1;
+        Run run{ty, x0, at + tx - lo, mask_of([&](int64_t i) { return i < count; }), {}, {}};
+        for (int64_t q = 0; q < 4; ++q) {
+          run.load[q] = mask_of([&](int64_t i) { return x0 + kLoadAt[q] + i >= 0 && x0 + kLoadAt[q] + i < g.width; });
         }
-        run.load[q] = static_cast<__mmask16>(bits);
-      }
-      for (int64_t half = 0; half < 2; ++half) {
-        unsigned bits = 0;
-        for (int64_t i = 0; i < 16; ++i) {
-          const int64_t pixel = 16 * half + i;
-          if (pixel < 2 * run.count && run.x0 + 1 + pixel < g.width) bits |= 1u << i;
+        for (int64_t h = 0; h < 2; ++h) {
+          run.pixels[h] = mask_of([&](int64_t i) { return 16 * h + i < 2 * count && x0 + 1 + 16 * h + i < g.width; });
         }
-        run.store[half] = static_cast<__mmask16>(bits);
+        blocks[block].push_back(run);
       }
-      runs.push_back(run);
-    }
-  });
-  return runs;
+    });
+  }
+  return blocks;
 }
 
 // The even and odd floats of the 32 in (lo, hi): lane i of `even` is float 2i, of `odd` 2i + 1.
@@ -141,7 +147,6 @@ __attribute__((target("avx512f"))) bool transform_input(const float* plane, cons
       split_even_odd(part[0], part[1], d[r][0], d[r][1]);
       split_even_odd(part[2], part[3], d[r][2], d[r][3]);
     }
-    const __mmask16 store = static_cast<__mmask16>((1u << run.count) - 1);
     for (int64_t i = 0; i < 4; ++i) {  // row i of B^T d: (d0 - d2, d1 + d2, d2 - d1, d1 - d3)
       __m512 u[4];
       for (int64_t s = 0; s < 4; ++s) {
@@ -154,7 +159,7 @@ __attribute__((target("avx512f"))) bool transform_input(const float* plane, cons
       const __m512 row[4] = {_mm512_sub_ps(u[0], u[2]), _mm512_add_ps(u[1], u[2]), _mm512_sub_ps(u[2], u[1]),
                              _mm512_sub_ps(u[1], u[3])};
       for (int64_t j = 0; j < 4; ++j) {
-        _mm512_mask_storeu_ps(v + ((4 * i + j) * channels + c) * ldv + run.at, store, row[j]);
+        _mm512_mask_storeu_ps(v + ((4 * i + j) * channels + c) * ldv + run.at, run.tiles, row[j]);
       }
     }
   }
@@ -170,12 +175,11 @@ __attribute__((target("avx512f"))) void transform_output(const float* m, const G
   const __m512i low = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
   const __m512i high = _mm512_add_epi32(low, _mm512_set1_epi32(8));
   for (const Run& run : runs) {
-    const __mmask16 tiles_mask = static_cast<__mmask16>((1u << run.count) - 1);
     __m512 s[2][4];  // rows of A^T M: (m0 + m1 + m2, m1 - m2 - m3) over M's rows, per column j
     for (int64_t j = 0; j < 4; ++j) {
       __m512 mr[4];
       for (int64_t r = 0; r < 4; ++r) {
-        mr[r] = _mm512_maskz_loadu_ps(tiles_mask, m + ((4 * r + j) * channels + k) * tiles + run.at);
+        mr[r] = _mm512_maskz_loadu_ps(run.tiles, m + ((4 * r + j) * channels + k) * tiles + run.at);
       }
       s[0][j] = _mm512_add_ps(_mm512_add_ps(mr[0], mr[1]), mr[2]);
       s[1][j] = _mm512_sub_ps(_mm512_sub_ps(mr[1], mr[2]), mr[3]);
@@ -187,8 +191,8 @@ __attribute__((target("avx512f"))) void transform_output(const float* m, const G
       const __m512 even = _mm512_add_ps(_mm512_add_ps(q[0], q[1]), q[2]);
       const __m512 odd = _mm512_sub_ps(_mm512_sub_ps(q[1], q[2]), q[3]);
       float* row = plane + y * g.width + run.x0 + 1;
-      _mm512_mask_storeu_ps(row, run.store[0], _mm512_permutex2var_ps(even, low, odd));
-      _mm512_mask_storeu_ps(row + 16, run.store[1], _mm512_permutex2var_ps(even, high, odd));
+      _mm512_mask_storeu_ps(row, run.pixels[0], _mm512_permutex2var_ps(even, low, odd));
+      _mm512_mask_storeu_ps(row + 16, run.pixels[1], _mm512_permutex2var_ps(even, high, odd));
     }
   }
 }
@@ -217,8 +221,8 @@ __attribute__((target("avx512f"))) bool transform_grad(const float* plane, const
         continue;
       }
       const float* pixels = plane + row * g.width + run.x0 + 1;
-      const __m512 lo = _mm512_maskz_loadu_ps(run.store[0], pixels);
-      const __m512 hi = _mm512_maskz_loadu_ps(run.store[1], pixels + 16);
+      const __m512 lo = _mm512_maskz_loadu_ps(run.pixels[0], pixels);
+      const __m512 hi = _mm512_maskz_loadu_ps(run.pixels[1], pixels + 16);
       probe = _mm512_add_ps(probe, _mm512_add_ps(_mm512_mul_ps(lo, zero), _mm512_mul_ps(hi, zero)));
       split_even_odd(lo, hi, y[a][0], y[a][1]);
     }
@@ -227,12 +231,11 @@ __attribute__((target("avx512f"))) bool transform_grad(const float* plane, const
                             {_mm512_add_ps(y[0][0], y[1][0]), _mm512_add_ps(y[0][1], y[1][1])},
                             {_mm512_sub_ps(y[0][0], y[1][0]), _mm512_sub_ps(y[0][1], y[1][1])},
                             {negate(y[1][0]), negate(y[1][1])}};
-    const __mmask16 store = static_cast<__mmask16>((1u << run.count) - 1);
     for (int64_t i = 0; i < 4; ++i) {
       const __m512 out[4] = {r[i][0], _mm512_add_ps(r[i][0], r[i][1]), _mm512_sub_ps(r[i][0], r[i][1]),
                              negate(r[i][1])};
       for (int64_t j = 0; j < 4; ++j) {
-        _mm512_mask_storeu_ps(dm + ((4 * i + j) * channels + k) * tiles + run.at, store, out[j]);
+        _mm512_mask_storeu_ps(dm + ((4 * i + j) * channels + k) * tiles + run.at, run.tiles, out[j]);
       }
     }
   }
@@ -273,6 +276,7 @@ void conv3x3_winograd_out_cpu(const at::Tensor& x, const at::Tensor& weight, con
   for (int64_t xi = 0; xi < 16; ++xi) {
     sgemm_avx512_pack_a(K, C, up + xi * K * C, C, 1, u_packed.data() + xi * packed_size);
   }
+  const std::vector<std::vector<Run>> runs_of_block = block_runs(g);
   std::atomic<bool> finite{true};
   at::parallel_for(0, X.batch * g.blocks, 1, [&](int64_t b0, int64_t b1) {
     std::vector<float> v_storage(16 * C * ldv + 16), m(16 * K * max_tiles);
@@ -281,7 +285,7 @@ void conv3x3_winograd_out_cpu(const at::Tensor& x, const at::Tensor& weight, con
       if (conv_weight && !finite.load(std::memory_order_relaxed)) return;  // redone below
       const int64_t n = b / g.blocks, t0 = (b % g.blocks) * g.block_tiles;
       const int64_t t1 = std::min(g.tiles, t0 + g.block_tiles), tiles = t1 - t0;
-      const std::vector<Run> runs = block_runs(g, t0, t1);
+      const std::vector<Run>& runs = runs_of_block[b % g.blocks];
       bool block_finite = true;
       for (int64_t c = 0; c < C; ++c) {
         block_finite &= transform_input(xp + n * X.batch_stride + c * X.channel_stride, g, runs, c, C, ldv, v);
@@ -325,6 +329,7 @@ at::Tensor conv3x3_winograd_weight_grad_cpu(const at::Tensor& x, const at::Tenso
   const int64_t max_tiles = g.block_tiles, ldv = std::max(max_tiles, kTilesPerBlock);
   std::vector<float> grad_u(16 * K * C, 0.0f);  // dU summed over the threads' partial sums
   std::mutex merge;
+  const std::vector<std::vector<Run>> runs_of_block = block_runs(g);
   std::atomic<bool> finite{true};
   at::parallel_for(0, X.batch * g.blocks, 1, [&](int64_t b0, int64_t b1) {
     std::vector<float> v(16 * C * ldv), dm(16 * K * max_tiles), partial(16 * K * C, 0.0f);
@@ -332,7 +337,7 @@ at::Tensor conv3x3_winograd_weight_grad_cpu(const at::Tensor& x, const at::Tenso
       if (!finite.load(std::memory_order_relaxed)) return;
       const int64_t n = b / g.blocks, t0 = (b % g.blocks) * g.block_tiles;
       const int64_t t1 = std::min(g.tiles, t0 + g.block_tiles), tiles = t1 - t0;
-      const std::vector<Run> runs = block_runs(g, t0, t1);
+      const std::vector<Run>& runs = runs_of_block[b % g.blocks];
       bool block_finite = true;
       for (int64_t c = 0; c < C; ++c) {
         block_finite &= transform_input(xp + n * X.batch_stride + c * X.channel_stride, g, runs, c, C, ldv,
