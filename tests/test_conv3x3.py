@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from csp_kernels.ops.conv import conv_backward
-from csp_kernels.ops.conv3x3 import conv3x3, conv3x3_winograd, conv3x3_winograd_weight_grad, winograd_weight
+from csp_kernels.ops.conv import conv3x3_into, conv_backward
+from csp_kernels.ops.conv3x3 import conv3x3_winograd, conv3x3_winograd_weight_grad, winograd_weight
 from csp_kernels.ops.routing import winograd_usable
 from helpers import rel_error
 
@@ -133,7 +133,7 @@ def test_backward_matches_autograd(dtype, tol):
 def test_forward_into_a_slice():
     x, weight = torch.randn(2, 6, 5, 7), torch.randn(3, 6, 3, 3)
     out = torch.zeros(2, 8, 5, 7)
-    conv3x3(x, weight, out=out[:, 4:7])
+    conv3x3_into(x, weight, out[:, 4:7])
     assert rel_error(out[:, 4:7], F.conv2d(x.double(), weight.double(), padding=1)) <= 1e-6
     assert (out[:, :4] == 0).all() and (out[:, 7:] == 0).all()
 

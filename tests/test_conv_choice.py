@@ -13,7 +13,6 @@ import csp_kernels
 from csp_kernels import reference
 from csp_kernels.ops import conv as conv_ops
 from csp_kernels.ops import conv3x3, conv_choice
-from csp_kernels.ops import dense as dense_ops
 from csp_kernels.ops.routing import winograd_usable
 
 from helpers import assert_matches_reference, rel_error
@@ -208,22 +207,28 @@ def test_threads_measuring_one_key_get_one_verdict(monkeypatch):
 
 
 @pytest.mark.parametrize("pinned", ["winograd", "onednn"])
-def test_dense_block_training_matches_the_reference_either_way(monkeypatch, pinned):
-    """The dense layers' training conv2 forward runs by the 3x3 choice (Winograd straight into
-    the concat buffer, or ATen and a copy): the same block either way."""
+@pytest.mark.parametrize("train", [True, False])
+def test_dense_block_matches_the_reference_either_way(monkeypatch, pinned, train):
+    """The dense layers' conv2 forward runs by the 3x3 choice (Winograd straight into the
+    concat buffer, with the weight transformed per call in training and cached in eval, or ATen
+    and a copy): the same block either way."""
     monkeypatch.setattr(conv_choice, "_PINNED_3X3", pinned)
-    calls = []
-    real = dense_ops.conv3x3_winograd
-    monkeypatch.setattr(dense_ops, "conv3x3_winograd", lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs))
+    calls = []  # Winograd calls writing into the buffer (the backward's input gradients return theirs)
+    real = conv_ops.conv3x3_winograd
+    monkeypatch.setattr(conv_ops, "conv3x3_winograd",
+                        lambda *args, **kwargs: calls.append("out" in kwargs) or real(*args, **kwargs))
     kwargs = dict(in_channels=8, num_layers=2, growth_rate=4, part_ratio=0.5, fusion="csp")
     ref, fused = reference.PartialDenseBlock(**kwargs).double(), csp_kernels.PartialDenseBlock(**kwargs)
     fused.load_state_dict(ref.state_dict())
+    ref.train(train), fused.train(train)
     x = torch.randn(2, 8, 9, 7)
-    x_ref, x_fused = x.double().requires_grad_(), x.clone().requires_grad_()
-    y_ref, y_fused = ref(x_ref), fused(x_fused)
+    x_ref, x_fused = x.double().requires_grad_(train), x.clone().requires_grad_(train)
+    with torch.set_grad_enabled(train):
+        y_ref, y_fused = ref(x_ref), fused(x_fused)
     assert_matches_reference(y_fused, y_ref)
-    grad = torch.randn_like(y_ref)
-    y_ref.backward(grad)
-    y_fused.backward(grad.float())
-    assert_matches_reference(x_fused.grad, x_ref.grad, name="input gradient")
-    assert len(calls) == (kwargs["num_layers"] if pinned == "winograd" and winograd_usable(x) else 0)
+    if train:
+        grad = torch.randn_like(y_ref)
+        y_ref.backward(grad)
+        y_fused.backward(grad.float())
+        assert_matches_reference(x_fused.grad, x_ref.grad, name="input gradient")
+    assert calls.count(True) == (kwargs["num_layers"] if pinned == "winograd" and winograd_usable(x) else 0)

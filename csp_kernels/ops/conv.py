@@ -54,6 +54,22 @@ def run_conv(kernel: str, x, weight, stride, padding, dilation, groups):
     return plane_contiguous(F.conv2d(x, weight, None, stride, padding, dilation, groups))
 
 
+def conv3x3_into(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor,
+                 transform: torch.Tensor | None = None) -> torch.Tensor:
+    """conv2d(x, weight, padding=1) written into `out` (the dense layers' conv2 into their slot
+    of the concat buffer): by Winograd where `routing.runs_as_winograd` takes it, straight into
+    `out`, else ATen's conv and a copy. With `transform` (`winograd_weight(weight)`, cached by
+    the caller) as eval chooses for a cached transform, without it (transformed per call) as
+    training does.
+
+    x: (batch, in_channels, height, width); weight: (out_channels, in_channels, 3, 3);
+    out: (batch, out_channels, height, width) with contiguous planes.
+    """
+    if routing.runs_as_winograd(x, weight, [1, 1], [1, 1], [1, 1], 1, transform_cached=transform is not None):
+        return conv3x3_winograd(x, weight, transform, out=out)
+    return out.copy_(F.conv2d(x, weight, padding=1))
+
+
 def conv(x, weight, stride, padding, dilation, groups, training: bool):
     """conv2d(x, weight) without bias, NCHW output, by the kernel chosen for `training` or eval."""
     kernel = routing.conv_kernel(x, weight, stride, padding, dilation, groups, training)

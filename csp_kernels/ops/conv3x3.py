@@ -5,17 +5,16 @@ Winograd's F(2x2, 3x3) on CPUs in float32 where csp_kernels' AVX-512 GEMM runs:
 multiplications than direct convolution; `ops.conv.conv_backward` runs the input gradient
 with it (the same convolution of grad_y with the flipped, transposed weight) and the weight
 gradient with `csp_kernels::conv3x3_winograd_weight_grad` (the gradient of the transformed
-computation), each where measured faster; so does the dense layer's training conv2 forward
-(`ops.dense`), straight into the concat buffer. In eval (`ops.dense_eval`) the layer runs
-Winograd with the transforms folded once, straight into the concat buffer (no output copy, no
-fresh output and reorder buffers per layer). Where Winograd runs: `ops.routing`
+computation), each where measured faster; so does the dense layer's conv2 forward
+(`ops.conv.conv3x3_into`), straight into the concat buffer: in training with the weight
+transformed per call, in eval (`ops.dense_eval`) with the transform folded once (no output copy,
+no fresh output and reorder buffers per layer). Where Winograd runs: `ops.routing`
 (`winograd_usable`, `runs_as_winograd`, `runs_winograd_weight_grad`); the figures:
 benchmarks/results/design-notes.md. Tests: tests/test_conv3x3.py.
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .. import extension  # noqa: F401  (loads csp_kernels._C, which defines the C++ ops)
 
@@ -30,15 +29,6 @@ def winograd_weight(weight: torch.Tensor) -> torch.Tensor:
     g = torch.tensor(_WINOGRAD_G, dtype=torch.float64, device=weight.device)
     u = torch.einsum("ai,ocij,bj->aboc", g, weight.detach().double(), g)
     return u.reshape(16, weight.shape[0], weight.shape[1]).to(weight.dtype).contiguous()
-
-
-def conv3x3(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """conv2d(x, weight, padding=1), returned, or written into `out`.
-
-    x: (batch, in_channels, height, width); weight: (out_channels, in_channels, 3, 3)
-    """
-    y = F.conv2d(x, weight, padding=1)
-    return y if out is None else out.copy_(y)
 
 
 def conv3x3_winograd(x: torch.Tensor, weight: torch.Tensor, transform: torch.Tensor | None = None,

@@ -73,9 +73,8 @@ from .. import extension  # noqa: F401  (loads csp_kernels._C, which defines the
 from . import routing
 from .batch_norm_act import (bn_scale_shift, channel_stats, plane_contiguous, scale_shift_act,
                              stats_dtype)
-from .conv import conv_backward
+from .conv import conv3x3_into, conv_backward
 from .conv1x1 import conv1x1_bn_act_backward, conv1x1_fused, conv1x1_input_grad, conv1x1_weight_grad
-from .conv3x3 import conv3x3, conv3x3_winograd
 from .inductor_fallbacks import keep_fused_in_inductor
 
 _ops = torch.ops.csp_kernels
@@ -265,10 +264,7 @@ def _dense_train(buf, dense_params, g: Geometry, eps, engine, hooks=LOCAL):
         scale_shift_act(z, *bn_scale_shift(bottleneck_mean[j], bottleneck_var[j], norm2_w, norm2_b, eps),
                         DENSE_ACT, out=z)
         new = dense[:, c: c + g.growth]
-        if routing.runs_as_winograd(z, conv2_w, [1, 1], [1, 1], [1, 1], 1):
-            conv3x3_winograd(z, conv2_w, out=new)  # (the weight's transform per call)
-        else:
-            conv3x3(z, conv2_w, out=new)
+        conv3x3_into(z, conv2_w, out=new)
         stats = channel_stats(new)
         # The last layer's channels feed no BN1 (a transition convolves the raw buffer).
         mean[c: c + g.growth], var[c: c + g.growth] = hooks.stats(*stats) if j < g.num_layers - 1 else stats

@@ -13,14 +13,11 @@ import torch
 
 from . import routing
 from .batch_norm_act import bn_scale_shift, stats_dtype
-from .conv import fold_batch_norm, folds_into_weight
+from .conv import conv3x3_into, fold_batch_norm, folds_into_weight
 from .conv1x1 import conv1x1_fused
-from .conv3x3 import conv3x3, conv3x3_winograd, winograd_weight
+from .conv3x3 import winograd_weight
 from .dense import (DENSE_ACT, DENSE_PARAMS_PER_LAYER, NO_TRANSITION, Geometry, layer_params, new_buffer,
                     transition_params_of)
-
-# conv2's geometry (stride, padding, dilation, groups), as the routing asks it.
-_CONV2 = ((1, 1), (1, 1), (1, 1), 1)
 
 
 @dataclasses.dataclass
@@ -145,8 +142,4 @@ def _dense_layers_eval(dense: torch.Tensor, params: EvalParams, g: Geometry, eng
         z = conv1x1_fused(dense[:, :c], conv1_w, in_scale=scale1, in_shift=shift1, in_act=DENSE_ACT, bias=conv1_b,
                           scale=conv1_s, act=DENSE_ACT, out=bottleneck, engine=engine)
         new = dense[:, c: c + g.growth]
-        if params.conv2_winograd[j] is not None and routing.runs_as_winograd(z, params.conv2[j], *_CONV2,
-                                                                             transform_cached=True):
-            conv3x3_winograd(z, params.conv2[j], params.conv2_winograd[j], out=new)
-        else:
-            conv3x3(z, params.conv2[j], out=new)
+        conv3x3_into(z, params.conv2[j], new, params.conv2_winograd[j])
