@@ -222,22 +222,20 @@ class _Train(torch.autograd.Function):
     registered formula (which costs more per call than a small convolution). With `out`, `out`
     is marked dirty, so a buffer that `out` is a view of carries y's gradient back here
     (autograd's CopySlices), with no copy of y. Autograd's rules for a Function that writes into
-    a view: the view is its first input (CopySlices rewires input 0) and its only output, so the
-    batch statistics come back through `stats` (2, out_channels), filled with (mean, var), and z
-    through the list `conv_output`."""
+    a view: the view is its first input (CopySlices rewires input 0) and its only output, so z
+    (or what recomputes it) and the batch statistics come back through the list `side_outputs`:
+    tensors made with autograd off, which nothing differentiates."""
 
     @staticmethod
-    def forward(ctx, out, x, weight, bn_weight, bn_bias, stride, padding, dilation, groups, eps, act, engine, stats,
-                conv_output):
+    def forward(ctx, out, x, weight, bn_weight, bn_bias, stride, padding, dilation, groups, eps, act, engine,
+                side_outputs):
         y, z, mean, var = train_transition(x, weight, bn_weight, bn_bias, stride, padding, dilation, groups, eps,
                                            act, engine, out)
-        stats[0].copy_(mean)
-        stats[1].copy_(var)
         conv_args = (stride, padding, dilation, groups)
         x_recipe = recompute.rebuilt_recipe(x)
         z_kernel = routing.recomputed_conv_kernel(x, weight, z, *conv_args, engine, x_recipe is not None)
         recomputed = None if z_kernel is None else recompute.ConvOutput(x, weight, conv_args, z_kernel, x_recipe)
-        conv_output.append(recomputed or z)
+        side_outputs.extend((recomputed or z, mean, var))
         if out is not None:
             ctx.mark_dirty(out)
         ctx.set_materialize_grads(False)
@@ -248,13 +246,13 @@ class _Train(torch.autograd.Function):
     def backward(ctx, grad_y):
         refuse_double_backward("csp_kernels::conv_bn_act_train (a training csp_kernels.ConvBNAct)")
         if grad_y is None:
-            return (None,) * 14
+            return (None,) * 13
         grads = _train_backward(ctx, grad_y, *ctx.needs_input_grad[1:3])
         # The old contents of `out` were overwritten: their gradient is zero, and must be a
         # tensor. Autograd's CopySlices, which routes the buffer's gradient through here,
         # drops the whole buffer's gradient (an earlier writer's included) for a None.
         overwritten = grad_y.new_zeros(()).expand_as(grad_y) if ctx.needs_input_grad[0] else None
-        return (overwritten, *grads, None, None, None, None, None, None, None, None, None)
+        return (overwritten, *grads, None, None, None, None, None, None, None, None)
 
 
 def train_transition_recorded(x, weight, bn_weight, bn_bias, stride, padding, dilation, groups, eps, act, engine,
@@ -262,11 +260,10 @@ def train_transition_recorded(x, weight, bn_weight, bn_bias, stride, padding, di
     """`train_transition` with autograd (eager mode; under a trace, `conv_bn_act_train`'s
     registered formula): (y, z, mean, var), z the conv output its backward saves, or the
     `recompute.ConvOutput` it recomputes it from (`routing.recomputed_conv_kernel`)."""
-    stats = x.new_empty(2, weight.shape[0], dtype=stats_dtype(x.dtype))
-    conv_output = []
+    side_outputs = []
     y = _Train.apply(out, x, weight, bn_weight, bn_bias, stride, padding, dilation, groups, eps, act, engine,
-                     stats, conv_output)
-    return y, conv_output[0], stats[0], stats[1]
+                     side_outputs)
+    return (y, *side_outputs)
 
 
 def eval_weight_kind(x, weight, stride, padding, dilation, groups, engine) -> str:
