@@ -21,6 +21,7 @@ import threading
 import warnings
 
 import torch
+import torch.nn.modules.module as _module_hooks
 
 from . import extension
 
@@ -41,15 +42,21 @@ class ReferenceFallbackWarning(UserWarning):
     csp_kernels.ReferenceFallbackWarning)` where that is intended."""
 
 
-def tracing_reason() -> str:
-    """Why a fused module must run the reference under torch.jit.trace or a torch.func
-    transform, or "" when neither is active: TorchScript cannot hold the fused ops' Python
-    autograd, caches and prepacked weights, and the fused ops have no functorch rules (vmap's
-    batching, grad's autograd.Function setup)."""
+def mode_reason() -> str:
+    """Why a fused module must run the reference in the process's current mode, or "" when
+    nothing forces it: torch.jit.trace or a torch.func transform (TorchScript cannot hold the
+    fused ops' Python autograd, caches and prepacked weights, and the fused ops have no
+    functorch rules: vmap's batching, grad's autograd.Function setup), or a global module hook
+    (`torch.nn.modules.module.register_module_forward_hook` and its kin), which expects a call of
+    every Conv2d, BatchNorm2d and activation that the fused kernels compute inside one op."""
     if torch.jit.is_tracing():
         return "torch.jit.trace records plain PyTorch ops (torch.export keeps the fused kernels)"
     if not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None:
         return "a torch.func transform (grad, vmap, jacrev, ...) is active; the fused ops have no functorch rules"
+    if (_module_hooks._global_forward_hooks or _module_hooks._global_forward_pre_hooks
+            or _module_hooks._global_backward_hooks or _module_hooks._global_backward_pre_hooks):
+        return ("a global module hook is registered (torch.nn.modules.module.register_module_*_hook); the fused "
+                "kernels compute conv, BatchNorm and activation without calling those modules")
     return ""
 
 

@@ -272,9 +272,20 @@ _KERNEL_ACTIVATIONS = {nn.ReLU: "relu", nn.LeakyReLU: "leaky_relu", nn.SiLU: "si
                        nn.Hardswish: "hardswish", nn.Identity: "identity"}
 
 
+def hook_reason(module: nn.Module, name: str, consequence: str) -> str:
+    """Why `module` (called `name` in the message) must run as a module call of its own, or "":
+    it carries a forward or forward pre-hook, or a backward or backward pre-hook (full or not),
+    which a fused kernel computing it inside another op would not run (`consequence` says how)."""
+    if module._forward_hooks or module._forward_pre_hooks:
+        return f"a forward hook on {name} ({consequence})"
+    if module._backward_hooks or module._backward_pre_hooks:
+        return f"a backward hook on {name} ({consequence})"
+    return ""
+
+
 def _kernel_act(module: nn.Module) -> str:
     name = _KERNEL_ACTIVATIONS.get(type(module), "")
-    if module._forward_hooks or module._forward_pre_hooks:
+    if hook_reason(module, "", ""):
         return ""  # the kernels would skip the hooks
     if name == "leaky_relu" and module.negative_slope != LEAKY_RELU_SLOPE:
         return f"leaky_relu:{float(module.negative_slope)!r}"
@@ -290,8 +301,9 @@ def kernel_activation(*modules: nn.Module) -> tuple[str, str]:
     names = [_kernel_act(m) for m in modules]
     for m, name in zip(modules, names):
         if not name:
-            return "", (f"activation {m!r} (the fused kernels compute nn.ReLU, nn.LeakyReLU, nn.SiLU, nn.Mish, "
-                        "nn.Hardswish and nn.Identity, without forward hooks)")
+            return "", (hook_reason(m, f"activation {m!r}", "the fused kernels would skip it")
+                        or f"activation {m!r} (the fused kernels compute nn.ReLU, nn.LeakyReLU, nn.SiLU, nn.Mish, "
+                           "nn.Hardswish and nn.Identity)")
     if any(name != names[0] for name in names):
         return "", f"different activations {', '.join(map(repr, modules))} (the fused op applies one)"
     return names[0], ""

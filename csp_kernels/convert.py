@@ -127,7 +127,7 @@ def convert(model: nn.Module, *, inplace: bool = False) -> tuple[nn.Module, Conv
     of ultralytics (Bottleneck, C2f, C3, C3k, C3k2) and timm (BottleneckBlock, DarkBlock,
     CrossStage, CrossStage3, DarkStage) their csp_kernels.nn.stages twins; torchvision's DenseNet
     _DenseBlock a csp_kernels.DenseBlock (left with drop_rate > 0 or memory_efficient). Units the fused
-    kernels cannot compute (an activation they lack, a conv bias, a forward hook, ...) are left
+    kernels cannot compute (an activation they lack, a conv bias, a forward or backward hook, ...) are left
     as they are and reported with the reason; so is a stage whose twin would need one of them
     fused, or which computes more than its twin (attention, drop path), its children converted.
 
@@ -212,7 +212,13 @@ def _revert_tree(module: nn.Module, memo: dict) -> nn.Module:
 
 
 def _replace_children(module: nn.Module, new_child: Callable[[nn.Module, str], nn.Module]) -> None:
-    for child_name, child in list(module.named_children()):
+    """Replaces each child of `module` by new_child(child, name), under every name it has: one
+    module registered twice (`self.b = self.a`, `nn.Sequential(m, m)`) is one entry of
+    named_children(), which lists each module once, but the callers' memo makes both names
+    get the same replacement, so they stay one module."""
+    for child_name, child in list(module._modules.items()):
+        if child is None:
+            continue
         replacement = new_child(child, child_name)
         if replacement is not child:
             setattr(module, child_name, replacement)
@@ -307,7 +313,10 @@ def _fuse_timm_conv_norm_act(module: nn.Module) -> ConvBNAct | str:
 def _fuse_conv_norm_sequential(module: nn.Module) -> ConvBNAct | str:
     """torchvision's Conv2dNormActivation: conv, norm and (unless activation_layer=None) act."""
     layers = list(module)
-    if len(layers) < 2 or not isinstance(layers[1], nn.modules.batchnorm._BatchNorm):
+    second = type(layers[1]).__qualname__ if len(layers) > 1 else ""
+    if "Norm" in second and not isinstance(layers[1], nn.modules.batchnorm._BatchNorm):
+        return f"its norm layer is {second} (the fused kernels compute nn.BatchNorm2d)"
+    if "Norm" not in second:
         return "it has no BatchNorm (norm_layer=None)"
     act = layers[2] if len(layers) == 3 else nn.Identity()
     return _hook_reason(module) or fuse_conv_bn_act(layers[0], layers[1], act)
@@ -541,9 +550,7 @@ def _bare(cls: type, **children: nn.Module) -> nn.Module:
 
 
 def _hook_reason(module: nn.Module, name: str = "") -> str:
-    if module._forward_hooks or module._forward_pre_hooks:
-        return f"a forward hook on {name or 'it'} (the fused module would not run it)"
-    return ""
+    return checks.hook_reason(module, name or "it", "the fused module would not run it")
 
 
 def _qualify(prefix: str, name: str) -> str:

@@ -26,7 +26,7 @@ from timm.layers import ConvNormAct, SEModule, get_act_layer
 from timm.models import cspnet
 from torch import nn
 from torchvision.models import densenet
-from torchvision.ops import Conv2dNormActivation
+from torchvision.ops import Conv2dNormActivation, FrozenBatchNorm2d
 
 os.environ.setdefault("YOLO_OFFLINE", "1")  # ultralytics checks nothing online when building models
 from ultralytics.nn.modules import block as yolo  # noqa: E402
@@ -378,6 +378,14 @@ def _hooked_conv():
     return nn.Sequential(unit)
 
 
+def _backward_hooked(module: nn.Module, path: str, register: str):
+    def make():
+        model = nn.Sequential(module)
+        getattr(model.get_submodule(path), register)(lambda *_: None)
+        return model
+    return make
+
+
 # (model builder, qualified name of the unit left, class, words of the reason)
 LEFT_CASES = {
     "unsupported activation": (_gelu_yolo_model, "model.23.cv2.0.0", "Conv", "GELU"),
@@ -388,6 +396,8 @@ LEFT_CASES = {
         "0", "Conv2dNormActivation", "padding_mode"),
     "no BatchNorm": (lambda: nn.Sequential(Conv2dNormActivation(4, 6, 3, norm_layer=None)),
                      "0", "Conv2dNormActivation", "no BatchNorm"),
+    "FrozenBatchNorm2d": (lambda: nn.Sequential(Conv2dNormActivation(4, 6, 3, norm_layer=FrozenBatchNorm2d)),
+                          "0", "Conv2dNormActivation", "norm layer is FrozenBatchNorm2d"),
     "BatchNorm without affine": (lambda: nn.Sequential(nn.Sequential(
         nn.Conv2d(4, 6, 1, bias=False), nn.BatchNorm2d(6, affine=False), nn.SiLU())), "0", "Sequential", "affine"),
     "timm dropout": (lambda: nn.Sequential(ConvNormAct(4, 6, 3, drop_layer=nn.Dropout2d)),
@@ -398,6 +408,10 @@ LEFT_CASES = {
                        "0", "ConvNormAct", "GroupNormAct"),
     "ultralytics fuse()": (_fused_by_ultralytics, "0", "Conv", "forward is replaced"),
     "forward hook": (_hooked_conv, "0", "Conv", "forward hook"),
+    "backward hook on a unit": (_backward_hooked(YoloConv(4, 6, 3), "0", "register_full_backward_hook"), "0",
+                                "Conv", "backward hook on it"),
+    "backward pre-hook on a conv": (_backward_hooked(YoloConv(4, 6, 3), "0.conv", "register_full_backward_pre_hook"),
+                                    "0", "Conv", "backward hook on conv"),
     "DenseNet dropout": (lambda: nn.Sequential(densenet._DenseBlock(2, 4, 2, 3, drop_rate=0.2)),
                          "0", "_DenseBlock", "drop_rate=0.2"),
     "DenseNet memory_efficient": (lambda: nn.Sequential(densenet._DenseBlock(2, 4, 2, 3, 0.0, memory_efficient=True)),
@@ -405,6 +419,33 @@ LEFT_CASES = {
     "DenseNet layer hook": (_hooked_dense_layer, "0", "_DenseBlock", "forward hook on denselayer2"),
     "DenseNet layer subclass": (_subclassed_dense_layer, "0", "_DenseBlock", "denselayer1 is _Subclass"),
 }
+
+
+def test_a_module_under_two_names_stays_one_module():
+    unit = YoloConv(4, 4, 3)
+    model = nn.Sequential(unit, unit)
+    x = torch.randn(2, 4, 8, 8)
+    expected = model.eval()(x)
+    converted, report = csp_kernels.convert(model)
+    assert converted[0] is converted[1] and type(converted[0]) is ConvBNAct
+    assert [item.name for item in report.swapped] == ["0"]
+    assert torch.allclose(converted(x), expected, rtol=1e-5, atol=1e-6)
+    reverted = csp_kernels.revert(converted)
+    assert reverted[0] is reverted[1] and type(reverted[0]) is YoloConv
+
+
+def test_backward_hooks_fire_after_convert():
+    """A module carrying a backward hook, or whose conv does, is left (its children converted),
+    so that the hooks fire as before."""
+    model = nn.Sequential(yolo.C2f(8, 8, 1), YoloConv(8, 8, 3))
+    calls = []
+    model[0].register_full_backward_hook(lambda *_: calls.append("C2f"))
+    model[1].conv.register_full_backward_pre_hook(lambda *_: calls.append("conv"))
+    converted, report = csp_kernels.convert(model)
+    assert {item.name for item in report.left} == {"0", "1"}
+    assert type(converted[0].cv1) is ConvBNAct
+    converted(torch.randn(2, 8, 8, 8, requires_grad=True)).sum().backward()
+    assert sorted(calls) == ["C2f", "conv"]
 
 
 @pytest.mark.parametrize("case", list(LEFT_CASES))

@@ -9,6 +9,7 @@ import threading
 import pytest
 import torch
 import torch.distributed as dist
+import torch.nn.modules.module as module_hooks
 from torch import nn
 
 import csp_kernels
@@ -272,6 +273,15 @@ def _set_dilation(m):
 
 
 LAYER = "dense.denselayer1"
+
+
+def _double_grad_input(module, grad_input, grad_output):
+    return tuple(None if g is None else g * 2 for g in grad_input)
+
+
+def _double_grad_output(module, grad_output):
+    return tuple(None if g is None else g * 2 for g in grad_output)
+
 # (module, surgery on both, fallback reason or None when the fused path must match)
 SURGERY = {
     "ConvBNAct-conv-bias": ("ConvBNAct", lambda m: _add_conv_bias(m, "conv"), "conv.bias"),
@@ -283,6 +293,14 @@ SURGERY = {
     "ConvBNAct-bn-identity": ("ConvBNAct", lambda m: setattr(m, "bn", nn.Identity()), "bn is Identity"),
     "ConvBNAct-conv-hook": ("ConvBNAct", lambda m: m.conv.register_forward_hook(lambda mod, i, o: o * 2),
                             "forward hook on conv"),
+    "ConvBNAct-bn-backward-hook": ("ConvBNAct", lambda m: m.bn.register_full_backward_hook(_double_grad_input),
+                                   "backward hook on bn"),
+    "ConvBNAct-act-backward-pre-hook": ("ConvBNAct",
+                                        lambda m: m.act.register_full_backward_pre_hook(_double_grad_output),
+                                        "backward hook on activation"),
+    "block-layer-backward-hook": ("PartialDenseBlock",
+                                  lambda m: m.get_submodule(f"{LAYER}.conv1").register_full_backward_hook(
+                                      _double_grad_input), f"backward hook on {LAYER}.conv1"),
     "block-conv2-with-bias": ("PartialDenseBlock", lambda m: _replace_conv(m, f"{LAYER}.conv2", bias=True),
                               f"{LAYER}.conv2.bias"),
     "block-conv2-5x5": ("PartialDenseBlock",
@@ -316,6 +334,50 @@ def test_conv_surgery(device, case, mode):
         surgery(m)
         m.train(mode == "train")
     check_step(ref, fused, device, fallback, grad=mode != "eval-no-grad")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("module", MODULES)
+@pytest.mark.parametrize("mode", ["train", "eval", "eval-no-grad"])
+@pytest.mark.parametrize("register", [module_hooks.register_module_forward_hook,
+                                      module_hooks.register_module_full_backward_hook])
+def test_global_module_hook_runs_the_reference(device, module, mode, register):
+    """A global module hook expects a call of every Conv2d, BatchNorm2d and activation, which
+    the fused kernels compute inside one op: with one registered (here doubling conv outputs,
+    or every module's input gradients), the fused modules run the reference, which calls them."""
+    def double_conv_output(mod, args, output):
+        return output * 2 if isinstance(mod, nn.Conv2d) else None
+
+    def double_grad_input(mod, grad_input, grad_output):
+        return tuple(None if g is None else g * 2 for g in grad_input)
+
+    hook = double_conv_output if register is module_hooks.register_module_forward_hook else double_grad_input
+    ref, fused = MODULES[module](device)
+    ref.train(mode == "train"), fused.train(mode == "train")
+    handle = register(hook)
+    try:
+        check_step(ref, fused, device, "a global module hook", grad=mode != "eval-no-grad")
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("module", MODULES)
+@pytest.mark.parametrize("training", [True, False])
+def test_empty_batch_is_what_batch_norm_makes_of_it(module, training):
+    """An empty batch: an empty output, zero gradients and, in training, BatchNorm's bookkeeping
+    (num_batches_tracked counts it, the running statistics stay), as the reference has it."""
+    ref, fused = MODULES[module]("cpu")
+    ref.train(training), fused.train(training)
+    x = torch.randn(0, ref.in_channels, 6, 7, dtype=torch.float64)
+    x_ref, x_fused = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_ref, y = ref(x_ref), fused(x_fused)
+    assert y.shape == y_ref.shape and y.dtype == y_ref.dtype
+    y_ref.sum().backward()
+    y.sum().backward()
+    assert x_fused.grad.shape == x.shape
+    for (name, p), (_, p_ref) in zip(fused.named_parameters(), ref.named_parameters()):
+        assert torch.equal(p.grad, p_ref.grad), name
+    assert_same_state(fused, ref)
 
 
 # -- 3. SyncBatchNorm ----------------------------------------------------------------------------

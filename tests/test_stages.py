@@ -300,10 +300,16 @@ def _scale_output(module, args, output):
     return output * 2.0
 
 
+def _scale_input_grad(module, grad_input, grad_output):
+    return tuple(None if g is None else g * 2.0 for g in grad_input)
+
+
 @pytest.mark.parametrize("swap, message", [
     (lambda m: m.m.__setitem__(0, reference.Bottleneck(16, 16, True, 1, (3, 3), 1.0).double()), "m.0 is Bottleneck"),
     (lambda m: m.cv1.register_forward_hook(_scale_output), "a forward hook on cv1"),
     (lambda m: m.m[1].cv2.register_forward_hook(_scale_output), "a forward hook on cv2"),
+    (lambda m: m.m[1].cv2.register_full_backward_hook(_scale_input_grad), "a backward hook on cv2"),
+    (lambda m: m.cv2.bn.register_full_backward_hook(_scale_input_grad), "a backward hook on bn"),
 ])
 def test_what_the_buffer_cannot_model_runs_the_reference_forward(swap, message):
     ref, fused, _ = make_pair("c2f")
@@ -374,3 +380,13 @@ def test_block_fn_takes_reference_and_fused_blocks():
 def test_bad_arguments_raise_as_the_reference(build, error, message):
     with pytest.raises(error, match=message):
         build()
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_empty_batch_in_training_is_what_the_reference_makes_of_it(case):
+    ref, fused, channels = make_pair(case)
+    x = torch.randn(0, channels, 8, 8, dtype=torch.float64)
+    got, expected = run(fused, x), run(ref, x, "reference")
+    assert got[0].shape == expected[0].shape
+    for index, (g, e) in enumerate(zip(got, expected)):
+        assert g is None and e is None or torch.equal(g, e), f"tensor {index}"

@@ -201,8 +201,8 @@ class _FusedDense(nn.Module):
         models (_module_reason), all BatchNorms in one mode (batch statistics for all: the
         training op; running statistics for all: the eval op, inference-only, so only while
         autograd does not record)."""
-        if tracing := backend.tracing_reason():
-            return tracing
+        if reason := backend.mode_reason():
+            return reason
         if reason := self._module_reason():
             return reason
         norms = self._norms()
@@ -242,7 +242,7 @@ class _FusedDense(nn.Module):
         checks.check_input(x, channels=self.in_channels)
         checks.check_module_input(x, self)
         name = backend.resolve_backend(x.device)
-        if name == "reference":
+        if name == "reference" or x.numel() == 0:  # (an empty x: nn.BatchNorm2d's bookkeeping, nothing to compute)
             return super().forward(x)
         reason = self._unfusable_reason(x) or self._act_reason()
         if reason:
@@ -325,9 +325,7 @@ def dense_layer_reason(layer: nn.Module, name: str) -> str:
         return f"{name} is {type(layer).__qualname__} (the fused op computes DenseLayer and torchvision's _DenseLayer)"
     if "forward" in vars(layer):
         return f"{name}'s forward is replaced on the instance (the fused op would not run it)"
-    if layer._forward_hooks or layer._forward_pre_hooks:
-        return f"a forward hook on {name} (the fused op would skip it)"
-    return ""
+    return checks.hook_reason(layer, name, "the fused op would skip it")
 
 
 class PartialDenseBlock(_FusedDense, reference.PartialDenseBlock):

@@ -148,7 +148,7 @@ def _reference_reason(x: torch.Tensor, writers: Writers, shape_source: tuple[str
     tensor (`new_output`), if any."""
     if backend.resolve_backend(x.device) == "reference" or torch.compiler.is_compiling():
         return ""
-    if reason := backend.tracing_reason():
+    if reason := backend.mode_reason():
         return reason
     if checks.autocast_enabled(x.device.type):
         return "autocast is enabled (it mixes dtypes in the stage's residual adds; cast instead)"
@@ -156,8 +156,9 @@ def _reference_reason(x: torch.Tensor, writers: Writers, shape_source: tuple[str
         if type(module) not in kinds:
             expected = " or ".join(f"csp_kernels.{kind.__name__}" for kind in kinds)
             return f"{name} is {type(module).__name__} (the fused stage writes into its buffer through {expected})"
-        if module._forward_hooks or module._forward_pre_hooks:
-            return f"a forward hook on {name} (the fused stage writes {name}'s output into its buffer, past the hook)"
+        if reason := checks.hook_reason(module, name, f"the fused stage writes {name}'s output into its buffer, "
+                                                      "past the hook"):
+            return reason
     if shape_source is None:
         return None
     name, module = shape_source

@@ -51,7 +51,8 @@ class ConvBNAct(reference.ConvBNAct):
     follow): nn.ReLU, nn.LeakyReLU (any slope), nn.SiLU, nn.Mish, nn.Hardswish, nn.Identity.
     Configurations the fused kernels do not cover (another `act`, a non-"zeros" padding_mode,
     string padding, BatchNorm without affine parameters or running statistics, a conv bias,
-    conv or bn replaced by another module type, forward hooks on conv or bn) run the reference,
+    conv or bn replaced by another module type, hooks on conv, bn or act, forward or backward,
+    or global module hooks) run the reference,
     with a `ReferenceFallbackWarning` naming the reason.
     """
 
@@ -77,7 +78,8 @@ class ConvBNAct(reference.ConvBNAct):
         # The kernels' name for what `self.act` computes now, and why not if they cannot.
         act_name, act_reason = ("", "") if name == "reference" else checks.kernel_activation(self.act)
         unfusable = "" if name == "reference" else self._unfusable_reason() or act_reason
-        fused = name != "reference" and not unfusable
+        # An empty x has nothing to compute: the reference gives nn.BatchNorm2d's bookkeeping for it.
+        fused = name != "reference" and not unfusable and x.numel() > 0
         engine = routing.transition_engine(name, conv.kernel_size, conv.padding, conv.groups) if fused else "aten"
         if out is not None and not isinstance(conv.padding, str):  # else the reference's copy_ checks
             shape = conv_ops.conv_output_shape(x.shape, conv.weight.shape, conv.stride, conv.padding, conv.dilation)
@@ -96,7 +98,7 @@ class ConvBNAct(reference.ConvBNAct):
 
     def _unfusable_reason(self) -> str:
         """What the fused kernels do not model here, or "" when they cover the module."""
-        return backend.tracing_reason() or conv_reason(self.conv, "conv") or batch_norm_reason(self.bn, "bn")
+        return backend.mode_reason() or conv_reason(self.conv, "conv") or batch_norm_reason(self.bn, "bn")
 
     def _conv_args(self) -> tuple:
         conv = self.conv
@@ -200,7 +202,7 @@ def conv_reason(conv: nn.Module, name: str, geometry: tuple | None = None) -> st
     """Why the fused kernels cannot compute `conv` (called `name` in the message) as the module
     holds it now, or "": an nn.Conv2d without bias or forward hooks that pads with zeros by
     explicit amounts and, where the fused op fixes it, has `geometry` (kernel_size, stride,
-    padding, dilation, groups)."""
+    padding, dilation, groups); no hooks (`checks.hook_reason`)."""
     if type(conv) is not nn.Conv2d:  # a subclass may compute something else
         return f"{name} is {type(conv).__name__} (the fused kernels compute nn.Conv2d)"
     if conv.bias is not None:
@@ -212,16 +214,14 @@ def conv_reason(conv: nn.Module, name: str, geometry: tuple | None = None) -> st
     if geometry is not None and (conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.groups) != geometry:
         return (f"{name} is {conv!r} (the fused op computes kernel_size, stride, padding, dilation, groups = "
                 f"{geometry})")
-    if conv._forward_hooks or conv._forward_pre_hooks:
-        return f"a forward hook on {name} (the fused kernels would skip it)"
-    return ""
+    return checks.hook_reason(conv, name, "the fused kernels would skip it")
 
 
 def batch_norm_reason(bn: nn.Module, name: str) -> str:
     """Why the fused kernels cannot compute `bn` (called `name`) as the module holds it now, or
     "": an nn.BatchNorm2d or nn.SyncBatchNorm (every fused module synchronizes a training one in a
     process group of more than one process; in eval, or alone in its group, it computes as
-    BatchNorm2d) with affine parameters, tracked running statistics and no forward hooks. Whether
+    BatchNorm2d) with affine parameters, tracked running statistics and no hooks. Whether
     it normalizes by batch or running statistics is its own `training` flag, as in nn.BatchNorm2d."""
     if type(bn) not in (nn.BatchNorm2d, nn.SyncBatchNorm):
         return f"{name} is {type(bn).__name__} (the fused kernels compute nn.BatchNorm2d)"
@@ -230,6 +230,4 @@ def batch_norm_reason(bn: nn.Module, name: str) -> str:
     if not bn.track_running_stats or bn.running_mean is None or bn.running_var is None \
             or bn.num_batches_tracked is None:
         return f"{name}.track_running_stats=False"
-    if bn._forward_hooks or bn._forward_pre_hooks:
-        return f"a forward hook on {name} (the fused kernels would skip it)"
-    return ""
+    return checks.hook_reason(bn, name, "the fused kernels would skip it")
