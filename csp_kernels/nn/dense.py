@@ -24,8 +24,8 @@ Which path runs follows the BatchNorms' own `training` flags, as the reference's
   tracking running statistics, one shared eps, all synchronized over one process group or none:
   a layer's statistics are every later layer's; alone in its group a SyncBatchNorm is
   BatchNorm2d), and convolutions or BatchNorms replaced or changed (a
-  bias, another geometry or padding_mode, another module type, forward hooks, on the dense
-  layers too), and torchvision `_DenseLayer`s (which `csp_kernels.convert` puts into a
+  bias, another geometry or padding_mode, another module type, hooks, on the dense layers
+  too), and torchvision `_DenseLayer`s (which `csp_kernels.convert` puts into a
   DenseBlock) with dropout in training or memory_efficient checkpointing in a training step
   (`torchvision_layer_reason`).
 Input in any memory format (channels_last included) is copied once into the NCHW concat

@@ -35,9 +35,10 @@ Every module takes `forward(x, out=None)` as ConvBNAct does: out, a (batch, chan
 width) tensor with contiguous (height, width) planes such as a channel slot of a bigger NCHW
 buffer, is written and returned. What the buffered forward does not model runs the reference
 twin's forward (whose ConvBNActs stay fused where they can be) with a ReferenceFallbackWarning
-naming the reason: a submodule that receives `out=` replaced by another type or carrying forward
-hooks (their output would bypass the slot), autocast (which mixes dtypes in the residual adds),
-torch.jit.trace and torch.func transforms. The "reference" backend and torch.compile (which
+naming the reason: a submodule that receives `out=` replaced by another type or carrying hooks,
+forward or backward (their output would bypass the slot), autocast (which mixes dtypes in the
+residual adds), torch.jit.trace, torch.func transforms and global module hooks
+(`backend.mode_reason`). The "reference" backend and torch.compile (which
 fuses the concat itself) run it without a warning. Shapes are written (batch, channels, height,
 width).
 """
