@@ -7,6 +7,7 @@ choice are read here too (`env_choice`); a bad one warns rather than raises, at 
 """
 from __future__ import annotations
 
+import math
 import numbers
 import os
 import warnings
@@ -288,7 +289,8 @@ def _kernel_act(module: nn.Module) -> str:
     if hook_reason(module, "", ""):
         return ""  # the kernels would skip the hooks
     if name == "leaky_relu" and module.negative_slope != LEAKY_RELU_SLOPE:
-        return f"leaky_relu:{float(module.negative_slope)!r}"
+        slope = float(module.negative_slope)
+        return f"leaky_relu:{slope!r}" if math.isfinite(slope) else ""  # (the kernels take finite slopes)
     return name
 
 
@@ -302,8 +304,8 @@ def kernel_activation(*modules: nn.Module) -> tuple[str, str]:
     for m, name in zip(modules, names):
         if not name:
             return "", (hook_reason(m, f"activation {m!r}", "the fused kernels would skip it")
-                        or f"activation {m!r} (the fused kernels compute nn.ReLU, nn.LeakyReLU, nn.SiLU, nn.Mish, "
-                           "nn.Hardswish and nn.Identity)")
+                        or f"activation {m!r} (the fused kernels compute nn.ReLU, nn.LeakyReLU with a finite "
+                           "slope, nn.SiLU, nn.Mish, nn.Hardswish and nn.Identity)")
     if any(name != names[0] for name in names):
         return "", f"different activations {', '.join(map(repr, modules))} (the fused op applies one)"
     return names[0], ""

@@ -25,3 +25,14 @@ def test_train_example_writes_results_and_losses_agree(tmp_path):
     for record in (fused, reference):
         assert record["mean_step_seconds"] > 0 and 0 <= record["held_out_accuracy"] <= 1
         assert record["peak_memory_bytes"] > 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--steps", "0"], "--steps must be a positive integer"),
+    (["--batch", "-1"], "--batch must be a positive integer"),
+    (["--device", "nonsense"], "--device: "),
+])
+def test_bad_options_are_usage_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.parse_args(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err

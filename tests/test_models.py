@@ -1,6 +1,7 @@
 """csp_kernels.models: the timm models load timm's state_dict as is and compute what timm's
 models compute (float64, eval and train, gradients and running statistics included); the
 CSPDenseNets train on the fused modules as on the reference; features_only and bad names."""
+import numpy as np
 import pytest
 import torch
 
@@ -119,3 +120,15 @@ def test_bad_arguments():
         models.create("cspdarknet53", features_only=True, out_indices=(2, 1))
     with pytest.raises(ValueError, match="features_only=True"):
         models.create("cspdarknet53", out_indices=(1,))
+    with pytest.raises(TypeError, match="name must be a str"):
+        models.create(["cspresnet50"])
+    with pytest.raises(TypeError, match="out_indices must be a sequence"):
+        models.create("cspdarknet53", features_only=True, out_indices=3)
+    for flag in ("fused", "features_only"):
+        with pytest.raises(TypeError, match=f"{flag} must be a bool"):
+            models.create("cspdarknet53", **{flag: "no"})
+
+
+def test_numpy_out_indices():
+    model = models.create("cspdarknet53", features_only=True, out_indices=[np.int64(1), np.int64(3)])
+    assert model.out_indices == (1, 3) and all(type(i) is int for i in model.out_indices)

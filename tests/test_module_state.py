@@ -361,6 +361,28 @@ def test_global_module_hook_runs_the_reference(device, module, mode, register):
         handle.remove()
 
 
+@pytest.mark.parametrize("slope", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("mode", ["train", "eval", "eval-no-grad"])
+def test_non_finite_leaky_relu_slope_runs_the_reference(slope, mode):
+    """nn.LeakyReLU takes any float; the kernels a finite slope: the fused module runs the
+    reference, NaNs and infs included, with the reason."""
+    ref, fused = MODULES["ConvBNAct"]("cpu")
+    for m in (ref, fused):
+        m.act = nn.LeakyReLU(slope)
+        m.train(mode == "train")
+    grad = mode != "eval-no-grad"
+    x = torch.randn(3, ref.in_channels, 6, 7, dtype=torch.float64)
+    x_ref, x_fused = x.clone().requires_grad_(grad), x.clone().requires_grad_(grad)
+    with torch.set_grad_enabled(grad):
+        y_ref, y = ref(x_ref), run(fused, x_fused, "LeakyReLU with a finite slope")
+    assert torch.equal(y.isnan(), y_ref.isnan()) and torch.allclose(y, y_ref, equal_nan=True)
+    if grad:
+        y_ref.sum().backward()
+        y.sum().backward()
+        assert torch.allclose(x_fused.grad, x_ref.grad, equal_nan=True)
+    assert_same_state(fused, ref)
+
+
 @pytest.mark.parametrize("module", MODULES)
 @pytest.mark.parametrize("training", [True, False])
 def test_empty_batch_is_what_batch_norm_makes_of_it(module, training):

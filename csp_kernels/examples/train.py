@@ -138,6 +138,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="float64 shows the two curves agree to rounding once chaos has less to amplify")
     parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/out/train-<time>")
     args = parser.parse_args(argv)
+    for option in ("steps", "batch", "size"):
+        if getattr(args, option) < 1:
+            parser.error(f"--{option} must be a positive integer; got {getattr(args, option)}")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as err:
+        parser.error(f"--device: {err}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda needs a CUDA GPU and none is available; use cpu")
     if args.out is None:
         args.out = Path("benchmarks/out") / time.strftime("train-%Y%m%d-%H%M%S")
     return args

@@ -28,8 +28,13 @@ def create(name: str, *, num_classes: int = 1000, fused: bool = True, features_o
     (all by default). See CSPNet for the shapes: create("cspdarknet53", num_classes=10) maps
     (2, 3, 64, 64) images to (2, 10) logits.
     """
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a str, one of {', '.join(MODELS)}; got {type(name).__name__}")
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; the models are {', '.join(MODELS)}")
+    for flag, value in (("fused", fused), ("features_only", features_only)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{flag} must be a bool; got {value!r}")
     return MODELS[name](num_classes=num_classes, fused=fused, features_only=features_only, out_indices=out_indices)
 
 

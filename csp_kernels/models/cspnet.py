@@ -11,8 +11,9 @@ Shapes are written (batch, channels, height, width).
 """
 from __future__ import annotations
 
+import numbers
 from collections import OrderedDict
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import torch
 from torch import nn
@@ -115,7 +116,10 @@ def _check_out_indices(out_indices: Sequence[int] | None, num_stages: int) -> tu
     range(num_stages)."""
     if out_indices is None:
         return tuple(range(num_stages))
-    indices = tuple(out_indices)
+    if isinstance(out_indices, (str, bytes)) or not isinstance(out_indices, Iterable):
+        raise TypeError(f"out_indices must be a sequence of stage indices (e.g. (1, 2, 3)); got {out_indices!r}")
+    indices = tuple(int(i) if isinstance(i, numbers.Integral) and not isinstance(i, bool) else i
+                    for i in out_indices)
     if (not indices or any(isinstance(i, bool) or not isinstance(i, int) for i in indices)
             or any(not 0 <= i < num_stages for i in indices) or list(indices) != sorted(set(indices))):
         raise ValueError(f"out_indices must be strictly increasing stage indices in range({num_stages}); "
