@@ -284,9 +284,14 @@ def hook_reason(module: nn.Module, name: str, consequence: str) -> str:
     return ""
 
 
+def has_hooks(module: nn.Module) -> bool:
+    """Whether `module` carries a hook that `hook_reason` names."""
+    return bool(hook_reason(module, "", ""))
+
+
 def _kernel_act(module: nn.Module) -> str:
     name = _KERNEL_ACTIVATIONS.get(type(module), "")
-    if hook_reason(module, "", ""):
+    if has_hooks(module):
         return ""  # the kernels would skip the hooks
     if name == "leaky_relu" and module.negative_slope != LEAKY_RELU_SLOPE:
         slope = float(module.negative_slope)
