@@ -196,14 +196,23 @@ def test_threads_measuring_one_key_get_one_verdict(monkeypatch):
         def measure(*_):
             both_measuring.wait()
             return measured
-        results.append(conv_choice._verdict(("test",), False, measure))
+        results.append(conv_choice._verdict(("test", (2, 3, 4, 4)), False, measure))
 
     threads = [threading.Thread(target=call, args=(value,)) for value in (True, False)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert len(results) == 2 and results[0] == results[1] == conv_choice.measured_verdicts()[("test",)]
+    assert len(results) == 2 and results[0] == results[1] == conv_choice.measured_verdicts()[("test", (2, 3, 4, 4))]
+
+
+def test_empty_inputs_are_not_timed(monkeypatch):
+    """Nothing to time on an empty input: ATen's kernels, which take empty tensors, without a
+    measurement."""
+    monkeypatch.setattr(conv_choice, "_PINNED_1X1", "")
+    monkeypatch.setattr(conv_choice, "_verdicts", {})
+    assert not conv_choice.gemm_chosen((0, 8, 5, 5), (6, 8, 1, 1), True)
+    assert conv_choice.measured_verdicts() == {}
 
 
 @pytest.mark.parametrize("pinned", ["winograd", "onednn"])

@@ -65,6 +65,7 @@ class Case(NamedTuple):
     reference_dtype: torch.dtype | None = None  # None: `dtype`
     convert: str = "library"  # or "torch": torch.nn.SyncBatchNorm.convert_sync_batchnorm
     compile: bool = False  # torch.compile of the (DDP-wrapped) fused module
+    batches: tuple[int, ...] = (BATCH // WORLD_SIZE,) * WORLD_SIZE  # each rank's samples of the BATCH
 
 
 CASES = {
@@ -102,6 +103,11 @@ CASES = {
     "pdb-compile-ddp": Case(csp_kernels.PartialDenseBlock, reference.PartialDenseBlock, (8, 2, 4), dict(fusion="csp"),
                             (8, 6, 6), "sync-ddp", compile=True),
     "dense-block": Case(csp_kernels.DenseBlock, reference.DenseBlock, (8, 2, 4), {}, (8, 6, 6)),
+    # An empty rank joins the collectives (as torch's CUDA SyncBatchNorm lets it).
+    "conv3x3-empty-rank": Case(csp_kernels.ConvBNAct, reference.ConvBNAct, (6, 8, 3), dict(act="leaky_relu"),
+                               (6, 5, 5), batches=(BATCH, 0)),
+    "c2f-empty-rank": Case(csp_kernels.C2f, reference.C2f, (6, 8), dict(n=1, shortcut=True), (6, 5, 5),
+                           batches=(0, BATCH)),
 }
 
 
@@ -156,7 +162,7 @@ def _run_case(name: str, rank: int, device: str, counter: CollectiveCounter) -> 
     ref_opt = torch.optim.SGD(ref_model.parameters(), lr=0.1)
     if case.compile:
         model = torch.compile(model, backend=COMPILE_BACKEND)
-    half = slice(rank * BATCH // WORLD_SIZE, (rank + 1) * BATCH // WORLD_SIZE)
+    half = slice(sum(case.batches[:rank]), sum(case.batches[:rank + 1]))
     steps = []
     for _ in range(STEPS):
         x_all = torch.randn(BATCH, *case.shape, dtype=ref_dtype).to(device)

@@ -242,6 +242,9 @@ class _FusedDense(nn.Module):
         checks.check_input(x, channels=self.in_channels)
         checks.check_module_input(x, self)
         name = backend.resolve_backend(x.device)
+        if x.numel() == 0 and (group := sync_group(self._norms()[0])) is not None:
+            raise ValueError(f"a synchronized dense block needs at least one sample on every rank of its process "
+                             f"group ({dist.get_world_size(group)} processes); this rank's batch is empty")
         if name == "reference" or x.numel() == 0:  # (an empty x: nn.BatchNorm2d's bookkeeping, nothing to compute)
             return super().forward(x)
         reason = self._unfusable_reason(x) or self._act_reason()

@@ -78,8 +78,9 @@ class ConvBNAct(reference.ConvBNAct):
         # The kernels' name for what `self.act` computes now, and why not if they cannot.
         act_name, act_reason = ("", "") if name == "reference" else checks.kernel_activation(self.act)
         unfusable = "" if name == "reference" else self._unfusable_reason() or act_reason
-        # An empty x has nothing to compute: the reference gives nn.BatchNorm2d's bookkeeping for it.
-        fused = name != "reference" and not unfusable and x.numel() > 0
+        # An empty x has nothing to compute: the reference gives nn.BatchNorm2d's bookkeeping for it,
+        # unless the BatchNorm is synchronized (the fused op joins the group's collectives).
+        fused = name != "reference" and not unfusable and (x.numel() > 0 or sync_group(self.bn) is not None)
         engine = routing.transition_engine(name, conv.kernel_size, conv.padding, conv.groups) if fused else "aten"
         if out is not None and not isinstance(conv.padding, str):  # else the reference's copy_ checks
             shape = conv_ops.conv_output_shape(x.shape, conv.weight.shape, conv.stride, conv.padding, conv.dilation)

@@ -118,6 +118,10 @@ def measured_verdicts() -> dict[tuple, bool]:
 
 
 def _verdict(key: tuple, unmeasured_rule: bool, measure: Callable[..., bool]) -> bool:
+    """measure(*key[1:]) once per key (key[1]: the input's shape), stored; `unmeasured_rule`
+    inside a trace."""
+    if 0 in key[1]:  # an empty input: nothing to time; ATen's kernels take it
+        return False
     verdict = _verdicts.get(key)
     if verdict is None:
         if torch.compiler.is_compiling():

@@ -31,8 +31,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .batch_norm_act import _ops, bn_scale_shift, plane_contiguous, refuse_double_backward, scale_shift_act
-from .conv import conv_backward
+from .batch_norm_act import (_ops, bn_scale_shift, plane_contiguous, refuse_double_backward, scale_shift_act,
+                             stats_dtype)
+from .conv import conv_backward, conv_output_shape
 from .routing import runs_as_gemm
 from .transition import _batch_stats_conv
 
@@ -82,7 +83,11 @@ class SyncConvBNAct(torch.autograd.Function):
     @staticmethod
     def forward(ctx, out, x, weight, bn_weight, bn_bias, stride, padding, dilation, groups, eps, act, engine, group,
                 stats):
-        z, mean, var = _batch_stats_conv(x, weight, stride, padding, dilation, groups, engine)
+        if x.numel() == 0:  # an empty rank adds nothing to the group's sums, but joins its collectives
+            z = x.new_empty(conv_output_shape(x.shape, weight.shape, stride, padding, dilation))
+            mean = var = z.new_zeros(z.shape[1], dtype=stats_dtype(x.dtype))
+        else:
+            z, mean, var = _batch_stats_conv(x, weight, stride, padding, dilation, groups, engine)
         local_count = z.numel() // z.shape[1]
         mean64, var64, count = all_reduce_stats(mean, var, local_count, group)
         c = z.shape[1]
@@ -167,7 +172,8 @@ def conv_bn_act_train_sync(x, weight, bn_weight, bn_bias, stride, padding, dilat
     `out` when given (then y is `out`); mean and biased var (out_channels,) float64 over the
     group's whole batch, count () float64 its number of values per channel.
 
-    x: (batch, in_channels, height, width), batch >= 1 on every rank; weight:
+    x: (batch, in_channels, height, width), batch >= 1 on some rank (an empty one joins the
+    collectives); weight:
     (out_channels, in_channels / groups, kh, kw); bn_weight, bn_bias: (out_channels,);
     group: a process group of more than one process (`sync_group`).
     """
