@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import csp_kernels
+from csp_kernels.ops import conv_choice
 from helpers import randomize_
 from test_cspdensenet_training import TinyCSPDenseNet
 
@@ -69,3 +70,27 @@ def test_inductor_keeps_fused_ops_when_env_ci_is_set(tmp_path):
     env = {**os.environ, "CI": "true", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path)}
     run = subprocess.run([sys.executable, "-c", INDUCTOR_UNDER_CI], env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-3000:]
+
+
+@pytest.mark.parametrize("name", ["ConvBNAct-1x1", "ConvBNAct-3x3", "PartialDenseBlock"])
+def test_training_recompiles_for_another_batch_size(name, monkeypatch):
+    """A new batch size makes Dynamo recompile with a symbolic batch (automatic dynamic shapes),
+    which the measured kernel choices (unpinned here) must not try to look up: same outputs and
+    gradients as eager at every batch size."""
+    for pinned in ("_PINNED_1X1", "_PINNED_3X3", "_PINNED_STRIDE2"):
+        monkeypatch.setattr(conv_choice, pinned, "")
+    make, shape = MODULES[name]
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    eager = randomize_(make())
+    compiled_module = make()
+    compiled_module.load_state_dict(eager.state_dict())
+    compiled = torch.compile(compiled_module, backend="aot_eager")
+    for batch in (4, 3, 5):
+        x = torch.randn(batch, *shape[1:])
+        x_eager, x_compiled = x.clone().requires_grad_(), x.clone().requires_grad_()
+        y_eager, y = eager(x_eager), compiled(x_compiled)
+        torch.testing.assert_close(y, y_eager, rtol=1e-4, atol=1e-5)
+        y_eager.sum().backward()
+        y.sum().backward()
+        torch.testing.assert_close(x_compiled.grad, x_eager.grad, rtol=1e-4, atol=1e-5)

@@ -35,6 +35,7 @@ from benchmarks import collectives
 from benchmarks.collectives import CollectiveCounter
 from csp_kernels import reference
 from csp_kernels.distributed import check_sync_batch_norm, convert_sync_batchnorm
+from csp_kernels.ops import routing
 from helpers import assert_matches_reference, randomize_
 
 WORLD_SIZE = 2
@@ -361,17 +362,21 @@ def process_group(tmp_path):
         dist.destroy_process_group()
 
 
+@pytest.mark.parametrize("side", [5, 4], ids=["5x5", "4x4-eager-small-maps"])
 @pytest.mark.parametrize("module", ["ConvBNAct", "C2f", "PartialDenseBlock"])
-def test_sync_batch_norm_alone_in_its_group_is_batch_norm(module, process_group):
+def test_sync_batch_norm_alone_in_its_group_is_batch_norm(module, side, process_group, monkeypatch):
     """A group of one process has nothing to synchronize: the fused modules compute BatchNorm2d
-    (on the CPU too, where torch's SyncBatchNorm raises), without a collective or a warning."""
+    (on the CPU too, where torch's SyncBatchNorm raises), without a collective or a warning; a
+    dense block on maps the CPU would run as plain PyTorch (4x4, `routing.eager_is_faster`)
+    too."""
+    monkeypatch.setattr(routing, "_SMALL_MAPS", "eager")
     build = {"ConvBNAct": lambda m: m.ConvBNAct(6, 8, 3), "C2f": lambda m: m.C2f(6, 8, n=1),
              "PartialDenseBlock": lambda m: m.PartialDenseBlock(6, num_layers=2, growth_rate=4)}[module]
     ref = randomize_(build(reference)).double()
     fused = build(csp_kernels).double()
     fused.load_state_dict(ref.state_dict())
     convert_sync_batchnorm(fused)
-    x = torch.randn(2, 6, 5, 5, dtype=torch.float64)
+    x = torch.randn(2, 6, side, side, dtype=torch.float64)
     x_ref, x_fused = x.clone().requires_grad_(), x.clone().requires_grad_()
     y_ref, y = ref(x_ref), fused(x_fused)
     y_ref.sum().backward(), y.sum().backward()

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import csp_kernels
+from csp_kernels.ops import conv_choice
 
 
 def modules():
@@ -42,6 +43,26 @@ def test_export_runs_and_matches_the_module(name, training):
     assert len(got) == len(want)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("name", ["ConvBNAct", "PartialDenseBlock-csp"])
+def test_export_with_a_dynamic_batch(name, training, monkeypatch):
+    """A symbolic batch (as ONNX export with dynamic axes asks): the program runs other batch
+    sizes and matches the module; eval under no_grad, as the dense blocks' eval runs. The
+    kernel choices unpinned: measured ones must not be looked up with a symbolic shape."""
+    for pinned in ("_PINNED_1X1", "_PINNED_3X3", "_PINNED_STRIDE2"):
+        monkeypatch.setattr(conv_choice, pinned, "")
+    make_module, make_args = modules()[name]
+    module = make_module().train(training)
+    (x,) = make_args()
+    batch = torch.export.Dim("batch", min=2)
+    with torch.set_grad_enabled(training):
+        program = torch.export.export(module, (x,), dynamic_shapes=({0: batch},))
+        expected = make_module().train(training)
+        expected.load_state_dict(module.state_dict())
+        x3 = torch.randn(3, *x.shape[1:])
+        torch.testing.assert_close(program.module()(x3), expected(x3), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit.trace is deprecated in favour of export

@@ -251,8 +251,10 @@ class _FusedDense(nn.Module):
         if reason:
             backend.warn_reference_fallback(self, reason)
             return super().forward(x)
-        if name == "cpu" and routing.eager_is_faster(x) and sync_group(self._norms()[0]) is None:
-            # (synchronized, the reference's torch SyncBatchNorm would refuse the CPU)
+        if name == "cpu" and routing.eager_is_faster(x) and not any(type(bn) is nn.SyncBatchNorm
+                                                                   for bn in self._norms()):
+            # (not with SyncBatchNorms: torch's refuses CPU tensors in training once a process group
+            # exists, even a group of one, where the fused op computes plain BatchNorm)
             return super().forward(x)
         engine = routing.dense_engine(name)
         data = x

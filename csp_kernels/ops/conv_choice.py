@@ -120,6 +120,8 @@ def measured_verdicts() -> dict[tuple, bool]:
 def _verdict(key: tuple, unmeasured_rule: bool, measure: Callable[..., bool]) -> bool:
     """measure(*key[1:]) once per key (key[1]: the input's shape), stored; `unmeasured_rule`
     inside a trace."""
+    if any(isinstance(size, torch.SymInt) for size in key[1]):
+        return unmeasured_rule  # a dynamic shape in a trace (torch.compile, export): no verdict to look up
     if 0 in key[1]:  # an empty input: nothing to time; ATen's kernels take it
         return False
     verdict = _verdicts.get(key)
