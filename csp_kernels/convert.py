@@ -313,11 +313,11 @@ def _fuse_timm_conv_norm_act(module: nn.Module) -> ConvBNAct | str:
 def _fuse_conv_norm_sequential(module: nn.Module) -> ConvBNAct | str:
     """torchvision's Conv2dNormActivation: conv, norm and (unless activation_layer=None) act."""
     layers = list(module)
-    second = type(layers[1]).__qualname__ if len(layers) > 1 else ""
-    if "Norm" in second and not isinstance(layers[1], nn.modules.batchnorm._BatchNorm):
-        return f"its norm layer is {second} (the fused kernels compute nn.BatchNorm2d)"
-    if "Norm" not in second:
+    # Without a norm layer (norm_layer=None) the second layer is the activation, if any.
+    if len(layers) < 2 or "Norm" not in type(layers[1]).__qualname__:
         return "it has no BatchNorm (norm_layer=None)"
+    if not isinstance(layers[1], nn.modules.batchnorm._BatchNorm):
+        return f"its norm layer is {type(layers[1]).__qualname__} (the fused kernels compute nn.BatchNorm2d)"
     act = layers[2] if len(layers) == 3 else nn.Identity()
     return _hook_reason(module) or fuse_conv_bn_act(layers[0], layers[1], act)
 

@@ -89,3 +89,11 @@ def zero_gradient_floor(grad_y: torch.Tensor, gain: float) -> float:
     (`batch_norm_gain`). Both sides then hold float64 rounding noise of ~1e-16 * |grad_y| *
     gain (thousands where a BatchNorm averages two close values)."""
     return 1e-4 * grad_y.norm().item() * gain
+
+
+def unpin_kernel_choices(monkeypatch) -> None:
+    """Undo conftest's pinned CPU kernel choices for one test, so that the choices are measured
+    (or take their unmeasured rule inside a trace) as in a user's process."""
+    from csp_kernels.ops import conv_choice
+    for pinned in ("_PINNED_1X1", "_PINNED_3X3", "_PINNED_STRIDE2"):
+        monkeypatch.setattr(conv_choice, pinned, "")

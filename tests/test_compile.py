@@ -11,8 +11,7 @@ import pytest
 import torch
 
 import csp_kernels
-from csp_kernels.ops import conv_choice
-from helpers import randomize_
+from helpers import randomize_, unpin_kernel_choices
 from test_cspdensenet_training import TinyCSPDenseNet
 
 # Maps of 16x16: at least conv_choice's side for Winograd, so on AVX-512 CPUs the float32
@@ -77,8 +76,7 @@ def test_training_recompiles_for_another_batch_size(name, monkeypatch):
     """A new batch size makes Dynamo recompile with a symbolic batch (automatic dynamic shapes),
     which the measured kernel choices (unpinned here) must not try to look up: same outputs and
     gradients as eager at every batch size."""
-    for pinned in ("_PINNED_1X1", "_PINNED_3X3", "_PINNED_STRIDE2"):
-        monkeypatch.setattr(conv_choice, pinned, "")
+    unpin_kernel_choices(monkeypatch)
     make, shape = MODULES[name]
     torch._dynamo.reset()
     torch.manual_seed(0)

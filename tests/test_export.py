@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import csp_kernels
-from csp_kernels.ops import conv_choice
+from helpers import unpin_kernel_choices
 
 
 def modules():
@@ -51,8 +51,7 @@ def test_export_with_a_dynamic_batch(name, training, monkeypatch):
     """A symbolic batch (as ONNX export with dynamic axes asks): the program runs other batch
     sizes and matches the module; eval under no_grad, as the dense blocks' eval runs. The
     kernel choices unpinned: measured ones must not be looked up with a symbolic shape."""
-    for pinned in ("_PINNED_1X1", "_PINNED_3X3", "_PINNED_STRIDE2"):
-        monkeypatch.setattr(conv_choice, pinned, "")
+    unpin_kernel_choices(monkeypatch)
     make_module, make_args = modules()[name]
     module = make_module().train(training)
     (x,) = make_args()
