@@ -30,6 +30,9 @@ TORCH_LIBRARY(csp_kernels, m) {
   // 3x3, stride 1, padding 1, by Winograd F(2x2, 3x3); weight: the (16, out, in) transform.
   // With conv_weight (the 3x3 weight), an x holding inf or NaN runs as ATen's direct
   // convolution instead: Winograd's transforms would turn one inf into NaNs around it.
+  // The transform U = G g G^T of a contiguous float32 (out, in, 3, 3) weight, computed in
+  // double: the contiguous (16, out, in) weight the op below takes.
+  m.def("winograd_weight(Tensor weight) -> Tensor");
   m.def("conv3x3_winograd_out(Tensor x, Tensor weight, Tensor(a!) out, Tensor? conv_weight=None) -> ()");
   // Its weight gradient from x and grad_y (both planes contiguous): (out, in, 3, 3); ATen's
   // where either holds an inf or a NaN.

@@ -138,13 +138,19 @@ def test_forward_into_a_slice():
     assert (out[:, :4] == 0).all() and (out[:, 7:] == 0).all()
 
 
-def test_winograd_weight_is_g_g_gt():
-    weight = torch.randn(2, 3, 3, 3, dtype=torch.float64)
+@needs_winograd
+@pytest.mark.parametrize("layout", ["contiguous", "flipped-transposed"])
+def test_winograd_weight_is_g_g_gt_rounded_once(layout):
+    weight = torch.randn(5, 19, 3, 3)  # 19 inputs: one full and one partial group of 16 filters
+    if layout == "flipped-transposed":  # the input gradient's weight
+        weight = weight.transpose(0, 1).flip(2, 3)
     g = torch.tensor([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], dtype=torch.float64)
     u = winograd_weight(weight)
-    assert u.shape == (16, 2, 3) and u.is_contiguous()
-    expected = torch.stack([g @ weight[o, c] @ g.T for o in range(2) for c in range(3)]).view(2, 3, 16)
-    assert torch.allclose(u, expected.permute(2, 0, 1), rtol=0, atol=1e-14)
+    o, c = weight.shape[:2]
+    assert u.shape == (16, o, c) and u.is_contiguous() and u.dtype == torch.float32
+    w64 = weight.double()
+    expected = torch.stack([g @ w64[i, j] @ g.T for i in range(o) for j in range(c)]).view(o, c, 16)
+    assert torch.equal(u, expected.permute(2, 0, 1).float())  # float64 arithmetic, one rounding
 
 
 @needs_winograd
@@ -160,6 +166,10 @@ def test_op_rejects_what_it_cannot_run():
     with pytest.raises(ValueError, match="contiguous"):
         torch.ops.csp_kernels.conv3x3_winograd_out(x[..., ::2], u, torch.empty(2, 3, 5, 3))
     with pytest.raises(TypeError, match="runs float32"):
+        torch.ops.csp_kernels.winograd_weight(torch.randn(3, 4, 3, 3, dtype=torch.double))
+    with pytest.raises(ValueError, match="contiguous"):
+        torch.ops.csp_kernels.winograd_weight(torch.randn(4, 3, 3, 3).transpose(0, 1))
+    with pytest.raises(TypeError, match="runs float32"):
         conv3x3_winograd_weight_grad(x.double(), torch.randn(2, 3, 5, 5, dtype=torch.double))
     with pytest.raises(ValueError, match="grad_y must have shape"):
         conv3x3_winograd_weight_grad(x, torch.randn(2, 3, 5, 4))
@@ -173,3 +183,4 @@ def test_op_opcheck():
                           (torch.randn(2, 4, 5, 6), winograd_weight(torch.randn(3, 4, 3, 3)), torch.empty(2, 3, 5, 6)))
     torch.library.opcheck(torch.ops.csp_kernels.conv3x3_winograd_weight_grad.default,
                           (torch.randn(2, 4, 5, 6), torch.randn(2, 3, 5, 6)))
+    torch.library.opcheck(torch.ops.csp_kernels.winograd_weight.default, (torch.randn(3, 20, 3, 3),))

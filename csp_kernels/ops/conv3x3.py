@@ -18,17 +18,12 @@ import torch
 
 from .. import extension  # noqa: F401  (loads csp_kernels._C, which defines the C++ ops)
 
-# G of F(2x2, 3x3): U = G g G^T turns a 3x3 filter into the 4x4 one the tiles multiply with.
-_WINOGRAD_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
-
-
 def winograd_weight(weight: torch.Tensor) -> torch.Tensor:
-    """weight: (out_channels, in_channels, 3, 3) -> its transform U = G g G^T as the
-    contiguous (16, out_channels, in_channels) matrices of the 16 tile GEMMs (in float64,
-    then weight's dtype)."""
-    g = torch.tensor(_WINOGRAD_G, dtype=torch.float64, device=weight.device)
-    u = torch.einsum("ai,ocij,bj->aboc", g, weight.detach().double(), g)
-    return u.reshape(16, weight.shape[0], weight.shape[1]).to(weight.dtype).contiguous()
+    """weight: (out_channels, in_channels, 3, 3) float32, any strides -> its transform
+    U = G g G^T (G of F(2x2, 3x3)) as the contiguous (16, out_channels, in_channels) matrices of
+    the 16 tile GEMMs, computed in float64 and rounded once, where `routing.winograd_usable`
+    (a training step transforms each weight twice: forward and input gradient)."""
+    return torch.ops.csp_kernels.winograd_weight(weight.detach().contiguous())
 
 
 def conv3x3_winograd(x: torch.Tensor, weight: torch.Tensor, transform: torch.Tensor | None = None,

@@ -241,6 +241,18 @@ if extension._C is not None:
         out.copy_(y)
         return _channel_stats(y) if stats else _no_stats(x)
 
+    @_decomposes(_ops.winograd_weight.default)
+    def _winograd_weight(weight):
+        # G's rows as arithmetic, no constant tensor (one created inside a decomposition leaves
+        # an in-place detach_ that torch.export's functional graph refuses); in float64 and
+        # rounded once, as the op.
+        def g_times(rows, dim):  # G @ rows along `dim` (of size 3)
+            r0, r1, r2 = rows.unbind(dim)
+            return torch.stack((r0, 0.5 * (r0 + r1 + r2), 0.5 * (r0 - r1 + r2), r2), dim)
+
+        u = g_times(g_times(weight.double(), 2), 3)  # (out, in, 4, 4): G g G^T
+        return u.permute(2, 3, 0, 1).reshape(16, *weight.shape[:2]).to(weight.dtype)
+
     @_decomposes_in_onnx_export(_ops.conv3x3_winograd_out.default)
     def _conv3x3_winograd_out(x, weight, out, conv_weight=None):
         # The direct convolution that Winograd's F(2x2, 3x3) computes (up to its rounding).

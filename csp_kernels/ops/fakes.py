@@ -39,6 +39,10 @@ if extension._C is not None:
         return torch.empty(z.shape, dtype=z.dtype, device=z.device)
 
     # -- convolutions (ops/conv3x3.py, ops/conv1x1.py) --------------------------------------------
+    @torch.library.register_fake("csp_kernels::winograd_weight")
+    def _(weight):
+        return weight.new_empty(16, weight.shape[0], weight.shape[1])
+
     @torch.library.register_fake("csp_kernels::conv3x3_winograd_out")
     def _(x, weight, out, conv_weight=None):
         return None

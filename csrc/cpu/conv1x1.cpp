@@ -118,11 +118,11 @@ std::tuple<at::Tensor, at::Tensor> conv1x1_bn_act_backward_cpu(
   check_blas_int(X.channel_stride, "x's channel stride");
 
   at::Tensor grad_x = input_grad ? at::empty(x.sizes(), x.options()) : at::empty({0}, x.options());
-  const int threads = at::get_num_threads();
-  at::Tensor partials = at::zeros({weight_grad ? threads : 0, Z.channels, X.channels}, x.options());
+  at::Tensor grad_weight = weight_grad ? at::zeros({Z.channels, X.channels}, x.options())
+                                       : at::empty({0, X.channels}, x.options());
   if (X.batch == 0 || X.plane == 0 || Z.channels == 0 || X.channels == 0) {
     if (input_grad) grad_x.zero_();
-    return {grad_x, weight_grad ? at::zeros({Z.channels, X.channels}, x.options()) : partials};
+    return {grad_x, grad_weight};
   }
   const PlaneLayout GX = input_grad ? plane_layout(grad_x, "grad_x") : PlaneLayout{};
   // Long tiles, for the weight gradient's per-tile accumulation.
@@ -135,7 +135,7 @@ std::tuple<at::Tensor, at::Tensor> conv1x1_bn_act_backward_cpu(
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* wp = weight.const_data_ptr<scalar_t>();
     scalar_t* gxp = input_grad ? grad_x.mutable_data_ptr<scalar_t>() : nullptr;
-    scalar_t* pp = weight_grad ? partials.mutable_data_ptr<scalar_t>() : nullptr;
+    const WeightGradPartials<scalar_t> partials(weight_grad ? Z.channels : 0, X.channels);
     const auto bn = bn_backward_of<stat_of<scalar_t>>(mean, invstd, bn_weight, bn_bias, sum_dpre, sum_dpre_xhat);
     const int O = static_cast<int>(Z.channels), C = static_cast<int>(X.channels);
     const SharedB<scalar_t> shared_w("T", C, O, wp, C);
@@ -154,11 +154,12 @@ std::tuple<at::Tensor, at::Tensor> conv1x1_bn_act_backward_cpu(
         // Row-major partial (O x C) += grad_z (O x w) @ x_tile^T (w x C): column-major
         // partial^T (C x O) += x_tile (C x w; its rows are x's planes, hence "T") @ grad_z^T.
         gemm("T", "N", C, O, w, x_tile, static_cast<int>(C == 1 ? std::max(X.channel_stride, width) : X.channel_stride),
-             grad_z, w, scalar_t(1), pp + at::get_thread_num() * Z.channels * X.channels, C);
+             grad_z, w, scalar_t(1), partials.of_this_thread(), C);
       }
     });
+    if (weight_grad) grad_weight = partials.sum(Z.channels, X.channels, x.options());
   });
-  return {grad_x, weight_grad ? partials.sum(0) : partials};
+  return {grad_x, grad_weight};
 }
 
 }  // namespace

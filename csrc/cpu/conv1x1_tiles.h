@@ -7,6 +7,7 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 
 #include <algorithm>
 #include <type_traits>
@@ -19,6 +20,7 @@
 #include "bn_act_rows.h"
 #include "moments.h"
 #include "plane_layout.h"
+#include "scratch.h"
 #include "sgemm_avx512.h"
 
 namespace csp_kernels {
@@ -34,16 +36,16 @@ constexpr int64_t kScratchBytes = 256 * 1024;
 // whole weight per tile). Empty for float64 and for the BLAS.
 template <typename scalar_t>
 struct SharedB {
-  std::vector<float> packed;
+  float* packed = nullptr;
   SharedB(const char* op_b, int n, int k, const scalar_t* b, int ldb) {
     if constexpr (std::is_same_v<scalar_t, float>) {
       if (!sgemm_avx512_preferred()) return;
       const bool b_t = *op_b == 'T';
-      packed.resize(sgemm_avx512_packed_a_size(n, k));
-      sgemm_avx512_pack_a(n, k, b, b_t ? 1 : ldb, b_t ? ldb : 1, packed.data());
+      packed = scratch<float>(Scratch::kSharedWeight, sgemm_avx512_packed_a_size(n, k));
+      sgemm_avx512_pack_a(n, k, b, b_t ? 1 : ldb, b_t ? ldb : 1, packed);
     }
   }
-  const float* data() const { return packed.empty() ? nullptr : packed.data(); }
+  const float* data() const { return packed; }
 };
 
 // Column-major C (m x n) = op(A) op(B) + beta C, op = transpose where asked ("N" or "T").
@@ -92,14 +94,42 @@ struct Tiling {
   }
 };
 
+// Per-thread partial weight gradients (threads x out x in, zeroed) in scratch, and their sum
+// in thread order as a fresh (out, in) tensor.
+template <typename scalar_t>
+struct WeightGradPartials {
+  int threads;
+  int64_t size;
+  scalar_t* data;
+  WeightGradPartials(int64_t out_channels, int64_t in_channels)
+      : threads(at::get_num_threads()), size(out_channels * in_channels),
+        data(scratch<scalar_t>(Scratch::kPartials, threads * size)) {
+    std::fill(data, data + threads * size, scalar_t(0));
+  }
+  scalar_t* of_this_thread() const { return data + at::get_thread_num() * size; }
+  at::Tensor sum(int64_t out_channels, int64_t in_channels, const at::TensorOptions& options) const {
+    at::Tensor total = at::empty({out_channels, in_channels}, options);
+    scalar_t* tp = total.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, size, 4096, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        scalar_t sum = data[i];
+        for (int t = 1; t < threads; ++t) sum += data[t * size + i];
+        tp[i] = sum;
+      }
+    });
+    return total;
+  }
+};
+
 // f(tile index, tile, scratch of `scratch_size` values) for every tile, in parallel over the
 // tiles, each thread with its own scratch and a single-threaded BLAS.
 template <typename scalar_t, typename F>
 void for_each_tile(const Tiling& tiling, int64_t scratch_size, const F& f) {
   at::parallel_for(0, tiling.count, 1, [&](int64_t t0, int64_t t1) {
     const SingleThreadedBlas blas_in_this_thread;
-    std::vector<scalar_t> scratch(scratch_size);
-    for (int64_t i = t0; i < t1; ++i) f(i, tiling[i], scratch.data());
+    scalar_t* tile_scratch = scratch<scalar_t>(Scratch::kTile, scratch_size);  // zeroed, as a fresh vector was
+    std::fill(tile_scratch, tile_scratch + scratch_size, scalar_t(0));
+    for (int64_t i = t0; i < t1; ++i) f(i, tiling[i], tile_scratch);
   });
 }
 

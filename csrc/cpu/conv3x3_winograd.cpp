@@ -36,6 +36,7 @@
 #include <vector>
 
 #include "plane_layout.h"
+#include "scratch.h"
 #include "sgemm_avx512.h"
 
 namespace csp_kernels {
@@ -242,6 +243,81 @@ __attribute__((target("avx512f"))) bool transform_grad(const float* plane, const
   return _mm512_reduce_add_ps(probe) == 0.0f;
 }
 
+// The batch's tiles in chunks of about `target` tiles for the phased kernels below: whole
+// samples grouped when a sample has fewer tiles, else each sample's blocks of whole tile rows.
+// Chunk i covers samples [n0, n1) and, of each, block `block` of `g`; sample n's tiles sit at
+// column (n - n0) * g.block_tiles of the chunk's rows (`tiles` columns in all).
+struct Chunks {
+  Geometry g;
+  std::vector<std::vector<Run>> runs;  // by block
+  int64_t samples_per_chunk, count, batch;
+
+  Chunks(int64_t batch_, int64_t height, int64_t width, int64_t target) : batch(batch_) {
+    const int64_t tile_cols = (width + 1) / 2, tiles = (height + 1) / 2 * tile_cols;
+    g = geometry_of(height, width, tiles <= target ? tiles : std::max<int64_t>(1, target / tile_cols) * tile_cols);
+    runs = block_runs(g);
+    samples_per_chunk = g.blocks == 1 ? std::max<int64_t>(1, target / g.tiles) : 1;
+    count = g.blocks == 1 ? (batch + samples_per_chunk - 1) / samples_per_chunk : batch * g.blocks;
+  }
+  int64_t n0(int64_t i) const { return g.blocks == 1 ? i * samples_per_chunk : i / g.blocks; }
+  int64_t n1(int64_t i) const { return g.blocks == 1 ? std::min(batch, n0(i) + samples_per_chunk) : n0(i) + 1; }
+  int64_t block(int64_t i) const { return g.blocks == 1 ? 0 : i % g.blocks; }
+  int64_t block_tiles(int64_t i) const {
+    return std::min(g.tiles, (block(i) + 1) * g.block_tiles) - block(i) * g.block_tiles;
+  }
+  int64_t tiles(int64_t i) const { return (n1(i) - n0(i)) * block_tiles(i); }
+  int64_t max_tiles() const { return samples_per_chunk * g.block_tiles; }
+};
+
+// Chunk tiles such that its transformed tiles, 16 floats per tile and channel of `channels`,
+// take about 8 MiB: the GEMMs then read them from the L3 cache; at least one 64-column panel.
+int64_t chunk_target(int64_t channels) {
+  return std::max<int64_t>(kTilesPerBlock, (int64_t{2} << 20) / (16 * std::max<int64_t>(channels, 1)));
+}
+
+// The forward in three parallel phases per chunk (transform every plane's tiles, the 16 GEMMs,
+// the output transforms), for maps whose samples have fewer tiles than one GEMM panel: the
+// per-block path would multiply with a panel mostly idle and re-read the U matrices per sample.
+// Returns false when x holds an inf or a NaN (`check_finite`; it stops there).
+bool winograd_forward_phased(const float* xp, const PlaneLayout& X, int64_t height, int64_t width,
+                             const float* u_packed, int64_t packed_size, float* op, const PlaneLayout& O,
+                             bool check_finite) {
+  const int64_t C = X.channels, K = O.channels;
+  const Chunks chunks(X.batch, height, width, chunk_target(C + K));
+  const int64_t cap = chunks.max_tiles();
+  float* v = scratch<float>(Scratch::kWinogradV, 16 * C * cap);
+  float* m = scratch<float>(Scratch::kWinogradM, 16 * K * cap);
+  for (int64_t i = 0; i < chunks.count; ++i) {
+    const int64_t n0 = chunks.n0(i), bt = chunks.block_tiles(i), T = chunks.tiles(i);
+    const std::vector<Run>& runs = chunks.runs[chunks.block(i)];
+    std::atomic<bool> finite{true};
+    at::parallel_for(0, (chunks.n1(i) - n0) * C, 16, [&](int64_t p0, int64_t p1) {
+      bool ok = true;
+      for (int64_t p = p0; p < p1; ++p) {
+        const int64_t s = p / C, c = p % C;
+        ok &= transform_input(xp + (n0 + s) * X.batch_stride + c * X.channel_stride, chunks.g, runs, c, C, T,
+                              v + s * bt);
+      }
+      if (!ok) finite.store(false, std::memory_order_relaxed);
+    });
+    if (check_finite && !finite.load()) return false;
+    at::parallel_for(0, 16, 1, [&](int64_t xi0, int64_t xi1) {
+      for (int64_t xi = xi0; xi < xi1; ++xi) {
+        sgemm_avx512(K, T, C, nullptr, C, 1, v + xi * C * T, T, 1, m + xi * K * T, T, false,
+                     u_packed + xi * packed_size);
+      }
+    });
+    at::parallel_for(0, (chunks.n1(i) - n0) * K, 16, [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) {
+        const int64_t s = p / K, k = p % K;
+        transform_output(m + s * bt, chunks.g, runs, k, K, T,
+                         op + (n0 + s) * O.batch_stride + k * O.channel_stride);
+      }
+    });
+  }
+  return true;
+}
+
 void conv3x3_winograd_out_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& out,
                               const std::optional<at::Tensor>& conv_weight) {
   const PlaneLayout X = plane_layout(x, "x"), O = plane_layout(out, "out");
@@ -272,15 +348,24 @@ void conv3x3_winograd_out_cpu(const at::Tensor& x, const at::Tensor& weight, con
   const int64_t max_tiles = g.block_tiles, ldv = kTilesPerBlock;
   // The 16 U matrices packed once for all blocks' GEMMs.
   const int64_t packed_size = sgemm_avx512_packed_a_size(K, C);
-  std::vector<float> u_packed(16 * packed_size);
-  for (int64_t xi = 0; xi < 16; ++xi) {
-    sgemm_avx512_pack_a(K, C, up + xi * K * C, C, 1, u_packed.data() + xi * packed_size);
+  float* u_packed = scratch<float>(Scratch::kWinogradU, 16 * packed_size);
+  at::parallel_for(0, 16, 1, [&](int64_t xi0, int64_t xi1) {
+    for (int64_t xi = xi0; xi < xi1; ++xi) {
+      sgemm_avx512_pack_a(K, C, up + xi * K * C, C, 1, u_packed + xi * packed_size);
+    }
+  });
+  if (g.tiles < kTilesPerBlock) {
+    if (!winograd_forward_phased(xp, X, x.size(2), x.size(3), u_packed, packed_size, op, O,
+                                 conv_weight.has_value())) {
+      out.copy_(at::conv2d(x, *conv_weight, {}, 1, 1));
+    }
+    return;
   }
   const std::vector<std::vector<Run>> runs_of_block = block_runs(g);
   std::atomic<bool> finite{true};
   at::parallel_for(0, X.batch * g.blocks, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<float> v_storage(16 * C * ldv + 16), m(16 * K * max_tiles);
-    float* v = v_storage.data() + (64 - reinterpret_cast<uintptr_t>(v_storage.data()) % 64) % 64 / sizeof(float);
+    float* v = scratch<float>(Scratch::kWinogradV, 16 * C * ldv);
+    float* m = scratch<float>(Scratch::kWinogradM, 16 * K * max_tiles);
     for (int64_t b = b0; b < b1; ++b) {
       if (conv_weight && !finite.load(std::memory_order_relaxed)) return;  // redone below
       const int64_t n = b / g.blocks, t0 = (b % g.blocks) * g.block_tiles;
@@ -292,16 +377,201 @@ void conv3x3_winograd_out_cpu(const at::Tensor& x, const at::Tensor& weight, con
       }
       if (!block_finite) finite.store(false, std::memory_order_relaxed);
       for (int64_t xi = 0; xi < 16; ++xi) {
-        sgemm_avx512(K, tiles, C, up + xi * K * C, C, 1, v + xi * C * ldv, ldv, 1, m.data() + xi * K * tiles, tiles,
-                     false, u_packed.data() + xi * packed_size);
+        sgemm_avx512(K, tiles, C, up + xi * K * C, C, 1, v + xi * C * ldv, ldv, 1, m + xi * K * tiles, tiles,
+                     false, u_packed + xi * packed_size);
       }
       for (int64_t k = 0; k < K; ++k) {
-        transform_output(m.data(), g, runs, k, K, tiles,
+        transform_output(m, g, runs, k, K, tiles,
                          op + n * O.batch_stride + k * O.channel_stride);
       }
     }
   });
   if (conv_weight && !finite.load()) out.copy_(at::conv2d(x, *conv_weight, {}, 1, 1));
+}
+
+// U = G g G^T of every filter g of a contiguous (K, C, 3, 3) float32 weight, computed in double
+// and rounded once: the (16, K, C) matrices u[xi][k][c] of the 16 tile GEMMs. Sixteen filters at
+// a time, their taps gathered, each half of them in eight-lane double vectors. (In float32 the
+// sums round twice and cancel: a converted densenet121's input gradient came out 200x less
+// accurate.)
+__attribute__((target("avx512f"))) inline void transform_filters(const __m512d g[3][3], __m512d u[16]) {
+  const __m512d half = _mm512_set1_pd(0.5);
+  __m512d t[4][3];  // G g: rows (g0, (g0 + g1 + g2) / 2, (g0 - g1 + g2) / 2, g2)
+  for (int j = 0; j < 3; ++j) {
+    const __m512d outer = _mm512_add_pd(g[0][j], g[2][j]);
+    t[0][j] = g[0][j];
+    t[1][j] = _mm512_mul_pd(half, _mm512_add_pd(outer, g[1][j]));
+    t[2][j] = _mm512_mul_pd(half, _mm512_sub_pd(outer, g[1][j]));
+    t[3][j] = g[2][j];
+  }
+  for (int a = 0; a < 4; ++a) {  // (G g) G^T: the same combinations of t's columns
+    const __m512d outer = _mm512_add_pd(t[a][0], t[a][2]);
+    u[4 * a] = t[a][0];
+    u[4 * a + 1] = _mm512_mul_pd(half, _mm512_add_pd(outer, t[a][1]));
+    u[4 * a + 2] = _mm512_mul_pd(half, _mm512_sub_pd(outer, t[a][1]));
+    u[4 * a + 3] = t[a][2];
+  }
+}
+
+__attribute__((target("avx512f"))) void transform_weight(const float* w, int64_t K, int64_t C, int64_t k0,
+                                                         int64_t k1, float* u) {
+  const __m512i taps_apart = _mm512_mullo_epi32(
+      _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi32(9));
+  const int64_t plane = K * C;
+  for (int64_t k = k0; k < k1; ++k) {
+    for (int64_t c = 0; c < C; c += 16) {
+      const int64_t lanes = std::min<int64_t>(16, C - c);
+      const __mmask16 mask = static_cast<__mmask16>((1u << lanes) - 1);
+      const float* f = w + (k * C + c) * 9;
+      __m512d lo[3][3], hi[3][3];
+      for (int i = 0; i < 3; ++i) {
+        for (int j = 0; j < 3; ++j) {
+          const __m512 taps = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mask, taps_apart, f + 3 * i + j, 4);
+          lo[i][j] = _mm512_cvtps_pd(_mm512_castps512_ps256(taps));
+          hi[i][j] = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(taps), 1)));
+        }
+      }
+      __m512d ulo[16], uhi[16];
+      transform_filters(lo, ulo);
+      transform_filters(hi, uhi);
+      for (int xi = 0; xi < 16; ++xi) {
+        const __m512d both = _mm512_insertf64x4(_mm512_castps_pd(_mm512_castps256_ps512(_mm512_cvtpd_ps(ulo[xi]))),
+                                                _mm256_castps_pd(_mm512_cvtpd_ps(uhi[xi])), 1);
+        _mm512_mask_storeu_ps(u + xi * plane + k * C + c, mask, _mm512_castpd_ps(both));
+      }
+    }
+  }
+}
+
+at::Tensor winograd_weight_cpu(const at::Tensor& weight) {
+  TORCH_CHECK_TYPE(weight.scalar_type() == at::kFloat, "winograd_weight runs float32; got ", weight.scalar_type());
+  TORCH_CHECK_VALUE(weight.dim() == 4 && weight.size(2) == 3 && weight.size(3) == 3 && weight.is_contiguous(),
+                    "winograd_weight needs a contiguous (out_channels, in_channels, 3, 3) weight; got shape ",
+                    weight.sizes(), ", strides ", weight.strides());
+  TORCH_CHECK(sgemm_avx512_supported(), "winograd_weight needs a CPU with AVX-512");
+  const int64_t K = weight.size(0), C = weight.size(1);
+  at::Tensor u = at::empty({16, K, C}, weight.options());
+  const float* wp = weight.const_data_ptr<float>();
+  float* up = u.mutable_data_ptr<float>();
+  at::parallel_for(0, K, std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)), [&](int64_t k0, int64_t k1) {
+    transform_weight(wp, K, C, k0, k1, up);
+  });
+  return u;
+}
+
+// dg = G^T dU G (G = [[1, 0, 0], [.5, .5, .5], [.5, -.5, .5], [0, 0, 1]]) for the filters
+// [p0, p1) of the (out * in) ones: dU[xi] at du[xi * plane + p], dg at w[9 p], in double, as
+// dU G and then G^T (dU G). Compiled for AVX-512 and for any x86-64, picked at load time.
+__attribute__((target_clones("avx512f", "default"))) void inverse_transform_weight(const float* du, int64_t plane,
+                                                                                   int64_t p0, int64_t p1, float* w) {
+  for (int64_t p = p0; p < p1; ++p) {
+    double t[4][3];  // dU G
+    for (int i = 0; i < 4; ++i) {
+      const double u1 = du[(4 * i + 1) * plane + p], u2 = du[(4 * i + 2) * plane + p];
+      const double half_sum = 0.5 * (u1 + u2);
+      t[i][0] = du[4 * i * plane + p] + half_sum;
+      t[i][1] = 0.5 * (u1 - u2);
+      t[i][2] = half_sum + du[(4 * i + 3) * plane + p];
+    }
+    for (int q = 0; q < 3; ++q) {
+      const double half_sum = 0.5 * (t[1][q] + t[2][q]);
+      w[9 * p + q] = static_cast<float>(t[0][q] + half_sum);
+      w[9 * p + 3 + q] = static_cast<float>(0.5 * (t[1][q] - t[2][q]));
+      w[9 * p + 6 + q] = static_cast<float>(half_sum + t[3][q]);
+    }
+  }
+}
+
+// dU of the weight gradient into grad_u (16 K C floats) for small maps (a sample has at most
+// one GEMM panel of tiles): per chunk of samples, three parallel phases: the transforms of x's
+// and grad_y's planes, then dU[xi] += dM[xi] (K x tiles) @ V[xi]^T (tiles x C), parallel over xi.
+// Per-thread partial dU's (`weight_grad_by_blocks`) cost more than the GEMMs there. Returns
+// false where x or grad_y holds an inf or a NaN.
+bool weight_grad_phased(const at::Tensor& x, const PlaneLayout& X, const at::Tensor& grad_y, const PlaneLayout& GY,
+                        float* grad_u) {
+  const int64_t C = X.channels, K = GY.channels;
+  const Chunks chunks(X.batch, x.size(2), x.size(3), chunk_target(C + K));
+  const float* xp = x.const_data_ptr<float>();
+  const float* gp = grad_y.const_data_ptr<float>();
+  const int64_t cap = chunks.max_tiles();
+  float* v = scratch<float>(Scratch::kWinogradV, 16 * C * cap);
+  float* dm = scratch<float>(Scratch::kWinogradM, 16 * K * cap);
+  for (int64_t i = 0; i < chunks.count; ++i) {
+    const int64_t n0 = chunks.n0(i), samples = chunks.n1(i) - n0, bt = chunks.block_tiles(i), T = chunks.tiles(i);
+    const std::vector<Run>& runs = chunks.runs[chunks.block(i)];
+    std::atomic<bool> finite{true};
+    at::parallel_for(0, samples * (C + K), 16, [&](int64_t p0, int64_t p1) {
+      bool ok = true;
+      for (int64_t p = p0; p < p1; ++p) {
+        const int64_t s = p / (C + K), c = p % (C + K);
+        if (c < C) {
+          ok &= transform_input(xp + (n0 + s) * X.batch_stride + c * X.channel_stride, chunks.g, runs, c, C, T,
+                                v + s * bt);
+        } else {
+          ok &= transform_grad(gp + (n0 + s) * GY.batch_stride + (c - C) * GY.channel_stride, chunks.g, runs, c - C,
+                               K, T, dm + s * bt);
+        }
+      }
+      if (!ok) finite.store(false, std::memory_order_relaxed);
+    });
+    if (!finite.load()) return false;
+    at::parallel_for(0, 16, 1, [&](int64_t xi0, int64_t xi1) {
+      for (int64_t xi = xi0; xi < xi1; ++xi) {
+        sgemm_avx512(K, C, T, dm + xi * K * T, T, 1, v + xi * C * T, 1, T, grad_u + xi * K * C, C, i > 0);
+      }
+    });
+  }
+  return true;
+}
+
+// dU of the weight gradient into grad_u (16 K C floats) for larger maps: each thread takes blocks
+// of whole tile rows, transforms them into scratch that stays in its L2 cache and accumulates
+// its own partial dU, merged at the end. Whole tile rows: here the tiles are the GEMMs'
+// reduction, whose length matters less than the two transforms' work on rows that a block
+// would only partly cover (measured 15-25% slower with the forward's blocks of 64 on 52- to
+// 160-wide maps). Returns false where x or grad_y holds an inf or a NaN.
+bool weight_grad_by_blocks(const at::Tensor& x, const PlaneLayout& X, const at::Tensor& grad_y,
+                           const PlaneLayout& GY, float* grad_u) {
+  const int64_t C = X.channels, K = GY.channels;
+  const int64_t tile_cols = (x.size(3) + 1) / 2;
+  const Geometry g = geometry_of(x.size(2), x.size(3), std::max<int64_t>(1, kTilesPerBlock / tile_cols) * tile_cols);
+  const float* xp = x.const_data_ptr<float>();
+  const float* gp = grad_y.const_data_ptr<float>();
+  const int64_t max_tiles = g.block_tiles, ldv = std::max(max_tiles, kTilesPerBlock);
+  std::fill(grad_u, grad_u + 16 * K * C, 0.0f);
+  std::mutex merge;
+  const std::vector<std::vector<Run>> runs_of_block = block_runs(g);
+  std::atomic<bool> finite{true};
+  at::parallel_for(0, X.batch * g.blocks, 1, [&](int64_t b0, int64_t b1) {
+    float* v = scratch<float>(Scratch::kWinogradV, 16 * C * ldv);
+    float* dm = scratch<float>(Scratch::kWinogradM, 16 * K * max_tiles);
+    float* partial = scratch<float>(Scratch::kPartials, 16 * K * C);
+    std::fill(partial, partial + 16 * K * C, 0.0f);
+    for (int64_t b = b0; b < b1; ++b) {
+      if (!finite.load(std::memory_order_relaxed)) return;
+      const int64_t n = b / g.blocks, t0 = (b % g.blocks) * g.block_tiles;
+      const int64_t t1 = std::min(g.tiles, t0 + g.block_tiles), tiles = t1 - t0;
+      const std::vector<Run>& runs = runs_of_block[b % g.blocks];
+      bool block_finite = true;
+      for (int64_t c = 0; c < C; ++c) {
+        block_finite &= transform_input(xp + n * X.batch_stride + c * X.channel_stride, g, runs, c, C, ldv, v);
+      }
+      for (int64_t k = 0; k < K; ++k) {
+        block_finite &= transform_grad(gp + n * GY.batch_stride + k * GY.channel_stride, g, runs, k, K, tiles, dm);
+      }
+      if (!block_finite) {
+        finite.store(false, std::memory_order_relaxed);
+        return;
+      }
+      for (int64_t xi = 0; xi < 16; ++xi) {  // dU[xi] += dM[xi] (K x tiles) @ V[xi]^T (tiles x C)
+        sgemm_avx512(K, C, tiles, dm + xi * K * tiles, tiles, 1, v + xi * C * ldv, 1, ldv, partial + xi * K * C, C,
+                     true);
+      }
+    }
+    const std::lock_guard<std::mutex> lock(merge);
+    for (int64_t i = 0; i < 16 * K * C; ++i) grad_u[i] += partial[i];
+  });
+  return finite.load();
 }
 
 // The weight gradient of conv2d(x, weight, padding=1): (out_channels, in_channels, 3, 3) from
@@ -317,67 +587,19 @@ at::Tensor conv3x3_winograd_weight_grad_cpu(const at::Tensor& x, const at::Tenso
                     grad_y.sizes());
   TORCH_CHECK(sgemm_avx512_supported(), "conv3x3_winograd_weight_grad needs a CPU with AVX-512");
   const int64_t C = X.channels, K = GY.channels;
-  at::Tensor grad_weight = at::zeros({K, C, 3, 3}, x.options());
-  if (K == 0 || C == 0 || X.batch == 0 || X.plane == 0) return grad_weight;
-  // Blocks of whole tile rows: here the tiles are the GEMMs' reduction, whose length matters
-  // less than the two transforms' work on rows that a block would only partly cover (measured
-  // 15-25% slower with the forward's blocks of 64 on 52- to 160-wide maps).
-  const int64_t tile_cols = (x.size(3) + 1) / 2;
-  const Geometry g = geometry_of(x.size(2), x.size(3), std::max<int64_t>(1, kTilesPerBlock / tile_cols) * tile_cols);
-  const float* xp = x.const_data_ptr<float>();
-  const float* gp = grad_y.const_data_ptr<float>();
-  const int64_t max_tiles = g.block_tiles, ldv = std::max(max_tiles, kTilesPerBlock);
-  std::vector<float> grad_u(16 * K * C, 0.0f);  // dU summed over the threads' partial sums
-  std::mutex merge;
-  const std::vector<std::vector<Run>> runs_of_block = block_runs(g);
-  std::atomic<bool> finite{true};
-  at::parallel_for(0, X.batch * g.blocks, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<float> v(16 * C * ldv), dm(16 * K * max_tiles), partial(16 * K * C, 0.0f);
-    for (int64_t b = b0; b < b1; ++b) {
-      if (!finite.load(std::memory_order_relaxed)) return;
-      const int64_t n = b / g.blocks, t0 = (b % g.blocks) * g.block_tiles;
-      const int64_t t1 = std::min(g.tiles, t0 + g.block_tiles), tiles = t1 - t0;
-      const std::vector<Run>& runs = runs_of_block[b % g.blocks];
-      bool block_finite = true;
-      for (int64_t c = 0; c < C; ++c) {
-        block_finite &= transform_input(xp + n * X.batch_stride + c * X.channel_stride, g, runs, c, C, ldv,
-                                        v.data());
-      }
-      for (int64_t k = 0; k < K; ++k) {
-        block_finite &= transform_grad(gp + n * GY.batch_stride + k * GY.channel_stride, g, runs, k, K, tiles,
-                                       dm.data());
-      }
-      if (!block_finite) {
-        finite.store(false, std::memory_order_relaxed);
-        return;
-      }
-      for (int64_t xi = 0; xi < 16; ++xi) {  // dU[xi] += dM[xi] (K x tiles) @ V[xi]^T (tiles x C)
-        sgemm_avx512(K, C, tiles, dm.data() + xi * K * tiles, tiles, 1, v.data() + xi * C * ldv, 1, ldv,
-                     partial.data() + xi * K * C, C, true);
-      }
-    }
-    const std::lock_guard<std::mutex> lock(merge);
-    for (size_t i = 0; i < partial.size(); ++i) grad_u[i] += partial[i];
-  });
-  if (!finite.load()) {
+  if (K == 0 || C == 0 || X.batch == 0 || X.plane == 0) return at::zeros({K, C, 3, 3}, x.options());
+  at::Tensor grad_weight = at::empty({K, C, 3, 3}, x.options());
+  float* grad_u = scratch<float>(Scratch::kWinogradGradU, 16 * K * C);
+  const bool finite = (x.size(2) + 1) / 2 * ((x.size(3) + 1) / 2) <= kTilesPerBlock
+                          ? weight_grad_phased(x, X, grad_y, GY, grad_u)
+                          : weight_grad_by_blocks(x, X, grad_y, GY, grad_u);
+  if (!finite) {
     return std::get<1>(at::convolution_backward(grad_y, x, at::empty({K, C, 3, 3}, x.options()), std::nullopt,
                                                 {1, 1}, {1, 1}, {1, 1}, false, {0, 0}, 1, {false, true, false}));
   }
-  // dg = G^T dU G, G = [[1, 0, 0], [.5, .5, .5], [.5, -.5, .5], [0, 0, 1]], in double.
-  constexpr std::array<std::array<double, 3>, 4> G{{{1, 0, 0}, {.5, .5, .5}, {.5, -.5, .5}, {0, 0, 1}}};
   float* wp = grad_weight.mutable_data_ptr<float>();
-  at::parallel_for(0, K * C, 256, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p) {
-      for (int pr = 0; pr < 3; ++pr) {
-        for (int q = 0; q < 3; ++q) {
-          double sum = 0;
-          for (int i = 0; i < 4; ++i) {
-            for (int j = 0; j < 4; ++j) sum += G[i][pr] * G[j][q] * grad_u[(4 * i + j) * K * C + p];
-          }
-          wp[p * 9 + pr * 3 + q] = static_cast<float>(sum);
-        }
-      }
-    }
+  at::parallel_for(0, K * C, 1024, [&](int64_t p0, int64_t p1) {
+    inverse_transform_weight(grad_u, K * C, p0, p1, wp);
   });
   return grad_weight;
 }
@@ -387,6 +609,7 @@ at::Tensor conv3x3_winograd_weight_grad_cpu(const at::Tensor& x, const at::Tenso
 TORCH_LIBRARY_IMPL(csp_kernels, CPU, m) {
   m.impl("conv3x3_winograd_out", &conv3x3_winograd_out_cpu);
   m.impl("conv3x3_winograd_weight_grad", &conv3x3_winograd_weight_grad_cpu);
+  m.impl("winograd_weight", &winograd_weight_cpu);
 }
 
 }  // namespace csp_kernels

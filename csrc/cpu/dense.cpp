@@ -113,10 +113,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_conv1_backward_cpu(
   const at::ScalarType sdtype = stats_dtype(x.scalar_type());
   at::Tensor sum_dpre1 = at::zeros({X.channels}, x.options().dtype(sdtype));
   at::Tensor sum_dpre_xhat1 = at::zeros({X.channels}, x.options().dtype(sdtype));
-  const int threads = at::get_num_threads();
-  at::Tensor partials = at::zeros({threads, Z.channels, X.channels}, x.options());
   if (X.batch == 0 || X.plane == 0 || Z.channels == 0 || X.channels == 0) {
-    return {partials.sum(0), sum_dpre1, sum_dpre_xhat1};
+    return {at::zeros({Z.channels, X.channels}, x.options()), sum_dpre1, sum_dpre_xhat1};
   }
   // Scratch: grad_z (O rows) then the normalized input, reused as its gradient (C rows); long
   // tiles for the weight gradient's per-tile accumulation.
@@ -125,6 +123,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_conv1_backward_cpu(
   const int64_t width = tiling.width;
   std::vector<double> sums(tiling.count * X.channels * 2);
 
+  at::Tensor grad_weight;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dense_conv1_backward_cpu", [&] {
     using stat_t = stat_of<scalar_t>;
     const scalar_t* gbp = grad_b.const_data_ptr<scalar_t>();
@@ -132,7 +131,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_conv1_backward_cpu(
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* wp = weight.const_data_ptr<scalar_t>();
     scalar_t* accp = grad_acc.mutable_data_ptr<scalar_t>();
-    scalar_t* pp = partials.mutable_data_ptr<scalar_t>();
+    const WeightGradPartials<scalar_t> partials(Z.channels, X.channels);
     const auto bn2 = bn_backward_of<stat_t>(mean2, invstd2, weight2, bias2, sum_dpre2, sum_dpre_xhat2);
     const stat_t *m1 = mean1.const_data_ptr<stat_t>(), *i1 = invstd1.const_data_ptr<stat_t>();
     const stat_t *w1 = weight1.const_data_ptr<stat_t>(), *b1 = bias1.const_data_ptr<stat_t>();
@@ -152,7 +151,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_conv1_backward_cpu(
       bn_act_grad_tile(gbp, G, zp, Z, t, bn2, X.batch * X.plane, act, grad_z);
       load_tile(xp, X, t, scale1.data(), shift1.data(), act, a);
       // Weight gradient: row-major partial (O x C) += grad_z (O x w) @ a^T (w x C).
-      gemm("T", "N", C, O, w, a, w, grad_z, w, scalar_t(1), pp + at::get_thread_num() * Z.channels * X.channels, C);
+      gemm("T", "N", C, O, w, a, w, grad_z, w, scalar_t(1), partials.of_this_thread(), C);
       // Input gradient into `a`'s scratch: row-major grad_a (C x w) = W^T (C x O) @ grad_z.
       gemm("N", "T", w, C, O, grad_z, w, wp, C, scalar_t(0), a, w, &shared_w);
       for (int64_t c = 0; c < X.channels; ++c) {
@@ -175,8 +174,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_conv1_backward_cpu(
       s[c] = static_cast<stat_t>(total);
       sx[c] = static_cast<stat_t>(total_xhat);
     }
+    grad_weight = partials.sum(Z.channels, X.channels, x.options());
   });
-  return {partials.sum(0), sum_dpre1, sum_dpre_xhat1};
+  return {grad_weight, sum_dpre1, sum_dpre_xhat1};
 }
 
 }  // namespace
