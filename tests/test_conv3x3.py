@@ -2,6 +2,8 @@
 weight gradient) against float64 on odd and tiny planes, channel slices and empty shapes, within
 2.5x the error of ATen's float32; the backward against autograd; non-finite inputs; argument
 checks; opcheck."""
+import threading
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -184,3 +186,31 @@ def test_op_opcheck():
     torch.library.opcheck(torch.ops.csp_kernels.conv3x3_winograd_weight_grad.default,
                           (torch.randn(2, 4, 5, 6), torch.randn(2, 3, 5, 6)))
     torch.library.opcheck(torch.ops.csp_kernels.winograd_weight.default, (torch.randn(3, 20, 3, 3),))
+
+
+@needs_winograd
+def test_threads_calling_at_once_keep_their_own_scratch():
+    """The kernels keep temporary buffers per thread between calls (csrc/cpu/scratch.h): three
+    Python threads running the phased (small maps) and the blocked (larger maps) paths at once
+    get what one thread gets. Not bit for bit: the blocked weight gradient sums its threads'
+    partials in the order they finish."""
+    shapes = [((4, 64, 8, 8), 32), ((2, 32, 30, 30), 48), ((3, 128, 4, 4), 16)]
+    cases = []
+    for x_shape, out_channels in shapes:
+        x, weight = torch.randn(x_shape), torch.randn(out_channels, x_shape[1], 3, 3)
+        grad_y = torch.randn(x_shape[0], out_channels, *x_shape[2:])
+        cases.append((x, weight, grad_y, conv3x3_winograd(x, weight), conv3x3_winograd_weight_grad(x, grad_y)))
+    errors = []
+
+    def run(first):
+        for _ in range(10):
+            for x, weight, grad_y, y, grad_weight in cases[first:] + cases[:first]:
+                errors.append(max(rel_error(conv3x3_winograd(x, weight), y),
+                                  rel_error(conv3x3_winograd_weight_grad(x, grad_y), grad_weight)))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(errors) == 90 and max(errors) < 1e-6
