@@ -118,11 +118,10 @@ std::tuple<at::Tensor, at::Tensor> conv1x1_bn_act_backward_cpu(
   check_blas_int(X.channel_stride, "x's channel stride");
 
   at::Tensor grad_x = input_grad ? at::empty(x.sizes(), x.options()) : at::empty({0}, x.options());
-  at::Tensor grad_weight = weight_grad ? at::zeros({Z.channels, X.channels}, x.options())
-                                       : at::empty({0, X.channels}, x.options());
+  at::Tensor grad_weight = at::empty({0, X.channels}, x.options());  // replaced where asked for
   if (X.batch == 0 || X.plane == 0 || Z.channels == 0 || X.channels == 0) {
     if (input_grad) grad_x.zero_();
-    return {grad_x, grad_weight};
+    return {grad_x, weight_grad ? at::zeros({Z.channels, X.channels}, x.options()) : grad_weight};
   }
   const PlaneLayout GX = input_grad ? plane_layout(grad_x, "grad_x") : PlaneLayout{};
   // Long tiles, for the weight gradient's per-tile accumulation.
@@ -157,7 +156,7 @@ std::tuple<at::Tensor, at::Tensor> conv1x1_bn_act_backward_cpu(
              grad_z, w, scalar_t(1), partials.of_this_thread(), C);
       }
     });
-    if (weight_grad) grad_weight = partials.sum(Z.channels, X.channels, x.options());
+    if (weight_grad) grad_weight = partials.sum(x.options());
   });
   return {grad_x, grad_weight};
 }

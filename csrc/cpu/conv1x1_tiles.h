@@ -98,16 +98,17 @@ struct Tiling {
 // in thread order as a fresh (out, in) tensor.
 template <typename scalar_t>
 struct WeightGradPartials {
+  int64_t out_channels, in_channels;
   int threads;
   int64_t size;
   scalar_t* data;
-  WeightGradPartials(int64_t out_channels, int64_t in_channels)
-      : threads(at::get_num_threads()), size(out_channels * in_channels),
-        data(scratch<scalar_t>(Scratch::kPartials, threads * size)) {
+  WeightGradPartials(int64_t out_channels_, int64_t in_channels_)
+      : out_channels(out_channels_), in_channels(in_channels_), threads(at::get_num_threads()),
+        size(out_channels * in_channels), data(scratch<scalar_t>(Scratch::kPartials, threads * size)) {
     std::fill(data, data + threads * size, scalar_t(0));
   }
   scalar_t* of_this_thread() const { return data + at::get_thread_num() * size; }
-  at::Tensor sum(int64_t out_channels, int64_t in_channels, const at::TensorOptions& options) const {
+  at::Tensor sum(const at::TensorOptions& options) const {
     at::Tensor total = at::empty({out_channels, in_channels}, options);
     scalar_t* tp = total.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, size, 4096, [&](int64_t i0, int64_t i1) {

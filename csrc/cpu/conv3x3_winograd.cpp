@@ -27,7 +27,6 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 
-#include <array>
 #include <immintrin.h>
 #include <atomic>
 #include <cstdint>
@@ -49,9 +48,11 @@ struct Geometry {
   int64_t height, width, tile_rows, tile_cols, tiles, block_tiles, blocks;
 };
 
+// The 2x2 output tiles of one sample's height x width map.
+int64_t tiles_per_sample(int64_t height, int64_t width) { return (height + 1) / 2 * ((width + 1) / 2); }
+
 Geometry geometry_of(int64_t height, int64_t width, int64_t block_tiles) {
-  Geometry g{height, width, (height + 1) / 2, (width + 1) / 2, 0, 0, 0};
-  g.tiles = g.tile_rows * g.tile_cols;
+  Geometry g{height, width, (height + 1) / 2, (width + 1) / 2, tiles_per_sample(height, width), 0, 0};
   g.block_tiles = std::min(block_tiles, g.tiles);
   g.blocks = (g.tiles + g.block_tiles - 1) / g.block_tiles;
   return g;
@@ -253,7 +254,7 @@ struct Chunks {
   int64_t samples_per_chunk, count, batch;
 
   Chunks(int64_t batch_, int64_t height, int64_t width, int64_t target) : batch(batch_) {
-    const int64_t tile_cols = (width + 1) / 2, tiles = (height + 1) / 2 * tile_cols;
+    const int64_t tile_cols = (width + 1) / 2, tiles = tiles_per_sample(height, width);
     g = geometry_of(height, width, tiles <= target ? tiles : std::max<int64_t>(1, target / tile_cols) * tile_cols);
     runs = block_runs(g);
     samples_per_chunk = g.blocks == 1 ? std::max<int64_t>(1, target / g.tiles) : 1;
@@ -590,7 +591,7 @@ at::Tensor conv3x3_winograd_weight_grad_cpu(const at::Tensor& x, const at::Tenso
   if (K == 0 || C == 0 || X.batch == 0 || X.plane == 0) return at::zeros({K, C, 3, 3}, x.options());
   at::Tensor grad_weight = at::empty({K, C, 3, 3}, x.options());
   float* grad_u = scratch<float>(Scratch::kWinogradGradU, 16 * K * C);
-  const bool finite = (x.size(2) + 1) / 2 * ((x.size(3) + 1) / 2) <= kTilesPerBlock
+  const bool finite = tiles_per_sample(x.size(2), x.size(3)) <= kTilesPerBlock
                           ? weight_grad_phased(x, X, grad_y, GY, grad_u)
                           : weight_grad_by_blocks(x, X, grad_y, GY, grad_u);
   if (!finite) {

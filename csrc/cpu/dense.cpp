@@ -174,7 +174,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_conv1_backward_cpu(
       s[c] = static_cast<stat_t>(total);
       sx[c] = static_cast<stat_t>(total_xhat);
     }
-    grad_weight = partials.sum(Z.channels, X.channels, x.options());
+    grad_weight = partials.sum(x.options());
   });
   return {grad_weight, sum_dpre1, sum_dpre_xhat1};
 }
