@@ -109,6 +109,11 @@ CASES = {
                                (6, 5, 5), batches=(BATCH, 0)),
     "c2f-empty-rank": Case(csp_kernels.C2f, reference.C2f, (6, 8), dict(n=1, shortcut=True), (6, 5, 5),
                            batches=(0, BATCH)),
+    # Every rank empty: no batch statistics, the running ones stay (as nn.BatchNorm2d's on an empty batch).
+    "conv3x3-all-empty": Case(csp_kernels.ConvBNAct, reference.ConvBNAct, (6, 8, 3), dict(act="leaky_relu"),
+                              (6, 5, 5), batches=(0, 0)),
+    "c2f-all-empty": Case(csp_kernels.C2f, reference.C2f, (6, 8), dict(n=1, shortcut=True), (6, 5, 5),
+                          batches=(0, 0)),
 }
 
 
@@ -166,7 +171,7 @@ def _run_case(name: str, rank: int, device: str, counter: CollectiveCounter) -> 
     half = slice(sum(case.batches[:rank]), sum(case.batches[:rank + 1]))
     steps = []
     for _ in range(STEPS):
-        x_all = torch.randn(BATCH, *case.shape, dtype=ref_dtype).to(device)
+        x_all = torch.randn(sum(case.batches), *case.shape, dtype=ref_dtype).to(device)
         # The reference sees the whole batch, except under local-ddp, where it is DDP'd itself.
         x_ref = (x_all[half] if mode == "local-ddp" else x_all).clone().requires_grad_()
         y_ref = ref_model(x_ref)

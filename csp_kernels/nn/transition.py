@@ -196,7 +196,17 @@ def track_batch_stats(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor,
     # momentum=None is nn.BatchNorm2d's cumulative average; a tensor keeps a compiled graph whole.
     momentum = bn.momentum if bn.momentum is not None else \
         bn.num_batches_tracked.to(bn.running_mean.dtype).reciprocal()
+    if not isinstance(count, torch.Tensor):
+        update_running_stats(bn.running_mean, bn.running_var, mean, var, count, momentum)
+        return
+    # A group whose every rank had an empty batch has no batch statistics (0 / 0): the running
+    # ones stay, as nn.BatchNorm2d's do for an empty batch. Chosen on the device: reading the
+    # count on the host would wait for the collective at every BatchNorm.
+    kept = bn.running_mean.clone(), bn.running_var.clone()
     update_running_stats(bn.running_mean, bn.running_var, mean, var, count, momentum)
+    some_values = count > 0
+    bn.running_mean.copy_(torch.where(some_values, bn.running_mean, kept[0]))
+    bn.running_var.copy_(torch.where(some_values, bn.running_var, kept[1]))
 
 
 def conv_reason(conv: nn.Module, name: str, geometry: tuple | None = None) -> str:
