@@ -10,9 +10,10 @@ if not torch.cuda.is_available():
 os.environ.setdefault("CSP_KERNELS_CPU_CONV1X1", "gemm")
 os.environ.setdefault("CSP_KERNELS_CPU_CONV3X3", "winograd")
 os.environ.setdefault("CSP_KERNELS_CPU_CONV3X3_STRIDE2", "phases")
-# Likewise the property tests draw tiny maps, which the CPU backend runs as plain PyTorch by default
-# (ops.routing.eager_is_faster): pinned to the fused op (tests/test_partial_dense_block.py tests the route).
-os.environ.setdefault("CSP_KERNELS_CPU_DENSE_SMALL_MAPS", "fused")
+# Likewise the tests draw tiny maps, which the CPU backend runs as plain PyTorch by default
+# (ops.routing.eager_is_faster, training_eager_is_faster): pinned to the fused ops
+# (tests/test_partial_dense_block.py and tests/test_small_maps.py test the routes).
+os.environ.setdefault("CSP_KERNELS_CPU_SMALL_MAPS", "fused")
 
 import pytest  # noqa: E402
 

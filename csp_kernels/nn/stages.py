@@ -38,8 +38,10 @@ twin's forward (whose ConvBNActs stay fused where they can be) with a ReferenceF
 naming the reason: a submodule that receives `out=` replaced by another type or carrying hooks,
 forward or backward (their output would bypass the slot), autocast (which mixes dtypes in the
 residual adds), torch.jit.trace, torch.func transforms and global module hooks
-(`backend.mode_reason`). The "reference" backend and torch.compile (which
-fuses the concat itself) run it without a warning. Shapes are written (batch, channels, height,
+(`backend.mode_reason`). The "reference" backend, torch.compile (which
+fuses the concat itself) and a training stage on CPU maps of at most
+`ops.routing.SMALL_TRAINING_MAP_PIXELS` pixels (faster as plain PyTorch:
+`ops.routing.training_eager_is_faster`) run it without a warning. Shapes are written (batch, channels, height,
 width).
 """
 from __future__ import annotations
@@ -50,7 +52,7 @@ import torch
 from torch import nn
 
 from .. import backend, checks, reference
-from ..ops import recompute
+from ..ops import recompute, routing
 from ..ops.batch_norm_act import shares_memory
 from ..ops.conv import conv_output_shape
 from .transition import ConvBNAct, conv_reason
@@ -142,13 +144,17 @@ def new_output(module: ConvBNAct, x: torch.Tensor, channels: int | None = None) 
     return x.new_empty(batch, channels or out_channels, height, width)
 
 
-def _reference_reason(x: torch.Tensor, writers: Writers, shape_source: tuple[str, ConvBNAct] | None) -> str | None:
+def _reference_reason(module: nn.Module, x: torch.Tensor, writers: Writers,
+                      shape_source: tuple[str, ConvBNAct] | None) -> str | None:
     """None when the buffered forward covers this call; else why the reference twin's forward
-    runs ("" when no warning is due: the "reference" backend, torch.compile). `writers` are the
-    submodules that receive `out=`; `shape_source` is the ConvBNAct whose geometry sizes a new
-    tensor (`new_output`), if any."""
-    if backend.resolve_backend(x.device) == "reference" or torch.compiler.is_compiling():
+    runs ("" when no warning is due: the "reference" backend, torch.compile, a training stage on
+    maps that plain PyTorch runs faster). `writers` are the submodules that receive `out=`;
+    `shape_source` is the ConvBNAct whose geometry sizes a new tensor (`new_output`), if any."""
+    name = backend.resolve_backend(x.device)
+    if name == "reference" or torch.compiler.is_compiling():
         return ""
+    if name == "cpu" and module.training and routing.training_eager_is_faster(x):
+        return ""  # its ConvBNActs choose for themselves (a synchronized one stays fused)
     if reason := backend.mode_reason():
         return reason
     if checks.autocast_enabled(x.device.type):
@@ -175,7 +181,7 @@ def _unbuffered_output(module: nn.Module, reference_forward, x: torch.Tensor, ou
     checks.check_input(x)
     if out is not None and shares_memory(out, x):
         return out.copy_(module.forward(x))
-    reason = _reference_reason(x, writers, shape_source)
+    reason = _reference_reason(module, x, writers, shape_source)
     if reason is None:
         return None
     if reason:

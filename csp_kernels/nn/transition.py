@@ -37,7 +37,9 @@ class ConvBNAct(reference.ConvBNAct):
     backward. With an nn.SyncBatchNorm `bn` and an initialized process group of more than one
     process (`bn.process_group`, else WORLD), on any device (CPU with gloo too), the batch
     statistics and BN's backward sums are synchronized as nn.SyncBatchNorm's are, with one
-    all_reduce in forward and one in backward (ops/sync_batch_norm.py).
+    all_reduce in forward and one in backward (ops/sync_batch_norm.py). On CPU maps of at most
+    `ops.routing.SMALL_TRAINING_MAP_PIXELS` pixels a plain BatchNorm trains as the reference does,
+    plain PyTorch being faster there (`ops.routing.training_eager_is_faster`).
     Eval: BatchNorm as a per-channel scale and shift of the conv's output, applied with the
     activation in one pass over it; where a fused kernel computes conv, BN and activation at once
     (the 1x1 GEMM's epilogue, oneDNN's post-op, Winograd with a cached weight transform), BN is
@@ -81,6 +83,9 @@ class ConvBNAct(reference.ConvBNAct):
         # An empty x has nothing to compute: the reference gives nn.BatchNorm2d's bookkeeping for it,
         # unless the BatchNorm is synchronized (the fused op joins the group's collectives).
         fused = name != "reference" and not unfusable and (x.numel() > 0 or sync_group(self.bn) is not None)
+        # (not with a SyncBatchNorm: torch's refuses CPU tensors in training, even alone in its group)
+        fused = fused and not (name == "cpu" and self.bn.training and type(self.bn) is nn.BatchNorm2d
+                               and routing.training_eager_is_faster(x))
         engine = routing.transition_engine(name, conv.kernel_size, conv.padding, conv.groups) if fused else "aten"
         if out is not None and not isinstance(conv.padding, str):  # else the reference's copy_ checks
             shape = conv_ops.conv_output_shape(x.shape, conv.weight.shape, conv.stride, conv.padding, conv.dilation)

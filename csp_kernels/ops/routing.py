@@ -60,6 +60,8 @@ The engine is an op argument (so that a compiled graph keeps it), from the backe
   dense conv2 3x3, eval         any     as `runs_as_winograd(transform_cached=True)`   Winograd into the buffer,
                                                                                        else ATen
   dense block (module level)    cpu     CPU     any        <= SMALL_MAP_PIXELS pixels  plain PyTorch (`eager_is_faster`)
+  training stage or ConvBNAct   cpu     CPU     any        <= SMALL_TRAINING_MAP_PIXELS  plain PyTorch
+    (module level)                                         pixels, plain BatchNorms    (`training_eager_is_faster`)
 
 "Measured faster": `ops.conv_choice` times both candidates once per shape (or an environment
 variable pins the choice); the predicates here only ask it. The layout tests are
@@ -79,9 +81,11 @@ from .conv_choice import (gemm_chosen, onednn_eval_chosen, phases_input_grad_cho
 
 CPU_KERNEL_DTYPES = (torch.float32, torch.float64)
 
-# CPU maps of at most this many pixels run the dense block as plain PyTorch (`eager_is_faster`).
+# CPU maps of at most this many pixels run as plain PyTorch: the dense block
+# (`eager_is_faster`), and a training stage or ConvBNAct (`training_eager_is_faster`).
 SMALL_MAP_PIXELS = 16
-SMALL_MAPS_ENV_VAR = "CSP_KERNELS_CPU_DENSE_SMALL_MAPS"
+SMALL_TRAINING_MAP_PIXELS = 64
+SMALL_MAPS_ENV_VAR = "CSP_KERNELS_CPU_SMALL_MAPS"
 _SMALL_MAPS = env_choice(SMALL_MAPS_ENV_VAR, ("eager", "fused"), "eager")
 
 _AVX512_RUNS: list[bool] = []  # filled on first use: build_info() may time the GEMMs, not at import
@@ -110,8 +114,20 @@ def eager_is_faster(x: torch.Tensor) -> bool:
     the CPU, maps of at most SMALL_MAP_PIXELS pixels, where each (channels, height * width) plane
     GEMM of the fused kernels is a handful of columns wide and oneDNN's batched convolutions win
     (a kernel choice, not a fallback: the numbers are the reference's). The CPU backend's tests
-    pin the fused op with CSP_KERNELS_CPU_DENSE_SMALL_MAPS=fused, since they draw tiny maps."""
+    pin the fused op with CSP_KERNELS_CPU_SMALL_MAPS=fused, since they draw tiny maps."""
     return _SMALL_MAPS == "eager" and x.device.type == "cpu" and x.shape[2] * x.shape[3] <= SMALL_MAP_PIXELS
+
+
+def training_eager_is_faster(x: torch.Tensor) -> bool:
+    """Whether a training CSP stage (nn/stages.py) or ConvBNAct (nn/transition.py) with plain
+    BatchNorms on input x runs faster as its reference forward, plain PyTorch, than fused: on
+    the CPU, maps of at most SMALL_TRAINING_MAP_PIXELS pixels (8x8 and below: the last stage of
+    a CSPNet at 256 pixels, most of it at 64), where the fused path's fixed cost per call (its
+    autograd Functions, recipes and buffer slots in Python) outweighs what its kernels and saved
+    memory gain. A kernel choice, not a fallback: the numbers are the reference's. Not inside a
+    torch.compile trace, which traces the fused ops; pinned as `eager_is_faster` is."""
+    return (_SMALL_MAPS == "eager" and x.device.type == "cpu" and x.dim() == 4
+            and x.shape[2] * x.shape[3] <= SMALL_TRAINING_MAP_PIXELS and not torch.compiler.is_compiling())
 
 
 # -- what can run here ------------------------------------------------------------------------

@@ -1,0 +1,85 @@
+"""The CPU's route for small maps in training (ops.routing.training_eager_is_faster): a training
+ConvBNAct or CSP stage on maps of at most SMALL_TRAINING_MAP_PIXELS pixels runs its reference
+forward, plain PyTorch, without a warning, and computes the reference's numbers exactly; larger
+maps, eval, and synchronized BatchNorms keep the fused ops. The other tests pin the fused ops
+(conftest.py) because they draw tiny maps; these unpin the route."""
+import warnings
+
+import pytest
+import torch
+
+import csp_kernels
+from csp_kernels.ops import routing
+from csp_kernels.ops import transition as transition_ops
+from helpers import randomize_
+from test_stages import make_pair
+
+# 8x8 is the largest square map the route takes; 9x8 the smallest map it leaves fused.
+SIDES = {"8x8": ((8, 8), False), "9x8": ((9, 8), True)}
+
+
+@pytest.fixture
+def fused_calls(monkeypatch) -> list:
+    """The route unpinned, and the training ConvBNActs' fused op calls recorded."""
+    monkeypatch.setattr(routing, "_SMALL_MAPS", "eager")
+    calls = []
+    recorded = transition_ops.train_transition_recorded
+    monkeypatch.setattr(transition_ops, "train_transition_recorded",
+                        lambda *args: calls.append(args[0].shape) or recorded(*args))
+    return calls
+
+
+def _train_step(module: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """[output, x's gradient, parameter gradients..., state_dict values...] of one training step."""
+    x = x.clone().requires_grad_()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", csp_kernels.ReferenceFallbackWarning)
+        y = module(x)
+    y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=y.dtype))
+    return [y, x.grad, *(p.grad for p in module.parameters()), *module.state_dict().values()]
+
+
+def _assert_route(fused_calls: list, ref, fused, x: torch.Tensor, fused_runs: bool) -> None:
+    expected, actual = _train_step(ref, x), _train_step(fused, x)
+    assert bool(fused_calls) == fused_runs, fused_calls
+    for a, e in zip(actual, expected, strict=True):
+        if fused_runs:
+            torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10)
+        else:  # the reference's own ops: the same numbers, bit for bit
+            assert torch.equal(a, e)
+
+
+@pytest.mark.parametrize("side", SIDES)
+@pytest.mark.parametrize("kernel_size", [1, 3])
+def test_conv_bn_act_on_small_maps_trains_as_the_reference(fused_calls, side, kernel_size):
+    (height, width), fused_runs = SIDES[side]
+    assert (height * width <= routing.SMALL_TRAINING_MAP_PIXELS) != fused_runs
+    ref = randomize_(csp_kernels.reference.ConvBNAct(6, 8, kernel_size, act="silu")).double()
+    fused = csp_kernels.ConvBNAct(6, 8, kernel_size, act="silu").double()
+    fused.load_state_dict(ref.state_dict())
+    _assert_route(fused_calls, ref, fused, torch.randn(3, 6, height, width, dtype=torch.float64), fused_runs)
+
+
+@pytest.mark.parametrize("side", SIDES)
+@pytest.mark.parametrize("case", ["c2f", "c3k2-c3k", "timm-resnet"])
+def test_stage_on_small_maps_trains_as_the_reference(fused_calls, side, case):
+    (height, width), fused_runs = SIDES[side]
+    ref, fused, channels = make_pair(case)
+    _assert_route(fused_calls, ref, fused, torch.randn(2, channels, height, width, dtype=torch.float64),
+                  fused_runs)
+
+
+def test_eval_on_small_maps_stays_fused(monkeypatch):
+    """The route is for training: eval's fused path (BN folded, its fold cached) keeps its kernels."""
+    monkeypatch.setattr(routing, "_SMALL_MAPS", "eager")
+    calls = []
+    evaluated = transition_ops.eval_transition
+    monkeypatch.setattr(transition_ops, "eval_transition", lambda *args: calls.append(1) or evaluated(*args))
+    ref = randomize_(csp_kernels.reference.ConvBNAct(6, 8, 3)).double().eval()
+    fused = csp_kernels.ConvBNAct(6, 8, 3).double().eval()
+    fused.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 6, 4, 4, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), ref(x), rtol=1e-10, atol=1e-10)
+    assert calls
+
