@@ -83,3 +83,15 @@ def test_eval_on_small_maps_stays_fused(monkeypatch):
         torch.testing.assert_close(fused(x), ref(x), rtol=1e-10, atol=1e-10)
     assert calls
 
+
+
+@pytest.mark.parametrize("case", ["timm-resnext", "timm-darknet"])
+def test_fused_stage_with_small_maps_after_its_stride_trains_as_the_reference(fused_calls, case):
+    """A stride-2 stage on 16x16 runs its buffered forward; past conv_down its ConvBNActs see 8x8
+    and run their reference forwards, writing into the stage's buffer slots by copy."""
+    ref, fused, channels = make_pair(case)
+    x = torch.randn(2, channels, 16, 16, dtype=torch.float64)
+    expected, actual = _train_step(ref, x), _train_step(fused, x)
+    assert [tuple(shape[2:]) for shape in fused_calls] == [(16, 16)], fused_calls  # conv_down alone fused
+    for a, e in zip(actual, expected, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10)
