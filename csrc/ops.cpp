@@ -23,20 +23,20 @@ TORCH_LIBRARY(csp_kernels, m) {
   m.def("bn_act_backward_apply(Tensor grad_y, Tensor z, Tensor mean, Tensor invstd, Tensor weight, "
         "Tensor bias, Tensor sum_dpre, Tensor sum_dpre_xhat, str act) -> Tensor");
 
-  // 1x1 convolution with fused prologue and epilogue (CPU; the GPU twin is the Triton GEMM):
-  // out = act(conv1x1(in_act(x * in_scale + in_shift), weight) + bias), weight (O, C). With
-  // stats, returns out's per-channel batch (mean, biased var), else two empty tensors. out may
-  // overwrite x when sample n's output covers only sample n's input memory.
+  // The transform U = G g G^T of a contiguous float32 (out, in, 3, 3) weight, computed in
+  // double: the contiguous (16, out, in) weight conv3x3_winograd_out takes.
+  m.def("winograd_weight(Tensor weight) -> Tensor");
   // 3x3, stride 1, padding 1, by Winograd F(2x2, 3x3); weight: the (16, out, in) transform.
   // With conv_weight (the 3x3 weight), an x holding inf or NaN runs as ATen's direct
   // convolution instead: Winograd's transforms would turn one inf into NaNs around it.
-  // The transform U = G g G^T of a contiguous float32 (out, in, 3, 3) weight, computed in
-  // double: the contiguous (16, out, in) weight the op below takes.
-  m.def("winograd_weight(Tensor weight) -> Tensor");
   m.def("conv3x3_winograd_out(Tensor x, Tensor weight, Tensor(a!) out, Tensor? conv_weight=None) -> ()");
   // Its weight gradient from x and grad_y (both planes contiguous): (out, in, 3, 3); ATen's
   // where either holds an inf or a NaN.
   m.def("conv3x3_winograd_weight_grad(Tensor x, Tensor grad_y) -> Tensor");
+  // 1x1 convolution with fused prologue and epilogue (CPU; the GPU twin is the Triton GEMM):
+  // out = act(conv1x1(in_act(x * in_scale + in_shift), weight) + bias), weight (O, C). With
+  // stats, returns out's per-channel batch (mean, biased var), else two empty tensors. out may
+  // overwrite x when sample n's output covers only sample n's input memory.
   m.def("conv1x1_fused_out(Tensor x, Tensor weight, Tensor? in_scale, Tensor? in_shift, str in_act, "
         "Tensor? bias, str act, bool stats, Tensor(a!) out) -> (Tensor mean, Tensor var)");
   // The backward of act(BN(conv1x1(x, weight))) after bn_act_backward_reduce gave sum_dpre and
