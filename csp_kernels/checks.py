@@ -169,7 +169,7 @@ def check_module_input(x: torch.Tensor, module: nn.Module, name: str = "x") -> N
     """Raise ValueError if `x` is not on the device of `module`'s parameters, or (outside
     autocast, which legitimately mixes them) does not have their dtype."""
     param = _first_parameter(module)
-    if param is None:
+    if param is None or (x.device == param.device and x.dtype == param.dtype):
         return
     tensors, names = (x, param), (name, f"{type(module).__name__} parameters")
     if autocast_enabled(x.device.type):

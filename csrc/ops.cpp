@@ -1,4 +1,5 @@
-// The schemas of every csp_kernels C++ op (one place), and the Python module's build report.
+// The schemas of every csp_kernels C++ op (one place), and the Python module's functions: the build
+// report and the eval fold caches' `same_bits` (same_bits.cpp).
 // Kernels register per device in cpu/*.cpp and cuda/*.cu with TORCH_LIBRARY_IMPL; the fake
 // (meta) kernels sit in csp_kernels/ops/fakes.py in this file's order.
 #include <torch/extension.h>
@@ -6,6 +7,10 @@
 #include <torch/version.h>
 
 #include "cpu/sgemm_avx512.h"
+
+namespace csp_kernels {
+bool same_bits(const std::vector<at::Tensor>& kept, const std::vector<at::Tensor>& sources);  // same_bits.cpp
+}
 
 #ifndef CSP_KERNELS_CUDA_ARCHS
 #define CSP_KERNELS_CUDA_ARCHS ""
@@ -97,4 +102,6 @@ pybind11::dict build_config() {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("build_config", &build_config, "What this build of csp_kernels._C contains.");
+  m.def("same_bits", &csp_kernels::same_bits,
+        "Whether each source tensor has the dtype, device, shape and bits of its kept contiguous copy.");
 }

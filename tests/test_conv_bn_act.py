@@ -10,7 +10,7 @@ from torch import nn
 import csp_kernels
 from csp_kernels import checks, reference
 from csp_kernels.ops import transition as ops
-from csp_kernels.ops.routing import winograd_usable
+from csp_kernels.ops.routing import eval_conv_kernel, winograd_usable
 from helpers import (DEVICES, assert_matches_reference, device_backend_params, fused_backends, randomize_,
                      requires_cuda)
 
@@ -281,6 +281,32 @@ def test_eval_aten_route_keeps_no_weight_copy():
 
 @pytest.mark.parametrize("device,backend_name", device_backend_params())
 @pytest.mark.parametrize("kernel_size", [1, 3])
+def test_eval_caches_follow_geometry_and_dtype_edits(device, backend_name, kernel_size):
+    """Edits between eval calls that change which kernel runs, or how: the conv's dilation and
+    padding (a 3x3 that Winograd or a 1x1 that the GEMM ran in float32 must run dilated), its
+    stride, and the module moved to float64 and back. The kernel the module asked routing for,
+    and its fold, must follow each (a stale one gave the undilated conv's numbers)."""
+    ref, fused = make_pair(8, 6, kernel_size, 1, "silu", torch.float32, device)
+    ref.eval(), fused.eval()
+    x = torch.randn(2, 8, 10, 10, device=device)
+
+    def dilate(m):
+        m.conv.dilation, m.conv.padding = (2, 2), (kernel_size - 1, kernel_size - 1)
+
+    edits = [("dilation", dilate, torch.float32),
+             ("stride", lambda m: setattr(m.conv, "stride", (2, 2)), torch.float32),
+             ("float64", lambda m: m.double(), torch.float64), ("float32", lambda m: m.float(), torch.float32)]
+    with torch.no_grad(), csp_kernels.use_backend(backend_name):
+        assert_close(fused(x), ref(x.double()), "y")
+        for name, edit, dtype in edits:
+            edit(fused)
+            if name in ("dilation", "stride"):
+                edit(ref)
+            assert_close(fused(x.to(dtype)), ref(x.double()), f"y after the {name} edit")
+
+
+@pytest.mark.parametrize("device,backend_name", device_backend_params())
+@pytest.mark.parametrize("kernel_size", [1, 3])
 def test_eval_fold_cache_follows_the_input_layout(device, backend_name, kernel_size):
     """One module, NCHW and channels_last inputs in turn (float32: on the CPU the 1x1 GEMM or
     Winograd for NCHW, oneDNN with a prepacked weight for channels_last), each way round: the
@@ -442,7 +468,7 @@ def _op_samples(device, engine):
     x32, weight32 = x.float(), weight.float()
     if engine == "aten" and winograd_usable(x32):  # float32 3x3: Winograd, with a cached transform in eval
         conv_args = ([1, 1], pad, [1, 1], 1, engine)
-        kind = ops.eval_weight_kind(x32, weight32, *conv_args)
+        kind = ops.eval_weight_kind(x32.dtype, eval_conv_kernel(x32, weight32, *conv_args))
         _, transform = ops.prepare_eval_weight(x32, weight32, *conv_args[:4], kind)
         eval32 = (x32, weight32, bn[1].float(), *eval_args[3:])
         samples += [

@@ -53,7 +53,7 @@ from torch import nn
 from .. import backend, checks, reference
 from ..ops import dense as dense_ops
 from ..ops import dense_eval, routing, sync_dense
-from ..ops.fold_cache import fold_cache_hit, fold_key, snapshot
+from ..ops.fold_cache import fold_cache_hit, snapshot
 from ..ops.sync_batch_norm import process_group_of, sync_group
 from .transition import batch_norm_reason, conv_reason, track_batch_stats
 
@@ -302,7 +302,7 @@ class _FusedDense(nn.Module):
             # it refolds at every call, Winograd transforms included.
             return self._fold(dtype)
         sources = self._fold_sources()
-        key = (fold_key(sources), self._norms()[0].eps, dtype)
+        key = (self._norms()[0].eps, dtype)
         cache = self._eval_cache  # read once: another thread may replace it meanwhile
         if not fold_cache_hit(cache, key, sources):
             cache = (key, snapshot(sources), self._fold(dtype))

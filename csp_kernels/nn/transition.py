@@ -15,7 +15,7 @@ from ..ops import conv as conv_ops
 from ..ops import recompute, routing
 from ..ops import transition as ops
 from ..ops.batch_norm_act import bn_scale_shift, stats_dtype, update_running_stats
-from ..ops.fold_cache import fold_cache_hit, fold_key, snapshot
+from ..ops.fold_cache import fold_cache_hit, snapshot
 from ..ops.sync_batch_norm import conv_bn_act_train_sync, sync_group
 
 
@@ -64,10 +64,12 @@ class ConvBNAct(reference.ConvBNAct):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, groups, act, negative_slope,
                          dilation)
         self._folded = None  # (key, snapshot, weight, bias, transform, scale) of the eval fold; see _folded_params
+        self._eval_kernel = None  # (arguments, kernel) of the last eval call's routing; see _eval_conv_kernel
 
     def __getstate__(self):
-        # The eval cache is derived data, and a oneDNN-prepacked weight cannot be pickled.
-        return {**self.__dict__, "_folded": None}
+        # The eval caches are derived data, measured on this machine, and a oneDNN-prepacked
+        # weight cannot be pickled.
+        return {**self.__dict__, "_folded": None, "_eval_kernel": None}
 
     def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         checks.check_input(x, channels=self.in_channels)
@@ -76,21 +78,23 @@ class ConvBNAct(reference.ConvBNAct):
         if checks.autocast_enabled(device_type):
             x = x.to(torch.get_autocast_dtype(device_type))
         name = backend.resolve_backend(x.device)
-        conv = self.conv
+        conv, bn = self.conv, self.bn
         # The kernels' name for what `self.act` computes now, and why not if they cannot.
         act_name, act_reason = ("", "") if name == "reference" else checks.kernel_activation(self.act)
-        unfusable = "" if name == "reference" else self._unfusable_reason() or act_reason
+        # What the fused kernels do not model here, or "" when they cover the module.
+        unfusable = "" if name == "reference" else (backend.mode_reason() or conv_reason(conv, "conv")
+                                                    or batch_norm_reason(bn, "bn") or act_reason)
         # An empty x has nothing to compute: the reference gives nn.BatchNorm2d's bookkeeping for it,
         # unless the BatchNorm is synchronized (the fused op joins the group's collectives).
-        fused = name != "reference" and not unfusable and (x.numel() > 0 or sync_group(self.bn) is not None)
+        fused = name != "reference" and not unfusable and (x.numel() > 0 or sync_group(bn) is not None)
         # (not with a SyncBatchNorm: torch's refuses CPU tensors in training, even alone in its group)
-        fused = fused and not (name == "cpu" and self.bn.training and type(self.bn) is nn.BatchNorm2d
+        fused = fused and not (name == "cpu" and bn.training and type(bn) is nn.BatchNorm2d
                                and routing.training_eager_is_faster(x))
         engine = routing.transition_engine(name, conv.kernel_size, conv.padding, conv.groups) if fused else "aten"
         if out is not None and not isinstance(conv.padding, str):  # else the reference's copy_ checks
             shape = conv_ops.conv_output_shape(x.shape, conv.weight.shape, conv.stride, conv.padding, conv.dilation)
             if ops.check_out(out, shape, x.dtype, x.device,
-                             any_strides=routing.out_takes_any_strides(fused, engine, self.bn.training), x=x,
+                             any_strides=routing.out_takes_any_strides(fused, engine, bn.training), x=x,
                              recording=torch.is_grad_enabled() and self._needs_grad(x, out)):
                 return out.copy_(self.forward(x))  # out overlaps x, which the kernels read while writing out
         if not fused:
@@ -98,17 +102,12 @@ class ConvBNAct(reference.ConvBNAct):
                 backend.warn_reference_fallback(self, unfusable)
             y = super().forward(x)
             return y if out is None else out.copy_(y)
-        if self.bn.training:
+        if bn.training:
             return self._forward_train(x, out, act_name, engine)
-        return self._forward_eval(x, out, act_name, engine)
-
-    def _unfusable_reason(self) -> str:
-        """What the fused kernels do not model here, or "" when they cover the module."""
-        return backend.mode_reason() or conv_reason(self.conv, "conv") or batch_norm_reason(self.bn, "bn")
+        return self._forward_eval(x, out, act_name, engine, conv, bn)
 
     def _conv_args(self) -> tuple:
-        conv = self.conv
-        return list(conv.stride), list(conv.padding), list(conv.dilation), conv.groups
+        return conv_args(self.conv)
 
     def _forward_train(self, x: torch.Tensor, out: torch.Tensor | None, act_name: str, engine: str) -> torch.Tensor:
         bn = self.bn
@@ -143,18 +142,34 @@ class ConvBNAct(reference.ConvBNAct):
         return x.requires_grad or (isinstance(out, torch.Tensor) and out.requires_grad) or any(
             p.requires_grad for p in self.parameters())
 
-    def _forward_eval(self, x: torch.Tensor, out: torch.Tensor | None, act_name: str, engine: str) -> torch.Tensor:
+    def _forward_eval(self, x: torch.Tensor, out: torch.Tensor | None, act_name: str, engine: str, conv: nn.Conv2d,
+                      bn: nn.BatchNorm2d) -> torch.Tensor:
+        args = conv_args(conv)
         if torch.is_grad_enabled() and self._needs_grad(x, out):
             weight, bias = self._fold()
-            y = self.act(F.conv2d(x, weight.to(x.dtype), bias.to(x.dtype), *self._conv_args()))
+            y = self.act(F.conv2d(x, weight.to(x.dtype), bias.to(x.dtype), *args))
             return y if out is None else out.copy_(y)
         if torch.compiler.is_compiling():
-            # Traced into the graph: a compiled graph takes the parameters as inputs and folds at each call.
+            # Traced into the graph: a compiled graph takes the parameters as inputs and folds at
+            # each call, and the op routes at each call.
             weight, bias, scale = self._eval_fold(x.dtype, folded=conv_ops.folds_into_weight(x.dtype))
-            transform = None
-        else:
-            weight, bias, transform, scale = self._folded_params(x, engine)
-        return ops.eval_transition(x, weight, bias, *self._conv_args(), act_name, engine, out, transform, scale)
+            return ops.eval_transition(x, weight, bias, *args, act_name, engine, out, None, scale)
+        conv_weight = conv.weight
+        kernel = self._eval_conv_kernel(x, conv_weight, args, engine)
+        weight, bias, transform, scale = self._folded_params(x, conv_weight, bn, args, engine, kernel)
+        return ops.eval_transition(x, weight, bias, *args, act_name, engine, out, transform, scale, kernel)
+
+    def _eval_conv_kernel(self, x: torch.Tensor, weight: torch.Tensor, args: tuple, engine: str) -> str:
+        """`routing.eval_conv_kernel` for x and the conv's `weight` and `args`, asked again only
+        when what it reads changes: x's shape, strides, dtype and device, the weight's shape, the
+        conv's geometry, the engine. (Its answer for given arguments is fixed in a process:
+        measured once per shape.)"""
+        arguments = (x.shape, x.stride(), x.dtype, x.device, weight.shape, args, engine)
+        memo = self._eval_kernel  # read once: another thread may replace it meanwhile
+        if memo is None or memo[0] != arguments:
+            memo = arguments, routing.eval_conv_kernel(x, weight, *args, engine)
+            self._eval_kernel = memo
+        return memo[1]
 
     def _fold(self):
         bn = self.bn
@@ -172,25 +187,33 @@ class ConvBNAct(reference.ConvBNAct):
                                       bn.eps)
         return self.conv.weight.to(dtype), shift, scale
 
-    def _folded_params(self, x: torch.Tensor, engine: str):
-        """The cached eval fold for x's dtype and `engine`: (weight, bias, Winograd transform or
-        None, scale or None; see `_eval_fold`), prepared for the kernel that will run inputs like x
+    def _folded_params(self, x: torch.Tensor, conv_weight: torch.Tensor, bn: nn.BatchNorm2d, args: tuple,
+                       engine: str, kernel: str):
+        """The cached eval fold for x's dtype and the conv's `kernel`: (weight, bias, Winograd
+        transform or None, scale or None; see `_eval_fold`), prepared for that kernel
         (ops.prepare_eval_weight, for the shape of the x that filled the cache). A weight taken
         as it is ("scaled" in x's dtype) is the parameter itself, neither copied nor compared."""
-        bn, conv_weight = self.bn, self.conv.weight
-        kind = ops.eval_weight_kind(x, conv_weight, *self._conv_args(), engine)
+        kind = ops.eval_weight_kind(x.dtype, kernel)
         live_weight = kind == "scaled" and conv_weight.dtype == x.dtype
-        sources = (bn.weight, bn.bias, bn.running_mean, bn.running_var) + (() if live_weight else (conv_weight,))
-        key = (fold_key(sources), bn.eps, x.dtype, x.device, engine, kind)
+        # From the dicts, not bn.weight and so on: nn.Module.__getattr__ costs ~0.5 us a lookup.
+        params, buffers = bn._parameters, bn._buffers
+        sources = (params["weight"], params["bias"], buffers["running_mean"], buffers["running_var"]) + (
+            () if live_weight else (conv_weight,))
+        key = (bn.eps, x.dtype, x.device, engine, kind)
         cache = self._folded  # read once: another thread may replace it meanwhile
         if not fold_cache_hit(cache, key, sources):
             with torch.no_grad():
                 weight, bias, scale = self._eval_fold(x.dtype, folded=kind != "scaled")
-                weight, transform = ops.prepare_eval_weight(x, weight, *self._conv_args(), kind)
+                weight, transform = ops.prepare_eval_weight(x, weight, *args, kind)
             cache = (key, snapshot(sources), None if live_weight else weight, bias, transform, scale)
             self._folded = cache
         weight, bias, transform, scale = cache[2:]
         return conv_weight.detach() if live_weight else weight, bias, transform, scale
+
+
+def conv_args(conv: nn.Conv2d) -> tuple:
+    """(stride, padding, dilation, groups) of `conv`, as the ops take them."""
+    return list(conv.stride), list(conv.padding), list(conv.dilation), conv.groups
 
 
 def track_batch_stats(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor, count: int | torch.Tensor) -> None:
@@ -241,9 +264,12 @@ def batch_norm_reason(bn: nn.Module, name: str) -> str:
     it normalizes by batch or running statistics is its own `training` flag, as in nn.BatchNorm2d."""
     if type(bn) not in (nn.BatchNorm2d, nn.SyncBatchNorm):
         return f"{name} is {type(bn).__name__} (the fused kernels compute nn.BatchNorm2d)"
-    if not bn.affine or bn.weight is None or bn.bias is None:
+    # From the dicts, not bn.weight and so on: nn.Module.__getattr__ costs ~0.5 us a lookup, and
+    # this runs at every call.
+    params, buffers = bn._parameters, bn._buffers
+    if not bn.affine or params.get("weight") is None or params.get("bias") is None:
         return f"{name}.affine=False"
-    if not bn.track_running_stats or bn.running_mean is None or bn.running_var is None \
-            or bn.num_batches_tracked is None:
+    if not bn.track_running_stats or any(buffers.get(b) is None for b in ("running_mean", "running_var",
+                                                                           "num_batches_tracked")):
         return f"{name}.track_running_stats=False"
     return checks.hook_reason(bn, name, "the fused kernels would skip it")

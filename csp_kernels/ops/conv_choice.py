@@ -153,10 +153,10 @@ def _checking_fold(run: Callable[[], object], weight: torch.Tensor) -> Callable[
     """`run` preceded by the check an eval fold cache makes at each call over the weight it
     derives from (`fold_cache_hit`): the kernels that take a folded, prepacked or transformed
     weight pay it, ATen's eval conv (the module's own weight) does not."""
-    kept = weight.clone()
+    kept = weight.clone(),
 
     def checked():
-        same_bits(kept, weight)
+        same_bits(kept, (weight,))
         return run()
 
     return checked

@@ -266,18 +266,15 @@ def train_transition_recorded(x, weight, bn_weight, bn_bias, stride, padding, di
     return (y, *side_outputs)
 
 
-def eval_weight_kind(x, weight, stride, padding, dilation, groups, engine) -> str:
-    """How an eval transition takes its weight for inputs like `x`: "scaled" (the conv's own
-    weight, BN's scale applied to the conv's output: float16/bfloat16 (`folds_into_weight`), and
-    ATen's conv, which is followed by the bias + act pass anyway, so the scale costs nothing and
-    no weight is copied, cached or compared per call), else BN folded into a weight that
-    `prepare_eval_weight` prepares once: "onednn" (prepacked), "winograd" (with its transform)
-    or "folded" (as it is). A cache of prepared weights must be keyed on it: the same module
-    meets NCHW and channels_last inputs."""
-    if not folds_into_weight(x.dtype):
-        return "scaled"
-    kernel = routing.eval_conv_kernel(x, weight, stride, padding, dilation, groups, engine)
-    if kernel == "aten":
+def eval_weight_kind(dtype: torch.dtype, kernel: str) -> str:
+    """How an eval transition takes its weight for data of `dtype` whose conv runs by `kernel`
+    (`routing.eval_conv_kernel`): "scaled" (the conv's own weight, BN's scale applied to the
+    conv's output: float16/bfloat16 (`folds_into_weight`), and ATen's conv, which is followed by
+    the bias + act pass anyway, so the scale costs nothing and no weight is copied, cached or
+    compared per call), else BN folded into a weight that `prepare_eval_weight` prepares once:
+    "onednn" (prepacked), "winograd" (with its transform) or "folded" (as it is). A cache of
+    prepared weights must be keyed on it: the same module meets NCHW and channels_last inputs."""
+    if not folds_into_weight(dtype) or kernel == "aten":
         return "scaled"
     return kernel if kernel in ("onednn", "winograd") else "folded"
 
@@ -293,14 +290,15 @@ def prepare_eval_weight(x, weight, stride, padding, dilation, groups, kind: str)
     return weight, winograd_weight(weight) if kind == "winograd" else None
 
 
-def _eval_forward(x, weight, bias, stride, padding, dilation, groups, act, engine, out, transform=None, scale=None):
+def _eval_forward(x, weight, bias, stride, padding, dilation, groups, act, engine, out, transform=None, scale=None,
+                  kernel: str = ""):
     if scale is not None:  # BN not folded (eval_weight_kind "scaled")
         if routing.scaled_eval_conv_kernel(engine) == "triton":
             z = _triton_conv1x1(x, weight, stride)
         else:
             z = run_conv("aten", x, weight, stride, padding, dilation, groups)
         return scale_shift_act(z, scale, bias, act, out=z if out is None else out)
-    kernel = routing.eval_conv_kernel(x, weight, stride, padding, dilation, groups, engine)
+    kernel = kernel or routing.eval_conv_kernel(x, weight, stride, padding, dilation, groups, engine)
     if kernel == "triton":
         return _triton_conv1x1(x, weight, stride, bias=bias, act=act, out=out)
     if kernel == "gemm":
@@ -324,12 +322,14 @@ def _eval_forward(x, weight, bias, stride, padding, dilation, groups, act, engin
 
 
 def eval_transition(x, weight, bias, stride, padding, dilation, groups, act, engine, out=None, transform=None,
-                    scale=None) -> torch.Tensor:
+                    scale=None, kernel: str = "") -> torch.Tensor:
     """The eval transition as the modules call it: `conv_bias_act`, or `conv_bias_act_out` into
     `out` when given (returned), the custom op where `dispatch.through_op` says, else its
-    implementation."""
+    implementation, which runs `kernel` when the caller has asked `routing.eval_conv_kernel`
+    for these arguments already (the op asks it itself)."""
     if not dispatch.through_op(x, weight, out):
-        return _eval_forward(x, weight, bias, stride, padding, dilation, groups, act, engine, out, transform, scale)
+        return _eval_forward(x, weight, bias, stride, padding, dilation, groups, act, engine, out, transform, scale,
+                             kernel)
     if out is None:
         return conv_bias_act(x, weight, bias, stride, padding, dilation, groups, act, engine, transform, scale)
     conv_bias_act_out(x, weight, bias, stride, padding, dilation, groups, act, engine, out, transform, scale)
