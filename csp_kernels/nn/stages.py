@@ -68,8 +68,9 @@ def slot(buf: torch.Tensor, start: int, stop: int) -> torch.Tensor:
     (in backward, a copy of the buffer's gradient per write), and a later write into another
     slot would count as a modification of what an earlier reader saved. The stages write each
     slot once, residual add included, before any reader reads it."""
-    view = buf[:, start:stop]
-    return view.new_empty(0).set_(view.untyped_storage(), view.storage_offset(), view.shape, view.stride())
+    batch, _, height, width = buf.shape
+    return buf.new_empty(0).set_(buf.untyped_storage(), buf.storage_offset() + start * buf.stride(1),
+                                 (batch, stop - start, height, width), buf.stride())
 
 
 def channels(t: torch.Tensor, start: int, stop: int) -> torch.Tensor:

@@ -70,10 +70,11 @@ def overlaps_itself(t: torch.Tensor) -> bool:
     step over all the earlier ones (every dense layout, permuted or sliced with steps, passes);
     True for an `expand` and for layouts interleaved too finely to tell."""
     extent = 1
-    for stride, size in sorted((t.stride(d), t.size(d)) for d in range(t.dim()) if t.size(d) > 1):
-        if stride < extent:
-            return t.numel() > 0
-        extent = stride * size
+    for stride, size in sorted(zip(t.stride(), t.shape)):
+        if size > 1:
+            if stride < extent:
+                return t.numel() > 0
+            extent = stride * size
     return False
 
 

@@ -78,7 +78,7 @@ def check_out(out, shape, dtype: torch.dtype, device: torch.device, any_strides:
     if overlaps_itself(out):
         raise ValueError("out must not have two elements in one place (as an expand() has); got strides "
                          f"{out.stride()}")
-    if not any_strides and not planes_contiguous(out, written=True):
+    if not any_strides and not planes_contiguous(out):  # (not written=True, which would test the overlap again)
         raise ValueError("out must have contiguous (height, width) planes (NCHW, or a channel slice of "
                          f"an NCHW tensor); got strides {out.stride()}")
     if torch.compiler.is_compiling() or not shares_memory(out, x):
