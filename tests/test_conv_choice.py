@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 import torch
@@ -85,6 +86,30 @@ def test_gemm_measurement_runs_both_kernels(measuring, training):
     verdict = conv_choice.gemm_chosen((2, 16, 8, 8), (12, 16, 1, 1), training)
     assert isinstance(verdict, bool)
     assert conv_choice.measured_verdicts() == {("1x1", (2, 16, 8, 8), (12, 16, 1, 1), training): verdict}
+
+
+@pytest.mark.parametrize("measure, shapes", [
+    ("_gemm_faster", ((2, 16, 8, 8), (16, 16, 1, 1), False)),
+    pytest.param("_winograd_faster", ((2, 16, 8, 8), (16, 16, 3, 3), True), marks=needs_winograd),
+    ("_onednn_eval_faster", ((2, 16, 8, 8), (16, 16, 3, 3), [2, 2], [1, 1], [1, 1], 1))])
+def test_eval_measurements_count_the_fold_check_at_memory_speed(monkeypatch, measure, shapes):
+    """A kernel that takes a folded weight loses to ATen's conv (the module's own weight) when
+    the fold cache's check of the weight, read from memory at each call, costs more than the
+    kernels' difference: here memory is made 1 byte per second."""
+    monkeypatch.setattr(conv_choice, "_same_bits_bandwidth", lambda: 1.0)
+    assert conv_choice._fold_check_seconds(torch.empty(16, 16, 3, 3)) == 2 * 16 * 16 * 9 * 4
+    assert getattr(conv_choice, measure)(*shapes) is False
+
+
+def test_an_extra_cost_counts_against_our_kernel():
+    assert conv_choice._faster(lambda: None, lambda: time.sleep(1e-3))
+    assert not conv_choice._faster(lambda: None, lambda: time.sleep(1e-3), ours_extra=1.0)
+
+
+def test_the_same_bits_bandwidth_is_measured_once():
+    bandwidth = conv_choice._same_bits_bandwidth()
+    assert 1e8 < bandwidth < 1e13  # bytes per second: a real memory's, neither a cache hit nor a stall
+    assert conv_choice._same_bits_bandwidth() == bandwidth
 
 
 def test_unmeasured_shapes_under_compile_follow_the_map_size(measuring, monkeypatch):

@@ -27,6 +27,7 @@ kernels (`_UNMEASURED_MIN_PIXELS`, `_UNMEASURED_MIN_SIDE`; oneDNN's for the stri
 """
 from __future__ import annotations
 
+import functools
 import time
 from typing import Callable
 
@@ -134,10 +135,10 @@ def _verdict(key: tuple, unmeasured_rule: bool, measure: Callable[..., bool]) ->
     return verdict
 
 
-def _faster(ours: Callable[[], object], theirs: Callable[[], object]) -> bool:
-    """Whether `ours` ran faster than `theirs`: the fastest of a few alternated calls each,
-    after a first untimed call each (allocation, primitive set-up); other load on the machine
-    only slows a call."""
+def _faster(ours: Callable[[], object], theirs: Callable[[], object], ours_extra: float = 0.0) -> bool:
+    """Whether `ours` ran faster than `theirs`, `ours_extra` seconds added to each of its calls:
+    the fastest of a few alternated calls each, after a first untimed call each (allocation,
+    primitive set-up); other load on the machine only slows a call."""
     with torch.no_grad():
         ours(), theirs()
         best = {ours: float("inf"), theirs: float("inf")}
@@ -146,20 +147,31 @@ def _faster(ours: Callable[[], object], theirs: Callable[[], object]) -> bool:
                 start = time.perf_counter()
                 run()
                 best[run] = min(best[run], time.perf_counter() - start)
-    return best[ours] < best[theirs]
+    return best[ours] + ours_extra < best[theirs]
 
 
-def _checking_fold(run: Callable[[], object], weight: torch.Tensor) -> Callable[[], object]:
-    """`run` preceded by the check an eval fold cache makes at each call over the weight it
-    derives from (`fold_cache_hit`): the kernels that take a folded, prepacked or transformed
-    weight pay it, ATen's eval conv (the module's own weight) does not."""
-    kept = weight.clone(),
+def _fold_check_seconds(weight: torch.Tensor) -> float:
+    """What the check an eval fold cache makes at each call over the weight it derives from
+    (`fold_cache_hit`) costs in a model: the kernels that take a folded, prepacked or transformed
+    weight pay it, ATen's eval conv (the module's own weight) does not. A forward reads each of
+    a model's weights once, more than the caches hold, so the check reads the weight and its kept
+    copy from memory: their bytes at the speed `same_bits` reads memory. (Timed with the check in
+    the loop, both copies would sit in cache, and the check would look several times cheaper.)"""
+    return 2 * weight.numel() * weight.element_size() / _same_bits_bandwidth()
 
-    def checked():
-        same_bits(kept, (weight,))
-        return run()
 
-    return checked
+@functools.cache
+def _same_bits_bandwidth() -> float:
+    """Bytes per second that `same_bits` compares out of memory, measured once a process: the
+    fastest of three compares of two 64 MiB tensors, which together outsize a CPU's caches."""
+    size = 64 << 20
+    a, b = torch.ones(size, dtype=torch.uint8), torch.ones(size, dtype=torch.uint8)
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        same_bits((a,), (b,))
+        best = min(best, time.perf_counter() - start)
+    return 2 * size / best
 
 
 def _gemm_faster(x_shape, weight_shape, training: bool) -> bool:
@@ -173,7 +185,7 @@ def _gemm_faster(x_shape, weight_shape, training: bool) -> bool:
             z = plane_contiguous(F.conv2d(x, weight))
             scale_shift_act(z, ones, zeros, "relu", out=z)
 
-        return _faster(_checking_fold(lambda: conv1x1_fused(x, weight, bias=zeros, act="relu"), weight), by_aten)
+        return _faster(lambda: conv1x1_fused(x, weight, bias=zeros, act="relu"), by_aten, _fold_check_seconds(weight))
     grad_y = torch.randn(x_shape[0], c, *x_shape[2:])
 
     def by_gemm():
@@ -204,7 +216,7 @@ def _onednn_eval_faster(x_shape, weight_shape, stride, padding, dilation, groups
         z = plane_contiguous(F.conv2d(x, weight, None, stride, padding, dilation, groups))
         scale_shift_act(z, ones, zeros, "relu", out=z)
 
-    return _faster(_checking_fold(by_onednn, weight), by_aten)
+    return _faster(by_onednn, by_aten, _fold_check_seconds(weight))
 
 
 def _winograd_faster(x_shape, weight_shape, transform_cached: bool) -> bool:
@@ -215,8 +227,8 @@ def _winograd_faster(x_shape, weight_shape, transform_cached: bool) -> bool:
     def by_winograd():
         return conv3x3_winograd(x, weight, transform, out=out)
 
-    return _faster(_checking_fold(by_winograd, weight) if transform_cached else by_winograd,
-                   lambda: F.conv2d(x, weight, padding=1))
+    return _faster(by_winograd, lambda: F.conv2d(x, weight, padding=1),
+                   _fold_check_seconds(weight) if transform_cached else 0.0)
 
 
 def _winograd_weight_grad_faster(x_shape, weight_shape) -> bool:
