@@ -305,6 +305,8 @@ def kernel_activation(*modules: nn.Module) -> tuple[str, str]:
     and "leaky_relu:<slope>" (repr of the float, exact) for a slope other than LEAKY_RELU_SLOPE
     (csrc/activation.h parse_act, triton/activation.py act_constexprs read it back). Read at
     forward time, so a module whose `act` was replaced after construction runs what it holds."""
+    if len(modules) == 1 and (name := _kernel_act(modules[0])):
+        return name, ""  # the common case, at every call of every fused module
     names = [_kernel_act(m) for m in modules]
     for m, name in zip(modules, names):
         if not name:

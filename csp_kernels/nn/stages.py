@@ -75,6 +75,8 @@ def slot(buf: torch.Tensor, start: int, stop: int) -> torch.Tensor:
 
 def channels(t: torch.Tensor, start: int, stop: int) -> torch.Tensor:
     """t[:, start:stop], rebuildable in backward as t is (ops/recompute.py)."""
+    if not torch.is_grad_enabled():  # no backward to rebuild it in
+        return t[:, start:stop]
     return recompute.tag(t[:, start:stop], recompute.narrow(recompute.recipe_of(t), start, stop))
 
 
@@ -103,6 +105,8 @@ def halves(t: torch.Tensor, half: int) -> tuple[torch.Tensor, torch.Tensor]:
         first, second = _Halves.apply(t, half)
     else:
         first, second = t[:, :half], t[:, half:]
+    if not torch.is_grad_enabled():  # no backward to rebuild them in
+        return first, second
     recipe = recompute.recipe_of(t)
     return (recompute.tag(first, recompute.narrow(recipe, 0, half)),
             recompute.tag(second, recompute.narrow(recipe, half, t.shape[1])))
@@ -132,8 +136,9 @@ class _Gather(torch.autograd.Function):
 def gather(buf: torch.Tensor, slots: list[torch.Tensor]) -> torch.Tensor:
     """buf, written through `slots` (`slot` tensors, or channel views of them, in channel
     order), as one tensor that carries their gradients and rebuilds from their recipes."""
-    whole = _Gather.apply(buf, *slots) if torch.is_grad_enabled() else buf
-    return recompute.tag(whole, recompute.concat([recompute.recipe_of(s) for s in slots]))
+    if not torch.is_grad_enabled():  # no backward to hand gradients to or rebuild it in
+        return buf
+    return recompute.tag(_Gather.apply(buf, *slots), recompute.concat([recompute.recipe_of(s) for s in slots]))
 
 
 def new_output(module: ConvBNAct, x: torch.Tensor, channels: int | None = None) -> torch.Tensor:
@@ -209,6 +214,8 @@ def _residual_forward(module: nn.Module, reference_forward, x: torch.Tensor, out
 
 def _add_shortcut(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """y += x in place, tagged with the sum's recipe (x's terms first, then y's)."""
+    if not torch.is_grad_enabled():  # no backward to rebuild it in
+        return y.add_(x)
     term = recompute.recipe_of(y)
     return recompute.tag(y.add_(x), recompute.add(recompute.recipe_of(x), term))
 

@@ -78,9 +78,11 @@ class ConvBNAct(reference.ConvBNAct):
         if checks.autocast_enabled(device_type):
             x = x.to(torch.get_autocast_dtype(device_type))
         name = backend.resolve_backend(x.device)
-        conv, bn = self.conv, self.bn
+        # From the dict, not self.conv and so on: nn.Module.__getattr__ costs ~1 us a lookup.
+        modules = self._modules
+        conv, bn = modules["conv"], modules["bn"]
         # The kernels' name for what `self.act` computes now, and why not if they cannot.
-        act_name, act_reason = ("", "") if name == "reference" else checks.kernel_activation(self.act)
+        act_name, act_reason = ("", "") if name == "reference" else checks.kernel_activation(modules["act"])
         # What the fused kernels do not model here, or "" when they cover the module.
         unfusable = "" if name == "reference" else (backend.mode_reason() or conv_reason(conv, "conv")
                                                     or batch_norm_reason(bn, "bn") or act_reason)
@@ -154,7 +156,7 @@ class ConvBNAct(reference.ConvBNAct):
             # each call, and the op routes at each call.
             weight, bias, scale = self._eval_fold(x.dtype, folded=conv_ops.folds_into_weight(x.dtype))
             return ops.eval_transition(x, weight, bias, *args, act_name, engine, out, None, scale)
-        conv_weight = conv.weight
+        conv_weight = conv._parameters["weight"]
         kernel = self._eval_conv_kernel(x, conv_weight, args, engine)
         weight, bias, transform, scale = self._folded_params(x, conv_weight, bn, args, engine, kernel)
         return ops.eval_transition(x, weight, bias, *args, act_name, engine, out, transform, scale, kernel)
@@ -269,7 +271,7 @@ def batch_norm_reason(bn: nn.Module, name: str) -> str:
     params, buffers = bn._parameters, bn._buffers
     if not bn.affine or params.get("weight") is None or params.get("bias") is None:
         return f"{name}.affine=False"
-    if not bn.track_running_stats or any(buffers.get(b) is None for b in ("running_mean", "running_var",
-                                                                           "num_batches_tracked")):
+    if (not bn.track_running_stats or buffers.get("running_mean") is None or buffers.get("running_var") is None
+            or buffers.get("num_batches_tracked") is None):
         return f"{name}.track_running_stats=False"
     return checks.hook_reason(bn, name, "the fused kernels would skip it")

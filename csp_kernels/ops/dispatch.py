@@ -19,6 +19,10 @@ _PLAIN_TENSORS = (torch.Tensor, nn.Parameter)
 
 def through_op(*tensors: torch.Tensor | None) -> bool:
     """Whether a call on `tensors` (None ignored) must go through the custom op."""
-    return (torch.compiler.is_compiling() or torch.compiler.is_exporting()
-            or torch._C._len_torch_dispatch_stack() > 0 or torch._C._is_torch_function_mode_enabled()
-            or any(t is not None and type(t) not in _PLAIN_TENSORS for t in tensors))
+    if (torch.compiler.is_compiling() or torch.compiler.is_exporting()
+            or torch._C._len_torch_dispatch_stack() > 0 or torch._C._is_torch_function_mode_enabled()):
+        return True
+    for t in tensors:  # (a loop, not any() over a generator: this runs at every call of every module)
+        if t is not None and type(t) not in _PLAIN_TENSORS:
+            return True
+    return False
