@@ -13,7 +13,7 @@ import torch
 import csp_kernels
 from csp_kernels import reference
 from csp_kernels.ops import conv as conv_ops
-from csp_kernels.ops import conv3x3, conv_choice
+from csp_kernels.ops import conv3x3, conv_choice, routing
 from csp_kernels.ops.routing import winograd_usable
 
 from helpers import assert_matches_reference, rel_error
@@ -207,6 +207,29 @@ def test_eval_output_is_nchw_whatever_kernel_runs(monkeypatch, pinned, kernel_si
         y, expected = fused(x), ref(x)
     assert y.is_contiguous() and y.stride() == expected.stride()
     assert_matches_reference(y, expected.double())
+
+
+@pytest.mark.parametrize("act", ["leaky_relu", "silu", "identity", "mish"])  # mish: no oneDNN post-op
+def test_onednn_eval_writes_a_buffer_slot_as_it_returns_a_tensor(monkeypatch, act):
+    """oneDNN's prepacked eval conv into `out` (a channel slot of a buffer, as the stages give)
+    writes the bits it returns without `out`, leaves the buffer's other channels alone and
+    matches the reference."""
+    monkeypatch.setattr(routing, "onednn_eval_chosen", lambda *args: True)
+    ref = reference.ConvBNAct(6, 5, 3, stride=2, act=act).eval()
+    with torch.no_grad():
+        ref.bn.running_mean.uniform_(-1, 1), ref.bn.running_var.uniform_(0.5, 2), ref.bn.weight.uniform_(0.5, 2)
+    fused = csp_kernels.ConvBNAct(6, 5, 3, stride=2, act=act).eval()
+    fused.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 6, 9, 11)
+    assert routing.eval_conv_kernel(x, fused.conv.weight, [2, 2], [1, 1], [1, 1], 1, "aten") == "onednn"
+    buf = torch.full((2, 9, 5, 6), 7.0)
+    with torch.no_grad():
+        y, expected = fused(x), ref.double()(x.double())
+        written = fused(x, out=buf[:, 2:7])
+    assert written.data_ptr() == buf[:, 2:7].data_ptr()
+    assert torch.equal(buf[:, 2:7], y)
+    assert (buf[:, :2] == 7).all() and (buf[:, 7:] == 7).all()
+    assert_matches_reference(y, expected)
 
 
 def test_threads_measuring_one_key_get_one_verdict(monkeypatch):

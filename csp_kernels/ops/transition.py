@@ -304,14 +304,14 @@ def _eval_forward(x, weight, bias, stride, padding, dilation, groups, act, engin
     if kernel == "gemm":
         return conv1x1_fused(x, weight, bias=bias, act=act, out=out)
     if kernel == "onednn":
-        post_op = _onednn_post_op(act) if out is None else None
+        post_op = _onednn_post_op(act)
         attr, scalars = post_op or ("none", [])
         z = torch.ops.mkldnn._convolution_pointwise(x, weight, bias if post_op else None, padding, stride,
                                                     dilation, groups, attr, scalars, None)
         if post_op:
             # oneDNN hands back its channels_last output; the op's result is NCHW, as its fake
-            # kernel says and as every other engine writes it.
-            return z.contiguous()
+            # kernel says and as every other engine writes it: one copy, into `out` if given.
+            return z.contiguous() if out is None else out.copy_(z)
         z = plane_contiguous(z)
     elif kernel == "winograd":
         z = conv3x3_winograd(x, weight, transform)
