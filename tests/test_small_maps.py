@@ -1,8 +1,10 @@
-"""The CPU's route for small maps in training (ops.routing.training_eager_is_faster): a training
+"""The CPU's routes for small maps. In training (ops.routing.training_eager_is_faster): a training
 ConvBNAct or CSP stage on maps of at most SMALL_TRAINING_MAP_PIXELS pixels runs its reference
 forward, plain PyTorch, without a warning, and computes the reference's numbers exactly; larger
-maps, eval, and synchronized BatchNorms keep the fused ops. The other tests pin the fused ops
-(conftest.py) because they draw tiny maps; these unpin the route."""
+maps, eval, and synchronized BatchNorms keep the fused ops. Without autograd
+(ops.routing.eval_stage_unbuffered_is_faster): a CSP stage on maps of at most
+SMALL_EVAL_STAGE_PIXELS pixels runs its reference forward with its ConvBNActs fused. The other
+tests pin the fused ops (conftest.py) because they draw tiny maps; these unpin the routes."""
 import warnings
 
 import pytest
@@ -10,6 +12,7 @@ import torch
 
 import csp_kernels
 from csp_kernels.ops import routing
+from csp_kernels.nn import stages
 from csp_kernels.ops import transition as transition_ops
 from helpers import randomize_
 from test_stages import make_pair
@@ -95,3 +98,36 @@ def test_fused_stage_with_small_maps_after_its_stride_trains_as_the_reference(fu
     assert [tuple(shape[2:]) for shape in fused_calls] == [(16, 16)], fused_calls  # conv_down alone fused
     for a, e in zip(actual, expected, strict=True):
         torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10)
+
+
+# 16x16 is the largest square map the eval stage route takes; 17x16 the smallest it leaves buffered.
+EVAL_SIDES = {"16x16": ((16, 16), False), "17x16": ((17, 16), True)}
+
+
+@pytest.mark.parametrize("side", EVAL_SIDES)
+@pytest.mark.parametrize("case", ["c2f", "c3k2-c3k", "timm-resnet", "timm-darknet"])
+def test_stage_without_autograd_on_small_maps_runs_unbuffered(monkeypatch, side, case):
+    """Without autograd (ops.routing.eval_stage_unbuffered_is_faster), a stage on maps of at most
+    SMALL_EVAL_STAGE_PIXELS pixels runs its reference forward, chunk and cat, its ConvBNActs
+    still fused, without a warning; larger maps, and calls that autograd records, fill the
+    buffer. Either way the reference's numbers."""
+    (height, width), buffered = EVAL_SIDES[side]
+    assert (height * width <= routing.SMALL_EVAL_STAGE_PIXELS) != buffered
+    monkeypatch.setattr(routing, "_SMALL_MAPS", "eager")
+    buffers = []
+    real_slot = stages.slot
+    monkeypatch.setattr(stages, "slot", lambda buf, *bounds: buffers.append(buf.shape) or real_slot(buf, *bounds))
+    units = []
+    evaluated = transition_ops.eval_transition
+    monkeypatch.setattr(transition_ops, "eval_transition", lambda *args: units.append(1) or evaluated(*args))
+    ref, fused, channels = make_pair(case)
+    ref.eval(), fused.eval()
+    x = torch.randn(2, channels, height, width, dtype=torch.float64)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error", csp_kernels.ReferenceFallbackWarning)
+        y = fused(x)
+    assert bool(buffers) == buffered and units  # the ConvBNActs fused either way
+    torch.testing.assert_close(y, ref(x), rtol=1e-10, atol=1e-10)
+    buffers.clear()
+    fused(x.requires_grad_())  # autograd records: the buffer, for the memory it saves in backward
+    assert buffers

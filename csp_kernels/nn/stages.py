@@ -39,9 +39,11 @@ naming the reason: a submodule that receives `out=` replaced by another type or 
 forward or backward (their output would bypass the slot), autocast (which mixes dtypes in the
 residual adds), torch.jit.trace, torch.func transforms and global module hooks
 (`backend.mode_reason`). The "reference" backend, torch.compile (which
-fuses the concat itself) and a training stage on CPU maps of at most
+fuses the concat itself), a training stage on CPU maps of at most
 `ops.routing.SMALL_TRAINING_MAP_PIXELS` pixels (faster as plain PyTorch:
-`ops.routing.training_eager_is_faster`) run it without a warning. Shapes are written (batch, channels, height,
+`ops.routing.training_eager_is_faster`) and a stage called without autograd on CPU maps of at
+most `ops.routing.SMALL_EVAL_STAGE_PIXELS` pixels (chunk and cat faster than the buffer's slots:
+`ops.routing.eval_stage_unbuffered_is_faster`) run it without a warning. Shapes are written (batch, channels, height,
 width).
 """
 from __future__ import annotations
@@ -161,6 +163,8 @@ def _reference_reason(module: nn.Module, x: torch.Tensor, writers: Writers,
         return ""
     if name == "cpu" and module.training and routing.training_eager_is_faster(x):
         return ""  # its ConvBNActs choose for themselves (a synchronized one stays fused)
+    if name == "cpu" and routing.eval_stage_unbuffered_is_faster(x):
+        return ""  # its ConvBNActs stay fused
     if reason := backend.mode_reason():
         return reason
     if checks.autocast_enabled(x.device.type):

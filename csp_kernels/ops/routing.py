@@ -62,6 +62,8 @@ The engine is an op argument (so that a compiled graph keeps it), from the backe
   dense block (module level)    cpu     CPU     any        <= SMALL_MAP_PIXELS pixels  plain PyTorch (`eager_is_faster`)
   training stage or ConvBNAct   cpu     CPU     any        <= SMALL_TRAINING_MAP_PIXELS  plain PyTorch
     (module level)                                         pixels, plain BatchNorms    (`training_eager_is_faster`)
+  stage without autograd        cpu     CPU     any        <= SMALL_EVAL_STAGE_PIXELS  chunk + cat, units fused
+    (module level)                                         pixels                      (`eval_stage_unbuffered_...`)
 
 "Measured faster": `ops.conv_choice` times both candidates once per shape (or an environment
 variable pins the choice); the predicates here only ask it. The layout tests are
@@ -85,6 +87,7 @@ CPU_KERNEL_DTYPES = (torch.float32, torch.float64)
 # (`eager_is_faster`), and a training stage or ConvBNAct (`training_eager_is_faster`).
 SMALL_MAP_PIXELS = 16
 SMALL_TRAINING_MAP_PIXELS = 64
+SMALL_EVAL_STAGE_PIXELS = 16 * 16
 SMALL_MAPS_ENV_VAR = "CSP_KERNELS_CPU_SMALL_MAPS"
 _SMALL_MAPS = env_choice(SMALL_MAPS_ENV_VAR, ("eager", "fused"), "eager")
 
@@ -128,6 +131,17 @@ def training_eager_is_faster(x: torch.Tensor) -> bool:
     torch.compile trace, which traces the fused ops; pinned as `eager_is_faster` is."""
     return (_SMALL_MAPS == "eager" and x.device.type == "cpu" and x.dim() == 4
             and x.shape[2] * x.shape[3] <= SMALL_TRAINING_MAP_PIXELS and not torch.compiler.is_compiling())
+
+
+def eval_stage_unbuffered_is_faster(x: torch.Tensor) -> bool:
+    """Whether a CSP stage (nn/stages.py) called without autograd on input x runs faster as its
+    reference forward (torch.chunk and torch.cat; its ConvBNActs stay fused) than with its concat
+    buffer: on the CPU, maps of at most SMALL_EVAL_STAGE_PIXELS pixels (16x16 and below: the
+    late stages of a model at small inputs), where the buffer's slots and its writers' checks
+    cost more Python per call than the concat's copy saves. The same numbers either way (the
+    concat is a copy). Pinned as `eager_is_faster` is."""
+    return (_SMALL_MAPS == "eager" and x.device.type == "cpu" and x.dim() == 4 and not torch.is_grad_enabled()
+            and x.shape[2] * x.shape[3] <= SMALL_EVAL_STAGE_PIXELS and not torch.compiler.is_compiling())
 
 
 # -- what can run here ------------------------------------------------------------------------
