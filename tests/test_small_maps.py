@@ -104,13 +104,14 @@ def test_fused_stage_with_small_maps_after_its_stride_trains_as_the_reference(fu
 EVAL_SIDES = {"16x16": ((16, 16), False), "17x16": ((17, 16), True)}
 
 
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train-mode"])  # train-mode: BN statistics
 @pytest.mark.parametrize("side", EVAL_SIDES)
 @pytest.mark.parametrize("case", ["c2f", "c3k2-c3k", "timm-resnet", "timm-darknet"])
-def test_stage_without_autograd_on_small_maps_runs_unbuffered(monkeypatch, side, case):
+def test_stage_without_autograd_on_small_maps_runs_unbuffered(monkeypatch, side, case, training):
     """Without autograd (ops.routing.eval_stage_unbuffered_is_faster), a stage on maps of at most
     SMALL_EVAL_STAGE_PIXELS pixels runs its reference forward, chunk and cat, its ConvBNActs
     still fused, without a warning; larger maps, and calls that autograd records, fill the
-    buffer. Either way the reference's numbers."""
+    buffer. Either way the reference's numbers and running statistics."""
     (height, width), buffered = EVAL_SIDES[side]
     assert (height * width <= routing.SMALL_EVAL_STAGE_PIXELS) != buffered
     monkeypatch.setattr(routing, "_SMALL_MAPS", "eager")
@@ -118,16 +119,19 @@ def test_stage_without_autograd_on_small_maps_runs_unbuffered(monkeypatch, side,
     real_slot = stages.slot
     monkeypatch.setattr(stages, "slot", lambda buf, *bounds: buffers.append(buf.shape) or real_slot(buf, *bounds))
     units = []
-    evaluated = transition_ops.eval_transition
-    monkeypatch.setattr(transition_ops, "eval_transition", lambda *args: units.append(1) or evaluated(*args))
+    for name in ("eval_transition", "train_transition"):
+        real = getattr(transition_ops, name)
+        monkeypatch.setattr(transition_ops, name, lambda *args, real=real: units.append(1) or real(*args))
     ref, fused, channels = make_pair(case)
-    ref.eval(), fused.eval()
+    ref.train(training), fused.train(training)
     x = torch.randn(2, channels, height, width, dtype=torch.float64)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("error", csp_kernels.ReferenceFallbackWarning)
-        y = fused(x)
+        y, expected = fused(x), ref(x)
     assert bool(buffers) == buffered and units  # the ConvBNActs fused either way
-    torch.testing.assert_close(y, ref(x), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(y, expected, rtol=1e-10, atol=1e-10)
+    for (key, value), expected_value in zip(fused.state_dict().items(), ref.state_dict().values(), strict=True):
+        torch.testing.assert_close(value, expected_value, rtol=1e-10, atol=1e-10, msg=key)
     buffers.clear()
     fused(x.requires_grad_())  # autograd records: the buffer, for the memory it saves in backward
     assert buffers
