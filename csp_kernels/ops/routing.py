@@ -84,7 +84,8 @@ from .conv_choice import (gemm_chosen, onednn_eval_chosen, phases_input_grad_cho
 CPU_KERNEL_DTYPES = (torch.float32, torch.float64)
 
 # CPU maps of at most this many pixels run as plain PyTorch: the dense block
-# (`eager_is_faster`), and a training stage or ConvBNAct (`training_eager_is_faster`).
+# (`eager_is_faster`), and a training stage or ConvBNAct (`training_eager_is_faster`); and a
+# stage called without autograd as chunk + cat (`eval_stage_unbuffered_is_faster`).
 SMALL_MAP_PIXELS = 16
 SMALL_TRAINING_MAP_PIXELS = 64
 SMALL_EVAL_STAGE_PIXELS = 16 * 16
