@@ -136,8 +136,6 @@ def resolve_backend(device: torch.device) -> str:
     """The concrete backend ("triton", "cuda", "cpu" or "reference") for tensors on `device`."""
     global _warned_fallback
     name = requested_backend()
-    if name == "auto" and device.type == "cpu" and not extension.why_unavailable(device):
-        return "cpu"  # the common case first: this runs at every call of every fused module
     if name == "auto":
         if device.type == "meta":
             # Shapes only (deferred init, shape inference): the reference computes them, and the

@@ -130,8 +130,7 @@ def training_eager_is_faster(x: torch.Tensor) -> bool:
     autograd Functions, recipes and buffer slots in Python) outweighs what its kernels and saved
     memory gain. A kernel choice, not a fallback: the numbers are the reference's. Not inside a
     torch.compile trace, which traces the fused ops; pinned as `eager_is_faster` is."""
-    return (_SMALL_MAPS == "eager" and x.device.type == "cpu" and x.dim() == 4
-            and x.shape[2] * x.shape[3] <= SMALL_TRAINING_MAP_PIXELS and not torch.compiler.is_compiling())
+    return _small_cpu_map(x, SMALL_TRAINING_MAP_PIXELS)
 
 
 def eval_stage_unbuffered_is_faster(x: torch.Tensor) -> bool:
@@ -141,8 +140,14 @@ def eval_stage_unbuffered_is_faster(x: torch.Tensor) -> bool:
     late stages of a model at small inputs), where the buffer's slots and its writers' checks
     cost more Python per call than the concat's copy saves. The same numbers either way (the
     concat is a copy). Pinned as `eager_is_faster` is."""
-    return (_SMALL_MAPS == "eager" and x.device.type == "cpu" and x.dim() == 4 and not torch.is_grad_enabled()
-            and x.shape[2] * x.shape[3] <= SMALL_EVAL_STAGE_PIXELS and not torch.compiler.is_compiling())
+    return not torch.is_grad_enabled() and _small_cpu_map(x, SMALL_EVAL_STAGE_PIXELS)
+
+
+def _small_cpu_map(x: torch.Tensor, max_pixels: int) -> bool:
+    """Whether x is a 4-D CPU input whose maps have at most `max_pixels` pixels, with the
+    small-map routes unpinned and outside a torch.compile trace (which traces the fused ops)."""
+    return (_SMALL_MAPS == "eager" and x.device.type == "cpu" and x.dim() == 4
+            and x.shape[2] * x.shape[3] <= max_pixels and not torch.compiler.is_compiling())
 
 
 # -- what can run here ------------------------------------------------------------------------
