@@ -289,3 +289,27 @@ def test_dense_block_matches_the_reference_either_way(monkeypatch, pinned, train
         y_fused.backward(grad.float())
         assert_matches_reference(x_fused.grad, x_ref.grad, name="input gradient")
     assert calls.count(True) == (kwargs["num_layers"] if pinned == "winograd" and winograd_usable(x) else 0)
+
+
+@pytest.mark.parametrize("kernel", ["onednn", "winograd", "aten"])
+@pytest.mark.parametrize("act", ["relu", "leaky_relu", "silu", "mish", "hardswish", "identity"])
+def test_eval_keeps_nan_and_inf_whatever_kernel_runs(monkeypatch, kernel, act):
+    """NaN and inf in x reach the eval output where the reference's, whichever kernel runs the
+    conv (oneDNN's relu post-op turned NaN into 0: relu runs as a pass after oneDNN's conv)."""
+    monkeypatch.setattr(routing, "onednn_eval_chosen", lambda *args: kernel == "onednn")
+    monkeypatch.setattr(conv_choice, "_PINNED_3X3", "winograd" if kernel == "winograd" else "onednn")
+    ref = reference.ConvBNAct(8, 8, 3, groups=2 if kernel == "onednn" else 1, act=act).eval()
+    fused = csp_kernels.ConvBNAct(8, 8, 3, groups=2 if kernel == "onednn" else 1, act=act).eval()
+    fused.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 8, 10, 10)
+    x[0, 1, 3, 4], x[1, 5, 6, 2], x[1, 0, 0, 0] = float("nan"), float("inf"), -float("inf")
+    if kernel == "winograd" and not winograd_usable(x):
+        pytest.skip("needs an AVX-512 CPU")
+    assert routing.eval_conv_kernel(x, fused.conv.weight, [1, 1], [1, 1], [1, 1], fused.conv.groups, "aten") == kernel
+    with torch.no_grad():
+        y, expected = fused(x), ref.double()(x.double())
+    assert y.isnan().any()
+    assert torch.equal(y.isnan(), expected.isnan()) and torch.equal(y.isinf(), expected.isinf())
+    finite = expected.isfinite()
+    assert torch.equal(y[~finite & ~expected.isnan()], expected[~finite & ~expected.isnan()].float())
+    assert_matches_reference(y[finite], expected[finite])

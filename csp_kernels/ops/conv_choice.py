@@ -208,9 +208,9 @@ def _onednn_eval_faster(x_shape, weight_shape, stride, padding, dilation, groups
     prepacked = torch._C._nn.mkldnn_reorder_conv2d_weight(weight.to_mkldnn(), list(padding), list(stride),
                                                           list(dilation), groups, list(x_shape))
 
-    def by_onednn():  # `routing.eval_conv_kernel`'s "onednn", its output back to NCHW
-        torch.ops.mkldnn._convolution_pointwise(x, prepacked, zeros, padding, stride, dilation, groups, "relu", [],
-                                                None).contiguous()
+    def by_onednn():  # `routing.eval_conv_kernel`'s "onednn" with an activation post-op, back to NCHW
+        torch.ops.mkldnn._convolution_pointwise(x, prepacked, zeros, padding, stride, dilation, groups, "leaky_relu",
+                                                [0.1], None).contiguous()
 
     def by_aten():
         z = plane_contiguous(F.conv2d(x, weight, None, stride, padding, dilation, groups))

@@ -54,10 +54,10 @@ from .conv1x1 import check_triton_dtype, conv1x1_bn_act_backward, conv1x1_fused
 from .conv3x3 import conv3x3_winograd, winograd_weight
 from .inductor_fallbacks import keep_fused_in_inductor
 
-# oneDNN post-ops (attrs) of torch.ops.mkldnn._convolution_pointwise; it has no mish.
-_ONEDNN_POST_OPS = {
-    "identity": "none", "relu": "relu", "leaky_relu": "leaky_relu", "silu": "swish", "hardswish": "hardswish",
-}
+# oneDNN post-ops (attrs) of torch.ops.mkldnn._convolution_pointwise. Not mish (oneDNN has none)
+# and not relu: oneDNN's relu (and leaky_relu with slope 0) turns a NaN into 0 where torch.relu
+# keeps it; those take the bias + act pass instead.
+_ONEDNN_POST_OPS = {"identity": "none", "leaky_relu": "leaky_relu", "silu": "swish", "hardswish": "hardswish"}
 
 
 def _onednn_post_op(act: str) -> tuple[str, list] | None:
