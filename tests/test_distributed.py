@@ -29,6 +29,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.checkpoint import checkpoint
 
 import csp_kernels
 from benchmarks import collectives
@@ -67,6 +68,9 @@ class Case(NamedTuple):
     convert: str = "library"  # or "torch": torch.nn.SyncBatchNorm.convert_sync_batchnorm
     compile: bool = False  # torch.compile of the (DDP-wrapped) fused module
     batches: tuple[int, ...] = (BATCH // WORLD_SIZE,) * WORLD_SIZE  # each rank's samples of the BATCH
+    # Both modules under a non-reentrant torch.utils.checkpoint, whose recomputation stops early:
+    # each BatchNorm counts the batch twice, the fused one's update made before its op saves.
+    checkpointed: bool = False
 
 
 CASES = {
@@ -104,6 +108,10 @@ CASES = {
     "pdb-compile-ddp": Case(csp_kernels.PartialDenseBlock, reference.PartialDenseBlock, (8, 2, 4), dict(fusion="csp"),
                             (8, 6, 6), "sync-ddp", compile=True),
     "dense-block": Case(csp_kernels.DenseBlock, reference.DenseBlock, (8, 2, 4), {}, (8, 6, 6)),
+    "conv3x3-checkpoint": Case(csp_kernels.ConvBNAct, reference.ConvBNAct, (6, 8, 3), dict(act="leaky_relu"),
+                               (6, 5, 5), checkpointed=True),
+    "pdb-csp-checkpoint": Case(csp_kernels.PartialDenseBlock, reference.PartialDenseBlock, (8, 2, 4),
+                               dict(fusion="csp"), (8, 6, 6), checkpointed=True),
     # An empty rank joins the collectives (as torch's CUDA SyncBatchNorm lets it).
     "conv3x3-empty-rank": Case(csp_kernels.ConvBNAct, reference.ConvBNAct, (6, 8, 3), dict(act="leaky_relu"),
                                (6, 5, 5), batches=(BATCH, 0)),
@@ -149,6 +157,10 @@ def _build(case: Case, device: str) -> tuple[nn.Module, nn.Module]:
     return fused, ref
 
 
+def _call(model: nn.Module, x: torch.Tensor, checkpointed: bool) -> torch.Tensor:
+    return checkpoint(model, x, use_reentrant=False) if checkpointed else model(x)
+
+
 def _run_case(name: str, rank: int, device: str, counter: CollectiveCounter) -> dict:
     """Trains the case's fused module on this rank's half and the reference beside it; raises
     on a mismatch. Returns the collectives of each step (none counted under torch.compile), the
@@ -174,14 +186,14 @@ def _run_case(name: str, rank: int, device: str, counter: CollectiveCounter) -> 
         x_all = torch.randn(sum(case.batches), *case.shape, dtype=ref_dtype).to(device)
         # The reference sees the whole batch, except under local-ddp, where it is DDP'd itself.
         x_ref = (x_all[half] if mode == "local-ddp" else x_all).clone().requires_grad_()
-        y_ref = ref_model(x_ref)
+        y_ref = _call(ref_model, x_ref, case.checkpointed)
         weight = torch.randn(y_ref.shape[1:], dtype=ref_dtype).to(device)  # a loss that weighs every output
         (y_ref * weight).sum().backward()
 
         x = x_all[half].to(case.dtype, copy=True).requires_grad_()
         # Dynamo would trace the counter's bookkeeping into the graph: compiled steps go uncounted.
         counter.active = not case.compile
-        y = model(x)
+        y = _call(model, x, case.checkpointed)
         # DDP averages the ranks' gradients; the reference's are the sum of the ranks' losses'.
         scale = WORLD_SIZE if mode == "sync-ddp" else 1
         ((y * weight.to(case.dtype)).sum() * scale).backward()
@@ -297,8 +309,9 @@ def test_running_statistics_are_the_groups_or_each_ranks(results, case):
         torch.testing.assert_close(first, second, rtol=0, atol=0)
 
 
-# Synchronized and counted (compiled steps are not).
-COUNTED = [name for name, case in CASES.items() if case.mode != "local-ddp" and not case.compile]
+# Synchronized and counted (compiled steps are not; a checkpoint's recomputation synchronizes again).
+COUNTED = [name for name, case in CASES.items() if case.mode != "local-ddp" and not case.compile
+           and not case.checkpointed]
 
 
 @pytest.mark.parametrize("case", COUNTED)

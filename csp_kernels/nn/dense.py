@@ -46,13 +46,15 @@ tests/test_partial_dense_block.py, tests/test_dense_block.py.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from .. import backend, checks, reference
 from ..ops import dense as dense_ops
-from ..ops import dense_eval, routing, sync_dense
+from ..ops import dense_eval, routing, stats_update, sync_dense
 from ..ops.fold_cache import fold_cache_hit, snapshot
 from ..ops.sync_batch_norm import process_group_of, sync_group
 from .transition import batch_norm_reason, conv_reason, track_batch_stats
@@ -278,11 +280,22 @@ class _FusedDense(nn.Module):
         dense_params = [p.to(x.dtype) if p.dim() == 4 else p for p in self.dense_params()]
         transition_params = [p.to(x.dtype) if p.dim() == 4 else p for p in self.transition_params()]
         args = (x, dense_params, transition_params, *self._layout(), self.act_name, eps, engine)
-        if (group := sync_group(self._norms()[0])) is not None:  # every BatchNorm's (_sync_reason)
-            outputs, count = sync_dense.partial_dense_block_sync(*args, group)
-        else:
-            outputs, count = dense_ops.partial_dense_block(*args), x.shape[0] * x.shape[2] * x.shape[3]
-        out, _buf, _z_first, _z_last, dense_mean, dense_var, bottleneck_mean, bottleneck_var, t_mean, t_var = outputs
+        # Where autograd records (in eager mode), the op's node updates the running statistics
+        # before it saves anything, as nn.BatchNorm2d does (ops/stats_update.py); else after it.
+        compiling = torch.compiler.is_compiling()
+        with contextlib.nullcontext() if compiling else stats_update.before_saving(self._track_batch_stats) as pending:
+            if (group := sync_group(self._norms()[0])) is not None:  # every BatchNorm's (_sync_reason)
+                outputs, count = sync_dense.partial_dense_block_sync(*args, group)
+            else:
+                outputs, count = dense_ops.partial_dense_block(*args), x.shape[0] * x.shape[2] * x.shape[3]
+        if pending is None or not pending.done:
+            self._track_batch_stats(outputs, count)
+        return outputs[0]
+
+    def _track_batch_stats(self, outputs: tuple, count: int | torch.Tensor) -> None:
+        """Every BatchNorm's running-statistics update from the training op's `outputs` (batch
+        statistics over `count` values per channel)."""
+        _out, _buf, _z_first, _z_last, dense_mean, dense_var, bottleneck_mean, bottleneck_var, t_mean, t_var = outputs
         dense = self._dense_block()
         for j, layer in enumerate(self._layers()):
             c = dense.in_channels + j * dense.growth_rate
@@ -293,7 +306,6 @@ class _FusedDense(nn.Module):
             stop = start + t.bn.num_features
             track_batch_stats(t.bn, t_mean[start:stop], t_var[start:stop], count)
             start = stop
-        return out
 
     def _eval_params(self, dtype: torch.dtype) -> dense_eval.EvalParams:
         """The folded parameters for data of `dtype` (the parameters' own, or autocast's)."""

@@ -6,13 +6,15 @@ autograd: ops/transition.py (its docstring names the kernels; which one runs: op
 synchronized BatchNorm: ops/sync_batch_norm.py; tests: tests/test_conv_bn_act.py."""
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .. import backend, checks, reference
 from ..ops import conv as conv_ops
-from ..ops import recompute, routing
+from ..ops import recompute, routing, stats_update
 from ..ops import transition as ops
 from ..ops.batch_norm_act import bn_scale_shift, stats_dtype, update_running_stats
 from ..ops.fold_cache import fold_cache_hit, snapshot
@@ -115,12 +117,15 @@ class ConvBNAct(reference.ConvBNAct):
         bn = self.bn
         args = (x, self.conv.weight.to(x.dtype), bn.weight, bn.bias, *self._conv_args(), bn.eps, act_name, engine)
         recording = torch.is_grad_enabled() and self._needs_grad(x, out)
+        # Where autograd records, the op's node updates bn's running statistics before it saves
+        # anything, as nn.BatchNorm2d does (ops/stats_update.py); else the update follows the op.
+        update = functools.partial(track_batch_stats, bn)
         if (group := sync_group(bn)) is not None:
-            with recompute.saving_recipes():
+            with recompute.saving_recipes(), stats_update.before_saving(update) as pending:
                 y, mean, var, count = conv_bn_act_train_sync(*args, group, out)
-            track_batch_stats(bn, mean, var, count)
+            if not pending.done:
+                update(mean, var, count)
             return y
-        z = None  # the conv output the recorded op saves, from which y is rebuilt (ops/recompute.py)
         if recording and torch.compiler.is_compiling():
             # The op's registered autograd formula; AOTAutograd's trace of an autograd.Function
             # writing into a view trips an internal autograd assert (torch 2.14), so a compiled
@@ -129,13 +134,15 @@ class ConvBNAct(reference.ConvBNAct):
             if out is not None:
                 y = out.copy_(y)
         elif recording:
-            with recompute.saving_recipes():
+            with recompute.saving_recipes(), stats_update.before_saving(update) as pending:
                 y, z, mean, var = ops.train_transition_recorded(*args, out)
+            # y is rebuilt from z, the conv output the op saves, where a later op saves y (ops/recompute.py)
+            recompute.tag(y, recompute.activation(z, mean, var, bn.weight, bn.bias, y.shape, bn.eps, act_name))
+            if pending.done:
+                return y
         else:
             y, _, mean, var = ops.train_transition(*args, out)
-        if recording and z is not None and not torch.compiler.is_compiling():
-            recompute.tag(y, recompute.activation(z, mean, var, bn.weight, bn.bias, y.shape, bn.eps, act_name))
-        track_batch_stats(bn, mean, var, y.numel() // y.shape[1])
+        update(mean, var, y.numel() // y.shape[1])
         return y
 
     def _needs_grad(self, x: torch.Tensor, out: torch.Tensor | None = None) -> bool:

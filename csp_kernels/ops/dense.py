@@ -76,6 +76,7 @@ from .batch_norm_act import (bn_scale_shift, channel_stats, plane_contiguous, sc
 from .conv import conv3x3_into, conv_backward
 from .conv1x1 import conv1x1_bn_act_backward, conv1x1_fused, conv1x1_input_grad, conv1x1_weight_grad
 from .inductor_fallbacks import keep_fused_in_inductor
+from .stats_update import update_before_saving
 
 _ops = torch.ops.csp_kernels
 DENSE_PARAMS_PER_LAYER = 6
@@ -502,4 +503,10 @@ def _dense_backward(grad_dense, buf, dense_params, g: Geometry, eps, mean, var, 
     return grads
 
 
-partial_dense_block.register_autograd(_backward, setup_context=_setup_context)
+def _setup_op_context(ctx, inputs, output):
+    _setup_context(ctx, inputs, output)
+    x = inputs[0]
+    update_before_saving(output, x.shape[0] * x.shape[2] * x.shape[3])
+
+
+partial_dense_block.register_autograd(_backward, setup_context=_setup_op_context)

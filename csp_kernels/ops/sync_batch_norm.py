@@ -35,6 +35,7 @@ from .batch_norm_act import (_ops, bn_scale_shift, plane_contiguous, refuse_doub
                              stats_dtype)
 from .conv import conv_backward, conv_output_shape
 from .routing import runs_as_gemm
+from .stats_update import update_before_saving
 from .transition import _batch_stats_conv
 
 
@@ -94,6 +95,7 @@ class SyncConvBNAct(torch.autograd.Function):
         stats[:c].copy_(mean64)
         stats[c:2 * c].copy_(var64)
         stats[2 * c].copy_(count)
+        update_before_saving(stats[:c], stats[c:2 * c], stats[2 * c])
         mean, var = mean64.to(mean.dtype), var64.to(var.dtype)
         y = scale_shift_act(z, *bn_scale_shift(mean, var, bn_weight, bn_bias, eps), act, out=out)
         if out is not None:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 
 from . import dense as dense_ops
+from .stats_update import update_before_saving
 from .sync_batch_norm import all_reduce_sums, all_reduce_stats, conv_bn_act_backward_sync
 
 # (stride, padding, dilation, groups) of the transitions' 1x1 convolutions.
@@ -70,6 +71,7 @@ class SyncDenseBlock(torch.autograd.Function):
         inputs = (x, list(params[:num_dense]), list(params[num_dense:]), part1, fusion, act, eps, engine)
         output = dense_ops.block_train(*inputs, hooks)
         dense_ops._setup_context(ctx, inputs, output)
+        update_before_saving(output, hooks.count)
         ctx.hooks = hooks
         return output
 

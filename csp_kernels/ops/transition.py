@@ -53,6 +53,7 @@ from .conv import conv, conv_backward, conv_output_shape, folds_into_weight, run
 from .conv1x1 import check_triton_dtype, conv1x1_bn_act_backward, conv1x1_fused
 from .conv3x3 import conv3x3_winograd, winograd_weight
 from .inductor_fallbacks import keep_fused_in_inductor
+from .stats_update import update_before_saving
 
 # oneDNN post-ops (attrs) of torch.ops.mkldnn._convolution_pointwise. Not mish (oneDNN has none)
 # and not relu: oneDNN's relu (and leaky_relu with slope 0) turns a NaN into 0 where torch.relu
@@ -236,6 +237,7 @@ class _Train(torch.autograd.Function):
         z_kernel = routing.recomputed_conv_kernel(x, weight, z, *conv_args, engine, x_recipe is not None)
         recomputed = None if z_kernel is None else recompute.ConvOutput(x, weight, conv_args, z_kernel, x_recipe)
         side_outputs.extend((recomputed or z, mean, var))
+        update_before_saving(mean, var, y.numel() // y.shape[1])
         if out is not None:
             ctx.mark_dirty(out)
         ctx.set_materialize_grads(False)
