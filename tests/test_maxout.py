@@ -323,6 +323,15 @@ def test_empty_batch():
     assert [g.shape for g in grads(out, features, torch.ones_like(out))] == [f.shape for f in features]
 
 
+@pytest.mark.parametrize("shape", [(2, 8, 0, 5), (2, 8, 5, 0), (0, 8, 3, 3)])
+def test_maxout_of_an_empty_map_or_batch(shape):
+    """An empty input gives the reference's empty output, and its (empty) gradient."""
+    x = torch.randn(shape, requires_grad=True)
+    out = csp_kernels.maxout(x, 4)
+    assert out.shape == reference.maxout(x, 4).shape == (shape[0], 4, *shape[2:])
+    assert grads(out, [x], torch.ones_like(out))[0].shape == x.shape
+
+
 @requires_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_cuda_matches_cpu_bitwise(dtype):

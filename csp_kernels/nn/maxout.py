@@ -24,7 +24,8 @@ def maxout(x: torch.Tensor, out_channels: int, grouping: str = "interleaved") ->
     x: (batch, channels, height, width) -> (batch, out_channels, height, width)
     """
     out_channels, grouping = checks.maxout_args(x, out_channels, grouping)
-    if backend.resolve_backend(x.device) == "reference":
+    # An empty map has nothing to compute (the pyramid op, which resizes, takes no empty size).
+    if backend.resolve_backend(x.device) == "reference" or x.shape[2] == 0 or x.shape[3] == 0:
         return reference.maxout(x, out_channels, grouping)
     return maxout_ops.maxout_pyramid([x], tuple(x.shape[-2:]), out_channels, grouping == "interleaved")
 
