@@ -292,14 +292,18 @@ def test_dense_block_matches_the_reference_either_way(monkeypatch, pinned, train
 
 
 @pytest.mark.parametrize("kernel", ["onednn", "winograd", "aten"])
-@pytest.mark.parametrize("act", ["relu", "leaky_relu", "silu", "mish", "hardswish", "identity"])
+@pytest.mark.parametrize("act", ["relu", "leaky_relu", "leaky_relu 0", "leaky_relu -0", "silu", "mish", "hardswish",
+                                 "identity"])
 def test_eval_keeps_nan_and_inf_whatever_kernel_runs(monkeypatch, kernel, act):
     """NaN and inf in x reach the eval output where the reference's, whichever kernel runs the
     conv (oneDNN's relu post-op turned NaN into 0: relu runs as a pass after oneDNN's conv)."""
     monkeypatch.setattr(routing, "onednn_eval_chosen", lambda *args: kernel == "onednn")
     monkeypatch.setattr(conv_choice, "_PINNED_3X3", "winograd" if kernel == "winograd" else "onednn")
-    ref = reference.ConvBNAct(8, 8, 3, groups=2 if kernel == "onednn" else 1, act=act).eval()
-    fused = csp_kernels.ConvBNAct(8, 8, 3, groups=2 if kernel == "onednn" else 1, act=act).eval()
+    act, _, slope = act.partition(" ")  # "leaky_relu 0": oneDNN's leaky_relu post-op with slope 0 is its relu
+    slope = float(slope) if slope else 0.01
+    ref = reference.ConvBNAct(8, 8, 3, groups=2 if kernel == "onednn" else 1, act=act, negative_slope=slope).eval()
+    fused = csp_kernels.ConvBNAct(8, 8, 3, groups=2 if kernel == "onednn" else 1, act=act,
+                                  negative_slope=slope).eval()
     fused.load_state_dict(ref.state_dict())
     x = torch.randn(2, 8, 10, 10)
     x[0, 1, 3, 4], x[1, 5, 6, 2], x[1, 0, 0, 0] = float("nan"), float("inf"), -float("inf")

@@ -56,8 +56,8 @@ from .inductor_fallbacks import keep_fused_in_inductor
 from .stats_update import update_before_saving
 
 # oneDNN post-ops (attrs) of torch.ops.mkldnn._convolution_pointwise. Not mish (oneDNN has none)
-# and not relu: oneDNN's relu (and leaky_relu with slope 0) turns a NaN into 0 where torch.relu
-# keeps it; those take the bias + act pass instead.
+# and not relu: oneDNN's relu (and its leaky_relu with slope 0, +-0.0) turns a NaN into 0 where
+# torch keeps it; those take the bias + act pass instead.
 _ONEDNN_POST_OPS = {"identity": "none", "leaky_relu": "leaky_relu", "silu": "swish", "hardswish": "hardswish"}
 
 
@@ -65,7 +65,9 @@ def _onednn_post_op(act: str) -> tuple[str, list] | None:
     """(attr, scalars) of activation `act` as a oneDNN post-op, or None where it has none."""
     name, slope = checks.parse_activation(act)
     attr = _ONEDNN_POST_OPS.get(name)
-    return None if attr is None else (attr, [slope] if name == "leaky_relu" else [])
+    if attr is None or (name == "leaky_relu" and slope == 0):
+        return None
+    return attr, [slope] if name == "leaky_relu" else []
 
 def check_out(out, shape, dtype: torch.dtype, device: torch.device, any_strides: bool, x: torch.Tensor,
               recording: bool) -> bool:
