@@ -271,7 +271,8 @@ def test_timm_model_stages_load_into_twins(name):
     (dict(block_dpr=[0.1, 0.0]), r"block_dpr=\[0.1, 0.0\] \(drop path\) is not modeled"),
     (dict(act_layer="gelu"), "act_layer must be one of timm's names"),
     (dict(norm_layer="layernorm"), "norm_layer must be BatchNorm2d"),
-    (dict(block_fn=cspnet.BottleneckBlock), "block_fn must be csp_kernels.reference.BottleneckBlock or DarkBlock"),
+    (dict(block_fn=cspnet.BottleneckBlock), "block_fn must be one of csp_kernels.reference.BottleneckBlock, "
+                                            r"csp_kernels.reference.DarkBlock; got <class 'timm"),
     (dict(expand_ratio=1.5, out_chs=30), "round.out_chs . expand_ratio. = 45 must be even"),
     (dict(block_ratio=0.5), r"in_chs \(32\) must equal out_chs \(16\)"),
 ])

@@ -372,7 +372,11 @@ def test_block_fn_takes_reference_and_fused_blocks():
     (lambda: csp_kernels.C2f(16, 1, e=0.5), ValueError, "0 hidden channels"),
     (lambda: csp_kernels.C3(16, 32, n=0), ValueError, "n must be"),
     (lambda: csp_kernels.CrossStage(16, 32, 2, 1, 1, block_fn=cspnet.BottleneckBlock), ValueError,
-     "block_fn must be csp_kernels.reference.BottleneckBlock or DarkBlock"),
+     "block_fn must be one of csp_kernels.BottleneckBlock, csp_kernels.DarkBlock, "
+     "csp_kernels.reference.BottleneckBlock, csp_kernels.reference.DarkBlock; got <class 'timm"),
+    (lambda: reference.CrossStage(16, 32, 2, 1, 1, block_fn=csp_kernels.DarkBlock), ValueError,
+     "block_fn must be one of csp_kernels.reference.BottleneckBlock, csp_kernels.reference.DarkBlock; got "
+     "<class 'csp_kernels"),
     (lambda: csp_kernels.DarkBlock(32, 16), ValueError, r"in_chs \(32\) must equal out_chs \(16\)"),
     (lambda: csp_kernels.BottleneckBlock(32, 32, act_layer="gelu"), ValueError, "act_layer must be one of"),
     (lambda: csp_kernels.C2f(16, 32, n="2"), TypeError, "n must be"),

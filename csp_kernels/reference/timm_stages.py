@@ -131,8 +131,10 @@ def _blocks(block_classes: dict, block_fn, depth: int, in_chs: int, out_chs: int
     """`depth` blocks named "0", "1", ..., the first from in_chs, all to out_chs, each built as
     block_classes[block_fn]."""
     if not isinstance(block_fn, type) or block_fn not in block_classes:
-        raise ValueError("block_fn must be csp_kernels.reference.BottleneckBlock or DarkBlock (the twins) or their "
-                         f"fused twins; got {block_fn!r}")
+        # By the names users import them under: csp_kernels.reference.X, csp_kernels.X (the fused twins).
+        accepted = sorted(("csp_kernels.reference." if cls.__module__.startswith("csp_kernels.reference") else
+                           "csp_kernels.") + cls.__qualname__ for cls in block_classes)
+        raise ValueError(f"block_fn must be one of {', '.join(accepted)}; got {block_fn!r}")
     blocks = nn.Sequential()
     for i in range(checks.check_positive_int(depth, "depth")):
         blocks.add_module(str(i), block_classes[block_fn](in_chs, out_chs, dilation, bottle_ratio, groups, act_layer,
