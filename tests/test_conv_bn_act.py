@@ -268,12 +268,13 @@ def test_eval_fold_cache_follows_parameter_changes(device, backend_name, kernel_
 
 
 def test_eval_aten_route_keeps_no_weight_copy():
-    """Where ATen runs the eval conv (float64 3x3 on the CPU), the module's weight is used as it
-    is: the eval cache holds, and compares at each call, BN's vectors only."""
+    """Where ATen runs the eval conv (float64 3x3 on the CPU, a map of a GEMM panel's pixels or
+    more), the module's weight is used as it is: the eval cache holds, and compares at each
+    call, BN's vectors only."""
     _, fused = make_pair(5, 7, 3, 1, "relu", torch.float64, "cpu")
     fused.eval()
     with torch.no_grad():
-        fused(torch.randn(2, 5, 4, 5, dtype=torch.float64))
+        fused(torch.randn(2, 5, 8, 8, dtype=torch.float64))
     _key, kept, weight, _bias, transform, scale = fused._folded
     assert weight is None and transform is None and scale is not None
     assert [t.shape for t in kept] == [torch.Size([7])] * 4

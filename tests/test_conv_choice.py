@@ -16,7 +16,7 @@ from csp_kernels.ops import conv as conv_ops
 from csp_kernels.ops import conv3x3, conv_choice, routing
 from csp_kernels.ops.routing import winograd_usable
 
-from helpers import assert_matches_reference, rel_error
+from helpers import assert_matches_reference, randomize_, rel_error
 
 needs_winograd = pytest.mark.skipif(not winograd_usable(torch.empty(0)), reason="needs an AVX-512 CPU")
 
@@ -215,6 +215,7 @@ def test_onednn_eval_writes_a_buffer_slot_as_it_returns_a_tensor(monkeypatch, ac
     writes the bits it returns without `out`, leaves the buffer's other channels alone and
     matches the reference."""
     monkeypatch.setattr(routing, "onednn_eval_chosen", lambda *args: True)
+    monkeypatch.setattr(routing, "gemm_over_batch_chosen", lambda *args: False)
     ref = reference.ConvBNAct(6, 5, 3, stride=2, act=act).eval()
     with torch.no_grad():
         ref.bn.running_mean.uniform_(-1, 1), ref.bn.running_var.uniform_(0.5, 2), ref.bn.weight.uniform_(0.5, 2)
@@ -317,3 +318,61 @@ def test_eval_keeps_nan_and_inf_whatever_kernel_runs(monkeypatch, kernel, act):
     finite = expected.isfinite()
     assert torch.equal(y[~finite & ~expected.isnan()], expected[~finite & ~expected.isnan()].float())
     assert_matches_reference(y[finite], expected[finite])
+
+
+@pytest.mark.parametrize("act", ["relu", "leaky_relu", "silu", "mish", "hardswish", "identity"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "channel slice"])
+def test_eval_1x1_over_the_batch_matches_the_reference(monkeypatch, act, layout):
+    """A 1x1 on a map smaller than one GEMM panel as one GEMM over the batch's pixels: the
+    reference's output (NaN and inf where it has them), NCHW, also into a buffer's slot."""
+    monkeypatch.setattr(routing, "gemm_over_batch_chosen", lambda *args: True)
+    ref = randomize_(reference.ConvBNAct(12, 5, 1, act=act)).eval()
+    fused = csp_kernels.ConvBNAct(12, 5, 1, act=act).eval()
+    fused.load_state_dict(ref.state_dict())
+    x = torch.randn(3, 12 if layout != "channel slice" else 20, 2, 3)
+    x = x[:, 4:16] if layout == "channel slice" else x
+    x = x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x
+    x[0, 1, 1, 2], x[2, 7, 0, 0] = float("nan"), float("inf")
+    assert routing.eval_conv_kernel(x, fused.conv.weight, [1, 1], [0, 0], [1, 1], 1, "aten") == "gemm over the batch"
+    buf = torch.full((3, 9, 2, 3), 7.0)
+    with torch.no_grad():
+        y, expected = fused(x), ref.double()(x.double())
+        written = fused(x, out=buf[:, 2:7])
+    assert y.is_contiguous() and written.data_ptr() == buf[:, 2:7].data_ptr()
+    assert torch.equal(buf[:, 2:7].nan_to_num(), y.nan_to_num()) and (buf[:, :2] == 7).all() and (buf[:, 7:] == 7).all()
+    assert torch.equal(y.isnan(), expected.isnan()) and torch.equal(y.isinf(), expected.isinf())
+    finite = expected.isfinite()
+    assert_matches_reference(y[finite], expected[finite])
+
+
+@pytest.mark.parametrize("kernel_size, stride, padding, dilation", [(3, 1, 1, 1), (3, 2, 1, 1), (5, 1, 2, 1),
+                                                                   (3, 1, 2, 2), (1, 2, 0, 1)])
+def test_eval_conv_over_the_batch_matches_the_reference(monkeypatch, kernel_size, stride, padding, dilation):
+    """k x k convs (strided, dilated) on small maps as one GEMM over the batch's patches."""
+    monkeypatch.setattr(routing, "gemm_over_batch_chosen", lambda *args: True)
+    ref = randomize_(reference.ConvBNAct(6, 5, kernel_size, stride=stride, padding=padding, dilation=dilation,
+                                         act="silu")).eval()
+    fused = csp_kernels.ConvBNAct(6, 5, kernel_size, stride=stride, padding=padding, dilation=dilation,
+                                  act="silu").eval()
+    fused.load_state_dict(ref.state_dict())
+    x = torch.randn(3, 6, 5, 7)
+    x[1, 2, 2, 3] = float("nan")
+    args = [stride] * 2, [padding] * 2, [dilation] * 2, 1
+    assert routing.eval_conv_kernel(x, fused.conv.weight, *args, "aten") == "gemm over the batch"
+    with torch.no_grad():
+        y, expected = fused(x), ref.double()(x.double())
+    assert y.shape == expected.shape and y.is_contiguous()
+    assert torch.equal(y.isnan(), expected.isnan())
+    assert_matches_reference(y.nan_to_num(), expected.nan_to_num())
+
+
+def test_the_gemm_over_the_batch_is_for_outputs_below_a_panel_without_groups(monkeypatch):
+    monkeypatch.setattr(routing, "gemm_over_batch_chosen", lambda *args: True)
+    weight = torch.randn(8, 4, 1, 1)
+    kernel = routing.eval_conv_kernel
+    assert kernel(torch.randn(2, 4, 7, 9), weight, [1, 1], [0, 0], [1, 1], 1, "aten") == "gemm over the batch"
+    assert kernel(torch.randn(2, 4, 8, 8), weight, [1, 1], [0, 0], [1, 1], 1, "aten") != "gemm over the batch"
+    assert kernel(torch.randn(2, 4, 16, 16), weight, [2, 2], [0, 0], [1, 1], 1, "aten") != "gemm over the batch"
+    assert kernel(torch.randn(2, 4, 14, 13), weight, [2, 2], [0, 0], [1, 1], 1, "aten") == "gemm over the batch"
+    assert kernel(torch.randn(2, 4, 3, 3), torch.randn(8, 2, 3, 3), [1, 1], [1, 1], [1, 1], 2, "aten") != \
+        "gemm over the batch"

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from . import routing
-from .batch_norm_act import bn_scale_shift, plane_contiguous
+from .batch_norm_act import bn_scale_shift, plane_contiguous, scale_shift_act
 from .conv1x1 import gemm_conv1x1
 from .conv3x3 import conv3x3_winograd, conv3x3_winograd_weight_grad
 from .conv_phases import conv3x3_stride2_input_grad
@@ -21,6 +21,30 @@ def conv_output_shape(x_shape, weight_shape, stride, padding, dilation) -> tuple
     spatial = [(size + 2 * p - d * (k - 1) - 1) // s + 1
                for size, k, s, p, d in zip(x_shape[2:], weight_shape[2:], stride, padding, dilation)]
     return (x_shape[0], weight_shape[0], *spatial)
+
+
+def conv_over_batch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, stride, padding, dilation, act: str,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
+    """act(conv2d(x, weight, bias)) (no groups) as one GEMM over the whole batch's output
+    pixels: x's patches gathered into an (in * kh * kw, batch * pixels) matrix (x itself for a
+    1x1 stride-1 conv), torch.mm, and the bias + act pass writing NCHW. For eval on maps too
+    small for per-plane GEMMs or convolution kernels (`routing.runs_as_gemm_over_batch`): a 2x2
+    output map gives a plane GEMM 4 columns wide, and the convolution kernels pay per sample.
+
+    x: (batch, in, height, width), any strides; weight: (out, in, kh, kw); bias: (out,) in the
+    statistics dtype; out: (batch, out, height', width') with contiguous planes, or None.
+    -> out, or a new NCHW tensor
+    """
+    n, k, h, w = conv_output_shape(x.shape, weight.shape, stride, padding, dilation)
+    if tuple(weight.shape[2:]) == (1, 1) and tuple(stride) == (1, 1) and tuple(padding) == (0, 0):
+        columns = x.transpose(0, 1).reshape(x.shape[1], n * h * w)
+    else:
+        columns = F.unfold(x, weight.shape[2:], dilation, padding, stride).transpose(0, 1).reshape(-1, n * h * w)
+    z = torch.mm(weight.reshape(k, -1), columns)
+    if out is None:
+        out = x.new_empty(n, k, h, w)
+    # z's (height, width) planes are contiguous in this (batch, out) view: one pass to NCHW.
+    return scale_shift_act(z.view(k, n, h, w).transpose(0, 1), torch.ones_like(bias), bias, act, out=out)
 
 
 def fold_batch_norm(conv_weight, bn_weight, bn_bias, running_mean, running_var, eps: float):

@@ -8,6 +8,8 @@ convolution, decided by measuring the candidates once per shape in this process:
                 weight gradient;
   3x3 stride-2  the input gradient as four stride-1 convolutions, one per input phase
                 (`ops.conv_phases`), or ATen's backward — `phases_input_grad_chosen`;
+  eval on small one GEMM over the whole batch's output pixels (`ops.conv.conv_over_batch`) or
+  maps          ATen's convolution and a bias + act pass — `gemm_over_batch_chosen`;
   other eval    oneDNN's post-op convolution with a prepacked weight, or ATen's convolution
                 and a bias + act pass — `onednn_eval_chosen`.
 
@@ -68,6 +70,14 @@ def gemm_chosen(x_shape, weight_shape, training: bool) -> bool:
         return _PINNED_1X1 == "gemm"
     return _verdict(("1x1", tuple(x_shape), tuple(weight_shape), training),
                     x_shape[2] * x_shape[3] >= _UNMEASURED_MIN_PIXELS, _gemm_faster)
+
+
+def gemm_over_batch_chosen(x_shape, weight_shape, stride, padding, dilation) -> bool:
+    """Whether a CPU eval conv2d(x, weight) (no groups) of this geometry, with bias + act, should
+    run as one GEMM over the batch's output pixels (`ops.conv.conv_over_batch`) rather than as
+    ATen's convolution and the bias + act pass. Inside a trace, unmeasured: ATen's."""
+    return _verdict(("gemm over the batch", tuple(x_shape), tuple(weight_shape), tuple(stride), tuple(padding),
+                     tuple(dilation)), False, _gemm_over_batch_faster)
 
 
 def winograd_chosen(x_shape, weight_shape, transform_cached: bool) -> bool:
@@ -200,6 +210,19 @@ def _gemm_faster(x_shape, weight_shape, training: bool) -> bool:
                                             [True, True, False])
 
     return _faster(by_gemm, by_onednn)
+
+
+def _gemm_over_batch_faster(x_shape, weight_shape, stride, padding, dilation) -> bool:
+    from .conv import conv_over_batch  # it routes through `ops.routing`, which asks us
+    x, weight = torch.randn(x_shape), torch.randn(weight_shape)
+    ones, zeros = torch.ones(weight_shape[0]), torch.zeros(weight_shape[0])
+
+    def by_aten():  # `routing.eval_conv_kernel`'s "aten": the conv, then BN's scale + act pass in place
+        z = plane_contiguous(F.conv2d(x, weight, None, stride, padding, dilation))
+        scale_shift_act(z, ones, zeros, "relu", out=z)
+
+    return _faster(lambda: conv_over_batch(x, weight, zeros, stride, padding, dilation, "relu"), by_aten,
+                   _fold_check_seconds(weight))
 
 
 def _onednn_eval_faster(x_shape, weight_shape, stride, padding, dilation, groups) -> bool:

@@ -44,7 +44,8 @@ The engine is an op argument (so that a compiled graph keeps it), from the backe
                                         otherwise                                      "aten"
   conv weight gradient          any     as `runs_winograd_weight_grad`                 Winograd, else ATen
   eval transition conv          triton                     1x1                         "triton" (bias + act epilogue)
-    (`eval_conv_kernel`)        aten    as `runs_as_gemm(training=False)`              "gemm" (bias + act epilogue)
+    (`eval_conv_kernel`)        aten    as `runs_as_gemm_over_batch`                   "gemm over the batch"
+                                aten    as `runs_as_gemm(training=False)`              "gemm" (bias + act epilogue)
                                 aten    as `runs_as_winograd(transform_cached=True)`   "winograd" (cached transform)
                                 aten    CPU     f32        oneDNN built, measured      "onednn" (act as post-op,
                                                            faster (`onednn_eval_...`)  prepacked weight)
@@ -78,8 +79,8 @@ import torch
 from .. import extension
 from ..checks import env_choice
 from .batch_norm_act import planes_contiguous
-from .conv_choice import (gemm_chosen, onednn_eval_chosen, phases_input_grad_chosen, winograd_chosen,
-                          winograd_weight_grad_chosen)
+from .conv_choice import (gemm_chosen, gemm_over_batch_chosen, onednn_eval_chosen, phases_input_grad_chosen,
+                          winograd_chosen, winograd_weight_grad_chosen)
 
 CPU_KERNEL_DTYPES = (torch.float32, torch.float64)
 
@@ -236,6 +237,24 @@ def runs_as_gemm(x, weight, stride, padding, groups, training: bool) -> bool:
             and (x.dtype == torch.float64 or gemm_chosen(x.shape, weight.shape, training)))
 
 
+# The output columns of the CPU GEMM's micro-kernel panel (csrc/cpu/sgemm_avx512.cpp): a plane
+# GEMM over fewer pixels leaves part of every panel idle.
+GEMM_PANEL_COLUMNS = 64
+
+
+def runs_as_gemm_over_batch(x, weight, stride, padding, dilation, groups) -> bool:
+    """CPU eval convs (no groups) whose output maps are smaller than one GEMM panel
+    (`GEMM_PANEL_COLUMNS` pixels) run as one GEMM over the whole batch's output pixels
+    (`ops.conv.conv_over_batch`) where measured faster than ATen's convolution for the shape
+    (`conv_choice.gemm_over_batch_chosen`)."""
+    from .conv import conv_output_shape  # ops.conv routes through us
+    if not cpu_kernels_run(x) or x.dim() != 4 or groups != 1:
+        return False
+    _, _, height, width = conv_output_shape(x.shape, weight.shape, stride, padding, dilation)
+    return height * width < GEMM_PANEL_COLUMNS and gemm_over_batch_chosen(x.shape, weight.shape, stride, padding,
+                                                                          dilation)
+
+
 def runs_as_winograd(x, weight, stride, padding, dilation, groups, transform_cached: bool = False) -> bool:
     """CPU float32 3x3 stride-1 "same" convs of plane-contiguous x run by Winograd F(2x2, 3x3)
     (`ops.conv3x3`) where it was measured faster than oneDNN for their shapes
@@ -347,12 +366,15 @@ def out_takes_any_strides(fused: bool, engine: str, training: bool) -> bool:
 
 def eval_conv_kernel(x, weight, stride, padding, dilation, groups, engine: str) -> str:
     """What runs an eval transition's conv with BN folded in (`conv_bias_act`): "triton" or
-    "gemm" (bias + act in the GEMM's epilogue), "winograd" (the weight's transform cached),
+    "gemm" (bias + act in the GEMM's epilogue), "gemm over the batch" (small maps: one GEMM for
+    all samples' pixels, then the bias + act pass), "winograd" (the weight's transform cached),
     "onednn" (float32 CPU: oneDNN's post-op convolution with a prepacked weight, where measured
     faster than "aten": `conv_choice.onednn_eval_chosen`), else "aten" (`conv_kernel` for eval,
     then a bias + act pass)."""
     if engine == "triton":
         return "triton"
+    if engine == "aten" and runs_as_gemm_over_batch(x, weight, stride, padding, dilation, groups):
+        return "gemm over the batch"
     if runs_as_gemm(x, weight, stride, padding, groups, training=False):
         return "gemm"
     if engine != "aten":

@@ -49,7 +49,7 @@ from .. import checks
 from . import dispatch, recompute, routing
 from .batch_norm_act import (bn_act_backward, bn_scale_shift, channel_stats, overlaps_itself, plane_contiguous,
                              planes_contiguous,  refuse_double_backward, scale_shift_act, shares_memory, stats_dtype)
-from .conv import conv, conv_backward, conv_output_shape, folds_into_weight, run_conv
+from .conv import conv, conv_backward, conv_output_shape, conv_over_batch, folds_into_weight, run_conv
 from .conv1x1 import check_triton_dtype, conv1x1_bn_act_backward, conv1x1_fused
 from .conv3x3 import conv3x3_winograd, winograd_weight
 from .inductor_fallbacks import keep_fused_in_inductor
@@ -307,6 +307,8 @@ def _eval_forward(x, weight, bias, stride, padding, dilation, groups, act, engin
         return _triton_conv1x1(x, weight, stride, bias=bias, act=act, out=out)
     if kernel == "gemm":
         return conv1x1_fused(x, weight, bias=bias, act=act, out=out)
+    if kernel == "gemm over the batch":
+        return conv_over_batch(x, weight, bias, stride, padding, dilation, act, out)
     if kernel == "onednn":
         post_op = _onednn_post_op(act)
         attr, scalars = post_op or ("none", [])
