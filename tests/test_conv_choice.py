@@ -376,3 +376,21 @@ def test_the_gemm_over_the_batch_is_for_outputs_below_a_panel_without_groups(mon
     assert kernel(torch.randn(2, 4, 14, 13), weight, [2, 2], [0, 0], [1, 1], 1, "aten") == "gemm over the batch"
     assert kernel(torch.randn(2, 4, 3, 3), torch.randn(8, 2, 3, 3), [1, 1], [1, 1], [1, 1], 2, "aten") != \
         "gemm over the batch"
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_measuring_leaves_the_global_random_generator_alone(measuring, train):
+    """A first call per shape times kernels on random data; the global generator's state after
+    it is what the reference's call leaves (dropout after a ConvBNAct drew other masks)."""
+    fused = csp_kernels.ConvBNAct(16, 16, 3, act="silu").train(train)
+    for shape in [(2, 16, 5, 5), (2, 16, 30, 30)]:  # small maps (the GEMM over the batch) and large
+        x = torch.randn(shape)
+        torch.manual_seed(123)
+        with torch.set_grad_enabled(train):
+            y = fused(x.requires_grad_(train))
+            if train:
+                y.sum().backward()
+        after = torch.get_rng_state()
+        torch.manual_seed(123)
+        assert torch.equal(after, torch.get_rng_state())
+    assert conv_choice.measured_verdicts(), "nothing was measured"

@@ -141,7 +141,11 @@ def _verdict(key: tuple, unmeasured_rule: bool, measure: Callable[..., bool]) ->
             return unmeasured_rule
         # The first verdict stored stands: threads measuring one key at once would otherwise
         # leave callers with different verdicts (a weight prepared for one kernel, run by another).
-        verdict = _verdicts.setdefault(key, measure(*key[1:]))
+        # The timing's random data comes from the global generator, restored after it: a model's
+        # later draws (dropout, augmentation) must not depend on whether a shape was new.
+        with torch.random.fork_rng(devices=[]):
+            measured = measure(*key[1:])
+        verdict = _verdicts.setdefault(key, measured)
     return verdict
 
 
