@@ -188,6 +188,18 @@ def _same_bits_bandwidth() -> float:
     return 2 * size / best
 
 
+def _aten_eval(x, weight, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1) -> Callable[[], None]:
+    """`routing.eval_conv_kernel`'s "aten" for these arguments, the candidate our eval kernels
+    are timed against: ATen's conv, then BN's scale + act pass in place."""
+    ones, zeros = torch.ones(weight.shape[0]), torch.zeros(weight.shape[0])
+
+    def run():
+        z = plane_contiguous(F.conv2d(x, weight, None, stride, padding, dilation, groups))
+        scale_shift_act(z, ones, zeros, "relu", out=z)
+
+    return run
+
+
 def _gemm_faster(x_shape, weight_shape, training: bool) -> bool:
     from .conv1x1 import conv1x1_bn_act_backward, conv1x1_fused  # they route through `ops.routing`, which asks us
 
@@ -195,11 +207,8 @@ def _gemm_faster(x_shape, weight_shape, training: bool) -> bool:
     c = weight_shape[0]
     ones, zeros = torch.ones(c), torch.zeros(c)
     if not training:
-        def by_aten():  # `routing.eval_conv_kernel`'s "aten": the conv, then BN's scale + act pass in place
-            z = plane_contiguous(F.conv2d(x, weight))
-            scale_shift_act(z, ones, zeros, "relu", out=z)
-
-        return _faster(lambda: conv1x1_fused(x, weight, bias=zeros, act="relu"), by_aten, _fold_check_seconds(weight))
+        return _faster(lambda: conv1x1_fused(x, weight, bias=zeros, act="relu"), _aten_eval(x, weight),
+                       _fold_check_seconds(weight))
     grad_y = torch.randn(x_shape[0], c, *x_shape[2:])
 
     def by_gemm():
@@ -219,19 +228,14 @@ def _gemm_faster(x_shape, weight_shape, training: bool) -> bool:
 def _gemm_over_batch_faster(x_shape, weight_shape, stride, padding, dilation) -> bool:
     from .conv import conv_over_batch  # it routes through `ops.routing`, which asks us
     x, weight = torch.randn(x_shape), torch.randn(weight_shape)
-    ones, zeros = torch.ones(weight_shape[0]), torch.zeros(weight_shape[0])
-
-    def by_aten():  # `routing.eval_conv_kernel`'s "aten": the conv, then BN's scale + act pass in place
-        z = plane_contiguous(F.conv2d(x, weight, None, stride, padding, dilation))
-        scale_shift_act(z, ones, zeros, "relu", out=z)
-
-    return _faster(lambda: conv_over_batch(x, weight, zeros, stride, padding, dilation, "relu"), by_aten,
-                   _fold_check_seconds(weight))
+    zeros = torch.zeros(weight_shape[0])
+    return _faster(lambda: conv_over_batch(x, weight, zeros, stride, padding, dilation, "relu"),
+                   _aten_eval(x, weight, stride, padding, dilation), _fold_check_seconds(weight))
 
 
 def _onednn_eval_faster(x_shape, weight_shape, stride, padding, dilation, groups) -> bool:
     x, weight = torch.randn(x_shape), torch.randn(weight_shape)
-    ones, zeros = torch.ones(weight_shape[0]), torch.zeros(weight_shape[0])
+    zeros = torch.zeros(weight_shape[0])
     prepacked = torch._C._nn.mkldnn_reorder_conv2d_weight(weight.to_mkldnn(), list(padding), list(stride),
                                                           list(dilation), groups, list(x_shape))
 
@@ -239,11 +243,7 @@ def _onednn_eval_faster(x_shape, weight_shape, stride, padding, dilation, groups
         torch.ops.mkldnn._convolution_pointwise(x, prepacked, zeros, padding, stride, dilation, groups, "leaky_relu",
                                                 [0.1], None).contiguous()
 
-    def by_aten():
-        z = plane_contiguous(F.conv2d(x, weight, None, stride, padding, dilation, groups))
-        scale_shift_act(z, ones, zeros, "relu", out=z)
-
-    return _faster(by_onednn, by_aten, _fold_check_seconds(weight))
+    return _faster(by_onednn, _aten_eval(x, weight, stride, padding, dilation, groups), _fold_check_seconds(weight))
 
 
 def _winograd_faster(x_shape, weight_shape, transform_cached: bool) -> bool:

@@ -505,8 +505,7 @@ def _dense_backward(grad_dense, buf, dense_params, g: Geometry, eps, mean, var, 
 
 def _setup_op_context(ctx, inputs, output):
     _setup_context(ctx, inputs, output)
-    x = inputs[0]
-    update_before_saving(output, x.shape[0] * x.shape[2] * x.shape[3])
+    update_before_saving(output, ctx.geometry.count)
 
 
 partial_dense_block.register_autograd(_backward, setup_context=_setup_op_context)
