@@ -55,6 +55,7 @@ from torch import nn
 from .. import backend, checks, reference
 from ..ops import dense as dense_ops
 from ..ops import dense_eval, routing, stats_update, sync_dense
+from ..ops.batch_norm_act import as_channels_last_if, suggests_channels_last
 from ..ops.fold_cache import fold_cache_hit, snapshot
 from ..ops.sync_batch_norm import process_group_of, sync_group
 from .transition import batch_norm_reason, conv_reason, track_batch_stats
@@ -270,8 +271,9 @@ class _FusedDense(nn.Module):
         head = self._exact_head()
         if head and data.dtype != x.dtype:
             # The reference's torch.cat promotes its exact head (x's channels) and the autocast-dtype rest.
-            return torch.cat([x[:, :head], out[:, head:]], 1)
-        return out
+            out = torch.cat([x[:, :head], out[:, head:]], 1)
+        # The op's buffer is NCHW; the reference's convolutions and cats keep a channels_last x's format.
+        return as_channels_last_if(out, suggests_channels_last(x))
 
     def _train_forward(self, x: torch.Tensor, engine: str) -> torch.Tensor:
         """The training op on x in its compute dtype; the convolutions' weights cast to it

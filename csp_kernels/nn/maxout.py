@@ -15,19 +15,21 @@ from typing import Sequence
 import torch
 from .. import backend, checks, reference
 from ..ops import maxout as maxout_ops
+from ..ops.batch_norm_act import as_channels_last_if, suggests_channels_last
 from .transition import ConvBNAct
 
 
 def maxout(x: torch.Tensor, out_channels: int, grouping: str = "interleaved") -> torch.Tensor:
     """Channel Maxout in one pass; semantics, ties and gradient as `reference.maxout`.
 
-    x: (batch, channels, height, width) -> (batch, out_channels, height, width)
+    x: (batch, channels, height, width) -> (batch, out_channels, height, width), in x's memory format
     """
     out_channels, grouping = checks.maxout_args(x, out_channels, grouping)
     # An empty map has nothing to compute (the pyramid op, which resizes, takes no empty size).
     if backend.resolve_backend(x.device) == "reference" or x.shape[2] == 0 or x.shape[3] == 0:
         return reference.maxout(x, out_channels, grouping)
-    return maxout_ops.maxout_pyramid([x], tuple(x.shape[-2:]), out_channels, grouping == "interleaved")
+    y = maxout_ops.maxout_pyramid([x], tuple(x.shape[-2:]), out_channels, grouping == "interleaved")
+    return as_channels_last_if(y, suggests_channels_last(x))  # the reference's slices keep x's format
 
 
 def maxout_pyramid(
@@ -41,12 +43,15 @@ def maxout_pyramid(
 
     features: list of (batch, channels_i, height_i, width_i), same batch, dtype and device
     size: (height, width), or an int for a square
-    -> (batch, out_channels, height, width); sum(channels_i) must be divisible by out_channels.
+    -> (batch, out_channels, height, width), channels_last where every feature is;
+    sum(channels_i) must be divisible by out_channels.
     """
     size, out_channels, grouping = checks.maxout_pyramid_args(features, size, out_channels, grouping)
     if backend.resolve_backend(features[0].device) == "reference":
         return reference.maxout_pyramid(features, size, out_channels, grouping)
-    return maxout_ops.maxout_pyramid(features, size, out_channels, grouping == "interleaved")
+    y = maxout_ops.maxout_pyramid(features, size, out_channels, grouping == "interleaved")
+    # The reference's torch.cat answers channels_last where all its inputs are.
+    return as_channels_last_if(y, all(suggests_channels_last(f) for f in features))
 
 
 class Maxout(reference.Maxout):

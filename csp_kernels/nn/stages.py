@@ -48,6 +48,7 @@ width).
 """
 from __future__ import annotations
 
+import functools
 from typing import Iterable
 
 import torch
@@ -55,7 +56,7 @@ from torch import nn
 
 from .. import backend, checks, reference
 from ..ops import recompute, routing
-from ..ops.batch_norm_act import shares_memory
+from ..ops.batch_norm_act import as_channels_last_if, shares_memory, suggests_channels_last
 from ..ops.conv import conv_output_shape
 from .transition import ConvBNAct, conv_reason
 
@@ -152,6 +153,20 @@ def new_output(module: ConvBNAct, x: torch.Tensor, channels: int | None = None) 
     return x.new_empty(batch, channels or out_channels, height, width)
 
 
+def follows_input_format(forward):
+    """A stage's `forward(x, out=None)` returning its result in x's memory format, as the
+    reference twin's convolutions, cats and adds give it; a result written into `out` is the
+    caller's. A channels_last x is copied to NCHW once, where every convolution reading it
+    would copy it (the kernels walk planes), and the result back."""
+    @functools.wraps(forward)
+    def in_input_format(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        if not suggests_channels_last(x):
+            return forward(self, x, out)
+        y = forward(self, x.contiguous(), out)
+        return y if out is not None else as_channels_last_if(y, True)
+    return in_input_format
+
+
 def _reference_reason(module: nn.Module, x: torch.Tensor, writers: Writers,
                       shape_source: tuple[str, ConvBNAct] | None) -> str | None:
     """None when the buffered forward covers this call; else why the reference twin's forward
@@ -231,6 +246,7 @@ class Bottleneck(reference.Bottleneck):
     __doc__ = reference.Bottleneck.__doc__
     conv_bn_act = ConvBNAct
 
+    @follows_input_format
     def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         return _residual_forward(self, super().forward, x, out, "cv1", "cv2", self.add)
 
@@ -239,6 +255,7 @@ class C2f(reference.C2f):
     __doc__ = reference.C2f.__doc__
     conv_bn_act, bottleneck = ConvBNAct, Bottleneck
 
+    @follows_input_format
     def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         writers = [("cv1", self.cv1, (ConvBNAct,)), ("cv2", self.cv2, (ConvBNAct,))] + [
             (f"m.{i}", block, (Bottleneck, C3k)) for i, block in enumerate(self.m)]  # C3k: in a C3k2
@@ -258,6 +275,7 @@ class C3(reference.C3):
     __doc__ = reference.C3.__doc__
     conv_bn_act, bottleneck = ConvBNAct, Bottleneck
 
+    @follows_input_format
     def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         writers = [("cv2", self.cv2, (ConvBNAct,)), ("cv3", self.cv3, (ConvBNAct,)),
                    (f"m.{len(self.m) - 1}", self.m[-1], (Bottleneck,))]
@@ -288,6 +306,7 @@ class BottleneckBlock(reference.BottleneckBlock):
     __doc__ = reference.BottleneckBlock.__doc__
     conv_bn_act = ConvBNAct
 
+    @follows_input_format
     def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         if (y := _unbuffered_output(self, super().forward, x, out, [("conv3", self.conv3, (ConvBNAct,))],
                                     ("conv3", self.conv3))) is not None:
@@ -347,6 +366,7 @@ class DarkBlock(reference.DarkBlock):
     __doc__ = reference.DarkBlock.__doc__
     conv_bn_act = ConvBNAct
 
+    @follows_input_format
     def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         return _residual_forward(self, super().forward, x, out, "conv1", "conv2", True)
 
@@ -371,6 +391,7 @@ class CrossStage(reference.CrossStage):
     __doc__ = reference.CrossStage.__doc__
     conv_bn_act, block_classes = ConvBNAct, _TIMM_BLOCKS
 
+    @follows_input_format
     def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         writers = [("conv_exp", self.conv_exp, (ConvBNAct,)),
                    ("conv_transition_b", self.conv_transition_b, (ConvBNAct,)),
@@ -391,6 +412,7 @@ class CrossStage3(reference.CrossStage3):
     __doc__ = reference.CrossStage3.__doc__
     conv_bn_act, block_classes = ConvBNAct, _TIMM_BLOCKS
 
+    @follows_input_format
     def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         writers = [("conv_exp", self.conv_exp, (ConvBNAct,)), _last_block(self.blocks),
                    ("conv_transition", self.conv_transition, (ConvBNAct,))]
@@ -411,6 +433,7 @@ class DarkStage(reference.DarkStage):
     __doc__ = reference.DarkStage.__doc__
     conv_bn_act, block_classes = ConvBNAct, _TIMM_BLOCKS
 
+    @follows_input_format
     def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         if (y := _unbuffered_output(self, super().forward, x, out, [_last_block(self.blocks)], None)) is not None:
             return y

@@ -16,7 +16,8 @@ from .. import backend, checks, reference
 from ..ops import conv as conv_ops
 from ..ops import recompute, routing, stats_update
 from ..ops import transition as ops
-from ..ops.batch_norm_act import bn_scale_shift, stats_dtype, update_running_stats
+from ..ops.batch_norm_act import (as_channels_last_if, bn_scale_shift, stats_dtype, suggests_channels_last,
+                                  update_running_stats)
 from ..ops.fold_cache import fold_cache_hit, snapshot
 from ..ops.sync_batch_norm import conv_bn_act_train_sync, sync_group
 
@@ -26,7 +27,9 @@ class ConvBNAct(reference.ConvBNAct):
     ultralytics' Conv keys), same outputs, gradients and running-statistics updates.
 
     forward(x, out=None)
-      x: (batch, in_channels, height, width) -> (batch, out_channels, height', width').
+      x: (batch, in_channels, height, width) -> (batch, out_channels, height', width'), in
+      the memory format F.conv2d gives (channels_last for a channels_last x or conv weight:
+      the kernels compute NCHW, and a copy converts).
       out: optional tensor of that shape and of the computed dtype (x's, or autocast's) whose
       (height, width) planes are contiguous — typically a channel slice `buf[:, a:b]` of a
       bigger NCHW buffer. The result is written there and `out` is returned: with no copy in
@@ -107,8 +110,13 @@ class ConvBNAct(reference.ConvBNAct):
             y = super().forward(x)
             return y if out is None else out.copy_(y)
         if bn.training:
-            return self._forward_train(x, out, act_name, engine)
-        return self._forward_eval(x, out, act_name, engine, conv, bn)
+            y = self._forward_train(x, out, act_name, engine)
+        else:
+            y = self._forward_eval(x, out, act_name, engine, conv, bn)
+        if out is not None:
+            return y
+        # The kernels write NCHW; F.conv2d answers channels_last for a channels_last x or weight.
+        return as_channels_last_if(y, suggests_channels_last(x) or suggests_channels_last(conv._parameters["weight"]))
 
     def _conv_args(self) -> tuple:
         return conv_args(self.conv)

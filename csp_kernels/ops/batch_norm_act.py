@@ -153,6 +153,29 @@ def plane_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if planes_contiguous(x) else x.clone(memory_format=torch.contiguous_format)
 
 
+def suggests_channels_last(t: torch.Tensor) -> bool:
+    """Whether PyTorch's convolution, BatchNorm and activations give their result for `t` (an
+    input or a convolution's weight) in channels_last: ATen's `suggest_memory_format`
+    (is_channels_last_strides_2d, which C++ alone exposes), ambiguous strides counting as NCHW."""
+    if t.dim() != 4 or t.layout != torch.strided:
+        return False
+    sizes, strides = t.shape, t.stride()
+    if strides[1] == 0:
+        return False
+    lowest = 0
+    for d in (1, 3, 2, 0):
+        if sizes[d] == 0 or strides[d] < lowest or (d == 0 and lowest == strides[1]):
+            return False
+        lowest = strides[d] * sizes[d] if sizes[d] > 1 else strides[d]
+    return True
+
+
+def as_channels_last_if(y: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """`y`, a fused module's result, which the kernels write NCHW, in the memory format its
+    plain-PyTorch twin gives: a channels_last copy where `channels_last`, else y itself."""
+    return y.contiguous(memory_format=torch.channels_last) if channels_last else y
+
+
 def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel batch mean and biased variance.
 
