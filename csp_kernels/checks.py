@@ -160,6 +160,15 @@ _AUTOCAST_DEVICE_TYPES = frozenset(
     if torch.amp.is_autocast_available(d))
 
 
+def check_batch_norm_eps(eps: float, training: bool) -> None:
+    """Raise, with F.batch_norm's words, for an eps it refuses: not positive in training (batch
+    statistics), negative in eval. The fused kernels read eps without calling it."""
+    if training and eps <= 0.0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    if eps < 0.0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+
+
 def autocast_enabled(device_type: str) -> bool:
     """Whether autocast is on for `device_type` (False for a device type without autocast)."""
     return device_type in _AUTOCAST_DEVICE_TYPES and torch.is_autocast_enabled(device_type)

@@ -347,10 +347,12 @@ def test_conv_bn_act_double_backward_refused(with_out):
         torch.autograd.grad(y.square().sum(), x, create_graph=True)
 
 
-def test_partial_dense_block_double_backward_refused():
-    block = csp_kernels.PartialDenseBlock(6, num_layers=1, growth_rate=2).double()
+@pytest.mark.parametrize("cls", [csp_kernels.PartialDenseBlock, csp_kernels.DenseBlock])
+def test_dense_block_double_backward_refused(cls):
+    block = cls(6, num_layers=1, growth_rate=2).double()
     x = torch.randn(2, 6, H, W, dtype=torch.float64, requires_grad=True)
-    with pytest.raises(RuntimeError, match="PartialDenseBlock does not support double backward"):
+    with pytest.raises(RuntimeError, match=r"partial_dense_block \(a training csp_kernels.PartialDenseBlock or "
+                                           r"DenseBlock\) does not support double backward"):
         torch.autograd.grad(block(x).square().sum(), x, create_graph=True)
 
 

@@ -418,3 +418,26 @@ def test_sync_batch_norm_without_a_process_group_is_batch_norm(device, module, t
     ref.train(training), fused.train(training)
     check_step(ref, fused, device, grad=training)
     check_step(ref, fused, device, grad=False)
+
+
+@pytest.mark.parametrize("module", MODULES)
+@pytest.mark.parametrize("eps, mode", [(0.0, "train"), (-1e-3, "train"), (-1e-3, "eval-no-grad")])
+def test_batch_norm_eps_that_batch_norm_refuses(module, eps, mode):
+    """The fused kernels read eps without calling F.batch_norm: they refuse what it refuses, with
+    its words, and run what it runs (eps 0 in eval)."""
+    ref, fused = MODULES[module]("cpu")
+    x = torch.randn(2, ref.in_channels, 16, 16, dtype=torch.float64)
+    for m in (ref, fused):
+        m.train(mode == "train")
+        for bn in norms(m):
+            bn.eps = eps
+    with torch.set_grad_enabled(mode != "eval-no-grad"):
+        with pytest.raises(ValueError) as expected:
+            ref(x)
+        with pytest.raises(ValueError, match=f"^{expected.value}$".replace("(", r"\(").replace(")", r"\)")):
+            fused(x)
+        if mode != "train":  # eps 0 normalizes by the running variance alone
+            for m in (ref, fused):
+                for bn in norms(m):
+                    bn.eps = 0.0
+            assert_matches_reference(fused(x), ref(x), tol=TOL, name="eps 0")

@@ -29,15 +29,16 @@ Which path runs follows the BatchNorms' own `training` flags, as the reference's
   DenseBlock) with dropout in training or memory_efficient checkpointing in a training step
   (`torchvision_layer_reason`).
 Input in any memory format (channels_last included) is copied once into the NCHW concat
-buffer; outputs are NCHW-contiguous.
+buffer; the output has the reference's memory format (channels_last for a channels_last x).
 
-Under autocast (`torch.autocast(device_type, dtype)`) the fused block runs in the autocast dtype,
-as autocast runs the reference's convolutions: x and the convolutions' weights cast to it at
-entry (one rounding each), BatchNorm parameters and statistics in float32 (eval folds them as
-for a float16/bfloat16 module, `ops.dense_eval`). It returns the dtype the reference returns
-under autocast: the autocast dtype, except for fusion "last", whose concat of the untouched
-part 1 with the transition's output promotes (float32 for a float32 x), part 1 passed through
-exactly; likewise a DenseBlock's output, whose first in_channels channels are x.
+Under autocast (`torch.autocast(device_type, dtype)`) the fused block computes in x's dtype, not
+the autocast dtype: the reference's concat holds x's own channels in x's dtype (torch.cat
+promotes the 16-bit new features to it), so its BatchNorms read float32 data, and their batch
+statistics and normalization are exact where a 16-bit buffer would round x first (badly so
+for an input with a large mean). So the fused block is at least as precise as the reference under autocast; it
+returns the dtype the reference returns: the autocast dtype, except for fusion "last" and the
+DenseBlock, whose final concat of x's channels with the 16-bit rest promotes (x's dtype). For
+16-bit compute, convert the block and its input (`block.to(torch.bfloat16)`).
 
 Reference: csp_kernels.reference.PartialDenseBlock, DenseBlock (reference/blocks.py); op,
 autograd and kernels: ops/dense.py (training; its docstring names the C++ and Triton kernels),
@@ -74,8 +75,8 @@ class _FusedDense(nn.Module):
     """What the fused dense blocks share, over their reference class (second base): fallback
     reasons, the forward, the training op's bookkeeping and the eval fold cache. A block says
     where its dense layers are (`_DENSE`: the name of its reference.DenseBlock child, "" for
-    itself), its transitions (`_transition_names`), the op's (part1, fusion) (`_layout`) and how
-    many leading output channels are x itself (`_exact_head`)."""
+    itself), its transitions (`_transition_names`), the op's (part1, fusion) (`_layout`) and
+    whether its output keeps x's dtype under autocast (`_concat_promotes`)."""
 
     _DENSE = ""
 
@@ -89,8 +90,10 @@ class _FusedDense(nn.Module):
     def _layout(self) -> tuple[int, str]:
         return 0, dense_ops.NO_TRANSITION
 
-    def _exact_head(self) -> int:
-        return 0
+    def _concat_promotes(self) -> bool:
+        """Whether the reference's output under autocast has x's dtype: its last op concatenates
+        x's own channels with the autocast-dtype rest, and torch.cat promotes."""
+        return False
 
     @property
     def act_name(self) -> str:
@@ -259,19 +262,19 @@ class _FusedDense(nn.Module):
             # (not with SyncBatchNorms: torch's refuses CPU tensors in training once a process group
             # exists, even a group of one, where the fused op computes plain BatchNorm)
             return super().forward(x)
+        norm = self._norms()[0]  # (one eps and one mode for all: _unfusable_reason)
+        checks.check_batch_norm_eps(norm.eps, norm.training)
         engine = routing.dense_engine(name)
-        data = x
-        if checks.autocast_enabled(x.device.type):
-            data = x.to(torch.get_autocast_dtype(x.device.type))
-        if self._norms()[0].training:  # all BatchNorms alike (_unfusable_reason); the block's own mode is moot
-            out = self._train_forward(data, engine)
-        else:
-            out = dense_eval.partial_dense_block_eval(data, self._eval_params(data.dtype), *self._layout(),
-                                                      self.act_name, engine)
-        head = self._exact_head()
-        if head and data.dtype != x.dtype:
-            # The reference's torch.cat promotes its exact head (x's channels) and the autocast-dtype rest.
-            out = torch.cat([x[:, :head], out[:, head:]], 1)
+        autocast = checks.autocast_enabled(x.device.type)
+        # Under autocast the op computes in x's dtype (module docstring), autocast off inside it.
+        with torch.autocast(x.device.type, enabled=False) if autocast else contextlib.nullcontext():
+            if norm.training:  # all BatchNorms alike (_unfusable_reason); the block's own mode is moot
+                out = self._train_forward(x, engine)
+            else:
+                out = dense_eval.partial_dense_block_eval(x, self._eval_params(x.dtype), *self._layout(),
+                                                          self.act_name, engine)
+        if autocast and not self._concat_promotes():
+            out = out.to(torch.get_autocast_dtype(x.device.type))
         # The op's buffer is NCHW; the reference's convolutions and cats keep a channels_last x's format.
         return as_channels_last_if(out, suggests_channels_last(x))
 
@@ -310,7 +313,7 @@ class _FusedDense(nn.Module):
             start = stop
 
     def _eval_params(self, dtype: torch.dtype) -> dense_eval.EvalParams:
-        """The folded parameters for data of `dtype` (the parameters' own, or autocast's)."""
+        """The folded parameters for data of `dtype` (x's)."""
         if torch.compiler.is_compiling():
             # Traced into the graph (torch.compile, torch.export), whose inputs the parameters are:
             # it refolds at every call, Winograd transforms included.
@@ -362,8 +365,8 @@ class PartialDenseBlock(_FusedDense, reference.PartialDenseBlock):
     def _layout(self) -> tuple[int, str]:
         return self.part1, self.fusion
 
-    def _exact_head(self) -> int:
-        return self.part1 if self.fusion == "last" else 0
+    def _concat_promotes(self) -> bool:
+        return self.fusion == "last"
 
 
 class DenseBlock(_FusedDense, reference.DenseBlock):
@@ -372,5 +375,5 @@ class DenseBlock(_FusedDense, reference.DenseBlock):
     def __init__(self, in_channels: int, num_layers: int, growth_rate: int, bn_size: int = 4):
         super().__init__(in_channels, num_layers, growth_rate, bn_size)
 
-    def _exact_head(self) -> int:
-        return self.in_channels
+    def _concat_promotes(self) -> bool:
+        return True

@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .. import backend, checks, reference
@@ -51,8 +50,8 @@ class ConvBNAct(reference.ConvBNAct):
     folded into the conv's weight instead. What is derived from the parameters is cached until
     bn.eps or the value of any parameter or running statistic it was computed from changes
     (compared with a copy at each call). Eval with
-    gradients (parameters or x requiring grad while grad mode is on) folds through autograd
-    instead of the cache.
+    gradients (parameters or x requiring grad while grad mode is on) runs the reference's conv,
+    BatchNorm and activation.
 
     The activation computed is the `act` submodule's at each call (replace it and the kernels
     follow): nn.ReLU, nn.LeakyReLU (any slope), nn.SiLU, nn.Mish, nn.Hardswish, nn.Identity.
@@ -97,6 +96,8 @@ class ConvBNAct(reference.ConvBNAct):
         # (not with a SyncBatchNorm: torch's refuses CPU tensors in training, even alone in its group)
         fused = fused and not (name == "cpu" and bn.training and type(bn) is nn.BatchNorm2d
                                and routing.training_eager_is_faster(x))
+        if fused:
+            checks.check_batch_norm_eps(bn.eps, bn.training)
         engine = routing.transition_engine(name, conv.kernel_size, conv.padding, conv.groups) if fused else "aten"
         if out is not None and not isinstance(conv.padding, str):  # else the reference's copy_ checks
             shape = conv_ops.conv_output_shape(x.shape, conv.weight.shape, conv.stride, conv.padding, conv.dilation)
@@ -163,8 +164,9 @@ class ConvBNAct(reference.ConvBNAct):
                       bn: nn.BatchNorm2d) -> torch.Tensor:
         args = conv_args(conv)
         if torch.is_grad_enabled() and self._needs_grad(x, out):
-            weight, bias = self._fold()
-            y = self.act(F.conv2d(x, weight.to(x.dtype), bias.to(x.dtype), *args))
+            # The reference's conv, BN and act: through a weight with BN folded in, BN's
+            # parameter gradients would come from the (rounded) weight gradient.
+            y = reference.ConvBNAct.forward(self, x)
             return y if out is None else out.copy_(y)
         if torch.compiler.is_compiling():
             # Traced into the graph: a compiled graph takes the parameters as inputs and folds at

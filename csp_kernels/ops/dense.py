@@ -71,7 +71,7 @@ import torch
 
 from .. import extension  # noqa: F401  (loads csp_kernels._C, which defines the C++ ops)
 from . import routing
-from .batch_norm_act import (bn_scale_shift, channel_stats, plane_contiguous, scale_shift_act,
+from .batch_norm_act import (bn_scale_shift, channel_stats, plane_contiguous, refuse_double_backward, scale_shift_act,
                              stats_dtype)
 from .conv import conv3x3_into, conv_backward
 from .conv1x1 import conv1x1_bn_act_backward, conv1x1_fused, conv1x1_input_grad, conv1x1_weight_grad
@@ -392,9 +392,7 @@ def _backward(ctx, grad_out, *_grads_of_saved_outputs):
 def block_backward(ctx, grad_out, hooks=LOCAL):
     """`partial_dense_block`'s backward (`ctx` as `_setup_context` fills it), every BatchNorm's
     backward sums through `hooks`. Returns the op's input gradients, the lists as lists."""
-    if torch.is_grad_enabled():
-        raise RuntimeError("csp_kernels.PartialDenseBlock does not support double backward "
-                           "(backward with create_graph=True); use csp_kernels.reference.PartialDenseBlock")
+    refuse_double_backward("csp_kernels::partial_dense_block (a training csp_kernels.PartialDenseBlock or DenseBlock)")
     if grad_out is None:  # no gradient reached `out` (grads are not materialized, see above)
         return None, [None] * ctx.num_dense, [None] * ctx.num_transition, None, None, None, None, None
     g: Geometry = ctx.geometry
