@@ -21,6 +21,7 @@ import threading
 import warnings
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 import torch.nn.modules.module as _module_hooks
 
 from . import extension
@@ -42,17 +43,30 @@ class ReferenceFallbackWarning(UserWarning):
     csp_kernels.ReferenceFallbackWarning)` where that is intended."""
 
 
+def transform_reason() -> str:
+    """Why a fused op must not run under the autograd transform now active, or "": a torch.func
+    transform (the fused ops have no functorch rules: vmap's batching, grad's autograd.Function
+    setup) or forward-mode AD (`torch.autograd.forward_ad.dual_level`: they have no jvp, and
+    their outputs would carry no tangent)."""
+    if torch.compiler.is_compiling():
+        return ""
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        return "a torch.func transform (grad, vmap, jacrev, ...) is active; the fused ops have no functorch rules"
+    if _forward_ad._current_level >= 0:
+        return "forward-mode AD (torch.autograd.forward_ad.dual_level) is active; the fused ops have no jvp"
+    return ""
+
+
 def mode_reason() -> str:
     """Why a fused module must run the reference in the process's current mode, or "" when
-    nothing forces it: torch.jit.trace or a torch.func transform (TorchScript cannot hold the
-    fused ops' Python autograd, caches and prepacked weights, and the fused ops have no
-    functorch rules: vmap's batching, grad's autograd.Function setup), or a global module hook
+    nothing forces it: torch.jit.trace (TorchScript cannot hold the fused ops' Python autograd,
+    caches and prepacked weights), an autograd transform (`transform_reason`), or a global module hook
     (`torch.nn.modules.module.register_module_forward_hook` and its kin), which expects a call of
     every Conv2d, BatchNorm2d and activation that the fused kernels compute inside one op."""
     if torch.jit.is_tracing():
         return "torch.jit.trace records plain PyTorch ops (torch.export keeps the fused kernels)"
-    if not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None:
-        return "a torch.func transform (grad, vmap, jacrev, ...) is active; the fused ops have no functorch rules"
+    if reason := transform_reason():
+        return reason
     if (_module_hooks._global_forward_hooks or _module_hooks._global_forward_pre_hooks
             or _module_hooks._global_backward_hooks or _module_hooks._global_backward_pre_hooks):
         return ("a global module hook is registered (torch.nn.modules.module.register_module_*_hook); the fused "
@@ -63,9 +77,14 @@ def mode_reason() -> str:
 def warn_reference_fallback(module: torch.nn.Module, reason: str) -> None:
     """Warns that `module` runs the reference because of `reason` (Python shows each distinct
     message once per call site). Silent under torch.compile, whose trace it would break."""
+    warn_reference_fallback_of(f"csp_kernels.{type(module).__name__}", reason, stacklevel=4)
+
+
+def warn_reference_fallback_of(what: str, reason: str, stacklevel: int = 3) -> None:
+    """`warn_reference_fallback` for `what`, a module class or a function, by name."""
     if not torch.compiler.is_compiling():
-        warnings.warn(f"csp_kernels.{type(module).__name__} runs the plain-PyTorch reference (slower, more "
-                      f"memory): {reason}", ReferenceFallbackWarning, stacklevel=3)
+        warnings.warn(f"{what} runs the plain-PyTorch reference (slower, more memory): {reason}",
+                      ReferenceFallbackWarning, stacklevel=stacklevel)
 
 
 def _check_name(name: str) -> str:

@@ -282,10 +282,13 @@ _KERNEL_ACTIVATIONS = {nn.ReLU: "relu", nn.LeakyReLU: "leaky_relu", nn.SiLU: "si
                        nn.Hardswish: "hardswish", nn.Identity: "identity"}
 
 
-def hook_reason(module: nn.Module, name: str, consequence: str) -> str:
+def bypass_reason(module: nn.Module, name: str, consequence: str) -> str:
     """Why `module` (called `name` in the message) must run as a module call of its own, or "":
-    it carries a forward or forward pre-hook, or a backward or backward pre-hook (full or not),
-    which a fused kernel computing it inside another op would not run (`consequence` says how)."""
+    its forward replaced on the instance, or a forward or forward pre-hook, or a backward or
+    backward pre-hook (full or not), which a fused kernel computing it inside another op would
+    not run (`consequence` says how)."""
+    if "forward" in module.__dict__:
+        return f"{name}'s forward is replaced on the instance ({consequence})"
     if module._forward_hooks or module._forward_pre_hooks:
         return f"a forward hook on {name} ({consequence})"
     if module._backward_hooks or module._backward_pre_hooks:
@@ -293,15 +296,15 @@ def hook_reason(module: nn.Module, name: str, consequence: str) -> str:
     return ""
 
 
-def has_hooks(module: nn.Module) -> bool:
-    """Whether `module` carries a hook that `hook_reason` names."""
-    return bool(hook_reason(module, "", ""))
+def is_bypassed(module: nn.Module) -> bool:
+    """Whether a fused kernel computing `module` would bypass something (`bypass_reason`)."""
+    return bool(bypass_reason(module, "", ""))
 
 
 def _kernel_act(module: nn.Module) -> str:
     name = _KERNEL_ACTIVATIONS.get(type(module), "")
-    if has_hooks(module):
-        return ""  # the kernels would skip the hooks
+    if is_bypassed(module):
+        return ""  # the kernels would skip its hooks or its own forward
     if name == "leaky_relu" and module.negative_slope != LEAKY_RELU_SLOPE:
         slope = float(module.negative_slope)
         return f"leaky_relu:{slope!r}" if math.isfinite(slope) else ""  # (the kernels take finite slopes)
@@ -319,7 +322,7 @@ def kernel_activation(*modules: nn.Module) -> tuple[str, str]:
     names = [_kernel_act(m) for m in modules]
     for m, name in zip(modules, names):
         if not name:
-            return "", (hook_reason(m, f"activation {m!r}", "the fused kernels would skip it")
+            return "", (bypass_reason(m, f"activation {m!r}", "the fused kernels would skip it")
                         or f"activation {m!r} (the fused kernels compute nn.ReLU, nn.LeakyReLU with a finite "
                            "slope, nn.SiLU, nn.Mish, nn.Hardswish and nn.Identity)")
     if any(name != names[0] for name in names):

@@ -150,7 +150,9 @@ def revert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     """The model with the upstream module back in place of every fused module `convert` made,
     holding the fused modules' (trained) parameters and buffers: its state_dict loads into a
     freshly built original model with strict=True. inplace=False reverts a deep copy (a
-    training run can save a portable checkpoint and go on fused)."""
+    training run can save a portable checkpoint and go on fused). Hooks registered on the fused
+    modules themselves stay with them, not with the upstream modules put back (those on their
+    conv, bn and act submodules, which the upstream modules hold again, come back)."""
     if not inplace:
         model = copy.deepcopy(model)
     return _revert_tree(model, {})
@@ -294,7 +296,7 @@ def _fuse_conv_bn_act_module(module: nn.Module) -> ConvBNAct | str:
     if "forward" in vars(module):
         return ("its forward is replaced on the instance (ultralytics' fuse() folds bn into conv and runs "
                 "forward_fuse)")
-    return _hook_reason(module) or fuse_conv_bn_act(module.conv, module.bn, module.act)
+    return _bypass_reason(module) or fuse_conv_bn_act(module.conv, module.bn, module.act)
 
 
 def _fuse_timm_conv_norm_act(module: nn.Module) -> ConvBNAct | str:
@@ -306,7 +308,7 @@ def _fuse_timm_conv_norm_act(module: nn.Module) -> ConvBNAct | str:
     aa = getattr(module, "aa", None)  # as ConvNormAct.forward reads it
     if aa is not None:
         return f"aa is {type(aa).__qualname__} (the fused kernels have no anti-aliasing after the activation)"
-    return _hook_reason(module) or _hook_reason(norm, "bn") or fuse_conv_bn_act(
+    return _bypass_reason(module) or _bypass_reason(norm, "bn") or fuse_conv_bn_act(
         module.conv, batch_norm_sharing(norm, nn.BatchNorm2d), norm.act)
 
 
@@ -319,7 +321,7 @@ def _fuse_conv_norm_sequential(module: nn.Module) -> ConvBNAct | str:
     if not isinstance(layers[1], nn.modules.batchnorm._BatchNorm):
         return f"its norm layer is {type(layers[1]).__qualname__} (the fused kernels compute nn.BatchNorm2d)"
     act = layers[2] if len(layers) == 3 else nn.Identity()
-    return _hook_reason(module) or fuse_conv_bn_act(layers[0], layers[1], act)
+    return _bypass_reason(module) or fuse_conv_bn_act(layers[0], layers[1], act)
 
 
 def _fuse_plain_sequential(module: nn.Sequential) -> ConvBNAct | str | None:
@@ -458,7 +460,7 @@ def _fuse_stage(spec: _Stage, module: nn.Module) -> nn.Module | str:
             expected = " or ".join(f"csp_kernels {kind.__name__}" for kind in kinds)
             return (f"{name} is {type(child).__qualname__}, not fused (the fused {twin} writes {name}'s output into "
                     f"its buffer through {expected})")
-    if reason := _hook_reason(module):
+    if reason := _bypass_reason(module):
         return reason
     fused = _bare(spec.twin, **{name: children[name] for name in spec.children if name not in spec.identities})
     for attribute in spec.attributes:
@@ -493,7 +495,7 @@ def _fuse_dense_block(module: nn.Module) -> DenseBlock | str:
         fused = DenseBlock(first.conv1.in_channels, len(layers), first.conv2.out_channels)
     for name, layer in layers.items():
         setattr(fused, name, layer)
-    return _hook_reason(module) or fused.fusion_reason() or fused
+    return _bypass_reason(module) or fused.fusion_reason() or fused
 
 
 def _unfuse_dense_block(fused: DenseBlock, origin: Origin) -> nn.Module:
@@ -501,7 +503,7 @@ def _unfuse_dense_block(fused: DenseBlock, origin: Origin) -> nn.Module:
 
 
 def _fuse_max_pool(module: nn.MaxPool2d) -> nn.Module | str:
-    return _hook_reason(module) or pooling.MaxPool2d(module.kernel_size, module.stride, module.padding,
+    return _bypass_reason(module) or pooling.MaxPool2d(module.kernel_size, module.stride, module.padding,
                                                      module.dilation, module.return_indices, module.ceil_mode)
 
 
@@ -549,8 +551,8 @@ def _bare(cls: type, **children: nn.Module) -> nn.Module:
     return module
 
 
-def _hook_reason(module: nn.Module, name: str = "") -> str:
-    return checks.hook_reason(module, name or "it", "the fused module would not run it")
+def _bypass_reason(module: nn.Module, name: str = "") -> str:
+    return checks.bypass_reason(module, name or "it", "the fused module would not run it")
 
 
 def _qualify(prefix: str, name: str) -> str:

@@ -14,7 +14,7 @@ import csp_kernels
 from csp_kernels import reference
 from csp_kernels.ops.batch_norm_act import planes_contiguous, shares_memory
 
-from helpers import assert_matches_reference, fused_backends, rel_error
+from helpers import assert_matches_reference, fused_backends, randomize_, rel_error
 
 H = W = 5  # tiny: the Triton backend runs through the interpreter
 
@@ -370,6 +370,46 @@ def test_torch_func_grad_runs_the_reference():
             grad = torch.func.grad(lambda t, m=module: m(t).square().sum())(x)
         expected = torch.func.grad(lambda t, m=module_ref: m(t).square().sum())(x)
         assert_matches_reference(grad, expected, tol=1e-10, name=type(module).__name__)
+
+
+def _forward_ad_cases():
+    """(name, fused callable, reference callable, their modules) of every fused module and function."""
+    torch.manual_seed(0)
+    pairs = [(csp_kernels.ConvBNAct(6, 4, 3), reference.ConvBNAct(6, 4, 3)),
+             (csp_kernels.PartialDenseBlock(6, 2, 2, fusion="csp"), reference.PartialDenseBlock(6, 2, 2, fusion="csp")),
+             (csp_kernels.C2f(6, 4, 1), reference.C2f(6, 4, 1)),
+             (csp_kernels.ExactFusion([6], 3, transition=True), reference.ExactFusion([6], 3, transition=True))]
+    cases = []
+    for fused, ref in pairs:
+        randomize_(ref).double()
+        fused.double().load_state_dict(ref.state_dict())
+        if isinstance(fused, csp_kernels.ExactFusion):
+            cases.append(("ExactFusion", lambda x, m=fused: m([x])[0], lambda x, m=ref: m([x])[0], (fused, ref)))
+        else:
+            cases.append((type(fused).__name__, fused, ref, (fused, ref)))
+    cases.append(("maxout", lambda x: csp_kernels.maxout(x, 3), lambda x: reference.maxout(x, 3), ()))
+    cases.append(("maxout_pyramid", lambda x: csp_kernels.maxout_pyramid([x, x[:, :, ::2, ::2]], 8, 4),
+                  lambda x: reference.maxout_pyramid([x, x[:, :, ::2, ::2]], 8, 4), ()))
+    return cases
+
+
+@pytest.mark.parametrize("mode", ["train", "eval", "eval-no-grad"])
+def test_forward_ad_runs_the_reference(mode):
+    """Dual tensors (torch.autograd.forward_ad): the fused ops have no jvp, and their outputs
+    would carry no tangent (or, from the dense eval op, a wrong one)."""
+    import torch.autograd.forward_ad as fwAD
+    x = torch.randn(2, 6, 8, 8, dtype=torch.float64)
+    tangent = torch.randn_like(x)
+    for name, fused, ref, modules in _forward_ad_cases():
+        for module in modules:
+            module.train(mode == "train")
+        with torch.set_grad_enabled(mode != "eval-no-grad"), fwAD.dual_level():
+            with pytest.warns(csp_kernels.ReferenceFallbackWarning, match="forward-mode AD"):
+                primal, jvp = fwAD.unpack_dual(fused(fwAD.make_dual(x, tangent)))
+            primal_ref, jvp_ref = fwAD.unpack_dual(ref(fwAD.make_dual(x, tangent)))
+        assert jvp is not None, name
+        assert_matches_reference(primal, primal_ref, tol=1e-10, name=name)
+        assert_matches_reference(jvp, jvp_ref, tol=1e-10, name=f"{name} tangent")
 
 
 # -- item 8: torch.compile, empty batches, padding, the meta device -----------------------------

@@ -352,3 +352,19 @@ def test_cuda_input_limit():
     features = [torch.randn(1, 1, 2, 2, device="cuda") for _ in range(9)]
     with pytest.raises(ValueError, match="at most 8 features"):
         maxout_ops.maxout_pyramid(features, (2, 2), 3, True)
+
+
+def test_torch_func_transforms_run_the_reference():
+    """The pyramid op has no functorch rules: under vmap or grad maxout and maxout_pyramid run
+    the reference, saying so, where they raised PyTorch-internal errors."""
+    x = torch.randn(3, 2, 6, 5, 5, dtype=torch.float64)
+    with pytest.warns(csp_kernels.ReferenceFallbackWarning, match="csp_kernels.maxout runs .*torch.func"):
+        got = torch.func.vmap(lambda t: csp_kernels.maxout(t, 3))(x)
+    torch.testing.assert_close(got, torch.func.vmap(lambda t: reference.maxout(t, 3))(x), rtol=0, atol=0)
+
+    def loss(module, t):
+        return module.maxout_pyramid([t, t[:, :, ::2, ::2]], 5, 4).square().sum()
+
+    with pytest.warns(csp_kernels.ReferenceFallbackWarning, match="csp_kernels.maxout_pyramid runs .*torch.func"):
+        got = torch.func.grad(lambda t: loss(csp_kernels, t))(x[0])
+    torch.testing.assert_close(got, torch.func.grad(lambda t: loss(reference, t))(x[0]), rtol=0, atol=0)

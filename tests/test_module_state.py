@@ -275,6 +275,18 @@ def _set_dilation(m):
 LAYER = "dense.denselayer1"
 
 
+def _scale_forward_on_the_instance(module):
+    forward = module.forward
+    module.forward = lambda x: forward(x) * 2.0
+
+
+def _weight_as_plain_tensor(conv):
+    """The stateless / meta-learning pattern: the weight a plain tensor attribute."""
+    weight = conv.weight.detach().clone()
+    del conv.weight
+    conv.weight = weight
+
+
 def _double_grad_input(module, grad_input, grad_output):
     return tuple(None if g is None else g * 2 for g in grad_input)
 
@@ -298,6 +310,17 @@ SURGERY = {
     "ConvBNAct-act-backward-pre-hook": ("ConvBNAct",
                                         lambda m: m.act.register_full_backward_pre_hook(_double_grad_output),
                                         "backward hook on activation"),
+    "ConvBNAct-conv-forward-replaced": ("ConvBNAct", lambda m: _scale_forward_on_the_instance(m.conv),
+                                        "conv's forward is replaced on the instance"),
+    "ConvBNAct-bn-forward-replaced": ("ConvBNAct", lambda m: _scale_forward_on_the_instance(m.bn),
+                                      "bn's forward is replaced on the instance"),
+    "ConvBNAct-act-forward-replaced": ("ConvBNAct", lambda m: _scale_forward_on_the_instance(m.act),
+                                       "forward is replaced on the instance"),
+    "ConvBNAct-conv-weight-plain-tensor": ("ConvBNAct", lambda m: _weight_as_plain_tensor(m.conv),
+                                           "conv.weight is not a registered parameter"),
+    "block-conv1-forward-replaced": ("PartialDenseBlock",
+                                     lambda m: _scale_forward_on_the_instance(m.get_submodule(f"{LAYER}.conv1")),
+                                     "conv1's forward is replaced on the instance"),
     "block-layer-backward-hook": ("PartialDenseBlock",
                                   lambda m: m.get_submodule(f"{LAYER}.conv1").register_full_backward_hook(
                                       _double_grad_input), f"backward hook on {LAYER}.conv1"),

@@ -304,22 +304,42 @@ def _scale_input_grad(module, grad_input, grad_output):
     return tuple(None if g is None else g * 2.0 for g in grad_input)
 
 
-@pytest.mark.parametrize("swap, message", [
-    (lambda m: m.m.__setitem__(0, reference.Bottleneck(16, 16, True, 1, (3, 3), 1.0).double()), "m.0 is Bottleneck"),
-    (lambda m: m.cv1.register_forward_hook(_scale_output), "a forward hook on cv1"),
-    (lambda m: m.m[1].cv2.register_forward_hook(_scale_output), "a forward hook on cv2"),
-    (lambda m: m.m[1].cv2.register_full_backward_hook(_scale_input_grad), "a backward hook on cv2"),
-    (lambda m: m.cv2.bn.register_full_backward_hook(_scale_input_grad), "a backward hook on bn"),
+def _scale_forward_on_the_instance(module):
+    """module.forward replaced on the instance by one that doubles its output (and takes
+    forward(x) alone, as a user's wrapper may)."""
+    forward = module.forward
+    module.forward = lambda x: forward(x) * 2.0
+
+
+@pytest.mark.parametrize("case, swap, message", [
+    ("c2f", lambda m: m.m.__setitem__(0, reference.Bottleneck(16, 16, True, 1, (3, 3), 1.0).double()),
+     "m.0 is Bottleneck"),
+    ("c2f", lambda m: m.cv1.register_forward_hook(_scale_output), "a forward hook on cv1"),
+    ("c2f", lambda m: m.m[1].cv2.register_forward_hook(_scale_output), "a forward hook on cv2"),
+    ("c2f", lambda m: m.m[1].cv2.register_full_backward_hook(_scale_input_grad), "a backward hook on cv2"),
+    ("c2f", lambda m: m.cv2.bn.register_full_backward_hook(_scale_input_grad), "a backward hook on bn"),
+    ("c2f", lambda m: _scale_forward_on_the_instance(m.cv1), "cv1's forward is replaced on the instance"),
+    ("c2f", lambda m: _scale_forward_on_the_instance(m.m[0].cv1.bn), "bn's forward is replaced on the instance"),
+    # the Sequentials of blocks that the buffered forward runs block by block
+    ("c3", lambda m: m.m.register_forward_hook(_scale_output), "a forward hook on m "),
+    ("timm-cs3", lambda m: m.blocks.register_forward_hook(_scale_output), "a forward hook on blocks "),
+    ("timm-dark", lambda m: m.blocks.register_forward_pre_hook(lambda mod, args: (args[0] * 2.0,)),
+     "a forward hook on blocks "),
+    ("timm-dark", lambda m: _scale_forward_on_the_instance(m.blocks), "blocks's forward is replaced on the instance"),
 ])
-def test_what_the_buffer_cannot_model_runs_the_reference_forward(swap, message):
-    ref, fused, _ = make_pair("c2f")
+@pytest.mark.parametrize("training", [True, False])
+def test_what_the_buffer_cannot_model_runs_the_reference_forward(case, swap, message, training):
+    ref, fused, channels = make_pair(case)
     swap(ref)
     swap(fused)
     fused.load_state_dict(ref.state_dict())
-    x = torch.randn(2, 16, 8, 8, dtype=torch.float64)
-    with pytest.warns(csp_kernels.ReferenceFallbackWarning, match=message):
-        got = run(fused, x)
-    for index, (g, e) in enumerate(zip(got, run(ref, x, "reference"))):
+    ref.train(training), fused.train(training)
+    x = torch.randn(2, channels, 24, 24, dtype=torch.float64)  # over the small-map routes
+    with torch.set_grad_enabled(training):
+        with pytest.warns(csp_kernels.ReferenceFallbackWarning, match=message):
+            got = run(fused, x)
+        expected = run(ref, x, "reference")
+    for index, (g, e) in enumerate(zip(got, expected)):
         assert rel_error(g, e) <= TOL64, f"tensor {index}"
 
 

@@ -345,9 +345,7 @@ def dense_layer_reason(layer: nn.Module, name: str) -> str:
     instance nor hooked (the fused op would not run either)."""
     if (type(layer).__module__, type(layer).__qualname__) not in _DENSE_LAYERS:
         return f"{name} is {type(layer).__qualname__} (the fused op computes DenseLayer and torchvision's _DenseLayer)"
-    if "forward" in vars(layer):
-        return f"{name}'s forward is replaced on the instance (the fused op would not run it)"
-    return checks.hook_reason(layer, name, "the fused op would skip it")
+    return checks.bypass_reason(layer, name, "the fused op would not run it")
 
 
 class PartialDenseBlock(_FusedDense, reference.PartialDenseBlock):

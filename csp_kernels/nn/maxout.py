@@ -26,7 +26,7 @@ def maxout(x: torch.Tensor, out_channels: int, grouping: str = "interleaved") ->
     """
     out_channels, grouping = checks.maxout_args(x, out_channels, grouping)
     # An empty map has nothing to compute (the pyramid op, which resizes, takes no empty size).
-    if backend.resolve_backend(x.device) == "reference" or x.shape[2] == 0 or x.shape[3] == 0:
+    if _runs_reference(x.device, "maxout") or x.shape[2] == 0 or x.shape[3] == 0:
         return reference.maxout(x, out_channels, grouping)
     y = maxout_ops.maxout_pyramid([x], tuple(x.shape[-2:]), out_channels, grouping == "interleaved")
     return as_channels_last_if(y, suggests_channels_last(x))  # the reference's slices keep x's format
@@ -47,11 +47,23 @@ def maxout_pyramid(
     sum(channels_i) must be divisible by out_channels.
     """
     size, out_channels, grouping = checks.maxout_pyramid_args(features, size, out_channels, grouping)
-    if backend.resolve_backend(features[0].device) == "reference":
+    if _runs_reference(features[0].device, "maxout_pyramid"):
         return reference.maxout_pyramid(features, size, out_channels, grouping)
     y = maxout_ops.maxout_pyramid(features, size, out_channels, grouping == "interleaved")
     # The reference's torch.cat answers channels_last where all its inputs are.
     return as_channels_last_if(y, all(suggests_channels_last(f) for f in features))
+
+
+def _runs_reference(device: torch.device, function: str) -> bool:
+    """Whether `function` runs the reference: on the "reference" backend, and, with a warning,
+    under an autograd transform the pyramid op has no rule for (`backend.transform_reason`).
+    (Under torch.jit.trace the op is recorded as it is: TorchScript holds a torch.library op.)"""
+    if backend.resolve_backend(device) == "reference":
+        return True
+    if reason := backend.transform_reason():
+        backend.warn_reference_fallback_of(f"csp_kernels.{function}", reason)
+        return True
+    return False
 
 
 class Maxout(reference.Maxout):

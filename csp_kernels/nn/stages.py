@@ -35,10 +35,11 @@ Every module takes `forward(x, out=None)` as ConvBNAct does: out, a (batch, chan
 width) tensor with contiguous (height, width) planes such as a channel slot of a bigger NCHW
 buffer, is written and returned. What the buffered forward does not model runs the reference
 twin's forward (whose ConvBNActs stay fused where they can be) with a ReferenceFallbackWarning
-naming the reason: a submodule that receives `out=` replaced by another type or carrying hooks,
-forward or backward (their output would bypass the slot), autocast (which mixes dtypes in the
-residual adds), torch.jit.trace, torch.func transforms and global module hooks
-(`backend.mode_reason`). The "reference" backend, torch.compile (which
+naming the reason: a submodule that receives `out=`, or a Sequential of blocks that the
+buffered forward runs one by one, replaced by another type, carrying hooks, forward or
+backward, or with its forward replaced on the instance (what the buffer would bypass),
+autocast (which mixes dtypes in the residual adds), torch.jit.trace, torch.func transforms,
+forward-mode AD and global module hooks (`backend.mode_reason`). The "reference" backend, torch.compile (which
 fuses the concat itself), a training stage on CPU maps of at most
 `ops.routing.SMALL_TRAINING_MAP_PIXELS` pixels (faster as plain PyTorch:
 `ops.routing.training_eager_is_faster`) and a stage called without autograd on CPU maps of at
@@ -60,7 +61,9 @@ from ..ops.batch_norm_act import as_channels_last_if, shares_memory, suggests_ch
 from ..ops.conv import conv_output_shape
 from .transition import ConvBNAct, conv_reason
 
-# (qualified name, submodule, the types whose forward(x, out=) the buffered forward relies on)
+# (qualified name, submodule, its types that the buffered forward relies on): a submodule called
+# with forward(x, out=), or an nn.Sequential of blocks that it runs one by one, skipping the
+# Sequential's own call
 Writers = Iterable[tuple[str, nn.Module, tuple[type, ...]]]
 
 
@@ -186,9 +189,10 @@ def _reference_reason(module: nn.Module, x: torch.Tensor, writers: Writers,
         return "autocast is enabled (it mixes dtypes in the stage's residual adds; cast instead)"
     for name, module, kinds in writers:
         if type(module) not in kinds:
-            expected = " or ".join(f"csp_kernels.{kind.__name__}" for kind in kinds)
+            expected = " or ".join(f"{'nn' if kind is nn.Sequential else 'csp_kernels'}.{kind.__name__}"
+                                   for kind in kinds)
             return f"{name} is {type(module).__name__} (the fused stage writes into its buffer through {expected})"
-        if reason := checks.hook_reason(module, name, f"the fused stage writes {name}'s output into its buffer, "
+        if reason := checks.bypass_reason(module, name, f"the fused stage writes {name}'s output into its buffer, "
                                                       "past the hook"):
             return reason
     if shape_source is None:
@@ -277,7 +281,7 @@ class C3(reference.C3):
 
     @follows_input_format
     def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        writers = [("cv2", self.cv2, (ConvBNAct,)), ("cv3", self.cv3, (ConvBNAct,)),
+        writers = [("cv2", self.cv2, (ConvBNAct,)), ("cv3", self.cv3, (ConvBNAct,)), ("m", self.m, (nn.Sequential,)),
                    (f"m.{len(self.m) - 1}", self.m[-1], (Bottleneck,))]
         if (y := _unbuffered_output(self, super().forward, x, out, writers, ("cv2", self.cv2))) is not None:
             return y
@@ -383,8 +387,10 @@ def _run_blocks(blocks: nn.Sequential, x: torch.Tensor, out: torch.Tensor | None
     return last(x, out=out)
 
 
-def _last_block(blocks: nn.Sequential) -> tuple[str, nn.Module, tuple[type, ...]]:
-    return f"blocks.{len(blocks) - 1}", blocks[-1], (BottleneckBlock, DarkBlock)
+def _blocks_writers(blocks: nn.Sequential) -> Writers:
+    """The blocks and their last block, which `_run_blocks` calls one by one and with `out=`."""
+    return [("blocks", blocks, (nn.Sequential,)),
+            (f"blocks.{len(blocks) - 1}", blocks[-1], (BottleneckBlock, DarkBlock))]
 
 
 class CrossStage(reference.CrossStage):
@@ -414,7 +420,7 @@ class CrossStage3(reference.CrossStage3):
 
     @follows_input_format
     def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        writers = [("conv_exp", self.conv_exp, (ConvBNAct,)), _last_block(self.blocks),
+        writers = [("conv_exp", self.conv_exp, (ConvBNAct,)), *_blocks_writers(self.blocks),
                    ("conv_transition", self.conv_transition, (ConvBNAct,))]
         if (y := _unbuffered_output(self, super().forward, x, out, writers, ("conv_exp", self.conv_exp))) is not None:
             return y
@@ -435,6 +441,6 @@ class DarkStage(reference.DarkStage):
 
     @follows_input_format
     def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        if (y := _unbuffered_output(self, super().forward, x, out, [_last_block(self.blocks)], None)) is not None:
+        if (y := _unbuffered_output(self, super().forward, x, out, _blocks_writers(self.blocks), None)) is not None:
             return y
         return _run_blocks(self.blocks, self.conv_down(x), out)

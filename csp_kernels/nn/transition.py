@@ -260,9 +260,12 @@ def conv_reason(conv: nn.Module, name: str, geometry: tuple | None = None) -> st
     """Why the fused kernels cannot compute `conv` (called `name` in the message) as the module
     holds it now, or "": an nn.Conv2d without bias or forward hooks that pads with zeros by
     explicit amounts and, where the fused op fixes it, has `geometry` (kernel_size, stride,
-    padding, dilation, groups); no hooks (`checks.hook_reason`)."""
+    padding, dilation, groups), its weight a registered parameter; nothing that its own call
+    would run (`checks.bypass_reason`)."""
     if type(conv) is not nn.Conv2d:  # a subclass may compute something else
         return f"{name} is {type(conv).__name__} (the fused kernels compute nn.Conv2d)"
+    if not isinstance(conv._parameters.get("weight"), torch.Tensor):
+        return f"{name}.weight is not a registered parameter (the fused kernels read the module's own)"
     if conv.bias is not None:
         return f"{name}.bias is set (the fused kernels' convolution has none)"
     if conv.padding_mode != "zeros":
@@ -272,7 +275,7 @@ def conv_reason(conv: nn.Module, name: str, geometry: tuple | None = None) -> st
     if geometry is not None and (conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.groups) != geometry:
         return (f"{name} is {conv!r} (the fused op computes kernel_size, stride, padding, dilation, groups = "
                 f"{geometry})")
-    return checks.hook_reason(conv, name, "the fused kernels would skip it")
+    return checks.bypass_reason(conv, name, "the fused kernels would skip it")
 
 
 def batch_norm_reason(bn: nn.Module, name: str) -> str:
@@ -291,4 +294,4 @@ def batch_norm_reason(bn: nn.Module, name: str) -> str:
     if (not bn.track_running_stats or buffers.get("running_mean") is None or buffers.get("running_var") is None
             or buffers.get("num_batches_tracked") is None):
         return f"{name}.track_running_stats=False"
-    return checks.hook_reason(bn, name, "the fused kernels would skip it")
+    return checks.bypass_reason(bn, name, "the fused kernels would skip it")
