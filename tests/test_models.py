@@ -56,6 +56,21 @@ def test_timm_outputs_match_in_float64(name, fused):
             assert_matches_reference(value, upstream_value, tol=1e-12, name=key)
 
 
+def test_num_classes_zero_returns_pooled_features_as_timm():
+    """timm's num_classes=0: no classifier, the head returns the pooled features."""
+    torch.manual_seed(0)
+    upstream = timm.create_model("cspresnet50", pretrained=False, num_classes=0).double()
+    model = models.create("cspresnet50", num_classes=0).double()
+    model.load_state_dict(upstream.state_dict())  # strict: no head.fc keys on either side
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    with torch.no_grad():
+        features = model.eval()(x)
+        assert features.shape == (2, 1024)
+        assert_matches_reference(features, upstream.eval()(x), tol=1e-12, name="pooled features")
+    with pytest.raises(ValueError, match="num_classes must be a positive int, or 0 .*; got -1"):
+        models.create("cspresnet50", num_classes=-1)
+
+
 def test_timm_features_match_forward_intermediates():
     upstream, model = _timm_pair("cspresnet50", fused=True)
     backbone = models.create("cspresnet50", features_only=True, out_indices=(1, 3)).double()

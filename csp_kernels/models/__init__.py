@@ -26,7 +26,8 @@ def create(name: str, *, num_classes: int = 1000, fused: bool = True, features_o
     """The model `name` (a key of MODELS). fused: the fused modules (True) or the reference
     twins (False); features_only: a backbone returning the outputs of the stages in out_indices
     (all by default). See CSPNet for the shapes: create("cspdarknet53", num_classes=10) maps
-    (2, 3, 64, 64) images to (2, 10) logits.
+    (2, 3, 64, 64) images to (2, 10) logits; num_classes=0 (as in timm) leaves out the
+    classifier, and the model returns the pooled features (2, 1024).
     """
     if not isinstance(name, str):
         raise TypeError(f"name must be a str, one of {', '.join(MODELS)}; got {type(name).__name__}")

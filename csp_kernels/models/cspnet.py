@@ -31,12 +31,19 @@ def library(fused: bool):
 
 def classifier_head(in_features: int, num_classes: int) -> nn.Sequential:
     """timm's ClassifierHead with pool_type "avg" and no dropout: global average pool, flatten,
-    Linear; its only parameters are fc.weight and fc.bias, as timm's.
+    Linear; its only parameters are fc.weight and fc.bias, as timm's. num_classes=0, as in timm,
+    leaves out the Linear (fc is nn.Identity): the head returns the pooled features.
 
-    x: (batch, in_features, height, width) -> (batch, num_classes)
+    x: (batch, in_features, height, width) -> (batch, num_classes or in_features)
     """
-    return nn.Sequential(OrderedDict(global_pool=nn.AdaptiveAvgPool2d(1), flatten=nn.Flatten(1),
-                                     fc=nn.Linear(in_features, checks.check_positive_int(num_classes, "num_classes"))))
+    if isinstance(num_classes, numbers.Integral) and not isinstance(num_classes, bool) and num_classes <= 0:
+        if num_classes < 0:
+            raise ValueError(f"num_classes must be a positive int, or 0 for the pooled features without a classifier; "
+                             f"got {num_classes}")
+        fc = nn.Identity()
+    else:
+        fc = nn.Linear(in_features, checks.check_positive_int(num_classes, "num_classes"))
+    return nn.Sequential(OrderedDict(global_pool=nn.AdaptiveAvgPool2d(1), flatten=nn.Flatten(1), fc=fc))
 
 
 def init_weights(model: nn.Module, zero_init_last: bool) -> nn.Module:
@@ -68,7 +75,8 @@ class CSPNet(nn.Module):
     absent with features_only). `stage_channels[i]` and `stage_reductions[i]` are stage i's output
     channels and its total stride (input size / output size, up to the rounding of odd sizes).
 
-    features_only=False: x (batch, 3, height, width) -> logits (batch, num_classes).
+    features_only=False: x (batch, 3, height, width) -> logits (batch, num_classes), or with
+    num_classes=0 the pooled features (batch, stage_channels[-1]).
     features_only=True: x -> a list, for each i in out_indices (increasing stage indices, all
     stages by default), of stage i's output (batch, stage_channels[i], height / r_i, width / r_i),
     r_i = stage_reductions[i]: the feature pyramid a detector's neck reads. Such a model holds no
