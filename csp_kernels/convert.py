@@ -141,7 +141,7 @@ def convert(model: nn.Module, *, inplace: bool = False) -> tuple[nn.Module, Conv
     copy), or the fused module when `model` itself is a unit; `print(report)` shows the report.
     """
     if not inplace:
-        model = copy.deepcopy(model)
+        model = _deep_copy(model, "convert")
     report = ConversionReport()
     return _convert_tree(model, "", report, {}), report
 
@@ -154,8 +154,19 @@ def revert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     modules themselves stay with them, not with the upstream modules put back (those on their
     conv, bn and act submodules, which the upstream modules hold again, come back)."""
     if not inplace:
-        model = copy.deepcopy(model)
+        model = _deep_copy(model, "revert")
     return _revert_tree(model, {})
+
+
+def _deep_copy(model: nn.Module, function: str) -> nn.Module:
+    """copy.deepcopy(model), or a RuntimeError that says how to do without it: torch cannot
+    deep-copy a module holding non-leaf tensors (torch.nn.utils.prune's weight, the legacy
+    weight_norm's)."""
+    try:
+        return copy.deepcopy(model)
+    except RuntimeError as error:
+        raise RuntimeError(f"csp_kernels.{function}(model) with inplace=False converts a deep copy, and torch could "
+                           f"not copy this model: {error} Pass inplace=True to {function} the model itself.") from error
 
 
 def class_key(cls: type) -> tuple[str, str]:

@@ -737,6 +737,18 @@ def test_inplace_false_leaves_the_original_untouched():
         assert torch.equal(value, state[key]), key
 
 
+def test_a_model_torch_cannot_deep_copy_says_to_convert_in_place():
+    """torch.nn.utils.prune leaves a non-leaf weight, which copy.deepcopy refuses."""
+    import torch.nn.utils.prune as prune
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+    prune.l1_unstructured(model[0], "weight", 0.5)
+    with pytest.raises(RuntimeError, match=r"csp_kernels.convert\(model\) with inplace=False .*graph leaves.* "
+                                           r"Pass inplace=True"):
+        csp_kernels.convert(model)
+    _, report = csp_kernels.convert(model, inplace=True)  # left: prune's forward pre-hook on the conv
+    assert report.counts()["left"] == 1 and "hook" in report.left[0].reason
+
+
 def test_inplace_shares_tensors_and_keeps_requires_grad_and_optimizer():
     model = small_model()
     params = dict(model.named_parameters())
