@@ -53,14 +53,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = make_parser()
     args = parser.parse_args(argv)
     sweeps = args.sweeps or (list(configs.PLOT_SWEEPS) if args.plots else [])
+    out_dir = args.out or Path(__file__).parent / "out" / datetime.datetime.now().strftime(
+        "%Y%m%d-%H%M%S")
     try:
         settings = suite.Settings(command=args.command, configs=args.configs, sweeps=sweeps,
                                   quick=args.quick, device=args.device, variants=args.variants,
                                   warmup=args.warmup, rounds=args.rounds)
+        report.make_out_dir(out_dir)
     except ValueError as err:
         parser.error(str(err))
-    out_dir = args.out or Path(__file__).parent / "out" / datetime.datetime.now().strftime(
-        "%Y%m%d-%H%M%S")
     started = time.perf_counter()
     record = suite.run(settings)
     record["elapsed_s"] = time.perf_counter() - started

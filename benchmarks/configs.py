@@ -115,14 +115,17 @@ def _cross(name, in_chs, out_chs, batch, size, dtype, depth=8):
 
 
 f32, bf16 = torch.float32, torch.bfloat16
+# --quick's maps on the CPU: over the 8x8 at and below which the fused modules train as plain
+# PyTorch (ops.routing.SMALL_TRAINING_MAP_PIXELS), so that quick rows compare the fused path.
+QUICK_CPU_SIDE = 12
 # name -> (workloads at full size, workloads for --quick), one workload per dtype
 CONFIGS: dict[str, tuple[list[Workload], list[Workload]]] = {
     "pdb-cpu": ([_pdb("pdb-cpu", 128, 8, 56, f32)],
-                [_pdb("pdb-cpu", 16, 2, 8, f32, num_layers=3, growth_rate=8)]),
+                [_pdb("pdb-cpu", 16, 2, QUICK_CPU_SIDE, f32, num_layers=3, growth_rate=8)]),
     "pdb-gpu": ([_pdb("pdb-gpu", 256, 64, 56, bf16), _pdb("pdb-gpu", 256, 64, 56, f32)],
                 [_pdb("pdb-gpu", 16, 2, 8, bf16, 3, 8), _pdb("pdb-gpu", 16, 2, 8, f32, 3, 8)]),
     "trans-cpu": ([_trans("trans-cpu", 256, 8, 56, f32, "leaky_relu")],
-                  [_trans("trans-cpu", 16, 2, 8, f32, "leaky_relu")]),
+                  [_trans("trans-cpu", 16, 2, QUICK_CPU_SIDE, f32, "leaky_relu")]),
     # cspdarknet53's stage-5 3x3 at 224 px input: a small map, where Winograd's tiles and
     # per-call weight transform do not pay (the kernel choice must fall back to oneDNN).
     "small-cpu": ([_trans("small-cpu", 512, 8, 7, f32, "leaky_relu", kernel_size=3)],
@@ -134,9 +137,9 @@ CONFIGS: dict[str, tuple[list[Workload], list[Workload]]] = {
     "efm-gpu": ([_efm("efm-gpu", 256, 32, (80, 40, 20), bf16)],
                 [_efm("efm-gpu", 8, 2, (8, 4, 2), bf16)]),
     "c2f-cpu": ([_c3k2("c2f-cpu", 128, 256, 8, 80, f32)],
-                [_c3k2("c2f-cpu", 16, 32, 2, 8, f32)]),
+                [_c3k2("c2f-cpu", 16, 32, 2, QUICK_CPU_SIDE, f32)]),
     "cross-cpu": ([_cross("cross-cpu", 128, 256, 8, 104, f32)],
-                  [_cross("cross-cpu", 16, 32, 2, 8, f32, depth=2)]),
+                  [_cross("cross-cpu", 16, 32, 2, 2 * QUICK_CPU_SIDE, f32, depth=2)]),
     "c2f-gpu": ([_c3k2("c2f-gpu", 128, 256, 64, 80, bf16)],
                 [_c3k2("c2f-gpu", 16, 32, 2, 8, bf16)]),
     "cross-gpu": ([_cross("cross-gpu", 128, 256, 64, 104, bf16)],

@@ -164,7 +164,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, help="timed rounds (default 3, quick 1)")
     parser.add_argument("--out", type=Path, help="output folder (default benchmarks/out/models-<time>)")
     args = parser.parse_args(argv)
+    if args.rounds is not None and args.rounds < 1:
+        parser.error(f"--rounds must be at least 1; got {args.rounds}")
     out_dir = args.out or Path(__file__).parent / "out" / datetime.datetime.now().strftime("models-%Y%m%d-%H%M%S")
+    try:
+        report.make_out_dir(out_dir)
+    except ValueError as err:
+        parser.error(str(err))
     started = time.perf_counter()
     record = run(args.models or list(MODELS), args.quick, args.compile, args.rounds)
     record["elapsed_s"] = time.perf_counter() - started

@@ -125,6 +125,16 @@ def write_csv(rows: list[dict], columns: tuple[str, ...], path: Path) -> None:
         writer.writerows(rows)
 
 
+def make_out_dir(out_dir: Path) -> Path:
+    """`out_dir`, created (with its parents) before a run, so that a folder that cannot be
+    written fails at once rather than after the measurements; ValueError naming it if not."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"--out {out_dir}: cannot create the output folder ({err.strerror})") from err
+    return out_dir
+
+
 def write_all(record: dict, out_dir: Path) -> dict[str, Path]:
     """results.json, results.csv (workload and sweep rows), targets.csv and report.txt."""
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -45,6 +45,10 @@ class Settings:
         unknown = sorted(set(self.variants or ()) - set(baselines.VARIANTS))
         if unknown:
             raise ValueError(f"variants must be among {baselines.VARIANTS}; got {unknown}")
+        if self.rounds is not None and self.rounds < 1:
+            raise ValueError(f"rounds must be at least 1; got {self.rounds}")
+        if self.warmup is not None and self.warmup < 0:
+            raise ValueError(f"warmup must be at least 0; got {self.warmup}")
         self.configs = self.configs or configs.DEFAULT_CONFIGS[torch.device(self.device).type]
         self.warmup = self.warmup if self.warmup is not None else (1 if self.quick else 3)
         self.rounds = self.rounds if self.rounds is not None else (3 if self.quick else 15)

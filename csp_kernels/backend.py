@@ -99,22 +99,24 @@ def requested_backend() -> str:
     """The backend asked for: the innermost `use_backend`, else $CSP_KERNELS_BACKEND, else "auto"."""
     stack = getattr(_state, "stack", None)
     if stack:
-        return stack[-1]
+        return stack[-1][0]
     return _check_name(os.environ.get(ENV_VAR, "auto"))
 
 
 @contextlib.contextmanager
 def use_backend(name: str):
-    """Run the fused modules inside the block with backend `name`."""
+    """Run the fused modules inside the block with backend `name` (in this thread). Blocks
+    exited out of order (an ExitStack, generators) each remove their own entry."""
     _check_name(name)
     stack = getattr(_state, "stack", None)
     if stack is None:
         stack = _state.stack = []
-    stack.append(name)
+    entry = [name]  # a list of its own: removed by identity
+    stack.append(entry)
     try:
         yield
     finally:
-        stack.pop()
+        del stack[next(i for i in range(len(stack) - 1, -1, -1) if stack[i] is entry)]
 
 
 def triton_usable(device: torch.device) -> tuple[bool, str]:

@@ -306,7 +306,11 @@ def peak_cpu_memory() -> Iterator[PeakMemory]:
     not. Frees of tensors allocated before the block are not seen (the profiler knows no size
     for them, and PyTorch warns once), so free those first where they matter. `peak.bytes`
     stays None: the CPU allocator keeps no count of what is in use. Not inside another
-    torch.profiler."""
+    torch.profiler (another `peak_cpu_memory` included): that raises RuntimeError, as the inner
+    profiler's exit would end the outer's collection."""
+    if torch.autograd.profiler._is_profiler_enabled:
+        raise RuntimeError("peak_cpu_memory cannot run inside another torch.profiler (or peak_cpu_memory): the "
+                           "inner profiler's exit would end the outer one's collection")
     record = PeakMemory()
     profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True)
     with _stderr_silenced():

@@ -108,6 +108,17 @@ def test_unknown_config_and_sweep_are_rejected():
         configs.sweep_workloads("depth", configs.workloads("pdb-cpu", True)[0], True)
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--rounds", "0"], "rounds must be at least 1"),
+    (["--warmup", "-1"], "warmup must be at least 0"),
+    (["--out", "/proc/no-such-folder"], "cannot create the output folder"),
+])
+def test_bad_options_are_usage_errors_before_any_run(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--quick", "--config", "trans-cpu", *argv])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
 def run_quick(tmp_path, *argv):
     assert cli.main([*argv, "--quick", "--device", "cpu", "--rounds", "1", "--warmup", "1",
                      "--out", str(tmp_path)]) == 0

@@ -35,3 +35,13 @@ def test_quick_run_writes_the_table_ratios_and_targets(tmp_path, capsys):
     assert [line.split()[0] for line in lines[start:start + 3]] == ["variant", "eager", "fused"]
     assert "saved" in lines[start] and "train fwd+bwd" in lines[start]
     assert "fused / eager: saved_bytes" in text
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--rounds", "0"], "--rounds must be at least 1"),
+    (["--out", "/proc/no-such-folder"], "cannot create the output folder"),
+])
+def test_bad_options_are_usage_errors_before_any_run(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        models.main(["--quick", "--model", "yolo11n", *argv])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err

@@ -57,6 +57,15 @@ def test_use_backend_nests_and_restores():
     assert backend.requested_backend() == "auto"
 
 
+def test_use_backend_blocks_exited_out_of_order_remove_their_own_entry():
+    outer, inner = csp_kernels.use_backend("reference"), csp_kernels.use_backend("cpu")
+    outer.__enter__(), inner.__enter__()
+    outer.__exit__(None, None, None)  # the "reference" block ends; the "cpu" one is still open
+    assert backend.requested_backend() == "cpu"
+    inner.__exit__(None, None, None)
+    assert backend.requested_backend() == "auto"
+
+
 def test_environment_variable_selects_backend(monkeypatch):
     monkeypatch.setenv(backend.ENV_VAR, "reference")
     assert backend.resolve_backend(torch.device("cpu")) == "reference"

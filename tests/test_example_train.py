@@ -31,6 +31,9 @@ def test_train_example_writes_results_and_losses_agree(tmp_path):
     (["--steps", "0"], "--steps must be a positive integer"),
     (["--batch", "-1"], "--batch must be a positive integer"),
     (["--device", "nonsense"], "--device: "),
+    (["--lr", "nan"], "--lr must be a positive finite number"),
+    (["--momentum", "-0.5"], "--momentum must be a finite number >= 0"),
+    (["--out", "/proc/no-such-folder"], "cannot create the output folder"),
 ])
 def test_bad_options_are_usage_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:

@@ -255,6 +255,17 @@ def test_peak_cpu_memory_sees_a_temporary_allocation():
     assert idle.increase == 0, idle
 
 
+def test_peak_cpu_memory_refuses_to_nest():
+    """An inner profiler's exit would end the outer one's collection (it reported 0)."""
+    with peak_cpu_memory() as outer:
+        with pytest.raises(RuntimeError, match="cannot run inside another torch.profiler"):
+            with peak_cpu_memory():
+                pass
+        temporary = torch.ones(1 << 18)  # 1 MiB
+        del temporary
+    assert outer.increase >= 1 << 20
+
+
 def test_peak_cpu_memory_does_not_see_frees_of_earlier_tensors():
     # As documented: the profiler reports no size for a tensor allocated before it started, so
     # a 16 MiB temporary after a 32 MiB earlier tensor went counts in full.

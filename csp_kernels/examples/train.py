@@ -147,8 +147,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--device: {err}")
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda needs a CUDA GPU and none is available; use cpu")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        parser.error(f"--lr must be a positive finite number; got {args.lr}")
+    if not (math.isfinite(args.momentum) and args.momentum >= 0):
+        parser.error(f"--momentum must be a finite number >= 0; got {args.momentum}")
     if args.out is None:
         args.out = Path("benchmarks/out") / time.strftime("train-%Y%m%d-%H%M%S")
+    try:  # before the run: a folder that cannot be written fails now, not after training
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        parser.error(f"--out {args.out}: cannot create the output folder ({err.strerror})")
     return args
 
 
@@ -201,7 +209,6 @@ def main(argv: list[str] | None = None) -> dict:
         "max_relative_loss_difference": max(relative), **records,
     }
 
-    args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "train.json").write_text(json.dumps(results, indent=1))
     plot({"fused": fused_losses, "reference": reference_losses},
          f"{args.model} on digits at {args.size}x{args.size}, batch {args.batch}, SGD lr {args.lr}",
