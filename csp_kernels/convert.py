@@ -310,17 +310,25 @@ def _fuse_conv_bn_act_module(module: nn.Module) -> ConvBNAct | str:
     return _bypass_reason(module) or fuse_conv_bn_act(module.conv, module.bn, module.act)
 
 
+# timm's synchronized BatchNormAct2d (timm.layers.convert_sync_batchnorm makes it): its forward
+# is nn.SyncBatchNorm's, then `drop` and `act`.
+_TIMM_SYNC_NORM = ("timm.layers.norm_act", "SyncBatchNormAct")
+
+
 def _fuse_timm_conv_norm_act(module: nn.Module) -> ConvBNAct | str:
     norm = module.bn
-    if class_key(type(norm)) != ("timm.layers.norm_act", "BatchNormAct2d"):
-        return f"bn is {type(norm).__qualname__} (the fused kernels compute timm's BatchNormAct2d)"
+    synchronized = class_key(type(norm)) == _TIMM_SYNC_NORM
+    if class_key(type(norm)) != ("timm.layers.norm_act", "BatchNormAct2d") and not synchronized:
+        return (f"bn is {type(norm).__qualname__} (the fused kernels compute timm's BatchNormAct2d and, after "
+                "timm's convert_sync_batchnorm, SyncBatchNormAct)")
     if type(norm.drop) is not nn.Identity:
         return f"bn.drop is {norm.drop!r} (the fused kernels have no dropout between BatchNorm and activation)"
     aa = getattr(module, "aa", None)  # as ConvNormAct.forward reads it
     if aa is not None:
         return f"aa is {type(aa).__qualname__} (the fused kernels have no anti-aliasing after the activation)"
-    return _bypass_reason(module) or _bypass_reason(norm, "bn") or fuse_conv_bn_act(
-        module.conv, batch_norm_sharing(norm, nn.BatchNorm2d), norm.act)
+    bn = (batch_norm_sharing(norm, nn.SyncBatchNorm, process_group=norm.process_group) if synchronized
+          else batch_norm_sharing(norm, nn.BatchNorm2d))
+    return _bypass_reason(module) or _bypass_reason(norm, "bn") or fuse_conv_bn_act(module.conv, bn, norm.act)
 
 
 def _fuse_conv_norm_sequential(module: nn.Module) -> ConvBNAct | str:
@@ -347,8 +355,12 @@ def _unfuse_conv(fused: ConvBNAct, origin: Origin) -> nn.Module:
 
 
 def _unfuse_timm_conv_norm_act(fused: ConvBNAct, origin: Origin) -> nn.Module:
-    norm_cls = importlib.import_module("timm.layers.norm_act").BatchNormAct2d
-    norm = batch_norm_sharing(fused.bn, norm_cls, apply_act=False)
+    norm_act = importlib.import_module("timm.layers.norm_act")
+    if isinstance(fused.bn, nn.SyncBatchNorm):  # synchronized after conversion, or before it by timm
+        norm = batch_norm_sharing(fused.bn, norm_act.SyncBatchNormAct, process_group=fused.bn.process_group)
+        norm.drop = nn.Identity()
+    else:
+        norm = batch_norm_sharing(fused.bn, norm_act.BatchNormAct2d, apply_act=False)
     norm.act = fused.act
     return _bare(origin.cls, conv=fused.conv, bn=norm)
 

@@ -857,3 +857,28 @@ def test_torch_compile_eval_forward_and_train_step():
         if not key.endswith("num_batches_tracked"):
             assert rel_error(value, model.state_dict()[key]) < 1e-5, key
 
+
+
+@pytest.mark.parametrize("order", ["convert, then synchronize", "timm synchronizes, then convert"])
+def test_revert_keeps_timm_batch_norms_synchronized(order):
+    """A synchronized ConvNormAct reverts to timm's SyncBatchNormAct (it came back as a plain
+    BatchNormAct2d: ranks' running statistics drifted apart), and one that timm synchronized
+    converts (it was left)."""
+    from timm.layers import convert_sync_batchnorm as timm_sync
+    from timm.layers.norm_act import SyncBatchNormAct
+    from csp_kernels.distributed import convert_sync_batchnorm
+    torch.manual_seed(0)
+    upstream = timm.create_model("cspresnet50", pretrained=False).eval()
+    if order.startswith("convert"):
+        model, report = csp_kernels.convert(upstream)
+        convert_sync_batchnorm(model)
+    else:
+        model, report = csp_kernels.convert(timm_sync(copy.deepcopy(upstream)))
+    assert not report.left and sum(type(m) is nn.SyncBatchNorm for m in model.modules()) == 55
+    reverted = csp_kernels.revert(model)
+    norms = [m for m in reverted.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert len(norms) == 55 and all(type(m) is SyncBatchNormAct for m in norms)
+    assert list(reverted.state_dict()) == list(upstream.state_dict())
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():  # in eval a SyncBatchNorm needs no process group
+        torch.testing.assert_close(reverted(x), upstream(x), rtol=1e-5, atol=1e-5)
