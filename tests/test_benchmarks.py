@@ -59,7 +59,7 @@ def test_checkpointed_dense_block_matches_eager_and_saves_less():
     ckpt = baselines.build_variant("checkpoint", ref, workload, torch.device("cpu"))
     eager = baselines.Variant("eager", ref, ref)
     args = workload.make_inputs(torch.device("cpu"))
-    grads = [torch.randn(2, ref.out_channels, 8, 8)]
+    grads = [torch.randn(2, ref.out_channels, configs.QUICK_CPU_SIDE, configs.QUICK_CPU_SIDE)]
     expected = [o.detach().clone() for o in measure.train_step(eager, args, grads)]
     expected_grad = args[0].grad.clone()
     outputs = measure.train_step(ckpt, args, grads)
@@ -167,14 +167,16 @@ def test_all_with_sweep_and_plots(tmp_path):
 
 
 def test_roofline_floor_of_a_transition_by_hand():
-    (workload,) = configs.workloads("trans-cpu", quick=True)  # ConvBNAct 16 -> 16 on 2×16×8×8
+    (workload,) = configs.workloads("trans-cpu", quick=True)  # ConvBNAct 16 -> 16 on 2×16×side×side
+    side = configs.QUICK_CPU_SIDE
     settings = suite.Settings(command="speed", quick=True, device="cpu", rounds=1, warmup=1)
     hardware = {"matmul_peak": {"float32": 1e12}, "copy_bandwidth": 1e10}
     rows = suite.measure_workload(workload, settings, torch.device("cpu"), ["eager"], hardware, [])
     (row,) = rows
-    assert row["eval_flops"] == 2 * (2 * 8 * 8) * 16 * 16
-    # input and output 8 KiB each; conv weight, BN weight+bias, running mean+var, step counter
-    assert row["compulsory_bytes"] == 2 * 8192 + 16 * 16 * 4 + 4 * 16 * 4 + 8
+    assert row["eval_flops"] == 2 * (2 * side * side) * 16 * 16
+    # input and output (2×16×side×side float32 each); conv weight, BN weight+bias, running
+    # mean+var, step counter
+    assert row["compulsory_bytes"] == 2 * (2 * 16 * side * side * 4) + 16 * 16 * 4 + 4 * 16 * 4 + 8
     assert row["roofline_floor_s"] == row["compulsory_bytes"] / 1e10
     assert row["roofline_fraction"] == row["roofline_floor_s"] / row["time_eval_s"]
 
