@@ -97,3 +97,11 @@ def unpin_kernel_choices(monkeypatch) -> None:
     from csp_kernels.ops import conv_choice
     for pinned in ("_PINNED_1X1", "_PINNED_3X3", "_PINNED_STRIDE2"):
         monkeypatch.setattr(conv_choice, pinned, "")
+
+
+def assert_usage_error(main, argv: list[str], message: str, capsys) -> None:
+    """main(argv), a command line's entry point, exits with argparse's usage-error code 2,
+    saying `message` on stderr."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err

@@ -9,6 +9,7 @@ from torch import nn
 
 import csp_kernels
 from benchmarks import baselines, cli, configs, kernels, measure, report, roofline, suite, targets
+from helpers import assert_usage_error
 
 SHAPE = (2, 3, 4, 5)
 NBYTES = 2 * 3 * 4 * 5 * 4  # float32
@@ -114,9 +115,7 @@ def test_unknown_config_and_sweep_are_rejected():
     (["--out", "/proc/no-such-folder"], "cannot create the output folder"),
 ])
 def test_bad_options_are_usage_errors_before_any_run(argv, message, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main(["--quick", "--config", "trans-cpu", *argv])
-    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert_usage_error(cli.main, ["--quick", "--config", "trans-cpu", *argv], message, capsys)
 
 
 def run_quick(tmp_path, *argv):

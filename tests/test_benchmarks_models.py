@@ -5,6 +5,7 @@ import json
 import pytest
 
 from benchmarks import models, targets
+from helpers import assert_usage_error
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -42,6 +43,4 @@ def test_quick_run_writes_the_table_ratios_and_targets(tmp_path, capsys):
     (["--out", "/proc/no-such-folder"], "cannot create the output folder"),
 ])
 def test_bad_options_are_usage_errors_before_any_run(argv, message, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        models.main(["--quick", "--model", "yolo11n", *argv])
-    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert_usage_error(models.main, ["--quick", "--model", "yolo11n", *argv], message, capsys)

@@ -5,6 +5,7 @@ import json
 import pytest
 
 from csp_kernels.examples import train
+from helpers import assert_usage_error
 
 
 def test_train_example_writes_results_and_losses_agree(tmp_path):
@@ -36,6 +37,4 @@ def test_train_example_writes_results_and_losses_agree(tmp_path):
     (["--out", "/proc/no-such-folder"], "cannot create the output folder"),
 ])
 def test_bad_options_are_usage_errors(argv, message, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        train.parse_args(argv)
-    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert_usage_error(train.parse_args, argv, message, capsys)
