@@ -175,16 +175,25 @@ def autocast_enabled(device_type: str) -> bool:
 
 
 def check_module_input(x: torch.Tensor, module: nn.Module, name: str = "x") -> None:
-    """Raise ValueError if `x` is not on the device of `module`'s parameters, or (outside
-    autocast, which legitimately mixes them) does not have their dtype."""
+    """Raise ValueError if `x` is not on the device of `module`'s parameters, or does not have
+    their dtype: under autocast, the dtypes autocast casts both to (`autocast_dtype`), as a
+    convolution would find them."""
     param = _first_parameter(module)
     if param is None or (x.device == param.device and x.dtype == param.dtype):
         return
     tensors, names = (x, param), (name, f"{type(module).__name__} parameters")
-    if autocast_enabled(x.device.type):
-        _check_same(tensors, names, "device")
-    else:
-        check_same_device_dtype(tensors, names)
+    _check_same(tensors, names, "device")
+    if autocast_dtype(x) != autocast_dtype(param):
+        _check_same(tensors, names, "dtype")
+
+
+def autocast_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype a lower-precision op (a convolution) computes argument `t` in: under autocast on
+    t's device, the autocast dtype for a floating-point tensor other than float64, which autocast
+    leaves as it is (ATen's cached_cast); else t's own."""
+    if t.is_floating_point() and t.dtype != torch.float64 and autocast_enabled(t.device.type):
+        return torch.get_autocast_dtype(t.device.type)
+    return t.dtype
 
 
 def _first_parameter(module: nn.Module) -> torch.Tensor | None:

@@ -95,3 +95,38 @@ def test_fused_under_autocast(ref_cls, fused_cls, kwargs, backend_name, dtype, m
         assert gx.dtype == gx_plain.dtype == torch.float32
         assert_within_twice_plain(gx, gx64, gx_plain, "input gradient")
         assert_within_twice_plain(gp, gp64, gp_plain, "parameter gradients")
+
+
+@pytest.mark.parametrize("mode", ["train", "eval", "eval_with_grad"])
+@pytest.mark.parametrize("side", [6, 16])  # the small-map route and the fused kernels
+@pytest.mark.parametrize(("ref_cls", "fused_cls", "kwargs"), CASES)
+def test_float64_is_left_alone_under_autocast(ref_cls, fused_cls, kwargs, side, mode):
+    """Autocast casts no float64 tensor (ATen's cached_cast): a float64 module on float64 data
+    computes and returns float64 under it, the numbers it gives without autocast."""
+    torch.manual_seed(0)
+    ref = randomize_(ref_cls(**kwargs)).double()
+    fused = fused_cls(**kwargs).double()
+    fused.load_state_dict(ref.state_dict())
+    for m in (ref, fused):
+        m.train(mode == "train")
+    x = torch.randn(2, 16, side, side, dtype=torch.float64)
+    grad_y = None if mode == "eval" else torch.randn_like(ref(x))
+    y_ref, gx_ref, gp_ref, _ = _run(ref, x, grad_y, "reference")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", csp_kernels.ReferenceFallbackWarning)  # (a stage under autocast)
+        y, gx, gp, _ = _run(fused, x, grad_y, CPU_BACKENDS[0], torch.bfloat16)
+    assert y.dtype == torch.float64
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    if grad_y is not None:
+        torch.testing.assert_close(gx, gx_ref, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(gp, gp_ref, rtol=1e-10, atol=1e-10)
+
+
+def test_mixed_dtypes_under_autocast_raise():
+    """A float32 module on float64 data under autocast: the convolution would meet a bfloat16
+    weight and a float64 input, which plain PyTorch refuses; the fused module says so."""
+    fused = csp_kernels.ConvBNAct(16, 24, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(ValueError, match="same dtype"):
+        fused(torch.randn(2, 16, 12, 12, dtype=torch.float64))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # float16 data is cast as float32 is
+        assert fused(torch.randn(2, 16, 12, 12, dtype=torch.float16)).dtype == torch.bfloat16

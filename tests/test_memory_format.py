@@ -58,7 +58,7 @@ def _pair(name, args, kwargs):
     (24, "input_and_weights"),  # model.to(memory_format=torch.channels_last) too
 ])
 @pytest.mark.parametrize("mode", ["train", "eval", "eval_no_grad"])
-def test_channels_last_input_gives_channels_last_output(name, args, kwargs, side, channels_last, mode):
+def test_channels_last_input_gives_the_reference_format(name, args, kwargs, side, channels_last, mode):
     fused, ref = _pair(name, args, kwargs)
     if channels_last == "input_and_weights":
         fused, ref = fused.to(memory_format=CL), ref.to(memory_format=CL)
@@ -72,7 +72,10 @@ def test_channels_last_input_gives_channels_last_output(name, args, kwargs, side
         recorded_dense_eval = mode == "eval" and name.endswith("DenseBlock")
         warnings.simplefilter("ignore" if recorded_dense_eval else "error", csp_kernels.ReferenceFallbackWarning)
         ys = fused(xf), ref(xr), exact(xe)
-    assert _format(ys[1]) == "channels_last"
+    # timm's CrossStage answers NCHW (its .contiguous() before the cat), unless its last conv's
+    # weight is channels_last.
+    nchw = name == "CrossStage" and channels_last == "input"
+    assert _format(ys[1]) == ("contiguous" if nchw else "channels_last")
     assert _format(ys[0]) == _format(ys[1])
     _assert_close_as_reference(ys[0], ys[1], ys[2])
     if mode == "eval_no_grad":

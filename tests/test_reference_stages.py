@@ -217,6 +217,21 @@ def test_timm_stages(config, dtype, tol):
     assert_twin_matches(upstream, twin, kwargs["in_chs"], dtype, tol)
 
 
+@pytest.mark.parametrize("config", TIMM_STAGES)
+def test_timm_stages_answer_upstreams_memory_format(config):
+    """A channels_last input gives the twin's output upstream's memory format (CrossStage's
+    .contiguous() before its cat makes its result NCHW), with the same values."""
+    stage, block, kwargs = TIMM_STAGES[config]
+    upstream = randomize_(build_stage(cspnet, stage, block, kwargs, "leaky_relu")).eval()
+    twin = build_stage(reference, stage, block, kwargs, "leaky_relu").eval()
+    twin.load_state_dict(upstream.state_dict())
+    x = torch.randn(2, kwargs["in_chs"], 8, 8).to(memory_format=torch.channels_last)
+    out, out_twin = upstream(x), twin(x)
+    assert out_twin.is_contiguous() == out.is_contiguous()
+    assert out_twin.stride() == out.stride()
+    assert_same(out_twin, out, 0.0, "output")
+
+
 @pytest.mark.parametrize("act_layer", TIMM_ACTS)
 def test_timm_stage_activation(act_layer):
     stage, block, kwargs = TIMM_STAGES["darknet-first"]

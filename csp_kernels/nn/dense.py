@@ -274,7 +274,7 @@ class _FusedDense(nn.Module):
                 out = dense_eval.partial_dense_block_eval(x, self._eval_params(x.dtype), *self._layout(),
                                                           self.act_name, engine)
         if autocast and not self._concat_promotes():
-            out = out.to(torch.get_autocast_dtype(x.device.type))
+            out = out.to(checks.autocast_dtype(x))
         # The op's buffer is NCHW; the reference's convolutions and cats keep a channels_last x's format.
         return as_channels_last_if(out, suggests_channels_last(x))
 

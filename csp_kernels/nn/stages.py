@@ -161,12 +161,23 @@ def follows_input_format(forward):
     reference twin's convolutions, cats and adds give it; a result written into `out` is the
     caller's. A channels_last x is copied to NCHW once, where every convolution reading it
     would copy it (the kernels walk planes), and the result back."""
+    return _reading_nchw(forward, result_in_input_format=True)
+
+
+def reads_input_as_nchw(forward):
+    """A stage's `forward(x, out=None)` reading a channels_last x as an NCHW copy, made once, and
+    returning its result as its last ConvBNAct gives it: timm's CrossStage, whose NCHW cat
+    (upstream's `.contiguous()`) makes its result NCHW unless that conv's weight is channels_last."""
+    return _reading_nchw(forward, result_in_input_format=False)
+
+
+def _reading_nchw(forward, result_in_input_format: bool):
     @functools.wraps(forward)
     def in_input_format(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         if not suggests_channels_last(x):
             return forward(self, x, out)
         y = forward(self, x.contiguous(), out)
-        return y if out is not None else as_channels_last_if(y, True)
+        return y if out is not None else as_channels_last_if(y, result_in_input_format)
     return in_input_format
 
 
@@ -397,7 +408,7 @@ class CrossStage(reference.CrossStage):
     __doc__ = reference.CrossStage.__doc__
     conv_bn_act, block_classes = ConvBNAct, _TIMM_BLOCKS
 
-    @follows_input_format
+    @reads_input_as_nchw
     def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         writers = [("conv_exp", self.conv_exp, (ConvBNAct,)),
                    ("conv_transition_b", self.conv_transition_b, (ConvBNAct,)),

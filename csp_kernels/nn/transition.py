@@ -78,9 +78,8 @@ class ConvBNAct(reference.ConvBNAct):
     def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         checks.check_input(x, channels=self.in_channels)
         checks.check_module_input(x, self)
-        device_type = x.device.type
-        if checks.autocast_enabled(device_type):
-            x = x.to(torch.get_autocast_dtype(device_type))
+        if (dtype := checks.autocast_dtype(x)) != x.dtype:
+            x = x.to(dtype)
         name = backend.resolve_backend(x.device)
         # From the dict, not self.conv and so on: nn.Module.__getattr__ costs ~1 us a lookup.
         modules = self._modules

@@ -142,8 +142,9 @@ def _verdict(key: tuple, unmeasured_rule: bool, measure: Callable[..., bool]) ->
         # The first verdict stored stands: threads measuring one key at once would otherwise
         # leave callers with different verdicts (a weight prepared for one kernel, run by another).
         # The timing's random data comes from the global generator, restored after it: a model's
-        # later draws (dropout, augmentation) must not depend on whether a shape was new.
-        with torch.random.fork_rng(devices=[]):
+        # later draws (dropout, augmentation) must not depend on whether a shape was new. The
+        # candidates are timed on float32 as they are, whatever autocast the caller runs under.
+        with torch.random.fork_rng(devices=[]), torch.autocast("cpu", enabled=False):
             measured = measure(*key[1:])
         verdict = _verdicts.setdefault(key, measured)
     return verdict

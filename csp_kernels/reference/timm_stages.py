@@ -213,7 +213,8 @@ class CrossStage(_CrossStageBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xs, xb = self.conv_exp(self.conv_down(x)).split(self.expand_chs // 2, dim=1)
-        xb = self.conv_transition_b(self.blocks(xb))
+        # .contiguous() as timm's: the cat, and so the stage, answers NCHW for a channels_last x.
+        xb = self.conv_transition_b(self.blocks(xb)).contiguous()
         return self.conv_transition(torch.cat([xs, xb], dim=1))
 
 
