@@ -399,10 +399,6 @@ def test_bad_inputs_raise_clear_errors(device, backend_name):
             fused(x, out=torch.empty(2, 7, 4, 5, dtype=torch.float32, device=device))
         with pytest.raises(TypeError, match="out must be a torch.Tensor"):
             fused(x, out=[1.0])
-        channels_last = torch.empty(2, 7, 4, 5, dtype=torch.float64, device=device,
-                                    memory_format=torch.channels_last)
-        with pytest.raises(ValueError, match="out must have contiguous"):
-            fused(x, out=channels_last)  # training writes whole planes on every backend
     with pytest.raises(ValueError, match="act must be one of"):
         csp_kernels.ConvBNAct(5, 7, act="gelu")
 

@@ -317,6 +317,37 @@ def test_out_refused(training):
         fused(x, out=[0.0])
 
 
+@pytest.mark.parametrize("module", ["ConvBNAct", "C2f"])
+@pytest.mark.parametrize("side", [6, 12, 20])  # the small-map routes and the fused kernels
+@pytest.mark.parametrize("mode", ["train", "eval", "eval_no_grad"])
+def test_out_with_any_strides_is_written(module, side, mode):
+    """An `out` without contiguous planes (channels_last, a width slice) is accepted on every
+    route, whatever the map size, and receives the reference's values and gradients (a copy
+    where the kernels write whole planes)."""
+    torch.manual_seed(0)
+    if module == "ConvBNAct":
+        fused, ref = _pair(6, 4, 3)
+    else:
+        ref = randomize_(reference.C2f(6, 4, 1)).double()
+        fused = csp_kernels.C2f(6, 4, 1).double()
+        fused.load_state_dict(ref.state_dict())
+    fused.train(mode == "train"), ref.train(mode == "train")
+    x = torch.randn(2, 6, side, side, dtype=torch.float64)
+    outs = [torch.zeros(2, 4, side, side, dtype=torch.float64).to(memory_format=torch.channels_last),
+            torch.zeros(2, 4, side, side + 3, dtype=torch.float64)[..., 1:side + 1]]
+    for out in outs:
+        x_fused, x_ref = (x.clone().requires_grad_(mode != "eval_no_grad") for _ in range(2))
+        with torch.set_grad_enabled(mode != "eval_no_grad"):
+            y = fused(x_fused, out=out)
+            y_ref = ref(x_ref)
+        assert y is out
+        assert_matches_reference(out, y_ref, tol=1e-10)
+        if mode != "eval_no_grad":
+            grad = torch.randn_like(y_ref)
+            y.backward(grad), y_ref.backward(grad)
+            assert_matches_reference(x_fused.grad, x_ref.grad, tol=1e-10)
+
+
 @pytest.mark.parametrize("training", [True, False])
 def test_out_overlapping_x(training):
     """While autograd records, an out over x is refused (the backward reads x); without it,

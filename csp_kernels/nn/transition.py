@@ -29,11 +29,12 @@ class ConvBNAct(reference.ConvBNAct):
       x: (batch, in_channels, height, width) -> (batch, out_channels, height', width'), in
       the memory format F.conv2d gives (channels_last for a channels_last x or conv weight:
       the kernels compute NCHW, and a copy converts).
-      out: optional tensor of that shape and of the computed dtype (x's, or autocast's) whose
-      (height, width) planes are contiguous — typically a channel slice `buf[:, a:b]` of a
-      bigger NCHW buffer. The result is written there and `out` is returned: with no copy in
-      training (gradients reach it through the buffer, as for any in-place write into a view)
-      and in eval under no_grad.
+      out: optional tensor of that shape and of the computed dtype (x's, or autocast's), any
+      strides without two elements in one place — typically a channel slice `buf[:, a:b]` of
+      a bigger NCHW buffer. The result is written there and `out` is returned: where its
+      (height, width) planes are contiguous, with no copy in training (gradients reach it
+      through the buffer, as for any in-place write into a view) and in eval under no_grad;
+      into any other `out` (channels_last, say) by a copy.
 
     Training (`bn.training`, which may differ from the module's own mode, as for a frozen
     BatchNorm in a training model): one custom op (batch statistics fused with the conv's
@@ -103,7 +104,8 @@ class ConvBNAct(reference.ConvBNAct):
             if ops.check_out(out, shape, x.dtype, x.device,
                              any_strides=routing.out_takes_any_strides(fused, engine, bn.training), x=x,
                              recording=torch.is_grad_enabled() and self._needs_grad(x, out)):
-                return out.copy_(self.forward(x))  # out overlaps x, which the kernels read while writing out
+                # out overlaps x, which the kernels read while writing out, or has planes they cannot write
+                return out.copy_(self.forward(x))
         if not fused:
             if unfusable:
                 backend.warn_reference_fallback(self, unfusable)

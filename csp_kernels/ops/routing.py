@@ -55,7 +55,7 @@ The engine is an op argument (so that a compiled graph keeps it), from the backe
     (16-bit, or "aten" above:   aten                                                   ATen
     `scaled_eval_conv_kernel`)
   a ConvBNAct's `out=`          triton eval, or the reference path: any strides; else contiguous planes
-    (`out_takes_any_strides`)
+    (`out_takes_any_strides`)   written in place, other strides by a copy
   dense conv2 3x3, training     any     as `runs_as_winograd` (transform per call)     Winograd into the buffer, else
                                                                                        ATen and a copy
   dense conv2 3x3, eval         any     as `runs_as_winograd(transform_cached=True)`   Winograd into the buffer,
@@ -358,9 +358,10 @@ def scaled_eval_conv_kernel(engine: str) -> str:
 
 
 def out_takes_any_strides(fused: bool, engine: str, training: bool) -> bool:
-    """Whether a ConvBNAct call may write `out=` with any strides (else its (height, width)
-    planes must be contiguous): the reference path (its copy_), and the Triton GEMM's eval
-    epilogue, which stores through strides."""
+    """Whether a ConvBNAct call writes `out=` as it is, whatever its strides (else only where its
+    (height, width) planes are contiguous, and by a copy where not: `ops.check_out`): the
+    reference path (its copy_), and the Triton GEMM's eval epilogue, which stores through
+    strides."""
     return not fused or (engine == "triton" and not training)
 
 

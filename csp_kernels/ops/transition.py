@@ -32,7 +32,8 @@ convs by Winograd (`ops.conv3x3`), eval convs by oneDNN with the activation as a
 measured faster; else ATen (oneDNN, cuDNN). The generic conv helpers (output
 shape, conv, conv_backward, the BN fold) are `ops.conv`.
 `*_out` variants write y into a caller's tensor (a (N, C, H, W) view with contiguous planes,
-e.g. a channel slice of a concat buffer; for the Triton eval epilogue any strides). They mutate
+e.g. a channel slice of a concat buffer; for the Triton eval epilogue any strides; the module
+copies into any other `out`, `check_out`). They mutate
 `out`, so they have no autograd formula; `train_transition_recorded` gives the training one its
 gradient. The modules call `train_transition`, `train_transition_recorded` and `eval_transition`,
 which in eager mode run the ops' implementations without the dispatcher's cost (ops/dispatch.py).
@@ -72,20 +73,19 @@ def _onednn_post_op(act: str) -> tuple[str, list] | None:
 def check_out(out, shape, dtype: torch.dtype, device: torch.device, any_strides: bool, x: torch.Tensor,
               recording: bool) -> bool:
     """Raise, as ATen's out= does, unless `out` is a (shape, dtype) tensor on `device` with no
-    two elements in one place and (unless `any_strides`: the Triton GEMM's eval epilogue, the
-    reference's copy) contiguous (height, width) planes, and, while autograd records
-    (`recording`), shares no memory with `x`, which the backward reads. Returns whether `out`
-    overlaps `x` (then the caller computes into a new tensor and copies). Under torch.compile
+    two elements in one place and, while autograd records (`recording`), no memory shared with
+    `x`, which the backward reads. Returns whether the caller computes into a new tensor and
+    copies it into `out`: where `out` overlaps x (the kernels would read what they overwrite), or
+    has no contiguous (height, width) planes for kernels that write whole planes (unless
+    `any_strides`: the Triton GEMM's eval epilogue, the reference's copy). Under torch.compile
     the overlap with `x` is not checked (storage pointers do not trace)."""
     checks.check_out_tensor(out, shape, dtype, device)
     if overlaps_itself(out):
         raise ValueError("out must not have two elements in one place (as an expand() has); got strides "
                          f"{out.stride()}")
-    if not any_strides and not planes_contiguous(out):  # (not written=True, which would test the overlap again)
-        raise ValueError("out must have contiguous (height, width) planes (NCHW, or a channel slice of "
-                         f"an NCHW tensor); got strides {out.stride()}")
     if torch.compiler.is_compiling() or not shares_memory(out, x):
-        return False
+        # (not written=True, which would test the overlap again)
+        return not any_strides and not planes_contiguous(out)
     if recording:
         raise ValueError("out must not overlap x while autograd records (the backward reads x); write into "
                          "another buffer, or run under torch.no_grad()")
