@@ -293,11 +293,13 @@ _KERNEL_ACTIVATIONS = {nn.ReLU: "relu", nn.LeakyReLU: "leaky_relu", nn.SiLU: "si
 
 def bypass_reason(module: nn.Module, name: str, consequence: str) -> str:
     """Why `module` (called `name` in the message) must run as a module call of its own, or "":
-    its forward replaced on the instance, or a forward or forward pre-hook, or a backward or
-    backward pre-hook (full or not), which a fused kernel computing it inside another op would
-    not run (`consequence` says how)."""
+    its forward (or a convolution's _conv_forward) replaced on the instance, or a forward or
+    forward pre-hook, or a backward or backward pre-hook (full or not), which a fused kernel
+    computing it inside another op would not run (`consequence` says how)."""
     if "forward" in module.__dict__:
         return f"{name}'s forward is replaced on the instance ({consequence})"
+    if "_conv_forward" in module.__dict__:  # what nn.Conv2d's forward calls
+        return f"{name}'s _conv_forward is replaced on the instance ({consequence})"
     if module._forward_hooks or module._forward_pre_hooks:
         return f"a forward hook on {name} ({consequence})"
     if module._backward_hooks or module._backward_pre_hooks:
@@ -312,7 +314,7 @@ def is_bypassed(module: nn.Module) -> bool:
 
 def _kernel_act(module: nn.Module) -> str:
     name = _KERNEL_ACTIVATIONS.get(type(module), "")
-    if is_bypassed(module):
+    if not name or is_bypassed(module):  # (not name: anything else, a plain function included)
         return ""  # the kernels would skip its hooks or its own forward
     if name == "leaky_relu" and module.negative_slope != LEAKY_RELU_SLOPE:
         slope = float(module.negative_slope)
@@ -325,13 +327,15 @@ def kernel_activation(*modules: nn.Module) -> tuple[str, str]:
     same activation the kernels can, else ("", the reason). The kernels' names are ACTIVATIONS
     and "leaky_relu:<slope>" (repr of the float, exact) for a slope other than LEAKY_RELU_SLOPE
     (csrc/activation.h parse_act, triton/activation.py act_constexprs read it back). Read at
-    forward time, so a module whose `act` was replaced after construction runs what it holds."""
+    forward time, so a module whose `act` was replaced after construction runs what it holds (a
+    plain function too, which the kernels do not compute)."""
     if len(modules) == 1 and (name := _kernel_act(modules[0])):
         return name, ""  # the common case, at every call of every fused module
     names = [_kernel_act(m) for m in modules]
     for m, name in zip(modules, names):
         if not name:
-            return "", (bypass_reason(m, f"activation {m!r}", "the fused kernels would skip it")
+            return "", ((isinstance(m, nn.Module) and bypass_reason(m, f"activation {m!r}",
+                                                                    "the fused kernels would skip it"))
                         or f"activation {m!r} (the fused kernels compute nn.ReLU, nn.LeakyReLU with a finite "
                            "slope, nn.SiLU, nn.Mish, nn.Hardswish and nn.Identity)")
     if any(name != names[0] for name in names):

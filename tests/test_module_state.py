@@ -280,6 +280,33 @@ def _scale_forward_on_the_instance(module):
     module.forward = lambda x: forward(x) * 2.0
 
 
+def _scale_conv_forward_on_the_instance(conv):
+    conv_forward = conv._conv_forward
+    conv._conv_forward = lambda x, weight, bias: conv_forward(x, weight * 0.5, bias)
+
+
+def _act_as_plain_function(module):
+    del module.act
+    module.act = torch.relu
+
+
+class _HalvedConvBNAct(reference.ConvBNAct):
+    def forward(self, x, out=None):
+        return super().forward(x) * 0.5
+
+
+def _subclass_transition(block, name):
+    old = getattr(block, name)
+    new = _HalvedConvBNAct(old.conv.in_channels, old.conv.out_channels).to(old.conv.weight)
+    new.load_state_dict(old.state_dict())
+    setattr(block, name, new)
+
+
+def _transition_as_sequential(block, name):
+    old = getattr(block, name)
+    setattr(block, name, nn.Sequential(old.conv, old.bn, old.act))
+
+
 def _weight_as_plain_tensor(conv):
     """The stateless / meta-learning pattern: the weight a plain tensor attribute."""
     weight = conv.weight.detach().clone()
@@ -318,6 +345,26 @@ SURGERY = {
                                        "forward is replaced on the instance"),
     "ConvBNAct-conv-weight-plain-tensor": ("ConvBNAct", lambda m: _weight_as_plain_tensor(m.conv),
                                            "conv.weight is not a registered parameter"),
+    "ConvBNAct-conv-forward-internals-replaced": ("ConvBNAct", lambda m: _scale_conv_forward_on_the_instance(m.conv),
+                                                  "conv's _conv_forward is replaced on the instance"),
+    "ConvBNAct-act-plain-function": ("ConvBNAct", _act_as_plain_function, "activation <built-in method relu"),
+    "ConvBNAct-int-stride": ("ConvBNAct", lambda m: setattr(m.conv, "stride", 2), "stride=2"),
+    "ConvBNAct-int-padding": ("ConvBNAct", lambda m: setattr(m.conv, "padding", 0), "padding=0"),
+    "block-transition-forward-hook": ("PartialDenseBlock",
+                                      lambda m: m.transition2.register_forward_hook(lambda mod, i, o: o * 2),
+                                      "forward hook on transition2"),
+    "block-transition-forward-replaced": ("PartialDenseBlock",
+                                          lambda m: _scale_forward_on_the_instance(m.transition1),
+                                          "transition1's forward is replaced on the instance"),
+    "block-dense-forward-hook": ("PartialDenseBlock",
+                                 lambda m: m.dense.register_forward_hook(lambda mod, i, o: o * 2),
+                                 "forward hook on dense"),
+    "block-transition-subclass": ("PartialDenseBlock", lambda m: _subclass_transition(m, "transition2"),
+                                  "transition2 is _HalvedConvBNAct"),
+    "block-transition-sequential": ("PartialDenseBlock", lambda m: _transition_as_sequential(m, "transition1"),
+                                    "transition1 is Sequential"),
+    "block-conv2-int-padding": ("PartialDenseBlock", lambda m: setattr(m.get_submodule(f"{LAYER}.conv2"), "padding", 1),
+                                "padding=1"),
     "block-conv1-forward-replaced": ("PartialDenseBlock",
                                      lambda m: _scale_forward_on_the_instance(m.get_submodule(f"{LAYER}.conv1")),
                                      "conv1's forward is replaced on the instance"),

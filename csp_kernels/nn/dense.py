@@ -59,7 +59,7 @@ from ..ops import dense_eval, routing, stats_update, sync_dense
 from ..ops.batch_norm_act import as_channels_last_if, suggests_channels_last
 from ..ops.fold_cache import fold_cache_hit, snapshot
 from ..ops.sync_batch_norm import process_group_of, sync_group
-from .transition import batch_norm_reason, conv_reason, track_batch_stats
+from .transition import ConvBNAct, batch_norm_reason, conv_reason, track_batch_stats
 
 # (kernel_size, stride, padding, dilation, groups) the fused op computes each conv with.
 _CONV1X1 = ((1, 1), (1, 1), (0, 0), (1, 1), 1)
@@ -158,11 +158,15 @@ class _FusedDense(nn.Module):
         return [p for t in self._transitions() for p in (t.conv.weight, t.bn.weight, t.bn.bias)]
 
     def _module_reason(self) -> str:
-        """Why the fused op cannot compute the dense layers, convolutions and BatchNorms the
-        block holds now (each as dense_layer_reason, transition.conv_reason / batch_norm_reason,
+        """Why the fused op cannot compute the dense layers, their container, the transitions,
+        convolutions and BatchNorms the block holds now (each as dense_layer_reason,
+        _part_reason, transition.conv_reason / batch_norm_reason,
         with the op's fixed geometry; one eps for all BatchNorms, channels as _channels_reason),
         or ""."""
         prefix = f"{self._DENSE}." if self._DENSE else ""
+        containers = (reference.DenseBlock, DenseBlock)
+        if self._DENSE and (reason := _part_reason(self._dense_block(), self._DENSE, containers)):
+            return reason
         for name, layer in self._dense_block().named_children():
             if reason := dense_layer_reason(layer, prefix + name):
                 return reason
@@ -174,7 +178,8 @@ class _FusedDense(nn.Module):
                     return reason
         for name in self._transition_names():
             t = getattr(self, name)
-            if reason := conv_reason(t.conv, f"{name}.conv", _CONV1X1) or batch_norm_reason(t.bn, f"{name}.bn"):
+            if reason := (_part_reason(t, name, (reference.ConvBNAct, ConvBNAct))
+                          or conv_reason(t.conv, f"{name}.conv", _CONV1X1) or batch_norm_reason(t.bn, f"{name}.bn")):
                 return reason
         norms = self._norms()
         if any(bn.eps != norms[0].eps for bn in norms):
@@ -337,6 +342,18 @@ class _FusedDense(nn.Module):
         transition_running = [(t.bn.running_mean, t.bn.running_var) for t in self._transitions()]
         return dense_eval.fold_eval_params(self.dense_params(), dense_running, self.transition_params(),
                                            transition_running, self._norms()[0].eps, dtype)
+
+
+def _part_reason(part: nn.Module, name: str, kinds: tuple[type, ...]) -> str:
+    """Why the fused op cannot compute the block's `part` (called `name`: a transition, or the
+    container of the dense layers) inside itself, or "": one of `kinds` by exact class (a
+    subclass may compute something else), its forward neither replaced on the instance nor
+    hooked."""
+    if type(part) not in kinds:
+        expected = " or ".join(f"csp_kernels.{'reference.' if kind.__module__.startswith(reference.__name__) else ''}"
+                               f"{kind.__qualname__}" for kind in kinds)
+        return f"{name} is {type(part).__qualname__} (the fused op computes it as {expected})"
+    return checks.bypass_reason(part, name, "the fused op computes it inside the block")
 
 
 def dense_layer_reason(layer: nn.Module, name: str) -> str:

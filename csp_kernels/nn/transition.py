@@ -86,7 +86,8 @@ class ConvBNAct(reference.ConvBNAct):
         modules = self._modules
         conv, bn = modules["conv"], modules["bn"]
         # The kernels' name for what `self.act` computes now, and why not if they cannot.
-        act_name, act_reason = ("", "") if name == "reference" else checks.kernel_activation(modules["act"])
+        act_name, act_reason = ("", "") if name == "reference" else checks.kernel_activation(
+            modules["act"] if "act" in modules else getattr(self, "act", None))
         # What the fused kernels do not model here, or "" when they cover the module.
         unfusable = "" if name == "reference" else (backend.mode_reason() or conv_reason(conv, "conv")
                                                     or batch_norm_reason(bn, "bn") or act_reason)
@@ -99,7 +100,7 @@ class ConvBNAct(reference.ConvBNAct):
         if fused:
             checks.check_batch_norm_eps(bn.eps, bn.training)
         engine = routing.transition_engine(name, conv.kernel_size, conv.padding, conv.groups) if fused else "aten"
-        if out is not None and not isinstance(conv.padding, str):  # else the reference's copy_ checks
+        if out is not None and geometry_in_pairs(conv):  # else the reference's copy_ checks
             shape = conv_ops.conv_output_shape(x.shape, conv.weight.shape, conv.stride, conv.padding, conv.dilation)
             if ops.check_out(out, shape, x.dtype, x.device,
                              any_strides=routing.out_takes_any_strides(fused, engine, bn.training), x=x,
@@ -273,10 +274,20 @@ def conv_reason(conv: nn.Module, name: str, geometry: tuple | None = None) -> st
         return f"{name}.padding_mode={conv.padding_mode!r} (the fused kernels pad with zeros)"
     if isinstance(conv.padding, str):
         return f"{name}.padding={conv.padding!r} (a string; the fused kernels take explicit padding)"
+    if not geometry_in_pairs(conv):
+        return (f"{name} has stride={conv.stride!r}, padding={conv.padding!r}, dilation={conv.dilation!r} (set "
+                "after construction; the fused kernels read the (height, width) pairs nn.Conv2d holds)")
     if geometry is not None and (conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.groups) != geometry:
         return (f"{name} is {conv!r} (the fused op computes kernel_size, stride, padding, dilation, groups = "
                 f"{geometry})")
     return checks.bypass_reason(conv, name, "the fused kernels would skip it")
+
+
+def geometry_in_pairs(conv: nn.Conv2d) -> bool:
+    """Whether conv's stride, padding and dilation are (height, width) pairs, as nn.Conv2d makes
+    them (a plain int set after construction, which F.conv2d accepts, is not; nor a string
+    padding)."""
+    return all(isinstance(v, (tuple, list)) and len(v) == 2 for v in (conv.stride, conv.padding, conv.dilation))
 
 
 def batch_norm_reason(bn: nn.Module, name: str) -> str:
