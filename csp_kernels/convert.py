@@ -244,6 +244,10 @@ def _count_unknown(module: nn.Module, report: ConversionReport) -> None:
         report.unknown[type(module).__qualname__] += 1
 
 
+# The prefix a load hands a renamed module, from its load pre-hook to its post-hook.
+_LOAD_PREFIX = "_csp_kernels_load_prefix"
+
+
 def _remember_origin(fused: nn.Module, upstream: nn.Module) -> None:
     """Record on `fused` what `revert` needs, carry the upstream module's plain attributes and
     its own train/eval mode over (its submodules' modes are theirs, as for a frozen BatchNorm in
@@ -260,6 +264,7 @@ def _remember_origin(fused: nn.Module, upstream: nn.Module) -> None:
     if renamed:
         fused.register_state_dict_post_hook(_write_upstream_keys)
         fused.register_load_state_dict_pre_hook(_read_upstream_keys)
+        fused.register_load_state_dict_post_hook(_report_upstream_keys)
 
 
 def _rename_keys(state_dict: dict, keys: list[str], prefix: str, renames) -> None:
@@ -285,6 +290,18 @@ def _read_upstream_keys(module: nn.Module, state_dict: dict, prefix: str, *_) ->
     # its share).
     renames = [(new, old) for old, new in getattr(module, ORIGIN_ATTRIBUTE).renamed]
     _rename_keys(state_dict, list(state_dict), prefix, renames)
+    module.__dict__[_LOAD_PREFIX] = prefix  # for _report_upstream_keys, which is not given it
+
+
+def _report_upstream_keys(module: nn.Module, incompatible_keys) -> None:
+    # Missing keys are reported by the names state_dict() writes ("0.weight"), not the fused
+    # module's own ("conv.weight"), which neither the checkpoint nor state_dict() holds.
+    prefix = module.__dict__.pop(_LOAD_PREFIX, None)
+    if prefix is not None:
+        keys = incompatible_keys.missing_keys
+        renamed = dict.fromkeys(keys)
+        _rename_keys(renamed, keys, prefix, getattr(module, ORIGIN_ATTRIBUTE).renamed)
+        keys[:] = list(renamed)
 
 
 # --- converters -------------------------------------------------------------------------------

@@ -799,6 +799,19 @@ def test_sequential_units_keep_the_upstream_state_dict_keys():
         assert torch.equal(value, fresh.state_dict()[key]) and torch.equal(value, model.state_dict()[key]), key
 
 
+def test_missing_keys_are_named_as_state_dict_names_them():
+    """A checkpoint without a renamed unit's entry: load_state_dict reports the key by the name
+    state_dict() and the upstream model use ("3.0.weight"), not the fused module's own."""
+    model = small_model()
+    converted, _ = csp_kernels.convert(model)
+    partial = {k: v for k, v in model.state_dict().items() if k != "3.0.weight"}
+    expected = model.load_state_dict(partial, strict=False).missing_keys
+    assert expected == ["3.0.weight"]
+    assert converted.load_state_dict(partial, strict=False).missing_keys == expected
+    with pytest.raises(RuntimeError, match='Missing key\\(s\\) in state_dict: "3.0.weight"'):
+        converted.load_state_dict(partial)
+
+
 def _train_step(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     for _ in range(2):
