@@ -85,22 +85,24 @@ class ConvBNAct(reference.ConvBNAct):
         # From the dict, not self.conv and so on: nn.Module.__getattr__ costs ~1 us a lookup.
         modules = self._modules
         conv, bn = modules["conv"], modules["bn"]
+        # Plain PyTorch where it runs faster (small CPU maps in training), asked first: the
+        # reference computes whatever the module holds, so the checks below would only cost time.
+        # (Not with a SyncBatchNorm: torch's refuses CPU tensors in training, even alone in its group.)
+        plain = name == "reference" or (name == "cpu" and type(bn) is nn.BatchNorm2d and bn.training
+                                        and routing.training_eager_is_faster(x))
         # The kernels' name for what `self.act` computes now, and why not if they cannot.
-        act_name, act_reason = ("", "") if name == "reference" else checks.kernel_activation(
+        act_name, act_reason = ("", "") if plain else checks.kernel_activation(
             modules["act"] if "act" in modules else getattr(self, "act", None))
         # What the fused kernels do not model here, or "" when they cover the module.
-        unfusable = "" if name == "reference" else (backend.mode_reason() or conv_reason(conv, "conv")
-                                                    or batch_norm_reason(bn, "bn") or act_reason)
+        unfusable = "" if plain else (backend.mode_reason() or conv_reason(conv, "conv")
+                                      or batch_norm_reason(bn, "bn") or act_reason)
         # An empty x has nothing to compute: the reference gives nn.BatchNorm2d's bookkeeping for it,
         # unless the BatchNorm is synchronized (the fused op joins the group's collectives).
-        fused = name != "reference" and not unfusable and (x.numel() > 0 or sync_group(bn) is not None)
-        # (not with a SyncBatchNorm: torch's refuses CPU tensors in training, even alone in its group)
-        fused = fused and not (name == "cpu" and bn.training and type(bn) is nn.BatchNorm2d
-                               and routing.training_eager_is_faster(x))
+        fused = not plain and not unfusable and (x.numel() > 0 or sync_group(bn) is not None)
         if fused:
             checks.check_batch_norm_eps(bn.eps, bn.training)
         engine = routing.transition_engine(name, conv.kernel_size, conv.padding, conv.groups) if fused else "aten"
-        if out is not None and geometry_in_pairs(conv):  # else the reference's copy_ checks
+        if out is not None and isinstance(conv, nn.Conv2d) and geometry_in_pairs(conv):  # else the reference's copy_
             shape = conv_ops.conv_output_shape(x.shape, conv.weight.shape, conv.stride, conv.padding, conv.dilation)
             if ops.check_out(out, shape, x.dtype, x.device,
                              any_strides=routing.out_takes_any_strides(fused, engine, bn.training), x=x,
@@ -145,7 +147,7 @@ class ConvBNAct(reference.ConvBNAct):
             if out is not None:
                 y = out.copy_(y)
         elif recording:
-            with recompute.saving_recipes(), stats_update.before_saving(update) as pending:
+            with stats_update.before_saving(update) as pending:  # (the op saves x's recipe itself)
                 y, z, mean, var = ops.train_transition_recorded(*args, out)
             # y is rebuilt from z, the conv output the op saves, where a later op saves y (ops/recompute.py)
             recompute.tag(y, recompute.activation(z, mean, var, bn.weight, bn.bias, y.shape, bn.eps, act_name))

@@ -35,8 +35,8 @@ The engine is an op argument (so that a compiled graph keeps it), from the backe
     or recomputed                       its memory; or x rebuilt from a recipe and     by the forward's kernel
     (`recomputed_conv_kernel`)          1x1 with z >= 2x, or grouped with <= 64 MACs
                                         per output; not Triton's
-  training transition backward  any     as `runs_as_gemm(training=True)`               csrc conv1x1_bn_act_backward,
-                                                                                       else bn_act_backward +
+  training transition backward  any     after the "gemm" conv, or "triton" where        csrc conv1x1_bn_act_backward,
+    (`backward_runs_as_gemm`)           `runs_as_gemm(training=True)`                  else bn_act_backward +
                                                                                        conv_backward
   conv input gradient           any     as `runs_as_winograd` for grad_z               "winograd"
     (`conv_input_grad_kernel`)  CPU     f32        3x3 stride 2 padding 1, measured    "phases": ops/conv_phases.py
@@ -320,11 +320,11 @@ def train_conv_kernel(x, weight, stride, padding, dilation, groups, engine: str)
 RECOMPUTED_GROUPED_MACS = 64
 
 
-def recomputed_conv_kernel(x, weight, z, stride, padding, dilation, groups, engine: str,
-                           x_rebuilt: bool) -> str | None:
+def recomputed_conv_kernel(x, weight, z, groups: int, kernel: str, x_rebuilt: bool) -> str | None:
     """The kernel by which a training transition's backward recomputes its conv output z
-    instead of saving it (`recompute.ConvOutput`), or None (z saved). On the CPU, for a conv of
-    at most 256 multiply-adds per output element, where
+    instead of saving it (`recompute.ConvOutput`), or None (z saved); `kernel` is the one that
+    computed z (`train_conv_kernel`). On the CPU, for a conv of at most 256 multiply-adds per
+    output element, where
       - x is at most a quarter of z and owns its memory (a network's stem on the image:
         CSPDarknet's 3->32 3x3, CSPResNet's 3->64 7x7; the first conv_exp of CSPResNet(X), on
         the stem's pooled output; x is saved instead of z);
@@ -335,10 +335,7 @@ def recomputed_conv_kernel(x, weight, z, stride, padding, dilation, groups, engi
     By the forward's kernel, so to the same values: for a 1x1, whichever of the GEMM and oneDNN
     won the measurement on this CPU, so that what is saved does not depend on that verdict."""
     macs = weight.shape[1] * weight.shape[2] * weight.shape[3]  # per output element
-    if x.device.type != "cpu" or macs > 256:
-        return None
-    kernel = train_conv_kernel(x, weight, stride, padding, dilation, groups, engine)
-    if kernel == "triton":
+    if x.device.type != "cpu" or macs > 256 or kernel == "triton":
         return None
     if x_rebuilt and groups > 1 and macs <= RECOMPUTED_GROUPED_MACS:
         return kernel
@@ -347,6 +344,14 @@ def recomputed_conv_kernel(x, weight, z, stride, padding, dilation, groups, engi
     if x.numel() * 4 > z.numel() or x.untyped_storage().nbytes() > x.numel() * x.element_size():
         return None  # (a view would hold its whole base)
     return kernel
+
+
+def backward_runs_as_gemm(kernel: str, x, weight, stride, padding, groups) -> bool:
+    """Whether a training transition whose conv ran by `kernel` (`train_conv_kernel`) runs its
+    backward as `conv1x1_bn_act_backward` (grad_z tile by tile in the GEMMs' cache): after the
+    CPU GEMM, and after Triton's on data the CPU kernels take (`runs_as_gemm`)."""
+    return kernel == "gemm" or (kernel == "triton" and runs_as_gemm(x, weight, stride, padding, groups,
+                                                                      training=True))
 
 
 def scaled_eval_conv_kernel(engine: str) -> str:

@@ -34,7 +34,7 @@ from torch import nn
 from .batch_norm_act import (_ops, bn_scale_shift, plane_contiguous, refuse_double_backward, scale_shift_act,
                              stats_dtype)
 from .conv import conv_backward, conv_output_shape
-from .routing import runs_as_gemm
+from .routing import runs_as_gemm, train_conv_kernel
 from .stats_update import update_before_saving
 from .transition import _batch_stats_conv
 
@@ -88,7 +88,8 @@ class SyncConvBNAct(torch.autograd.Function):
             z = x.new_empty(conv_output_shape(x.shape, weight.shape, stride, padding, dilation))
             mean = var = z.new_zeros(z.shape[1], dtype=stats_dtype(x.dtype))
         else:
-            z, mean, var = _batch_stats_conv(x, weight, stride, padding, dilation, groups, engine)
+            kernel = train_conv_kernel(x, weight, stride, padding, dilation, groups, engine)
+            z, mean, var = _batch_stats_conv(x, weight, stride, padding, dilation, groups, kernel)
         local_count = z.numel() // z.shape[1]
         mean64, var64, count = all_reduce_stats(mean, var, local_count, group)
         c = z.shape[1]

@@ -98,9 +98,9 @@ def _triton_conv1x1(x, weight, stride, **kwargs):
     return conv1x1(x[:, :, ::stride[0], ::stride[1]], weight.flatten(1), **kwargs)
 
 
-def _batch_stats_conv(x, weight, stride, padding, dilation, groups, engine):
-    """z = conv(x, weight) and z's per-channel batch mean and biased variance."""
-    kernel = routing.train_conv_kernel(x, weight, stride, padding, dilation, groups, engine)
+def _batch_stats_conv(x, weight, stride, padding, dilation, groups, kernel: str):
+    """z = conv(x, weight) by `kernel` (`routing.train_conv_kernel`'s) and z's per-channel
+    batch mean and biased variance."""
     if kernel == "triton":
         return _triton_conv1x1(x, weight, stride, stats=True)
     if kernel == "gemm":
@@ -109,8 +109,10 @@ def _batch_stats_conv(x, weight, stride, padding, dilation, groups, engine):
     return (z, *channel_stats(z))
 
 
-def _train_forward(x, weight, bn_weight, bn_bias, stride, padding, dilation, groups, eps, act, engine, out):
-    z, mean, var = _batch_stats_conv(x, weight, stride, padding, dilation, groups, engine)
+def _train_forward(x, weight, bn_weight, bn_bias, stride, padding, dilation, groups, eps, act, engine, out,
+                   kernel: str = ""):
+    kernel = kernel or routing.train_conv_kernel(x, weight, stride, padding, dilation, groups, engine)
+    z, mean, var = _batch_stats_conv(x, weight, stride, padding, dilation, groups, kernel)
     if z.numel() <= z.shape[1]:
         raise ValueError("training BatchNorm needs more than 1 value per channel; the conv output has "
                          f"shape {tuple(z.shape)}")
@@ -161,23 +163,30 @@ def _(x, weight, bn_weight, bn_bias, stride, padding, dilation, groups, eps, act
 
 
 def _save_for_backward(ctx, x, weight, bn_weight, bn_bias, stride, padding, dilation, groups, eps, act, z, mean, var,
-                       recomputed: recompute.ConvOutput | None = None):
-    """Saves what `_train_backward` reads: z, or with `recomputed` None in its place."""
+                       kernel: str, recomputed: recompute.ConvOutput | None = None,
+                       x_recipe: recompute.Recipe | None = None):
+    """Saves what `_train_backward` reads: z, or with `recomputed` None in its place; x, or with
+    `x_recipe` (`recompute.saved_as_recipe(x)`) None in its place; and how the backward runs,
+    from the forward's conv `kernel` (`routing.backward_runs_as_gemm`)."""
     ctx.conv_args = (stride, padding, dilation, groups)
+    ctx.gemm_backward = routing.backward_runs_as_gemm(kernel, x, weight, stride, padding, groups)
     ctx.act = act
-    ctx.recomputed = recomputed
-    ctx.save_for_backward(x, weight, bn_weight, bn_bias, None if recomputed else z, mean, torch.rsqrt(var + eps))
+    ctx.recomputed, ctx.x_recipe = recomputed, x_recipe
+    ctx.save_for_backward(None if x_recipe else x, weight, bn_weight, bn_bias, None if recomputed else z, mean,
+                          torch.rsqrt(var + eps))
 
 
 def _train_backward(ctx, grad_y, needs_x: bool, needs_weight: bool):
     """(grad_x, grad_weight, grad_bn_weight, grad_bn_bias) of the training forward."""
     x, weight, bn_weight, bn_bias, z, mean, invstd = ctx.saved_tensors
+    if x is None:
+        x = ctx.x_recipe.unpacked()
     stride, padding, dilation, groups = ctx.conv_args
     if z is None:
         z = ctx.recomputed.compute()
         ctx.recomputed.release()
     bn_params = (mean, invstd, bn_weight.to(mean.dtype), bn_bias.to(mean.dtype), ctx.act)
-    if routing.runs_as_gemm(x, weight, stride, padding, groups, training=True):
+    if ctx.gemm_backward:
         grad_x, grad_weight, grad_bn_weight, grad_bn_bias = conv1x1_bn_act_backward(
             grad_y, z, *bn_params, x, weight, needs_x, needs_weight)
     else:
@@ -193,7 +202,9 @@ def _setup_context(ctx, inputs, output):
     # Without these, autograd would fill a zero gradient the size of z for every backward.
     ctx.mark_non_differentiable(z, mean, var)
     ctx.set_materialize_grads(False)
-    _save_for_backward(ctx, x, weight, bn_weight, bn_bias, stride, padding, dilation, groups, eps, act, z, mean, var)
+    kernel = routing.train_conv_kernel(x, weight, stride, padding, dilation, groups, engine)
+    _save_for_backward(ctx, x, weight, bn_weight, bn_bias, stride, padding, dilation, groups, eps, act, z, mean, var,
+                       kernel)
 
 
 def _backward(ctx, grad_y, _grad_z, _grad_mean, _grad_var):
@@ -208,13 +219,14 @@ conv_bn_act_train.register_autograd(_backward, setup_context=_setup_context)
 
 
 def train_transition(x, weight, bn_weight, bn_bias, stride, padding, dilation, groups, eps, act, engine,
-                     out=None):
+                     out=None, kernel: str = ""):
     """The training transition as the modules call it outside a graph: (y, z, mean, var), y
     written into `out` when given, without autograd; the custom op where `dispatch.through_op`
-    says, else its implementation."""
+    says, else its implementation, which runs `kernel` when the caller has asked
+    `routing.train_conv_kernel` for these arguments already (the op asks it itself)."""
     args = (x, weight, bn_weight, bn_bias, stride, padding, dilation, groups, eps, act, engine)
     if not dispatch.through_op(x, weight, bn_weight, bn_bias, out):
-        return _train_forward(*args, out)
+        return _train_forward(*args, out, kernel)
     if out is None:
         return conv_bn_act_train(*args)
     return (out, *conv_bn_act_train_out(*args, out))
@@ -232,18 +244,20 @@ class _Train(torch.autograd.Function):
     @staticmethod
     def forward(ctx, out, x, weight, bn_weight, bn_bias, stride, padding, dilation, groups, eps, act, engine,
                 side_outputs):
-        y, z, mean, var = train_transition(x, weight, bn_weight, bn_bias, stride, padding, dilation, groups, eps,
-                                           act, engine, out)
         conv_args = (stride, padding, dilation, groups)
+        kernel = routing.train_conv_kernel(x, weight, *conv_args, engine)
+        y, z, mean, var = train_transition(x, weight, bn_weight, bn_bias, *conv_args, eps, act, engine, out, kernel)
         x_recipe = recompute.rebuilt_recipe(x)
-        z_kernel = routing.recomputed_conv_kernel(x, weight, z, *conv_args, engine, x_recipe is not None)
+        z_kernel = routing.recomputed_conv_kernel(x, weight, z, groups, kernel, x_recipe is not None)
         recomputed = None if z_kernel is None else recompute.ConvOutput(x, weight, conv_args, z_kernel, x_recipe)
         side_outputs.extend((recomputed or z, mean, var))
         update_before_saving(mean, var, y.numel() // y.shape[1])
         if out is not None:
             ctx.mark_dirty(out)
         ctx.set_materialize_grads(False)
-        _save_for_backward(ctx, x, weight, bn_weight, bn_bias, *conv_args, eps, act, z, mean, var, recomputed)
+        # x saved as its recipe where it has one, rebuilt in backward (ops/recompute.py)
+        _save_for_backward(ctx, x, weight, bn_weight, bn_bias, *conv_args, eps, act, z, mean, var, kernel, recomputed,
+                           x_recipe and recompute.saved_as_recipe(x))
         return y
 
     @staticmethod
