@@ -147,7 +147,7 @@ class ConvBNAct(reference.ConvBNAct):
             if out is not None:
                 y = out.copy_(y)
         elif recording:
-            with stats_update.before_saving(update) as pending:  # (the op saves x's recipe itself)
+            with recompute.saving_recipes(), stats_update.before_saving(update) as pending:
                 y, z, mean, var = ops.train_transition_recorded(*args, out)
             # y is rebuilt from z, the conv output the op saves, where a later op saves y (ops/recompute.py)
             recompute.tag(y, recompute.activation(z, mean, var, bn.weight, bn.bias, y.shape, bn.eps, act_name))

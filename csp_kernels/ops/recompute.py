@@ -6,11 +6,10 @@ tensor for what z, two per-channel vectors and the activation already determine.
 
   - every fused training ConvBNAct tags its output y with a `Recipe` (`tag`): how to rebuild y
     from the producer's own saved z and batch statistics;
-  - every fused training ConvBNAct saves the recipe of a tagged input instead of the input
-    (`saved_as_recipe`; other ops that save a tagged tensor run under `saving_recipes()`, a
-    saved-tensors hook whose pack does the same), and rebuilds it in backward (one
-    `scale_shift_act` pass per term: the kernel that wrote y, on the same values, so the
-    rebuilt tensor is y);
+  - every fused training ConvBNAct runs its op under `saving_recipes()`, a saved-tensors hook
+    whose pack stores the recipe of a tagged input instead of the input, and whose unpack
+    rebuilds it in backward (one `scale_shift_act` pass per term: the kernel that wrote y, on
+    the same values, so the rebuilt tensor is y);
   - the fused stages tag what they assemble: a concat buffer (`concat`: its slots' recipes side
     by side), a channel slice of it (`narrow`), a residual sum (`add`: the terms of both, summed
     in the forward's order), an activation of a residual sum (`activated`: a piece whose sum is
@@ -343,22 +342,13 @@ def _check_version(saved: _Saved) -> None:
             f"expected version {saved.version} instead (saved by a csp_kernels ConvBNAct)")
 
 
-def saved_as_recipe(t: torch.Tensor) -> Recipe | None:
-    """t's recipe, counted as one more save of t (rebuilt by its `unpacked()` in backward), where
-    t is tagged and unchanged, else None. What `saving_recipes()`' hook saves for t, for an op
-    that saves its input by itself (a training ConvBNAct's, which asks `rebuilt_recipe` first)."""
-    tag_ = _valid_tag(t)
-    if tag_ is None:
-        return None
-    recipe = tag_.get()
-    tag_.weaken()
-    return recipe.packed()
-
-
 def _hooks(outer_pack, outer_unpack):
     def pack(t: torch.Tensor):
-        if (recipe := saved_as_recipe(t)) is not None:
-            return recipe
+        tag_ = _valid_tag(t)
+        if tag_ is not None:
+            recipe = tag_.get()
+            tag_.weaken()
+            return recipe.packed()
         detached = t.detach()
         return _Saved(outer_pack(t) if outer_pack else detached, detached, t._version)
 

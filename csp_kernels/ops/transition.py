@@ -163,24 +163,19 @@ def _(x, weight, bn_weight, bn_bias, stride, padding, dilation, groups, eps, act
 
 
 def _save_for_backward(ctx, x, weight, bn_weight, bn_bias, stride, padding, dilation, groups, eps, act, z, mean, var,
-                       kernel: str, recomputed: recompute.ConvOutput | None = None,
-                       x_recipe: recompute.Recipe | None = None):
-    """Saves what `_train_backward` reads: z, or with `recomputed` None in its place; x, or with
-    `x_recipe` (`recompute.saved_as_recipe(x)`) None in its place; and how the backward runs,
-    from the forward's conv `kernel` (`routing.backward_runs_as_gemm`)."""
+                       kernel: str, recomputed: recompute.ConvOutput | None = None):
+    """Saves what `_train_backward` reads: z, or with `recomputed` None in its place, and how
+    the backward runs, from the forward's conv `kernel` (`routing.backward_runs_as_gemm`)."""
     ctx.conv_args = (stride, padding, dilation, groups)
     ctx.gemm_backward = routing.backward_runs_as_gemm(kernel, x, weight, stride, padding, groups)
     ctx.act = act
-    ctx.recomputed, ctx.x_recipe = recomputed, x_recipe
-    ctx.save_for_backward(None if x_recipe else x, weight, bn_weight, bn_bias, None if recomputed else z, mean,
-                          torch.rsqrt(var + eps))
+    ctx.recomputed = recomputed
+    ctx.save_for_backward(x, weight, bn_weight, bn_bias, None if recomputed else z, mean, torch.rsqrt(var + eps))
 
 
 def _train_backward(ctx, grad_y, needs_x: bool, needs_weight: bool):
     """(grad_x, grad_weight, grad_bn_weight, grad_bn_bias) of the training forward."""
     x, weight, bn_weight, bn_bias, z, mean, invstd = ctx.saved_tensors
-    if x is None:
-        x = ctx.x_recipe.unpacked()
     stride, padding, dilation, groups = ctx.conv_args
     if z is None:
         z = ctx.recomputed.compute()
@@ -255,9 +250,7 @@ class _Train(torch.autograd.Function):
         if out is not None:
             ctx.mark_dirty(out)
         ctx.set_materialize_grads(False)
-        # x saved as its recipe where it has one, rebuilt in backward (ops/recompute.py)
-        _save_for_backward(ctx, x, weight, bn_weight, bn_bias, *conv_args, eps, act, z, mean, var, kernel, recomputed,
-                           x_recipe and recompute.saved_as_recipe(x))
+        _save_for_backward(ctx, x, weight, bn_weight, bn_bias, *conv_args, eps, act, z, mean, var, kernel, recomputed)
         return y
 
     @staticmethod
