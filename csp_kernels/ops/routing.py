@@ -35,7 +35,7 @@ The engine is an op argument (so that a compiled graph keeps it), from the backe
     or recomputed                       its memory; or x rebuilt from a recipe and     by the forward's kernel
     (`recomputed_conv_kernel`)          1x1 with z >= 2x, or grouped with <= 64 MACs
                                         per output; not Triton's
-  training transition backward  any     after the "gemm" conv, or "triton" where        csrc conv1x1_bn_act_backward,
+  training transition backward  any     after the "gemm" conv, or "triton" where       csrc conv1x1_bn_act_backward,
     (`backward_runs_as_gemm`)           `runs_as_gemm(training=True)`                  else bn_act_backward +
                                                                                        conv_backward
   conv input gradient           any     as `runs_as_winograd` for grad_z               "winograd"
