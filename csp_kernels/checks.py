@@ -169,6 +169,18 @@ def check_batch_norm_eps(eps: float, training: bool) -> None:
         raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
 
 
+def check_batch_norm_dtypes(dtype: torch.dtype, bn: nn.Module, name: str = "bn") -> None:
+    """Raise, as ATen's batch_norm does ("mixed dtype"), unless the parameters and running
+    statistics of BatchNorm `bn` (called `name`) have the dtype `dtype` of the data it
+    normalizes, or float32 for float16 / bfloat16 data. The fused kernels convert them without
+    calling it."""
+    allowed = (dtype, torch.float32) if dtype in (torch.float16, torch.bfloat16) else (dtype,)
+    for key, t in (*bn._parameters.items(), *bn._buffers.items()):
+        if key != "num_batches_tracked" and t is not None and t.dtype not in allowed:
+            raise ValueError(f"{name}.{key} is {t.dtype} for {dtype} data (BatchNorm takes parameters of the data's "
+                             "dtype, or float32 for float16 / bfloat16 data)")
+
+
 def autocast_enabled(device_type: str) -> bool:
     """Whether autocast is on for `device_type` (False for a device type without autocast)."""
     return device_type in _AUTOCAST_DEVICE_TYPES and torch.is_autocast_enabled(device_type)

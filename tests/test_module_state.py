@@ -511,3 +511,30 @@ def test_batch_norm_eps_that_batch_norm_refuses(module, eps, mode):
                 for bn in norms(m):
                     bn.eps = 0.0
             assert_matches_reference(fused(x), ref(x), tol=TOL, name="eps 0")
+
+
+@pytest.mark.parametrize("module", MODULES)
+@pytest.mark.parametrize("data_dtype, bn_dtype", [(torch.float64, torch.float32), (torch.float32, torch.float64),
+                                                  (torch.float32, torch.bfloat16), (torch.bfloat16, torch.float16)])
+@pytest.mark.parametrize("mode", ["train", "eval-no-grad"])
+def test_batch_norm_dtypes_that_batch_norm_refuses(module, data_dtype, bn_dtype, mode):
+    """A BatchNorm whose parameters are neither the data's dtype nor float32 for 16-bit data:
+    plain PyTorch refuses it ("mixed dtype"; the dense block's input check, whose first parameter
+    is a BatchNorm's, already), and so do the fused kernels, which would convert its parameters
+    silently; float32 BatchNorms on bfloat16 data run."""
+    ref, fused = MODULES[module]("cpu")
+    x = torch.randn(2, ref.in_channels, 16, 16, dtype=data_dtype)
+    for m in (ref, fused):
+        m.to(data_dtype).train(mode == "train")
+        for bn in norms(m):
+            bn.to(bn_dtype)
+    with torch.set_grad_enabled(mode != "eval-no-grad"):
+        with pytest.raises((RuntimeError, ValueError), match="mixed dtype|must have the same dtype"):
+            ref(x)
+        with pytest.raises(ValueError, match=f"is {bn_dtype} for {data_dtype} data|must have the same dtype"):
+            fused(x)
+        for m in (ref, fused):
+            for bn in norms(m):
+                bn.float()
+        if data_dtype == torch.bfloat16 and module == "ConvBNAct":  # float32 BatchNorm, 16-bit data: both run
+            assert fused(x).dtype == ref(x).dtype == torch.bfloat16

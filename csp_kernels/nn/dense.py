@@ -269,6 +269,8 @@ class _FusedDense(nn.Module):
             return super().forward(x)
         norm = self._norms()[0]  # (one eps and one mode for all: _unfusable_reason)
         checks.check_batch_norm_eps(norm.eps, norm.training)
+        for bn in self._norms():
+            checks.check_batch_norm_dtypes(x.dtype, bn, "a BatchNorm")
         engine = routing.dense_engine(name)
         autocast = checks.autocast_enabled(x.device.type)
         # Under autocast the op computes in x's dtype (module docstring), autocast off inside it.

@@ -101,6 +101,7 @@ class ConvBNAct(reference.ConvBNAct):
         fused = not plain and not unfusable and (x.numel() > 0 or sync_group(bn) is not None)
         if fused:
             checks.check_batch_norm_eps(bn.eps, bn.training)
+            checks.check_batch_norm_dtypes(x.dtype, bn)
         engine = routing.transition_engine(name, conv.kernel_size, conv.padding, conv.groups) if fused else "aten"
         if out is not None and isinstance(conv, nn.Conv2d) and geometry_in_pairs(conv):  # else the reference's copy_
             shape = conv_ops.conv_output_shape(x.shape, conv.weight.shape, conv.stride, conv.padding, conv.dilation)
