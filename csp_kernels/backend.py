@@ -100,7 +100,10 @@ def requested_backend() -> str:
     stack = getattr(_state, "stack", None)
     if stack:
         return stack[-1][0]
-    return _check_name(os.environ.get(ENV_VAR, "auto"))
+    name = os.environ.get(ENV_VAR) or "auto"
+    if name not in BACKENDS:
+        raise ValueError(f"{ENV_VAR} must be one of {BACKENDS} or unset; got {name!r}")
+    return name
 
 
 @contextlib.contextmanager
@@ -127,10 +130,20 @@ def triton_usable(device: torch.device) -> tuple[bool, str]:
         return False, f"triton is not installed ({err})"
     if device.type == "cuda":
         return True, ""
-    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+    if device.type == "cpu" and _triton_interprets():
         return True, ""
     return False, (f"Triton kernels need a CUDA device or TRITON_INTERPRET=1 for {device.type} "
                    "tensors (set it before triton is imported)")
+
+
+def _triton_interprets() -> bool:
+    """Whether Triton runs its kernels through its interpreter: TRITON_INTERPRET as Triton reads
+    it ("1", "true", "on", ...; its own knob where this Triton has one)."""
+    try:
+        from triton import knobs
+    except ImportError:  # (a Triton without knobs reads "1" alone)
+        return os.environ.get("TRITON_INTERPRET") == "1"
+    return bool(knobs.runtime.interpret)
 
 
 def why_unavailable(name: str, device: torch.device) -> str:

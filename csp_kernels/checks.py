@@ -23,9 +23,12 @@ GROUPINGS = ("interleaved", "contiguous")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def env_choice(var: str, choices: tuple[str, ...], default: str) -> str:
+def env_choice(var: str, choices: tuple[str, ...], default: str, renamed_from: str = "") -> str:
     """The environment variable `var` when it is one of `choices`; `default` when it is unset or
-    empty, and, with a warning naming it, when it is anything else."""
+    empty, and, with a warning naming it, when it is anything else. Read once, at import. A
+    variable set under its old name `renamed_from` is ignored with a warning saying so."""
+    if renamed_from and os.environ.get(renamed_from):
+        warnings.warn(f"{renamed_from} is now {var}; {renamed_from} is ignored", stacklevel=2)
     value = os.environ.get(var, "")
     if value and value not in choices:
         warnings.warn(f"{var} must be one of {choices} or unset; got {value!r}, which is ignored", stacklevel=2)

@@ -69,9 +69,12 @@ def test_use_backend_blocks_exited_out_of_order_remove_their_own_entry():
 def test_environment_variable_selects_backend(monkeypatch):
     monkeypatch.setenv(backend.ENV_VAR, "reference")
     assert backend.resolve_backend(torch.device("cpu")) == "reference"
-    monkeypatch.setenv(backend.ENV_VAR, "fastest")
-    with pytest.raises(ValueError, match="backend must be one of"):
-        backend.resolve_backend(torch.device("cpu"))
+    for bad in ("fastest", "CPU", " cpu"):  # named as the variable it came from
+        monkeypatch.setenv(backend.ENV_VAR, bad)
+        with pytest.raises(ValueError, match=f"CSP_KERNELS_BACKEND must be one of .* or unset; got {bad!r}"):
+            backend.resolve_backend(torch.device("cpu"))
+    monkeypatch.setenv(backend.ENV_VAR, "")  # empty: unset
+    assert backend.requested_backend() == "auto"
 
 
 def test_triton_backend_needs_gpu_or_interpreter(monkeypatch):
@@ -80,8 +83,9 @@ def test_triton_backend_needs_gpu_or_interpreter(monkeypatch):
     if torch.cuda.is_available():
         pytest.skip("on a GPU the triton backend runs CUDA tensors")  # covered by the GPU run
     assert "TRITON_INTERPRET" in backend.why_unavailable("triton", torch.device("cpu"))
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert backend.why_unavailable("triton", torch.device("cpu")) == ""
+    for on in ("1", "true", "ON"):  # what Triton itself reads as on
+        monkeypatch.setenv("TRITON_INTERPRET", on)
+        assert backend.why_unavailable("triton", torch.device("cpu")) == ""
 
 
 def test_unknown_backend_name_raises():
@@ -124,3 +128,11 @@ def test_cpu_gemm_is_chosen_by_measurement():
     ours, blas = map(int, rates.groups())
     assert min(ours, blas) > 0
     assert choice == ("avx512" if ours > blas else "blas") or ours == blas
+
+
+def test_a_renamed_variable_warns(monkeypatch):
+    from csp_kernels.checks import env_choice
+    monkeypatch.setenv("CSP_KERNELS_OLD_NAME", "fused")
+    with pytest.warns(UserWarning, match="CSP_KERNELS_OLD_NAME is now CSP_KERNELS_NEW_NAME; .* is ignored"):
+        assert env_choice("CSP_KERNELS_NEW_NAME", ("eager", "fused"), "eager",
+                          renamed_from="CSP_KERNELS_OLD_NAME") == "eager"

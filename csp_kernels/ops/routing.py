@@ -91,7 +91,8 @@ SMALL_MAP_PIXELS = 16
 SMALL_TRAINING_MAP_PIXELS = 64
 SMALL_EVAL_STAGE_PIXELS = 16 * 16
 SMALL_MAPS_ENV_VAR = "CSP_KERNELS_CPU_SMALL_MAPS"
-_SMALL_MAPS = env_choice(SMALL_MAPS_ENV_VAR, ("eager", "fused"), "eager")
+_SMALL_MAPS = env_choice(SMALL_MAPS_ENV_VAR, ("eager", "fused"), "eager",
+                         renamed_from="CSP_KERNELS_CPU_DENSE_SMALL_MAPS")
 
 _AVX512_RUNS: list[bool] = []  # filled on first use: build_info() may time the GEMMs, not at import
 
