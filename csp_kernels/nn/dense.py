@@ -262,14 +262,14 @@ class _FusedDense(nn.Module):
         if reason:
             backend.warn_reference_fallback(self, reason)
             return super().forward(x)
-        if name == "cpu" and routing.eager_is_faster(x) and not any(type(bn) is nn.SyncBatchNorm
-                                                                   for bn in self._norms()):
+        norms = self._norms()
+        if name == "cpu" and routing.eager_is_faster(x) and not any(type(bn) is nn.SyncBatchNorm for bn in norms):
             # (not with SyncBatchNorms: torch's refuses CPU tensors in training once a process group
             # exists, even a group of one, where the fused op computes plain BatchNorm)
             return super().forward(x)
-        norm = self._norms()[0]  # (one eps and one mode for all: _unfusable_reason)
+        norm = norms[0]  # (one eps and one mode for all: _unfusable_reason)
         checks.check_batch_norm_eps(norm.eps, norm.training)
-        for bn in self._norms():
+        for bn in norms:
             checks.check_batch_norm_dtypes(x.dtype, bn, "a BatchNorm")
         engine = routing.dense_engine(name)
         autocast = checks.autocast_enabled(x.device.type)
