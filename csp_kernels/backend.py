@@ -130,19 +130,40 @@ def triton_usable(device: torch.device) -> tuple[bool, str]:
         return False, f"triton is not installed ({err})"
     if device.type == "cuda":
         return True, ""
-    if device.type == "cpu" and _triton_interprets():
+    if device.type != "cpu":
+        return False, f"Triton kernels need a CUDA device or TRITON_INTERPRET=1 for {device.type} tensors"
+    interprets, jitted_before = _triton_interprets()
+    if interprets:
         return True, ""
-    return False, (f"Triton kernels need a CUDA device or TRITON_INTERPRET=1 for {device.type} "
-                   "tensors (set it before triton is imported)")
+    if jitted_before:
+        return False, ("TRITON_INTERPRET changed after triton was imported: Triton reads it when it defines a "
+                       f"kernel, and {jitted_before} was defined without it; set it before importing triton and "
+                       "leave it set")
+    return False, ("Triton kernels need a CUDA device or TRITON_INTERPRET=1 for cpu tensors "
+                   "(set it before triton is imported)")
 
 
-def _triton_interprets() -> bool:
-    """Whether Triton runs its kernels through its interpreter: TRITON_INTERPRET as Triton reads
-    it ("1", "true", "on", ...; its own knob where this Triton has one)."""
-    try:
-        from triton import knobs
-    except ImportError:  # (a Triton without knobs reads "1" alone)
-        return os.environ.get("TRITON_INTERPRET") == "1"
+def _triton_interprets() -> tuple[bool, str]:
+    """(whether Triton runs csp_kernels' kernels through its interpreter, the Triton function
+    that was defined compiled although TRITON_INTERPRET is set now, or ""). Triton's @jit
+    reads TRITON_INTERPRET ("1", "true", "on", ...) when it defines a function: Triton's own
+    library, defined at `import triton`, and csp_kernels' kernels must both be interpreted (an
+    interpreted kernel cannot call a compiled function)."""
+    from triton.language import standard
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from .triton import activation
+    functions = {"triton.language.sigmoid": standard.sigmoid, "csp_kernels.triton.activation": activation.act_forward}
+    compiled = [name for name, fn in functions.items() if not isinstance(fn, InterpretedFunction)]
+    if not compiled:
+        return True, ""
+    mixed = len(compiled) < len(functions)
+    return False, compiled[0] if mixed or _interpret_requested() else ""
+
+
+def _interpret_requested() -> bool:
+    """TRITON_INTERPRET as Triton reads it now."""
+    from triton import knobs
     return bool(knobs.runtime.interpret)
 
 

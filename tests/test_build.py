@@ -5,6 +5,7 @@ import re
 import shutil
 import subprocess
 import sys
+import textwrap
 import warnings
 
 import pytest
@@ -77,15 +78,46 @@ def test_environment_variable_selects_backend(monkeypatch):
     assert backend.requested_backend() == "auto"
 
 
-def test_triton_backend_needs_gpu_or_interpreter(monkeypatch):
+def _triton_backend_in_fresh_process(env_before: str | None, env_after: str | None) -> str:
+    """What `why_unavailable("triton", cpu)` says, then what a triton-backend ConvBNAct does, in a
+    fresh process where TRITON_INTERPRET is `env_before` when triton is imported and `env_after`
+    once csp_kernels is (None: unset)."""
+    script = textwrap.dedent(f"""
+        import os
+        os.environ.pop("TRITON_INTERPRET", None)
+        if {env_before!r} is not None:
+            os.environ["TRITON_INTERPRET"] = {env_before!r}
+        import triton
+        os.environ.pop("TRITON_INTERPRET", None)
+        if {env_after!r} is not None:
+            os.environ["TRITON_INTERPRET"] = {env_after!r}
+        import torch, csp_kernels
+        print("reason:", csp_kernels.backend.why_unavailable("triton", torch.device("cpu")))
+        try:
+            with csp_kernels.use_backend("triton"):
+                csp_kernels.ConvBNAct(4, 4, 1)(torch.randn(1, 4, 3, 3))
+            print("ran")
+        except csp_kernels.backend.BackendUnavailable as err:
+            print("unavailable:", err)
+        """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+@pytest.mark.parametrize("env_before, env_after, expected", [
+    (None, None, r"reason: Triton kernels need a CUDA device or TRITON_INTERPRET=1.*\nunavailable:"),
+    ("1", "1", r"reason: \nran"),
+    ("ON", "ON", r"reason: \nran"),  # what Triton itself reads as on
+    (None, "true", r"reason: TRITON_INTERPRET changed after triton was imported.*triton.language.sigmoid"
+                   r".*\nunavailable:.*set it before importing triton"),
+    ("1", None, r"reason: TRITON_INTERPRET changed.*csp_kernels.triton.activation was defined without it"),
+])
+def test_triton_backend_needs_gpu_or_interpreter_set_before_import(env_before, env_after, expected):
     pytest.importorskip("triton")  # the CPU-only torch 2.13.0 job has no triton
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     if torch.cuda.is_available():
         pytest.skip("on a GPU the triton backend runs CUDA tensors")  # covered by the GPU run
-    assert "TRITON_INTERPRET" in backend.why_unavailable("triton", torch.device("cpu"))
-    for on in ("1", "true", "ON"):  # what Triton itself reads as on
-        monkeypatch.setenv("TRITON_INTERPRET", on)
-        assert backend.why_unavailable("triton", torch.device("cpu")) == ""
+    assert re.search(expected, _triton_backend_in_fresh_process(env_before, env_after), re.S)
 
 
 def test_unknown_backend_name_raises():
