@@ -538,3 +538,26 @@ def test_batch_norm_dtypes_that_batch_norm_refuses(module, data_dtype, bn_dtype,
                 bn.float()
         if data_dtype == torch.bfloat16 and module == "ConvBNAct":  # float32 BatchNorm, 16-bit data: both run
             assert fused(x).dtype == ref(x).dtype == torch.bfloat16
+
+
+BN_PARAMETER_LAYOUTS = {
+    "strided": lambda p: torch.stack([p, torch.full_like(p, float("nan"))], 1)[:, 0],  # every other element
+    "expanded": lambda p: p[:1].expand(p.shape[0]),  # one value for every channel, stride 0
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("module", MODULES)
+@pytest.mark.parametrize("layout", BN_PARAMETER_LAYOUTS)
+@pytest.mark.parametrize("which", ["weight", "bias"])
+def test_batch_norm_parameters_of_any_layout(device, module, layout, which):
+    """BatchNorm parameters that are not contiguous (a slice of a bigger tensor, an expand, as a
+    functional_call may hand them): the kernels read per-channel vectors contiguous, and the
+    backward copied none (a ValueError there, where the reference computes)."""
+    ref, fused = MODULES[module](device)
+    for m in (ref, fused):
+        for bn in norms(m):
+            setattr(bn, which, nn.Parameter(BN_PARAMETER_LAYOUTS[layout](getattr(bn, which).detach())))
+    assert not norms(fused)[0].weight.is_contiguous() or not norms(fused)[0].bias.is_contiguous()
+    check_step(ref.train(), fused.train(), device)
+    check_step(ref.eval(), fused.eval(), device, grad=False)

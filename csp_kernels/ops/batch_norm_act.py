@@ -209,6 +209,12 @@ def bn_act_backward(grad_y: torch.Tensor, z: torch.Tensor, mean: torch.Tensor, i
     return grad_z, grad_weight, grad_bias
 
 
+def per_channel(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """v, a BatchNorm parameter, as the kernels read a per-channel vector: of `dtype` (`stats_dtype`)
+    and contiguous (a strided or expanded parameter, from a slice or a functional_call, is copied)."""
+    return v.to(dtype).contiguous()
+
+
 def bn_scale_shift(mean: torch.Tensor, var: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                    eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel (scale, shift) of BatchNorm with statistics (mean, var): y = x * scale + shift,
@@ -266,7 +272,7 @@ def _backward(ctx, grad_y, _grad_mean, _grad_var):
     z, weight, bias, mean, invstd = ctx.saved_tensors
     stats_dtype = mean.dtype
     grad_z, grad_weight, grad_bias = bn_act_backward(
-        grad_y, z, mean, invstd, weight.to(stats_dtype), bias.to(stats_dtype), ctx.act)
+        grad_y, z, mean, invstd, per_channel(weight, stats_dtype), per_channel(bias, stats_dtype), ctx.act)
     return grad_z, grad_weight.to(weight.dtype), grad_bias.to(bias.dtype), None, None
 
 

@@ -71,8 +71,8 @@ import torch
 
 from .. import extension  # noqa: F401  (loads csp_kernels._C, which defines the C++ ops)
 from . import routing
-from .batch_norm_act import (bn_scale_shift, channel_stats, plane_contiguous, refuse_double_backward, scale_shift_act,
-                             stats_dtype)
+from .batch_norm_act import (bn_scale_shift, channel_stats, per_channel, plane_contiguous, refuse_double_backward,
+                             scale_shift_act, stats_dtype)
 from .conv import conv3x3_into, conv_backward
 from .conv1x1 import conv1x1_bn_act_backward, conv1x1_fused, conv1x1_input_grad, conv1x1_weight_grad
 from .inductor_fallbacks import keep_fused_in_inductor
@@ -408,7 +408,8 @@ def block_backward(ctx, grad_out, hooks=LOCAL):
         """Backward of one transition; returns the gradient of its input."""
         weight, bn_weight, bn_bias = transition_params_of(transition_params, index)
         grad_inp, grad_weight, grad_bn_w, grad_bn_b = hooks.conv1x1_bn_act_backward(
-            grad_y, z, mean, torch.rsqrt(var + eps), bn_weight.to(mean.dtype), bn_bias.to(mean.dtype), act, inp, weight)
+            grad_y, z, mean, torch.rsqrt(var + eps), per_channel(bn_weight, mean.dtype),
+            per_channel(bn_bias, mean.dtype), act, inp, weight)
         transition_grads[:0] = [grad_weight, grad_bn_w, grad_bn_b]
         return grad_inp
 
@@ -476,8 +477,8 @@ def _dense_backward(grad_dense, buf, dense_params, g: Geometry, eps, mean, var, 
         if j < g.num_layers - 1:  # layer j's channels are read by layers j+1.., now all done
             correct(c, c + g.growth)
         # Recompute the layer's activations from the buffer, as the forward computed them.
-        norm1_w, norm1_b = norm1_w.to(mean.dtype), norm1_b.to(mean.dtype)
-        norm2_w, norm2_b = norm2_w.to(mean.dtype), norm2_b.to(mean.dtype)
+        norm1_w, norm1_b = per_channel(norm1_w, mean.dtype), per_channel(norm1_b, mean.dtype)
+        norm2_w, norm2_b = per_channel(norm2_w, mean.dtype), per_channel(norm2_b, mean.dtype)
         # conv1's input, BN1+ReLU of the prefix, is normalized on load here (CPU, Triton) and in
         # the weight gradient below (CPU), never stored.
         scale1, shift1 = bn_scale_shift(mean[:c], var[:c], norm1_w, norm1_b, eps)

@@ -31,8 +31,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .batch_norm_act import (_ops, bn_scale_shift, plane_contiguous, refuse_double_backward, scale_shift_act,
-                             stats_dtype)
+from .batch_norm_act import (_ops, bn_scale_shift, per_channel, plane_contiguous, refuse_double_backward,
+                             scale_shift_act, stats_dtype)
 from .conv import conv_backward, conv_output_shape
 from .routing import runs_as_gemm, train_conv_kernel
 from .stats_update import update_before_saving
@@ -118,7 +118,7 @@ class SyncConvBNAct(torch.autograd.Function):
             return (None,) * 14
         x, weight, bn_weight, bn_bias, z, mean, invstd, share = ctx.saved_tensors
         needs_out, needs_x, needs_weight = ctx.needs_input_grad[:3]
-        bn = (mean, invstd, bn_weight.to(mean.dtype), bn_bias.to(mean.dtype))
+        bn = (mean, invstd, per_channel(bn_weight, mean.dtype), per_channel(bn_bias, mean.dtype))
         grad_x, grad_weight, grad_bn_weight, grad_bn_bias = conv_bn_act_backward_sync(
             grad_y, z, bn, ctx.act, x, weight, ctx.conv_args, lambda *sums: all_reduce_sums(*sums, share, ctx.group),
             needs_x, needs_weight)

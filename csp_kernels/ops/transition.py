@@ -48,8 +48,9 @@ import torch
 
 from .. import checks
 from . import dispatch, recompute, routing
-from .batch_norm_act import (bn_act_backward, bn_scale_shift, channel_stats, overlaps_itself, plane_contiguous,
-                             planes_contiguous,  refuse_double_backward, scale_shift_act, shares_memory, stats_dtype)
+from .batch_norm_act import (bn_act_backward, bn_scale_shift, channel_stats, overlaps_itself, per_channel,
+                             plane_contiguous, planes_contiguous, refuse_double_backward, scale_shift_act,
+                             shares_memory, stats_dtype)
 from .conv import conv, conv_backward, conv_output_shape, conv_over_batch, folds_into_weight, run_conv
 from .conv1x1 import check_triton_dtype, conv1x1_bn_act_backward, conv1x1_fused
 from .conv3x3 import conv3x3_winograd, winograd_weight
@@ -180,7 +181,7 @@ def _train_backward(ctx, grad_y, needs_x: bool, needs_weight: bool):
     if z is None:
         z = ctx.recomputed.compute()
         ctx.recomputed.release()
-    bn_params = (mean, invstd, bn_weight.to(mean.dtype), bn_bias.to(mean.dtype), ctx.act)
+    bn_params = (mean, invstd, per_channel(bn_weight, mean.dtype), per_channel(bn_bias, mean.dtype), ctx.act)
     if ctx.gemm_backward:
         grad_x, grad_weight, grad_bn_weight, grad_bn_bias = conv1x1_bn_act_backward(
             grad_y, z, *bn_params, x, weight, needs_x, needs_weight)
