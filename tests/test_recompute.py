@@ -5,6 +5,8 @@ with every input saved; the saved bytes drop to one activation per unit; autogra
 checks still fire; an outer saved-tensors hook (checkpoint, offloading) turns recipes off; a tensor
 a caller keeps does not keep its producer's z once the graph is gone."""
 import contextlib
+import io
+import pickle
 
 import pytest
 import torch
@@ -224,6 +226,34 @@ def test_kept_tensor_lets_go_of_the_producer_state():
     y.sum().backward()
     del y
     assert recompute.recipe_of(hidden) is None and z_storage.expired()
+
+
+@pytest.mark.parametrize("consumed", [False, True])
+def test_tagged_tensor_saves_as_a_plain_tensor(consumed):
+    """A tagged output (read by a fused consumer or not) pickles and saves as the reference's
+    output does: the tag stays beside the tensor, not in its __dict__, which
+    torch.save carried into the file (a recipe's z's: twice the bytes, refused by the default
+    weights_only load; once packed, a weak reference pickle refuses). A tag goes with its tensor."""
+    fused = chain(csp_kernels)
+    hidden = fused[0](torch.randn(2, 8, 8, 8, requires_grad=True))
+    if consumed:
+        y = fused[1](hidden)
+    assert recompute.recipe_of(hidden) is not None
+    plain = hidden.detach().clone().requires_grad_()  # what the reference's output holds, untagged
+    sizes = []
+    for t in (hidden, plain):
+        buffer = io.BytesIO()
+        torch.save(t, buffer)
+        sizes.append(buffer.tell())
+        buffer.seek(0)
+        assert torch.equal(torch.load(buffer), t)
+    assert sizes[0] == sizes[1]
+    assert torch.equal(pickle.loads(pickle.dumps(hidden)), hidden)
+    tags = len(recompute._TAGS)
+    if consumed:
+        del y
+    del hidden
+    assert len(recompute._TAGS) < tags
 
 
 def saved_and_grads(module: nn.Module, x: torch.Tensor, outer_hook=None) -> tuple[int, list[torch.Tensor]]:

@@ -35,7 +35,7 @@ BatchNorm weight and bias are checked, as autograd checks saved tensors, to be u
 place when it is rebuilt. The tag holds its recipe strongly until the first pack, weakly after,
 so a tensor that outlives the graph (a returned feature map a caller keeps) does not keep the
 producer's z alive. Not under torch.compile (which plans its own saved tensors; the tags are
-Python attributes it does not trace) nor for synchronized BatchNorms (their statistics are a
+Python-side records it does not trace) nor for synchronized BatchNorms (their statistics are a
 collective's, not a recipe's yet).
 
 Tests: tests/test_recompute.py; benchmarks: the stages' and models' saved bytes and peak memory.
@@ -305,18 +305,39 @@ class _Tag:
             self.weak, self.recipe = weakref.ref(self.recipe), None
 
 
+# The tags, by id of the tagged tensor: (a weak reference to it, its _Tag). Beside the tensors,
+# not in their __dict__, which torch.save, pickle and deepcopy of a tensor carry along (a
+# recipe's z's written into the file; a weakened tag, which pickle refuses). An entry goes
+# when its tensor does (the reference's callback).
+_TAGS: dict[int, tuple[weakref.ref, _Tag]] = {}
+
+
+def _untag_on_free(key: int):
+    def untag(ref: weakref.ref) -> None:
+        entry = _TAGS.get(key)
+        if entry is not None and entry[0] is ref:  # not a later tensor's, under a reused id
+            del _TAGS[key]
+    return untag
+
+
 def tag(t: torch.Tensor, recipe: Recipe | None) -> torch.Tensor:
     """Marks t as rebuilt by `recipe` (None: not rebuildable) while unchanged; returns t."""
+    key = id(t)
     if recipe is not None and tuple(t.shape) == recipe.shape and not torch.compiler.is_compiling():
-        t._csp_recipe = _Tag(recipe, t._version)
-    elif hasattr(t, "_csp_recipe"):
-        del t._csp_recipe
+        entry = _TAGS.get(key)
+        ref = entry[0] if entry is not None and entry[0]() is t else weakref.ref(t, _untag_on_free(key))
+        _TAGS[key] = ref, _Tag(recipe, t._version)
+    elif (entry := _TAGS.get(key)) is not None and entry[0]() is t:
+        del _TAGS[key]
     return t
 
 
 def _valid_tag(t: torch.Tensor) -> _Tag | None:
-    tag_ = getattr(t, "_csp_recipe", None)
-    return tag_ if tag_ is not None and tag_.version == t._version and tag_.get() is not None else None
+    entry = _TAGS.get(id(t))
+    if entry is None or entry[0]() is not t:
+        return None
+    tag_ = entry[1]
+    return tag_ if tag_.version == t._version and tag_.get() is not None else None
 
 
 def recipe_of(t: torch.Tensor) -> Recipe | None:
