@@ -25,6 +25,7 @@ import dataclasses
 import functools
 import importlib
 import itertools
+import re
 from typing import Callable
 
 import torch
@@ -244,7 +245,8 @@ def _count_unknown(module: nn.Module, report: ConversionReport) -> None:
         report.unknown[type(module).__qualname__] += 1
 
 
-# The prefix a load hands a renamed module, from its load pre-hook to its post-hook.
+# What a load hands a renamed module's load pre-hook that its post-hook needs: (prefix, the
+# load's error messages, how many there were before this module's children loaded).
 _LOAD_PREFIX = "_csp_kernels_load_prefix"
 
 
@@ -284,24 +286,32 @@ def _write_upstream_keys(module: nn.Module, state_dict: dict, prefix: str, local
     _rename_keys(state_dict, own, prefix, getattr(module, ORIGIN_ATTRIBUTE).renamed)
 
 
-def _read_upstream_keys(module: nn.Module, state_dict: dict, prefix: str, *_) -> None:
+def _read_upstream_keys(module: nn.Module, state_dict: dict, prefix: str, local_metadata, strict, missing_keys,
+                        unexpected_keys, error_msgs: list[str]) -> None:
     # Upstream keys ("0.weight") are read as the fused module's ("conv.weight"), whose own keys
     # load too. state_dict holds this module's entries only (load_state_dict hands each module
     # its share).
     renames = [(new, old) for old, new in getattr(module, ORIGIN_ATTRIBUTE).renamed]
     _rename_keys(state_dict, list(state_dict), prefix, renames)
-    module.__dict__[_LOAD_PREFIX] = prefix  # for _report_upstream_keys, which is not given it
+    module.__dict__[_LOAD_PREFIX] = prefix, error_msgs, len(error_msgs)  # for _report_upstream_keys
 
 
 def _report_upstream_keys(module: nn.Module, incompatible_keys) -> None:
-    # Missing keys are reported by the names state_dict() writes ("0.weight"), not the fused
-    # module's own ("conv.weight"), which neither the checkpoint nor state_dict() holds.
-    prefix = module.__dict__.pop(_LOAD_PREFIX, None)
-    if prefix is not None:
-        keys = incompatible_keys.missing_keys
-        renamed = dict.fromkeys(keys)
-        _rename_keys(renamed, keys, prefix, getattr(module, ORIGIN_ATTRIBUTE).renamed)
-        keys[:] = list(renamed)
+    # Missing keys and the children's error messages ("size mismatch for 0.weight") name the
+    # keys state_dict() writes ("0.weight"), not the fused module's own ("conv.weight"), which
+    # neither the checkpoint nor state_dict() holds.
+    loading = module.__dict__.pop(_LOAD_PREFIX, None)
+    if loading is None:
+        return
+    prefix, error_msgs, start = loading
+    renames = getattr(module, ORIGIN_ATTRIBUTE).renamed
+    keys = incompatible_keys.missing_keys
+    renamed = dict.fromkeys(keys)
+    _rename_keys(renamed, keys, prefix, renames)
+    keys[:] = list(renamed)
+    for old, new in renames:  # a key in a message, not the tail of another ("blocks.0.conv.")
+        fused_key = re.compile(rf"(?<![\w.]){re.escape(prefix + old)}\.")
+        error_msgs[start:] = [fused_key.sub(f"{prefix}{new}.", message) for message in error_msgs[start:]]
 
 
 # --- converters -------------------------------------------------------------------------------

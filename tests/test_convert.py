@@ -812,6 +812,21 @@ def test_missing_keys_are_named_as_state_dict_names_them():
         converted.load_state_dict(partial)
 
 
+def test_size_mismatches_are_named_as_state_dict_names_them():
+    """A checkpoint whose renamed unit's weight has another shape: the error names the key as
+    state_dict() and the upstream model do ("3.0.weight"), as the upstream model's error does."""
+    model = small_model()
+    converted, _ = csp_kernels.convert(model)
+    wrong = dict(model.state_dict())
+    wrong["3.0.weight"] = wrong["3.0.weight"][:1].clone()
+    errors = []
+    for m in (model, converted):
+        with pytest.raises(RuntimeError, match="size mismatch for 3.0.weight: copying a param with shape") as err:
+            m.load_state_dict(wrong)
+        errors.append(str(err.value).split("\n")[1:])
+    assert errors[0] == errors[1]
+
+
 def _train_step(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     for _ in range(2):
