@@ -371,11 +371,20 @@ def test_out_overlapping_x(training):
 
 @pytest.mark.parametrize("with_out", [False, True])
 def test_conv_bn_act_double_backward_refused(with_out):
-    fused, _ = _pair(4, 4, 1)
+    fused, ref = _pair(4, 4, 1)
     x = torch.randn(2, 4, H, W, dtype=torch.float64, requires_grad=True)
     y = fused(x, out=torch.empty(2, 4, H, W, dtype=torch.float64)) if with_out else fused(x)
-    with pytest.raises(RuntimeError, match="csp_kernels::conv_bn_act_train.* does not support double backward"):
+    with pytest.raises(RuntimeError, match="csp_kernels::conv_bn_act_train.* does not support double backward.*"
+                                           "use_backend\\('reference'\\)"):
         torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    with csp_kernels.use_backend("reference"):  # what the message offers: the reference's second derivatives
+        y = fused(x)
+    second = []
+    for module, out in ((fused, y), (ref, ref(x))):
+        grad_x, = torch.autograd.grad(out.square().sum(), x, create_graph=True)
+        second.append(torch.autograd.grad(grad_x.square().sum(), [x, *module.parameters()]))
+    for fused_grad, ref_grad in zip(*second):
+        assert_matches_reference(fused_grad, ref_grad, tol=1e-10)
 
 
 @pytest.mark.parametrize("cls", [csp_kernels.PartialDenseBlock, csp_kernels.DenseBlock])

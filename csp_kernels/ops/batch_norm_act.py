@@ -34,7 +34,8 @@ def refuse_double_backward(op: str) -> None:
     derivatives."""
     if torch.is_grad_enabled():
         raise RuntimeError(f"{op} does not support double backward (backward with create_graph=True, "
-                           "e.g. a gradient penalty); use the module of csp_kernels.reference")
+                           "e.g. a gradient penalty): run that forward under csp_kernels.use_backend('reference'), "
+                           "plain PyTorch, whose second derivatives work")
 
 
 def stats_dtype(dtype: torch.dtype) -> torch.dtype:
