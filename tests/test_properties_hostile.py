@@ -1,7 +1,8 @@
 """Property tests with hostile inputs and module states, against the reference with the same
 state_dict on every fused backend of the CPU (float64 unless said): NaN/inf inputs, expanded,
 transposed and sliced input layouts, frozen BatchNorms and momentum=None, parameters and
-buffers edited between eval calls, and float16/bfloat16 against the 2x rule. Derandomized, so
+buffers edited between eval calls, and float16/bfloat16 against the 2x rule; the CSP stages and
+blocks (test_stages' configurations) under NaN/inf inputs and the same layouts. Derandomized, so
 that CI draws the same examples on every run."""
 import contextlib
 import warnings
@@ -288,3 +289,51 @@ def test_low_precision_within_twice_plain_error(case, dtype):
     assert_matches_reference(y, y64, plain=y_plain)
     if case["training"]:
         assert_matches_reference(g[0].to(dtype), g64[0], plain=g_plain[0].to(dtype), name="input gradient")
+
+
+# -- 6. CSP stages: NaN/inf and hostile layouts ------------------------------------------------
+
+@st.composite
+def stage_cases(draw):
+    """A CSP stage or block of test_stages' configurations, its mode and a tiny map (the fused
+    buffered forward runs on maps this small: conftest pins CSP_KERNELS_CPU_SMALL_MAPS=fused)."""
+    from test_stages import CASES
+    training = draw(st.booleans())
+    name = draw(st.sampled_from(sorted(CASES)))
+    height, width = draw(st.integers(1, 6)), draw(st.integers(1, 6))
+    return dict(name=name, training=training, seed=draw(st.integers(0, 2 ** 16)), height=height, width=width,
+                batch=draw(st.integers(2 if training else 1, 3)))
+
+
+def stage_instances(case):
+    """(reference, fused, input shape) with one randomized float64 state."""
+    from test_stages import make_pair
+    torch.manual_seed(case["seed"])
+    ref, fused, in_channels = make_pair(case["name"])
+    return ref, fused, (case["batch"], in_channels, case["height"], case["width"])
+
+
+@pytest.mark.parametrize("values", NONFINITE)
+@SETTINGS
+@given(case=stage_cases(), data=st.data())
+def test_stage_nonfinite_inputs_match_reference(values, case, data):
+    ref, fused, shape = stage_instances(case)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(case["seed"]), dtype=torch.float64)
+    flat = x.view(-1)
+    for p in data.draw(st.lists(st.integers(0, flat.numel() - 1), min_size=1, max_size=3, unique=True)):
+        flat[p] = data.draw(st.sampled_from(values))
+    want = run(ref, lambda t: t, x, "reference", case["training"], case["seed"])
+    assert_runs_match(run(fused, lambda t: t, x, "cpu", case["training"], case["seed"]), want)
+
+
+@SETTINGS
+@given(case=stage_cases(), kind=st.sampled_from(LAYOUTS))
+def test_stage_strided_and_expanded_inputs_match_reference(case, kind):
+    if kind == "expand_batch" and case["training"]:  # as for the units: BatchNorm channels not constant
+        case = {**case, "height": max(case["height"], 3), "width": max(case["width"], 3)}
+    ref, fused, shape = stage_instances(case)
+    leaf_shape, make_input = hostile_layout(kind, shape)
+    x = torch.randn(leaf_shape, generator=torch.Generator().manual_seed(case["seed"]), dtype=torch.float64)
+    assert make_input(x).shape == shape
+    want = run(ref, make_input, x, "reference", case["training"], case["seed"])
+    assert_runs_match(run(fused, make_input, x, "cpu", case["training"], case["seed"]), want)
