@@ -505,6 +505,23 @@ def test_padding_pair_matches_reference():
     assert_matches_reference(fused(x), ref(x), tol=1e-10)
 
 
+@pytest.mark.parametrize("mode", ["train", "eval", "eval-no-grad"])
+@pytest.mark.parametrize("kernel_size, padding, shape", [(3, 0, (1, 16, 1, 13)), (3, 0, (2, 16, 2, 2)),
+                                                          (5, 1, (2, 16, 2, 9))])
+def test_kernel_larger_than_the_input_raises_as_the_reference(mode, kernel_size, padding, shape):
+    """ATen's error, whichever kernel the shape routes to (eval on tiny maps, a GEMM over the
+    batch, raised F.unfold's cryptic one)."""
+    errors = []
+    for module in (reference.ConvBNAct(16, 7, kernel_size, padding=padding),
+                   csp_kernels.ConvBNAct(16, 7, kernel_size, padding=padding)):
+        module.train(mode == "train")
+        with torch.set_grad_enabled(mode != "eval-no-grad"), pytest.raises(RuntimeError) as err:
+            module(torch.randn(shape, requires_grad=mode != "eval-no-grad"))
+        errors.append(str(err.value))
+    assert "Kernel size can't be greater than actual input size" in errors[0]
+    assert errors[1] == errors[0]
+
+
 @pytest.mark.parametrize("training", [True, False])
 def test_meta_device_runs_the_reference_shapes(training):
     pairs = [(csp_kernels.ConvBNAct(4, 6, 3, stride=2), reference.ConvBNAct(4, 6, 3, stride=2)),

@@ -36,6 +36,8 @@ def conv_over_batch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, s
     -> out, or a new NCHW tensor
     """
     n, k, h, w = conv_output_shape(x.shape, weight.shape, stride, padding, dilation)
+    if h <= 0 or w <= 0:  # a kernel larger than the padded input: ATen's error, as the reference raises it
+        F.conv2d(x, weight, None, stride, padding, dilation)
     if tuple(weight.shape[2:]) == (1, 1) and tuple(stride) == (1, 1) and tuple(padding) == (0, 0):
         columns = x.transpose(0, 1).reshape(x.shape[1], n * h * w)
     else:
