@@ -561,3 +561,21 @@ def test_batch_norm_parameters_of_any_layout(device, module, layout, which):
     assert not norms(fused)[0].weight.is_contiguous() or not norms(fused)[0].bias.is_contiguous()
     check_step(ref.train(), fused.train(), device)
     check_step(ref.eval(), fused.eval(), device, grad=False)
+
+
+@pytest.mark.parametrize("name, args, shape", [("ConvBNAct", (4, 6, 1, 16, 0), (1, 4, 16, 16)),
+                                                ("ConvBNAct", (4, 6, 3, 1, 0), (1, 4, 3, 3)),
+                                                ("C2f", (4, 8, 1, True), (1, 4, 1, 1))])
+def test_one_value_per_channel_in_training(name, args, shape):
+    """A training BatchNorm on one value per channel (batch 1, a 1x1 conv output): the reference's
+    ValueError, after the same bookkeeping (nn.BatchNorm2d counts the call before it refuses)."""
+    ref = randomize_(getattr(reference, name)(*args)).double()
+    fused = getattr(csp_kernels, name)(*args).double()
+    fused.load_state_dict(ref.state_dict())
+    errors = []
+    for m in (ref, fused):
+        with pytest.raises(ValueError) as err:
+            m(torch.randn(shape, dtype=torch.float64))
+        errors.append(str(err.value))
+    assert errors[0].startswith("Expected more than 1 value per channel when training") and errors[1] == errors[0]
+    assert_same_state(fused, ref)

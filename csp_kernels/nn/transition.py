@@ -88,8 +88,10 @@ class ConvBNAct(reference.ConvBNAct):
         # Plain PyTorch where it runs faster (small CPU maps in training), asked first: the
         # reference computes whatever the module holds, so the checks below would only cost time.
         # (Not with a SyncBatchNorm: torch's refuses CPU tensors in training, even alone in its group.)
-        plain = name == "reference" or (name == "cpu" and type(bn) is nn.BatchNorm2d and bn.training
-                                        and routing.training_eager_is_faster(x))
+        # So does a training call with one value per channel: nn.BatchNorm2d's own error, after its
+        # bookkeeping (num_batches_tracked counts the call).
+        plain = name == "reference" or (type(bn) is nn.BatchNorm2d and bn.training and (
+            (name == "cpu" and routing.training_eager_is_faster(x)) or one_value_per_channel(x, conv)))
         # The kernels' name for what `self.act` computes now, and why not if they cannot.
         act_name, act_reason = ("", "") if plain else checks.kernel_activation(
             modules["act"] if "act" in modules else getattr(self, "act", None))
@@ -291,6 +293,16 @@ def geometry_in_pairs(conv: nn.Conv2d) -> bool:
     them (a plain int set after construction, which F.conv2d accepts, is not; nor a string
     padding)."""
     return all(isinstance(v, (tuple, list)) and len(v) == 2 for v in (conv.stride, conv.padding, conv.dilation))
+
+
+def one_value_per_channel(x: torch.Tensor, conv: nn.Module) -> bool:
+    """Whether conv(x) has a single value per channel (batch 1, a 1x1 output map), which a
+    training BatchNorm refuses."""
+    if not isinstance(conv, nn.Conv2d) or not geometry_in_pairs(conv):
+        return False  # the reference computes it, or says why not
+    batch, _, height, width = conv_ops.conv_output_shape(x.shape, conv.weight.shape, conv.stride, conv.padding,
+                                                         conv.dilation)
+    return batch * height * width == 1
 
 
 def batch_norm_reason(bn: nn.Module, name: str) -> str:

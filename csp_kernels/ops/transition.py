@@ -115,8 +115,7 @@ def _train_forward(x, weight, bn_weight, bn_bias, stride, padding, dilation, gro
     kernel = kernel or routing.train_conv_kernel(x, weight, stride, padding, dilation, groups, engine)
     z, mean, var = _batch_stats_conv(x, weight, stride, padding, dilation, groups, kernel)
     if z.numel() <= z.shape[1]:
-        raise ValueError("training BatchNorm needs more than 1 value per channel; the conv output has "
-                         f"shape {tuple(z.shape)}")
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {z.shape}")
     y = scale_shift_act(z, *bn_scale_shift(mean, var, bn_weight, bn_bias, eps), act, out=out)
     return y, z, mean, var
 
