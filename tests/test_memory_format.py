@@ -108,6 +108,27 @@ def test_conv_bn_act_follows_its_weight_format_as_conv2d_does(mode, kernel_size)
     assert rel_error(y_fused, y_ref) < 1e-5
 
 
+@pytest.mark.parametrize("mode", ["train", "eval", "eval_no_grad"])
+@pytest.mark.parametrize("name, kwargs", [("DarkBlock", {}), ("BottleneckBlock", {}),
+                                          ("DarkStage", dict(stride=2, dilation=1, depth=2, block_ratio=1.0,
+                                                             bottle_ratio=0.5))])
+def test_timm_residual_blocks_follow_their_weights_format(mode, name, kwargs):
+    """timm's blocks add their input to their convolutions' result (conv(...) + x): the sum takes
+    the convolutions' format, channels_last for an NCHW x when their weights are (as the last
+    block of a DarkStage gives it)."""
+    if name == "DarkStage":
+        fused, ref = _pair(name, (), dict(kwargs, in_chs=16, out_chs=16, block_fn=reference.DarkBlock))
+    else:
+        fused, ref = _pair(name, (16, 16), kwargs)
+    fused, ref = fused.to(memory_format=CL).train(mode == "train"), ref.to(memory_format=CL).train(mode == "train")
+    x = torch.randn(2, 16, 12, 12)
+    with torch.set_grad_enabled(mode != "eval_no_grad"):
+        y_fused, y_ref = fused(x), ref(x)
+    assert _format(y_ref) == "channels_last"
+    assert _format(y_fused) == _format(y_ref)
+    assert rel_error(y_fused, y_ref) < 1e-5
+
+
 @pytest.mark.parametrize("mode", ["train", "eval_no_grad"])
 def test_nchw_input_gives_nchw_output(mode):
     """No copy where nothing is channels_last: the result is the kernels' own tensor."""

@@ -161,23 +161,47 @@ def follows_input_format(forward):
     reference twin's convolutions, cats and adds give it; a result written into `out` is the
     caller's. A channels_last x is copied to NCHW once, where every convolution reading it
     would copy it (the kernels walk planes), and the result back."""
-    return _reading_nchw(forward, result_in_input_format=True)
+    return _reading_nchw(forward, result_channels_last=True)
 
 
 def reads_input_as_nchw(forward):
     """A stage's `forward(x, out=None)` reading a channels_last x as an NCHW copy, made once, and
     returning its result as its last ConvBNAct gives it: timm's CrossStage, whose NCHW cat
     (upstream's `.contiguous()`) makes its result NCHW unless that conv's weight is channels_last."""
-    return _reading_nchw(forward, result_in_input_format=False)
+    return _reading_nchw(forward, result_channels_last=False)
 
 
-def _reading_nchw(forward, result_in_input_format: bool):
+def follows_convolutions_format(*convs: str):
+    """A timm residual block's `forward(x, out=None)`, whose result, conv_chain(x) + x, takes the
+    first operand's memory format, the convolutions': channels_last where x or the weight of
+    any of `convs` (its ConvBNActs' names) is. A channels_last x is read as an NCHW copy."""
+    def decorate(forward):
+        def result_channels_last(self, x_channels_last: bool) -> bool:
+            return x_channels_last or any(_weight_channels_last(getattr(self, name, None)) for name in convs)
+        return _reading_nchw(forward, result_channels_last)
+    return decorate
+
+
+def _weight_channels_last(unit: nn.Module | None) -> bool:
+    """Whether `unit`, a ConvBNAct, has a channels_last conv weight (False for another module, a
+    swapped one the reference runs)."""
+    weight = getattr(getattr(unit, "conv", None), "weight", None)
+    return isinstance(weight, torch.Tensor) and suggests_channels_last(weight)
+
+
+def _reading_nchw(forward, result_channels_last):
+    """forward, reading a channels_last x as an NCHW copy made once; its result, unless written
+    into `out`, channels_last where `result_channels_last` (True, False, or a function of the
+    module and whether x is channels_last) says so."""
     @functools.wraps(forward)
     def in_input_format(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        if not suggests_channels_last(x):
-            return forward(self, x, out)
-        y = forward(self, x.contiguous(), out)
-        return y if out is not None else as_channels_last_if(y, result_in_input_format)
+        x_channels_last = suggests_channels_last(x)
+        y = forward(self, x.contiguous() if x_channels_last else x, out)
+        if out is not None:
+            return y
+        wanted = result_channels_last(self, x_channels_last) if callable(result_channels_last) else (
+            result_channels_last and x_channels_last)
+        return as_channels_last_if(y, wanted)
     return in_input_format
 
 
@@ -321,7 +345,7 @@ class BottleneckBlock(reference.BottleneckBlock):
     __doc__ = reference.BottleneckBlock.__doc__
     conv_bn_act = ConvBNAct
 
-    @follows_input_format
+    @follows_convolutions_format("conv1", "conv2", "conv3")
     def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         if (y := _unbuffered_output(self, super().forward, x, out, [("conv3", self.conv3, (ConvBNAct,))],
                                     ("conv3", self.conv3))) is not None:
@@ -381,7 +405,7 @@ class DarkBlock(reference.DarkBlock):
     __doc__ = reference.DarkBlock.__doc__
     conv_bn_act = ConvBNAct
 
-    @follows_input_format
+    @follows_convolutions_format("conv1", "conv2")
     def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         return _residual_forward(self, super().forward, x, out, "conv1", "conv2", True)
 
