@@ -158,26 +158,36 @@ def test_edited_batch_norm_weight_raises():
         y.sum().backward()
 
 
-@pytest.mark.parametrize("when", ["before the next unit", "after the next unit"])
-def test_edit_between_units(when):
-    """An in-place edit before the next unit reads its input retires the tag (the edited tensor
-    is saved); one after it leaves the recipe, which rebuilds what the next unit read."""
+def test_edit_before_the_next_unit_is_saved_as_edited():
+    """An in-place edit before the next unit reads its input retires the tag: the edited tensor
+    is saved."""
     ref, fused = chain(reference, torch.float64), chain(csp_kernels, torch.float64)
     fused.load_state_dict(ref.state_dict())
     grads = []
     for module in (ref, fused):
         x = torch.randn(2, 8, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0),
                         requires_grad=True)
-        h = module[0](x)
-        if when == "before the next unit":
-            h = h.mul_(2) if module is fused else h * 2
-        y = module[2](module[1](h))
-        if when == "after the next unit" and module is fused:
-            h.mul_(2)
-        y.square().sum().backward()
+        h = module[0](x).mul_(2)
+        module[2](module[1](h)).square().sum().backward()
         grads.append([x.grad, *(p.grad for p in module.parameters())])
     for got, expected in zip(grads[1], grads[0]):
         assert rel_error(got, expected) <= 1e-10
+
+
+@pytest.mark.parametrize("reader", ["ConvBNAct", "MaxPool2d"])
+def test_edit_after_the_next_unit_raises(reader):
+    """An in-place edit of a tensor after a fused reader saved it as its recipe: autograd's
+    error, as for the reference's saved tensor (the recipe would rebuild the value from
+    before the edit)."""
+    for module_ns in (reference, csp_kernels):
+        producer = module_ns.ConvBNAct(8, 16, 3, act="identity")
+        consumer = module_ns.ConvBNAct(16, 8, 1) if reader == "ConvBNAct" else (
+            csp_kernels.MaxPool2d(3, 2, 1) if module_ns is csp_kernels else nn.MaxPool2d(3, 2, 1))
+        h = producer(torch.randn(2, 8, 8, 8, requires_grad=True))
+        y = consumer(h)
+        h.mul_(2)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            y.sum().backward()
 
 
 @pytest.mark.parametrize("outer", ["checkpoint", "save_on_cpu", "a caller's hook"])
@@ -419,6 +429,24 @@ def test_a_recipe_saved_twice_is_rebuilt_once_per_backward(monkeypatch):
     y.sum().backward()
     assert len([r for r in rebuilt if any(r is s for s in saves)]) == 2 * len(saved_rebuilds)
     assert torch.equal(x.grad, 2 * grad)
+
+
+@pytest.mark.parametrize("transform", ["grad", "vjp", "jacrev"])
+def test_max_pool_under_torch_func(transform):
+    """torch.func refuses saved-tensors hooks: under its transforms the pool saves its input as
+    nn.MaxPool2d does, no recipe."""
+    fused, plain = csp_kernels.MaxPool2d(2), nn.MaxPool2d(2)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    results = []
+    for pool in (fused, plain):
+        if transform == "grad":
+            results.append(torch.func.grad(lambda t, pool=pool: pool(t).square().sum())(x))
+        elif transform == "vjp":
+            out, pullback = torch.func.vjp(pool, x)
+            results.append(pullback(out)[0])
+        else:
+            results.append(torch.func.jacrev(pool)(x[:1, :1, :4, :4]))
+    assert torch.equal(results[0], results[1])
 
 
 def test_max_pool_saves_its_inputs_recipe():

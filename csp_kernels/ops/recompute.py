@@ -49,6 +49,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from ..backend import transform_reason
 from ..checks import parse_activation
 from .batch_norm_act import bn_scale_shift, scale_shift_act
 from .conv import run_conv
@@ -355,12 +356,21 @@ class _Saved(NamedTuple):
     version: int
 
 
-def _check_version(saved: _Saved) -> None:
-    if saved.detached._version != saved.version:
+class _SavedRecipe(NamedTuple):
+    """A tensor saved as its recipe, with a weak reference to the tensor and its version: an
+    in-place write into it after the save raises in backward, as autograd's check of a saved
+    tensor does (the recipe would rebuild the value from before the write)."""
+    recipe: Recipe
+    tensor: weakref.ref
+    version: int
+
+
+def _check_version(t: torch.Tensor, version: int) -> None:
+    if t._version != version:
         raise RuntimeError(
             "one of the variables needed for gradient computation has been modified by an inplace operation: "
-            f"[{saved.detached.type()} {list(saved.detached.shape)}] is at version {saved.detached._version}; "
-            f"expected version {saved.version} instead (saved by a csp_kernels ConvBNAct)")
+            f"[{t.type()} {list(t.shape)}] is at version {t._version}; expected version {version} instead (saved "
+            "by a csp_kernels module)")
 
 
 def _hooks(outer_pack, outer_unpack):
@@ -369,14 +379,16 @@ def _hooks(outer_pack, outer_unpack):
         if tag_ is not None:
             recipe = tag_.get()
             tag_.weaken()
-            return recipe.packed()
+            return _SavedRecipe(recipe.packed(), weakref.ref(t), t._version)
         detached = t.detach()
         return _Saved(outer_pack(t) if outer_pack else detached, detached, t._version)
 
     def unpack(packed):
-        if isinstance(packed, Recipe):
-            return packed.unpacked()
-        _check_version(packed)
+        if isinstance(packed, _SavedRecipe):
+            if (t := packed.tensor()) is not None:  # a tensor gone since can have no write to see
+                _check_version(t, packed.version)
+            return packed.recipe.unpacked()
+        _check_version(packed.detached, packed.version)
         return outer_unpack(packed.value) if outer_unpack else packed.value
 
     pack.saves_recipes = True
@@ -394,7 +406,7 @@ def saving_recipes() -> contextlib.AbstractContextManager:
     are, which would defeat an outer hook that moves or drops them. An outer hook whose owner
     declares `recipe_transparent` (profiling.SavedTensorsMeter, which only counts) still sees
     every tensor saved as itself; a recipe's z's it saw when their producers saved them."""
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or transform_reason():  # torch.func refuses saved-tensors hooks
         return contextlib.nullcontext()
     outer = torch._C._autograd._top_saved_tensors_default_hooks(False)
     if outer is None:
