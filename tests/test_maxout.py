@@ -67,6 +67,27 @@ def test_pyramid_matches_reference(shapes, size, out_channels, grouping, dtype, 
         torch.testing.assert_close(g, g_ref, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("source, target", [(45, 129), (42, 133), (50, 135)])
+def test_float64_resize_where_aten_picks_in_double(source, target):
+    """For float64 on the CPU ATen computes some nearest ratios in double, picking other source
+    pixels than its float32 arithmetic, which the kernels use: those pyramids run the reference,
+    with a warning naming the resize; float32 runs fused and equals the reference."""
+    for dtype in (torch.float64, torch.float32):
+        features = [torch.randn(2, 4, source, 5, dtype=dtype), torch.randn(2, 2, 3, 3, dtype=dtype)]
+        size = (target, 9)
+        ref = reference.maxout_pyramid(features, size, 2)
+        if dtype == torch.float64:
+            with pytest.warns(csp_kernels.ReferenceFallbackWarning, match=f"height {source} -> {target}"):
+                out = csp_kernels.maxout_pyramid(features, size, 2)
+            ramp = torch.arange(source, dtype=dtype).view(1, 1, source, 1)
+            picks = [torch.nn.functional.interpolate(ramp.to(d), size=(target, 1)).double()
+                     for d in (dtype, torch.float32)]
+            assert not torch.equal(*picks)  # the case is one: ATen's double arithmetic differs here
+        else:
+            out = csp_kernels.maxout_pyramid(features, size, 2)
+        assert torch.equal(out, ref)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("grouping", GROUPINGS)

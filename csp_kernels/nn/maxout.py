@@ -10,9 +10,12 @@ tests/test_maxout.py.
 """
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
+
 from .. import backend, checks, reference
 from ..ops import maxout as maxout_ops
 from ..ops.batch_norm_act import as_channels_last_if, suggests_channels_last
@@ -49,9 +52,36 @@ def maxout_pyramid(
     size, out_channels, grouping = checks.maxout_pyramid_args(features, size, out_channels, grouping)
     if _runs_reference(features[0].device, "maxout_pyramid"):
         return reference.maxout_pyramid(features, size, out_channels, grouping)
+    if reason := _resize_reason(features, size):
+        backend.warn_reference_fallback_of("csp_kernels.maxout_pyramid", reason)
+        return reference.maxout_pyramid(features, size, out_channels, grouping)
     y = maxout_ops.maxout_pyramid(features, size, out_channels, grouping == "interleaved")
     # The reference's torch.cat answers channels_last where all its inputs are.
     return as_channels_last_if(y, all(suggests_channels_last(f) for f in features))
+
+
+def _resize_reason(features: Sequence[torch.Tensor], size: tuple[int, int]) -> str:
+    """Why the kernels' nearest resize would read other source pixels than F.interpolate does for
+    these features, or "": the kernels' index arithmetic is ATen's for float32 (and ATen's on
+    CUDA), but for float64 on the CPU ATen computes some ratios in double (45 -> 129 rows)."""
+    if features[0].dtype != torch.float64 or features[0].device.type != "cpu":
+        return ""
+    for feature in features:
+        for axis, source, target in zip(("height", "width"), feature.shape[2:], size):
+            if not _float64_resize_picks_as_float32(source, target):
+                return (f"float64 nearest resize of {axis} {source} -> {target}: ATen's index arithmetic in double "
+                        "picks other source pixels than the kernels' float32 one")
+    return ""
+
+
+@functools.lru_cache(maxsize=4096)
+def _float64_resize_picks_as_float32(source: int, target: int) -> bool:
+    """Whether F.interpolate(mode="nearest") from `source` to `target` positions on the CPU reads
+    the same source positions for float64 data as for float32 (measured on a ramp, once)."""
+    ramp = torch.arange(source, dtype=torch.float64).view(1, 1, source, 1)
+    picks = [F.interpolate(ramp.to(dtype), size=(target, 1), mode="nearest").double() for dtype in
+             (torch.float64, torch.float32)]
+    return torch.equal(*picks)
 
 
 def _runs_reference(device: torch.device, function: str) -> bool:
