@@ -68,6 +68,9 @@ class Origin:
     cls: type
     attributes: tuple[str, ...]
     renamed: tuple[tuple[str, str], ...]
+    # (fused child name, upstream child name) for every child both hold, renamed or not
+    # (revert names an nn.Sequential's layers as upstream did); older pickles lack it
+    children: tuple[tuple[str, str], ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,7 +147,8 @@ def convert(model: nn.Module, *, inplace: bool = False) -> tuple[nn.Module, Conv
     if not inplace:
         model = _deep_copy(model, "convert")
     report = ConversionReport()
-    return _convert_tree(model, "", report, {}), report
+    occurrences = collections.Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
+    return _convert_tree(model, "", report, {}, occurrences), report
 
 
 def revert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
@@ -177,8 +181,10 @@ def class_key(cls: type) -> tuple[str, str]:
 
 # --- the walk ---------------------------------------------------------------------------------
 
-def _convert_tree(module: nn.Module, name: str, report: ConversionReport, memo: dict) -> nn.Module:
-    """`module` with its units swapped (a module shared at several places is converted once)."""
+def _convert_tree(module: nn.Module, name: str, report: ConversionReport, memo: dict,
+                  occurrences: collections.Counter) -> nn.Module:
+    """`module` with its units swapped (a module shared at several places is converted once).
+    occurrences: how many times each module (by id) appears in the model as given."""
     if id(module) in memo:
         return memo[id(module)]
     if type(module).__module__.startswith("csp_kernels.nn."):
@@ -187,11 +193,13 @@ def _convert_tree(module: nn.Module, name: str, report: ConversionReport, memo: 
     else:
         converter = CONVERTERS.get(class_key(type(module)))
         if converter is not None and converter.children_first:
-            _convert_children(module, name, report, memo)
-        fused = converter.fuse(module) if converter else None
+            _convert_children(module, name, report, memo, occurrences)
+        fused = (_patched_forward_reason(type(module)) or converter.fuse(module)) if converter else None
+        if isinstance(fused, nn.Module):
+            fused = _dropped_reason(module, fused, occurrences) or fused
         if fused is None:  # never for children_first: a stage is fused or left
             _count_unknown(module, report)
-            _convert_children(module, name, report, memo)
+            _convert_children(module, name, report, memo, occurrences)
             result = module
         elif isinstance(fused, str):
             report.left.append(Left(name, type(module).__qualname__, fused))
@@ -204,8 +212,53 @@ def _convert_tree(module: nn.Module, name: str, report: ConversionReport, memo: 
     return result
 
 
-def _convert_children(module: nn.Module, name: str, report: ConversionReport, memo: dict) -> None:
-    _replace_children(module, lambda child, child_name: _convert_tree(child, _qualify(name, child_name), report, memo))
+def _convert_children(module: nn.Module, name: str, report: ConversionReport, memo: dict,
+                      occurrences: collections.Counter) -> None:
+    _replace_children(module, lambda child, child_name: _convert_tree(child, _qualify(name, child_name), report, memo,
+                                                                      occurrences))
+
+
+def _patched_forward_reason(cls: type) -> str:
+    """Why instances of the upstream class `cls` cannot be swapped because the forward they run
+    is not the one its defining class wrote (patched onto the class: the fused twin computes the
+    original forward), or ""."""
+    owner = next(c for c in cls.__mro__ if "forward" in vars(c))
+    forward = vars(owner)["forward"]
+    if (getattr(forward, "__qualname__", None) == f"{owner.__qualname__}.forward"
+            and getattr(forward, "__module__", None) == owner.__module__):
+        return ""
+    return (f"{owner.__qualname__}.forward is replaced on the class (by {getattr(forward, '__qualname__', forward)} "
+            f"of {getattr(forward, '__module__', None)}; the fused module computes the original)")
+
+
+_STATE_DICT_HOOKS = ("_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
+                     "_load_state_dict_post_hooks")
+
+
+def _dropped_reason(module: nn.Module, fused: nn.Module, occurrences: collections.Counter) -> str:
+    """Why swapping `fused` in for `module` would lose or split something, or "": a parameter or
+    buffer that `fused` does not hold (registered on the unit itself, or on a submodule that
+    fused replaces, as timm's BatchNormAct2d), a state_dict or load_state_dict hook on a module
+    that fused does not keep, or such a module that is also used elsewhere in the model (a
+    BatchNormAct2d shared by two units: each would get a BatchNorm2d of its own, whose mode and
+    hyper-parameters then go apart)."""
+    kept_modules = {id(m) for m in fused.modules()}
+    kept_tensors = {id(t) for t in itertools.chain(fused.parameters(), fused.buffers())}
+    for sub_name, sub in module.named_modules(remove_duplicate=False):
+        if id(sub) in kept_modules:
+            continue
+        where = sub_name or "it"
+        own = itertools.chain(sub.named_parameters(recurse=False), sub.named_buffers(recurse=False))
+        for tensor_name, tensor in own:
+            if id(tensor) not in kept_tensors:
+                return (f"{_qualify(sub_name, tensor_name)} is a tensor of its own that the fused "
+                        f"{type(fused).__name__} would not hold")
+        if hooks := [h.strip("_") for h in _STATE_DICT_HOOKS if getattr(sub, h, None)]:
+            return f"{where} has {', '.join(hooks)} (the fused {type(fused).__name__} would not run them)"
+        if sub is not module and occurrences[id(sub)] > occurrences[id(module)]:
+            return (f"{where} ({type(sub).__qualname__}) is also used elsewhere in the model, and the fused "
+                    f"{type(fused).__name__} would hold a module of its own in its place")
+    return ""
 
 
 def _revert_tree(module: nn.Module, memo: dict) -> nn.Module:
@@ -259,9 +312,10 @@ def _remember_origin(fused: nn.Module, upstream: nn.Module) -> None:
         if attribute not in vars(fused):  # the fused module's own (in_channels, out_channels) stay
             setattr(fused, attribute, getattr(upstream, attribute))
     upstream_names = {id(child): child_name for child_name, child in upstream.named_children()}
-    renamed = tuple((child_name, upstream_names[id(child)]) for child_name, child in fused.named_children()
-                    if upstream_names.get(id(child), child_name) != child_name)
-    setattr(fused, ORIGIN_ATTRIBUTE, Origin(type(upstream), attributes, renamed))
+    children = tuple((child_name, upstream_names[id(child)]) for child_name, child in fused.named_children()
+                     if id(child) in upstream_names)
+    renamed = tuple((new, old) for new, old in children if new != old)
+    setattr(fused, ORIGIN_ATTRIBUTE, Origin(type(upstream), attributes, renamed, children))
     fused.training = upstream.training
     if renamed:
         fused.register_state_dict_post_hook(_write_upstream_keys)
@@ -393,11 +447,13 @@ def _unfuse_timm_conv_norm_act(fused: ConvBNAct, origin: Origin) -> nn.Module:
 
 
 def _unfuse_sequential(fused: ConvBNAct, origin: Origin) -> nn.Module:
-    layers = [fused.conv, fused.bn]
-    had_act = any(new == "2" for _, new in origin.renamed)
-    if had_act or type(fused.act) is not nn.Identity:  # an act set on the fused module is kept
-        layers.append(fused.act)
-    return _bare(origin.cls, **{str(i): layer for i, layer in enumerate(layers)})
+    """The nn.Sequential (or torchvision's) of conv, bn and, where upstream had one or one was set
+    on the fused module since, act, under upstream's names ("0", "1", "2" or its own)."""
+    names = dict(origin.children or origin.renamed)  # (a pickle from before `children`: the renamed ones)
+    layers = [("conv", fused.conv), ("bn", fused.bn)]
+    if "act" in names or type(fused.act) is not nn.Identity:  # an act set on the fused module is kept
+        layers.append(("act", fused.act))
+    return _bare(origin.cls, **{names.get(name, str(i)): layer for i, (name, layer) in enumerate(layers)})
 
 
 # CSP stages: the csp_kernels.nn.stages twins, built around the upstream stage's own children as

@@ -17,6 +17,7 @@ import contextlib
 import copy
 import io
 import os
+import re
 
 import pytest
 import timm
@@ -910,3 +911,89 @@ def test_revert_keeps_timm_batch_norms_synchronized(order):
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():  # in eval a SyncBatchNorm needs no process group
         torch.testing.assert_close(reverted(x), upstream(x), rtol=1e-5, atol=1e-5)
+
+
+# --- what a swap would lose or split: left, with the reason -----------------------------------
+
+def _extra_parameter():
+    model = small_model()
+    model[0].gamma = nn.Parameter(torch.ones(1))
+    return model
+
+
+def _extra_buffer():
+    model = small_model()
+    model[2].bn.register_buffer("extra", torch.ones(1))  # on timm's BatchNormAct2d, which becomes a BatchNorm2d
+    return model
+
+
+def _extra_submodule():
+    model = small_model()
+    model[0].aux = nn.Linear(2, 2)
+    return model
+
+
+def _state_dict_hook():
+    model = small_model()
+    model[0].register_state_dict_post_hook(lambda module, sd, prefix, meta: sd.__setitem__(prefix + "extra", 1))
+    return model
+
+
+def _shared_norm():
+    model = randomize_(nn.Sequential(ConvNormAct(3, 8, 3, act_layer="silu"), ConvNormAct(8, 8, 1, act_layer="silu")))
+    model[1].bn = model[0].bn  # timm's BatchNormAct2d shared by two units
+    return model
+
+
+KEPT_STATE = {
+    "parameter on the unit": (_extra_parameter, ["0"], "gamma is a tensor of its own"),
+    "buffer on a replaced BatchNormAct2d": (_extra_buffer, ["2"], "bn.extra is a tensor of its own"),
+    "submodule on the unit": (_extra_submodule, ["0"], "aux.weight is a tensor of its own"),
+    "state_dict hook": (_state_dict_hook, ["0"], "has state_dict_hooks"),
+    "BatchNormAct2d shared": (_shared_norm, ["0", "1"], r"bn \(BatchNormAct2d\) is also used elsewhere in the model"),
+}
+
+
+@pytest.mark.parametrize("case", KEPT_STATE)
+def test_units_holding_more_than_the_fused_module_are_left(case):
+    """A swap would drop (a parameter, buffer or submodule registered on the unit, a state_dict
+    hook) or split (a BatchNorm used elsewhere: each unit would get its own, whose modes then go
+    apart) what the unit holds: the unit is left, named."""
+    build_model, left, reason = KEPT_STATE[case]
+    model = build_model()
+    converted, report = csp_kernels.convert(model)
+    assert [item.name for item in report.left] == left
+    assert all(re.search(reason, item.reason) for item in report.left)
+    assert all(type(converted[int(i)]) is type(model[int(i)]) for i in left)
+    assert csp_kernels.revert(converted).state_dict().keys() == model.state_dict().keys()
+    x = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(converted.eval()(x), model.eval()(x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_class_forward_patched_is_left():
+    """A forward replaced on the upstream class (not on the instance) computes what the fused
+    twin does not: the units are left, the patch named."""
+    original = YoloConv.forward
+    try:
+        YoloConv.forward = lambda self, x: self.act(self.conv(x))  # no BatchNorm
+        converted, report = csp_kernels.convert(small_model())
+    finally:
+        YoloConv.forward = original
+    left = {item.name: item.reason for item in report.left}
+    assert set(left) == {"0", "1"}  # Conv, and DWConv, which runs Conv's forward
+    assert "Conv.forward is replaced on the class" in left["0"]
+
+
+def test_revert_names_a_sequential_unit_as_it_was():
+    """A plain nn.Sequential unit with named layers comes back with those names (revert named
+    them 0, 1, 2: its state_dict no longer loaded into the original), an Identity act too."""
+    from collections import OrderedDict
+    model = nn.Sequential(
+        nn.Sequential(OrderedDict(conv=nn.Conv2d(4, 4, 3, padding=1, bias=False), bn=nn.BatchNorm2d(4),
+                                  relu=nn.ReLU())),
+        nn.Sequential(OrderedDict(c=nn.Conv2d(4, 4, 1, bias=False), b=nn.BatchNorm2d(4), a=nn.Identity())))
+    converted, report = csp_kernels.convert(model)
+    assert len(report.swapped) == 2
+    reverted = csp_kernels.revert(converted)
+    assert [list(unit._modules) for unit in reverted] == [["conv", "bn", "relu"], ["c", "b", "a"]]
+    model.load_state_dict(reverted.state_dict(), strict=True)
