@@ -533,3 +533,27 @@ def test_meta_device_runs_the_reference_shapes(training):
         with pytest.warns(csp_kernels.ReferenceFallbackWarning, match="meta device"):
             y = module(x)
         assert y.device.type == "meta" and y.shape == ref(x).shape
+
+
+@pytest.mark.parametrize("backend_name", ["cpu", "reference"])  # the buffered forward, and the reference's + copy
+@pytest.mark.parametrize("mode", ["train", "eval-no-grad"])
+def test_stage_input_and_out_checked_on_every_path(backend_name, mode):
+    """A stage checks x and out= as ConvBNAct does on whichever path runs the call (the reference
+    path copied into any `out` that copy_ takes: an int64 one cast silently, a wrong shape
+    broadcast or raised ATen's error; a non-tensor x or out raised AttributeError)."""
+    stage = csp_kernels.C2f(4, 4).train(mode == "train")
+    x = torch.randn(2, 4, 8, 8)
+    bad_outs = [(torch.zeros(2, 4, 8, 8, dtype=torch.long), ValueError, "out must be a torch.float32 tensor"),
+                (torch.zeros(2, 4, 8, 8, device="meta"), ValueError, "out must be a torch.float32 tensor"),
+                (torch.zeros(1, 4, 8, 8), ValueError, r"of shape \(2, 4, 8, 8\)"),
+                (torch.zeros(2, 1, 8, 8).expand(2, 4, 8, 8), ValueError, "two elements in one place"),
+                ([1], TypeError, "out must be a torch.Tensor; got list")]
+    with csp_kernels.use_backend(backend_name), torch.set_grad_enabled(mode == "train"):
+        for bad_x in (x.numpy(), [1], None):
+            with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+                stage(bad_x)
+        for out, error, message in bad_outs:
+            with pytest.raises(error, match=message):
+                stage(x, out=out)
+        out = torch.empty(2, 4, 8, 8)
+        assert stage(x, out=out) is out

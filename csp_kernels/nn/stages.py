@@ -59,6 +59,7 @@ from .. import backend, checks, reference
 from ..ops import recompute, routing
 from ..ops.batch_norm_act import as_channels_last_if, shares_memory, suggests_channels_last
 from ..ops.conv import conv_output_shape
+from ..ops.transition import check_out
 from .transition import ConvBNAct, conv_reason
 
 # (qualified name, submodule, its types that the buffered forward relies on): a submodule called
@@ -195,6 +196,9 @@ def _reading_nchw(forward, result_channels_last):
     module and whether x is channels_last) says so."""
     @functools.wraps(forward)
     def in_input_format(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        checks.check_input(x)
+        if out is not None and not isinstance(out, torch.Tensor):
+            raise TypeError(f"out must be a torch.Tensor; got {type(out).__name__}")
         x_channels_last = suggests_channels_last(x)
         y = forward(self, x.contiguous() if x_channels_last else x, out)
         if out is not None:
@@ -242,16 +246,23 @@ def _unbuffered_output(module: nn.Module, reference_forward, x: torch.Tensor, ou
     None: for an `out` over x (which the stage reads after it starts writing out), the output
     computed aside and copied; where `_reference_reason` gives a reason, the reference twin's
     forward, with the warning the reason calls for, into `out` if given."""
-    checks.check_input(x)
     if out is not None and shares_memory(out, x):
-        return out.copy_(module.forward(x))
+        return _copy_into(out, module.forward(x), x)
     reason = _reference_reason(module, x, writers, shape_source)
     if reason is None:
         return None
     if reason:
         backend.warn_reference_fallback(module, reason)
     y = reference_forward(x)
-    return y if out is None else out.copy_(y)
+    return y if out is None else _copy_into(out, y, x)
+
+
+def _copy_into(out: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """out.copy_(y), `out` checked as the buffered forward's last ConvBNAct checks it (a tensor
+    of y's shape, dtype and device, no two elements in one place): copy_ would cast, broadcast
+    or write an expand()ed out silently."""
+    check_out(out, y.shape, y.dtype, y.device, any_strides=True, x=x, recording=False)
+    return out.copy_(y)
 
 
 def _residual_forward(module: nn.Module, reference_forward, x: torch.Tensor, out: torch.Tensor | None, first: str,
