@@ -76,6 +76,16 @@ def check_grouping(grouping) -> str:
     return _check_choice(grouping, "grouping", GROUPINGS)
 
 
+def check_positive_ratio(value, name: str) -> float:
+    """Return `value` as a float if it is a finite real number > 0 (a width ratio; bool is not
+    accepted)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a positive float (a width ratio); got {type(value).__name__} {value!r}")
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"{name} must be a positive finite float (a width ratio); got {value!r}")
+    return float(value)
+
+
 def check_positive_int(value, name: str) -> int:
     """Return `value` as an int if it is an integer > 0 (bool is not accepted)."""
     if (torch.jit.is_tracing() and isinstance(value, torch.Tensor) and value.dim() == 0

@@ -400,6 +400,16 @@ def test_block_fn_takes_reference_and_fused_blocks():
     (lambda: csp_kernels.DarkBlock(32, 16), ValueError, r"in_chs \(32\) must equal out_chs \(16\)"),
     (lambda: csp_kernels.BottleneckBlock(32, 32, act_layer="gelu"), ValueError, "act_layer must be one of"),
     (lambda: csp_kernels.C2f(16, 32, n="2"), TypeError, "n must be"),
+    (lambda: csp_kernels.C2f(16, 32, e=float("inf")), ValueError, "e must be a positive finite float"),
+    (lambda: csp_kernels.C3(16, 32, e="0.5"), TypeError, "e must be a positive float"),
+    (lambda: csp_kernels.CrossStage(16, 32, 2, 1, 1, block_ratio=float("nan")), ValueError,
+     "block_ratio must be a positive finite float"),
+    (lambda: csp_kernels.CrossStage(16, 32, 2, 1, 1, expand_ratio=None), TypeError, "expand_ratio must be"),
+    (lambda: csp_kernels.DarkStage(16, 32, 2, 1, 1, bottle_ratio=True), TypeError, "bottle_ratio must be"),
+    (lambda: csp_kernels.CrossStage3(16, 32, True, 1, 1), TypeError, "stride must be a positive int; got bool"),
+    (lambda: csp_kernels.CrossStage(16, 32, "2", 1, 1), TypeError, "stride must be a positive int"),
+    (lambda: csp_kernels.DarkStage(16, 32, 2, 1, 1, first_dilation="x"), TypeError, "first_dilation must be"),
+    (lambda: csp_kernels.CrossStage(16, 32, 2, 1, 1, block_dpr=0.0), TypeError, "block_dpr must be None or a list"),
 ])
 def test_bad_arguments_raise_as_the_reference(build, error, message):
     with pytest.raises(error, match=message):

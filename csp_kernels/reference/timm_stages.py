@@ -48,6 +48,7 @@ def _reject(name: str, value, modeled) -> None:
 def _conv_norm_act(conv_bn_act: type[ConvBNAct], in_chs: int, out_chs: int, kernel_size: int, act_layer: str,
                    stride: int = 1, dilation: int = 1, groups: int = 1, apply_act: bool = True) -> ConvBNAct:
     """timm's ConvNormAct with BatchNorm and its default padding, built as `conv_bn_act`."""
+    stride, dilation = checks.check_positive_int(stride, "stride"), checks.check_positive_int(dilation, "dilation")
     padding = ((stride - 1) + dilation * (kernel_size - 1)) // 2
     return conv_bn_act(in_chs, out_chs, kernel_size, stride, padding, groups,
                        act=act_layer if apply_act else "identity",
@@ -56,7 +57,7 @@ def _conv_norm_act(conv_bn_act: type[ConvBNAct], in_chs: int, out_chs: int, kern
 
 def _mid_channels(out_chs: int, ratio: float, name: str) -> int:
     """int(round(out_chs * ratio)), timm's rounding of a ratio's width, which must be positive."""
-    channels = int(round(checks.check_positive_int(out_chs, "out_chs") * ratio))
+    channels = int(round(checks.check_positive_int(out_chs, "out_chs") * checks.check_positive_ratio(ratio, name)))
     if channels <= 0:
         raise ValueError(f"out_chs={out_chs} and {name}={ratio} give round(out_chs * {name}) = {channels} "
                          f"channels; increase {name}")
@@ -143,10 +144,16 @@ def _blocks(block_classes: dict, block_fn, depth: int, in_chs: int, out_chs: int
     return blocks
 
 
-def _check_stage_options(avg_down, block_dpr: Sequence[float] | None, aa_layer, attn_layer) -> None:
+def _check_stage_options(avg_down, block_dpr: Sequence[float] | None, aa_layer, attn_layer, stride, dilation,
+                         first_dilation) -> None:
+    for name, value in (("stride", stride), ("dilation", dilation), ("first_dilation", first_dilation)):
+        if value is not None or name != "first_dilation":
+            checks.check_positive_int(value, name)
     _reject("avg_down", avg_down, False)
     _reject("aa_layer", aa_layer, None)
     _reject("attn_layer", attn_layer, None)
+    if block_dpr is not None and not isinstance(block_dpr, (list, tuple)):
+        raise TypeError(f"block_dpr must be None or a list of drop-path rates, one per block; got {block_dpr!r}")
     if block_dpr is not None and any(rate != 0 for rate in block_dpr):
         raise ValueError(f"block_dpr={block_dpr!r} (drop path) is not modeled by the reference twin; only None or "
                          "zeros")
@@ -180,7 +187,7 @@ class _CrossStageBase(nn.Module):
                  act_layer: str = "leaky_relu", norm_layer="batchnorm", aa_layer=None, attn_layer=None):
         super().__init__()
         act_layer = _check_layers(act_layer, norm_layer)
-        _check_stage_options(avg_down, block_dpr, aa_layer, attn_layer)
+        _check_stage_options(avg_down, block_dpr, aa_layer, attn_layer, stride, dilation, first_dilation)
         first_dilation = first_dilation or dilation
         self.expand_chs = _expand_channels(out_chs, expand_ratio)
         block_out_chs = _mid_channels(out_chs, block_ratio, "block_ratio")
@@ -251,7 +258,7 @@ class DarkStage(nn.Module):
                  act_layer: str = "leaky_relu", norm_layer="batchnorm", aa_layer=None, attn_layer=None):
         super().__init__()
         act_layer = _check_layers(act_layer, norm_layer)
-        _check_stage_options(avg_down, block_dpr, aa_layer, attn_layer)
+        _check_stage_options(avg_down, block_dpr, aa_layer, attn_layer, stride, dilation, first_dilation)
         self.conv_down = _conv_norm_act(self.conv_bn_act, in_chs, out_chs, 3, act_layer, stride,
                                         first_dilation or dilation, groups)
         self.blocks = _blocks(self.block_classes, block_fn, depth, out_chs,

@@ -10,7 +10,6 @@ Shapes are written (batch, channels, height, width).
 """
 from __future__ import annotations
 
-import numbers
 
 import torch
 from torch import nn
@@ -22,9 +21,7 @@ from .blocks import ConvBNAct
 def _hidden_channels(c2, e) -> int:
     """int(c2 * e), upstream's hidden width, which must leave at least one channel."""
     c2 = checks.check_positive_int(c2, "c2")
-    if isinstance(e, bool) or not isinstance(e, numbers.Real) or not e > 0:
-        raise ValueError(f"e must be a positive float (the expansion ratio); got {e!r}")
-    hidden = int(c2 * e)
+    hidden = int(c2 * checks.check_positive_ratio(e, "e"))
     if hidden == 0:
         raise ValueError(f"c2={c2} and e={e} give int(c2 * e) = 0 hidden channels; increase e")
     return hidden
