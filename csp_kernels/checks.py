@@ -76,6 +76,20 @@ def check_grouping(grouping) -> str:
     return _check_choice(grouping, "grouping", GROUPINGS)
 
 
+def check_module(model, name: str = "model") -> nn.Module:
+    """Return `model` if it is an nn.Module instance (not a class, a tensor, None, ...)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{name} must be an nn.Module instance; got {type(model).__name__} {model!r:.60}")
+    return model
+
+
+def check_bool(value, name: str) -> bool:
+    """Return `value` if it is a bool (a flag; "no" or 0 would read as something else)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool; got {type(value).__name__} {value!r}")
+    return value
+
+
 def check_positive_ratio(value, name: str) -> float:
     """Return `value` as a float if it is a finite real number > 0 (a width ratio; bool is not
     accepted)."""

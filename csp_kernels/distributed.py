@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from . import checks
 from . import nn as fused_nn
 from .convert import batch_norm_sharing
 from .ops.sync_batch_norm import process_group_of
@@ -46,6 +47,7 @@ def convert_sync_batchnorm(model: nn.Module, process_group=None) -> nn.Module:
     part: a ReferenceFallbackWarning names it) — runs torch's SyncBatchNorm, which in training
     with more than one process accepts only GPU tensors and raises on the CPU.
     """
+    checks.check_module(model)
     if isinstance(model, (nn.BatchNorm2d, nn.SyncBatchNorm)):
         sync = batch_norm_sharing(model, nn.SyncBatchNorm, process_group=process_group)
         if hasattr(model, "qconfig"):
@@ -67,7 +69,7 @@ def check_sync_batch_norm(model: nn.Module) -> None:
     then falls back to the reference with a ReferenceFallbackWarning naming them). Call it after
     converting by hand.
     """
-    for stage_name, stage in model.named_modules():
+    for stage_name, stage in checks.check_module(model).named_modules():
         if not isinstance(stage, _STAGES):
             continue
         what = f"{type(stage).__name__} {stage_name or '(the model)'}"

@@ -94,7 +94,25 @@ class OpTraffic:
         return self.reads + self.writes
 
 
-class TrafficCounter(TorchDispatchMode):
+class _EnteredOnce:
+    """A context manager that is active at most once at a time: entering it again while active
+    (nesting one instance: it would count twice) or leaving it when not active raises a
+    RuntimeError saying so. Entering again after it was left adds to what it measured."""
+
+    _active = False
+
+    def _enter_once(self) -> None:
+        if self._active:
+            raise RuntimeError(f"this {type(self).__name__} is already active; nest another instance instead")
+        self._active = True
+
+    def _exit_once(self) -> None:
+        if not self._active:
+            raise RuntimeError(f"this {type(self).__name__} is not active: leave it once per `with`")
+        self._active = False
+
+
+class TrafficCounter(_EnteredOnce, TorchDispatchMode):
     """Counts the bytes read and written by every op run inside `with TrafficCounter() as t:`.
 
     Rules (logical bytes, see the module docstring):
@@ -117,6 +135,14 @@ class TrafficCounter(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.per_op: dict[str, OpTraffic] = {}
+
+    def __enter__(self) -> TrafficCounter:
+        self._enter_once()
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        self._exit_once()
+        return super().__exit__(*exc)
 
     @property
     def reads(self) -> int:
@@ -185,7 +211,7 @@ class TrafficCounter(TorchDispatchMode):
         return "\n".join(lines)
 
 
-class SavedTensorsMeter:
+class SavedTensorsMeter(_EnteredOnce):
     """Bytes autograd saves for backward inside `with SavedTensorsMeter() as meter:`.
 
     Every tensor saved for backward (by ATen's autograd formulas and by custom
@@ -243,10 +269,12 @@ class SavedTensorsMeter:
                                 if key in excluded and not ref.expired())
 
     def __enter__(self) -> SavedTensorsMeter:
+        self._enter_once()
         self._hooks.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
+        self._exit_once()
         self._hooks.__exit__(*exc)
 
 

@@ -997,3 +997,19 @@ def test_revert_names_a_sequential_unit_as_it_was():
     reverted = csp_kernels.revert(converted)
     assert [list(unit._modules) for unit in reverted] == [["conv", "bn", "relu"], ["c", "b", "a"]]
     model.load_state_dict(reverted.state_dict(), strict=True)
+
+
+@pytest.mark.parametrize("call", [lambda: csp_kernels.convert(None), lambda: csp_kernels.convert(YoloConv),
+                                  lambda: csp_kernels.revert(torch.zeros(1)),
+                                  lambda: csp_kernels.distributed.convert_sync_batchnorm([nn.BatchNorm2d(2)]),
+                                  lambda: csp_kernels.distributed.check_sync_batch_norm("model")])
+def test_a_model_that_is_no_module_instance_is_named(call):
+    with pytest.raises(TypeError, match="model must be an nn.Module instance"):
+        call()
+
+
+def test_a_flag_of_the_wrong_type_is_named():
+    with pytest.raises(TypeError, match="inplace must be a bool; got str 'yes'"):
+        csp_kernels.convert(small_model(), inplace="yes")
+    with pytest.raises(TypeError, match="inplace must be a bool"):
+        csp_kernels.revert(small_model(), inplace=1)

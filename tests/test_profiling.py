@@ -308,3 +308,24 @@ def test_format_bytes():
     assert format_bytes(None) == "-"
     assert format_bytes(512) == "512 B"
     assert format_bytes(3 * 1024 * 1024 / 2) == "1.5 MiB"
+
+
+@pytest.mark.parametrize("meter", [TrafficCounter, SavedTensorsMeter])
+def test_a_meter_is_active_once_at_a_time(meter):
+    """Nesting one instance would count twice (TrafficCounter did: 2x the bytes), and leaving one
+    that is not active raised torch's internal assert or an IndexError: both are named now;
+    entering again after leaving adds to what it measured."""
+    m = meter()
+    with pytest.raises(RuntimeError, match=f"this {meter.__name__} is already active"):
+        with m:
+            with m:
+                pass
+    with pytest.raises(RuntimeError, match=f"this {meter.__name__} is not active"):
+        m.__exit__(None, None, None)
+    ys, measured = [], []
+    for _ in range(2):
+        with m:
+            x = torch.randn(64, requires_grad=True)  # a new storage each time: the meter counts storages once
+            ys.append(x * x)
+        measured.append(m.total if meter is TrafficCounter else m.bytes)
+    assert measured[1] == 2 * measured[0] > 0
