@@ -217,6 +217,13 @@ def resolve_backend(device: torch.device) -> str:
 
 
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
-    """The concrete backends that can run on `device` on this machine."""
-    device = torch.device(device)
+    """The concrete backends that can run on `device` (a torch.device or a device string such
+    as "cpu", "cuda:0") on this machine."""
+    if not isinstance(device, (torch.device, str)):
+        raise TypeError(f"device must be a torch.device or a str such as 'cpu'; got {type(device).__name__} "
+                        f"{device!r}")
+    try:
+        device = torch.device(device)
+    except RuntimeError as error:
+        raise ValueError(f"device must name a device such as 'cpu' or 'cuda:0'; got {device!r} ({error})") from None
     return [b for b in BACKENDS if b != "auto" and not why_unavailable(b, device)]

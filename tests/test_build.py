@@ -168,3 +168,12 @@ def test_a_renamed_variable_warns(monkeypatch):
     with pytest.warns(UserWarning, match="CSP_KERNELS_OLD_NAME is now CSP_KERNELS_NEW_NAME; .* is ignored"):
         assert env_choice("CSP_KERNELS_NEW_NAME", ("eager", "fused"), "eager",
                           renamed_from="CSP_KERNELS_OLD_NAME") == "eager"
+
+
+def test_available_backends_names_a_bad_device():
+    for bad in (None, 5):
+        with pytest.raises(TypeError, match="device must be a torch.device or a str"):
+            csp_kernels.available_backends(bad)
+    with pytest.raises(ValueError, match="device must name a device such as 'cpu'"):
+        csp_kernels.available_backends("bogus")
+    assert "reference" in csp_kernels.available_backends(torch.device("cpu"))
