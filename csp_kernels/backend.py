@@ -106,11 +106,15 @@ def requested_backend() -> str:
     return name
 
 
-@contextlib.contextmanager
-def use_backend(name: str):
+def use_backend(name: str) -> contextlib.AbstractContextManager:
     """Run the fused modules inside the block with backend `name` (in this thread). Blocks
-    exited out of order (an ExitStack, generators) each remove their own entry."""
-    _check_name(name)
+    exited out of order (an ExitStack, generators) each remove their own entry. A bad name
+    raises here, at the call, not where the block is entered."""
+    return _backend_block(_check_name(name))
+
+
+@contextlib.contextmanager
+def _backend_block(name: str):
     stack = getattr(_state, "stack", None)
     if stack is None:
         stack = _state.stack = []
