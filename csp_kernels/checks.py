@@ -36,11 +36,17 @@ def env_choice(var: str, choices: tuple[str, ...], default: str, renamed_from: s
     return value or default
 
 
+def check_tensor(value, name: str) -> torch.Tensor:
+    """Return `value` if it is a torch.Tensor."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor; got {type(value).__name__}")
+    return value
+
+
 def check_out_tensor(out, shape, dtype: torch.dtype, device: torch.device) -> None:
     """Raise, as ATen's out= does, unless `out` is a tensor of `shape`, `dtype` on `device` (the
     check every out= shares; the ops add their layout checks)."""
-    if not isinstance(out, torch.Tensor):
-        raise TypeError(f"out must be a torch.Tensor; got {type(out).__name__}")
+    check_tensor(out, "out")
     if tuple(out.shape) != tuple(shape) or out.dtype != dtype or out.device != device:
         raise ValueError(f"out must be a {dtype} tensor of shape {tuple(shape)} on {device}; got "
                          f"{out.dtype} {tuple(out.shape)} on {out.device}")
@@ -161,8 +167,7 @@ def check_input(
 ) -> torch.Tensor:
     """Return `x` if it is a 4-D (batch, channels, height, width) floating tensor with
     `channels` channels (when given) and a dtype in `dtypes`."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor; got {type(x).__name__}")
+    check_tensor(x, name)
     if x.dim() != 4:
         raise ValueError(f"{name} must be 4-D (batch, channels, height, width); got shape {tuple(x.shape)}")
     if channels is not None and x.shape[1] != channels:

@@ -144,7 +144,8 @@ def convert(model: nn.Module, *, inplace: bool = False) -> tuple[nn.Module, Conv
     `model` itself. Returns (converted model, report): the converted model is `model` (or its
     copy), or the fused module when `model` itself is a unit; `print(report)` shows the report.
     """
-    checks.check_module(model), checks.check_bool(inplace, "inplace")
+    checks.check_module(model)
+    checks.check_bool(inplace, "inplace")
     if not inplace:
         model = _deep_copy(model, "convert")
     report = ConversionReport()
@@ -159,7 +160,8 @@ def revert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     training run can save a portable checkpoint and go on fused). Hooks registered on the fused
     modules themselves stay with them, not with the upstream modules put back (those on their
     conv, bn and act submodules, which the upstream modules hold again, come back)."""
-    checks.check_module(model), checks.check_bool(inplace, "inplace")
+    checks.check_module(model)
+    checks.check_bool(inplace, "inplace")
     if not inplace:
         model = _deep_copy(model, "revert")
     return _revert_tree(model, {})

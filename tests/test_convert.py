@@ -987,11 +987,10 @@ def test_a_class_forward_patched_is_left():
 def test_revert_names_a_sequential_unit_as_it_was():
     """A plain nn.Sequential unit with named layers comes back with those names (revert named
     them 0, 1, 2: its state_dict no longer loaded into the original), an Identity act too."""
-    from collections import OrderedDict
     model = nn.Sequential(
-        nn.Sequential(OrderedDict(conv=nn.Conv2d(4, 4, 3, padding=1, bias=False), bn=nn.BatchNorm2d(4),
+        nn.Sequential(collections.OrderedDict(conv=nn.Conv2d(4, 4, 3, padding=1, bias=False), bn=nn.BatchNorm2d(4),
                                   relu=nn.ReLU())),
-        nn.Sequential(OrderedDict(c=nn.Conv2d(4, 4, 1, bias=False), b=nn.BatchNorm2d(4), a=nn.Identity())))
+        nn.Sequential(collections.OrderedDict(c=nn.Conv2d(4, 4, 1, bias=False), b=nn.BatchNorm2d(4), a=nn.Identity())))
     converted, report = csp_kernels.convert(model)
     assert len(report.swapped) == 2
     reverted = csp_kernels.revert(converted)

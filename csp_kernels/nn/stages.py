@@ -197,8 +197,8 @@ def _reading_nchw(forward, result_channels_last):
     @functools.wraps(forward)
     def in_input_format(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         checks.check_input(x)
-        if out is not None and not isinstance(out, torch.Tensor):
-            raise TypeError(f"out must be a torch.Tensor; got {type(out).__name__}")
+        if out is not None:
+            checks.check_tensor(out, "out")
         x_channels_last = suggests_channels_last(x)
         y = forward(self, x.contiguous() if x_channels_last else x, out)
         if out is not None:

@@ -298,8 +298,8 @@ def geometry_in_pairs(conv: nn.Conv2d) -> bool:
 def one_value_per_channel(x: torch.Tensor, conv: nn.Module) -> bool:
     """Whether conv(x) has a single value per channel (batch 1, a 1x1 output map), which a
     training BatchNorm refuses."""
-    if not isinstance(conv, nn.Conv2d) or not geometry_in_pairs(conv):
-        return False  # the reference computes it, or says why not
+    if x.shape[0] != 1 or not isinstance(conv, nn.Conv2d) or not geometry_in_pairs(conv):
+        return False  # more than one sample; or the reference computes it, or says why not
     batch, _, height, width = conv_ops.conv_output_shape(x.shape, conv.weight.shape, conv.stride, conv.padding,
                                                          conv.dilation)
     return batch * height * width == 1

@@ -146,9 +146,10 @@ def _blocks(block_classes: dict, block_fn, depth: int, in_chs: int, out_chs: int
 
 def _check_stage_options(avg_down, block_dpr: Sequence[float] | None, aa_layer, attn_layer, stride, dilation,
                          first_dilation) -> None:
-    for name, value in (("stride", stride), ("dilation", dilation), ("first_dilation", first_dilation)):
-        if value is not None or name != "first_dilation":
-            checks.check_positive_int(value, name)
+    checks.check_positive_int(stride, "stride")
+    checks.check_positive_int(dilation, "dilation")
+    if first_dilation is not None:
+        checks.check_positive_int(first_dilation, "first_dilation")
     _reject("avg_down", avg_down, False)
     _reject("aa_layer", aa_layer, None)
     _reject("attn_layer", attn_layer, None)

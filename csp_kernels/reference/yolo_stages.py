@@ -10,7 +10,6 @@ Shapes are written (batch, channels, height, width).
 """
 from __future__ import annotations
 
-
 import torch
 from torch import nn
 

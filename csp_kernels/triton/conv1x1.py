@@ -158,8 +158,7 @@ def input_precision_of(dtype: torch.dtype) -> str:
 def _check_vector(v: torch.Tensor | None, name: str, length: int, x: torch.Tensor) -> None:
     if v is None:
         return
-    if not isinstance(v, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor; got {type(v).__name__}")
+    checks.check_tensor(v, name)
     if v.shape != (length,):
         raise ValueError(f"{name} must have shape ({length},); got {tuple(v.shape)}")
     if v.device != x.device:
