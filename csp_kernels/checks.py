@@ -7,6 +7,7 @@ choice are read here too (`env_choice`); a bad one warns rather than raises, at 
 """
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import os
@@ -337,9 +338,9 @@ _KERNEL_ACTIVATIONS = {nn.ReLU: "relu", nn.LeakyReLU: "leaky_relu", nn.SiLU: "si
 
 def bypass_reason(module: nn.Module, name: str, consequence: str) -> str:
     """Why `module` (called `name` in the message) must run as a module call of its own, or "":
-    its forward (or a convolution's _conv_forward) replaced on the instance, or a forward or
-    forward pre-hook, or a backward or backward pre-hook (full or not), which a fused kernel
-    computing it inside another op would not run (`consequence` says how)."""
+    its forward (or a convolution's _conv_forward) replaced on the instance or on its class, or a
+    forward or forward pre-hook, or a backward or backward pre-hook (full or not), which a fused
+    kernel computing it inside another op would not run (`consequence` says how)."""
     if "forward" in module.__dict__:
         return f"{name}'s forward is replaced on the instance ({consequence})"
     if "_conv_forward" in module.__dict__:  # what nn.Conv2d's forward calls
@@ -348,6 +349,30 @@ def bypass_reason(module: nn.Module, name: str, consequence: str) -> str:
         return f"a forward hook on {name} ({consequence})"
     if module._backward_hooks or module._backward_pre_hooks:
         return f"a backward hook on {name} ({consequence})"
+    if replaced := class_forward_replaced(type(module)):
+        return f"{name}'s {replaced} ({consequence})"
+    return ""
+
+
+def class_forward_replaced(cls: type) -> str:
+    """"<Owner>.forward is replaced on the class (by ...)" when the forward (or, for a
+    convolution, the _conv_forward) that instances of `cls` run is not the one its defining class
+    wrote: a function patched onto the class, as tools that instrument torch.nn do; else "".
+    Asked at every call of a fused module, so answered once per (class, functions) pair."""
+    return _replaced_on_class(cls, cls.forward, getattr(cls, "_conv_forward", None))
+
+
+@functools.lru_cache(maxsize=None)
+def _replaced_on_class(cls: type, forward, conv_forward) -> str:
+    for attr in ("forward", "_conv_forward"):
+        owner = next((c for c in cls.__mro__ if attr in vars(c)), None)
+        if owner is None:
+            continue
+        function = vars(owner)[attr]
+        if (getattr(function, "__qualname__", None) != f"{owner.__qualname__}.{attr}"
+                or getattr(function, "__module__", None) != owner.__module__):
+            return (f"{owner.__qualname__}.{attr} is replaced on the class (by "
+                    f"{getattr(function, '__qualname__', function)} of {getattr(function, '__module__', None)})")
     return ""
 
 

@@ -226,13 +226,8 @@ def _patched_forward_reason(cls: type) -> str:
     """Why instances of the upstream class `cls` cannot be swapped because the forward they run
     is not the one its defining class wrote (patched onto the class: the fused twin computes the
     original forward), or ""."""
-    owner = next(c for c in cls.__mro__ if "forward" in vars(c))
-    forward = vars(owner)["forward"]
-    if (getattr(forward, "__qualname__", None) == f"{owner.__qualname__}.forward"
-            and getattr(forward, "__module__", None) == owner.__module__):
-        return ""
-    return (f"{owner.__qualname__}.forward is replaced on the class (by {getattr(forward, '__qualname__', forward)} "
-            f"of {getattr(forward, '__module__', None)}; the fused module computes the original)")
+    replaced = checks.class_forward_replaced(cls)
+    return f"{replaced[:-1]}; the fused module computes the original)" if replaced else ""
 
 
 _STATE_DICT_HOOKS = ("_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",

@@ -431,6 +431,38 @@ def test_global_module_hook_runs_the_reference(device, module, mode, register):
         handle.remove()
 
 
+def _halve_on_the_class(cls: type, attr: str):
+    """A function doing what cls.attr did, on half the output (or, for _conv_forward, with half
+    the weight), as tools that instrument torch.nn patch a class: (cls, attr, function)."""
+    original = getattr(cls, attr)
+    if attr == "_conv_forward":
+        return cls, attr, lambda self, x, weight, bias: original(self, x, weight * 0.5, bias)
+    return cls, attr, lambda self, *args: original(self, *args) * 0.5
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("module", MODULES)
+@pytest.mark.parametrize("mode", ["train", "eval", "eval-no-grad"])
+@pytest.mark.parametrize("patched", ["Conv2d.forward", "Conv2d._conv_forward", "BatchNorm2d.forward",
+                                     "activation.forward"])
+def test_forward_patched_on_the_class_runs_the_reference(device, module, mode, patched, monkeypatch):
+    """A forward patched onto torch's class (nn.SiLU.forward = ..., as instrumentation tools do)
+    is what every instance runs: the fused modules, which compute torch's own forward, run the
+    reference with the patch named. Once the patch is gone, they are fused again."""
+    ref, fused = MODULES[module](device)
+    ref.train(mode == "train"), fused.train(mode == "train")
+    class_name, attr = patched.split(".")
+    cls = (next(type(m) for m in fused.modules() if isinstance(m, (nn.ReLU, nn.LeakyReLU)))
+           if class_name == "activation" else getattr(nn, class_name))
+    # (The dense block's eval with autograd runs the reference anyway, and may say so first.)
+    anyway = "BatchNorms in eval mode with autograd" if module == "PartialDenseBlock" and mode == "eval" else None
+    monkeypatch.setattr(*_halve_on_the_class(cls, attr))
+    check_step(ref, fused, device, f"{cls.__name__}.{attr} is replaced on the class" + (f"|{anyway}" if anyway else ""),
+               grad=mode != "eval-no-grad")
+    monkeypatch.undo()
+    check_step(ref, fused, device, anyway, grad=mode != "eval-no-grad")
+
+
 @pytest.mark.parametrize("slope", [float("nan"), float("inf"), float("-inf")])
 @pytest.mark.parametrize("mode", ["train", "eval", "eval-no-grad"])
 def test_non_finite_leaky_relu_slope_runs_the_reference(slope, mode):
