@@ -97,6 +97,32 @@ def test_matches_reference_float64(case):
             assert g.shape == e.shape and rel_error(g, e) <= TOL64, f"{mode}: tensor {index}: {rel_error(g, e):.3g}"
 
 
+@pytest.mark.parametrize("cv1_channels", [20, 21])
+def test_c2f_takes_its_widths_from_cv1(cv1_channels):
+    """ultralytics' C2f splits cv1's output by chunk(2, 1) and never reads self.c in its
+    forward: a stage edited (pruned) without updating c, or with an odd cv1, computes as the
+    reference does (the fused stage read c and raised about an `out` the caller never gave)."""
+    half = cv1_channels // 2
+    pair = []
+    for namespace in (reference, csp_kernels):
+        stage = namespace.C2f(16, 32, 2, True)
+        stage.cv1 = namespace.ConvBNAct(16, cv1_channels, 1, act="silu")
+        stage.m = nn.ModuleList(namespace.Bottleneck(half, half, True) for _ in range(2))
+        stage.cv2 = namespace.ConvBNAct(cv1_channels + 2 * half, 32, 1, act="silu")
+        stage.c = 999
+        pair.append(stage.double())
+    ref, fused = pair
+    randomize_(ref)
+    fused.load_state_dict(ref.state_dict())
+    for mode, training, recording in modes():
+        ref.train(training), fused.train(training)
+        x = torch.randn(2, 16, 8, 8, dtype=torch.float64)
+        with torch.set_grad_enabled(recording):
+            expected, got = run(ref, x, "reference"), run(fused, x)
+        for index, (g, e) in enumerate(zip(got, expected)):
+            assert g.shape == e.shape and rel_error(g, e) <= TOL64, f"{mode}: tensor {index}: {rel_error(g, e):.3g}"
+
+
 @pytest.mark.parametrize("case", ["bottleneck", "c2f", "c3", "c3k2-c3k", "c3k2-plain", "DarkBlock-mish-2-4",
                                   "BottleneckBlock-leaky_relu-1-1", "timm-darknet", "timm-resnext", "timm-cs3",
                                   "timm-cs3-dilated", "timm-dark"])

@@ -311,13 +311,16 @@ class C2f(reference.C2f):
             (f"m.{i}", block, (Bottleneck, C3k)) for i, block in enumerate(self.m)]  # C3k: in a C3k2
         if (y := _unbuffered_output(self, super().forward, x, out, writers, ("cv1", self.cv1))) is not None:
             return y
-        c = self.c
-        buf = new_output(self.cv1, x, (2 + len(self.m)) * c)
-        slots = [self.cv1(x, out=slot(buf, 0, 2 * c))]
-        for i, block in enumerate(self.m, start=1):  # block i reads the last c channels written
+        # The widths from cv1, as the reference's chunk(2, 1) of its output takes them (not self.c,
+        # which the forward never reads, and a pruned or edited stage may not have kept up to date).
+        first = self.cv1.conv.out_channels
+        c = first // 2
+        buf = new_output(self.cv1, x, first + len(self.m) * c)
+        slots = [self.cv1(x, out=slot(buf, 0, first))]
+        for i, block in enumerate(self.m):  # block i reads the last c channels written
             last = slots[-1]
             slots.append(block(channels(last, last.shape[1] - c, last.shape[1]),
-                               out=slot(buf, (i + 1) * c, (i + 2) * c)))
+                               out=slot(buf, first + i * c, first + (i + 1) * c)))
         return self.cv2(gather(buf, slots), out=out)
 
 
