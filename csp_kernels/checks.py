@@ -7,7 +7,6 @@ choice are read here too (`env_choice`); a bad one warns rather than raises, at 
 """
 from __future__ import annotations
 
-import functools
 import math
 import numbers
 import os
@@ -358,12 +357,22 @@ def class_forward_replaced(cls: type) -> str:
     """"<Owner>.forward is replaced on the class (by ...)" when the forward (or, for a
     convolution, the _conv_forward) that instances of `cls` run is not the one its defining class
     wrote: a function patched onto the class, as tools that instrument torch.nn do; else "".
-    Asked at every call of a fused module, so answered once per (class, functions) pair."""
-    return _replaced_on_class(cls, cls.forward, getattr(cls, "_conv_forward", None))
+    Asked at every call of a fused module, so answered once per (class, functions) triple. Not
+    inside a torch.compile trace, where dynamo reads a function's __qualname__ as the descriptor
+    of the function type: "" there."""
+    if torch.compiler.is_compiling():
+        return ""
+    key = (cls, cls.forward, getattr(cls, "_conv_forward", None))
+    found = _CLASS_FORWARDS.get(key)
+    if found is None:
+        found = _CLASS_FORWARDS[key] = _replaced_on_class(cls)
+    return found
 
 
-@functools.lru_cache(maxsize=None)
-def _replaced_on_class(cls: type, forward, conv_forward) -> str:
+_CLASS_FORWARDS: dict[tuple, str] = {}  # class_forward_replaced's answers
+
+
+def _replaced_on_class(cls: type) -> str:
     for attr in ("forward", "_conv_forward"):
         owner = next((c for c in cls.__mro__ if attr in vars(c)), None)
         if owner is None:

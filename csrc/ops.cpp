@@ -27,6 +27,13 @@ TORCH_LIBRARY(csp_kernels, m) {
         "Tensor bias, str act) -> (Tensor sum_dpre, Tensor sum_dpre_xhat)");
   m.def("bn_act_backward_apply(Tensor grad_y, Tensor z, Tensor mean, Tensor invstd, Tensor weight, "
         "Tensor bias, Tensor sum_dpre, Tensor sum_dpre_xhat, str act) -> Tensor");
+  // A training BatchNorm's per-channel arithmetic (batch_norm_bookkeeping.cpp, every backend): its
+  // (scale, shift) from batch statistics, and nn.BatchNorm2d's update of num_batches_tracked and
+  // the running statistics (momentum a float; unbias = count / (count - 1)).
+  m.def("bn_scale_shift(Tensor mean, Tensor var, Tensor weight, Tensor bias, float eps) -> (Tensor scale, "
+        "Tensor shift)");
+  m.def("bn_track_running_stats_(Tensor(a!) num_batches_tracked, Tensor(b!) running_mean, Tensor(c!) running_var, "
+        "Tensor mean, Tensor var, float unbias, float momentum) -> ()");
 
   // The transform U = G g G^T of a contiguous float32 (out, in, 3, 3) weight, computed in
   // double: the contiguous (16, out, in) weight conv3x3_winograd_out takes.

@@ -124,15 +124,59 @@ def test_batch_norm_act_gradcheck(act):
     assert torch.autograd.gradcheck(lambda z, w, b: bna.batch_norm_act(z, w, b, 1e-5, act)[0], (z, weight, bias))
 
 
-def test_running_stats_update_matches_batchnorm():
-    z = torch.randn(4, 3, 5, 5, dtype=torch.float64)
-    bn = torch.nn.BatchNorm2d(3, momentum=0.3).double()
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("update", ["track_running_stats", "update_running_stats"])
+def test_running_stats_update_matches_batchnorm(device, dtype, update):
+    """The one-op update (the common case) and the tensor-op one (torch.compile, tensor counts)
+    give nn.BatchNorm2d's running statistics: both compute its formula in float64, as its CPU
+    kernel does (there to the last bit but for the unbiased variance's rounding)."""
+    z = torch.randn(4, 3, 5, 5, dtype=dtype, device=device) * 3 + 1
+    bn = torch.nn.BatchNorm2d(3, momentum=0.3).to(device, dtype)
+    randomize = torch.rand(3, dtype=dtype, device=device)
+    bn.running_mean.copy_(randomize), bn.running_var.copy_(randomize + 1)
+    running_mean, running_var = bn.running_mean.clone(), bn.running_var.clone()
+    tracked = torch.tensor(5, device=device)
     bn(z)
     mean, var = bna.channel_stats(z)
-    running_mean, running_var = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
-    bna.update_running_stats(running_mean, running_var, mean, var, count=4 * 25, momentum=0.3)
-    torch.testing.assert_close(running_mean, bn.running_mean, rtol=1e-12, atol=1e-14)
-    torch.testing.assert_close(running_var, bn.running_var, rtol=1e-12, atol=1e-14)
+    if update == "track_running_stats":
+        bna.track_running_stats(tracked, running_mean, running_var, mean, var, unbias=100 / 99, momentum=0.3)
+        assert tracked.item() == 6
+    else:
+        bna.update_running_stats(running_mean, running_var, mean, var, unbias=100 / 99, momentum=0.3)
+    tol = TOL[dtype]
+    torch.testing.assert_close(running_mean, bn.running_mean, rtol=tol, atol=tol)
+    torch.testing.assert_close(running_var, bn.running_var, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_batch_scale_shift_is_bn_scale_shift(device, dtype):
+    """The training kernels' one-op (scale, shift) against the ATen-op formula, weight and bias of
+    another dtype or strided (a slice, an expand) included."""
+    mean, var = torch.randn(6, dtype=dtype, device=device), torch.rand(6, dtype=dtype, device=device)
+    params = torch.randn(2, 12, dtype=dtype, device=device)
+    cases = [(params[0, :6], params[1, :6]), (params[0, ::2], params[1, ::2]),
+             (params[0, :1].expand(6), params[1, 6:]), (params[0, :6].to(torch.bfloat16), params[1, :6].half())]
+    for weight, bias in cases:
+        got, expected = bna.batch_scale_shift(mean, var, weight, bias, 1e-3), bna.bn_scale_shift(mean, var, weight,
+                                                                                                 bias, 1e-3)
+        for g, e in zip(got, expected):
+            assert g.dtype == dtype and g.is_contiguous()
+            torch.testing.assert_close(g, e, rtol=TOL[dtype], atol=TOL[dtype])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("running_dtype", [torch.float32, torch.bfloat16])
+def test_track_running_stats_in_the_running_dtype(device, running_dtype):
+    """Running statistics of a 16-bit BatchNorm: computed in float64, rounded once to their dtype."""
+    mean, var = torch.randn(5, device=device), torch.rand(5, device=device)
+    running_mean = torch.randn(5, device=device).to(running_dtype)
+    running_var = (torch.rand(5, device=device) + 1).to(running_dtype)
+    expected_mean = (mean.double() * 0.1 + running_mean.double() * 0.9).to(running_dtype)
+    expected_var = (var.double() * (10 / 9) * 0.1 + running_var.double() * 0.9).to(running_dtype)
+    bna.track_running_stats(torch.tensor(0, device=device), running_mean, running_var, mean, var, 10 / 9, 0.1)
+    assert torch.equal(running_mean, expected_mean) and torch.equal(running_var, expected_var)
 
 
 def test_batch_norm_act_refuses_one_value_per_channel():
@@ -156,6 +200,10 @@ def test_opcheck_compiled_ops(device):
         (torch.ops.csp_kernels.scale_shift_act_out.default, (z, w, b, "relu", out)),
         (torch.ops.csp_kernels.bn_act_backward_reduce.default, (grad, z, mean, invstd, w, b, "silu")),
         (torch.ops.csp_kernels.bn_act_backward_apply.default, (grad, z, mean, invstd, w, b, s1, s2, "silu")),
+        (torch.ops.csp_kernels.bn_scale_shift.default, (mean, var, w, b, 1e-5)),
+        (torch.ops.csp_kernels.bn_track_running_stats_.default,
+         (torch.tensor(3, device=device), torch.zeros(4, device=device), torch.ones(4, device=device), mean, var,
+          1.5, 0.1)),
     ]
     for op, args in cases:
         torch.library.opcheck(op, args)
@@ -177,6 +225,13 @@ def test_opcheck_batch_norm_act():
      "act must be one of"),
     (lambda: torch.ops.csp_kernels.scale_shift_act(torch.randn(2, 3, 4, 4, dtype=torch.float64), torch.ones(3),
                                                    torch.ones(3), "relu"), "scale must be Double"),
+    (lambda: torch.ops.csp_kernels.bn_scale_shift(torch.zeros(3, 1), torch.ones(3, 1), torch.ones(3), torch.ones(3),
+                                                  1e-5), "mean must be 1-D"),
+    (lambda: torch.ops.csp_kernels.bn_scale_shift(torch.zeros(3), torch.ones(3), torch.ones(4), torch.ones(3), 1e-5),
+     "weight must have mean's shape"),
+    (lambda: torch.ops.csp_kernels.bn_track_running_stats_(torch.tensor(0), torch.zeros(3), torch.ones(3),
+                                                           torch.zeros(3), torch.ones(2), 1.5, 0.1),
+     "var must have mean's shape"),
 ])
 def test_bad_arguments_raise_clear_errors(call, match):
     with pytest.raises((ValueError, TypeError), match=match):

@@ -16,7 +16,7 @@ from ..ops import conv as conv_ops
 from ..ops import recompute, routing, stats_update
 from ..ops import transition as ops
 from ..ops.batch_norm_act import (as_channels_last_if, bn_scale_shift, stats_dtype, suggests_channels_last,
-                                  update_running_stats)
+                                  track_running_stats, update_running_stats)
 from ..ops.fold_cache import fold_cache_hit, snapshot
 from ..ops.sync_batch_norm import conv_bn_act_train_sync, sync_group
 
@@ -246,18 +246,22 @@ def track_batch_stats(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor,
     """nn.BatchNorm2d's training-time bookkeeping from batch statistics the fused op computed
     (mean and biased var over `count` values per channel: an int, or a 0-d tensor for a count
     summed over a process group, which stays on the device)."""
+    unbias = count / (count - 1)  # nn.BatchNorm2d's running variance is the unbiased one
+    if bn.momentum is not None and not isinstance(count, torch.Tensor):  # the common case, in one op
+        track_running_stats(bn.num_batches_tracked, bn.running_mean, bn.running_var, mean, var, unbias, bn.momentum)
+        return
     bn.num_batches_tracked.add_(1)
     # momentum=None is nn.BatchNorm2d's cumulative average; a tensor keeps a compiled graph whole.
     momentum = bn.momentum if bn.momentum is not None else \
         bn.num_batches_tracked.to(bn.running_mean.dtype).reciprocal()
     if not isinstance(count, torch.Tensor):
-        update_running_stats(bn.running_mean, bn.running_var, mean, var, count, momentum)
+        update_running_stats(bn.running_mean, bn.running_var, mean, var, unbias, momentum)
         return
     # A group whose every rank had an empty batch has no batch statistics (0 / 0): the running
     # ones stay, as nn.BatchNorm2d's do for an empty batch. Chosen on the device: reading the
     # count on the host would wait for the collective at every BatchNorm.
     kept = bn.running_mean.clone(), bn.running_var.clone()
-    update_running_stats(bn.running_mean, bn.running_var, mean, var, count, momentum)
+    update_running_stats(bn.running_mean, bn.running_var, mean, var, unbias, momentum)
     some_values = count > 0
     bn.running_mean.copy_(torch.where(some_values, bn.running_mean, kept[0]))
     bn.running_var.copy_(torch.where(some_values, bn.running_var, kept[1]))

@@ -7,14 +7,16 @@ per-channel float32 vectors (float64 for float64 data):
   channel_stats(x) -> (mean, var)                      biased batch statistics, one pass
   scale_shift_act(x, scale, shift, act[, out])         act(x * scale[c] + shift[c]), one pass
   bn_act_backward_reduce / bn_act_backward_apply       training BN + act backward, two passes
+  bn_scale_shift, bn_track_running_stats_               a training BN's per-channel arithmetic
+                                                       (`batch_scale_shift`, `track_running_stats`)
 
 `batch_norm_act` composes them into a custom op with autograd that matches
 `act(F.batch_norm(z, ..., training=True))`. It is test-only: no module calls it (the fused
 modules run BN + act inside their conv ops); it stays as the smallest op that exercises the
 kernels through torch.library, autograd, opcheck and the ONNX decomposition
-(tests/test_batch_norm_act.py, tests/test_onnx_export.py). `update_running_stats` updates the
-running statistics exactly as nn.BatchNorm2d does (the one place every fused module's update
-goes through, via nn/transition.py's `track_batch_stats`). The C++ ops' fake kernels:
+(tests/test_batch_norm_act.py, tests/test_onnx_export.py). `track_running_stats` and
+`update_running_stats` update the running statistics as nn.BatchNorm2d does (the one place every
+fused module's update goes through, via nn/transition.py's `track_batch_stats`). The C++ ops' fake kernels:
 ops/fakes.py. The plane-layout tests here (`pixels_contiguous`, `planes_contiguous`) are the
 only Python ones; csrc/plane_layout.h is their C++ twin.
 """
@@ -219,18 +221,46 @@ def per_channel(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def bn_scale_shift(mean: torch.Tensor, var: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                    eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel (scale, shift) of BatchNorm with statistics (mean, var): y = x * scale + shift,
-    in var's dtype. Differentiable (the eval fold of a module with gradients goes through it)."""
+    in var's dtype. In ATen ops: differentiable (the eval fold of a module with gradients goes
+    through it) and traced as such (ops/decompositions.py). `batch_scale_shift` is its one-call
+    twin for the training kernels."""
     scale = weight.to(var.dtype) * torch.rsqrt(var + eps)
     return scale, bias.to(var.dtype) - mean * scale
 
 
+def batch_scale_shift(mean: torch.Tensor, var: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                      eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """`bn_scale_shift` for the training kernels, from batch statistics: one C++ op
+    (csrc/batch_norm_bookkeeping.cpp) instead of five tiny tensor ops, which on small maps cost
+    more than the kernels they feed. No gradient (the training ops' backwards compute BN's)."""
+    return _ops.bn_scale_shift(mean, var, weight, bias, eps)
+
+
 def update_running_stats(running_mean: torch.Tensor, running_var: torch.Tensor, mean: torch.Tensor,
-                         var: torch.Tensor, count: int, momentum: float) -> None:
-    """nn.BatchNorm2d's update: exponential average, with the unbiased variance. The statistics
-    are detached rather than updated under no_grad: a no_grad region in an exported training
-    graph does not load back (torch.export.load: "wrap_with_set_grad_enabled is missing val")."""
-    running_mean.lerp_(mean.detach().to(running_mean.dtype), momentum)
-    running_var.lerp_((var.detach() * (count / (count - 1))).to(running_var.dtype), momentum)
+                         var: torch.Tensor, unbias: float | torch.Tensor, momentum: float | torch.Tensor) -> None:
+    """nn.BatchNorm2d's update: running = momentum * statistic + (1 - momentum) * running, for
+    the mean and the unbiased variance var * unbias (unbias = count / (count - 1) for the count
+    of values per channel), in float64 as its CPU kernel computes it, rounded to the running
+    statistics' dtype. In tensor ops, for a count or momentum held in a tensor and for
+    torch.compile (`track_running_stats` takes the common case in one C++ op with the same
+    formula). The statistics are detached rather than updated under no_grad: a no_grad region in
+    an exported training graph does not load back (torch.export.load: "wrap_with_set_grad_enabled
+    is missing val")."""
+    mean, var = mean.detach().to(torch.float64), var.detach().to(torch.float64)
+    running_mean.copy_(mean * momentum + running_mean.to(torch.float64) * (1 - momentum))
+    running_var.copy_(var * unbias * momentum + running_var.to(torch.float64) * (1 - momentum))
+
+
+def track_running_stats(num_batches_tracked: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor,
+                        mean: torch.Tensor, var: torch.Tensor, unbias: float, momentum: float) -> None:
+    """num_batches_tracked += 1 and `update_running_stats` with a float unbias and momentum, in
+    one C++ op outside a torch.compile trace."""
+    if torch.compiler.is_compiling():
+        num_batches_tracked.add_(1)
+        update_running_stats(running_mean, running_var, mean, var, unbias, momentum)
+    else:
+        # (The op has no autograd formula and writes only the running statistics: no detach needed.)
+        _ops.bn_track_running_stats_(num_batches_tracked, running_mean, running_var, mean, var, unbias, momentum)
 
 
 @torch.library.custom_op("csp_kernels::batch_norm_act", mutates_args=())

@@ -32,7 +32,7 @@ from torch._decomp import register_decomposition
 from .. import checks, extension, reference
 from . import inductor_fallbacks
 from . import transition as _transition  # noqa: F401  (defines the transition ops decomposed here)
-from .batch_norm_act import bn_scale_shift, stats_dtype
+from .batch_norm_act import bn_scale_shift, stats_dtype, update_running_stats
 from .dense import DENSE_ACT, NO_TRANSITION, Geometry, layer_params, transition_params_of
 
 _ops = torch.ops.csp_kernels
@@ -230,6 +230,15 @@ if extension._C is not None:
     @_decomposes(_ops.scale_shift_act.default)
     def _scale_shift_act(x, scale, shift, act):
         return _affine_act(x, scale, shift, act)
+
+    @_decomposes(_ops.bn_scale_shift.default)
+    def _bn_scale_shift(mean, var, weight, bias, eps):
+        return tuple(t.contiguous() for t in bn_scale_shift(mean, var, weight, bias, eps))
+
+    @_decomposes_in_onnx_export(_ops.bn_track_running_stats_.default)
+    def _bn_track_running_stats_(num_batches_tracked, running_mean, running_var, mean, var, unbias, momentum):
+        num_batches_tracked.add_(1)
+        update_running_stats(running_mean, running_var, mean, var, unbias, momentum)
 
     @_decomposes_in_onnx_export(_ops.scale_shift_act_out.default)
     def _scale_shift_act_out(x, scale, shift, act, out):

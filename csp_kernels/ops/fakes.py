@@ -38,6 +38,15 @@ if extension._C is not None:
     def _(grad_y, z, mean, invstd, weight, bias, sum_dpre, sum_dpre_xhat, act):
         return torch.empty(z.shape, dtype=z.dtype, device=z.device)
 
+    @torch.library.register_fake("csp_kernels::bn_scale_shift")
+    def _(mean, var, weight, bias, eps):
+        return torch.empty_like(mean, memory_format=torch.contiguous_format), torch.empty_like(
+            mean, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake("csp_kernels::bn_track_running_stats_")
+    def _(num_batches_tracked, running_mean, running_var, mean, var, unbias, momentum):
+        return None
+
     # -- convolutions (ops/conv3x3.py, ops/conv1x1.py) --------------------------------------------
     @torch.library.register_fake("csp_kernels::winograd_weight")
     def _(weight):

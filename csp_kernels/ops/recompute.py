@@ -51,7 +51,7 @@ import torch.nn.functional as F
 
 from ..backend import transform_reason
 from ..checks import parse_activation
-from .batch_norm_act import bn_scale_shift, scale_shift_act
+from .batch_norm_act import batch_scale_shift, scale_shift_act
 from .conv import run_conv
 from .conv1x1 import conv1x1_fused
 
@@ -198,7 +198,7 @@ class Recipe:
 def _evaluate(term: Activation, z: torch.Tensor, channels: int, out: torch.Tensor | None) -> torch.Tensor:
     if (term.weight._version, term.bias._version) != term.versions:
         raise _modified_in_place("a BatchNorm weight or bias")
-    scale, shift = bn_scale_shift(term.mean, term.var, term.weight, term.bias, term.eps)
+    scale, shift = batch_scale_shift(term.mean, term.var, term.weight, term.bias, term.eps)
     stop = term.start + channels
     return scale_shift_act(z[:, term.start:stop], scale[term.start:stop], shift[term.start:stop], term.act,
                            out=out)
@@ -380,7 +380,7 @@ def _hooks(outer_pack, outer_unpack):
             recipe = tag_.get()
             tag_.weaken()
             return _SavedRecipe(recipe.packed(), weakref.ref(t), t._version)
-        detached = t.detach()
+        detached = t.detach() if t.requires_grad else t  # (no grad_fn to cut: a detach would cost a call)
         return _Saved(outer_pack(t) if outer_pack else detached, detached, t._version)
 
     def unpack(packed):

@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .batch_norm_act import (_ops, bn_scale_shift, per_channel, plane_contiguous, refuse_double_backward,
+from .batch_norm_act import (_ops, batch_scale_shift, per_channel, plane_contiguous, refuse_double_backward,
                              scale_shift_act, stats_dtype)
 from .conv import conv_backward, conv_output_shape
 from .routing import runs_as_gemm, train_conv_kernel
@@ -98,7 +98,7 @@ class SyncConvBNAct(torch.autograd.Function):
         stats[2 * c].copy_(count)
         update_before_saving(stats[:c], stats[c:2 * c], stats[2 * c])
         mean, var = mean64.to(mean.dtype), var64.to(var.dtype)
-        y = scale_shift_act(z, *bn_scale_shift(mean, var, bn_weight, bn_bias, eps), act, out=out)
+        y = scale_shift_act(z, *batch_scale_shift(mean, var, bn_weight, bn_bias, eps), act, out=out)
         if out is not None:
             ctx.mark_dirty(out)
         ctx.set_materialize_grads(False)

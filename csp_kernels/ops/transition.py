@@ -48,7 +48,7 @@ import torch
 
 from .. import checks
 from . import dispatch, recompute, routing
-from .batch_norm_act import (bn_act_backward, bn_scale_shift, channel_stats, overlaps_itself, per_channel,
+from .batch_norm_act import (batch_scale_shift, bn_act_backward, channel_stats, overlaps_itself, per_channel,
                              plane_contiguous, planes_contiguous, refuse_double_backward, scale_shift_act,
                              shares_memory, stats_dtype)
 from .conv import conv, conv_backward, conv_output_shape, conv_over_batch, folds_into_weight, run_conv
@@ -116,7 +116,7 @@ def _train_forward(x, weight, bn_weight, bn_bias, stride, padding, dilation, gro
     z, mean, var = _batch_stats_conv(x, weight, stride, padding, dilation, groups, kernel)
     if z.numel() <= z.shape[1]:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {z.shape}")
-    y = scale_shift_act(z, *bn_scale_shift(mean, var, bn_weight, bn_bias, eps), act, out=out)
+    y = scale_shift_act(z, *batch_scale_shift(mean, var, bn_weight, bn_bias, eps), act, out=out)
     return y, z, mean, var
 
 
