@@ -435,14 +435,29 @@ def _unfuse_conv(fused: ConvBNAct, origin: Origin) -> nn.Module:
 
 
 def _unfuse_timm_conv_norm_act(fused: ConvBNAct, origin: Origin) -> nn.Module:
+    """timm's ConvNormAct, its norm + activation one module again: the BatchNormAct2d (or
+    SyncBatchNormAct, FrozenBatchNormAct2d) that timm makes of the fused module's bn and act."""
     norm_act = importlib.import_module("timm.layers.norm_act")
-    if isinstance(fused.bn, nn.SyncBatchNorm):  # synchronized after conversion, or before it by timm
-        norm = batch_norm_sharing(fused.bn, norm_act.SyncBatchNormAct, process_group=fused.bn.process_group)
+    bn = fused.bn
+    if isinstance(bn, nn.SyncBatchNorm):  # synchronized after conversion, or before it by timm
+        norm = batch_norm_sharing(bn, norm_act.SyncBatchNormAct, process_group=bn.process_group)
         norm.drop = nn.Identity()
+    elif isinstance(bn, nn.BatchNorm2d):
+        norm = batch_norm_sharing(bn, norm_act.BatchNormAct2d, apply_act=False)
+    elif class_key(type(bn)) == _FROZEN_BATCH_NORM:  # timm's freeze_batch_norm_2d, after conversion
+        norm = norm_act.FrozenBatchNormAct2d(bn.num_features, eps=bn.eps, apply_act=False, device="meta")
+        for name, tensor in bn.named_buffers(recurse=False):
+            setattr(norm, name, tensor)
     else:
-        norm = batch_norm_sharing(fused.bn, norm_act.BatchNormAct2d, apply_act=False)
+        raise TypeError(f"csp_kernels.revert: a ConvBNAct converted from timm's ConvNormAct holds a bn of type "
+                        f"{type(bn).__name__}, which timm's norm + activation modules (BatchNormAct2d, "
+                        "SyncBatchNormAct, FrozenBatchNormAct2d) cannot hold; put a BatchNorm2d back first")
     norm.act = fused.act
     return _bare(origin.cls, conv=fused.conv, bn=norm)
+
+
+# torchvision's FrozenBatchNorm2d, which timm's freeze_batch_norm_2d puts in for a BatchNorm2d.
+_FROZEN_BATCH_NORM = ("torchvision.ops.misc", "FrozenBatchNorm2d")
 
 
 def _unfuse_sequential(fused: ConvBNAct, origin: Origin) -> nn.Module:

@@ -1012,3 +1012,28 @@ def test_a_flag_of_the_wrong_type_is_named():
         csp_kernels.convert(small_model(), inplace="yes")
     with pytest.raises(TypeError, match="inplace must be a bool"):
         csp_kernels.revert(small_model(), inplace=1)
+
+
+def test_revert_after_timm_froze_the_batch_norms():
+    """timm's freeze_batch_norm_2d on a converted model (fine-tuning) puts torchvision's
+    FrozenBatchNorm2d in the fused units; revert gives timm's ConvNormAct holding the
+    FrozenBatchNormAct2d that freezing the original makes (revert raised AttributeError), with the
+    same numbers and state_dict; a bn that no timm norm + activation module can hold is named."""
+    from timm.layers import FrozenBatchNormAct2d, freeze_batch_norm_2d
+    torch.manual_seed(0)
+    upstream = timm.create_model("cspresnet50", pretrained=False).eval()
+    model, _ = csp_kernels.convert(upstream)
+    frozen = freeze_batch_norm_2d(model)
+    reverted = csp_kernels.revert(frozen)
+    units = [m for m in reverted.modules() if isinstance(m, ConvNormAct)]
+    assert len(units) == 55 and all(type(m.bn) is FrozenBatchNormAct2d for m in units)
+    frozen_upstream = freeze_batch_norm_2d(copy.deepcopy(upstream))
+    assert list(reverted.state_dict()) == list(frozen_upstream.state_dict())
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(reverted(x), frozen_upstream(x), rtol=1e-5, atol=1e-5)
+
+    model, _ = csp_kernels.convert(timm.create_model("cspresnet50", pretrained=False))
+    model.stem.conv1.bn = nn.GroupNorm(4, 64)
+    with pytest.raises(TypeError, match="holds a bn of type GroupNorm"):
+        csp_kernels.revert(model)
