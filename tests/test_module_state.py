@@ -597,13 +597,19 @@ def test_batch_norm_parameters_of_any_layout(device, module, layout, which):
 
 @pytest.mark.parametrize("name, args, shape", [("ConvBNAct", (4, 6, 1, 16, 0), (1, 4, 16, 16)),
                                                 ("ConvBNAct", (4, 6, 3, 1, 0), (1, 4, 3, 3)),
-                                                ("C2f", (4, 8, 1, True), (1, 4, 1, 1))])
-def test_one_value_per_channel_in_training(name, args, shape):
+                                                ("C2f", (4, 8, 1, True), (1, 4, 1, 1)),
+                                                ("PartialDenseBlock", (8, 2, 4), (1, 8, 1, 1)),
+                                                ("DenseBlock", (8, 2, 4), (1, 8, 1, 1))])
+@pytest.mark.parametrize("norm", ["BatchNorm2d", "SyncBatchNorm"])
+def test_one_value_per_channel_in_training(name, args, shape, norm):
     """A training BatchNorm on one value per channel (batch 1, a 1x1 conv output): the reference's
-    ValueError, after the same bookkeeping (nn.BatchNorm2d counts the call before it refuses)."""
+    ValueError, after the same bookkeeping (nn.BatchNorm2d counts the call before it refuses; so
+    does a SyncBatchNorm, which the fused op refused first, uncounted)."""
     ref = randomize_(getattr(reference, name)(*args)).double()
     fused = getattr(csp_kernels, name)(*args).double()
     fused.load_state_dict(ref.state_dict())
+    if norm == "SyncBatchNorm":  # (no process group: it computes as BatchNorm2d)
+        ref, fused = nn.SyncBatchNorm.convert_sync_batchnorm(ref), nn.SyncBatchNorm.convert_sync_batchnorm(fused)
     errors = []
     for m in (ref, fused):
         with pytest.raises(ValueError) as err:

@@ -88,10 +88,11 @@ class ConvBNAct(reference.ConvBNAct):
         # Plain PyTorch where it runs faster (small CPU maps in training), asked first: the
         # reference computes whatever the module holds, so the checks below would only cost time.
         # (Not with a SyncBatchNorm: torch's refuses CPU tensors in training, even alone in its group.)
-        # So does a training call with one value per channel: nn.BatchNorm2d's own error, after its
-        # bookkeeping (num_batches_tracked counts the call).
-        plain = name == "reference" or (type(bn) is nn.BatchNorm2d and bn.training and (
-            (name == "cpu" and routing.training_eager_is_faster(x)) or one_value_per_channel(x, conv)))
+        # So does a training call with one value per channel: the BatchNorm's own error (a
+        # SyncBatchNorm's too), after its bookkeeping (num_batches_tracked counts the call).
+        plain = name == "reference" or (bn.training and (
+            (type(bn) is nn.BatchNorm2d and name == "cpu" and routing.training_eager_is_faster(x))
+            or one_value_per_channel(x, conv)))
         # The kernels' name for what `self.act` computes now, and why not if they cannot.
         act_name, act_reason = ("", "") if plain else checks.kernel_activation(
             modules["act"] if "act" in modules else getattr(self, "act", None))
