@@ -379,6 +379,22 @@ def test_the_gemm_over_the_batch_is_for_outputs_below_a_panel_without_groups(mon
         "gemm over the batch"
 
 
+def test_measuring_never_sets_the_global_random_generator(measuring, monkeypatch):
+    """The timing data comes from a generator of its own: the global one is never drawn from nor
+    set. (Restoring its state after the timing, as torch.random.fork_rng does, rewound the draws
+    that other threads made meanwhile: a data-loading thread got repeated random numbers.)"""
+    sets = []
+    monkeypatch.setattr(torch, "set_rng_state", lambda state: sets.append(state))
+    fused = csp_kernels.ConvBNAct(8, 8, 3).eval()
+    torch.manual_seed(7)
+    before = torch.get_rng_state()
+    with torch.no_grad():
+        for side in (5, 9, 30):
+            fused(torch.zeros(1, 8, side, side + 1))
+    assert conv_choice.measured_verdicts(), "nothing was measured"
+    assert not sets and torch.equal(torch.get_rng_state(), before)
+
+
 @pytest.mark.parametrize("train", [True, False])
 def test_measuring_leaves_the_global_random_generator_alone(measuring, train):
     """A first call per shape times kernels on random data; the global generator's state after

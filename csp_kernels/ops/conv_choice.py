@@ -141,13 +141,22 @@ def _verdict(key: tuple, unmeasured_rule: bool, measure: Callable[..., bool]) ->
             return unmeasured_rule
         # The first verdict stored stands: threads measuring one key at once would otherwise
         # leave callers with different verdicts (a weight prepared for one kernel, run by another).
-        # The timing's random data comes from the global generator, restored after it: a model's
-        # later draws (dropout, augmentation) must not depend on whether a shape was new. The
-        # candidates are timed on float32 as they are, whatever autocast the caller runs under.
-        with torch.random.fork_rng(devices=[]), torch.autocast("cpu", enabled=False):
+        # The candidates are timed on float32 as they are, whatever autocast the caller runs under.
+        with torch.autocast("cpu", enabled=False):
             measured = measure(*key[1:])
         verdict = _verdicts.setdefault(key, measured)
     return verdict
+
+
+def _randn(*shape) -> torch.Tensor:
+    """Random float32 data to time the candidates on, from a generator of its own: a model's draws
+    from the global one (dropout, augmentation) must not depend on whether a shape was new, in
+    this thread or another (restoring the global generator's state afterwards, as fork_rng does,
+    would rewind other threads' draws made meanwhile)."""
+    return torch.empty(*shape).normal_(generator=_TIMING_GENERATOR)
+
+
+_TIMING_GENERATOR = torch.Generator().manual_seed(0)
 
 
 def _faster(ours: Callable[[], object], theirs: Callable[[], object], ours_extra: float = 0.0) -> bool:
@@ -204,13 +213,13 @@ def _aten_eval(x, weight, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups
 def _gemm_faster(x_shape, weight_shape, training: bool) -> bool:
     from .conv1x1 import conv1x1_bn_act_backward, conv1x1_fused  # they route through `ops.routing`, which asks us
 
-    x, weight = torch.randn(x_shape), torch.randn(weight_shape)
+    x, weight = _randn(x_shape), _randn(weight_shape)
     c = weight_shape[0]
     ones, zeros = torch.ones(c), torch.zeros(c)
     if not training:
         return _faster(lambda: conv1x1_fused(x, weight, bias=zeros, act="relu"), _aten_eval(x, weight),
                        _fold_check_seconds(weight))
-    grad_y = torch.randn(x_shape[0], c, *x_shape[2:])
+    grad_y = _randn(x_shape[0], c, *x_shape[2:])
 
     def by_gemm():
         z, mean, var = conv1x1_fused(x, weight, stats=True)
@@ -228,14 +237,14 @@ def _gemm_faster(x_shape, weight_shape, training: bool) -> bool:
 
 def _gemm_over_batch_faster(x_shape, weight_shape, stride, padding, dilation) -> bool:
     from .conv import conv_over_batch  # it routes through `ops.routing`, which asks us
-    x, weight = torch.randn(x_shape), torch.randn(weight_shape)
+    x, weight = _randn(x_shape), _randn(weight_shape)
     zeros = torch.zeros(weight_shape[0])
     return _faster(lambda: conv_over_batch(x, weight, zeros, stride, padding, dilation, "relu"),
                    _aten_eval(x, weight, stride, padding, dilation), _fold_check_seconds(weight))
 
 
 def _onednn_eval_faster(x_shape, weight_shape, stride, padding, dilation, groups) -> bool:
-    x, weight = torch.randn(x_shape), torch.randn(weight_shape)
+    x, weight = _randn(x_shape), _randn(weight_shape)
     zeros = torch.zeros(weight_shape[0])
     prepacked = torch._C._nn.mkldnn_reorder_conv2d_weight(weight.to_mkldnn(), list(padding), list(stride),
                                                           list(dilation), groups, list(x_shape))
@@ -248,7 +257,7 @@ def _onednn_eval_faster(x_shape, weight_shape, stride, padding, dilation, groups
 
 
 def _winograd_faster(x_shape, weight_shape, transform_cached: bool) -> bool:
-    x, weight = torch.randn(x_shape), torch.randn(weight_shape)
+    x, weight = _randn(x_shape), _randn(weight_shape)
     transform = winograd_weight(weight) if transform_cached else None
     out = x.new_empty(x_shape[0], weight_shape[0], x_shape[2], x_shape[3])
 
@@ -260,7 +269,7 @@ def _winograd_faster(x_shape, weight_shape, transform_cached: bool) -> bool:
 
 
 def _winograd_weight_grad_faster(x_shape, weight_shape) -> bool:
-    x, grad_y = torch.randn(x_shape), torch.randn(x_shape[0], weight_shape[0], *x_shape[2:])
+    x, grad_y = _randn(x_shape), _randn(x_shape[0], weight_shape[0], *x_shape[2:])
     weight = torch.empty(weight_shape)
     return _faster(lambda: conv3x3_winograd_weight_grad(x, grad_y),
                    lambda: torch.ops.aten.convolution_backward(grad_y, x, weight, None, [1, 1], [1, 1], [1, 1], False,
@@ -268,8 +277,8 @@ def _winograd_weight_grad_faster(x_shape, weight_shape) -> bool:
 
 
 def _phases_faster(x_shape, weight_shape) -> bool:
-    x, weight = torch.empty(x_shape), torch.randn(weight_shape)
-    grad_z = torch.randn(x_shape[0], weight_shape[0], (x_shape[2] + 1) // 2, (x_shape[3] + 1) // 2)
+    x, weight = torch.empty(x_shape), _randn(weight_shape)
+    grad_z = _randn(x_shape[0], weight_shape[0], (x_shape[2] + 1) // 2, (x_shape[3] + 1) // 2)
     return _faster(lambda: conv3x3_stride2_input_grad(grad_z, weight, x_shape),
                    lambda: torch.ops.aten.convolution_backward(grad_z, x, weight, None, [2, 2], [1, 1], [1, 1], False,
                                                                [0, 0], 1, [True, False, False]))
