@@ -203,14 +203,20 @@ def check_batch_norm_eps(eps: float, training: bool) -> None:
 
 def check_batch_norm_dtypes(dtype: torch.dtype, bn: nn.Module, name: str = "bn") -> None:
     """Raise, as ATen's batch_norm does ("mixed dtype"), unless the parameters and running
-    statistics of BatchNorm `bn` (called `name`) have the dtype `dtype` of the data it
-    normalizes, or float32 for float16 / bfloat16 data. The fused kernels convert them without
-    calling it."""
+    statistics of BatchNorm `bn` (called `name`) all have the dtype `dtype` of the data it
+    normalizes, or, for float16 / bfloat16 data, all float32. The fused kernels convert them
+    without calling it."""
     allowed = (dtype, torch.float32) if dtype in (torch.float16, torch.bfloat16) else (dtype,)
+    first = None
     for key, t in (*bn._parameters.items(), *bn._buffers.items()):
-        if key != "num_batches_tracked" and t is not None and t.dtype not in allowed:
-            raise ValueError(f"{name}.{key} is {t.dtype} for {dtype} data (BatchNorm takes parameters of the data's "
-                             "dtype, or float32 for float16 / bfloat16 data)")
+        if key == "num_batches_tracked" or t is None:
+            continue
+        if t.dtype not in allowed or (first is not None and t.dtype != first[1].dtype):
+            raise ValueError(f"{name}.{key} is {t.dtype} for {dtype} data"
+                             + (f" and {name}.{first[0]} {first[1].dtype}" if first and t.dtype in allowed else "")
+                             + " (BatchNorm takes parameters and statistics all of the data's dtype, or all float32 "
+                               "for float16 / bfloat16 data)")
+        first = first or (key, t)
 
 
 def autocast_enabled(device_type: str) -> bool:

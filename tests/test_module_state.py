@@ -545,6 +545,26 @@ def test_batch_norm_eps_that_batch_norm_refuses(module, eps, mode):
             assert_matches_reference(fused(x), ref(x), tol=TOL, name="eps 0")
 
 
+@pytest.mark.parametrize("which", ["weight", "running_var"])
+@pytest.mark.parametrize("mode", ["train", "eval-no-grad"])
+def test_batch_norm_of_mixed_dtypes_on_16_bit_data(which, mode):
+    """float16 data with a BatchNorm partly float32 (one parameter or statistic), partly float16:
+    ATen refuses the mix, and so does the fused module (each dtype alone was
+    allowed, so it computed)."""
+    ref, fused = MODULES["ConvBNAct"]("cpu")
+    x = torch.randn(2, ref.in_channels, 16, 16, dtype=torch.float16)
+    for m in (ref, fused):
+        m.half().train(mode == "train")
+        bn = m.bn
+        setattr(bn, which, nn.Parameter(bn.weight.detach().float()) if which == "weight" else bn.running_var.float())
+    with torch.set_grad_enabled(mode != "eval-no-grad"):
+        with pytest.raises(RuntimeError, match="mixed dtype|expected scalar type Half but found Float"):
+            ref(x)
+        with pytest.raises(ValueError, match=f"float16 for torch.float16 data and bn.{which} torch.float32"
+                                             if which == "weight" else "running_var is torch.float32"):
+            fused(x)
+
+
 @pytest.mark.parametrize("module", MODULES)
 @pytest.mark.parametrize("data_dtype, bn_dtype", [(torch.float64, torch.float32), (torch.float32, torch.float64),
                                                   (torch.float32, torch.bfloat16), (torch.bfloat16, torch.float16)])
