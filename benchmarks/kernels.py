@@ -102,6 +102,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=None, help="timed samples per variant (default 10)")
     parser.add_argument("--out", help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
+    if args.rounds is not None and args.rounds < 1:
+        parser.error(f"--rounds must be at least 1; got {args.rounds}")
+    if args.out:
+        try:  # before the measurements: a path that cannot be written fails at once
+            open(args.out, "a").close()
+        except OSError as err:
+            parser.error(f"--out {args.out}: cannot write this file ({err.strerror})")
     rounds = args.rounds or (3 if args.quick else 10)
     shapes = QUICK_SHAPES if args.quick else SHAPES
     rows = [measure_row(name, shape, rounds) for name, shape in shapes.items()]

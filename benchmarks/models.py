@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         parser.error(str(err))
     started = time.perf_counter()
-    record = run(args.models or list(MODELS), args.quick, args.compile, args.rounds)
+    record = run(list(dict.fromkeys(args.models or MODELS)), args.quick, args.compile, args.rounds)  # (each once)
     record["elapsed_s"] = time.perf_counter() - started
     paths = report.write_all(record, out_dir)
     print(report.format_report(record))

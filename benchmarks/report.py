@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import tempfile
 from pathlib import Path
 
 from csp_kernels.profiling import format_bytes
@@ -130,8 +131,9 @@ def make_out_dir(out_dir: Path) -> Path:
     written fails at once rather than after the measurements; ValueError naming it if not."""
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out_dir).close()  # an existing folder may still refuse files (/proc)
     except OSError as err:
-        raise ValueError(f"--out {out_dir}: cannot create the output folder ({err.strerror})") from err
+        raise ValueError(f"--out {out_dir}: cannot create the output folder or write into it ({err.strerror})") from err
     return out_dir
 
 

@@ -103,7 +103,7 @@ def _paired_spread(target: Target, variants: dict[str, dict]) -> list[float] | N
     paired = [f / b for f, b in zip(fused, base)]
     if len(paired) < 2:
         return [paired[0]] * 3
-    q1, median, q3 = statistics.quantiles(paired, n=4)
+    q1, median, q3 = statistics.quantiles(paired, n=4, method="inclusive")  # (exclusive extrapolates past the samples)
     return [q1, median, q3]
 
 

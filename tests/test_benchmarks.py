@@ -220,6 +220,17 @@ def test_compile_fused_variant_compiles_the_fused_module():
     assert all(torch.equal(a, b) for a, b in zip(variant.module.state_dict().values(), ref.state_dict().values()))
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--rounds", "0"], "--rounds must be at least 1"),
+    (["--rounds", "-1"], "--rounds must be at least 1"),
+    (["--out", "/proc/k.json"], "cannot write this file"),
+])
+def test_kernel_microbenchmark_options_are_usage_errors_before_any_run(argv, message, capsys):
+    """(--rounds 0 ran the default 10 rounds, -1 ended in a StatisticsError, an unwritable --out in a
+    traceback after the measurements.)"""
+    assert_usage_error(kernels.main, ["--quick", *argv], message, capsys)
+
+
 def test_kernel_microbenchmarks_write_every_row(tmp_path):
     """`python -m benchmarks.kernels --quick`: every row with each variant's rate, ours among them
     where our kernels run (Winograd where the AVX-512 GEMM does)."""
@@ -233,3 +244,11 @@ def test_kernel_microbenchmarks_write_every_row(tmp_path):
         ours = [v for v in row["gflops"] if v.startswith("ours")]
         assert len(ours) == (1 if row["name"] == "conv1x1" or winograd else 0), row
     assert kernels.report(record["rows"]).count("GFLOP/s") == len(record["rows"])
+
+
+def test_per_round_spread_stays_within_the_rounds_ratios():
+    """The quartiles of the rounds' ratios interpolate between them (with two rounds the
+    default exclusive method extrapolated past both: ratios 1 and 3 gave 0.5-3.5)."""
+    target = targets.Target("pdb-cpu", "time_train_s", "eager", "<=", 0.75)
+    variants = {"fused": {"time_train_samples": [1.0, 3.0]}, "eager": {"time_train_samples": [1.0, 1.0]}}
+    assert targets._paired_spread(target, variants) == [1.5, 2.0, 2.5]

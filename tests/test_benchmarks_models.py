@@ -12,7 +12,8 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def test_quick_run_writes_the_table_ratios_and_targets(tmp_path, capsys):
-    assert models.main(["--quick", "--model", "yolo11n", "--out", str(tmp_path)]) == 0
+    # (a repeated --model runs once)
+    assert models.main(["--quick", "--model", "yolo11n", "--model", "yolo11n", "--out", str(tmp_path)]) == 0
     record = json.loads((tmp_path / "results.json").read_text())
     eager, fused = record["rows"]
     assert [(row["label"], row["variant"]) for row in record["rows"]] == [("yolo11n", "eager"), ("yolo11n", "fused")]
@@ -41,6 +42,7 @@ def test_quick_run_writes_the_table_ratios_and_targets(tmp_path, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["--rounds", "0"], "--rounds must be at least 1"),
     (["--out", "/proc/no-such-folder"], "cannot create the output folder"),
+    (["--out", "/proc"], "or write into it"),
 ])
 def test_bad_options_are_usage_errors_before_any_run(argv, message, capsys):
     assert_usage_error(models.main, ["--quick", "--model", "yolo11n", *argv], message, capsys)
