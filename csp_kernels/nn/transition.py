@@ -231,7 +231,14 @@ class ConvBNAct(reference.ConvBNAct):
         if not fold_cache_hit(cache, key, sources):
             with torch.no_grad():
                 weight, bias, scale = self._eval_fold(x.dtype, folded=kind != "scaled")
-                weight, transform = ops.prepare_eval_weight(x, weight, *args, kind)
+                if scale is None and not (weight.isfinite().all() and bias.isfinite().all()):
+                    # An inf or NaN folded into the weight (eps 0 on a zero running variance,
+                    # an inf parameter) would reach every output of its channel; BN's scale
+                    # applied to the conv's output, as the reference's eval does, keeps it where
+                    # the reference has it.
+                    (weight, bias, scale), transform = self._eval_fold(x.dtype, folded=False), None
+                else:
+                    weight, transform = ops.prepare_eval_weight(x, weight, *args, kind)
             cache = (key, snapshot(sources), None if live_weight else weight, bias, transform, scale)
             self._folded = cache
         weight, bias, transform, scale = cache[2:]
