@@ -38,3 +38,11 @@ def test_train_example_writes_results_and_losses_agree(tmp_path):
 ])
 def test_bad_options_are_usage_errors(argv, message, capsys):
     assert_usage_error(train.parse_args, argv, message, capsys)
+
+
+def test_help_shows_the_defaults(capsys):
+    with pytest.raises(SystemExit) as done:
+        train.main(["--help"])
+    assert done.value.code == 0
+    text = capsys.readouterr().out
+    assert "(default: cspdensenet121)" in text and "(default: 200)" in text and "(default: 32)" in text

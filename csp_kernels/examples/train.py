@@ -12,7 +12,7 @@ only by rounding, which training amplifies: about 100-fold per step early on wit
 at 32x32, whose last BatchNorms see only batch x 1 x 1 values (float64, --dtype float64, shows the
 curves agreeing to 1e-9 and better over the first steps; in float32 they part by a few percent
 within a few steps and then follow the same course). For each it reports the loss curve, the mean step time (forward,
-backward, optimizer; the first two steps left out), the peak memory of the second step
+backward, optimizer; the first two steps left out, unless there are no more), the peak memory of the second step
 (memory allocated: torch.cuda.max_memory_allocated on a GPU, PyTorch's CPU allocator's on the CPU,
 minus what was in use before the step) and the held-out accuracy at the end. It writes
 `train.json` (every number) and `train.png` (both loss curves and their relative difference) into
@@ -125,18 +125,20 @@ def plot(losses: dict[str, list[float]], title: str, path: Path) -> None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m csp_kernels.examples.train", description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="cspdensenet121", choices=list(models.MODELS))
-    parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--batch", type=int, default=32)
+    parser = argparse.ArgumentParser(prog="python -m csp_kernels.examples.train", description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--model", default="cspdensenet121", choices=list(models.MODELS), help="a model by name")
+    parser.add_argument("--steps", type=int, default=200, help="training steps of each model")
+    parser.add_argument("--batch", type=int, default=32, help="images per step")
     parser.add_argument("--size", type=int, default=32, help="image side the 8x8 digits are upsampled to")
-    parser.add_argument("--lr", type=float, default=0.01)
-    parser.add_argument("--momentum", type=float, default=0.9)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--lr", type=float, default=0.01, help="SGD learning rate")
+    parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the weights, the batches and the held-out split")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda for a GPU")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"],
                         help="float64 shows the two curves agree to rounding once chaos has less to amplify")
-    parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/out/train-<time>")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output folder (unset: benchmarks/out/train-<time> under the current directory)")
     args = parser.parse_args(argv)
     for option in ("steps", "batch", "size"):
         if getattr(args, option) < 1:
