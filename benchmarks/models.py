@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import os
 import statistics
 import time
@@ -164,13 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, help="timed rounds (default 3, quick 1)")
     parser.add_argument("--out", type=Path, help="output folder (default benchmarks/out/models-<time>)")
     args = parser.parse_args(argv)
-    if args.rounds is not None and args.rounds < 1:
-        parser.error(f"--rounds must be at least 1; got {args.rounds}")
-    out_dir = args.out or Path(__file__).parent / "out" / datetime.datetime.now().strftime("models-%Y%m%d-%H%M%S")
-    try:
-        report.make_out_dir(out_dir)
-    except ValueError as err:
-        parser.error(str(err))
+    out_dir = report.command_out_dir(parser, args.out, "models-", args.rounds)
     started = time.perf_counter()
     record = run(list(dict.fromkeys(args.models or MODELS)), args.quick, args.compile, args.rounds)  # (each once)
     record["elapsed_s"] = time.perf_counter() - started

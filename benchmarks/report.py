@@ -1,7 +1,9 @@
 """A run's record as a terminal report, JSON and CSV."""
 from __future__ import annotations
 
+import argparse
 import csv
+import datetime
 import json
 import tempfile
 from pathlib import Path
@@ -135,6 +137,19 @@ def make_out_dir(out_dir: Path) -> Path:
     except OSError as err:
         raise ValueError(f"--out {out_dir}: cannot create the output folder or write into it ({err.strerror})") from err
     return out_dir
+
+
+def command_out_dir(parser: argparse.ArgumentParser, out: Path | None, prefix: str, rounds: int | None) -> Path:
+    """A benchmark command's output folder, --out or benchmarks/out/<prefix><time>, made before
+    any measurement (`make_out_dir`), its --rounds checked too: a usage error (parser.error)
+    naming what is wrong."""
+    if rounds is not None and rounds < 1:
+        parser.error(f"--rounds must be at least 1; got {rounds}")
+    try:
+        return make_out_dir(out or Path(__file__).parent / "out" / datetime.datetime.now().strftime(
+            f"{prefix}%Y%m%d-%H%M%S"))
+    except ValueError as err:
+        parser.error(str(err))
 
 
 def write_all(record: dict, out_dir: Path) -> dict[str, Path]:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import statistics
 import time
 from pathlib import Path
@@ -140,13 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, help="timed rounds (default 7, quick 1)")
     parser.add_argument("--out", type=Path, help="output folder (default benchmarks/out/units-<time>)")
     args = parser.parse_args(argv)
-    if args.rounds is not None and args.rounds < 1:
-        parser.error(f"--rounds must be at least 1; got {args.rounds}")
-    out_dir = args.out or Path(__file__).parent / "out" / datetime.datetime.now().strftime("units-%Y%m%d-%H%M%S")
-    try:
-        report.make_out_dir(out_dir)
-    except ValueError as err:
-        parser.error(str(err))
+    out_dir = report.command_out_dir(parser, args.out, "units-", args.rounds)
     started = time.perf_counter()
     models = list(dict.fromkeys(args.models or ["yolo11n"]))  # (a repeated --model once)
     rounds = args.rounds or (1 if args.quick else 7)
