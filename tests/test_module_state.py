@@ -545,29 +545,42 @@ def test_batch_norm_eps_that_batch_norm_refuses(module, eps, mode):
             assert_matches_reference(fused(x), ref(x), tol=TOL, name="eps 0")
 
 
-@pytest.mark.parametrize("kernel_size", [1, 3])
+def _pair(name: str):
+    kind, _, arg = name.partition(":")
+    if kind == "ConvBNAct":
+        return reference.ConvBNAct(4, 6, int(arg), act="relu"), csp_kernels.ConvBNAct(4, 6, int(arg), act="relu")
+    return reference.PartialDenseBlock(4, 2, 4, fusion=arg), csp_kernels.PartialDenseBlock(4, 2, 4, fusion=arg)
+
+
+@pytest.mark.parametrize("module, bn_name", [("ConvBNAct:1", "bn"), ("ConvBNAct:3", "bn"),
+                                             ("PartialDenseBlock:csp", "transition1.bn"),
+                                             ("PartialDenseBlock:csp", "transition2.bn"),
+                                             ("PartialDenseBlock:last", "transition.bn"),
+                                             ("PartialDenseBlock:first", "transition.bn")])
 @pytest.mark.parametrize("edit", ["eps 0 on a zero variance", "inf weight"])
-def test_eval_with_a_batch_norm_scale_that_is_not_finite(kernel_size, edit):
+def test_eval_with_a_batch_norm_scale_that_is_not_finite(module, bn_name, edit):
     """Eval with BN's scale inf in one channel (eps 0, allowed in eval, on a zero running
     variance; or an inf BN weight): the reference applies it to the conv's output (NaN where
     z * inf meets -mean * inf, else -inf, 0 after the activation); folded into the weight it made
     the whole channel NaN. The other channels as always."""
-    ref = randomize_(reference.ConvBNAct(4, 6, kernel_size, act="relu"))
-    fused = csp_kernels.ConvBNAct(4, 6, kernel_size, act="relu")
+    ref, fused = _pair(module)
+    randomize_(ref)
     fused.load_state_dict(ref.state_dict())
     for m in (ref, fused):
+        bn = m.get_submodule(bn_name)
         with torch.no_grad():
-            m.bn.running_mean[2] = 0.1
+            bn.running_mean[2] = 0.1
             if edit == "inf weight":
-                m.bn.weight[2] = float("inf")
+                bn.weight[2] = float("inf")
             else:
-                m.bn.running_var[2] = 0.0
-                m.bn.eps = 0.0
+                bn.running_var[2] = 0.0
+                for norm in norms(m):
+                    norm.eps = 0.0
         m.eval()
     x = torch.randn(2, 4, 12, 12)
     with torch.no_grad():
         expected, got = ref(x), fused(x)
-    assert expected[:, 2].isnan().any() and not expected[:, 2].isnan().all()
+    assert expected.isnan().any() and not expected.isnan().all()
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5, equal_nan=True)
 
 

@@ -37,13 +37,19 @@ def _fold(conv_weight, bn_weight, bn_bias, running_mean, running_var, eps, dtype
     """A bias-free conv followed by eval BN, for data of `dtype`, as one conv with a bias:
     (weight, bias, None), the fold computed in the parameters' dtype and the weight then rounded
     to `dtype` once; in float16/bfloat16 (weight rounded to `dtype`, bias, BN's scale), because
-    a folded weight rounded to 16 bits would add its rounding to the conv's (`folds_into_weight`).
+    a folded weight rounded to 16 bits would add its rounding to the conv's (`folds_into_weight`),
+    and where the fold is not finite.
     bias and scale in `dtype`'s statistics dtype."""
     sdtype = stats_dtype(dtype)
     running_mean, running_var = running_mean.to(sdtype), running_var.to(sdtype)
     if folds_into_weight(dtype):
         weight, bias = fold_batch_norm(conv_weight, bn_weight, bn_bias, running_mean, running_var, eps)
-        return weight.to(dtype), bias.to(sdtype), None
+        # An inf or NaN folded into the weight (eps 0 on a zero running variance, an inf
+        # parameter) would reach every output of its channel: BN's scale on the conv's output
+        # then, as the reference's eval computes it (not asked in a torch.compile trace, which
+        # cannot branch on data).
+        if torch.compiler.is_compiling() or (weight.isfinite().all() and bias.isfinite().all()):
+            return weight.to(dtype), bias.to(sdtype), None
     scale, shift = bn_scale_shift(running_mean, running_var, bn_weight, bn_bias, eps)
     return conv_weight.detach().to(dtype), shift.to(sdtype), scale.to(sdtype)
 
@@ -102,7 +108,8 @@ def partial_dense_block_eval(x: torch.Tensor, params: EvalParams, part1: int, fu
     channels = part1 + g.dense_channels
     last_weight, last_bias, last_scale = params.transitions[-1]
     out_channels = last_weight.shape[0] + (part1 if fusion == "last" else 0)
-    in_place = routing.conv1x1_writes_over_input(x, engine, scaled=last_scale is not None)
+    # (every transition unscaled: BN's scale on the output, 16-bit data or a fold not finite, needs another kernel)
+    in_place = routing.conv1x1_writes_over_input(x, engine, scaled=any(t[2] is not None for t in params.transitions))
     # Whether the concat buffer may become the output: written in place, or with "csp" after the
     # first transition moved the last one's input out of it.
     store_takes_output = in_place or fusion == "csp"
