@@ -15,7 +15,7 @@ from .. import backend, checks, reference
 from ..ops import conv as conv_ops
 from ..ops import recompute, routing, stats_update
 from ..ops import transition as ops
-from ..ops.batch_norm_act import (as_channels_last_if, bn_scale_shift, stats_dtype, suggests_channels_last,
+from ..ops.batch_norm_act import (as_channels_last_if, suggests_channels_last,
                                   track_running_stats, update_running_stats)
 from ..ops.fold_cache import fold_cache_hit, snapshot
 from ..ops.sync_batch_norm import conv_bn_act_train_sync, sync_group
@@ -198,21 +198,14 @@ class ConvBNAct(reference.ConvBNAct):
             self._eval_kernel = memo
         return memo[1]
 
-    def _fold(self):
-        bn = self.bn
-        return conv_ops.fold_batch_norm(self.conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps)
-
     def _eval_fold(self, dtype: torch.dtype, folded: bool):
-        """(weight in `dtype`, bias, scale) for `ops.conv_bias_act`: with `folded`, BN folded
-        into the weight and scale None, else the weight as it is and BN's scale (float32 for
-        16-bit data) for the conv's output (ops.eval_weight_kind "scaled")."""
-        if folded:
-            weight, bias = self._fold()
-            return weight.to(dtype), bias.to(stats_dtype(dtype)), None
-        bn, sdtype = self.bn, stats_dtype(dtype)
-        scale, shift = bn_scale_shift(bn.running_mean.to(sdtype), bn.running_var.to(sdtype), bn.weight, bn.bias,
-                                      bn.eps)
-        return self.conv.weight.to(dtype), shift, scale
+        """(weight in `dtype`, bias, scale) for `ops.conv_bias_act` (`conv_ops.eval_fold`): with
+        `folded` and a finite fold, BN folded into the weight and scale None, else the weight as it
+        is and BN's scale (float32 for 16-bit data) for the conv's output (ops.eval_weight_kind
+        "scaled")."""
+        bn = self.bn
+        return conv_ops.eval_fold(self.conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps, dtype,
+                                  folded)
 
     def _folded_params(self, x: torch.Tensor, conv_weight: torch.Tensor, bn: nn.BatchNorm2d, args: tuple,
                        engine: str, kernel: str):
@@ -231,14 +224,8 @@ class ConvBNAct(reference.ConvBNAct):
         if not fold_cache_hit(cache, key, sources):
             with torch.no_grad():
                 weight, bias, scale = self._eval_fold(x.dtype, folded=kind != "scaled")
-                if scale is None and not (weight.isfinite().all() and bias.isfinite().all()):
-                    # An inf or NaN folded into the weight (eps 0 on a zero running variance,
-                    # an inf parameter) would reach every output of its channel; BN's scale
-                    # applied to the conv's output, as the reference's eval does, keeps it where
-                    # the reference has it.
-                    (weight, bias, scale), transform = self._eval_fold(x.dtype, folded=False), None
-                else:
-                    weight, transform = ops.prepare_eval_weight(x, weight, *args, kind)
+                # (a scale: BN not folded, by `kind` or because its fold was not finite)
+                weight, transform = ops.prepare_eval_weight(x, weight, *args, kind) if scale is None else (weight, None)
             cache = (key, snapshot(sources), None if live_weight else weight, bias, transform, scale)
             self._folded = cache
         weight, bias, transform, scale = cache[2:]

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from . import routing
-from .batch_norm_act import bn_scale_shift, plane_contiguous, scale_shift_act
+from .batch_norm_act import bn_scale_shift, plane_contiguous, scale_shift_act, stats_dtype
 from .conv1x1 import gemm_conv1x1
 from .conv3x3 import conv3x3_winograd, conv3x3_winograd_weight_grad
 from .conv_phases import conv3x3_stride2_input_grad
@@ -58,6 +58,25 @@ def fold_batch_norm(conv_weight, bn_weight, bn_bias, running_mean, running_var, 
     """
     scale, shift = bn_scale_shift(running_mean, running_var, bn_weight, bn_bias, eps)
     return conv_weight * scale.to(conv_weight.dtype).reshape(-1, 1, 1, 1), shift
+
+
+def eval_fold(conv_weight, bn_weight, bn_bias, running_mean, running_var, eps: float, dtype: torch.dtype,
+              folded: bool):
+    """An eval conv + BatchNorm for data of `dtype`, as (weight, bias, scale): with `folded`, BN
+    folded into the weight (`fold_batch_norm`, computed in the parameters' dtype, the weight then
+    rounded to `dtype` once) and scale None; else, and where that fold is not finite (eps 0 on a
+    zero running variance, an inf parameter: folded into the weight, an inf or NaN would reach
+    every output of its channel), the conv's own weight and BN's (scale, shift) for the conv's
+    output, as the reference's eval computes it. Bias and scale in `dtype`'s statistics dtype.
+    In a torch.compile trace, which cannot branch on data, `folded` alone decides."""
+    sdtype = stats_dtype(dtype)
+    running_mean, running_var = running_mean.to(sdtype), running_var.to(sdtype)
+    if folded:
+        weight, bias = fold_batch_norm(conv_weight, bn_weight, bn_bias, running_mean, running_var, eps)
+        if torch.compiler.is_compiling() or (weight.isfinite().all() and bias.isfinite().all()):
+            return weight.to(dtype), bias.to(sdtype), None
+    scale, shift = bn_scale_shift(running_mean, running_var, bn_weight, bn_bias, eps)
+    return conv_weight.detach().to(dtype), shift.to(sdtype), scale.to(sdtype)
 
 
 def folds_into_weight(dtype: torch.dtype) -> bool:

@@ -13,7 +13,7 @@ import torch
 
 from . import routing
 from .batch_norm_act import bn_scale_shift, stats_dtype
-from .conv import conv3x3_into, fold_batch_norm, folds_into_weight
+from .conv import conv3x3_into, eval_fold, folds_into_weight
 from .conv1x1 import conv1x1_fused
 from .conv3x3 import winograd_weight
 from .dense import (DENSE_ACT, DENSE_PARAMS_PER_LAYER, NO_TRANSITION, Geometry, layer_params, new_buffer,
@@ -25,33 +25,12 @@ class EvalParams:
     """Per layer: BN1 as (scale, shift), conv1 with BN2 folded in (weight, bias, scale), conv2
     weight and, where conv2 runs by Winograd, its transform; per transition: conv with its BN
     folded in (weight, bias, scale). Each scale is None where BN is folded into the weight, else
-    BN's scale for the conv's output (`_fold`)."""
+    BN's scale for the conv's output (`ops.conv.eval_fold`)."""
     norm1: list[tuple[torch.Tensor, torch.Tensor]]
     conv1: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]
     conv2: list[torch.Tensor]
     transitions: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]
     conv2_winograd: list[torch.Tensor | None]
-
-
-def _fold(conv_weight, bn_weight, bn_bias, running_mean, running_var, eps, dtype: torch.dtype):
-    """A bias-free conv followed by eval BN, for data of `dtype`, as one conv with a bias:
-    (weight, bias, None), the fold computed in the parameters' dtype and the weight then rounded
-    to `dtype` once; in float16/bfloat16 (weight rounded to `dtype`, bias, BN's scale), because
-    a folded weight rounded to 16 bits would add its rounding to the conv's (`folds_into_weight`),
-    and where the fold is not finite.
-    bias and scale in `dtype`'s statistics dtype."""
-    sdtype = stats_dtype(dtype)
-    running_mean, running_var = running_mean.to(sdtype), running_var.to(sdtype)
-    if folds_into_weight(dtype):
-        weight, bias = fold_batch_norm(conv_weight, bn_weight, bn_bias, running_mean, running_var, eps)
-        # An inf or NaN folded into the weight (eps 0 on a zero running variance, an inf
-        # parameter) would reach every output of its channel: BN's scale on the conv's output
-        # then, as the reference's eval computes it (not asked in a torch.compile trace, which
-        # cannot branch on data).
-        if torch.compiler.is_compiling() or (weight.isfinite().all() and bias.isfinite().all()):
-            return weight.to(dtype), bias.to(sdtype), None
-    scale, shift = bn_scale_shift(running_mean, running_var, bn_weight, bn_bias, eps)
-    return conv_weight.detach().to(dtype), shift.to(sdtype), scale.to(sdtype)
 
 
 @torch.no_grad()
@@ -60,16 +39,16 @@ def fold_eval_params(dense_params, dense_running, transition_params, transition_
     """dense_running: per layer (norm1 running mean, var, norm2 running mean, var);
     transition_running: per transition (running mean, var); dtype: the data's (the parameters'
     own, or autocast's)."""
-    sdtype = stats_dtype(dtype)
+    sdtype, folded = stats_dtype(dtype), folds_into_weight(dtype)
     norm1, conv1, conv2 = [], [], []
     for j in range(len(dense_params) // DENSE_PARAMS_PER_LAYER):
         norm1_w, norm1_b, conv1_w, norm2_w, norm2_b, conv2_w = layer_params(dense_params, j)
         rm1, rv1, rm2, rv2 = dense_running[j]
         scale1, shift1 = bn_scale_shift(rm1.to(sdtype), rv1.to(sdtype), norm1_w, norm1_b, eps)
         norm1.append((scale1.to(sdtype), shift1.to(sdtype)))
-        conv1.append(_fold(conv1_w, norm2_w, norm2_b, rm2, rv2, eps, dtype))
+        conv1.append(eval_fold(conv1_w, norm2_w, norm2_b, rm2, rv2, eps, dtype, folded))
         conv2.append(conv2_w.detach().to(dtype))
-    transitions = [_fold(*transition_params_of(transition_params, i), *running, eps, dtype)
+    transitions = [eval_fold(*transition_params_of(transition_params, i), *running, eps, dtype, folded)
                    for i, running in enumerate(transition_running)]
     conv2_winograd = [winograd_weight(w) if routing.winograd_usable(w) else None for w in conv2]
     return EvalParams(norm1, conv1, conv2, transitions, conv2_winograd)
